@@ -1,0 +1,179 @@
+"""Backbones: a timm classifier name + constructor overrides + weights, described by a manifest.
+
+A backbone's identity is the sha256 of its weights file. Weights come from a local safetensors
+file (timm key layout, optionally with a ``module.``/``model.`` prefix) or, when the user asks
+for ``pretrained`` and has network, from the Hugging Face hub through timm itself. We never
+unpickle anything.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from timm.data import create_transform, resolve_data_config
+from torch import nn
+
+from models.errors import UnknownBackboneError, WeightsMismatchError
+from models.store.manifest import BackboneManifest, sha256_file
+
+log = logging.getLogger(__name__)
+
+_STRIP_PREFIXES = ("module.", "model.")
+
+
+@dataclass
+class Backbone:
+    """A frozen, eval-mode classifier with everything needed to feed it images."""
+
+    model: nn.Module
+    manifest: BackboneManifest
+    weights_sha256: str  # identity of the weights actually loaded ("" for random init)
+    data_config: dict[str, Any]
+    device: torch.device
+
+    @property
+    def class_names(self) -> list[str]:
+        names = self.manifest.class_names
+        return list(names) if names else [str(i) for i in range(self.num_classes)]
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.model.num_classes)
+
+    @property
+    def in_chans(self) -> int:
+        return int(self.data_config["input_size"][0])
+
+    def transform(self, image: Image.Image) -> torch.Tensor:
+        """PIL image -> normalised (C, H, W) tensor with the backbone's eval transform."""
+        mode = "L" if self.in_chans == 1 else "RGB"
+        return _eval_transform(self.data_config)(image.convert(mode))
+
+    def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
+        """A list of PIL images -> a (N, C, H, W) batch on the backbone's device."""
+        return torch.stack([self.transform(im) for im in images]).to(self.device)
+
+
+def _eval_transform(data_config: dict[str, Any]) -> Any:
+    return create_transform(**data_config, is_training=False)
+
+
+def create_model(manifest: BackboneManifest) -> nn.Module:
+    """Build the timm model a manifest describes, with random weights."""
+    if manifest.timm_name not in timm.list_models():
+        close = timm.list_models(f"*{manifest.timm_name.split('_')[0]}*")[:5]
+        raise UnknownBackboneError(
+            f"timm has no model named {manifest.timm_name!r}; close names: {close or 'none'}. "
+            "Use a name from timm.list_models()."
+        )
+    kwargs: dict[str, Any] = dict(manifest.overrides)
+    if manifest.pretrained_cfg_overlay:
+        kwargs["pretrained_cfg_overlay"] = dict(manifest.pretrained_cfg_overlay)
+    try:
+        return timm.create_model(manifest.timm_name, pretrained=manifest.pretrained, **kwargs)
+    except TypeError as exc:
+        raise UnknownBackboneError(
+            f"timm model {manifest.timm_name!r} rejects the overrides {manifest.overrides}: {exc}"
+        ) from exc
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors state dict, dropping a ``module.``/``model.`` wrapper prefix."""
+    if path.suffix != ".safetensors":
+        raise WeightsMismatchError(
+            f"{path.name}: only .safetensors weights are accepted (pickled checkpoints can run "
+            "code when loaded); convert it with safetensors.torch.save_file(model.state_dict(), ...)"
+        )
+    if not path.is_file():
+        raise WeightsMismatchError(f"weights file {path} does not exist")
+    state = load_file(str(path))
+    for prefix in _STRIP_PREFIXES:
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
+    return state
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Load a safetensors file into ``model``; every key and shape must match."""
+    state = read_state_dict(path)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    extra = sorted(set(state) - set(own))
+    shapes = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
+    if missing or extra or shapes:
+        detail = "; ".join(
+            f"{label}: {keys[:4]}{' ...' if len(keys) > 4 else ''}"
+            for label, keys in (("missing", missing), ("unexpected", extra), ("shape", shapes))
+            if keys
+        )
+        raise WeightsMismatchError(
+            f"{path.name} does not fit this model ({detail}). Check the timm name and the "
+            "overrides (img_size, patch_size, depth, num_classes, ...) in the backbone manifest."
+        )
+    model.load_state_dict(state)
+
+
+def load_backbone(manifest: BackboneManifest, device: torch.device | str = "cpu") -> Backbone:
+    """Create a frozen eval-mode backbone from its manifest (local weights, hub, or random)."""
+    device = torch.device(device)
+    model = create_model(manifest)
+    sha = ""
+    if manifest.weights_path is not None:
+        sha = sha256_file(manifest.weights_path)
+        manifest.check_weights_sha256(sha)
+        load_weights(model, manifest.weights_path)
+    elif manifest.pretrained:
+        sha = _state_dict_sha256(model)
+    model.eval().requires_grad_(False).to(device)
+    data_config = resolve_data_config({}, model=model)
+    log.info("loaded backbone %s (%s) sha256=%s", manifest.name, manifest.timm_name, sha[:12])
+    return Backbone(model, manifest, sha, data_config, device)
+
+
+def _state_dict_sha256(model: nn.Module) -> str:
+    """Identity of hub weights: sha256 of the tensors in key order (no file to hash)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for key, value in model.state_dict().items():
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def backbone_from_name(
+    timm_name: str,
+    *,
+    weights: Path | None = None,
+    pretrained: bool = False,
+    device: torch.device | str = "cpu",
+    **overrides: Any,
+) -> Backbone:
+    """Convenience: a backbone straight from a timm name (weights from a file or the hub)."""
+    manifest = BackboneManifest(
+        name=timm_name,
+        timm_name=timm_name,
+        overrides=overrides,
+        weights=str(weights) if weights else None,
+        pretrained=pretrained,
+    )
+    return load_backbone(manifest, device)
+
+
+def load_image(path: Path) -> Image.Image:
+    """Open an image file fully (so a corrupt file fails here, not later)."""
+    from models.errors import DataError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: not a readable image ({exc})") from exc
