@@ -146,3 +146,169 @@ def train_backbone(cfg: TrainConfig, out_dir: Path = ASSETS,
     extra = {"train_config": cfg.__dict__, "train_seconds": round(seconds, 1), "test_accuracy": acc}
     BackboneManifest(**{**manifest.__dict__, "extra": extra}).write(out_dir / "backbone.json")
     return {"test_accuracy": acc, "train_seconds": seconds}
+
+
+# --------------------------------------------------------------------------- shifts (never seen in training)
+
+
+def _spotlight(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Stage light: a bright Gaussian spot at a random place, the rest in the dark."""
+    yy, xx = np.mgrid[0:28, 0:28]
+    cy, cx = rng.uniform(6, 22, size=(2, len(x), 1, 1))
+    light = 0.12 + 0.88 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 7.0**2))
+    return x * light
+
+
+def _sketch(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Sketch style: the gradient magnitude of the image (outlines only, no fill)."""
+    gy, gx = np.gradient(x.astype(np.float32), axis=(1, 2))
+    mag = np.hypot(gx, gy)
+    return 255.0 * mag / np.maximum(mag.max(axis=(1, 2), keepdims=True), 1.0)
+
+
+SHIFTS: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] = {
+    "invert": lambda x, rng: 255.0 - x,  # negative film
+    "lowlight": lambda x, rng: x * 0.3,  # dim lighting
+    "spotlight": _spotlight,
+    "sketch": _sketch,
+}
+
+
+def apply_shift(name: str, x: np.ndarray, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.clip(SHIFTS[name](x.astype(np.float32), rng), 0, 255).round().astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- deriving the benchmark
+
+
+@dataclass(frozen=True)
+class DeriveConfig:
+    seed: int = 0
+    min_group: int = 10
+    max_group: int = 30
+    natural_groups: int = 8
+    shift_groups_per_shift: int = 2
+    locality_size: int = 500
+    locality_gap: float = 0.05
+    heldout_size: int = 2000
+    pool_size: int = 6000
+
+
+@dataclass
+class DemoWorld:
+    """The shipped demo benchmark, decoded."""
+
+    benchmark: EditBenchmark
+    heldout_images: np.ndarray  # uint8 (N, 28, 28), clean test images not used elsewhere
+    heldout_labels: np.ndarray  # int64 (N,)
+    pool: np.ndarray  # uint8 (M, 28, 28), unlabeled train images for CutMix meta-training
+    group_arrays: dict[str, np.ndarray]  # group name -> uint8 (n, 28, 28)
+    locality_array: np.ndarray  # uint8 (L, 28, 28)
+
+
+def _probs(backbone: Backbone, x: np.ndarray) -> torch.Tensor:
+    return predict_logits(backbone.model, normalise(x).to(backbone.device)).softmax(-1).cpu()
+
+
+def _groups_from_failures(x: np.ndarray, y: np.ndarray, pred: np.ndarray, tag_of: Callable[[int], str],
+                          keep: int, cfg: DeriveConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Failures grouped by (true label, tag); the ``keep`` largest with >= min_group images."""
+    wrong = np.flatnonzero(pred != y)
+    buckets: dict[str, list[int]] = {}
+    for i in wrong:
+        buckets.setdefault(f"{y[i]}-{tag_of(int(i))}", []).append(int(i))
+    big = sorted((k for k, v in buckets.items() if len(v) >= cfg.min_group),
+                 key=lambda k: (-len(buckets[k]), k))[:keep]
+    out = {}
+    for name in big:
+        idx = np.array(buckets[name])
+        if len(idx) > cfg.max_group:
+            idx = np.sort(rng.choice(idx, cfg.max_group, replace=False))
+        out[name] = x[idx]
+    return out
+
+
+def derive_world(backbone: Backbone, cfg: DeriveConfig = DeriveConfig(), out: Path = WORLD_FILE) -> dict:
+    """Derive groups, locality, held-out and pool from the trained backbone; write world.npz + json."""
+    rng = np.random.default_rng(cfg.seed)
+    x_test, y_test = read_fashion_mnist("t10k")
+    x_train, _ = read_fashion_mnist("train")
+    probs = _probs(backbone, x_test)
+    pred = probs.argmax(-1).numpy()
+    groups = _groups_from_failures(x_test, y_test, pred, lambda i: str(pred[i]), cfg.natural_groups, cfg, rng)
+    shift_acc = {}
+    for k, shift in enumerate(SHIFTS):
+        xs = apply_shift(shift, x_test, seed=cfg.seed + k)
+        ps = _probs(backbone, xs).argmax(-1).numpy()
+        shift_acc[shift] = float((ps == y_test).mean())
+        groups |= _groups_from_failures(xs, y_test, ps, lambda i, s=shift: s,
+                                        cfg.shift_groups_per_shift, cfg, rng)
+    # sensitive locality set: correct clean images with the smallest top-1 minus top-2 gap
+    top2 = probs.topk(2, dim=-1).values
+    gap = (top2[:, 0] - top2[:, 1]).numpy()
+    correct = np.flatnonzero(pred == y_test)
+    by_gap = correct[np.argsort(gap[correct], kind="stable")]
+    n_sensitive = int((gap[correct] < cfg.locality_gap).sum())
+    locality_idx = by_gap[: max(cfg.locality_size, n_sensitive)]
+    rest = np.setdiff1d(correct, locality_idx)
+    heldout_idx = np.sort(rng.choice(rest, cfg.heldout_size, replace=False))
+    pool_idx = np.sort(rng.choice(len(x_train), cfg.pool_size, replace=False))
+    names = sorted(groups)
+    arrays = {
+        "group_images": np.concatenate([groups[n] for n in names]),
+        "group_sizes": np.array([len(groups[n]) for n in names]),
+        "group_names": np.array(names),
+        "locality": x_test[locality_idx],
+        "heldout_images": x_test[heldout_idx],
+        "heldout_labels": y_test[heldout_idx],
+        "pool": x_train[pool_idx],
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    tmp.replace(out)
+    summary = {
+        "seed": cfg.seed, "config": cfg.__dict__, "file": out.name, "sha256": sha256_file(out),
+        "backbone_sha256": backbone.weights_sha256, "licence": LICENCE,
+        "test_accuracy": float((pred == y_test).mean()), "shift_accuracy": shift_acc,
+        "groups": {n: len(groups[n]) for n in names},
+        "locality": {"size": len(locality_idx), "below_gap": n_sensitive, "gap": cfg.locality_gap,
+                     "max_gap_used": float(gap[locality_idx].max())},
+        "heldout": len(heldout_idx), "pool": len(pool_idx),
+    }
+    write_json_atomic(out.with_name("world.json"), summary)
+    return summary
+
+
+def load_world(path: Path = WORLD_FILE) -> DemoWorld:
+    """Read the shipped demo benchmark (checks its sha256 against world.json)."""
+    manifest = read_json(path.with_name("world.json"))
+    manifest_sha = manifest.get("sha256")
+    actual = sha256_file(path)
+    if manifest_sha != actual:
+        from models.errors import IntegrityError
+
+        raise IntegrityError(f"{path} has sha256 {actual[:16]}..., world.json says {str(manifest_sha)[:16]}...")
+    with np.load(path) as data:
+        arrays = {k: data[k] for k in data.files}
+    bounds = np.cumsum([0, *arrays["group_sizes"]])
+    group_arrays = {str(n): arrays["group_images"][a:b]
+                    for n, a, b in zip(arrays["group_names"], bounds[:-1], bounds[1:], strict=True)}
+    groups = [EditGroup(n, int(n.split("-")[0]), to_pil(g)) for n, g in group_arrays.items()]
+    return DemoWorld(EditBenchmark(groups, to_pil(arrays["locality"])), arrays["heldout_images"],
+                     arrays["heldout_labels"], arrays["pool"], group_arrays, arrays["locality"])
+
+
+def export_world(world: DemoWorld, out_dir: Path) -> None:
+    """Write the benchmark in the paper's folder layout (PNG files) plus the licence notice."""
+    for group in world.benchmark.groups:
+        folder = out_dir / "edit_groups" / group.name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, im in enumerate(group.images):
+            im.save(folder / f"{i:03d}.png")
+    loc = out_dir / "locality"
+    loc.mkdir(parents=True, exist_ok=True)
+    for i, im in enumerate(world.benchmark.locality):
+        im.save(loc / f"{i:04d}.png")
+    (out_dir / "LICENSE-fashion-mnist.txt").write_text(LICENCE + "\n")

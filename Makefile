@@ -1,0 +1,57 @@
+# The two commands of the README:  make run  (serve the demo)  and  make test  (the suite).
+# Both set everything up on a fresh machine: a venv, torch without surprises, the project.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+ARCH   := $(shell uname -m)
+
+# torch + torchvision pairs that install from this kind of machine's local wheels (machine-notes.md).
+ifeq ($(ARCH),aarch64)
+TORCH_SPEC ?= torch==2.9.1 torchvision==0.24.1
+else
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+endif
+
+STAMP := $(VENV)/.installed
+
+export HF_HUB_OFFLINE ?= 1
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install run test lint demo-world hypernet bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH_SPEC)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+run: install
+	$(BIN)/vitedit serve
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+
+# Regenerate the shipped demo world from its seed (needs Debian's dataset-fashion-mnist).
+demo-world: install
+	test -d /usr/share/datasets/fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
+	$(BIN)/vitedit demo train
+	$(BIN)/vitedit demo derive
+
+hypernet: install
+	$(BIN)/vitedit hypernet train --world demo
+
+bench: install
+	$(BIN)/vitedit bench --world demo --out bench-results
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

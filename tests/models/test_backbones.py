@@ -1,0 +1,78 @@
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from models.backbones import backbone_from_name, load_backbone
+from models.errors import IntegrityError, UnknownBackboneError, WeightsMismatchError
+from models.store.manifest import BackboneManifest, sha256_file
+from tests.conftest import TINY_OVERRIDES, tiny_manifest
+
+
+def _save(model: torch.nn.Module, path: Path, prefix: str = "") -> Path:
+    save_file({prefix + k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def test_local_weights_round_trip_gives_identical_logits(tiny_backbone, tmp_path):
+    weights = _save(tiny_backbone.model, tmp_path / "w.safetensors")
+    manifest = tiny_manifest(weights=str(weights), weights_sha256=sha256_file(weights))
+    again = load_backbone(manifest)
+    x = torch.randn(3, 1, 28, 28)
+    assert torch.equal(again.model(x), tiny_backbone.model(x))
+    assert again.weights_sha256 == sha256_file(weights)
+
+
+def test_wrapper_prefix_in_weight_keys_is_stripped(tiny_backbone, tmp_path):
+    weights = _save(tiny_backbone.model, tmp_path / "w.safetensors", prefix="module.")
+    again = load_backbone(tiny_manifest(weights=str(weights)))
+    x = torch.randn(2, 1, 28, 28)
+    assert torch.equal(again.model(x), tiny_backbone.model(x))
+
+
+def test_manifest_weights_path_is_relative_to_manifest_folder(tiny_backbone, tmp_path):
+    _save(tiny_backbone.model, tmp_path / "w.safetensors")
+    tiny_manifest(weights="w.safetensors").write(tmp_path / "backbone.json")
+    manifest = BackboneManifest.read(tmp_path / "backbone.json")
+    assert manifest.weights_path == tmp_path / "w.safetensors"
+    assert load_backbone(manifest).num_classes == 10
+
+
+def test_unknown_timm_name_is_a_clear_error():
+    with pytest.raises(UnknownBackboneError, match="no model named"):
+        load_backbone(tiny_manifest(timm_name="vit_does_not_exist"))
+
+
+def test_weights_of_another_shape_are_rejected(tmp_path):
+    other = backbone_from_name("vit_small_patch16_224", **{**TINY_OVERRIDES, "depth": 2})
+    weights = _save(other.model, tmp_path / "w.safetensors")
+    with pytest.raises(WeightsMismatchError, match="missing"):
+        load_backbone(tiny_manifest(weights=str(weights)))
+
+
+def test_pickled_checkpoints_are_refused(tmp_path):
+    path = tmp_path / "w.pth"
+    path.write_bytes(b"not opened")
+    with pytest.raises(WeightsMismatchError, match="only .safetensors"):
+        load_backbone(tiny_manifest(weights=str(path)))
+
+
+def test_sha256_mismatch_is_detected(tiny_backbone, tmp_path):
+    weights = _save(tiny_backbone.model, tmp_path / "w.safetensors")
+    with pytest.raises(IntegrityError):
+        load_backbone(tiny_manifest(weights=str(weights), weights_sha256="0" * 64))
+
+
+def test_eval_transform_converts_any_image_to_the_model_input(tiny_backbone):
+    rgb = Image.new("RGB", (40, 30), (200, 10, 10))
+    batch = tiny_backbone.preprocess([rgb, rgb.convert("L")])
+    assert batch.shape == (2, 1, 28, 28)
+    assert torch.allclose(batch[0], batch[1], atol=0.02)
+
+
+def test_pretrained_without_hub_fails_fast_with_offline_flag(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(Exception, match="(?i)offline|connect|cache|not found|hub"):
+        backbone_from_name("vit_tiny_patch16_224", pretrained=True, num_classes=10)
