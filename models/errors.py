@@ -50,3 +50,15 @@ class DataError(VitEditError):
 
 class EditCanceled(VitEditError):
     """The edit was canceled by its caller between two optimiser steps."""
+
+
+class UnknownModelError(VitEditError):
+    """No model of that name is registered in the store."""
+
+
+class UnknownVersionError(VitEditError):
+    """The model has no version (or alias) of that name."""
+
+
+class StoreError(VitEditError):
+    """The store refused an operation (an existing version, a reserved alias, a bad layout)."""

@@ -9,11 +9,12 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from models.errors import IntegrityError, ManifestError
+from models.errors import DataError, IntegrityError, ManifestError
 
 BACKBONE_SCHEMA = 1
 
@@ -118,3 +119,174 @@ class BackboneManifest:
 
     def write(self, path: Path) -> None:
         write_json_atomic(path, self.to_json())
+
+
+# --------------------------------------------------------------------------- versions and models
+
+VERSION_SCHEMA = 1
+MODEL_SCHEMA = 1
+_SAFETENSORS_MAX_HEADER = 100 << 20
+
+
+def utc_now() -> str:
+    """The current UTC time as ISO 8601, e.g. ``2026-11-22T01:50:00.123456Z``."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """(tensors {name: {dtype, shape, data_offsets}}, metadata) of a safetensors file, torch-free.
+
+    The format is an 8-byte little-endian header length, then that many bytes of JSON.
+    """
+    try:
+        with open(path, "rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            if not 0 < size <= _SAFETENSORS_MAX_HEADER:
+                raise ManifestError(f"{path}: not a safetensors file (header length {size})")
+            header = json.loads(fh.read(size))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{path}: not a readable safetensors file ({exc})") from exc
+    metadata = header.pop("__metadata__", None) or {}
+    return header, metadata
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """An image stored with a version: ``role`` is ``edit`` (edited) or ``holdout`` (GR only)."""
+
+    file: str  # path relative to the version folder, e.g. "images/edit-000.png"
+    target: int
+    role: str = "edit"
+
+
+@dataclass(frozen=True)
+class VersionManifest:
+    """One immutable version: a cumulative sparse patch over the model's base backbone.
+
+    ``patch.safetensors`` holds every neuron the lineage changed (root to this version), with
+    absolute values, so applying it to a fresh base backbone gives this version. ``parent`` links
+    the lineage; ``files`` maps every file of the version folder to its sha256.
+    """
+
+    version: str
+    model: str
+    parent: str | None
+    backbone: dict[str, Any]  # name, timm_name, weights_sha256
+    method: str
+    config: dict[str, Any]
+    hypernetwork: str | None
+    sites: dict[str, Any]  # Sites.to_json()
+    patch: list[dict[str, Any]]  # [{name, shape, dtype}] of the tensors in patch.safetensors
+    files: dict[str, str]
+    images: list[ImageRecord]
+    report: dict[str, Any]
+    created_at: str
+    code_version: str
+    job_id: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def edit_images(self) -> list[ImageRecord]:
+        return [im for im in self.images if im.role == "edit"]
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["schema"] = VERSION_SCHEMA
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> VersionManifest:
+        data = dict(data)
+        schema = data.pop("schema", None)
+        if schema != VERSION_SCHEMA:
+            raise ManifestError(f"version manifest schema {schema} is not supported "
+                                f"(want {VERSION_SCHEMA})")
+        _check_fields(cls, data, "version")
+        data["images"] = [ImageRecord(**im) for im in data.get("images", [])]
+        return cls(**data)
+
+    @classmethod
+    def read(cls, path: Path) -> VersionManifest:
+        return cls.from_json(read_json(path))
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """What the API needs to validate an edit request without importing the editors."""
+
+    options: dict[str, Any]  # option name -> default value
+    needs_hypernetwork: bool = False
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A registered model: a base backbone plus what the service needs to edit and report on it.
+
+    ``benchmark`` says where the report's locality set and benchmark groups come from:
+    ``{"kind": "demo"}`` (the shipped demo world), ``{"kind": "folders", "groups": DIR,
+    "locality": DIR}`` (the paper's layout) or ``{}`` (none: the report leaves LR and GR out).
+    """
+
+    name: str
+    backbone: str  # path of the backbone manifest (JSON)
+    weights_sha256: str
+    num_classes: int
+    class_names: tuple[str, ...]
+    default_method: str
+    methods: dict[str, MethodInfo]
+    hypernetwork: str | None = None  # folder of the hypernetwork (safetensors + manifest)
+    hypernetwork_id: str | None = None
+    benchmark: dict[str, Any] = field(default_factory=dict)
+    blocks: tuple[int, ...] | None = None  # editable blocks; None = the default sites
+    registered_at: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["schema"] = MODEL_SCHEMA
+        data["class_names"] = list(self.class_names)
+        data["blocks"] = list(self.blocks) if self.blocks is not None else None
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ModelEntry:
+        data = dict(data)
+        schema = data.pop("schema", None)
+        if schema != MODEL_SCHEMA:
+            raise ManifestError(f"model entry schema {schema} is not supported "
+                                f"(want {MODEL_SCHEMA})")
+        _check_fields(cls, data, "model entry")
+        data["class_names"] = tuple(data["class_names"])
+        data["methods"] = {k: MethodInfo(**v) for k, v in data["methods"].items()}
+        if data.get("blocks") is not None:
+            data["blocks"] = tuple(data["blocks"])
+        return cls(**data)
+
+    def backbone_manifest(self) -> BackboneManifest:
+        return BackboneManifest.read(self.backbone)
+
+    def label_index(self, label: str | int) -> int:
+        """A class index from an index or a class name (case-insensitive); DataError if unknown."""
+        text = str(label).strip()
+        if text.lstrip("-").isdigit():
+            index = int(text)
+            if 0 <= index < self.num_classes:
+                return index
+            raise DataError(f"label {index} is out of range: model {self.name!r} has classes "
+                            f"0..{self.num_classes - 1}")
+        folded = {name.casefold(): i for i, name in enumerate(self.class_names)}
+        if text.casefold() in folded:
+            return folded[text.casefold()]
+        raise DataError(f"unknown label {text!r} for model {self.name!r}; use a class index "
+                        f"0..{self.num_classes - 1} or one of {list(self.class_names)}")
+
+
+def _check_fields(cls: type, data: dict[str, Any], what: str) -> None:
+    known = set(cls.__dataclass_fields__)
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ManifestError(f"unknown {what} manifest fields: {unknown}")
+    required = [n for n, f in cls.__dataclass_fields__.items()
+                if f.default is MISSING and f.default_factory is MISSING and n not in data]
+    if required:
+        raise ManifestError(f"{what} manifest lacks fields {required}")

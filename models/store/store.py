@@ -1,0 +1,385 @@
+"""The store: registered models, immutable versions, aliases, weights cache, uploads. Torch-free.
+
+Layout under ``root`` (a local folder; every write is a temp file or folder, fsync, rename)::
+
+    models.json                               registered models {name: ModelEntry}
+    models/<model>/versions/<version>/        one immutable folder per version:
+        manifest.json  patch.safetensors  images/edit-000.png ...
+    models/<model>/aliases.json               {alias: version}
+    cache/<model>/<version>/model.safetensors merged weights, materialised on demand (+ model.json)
+    uploads/<upload>/                         images of queued jobs
+    tmp/                                      versions being written: invisible until renamed
+
+Reading never trusts a file blindly: :meth:`Store.version_file` checks the sha256 its manifest
+records. The torch side (patches, merged weights) lives in the workers; this module moves bytes.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import re
+import secrets
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from models.errors import IntegrityError, StoreError, UnknownModelError, UnknownVersionError
+from models.store.manifest import (
+    ModelEntry,
+    VersionManifest,
+    read_json,
+    read_safetensors_header,
+    sha256_file,
+    utc_now,
+    write_json_atomic,
+)
+
+log = logging.getLogger(__name__)
+
+BASE = "base"  # the version name of a model's root backbone (no patch)
+LATEST = "latest"  # the most recently created version (or base when there is none)
+RESERVED = frozenset({BASE, LATEST})
+PATCH_FILE = "patch.safetensors"
+MANIFEST_FILE = "manifest.json"
+WEIGHTS_FILE = "model.safetensors"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def check_name(name: str, what: str) -> str:
+    """Model, version, alias and upload names become paths: letters, digits, ``._-`` only."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise StoreError(f"invalid {what} {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
+                         "starting with a letter or digit")
+    return name
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*"), reverse=True):  # files before their folders
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+        else:
+            _fsync_dir(path)
+    _fsync_dir(root)
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A resolved reference: a model and one of its versions (``None`` = the base backbone)."""
+
+    model: str
+    version: str | None
+
+    def __str__(self) -> str:
+        return f"{self.model}@{self.version or BASE}"
+
+
+class VersionDraft:
+    """A version being written in ``tmp/``; :meth:`commit` makes it visible in one rename."""
+
+    def __init__(self, store: Store, model: str, version: str) -> None:
+        self.store, self.model, self.version = store, model, version
+        self.dir = store.root / "tmp" / f"{version}.{secrets.token_hex(4)}"
+        self.dir.mkdir(parents=True)
+        self.committed: VersionManifest | None = None
+
+    def commit(self, manifest: VersionManifest) -> VersionManifest:
+        """Hash every file, write the manifest, fsync, rename into place. Never overwrites."""
+        if manifest.version != self.version or manifest.model != self.model:
+            raise StoreError("the manifest names another version than the draft")
+        if manifest.parent is not None:
+            self.store.version(self.model, manifest.parent)  # the parent must exist
+        files = {p.relative_to(self.dir).as_posix(): sha256_file(p)
+                 for p in sorted(self.dir.rglob("*")) if p.is_file()}
+        if PATCH_FILE not in files:
+            raise StoreError(f"a version needs a {PATCH_FILE}")
+        tensors, _ = read_safetensors_header(self.dir / PATCH_FILE)
+        patch = [{"name": k, "shape": v["shape"], "dtype": v["dtype"]}
+                 for k, v in sorted(tensors.items())]
+        manifest = replace(manifest, files=files, patch=patch)
+        write_json_atomic(self.dir / MANIFEST_FILE, manifest.to_json())
+        _fsync_tree(self.dir)
+        final = self.store.version_dir(self.model, self.version)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if final.exists():
+            raise StoreError(f"version {self.version} of {self.model} exists: "
+                             "versions are immutable")
+        os.rename(self.dir, final)
+        _fsync_dir(final.parent)
+        self.committed = manifest
+        log.info("stored version %s of %s (%d files)", self.version, self.model, len(files))
+        return manifest
+
+    def discard(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Store:
+    """Local-filesystem store. Safe for several processes: writes are atomic, updates locked."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        for sub in ("models", "cache", "uploads", "tmp"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------------ paths and locking
+
+    def version_dir(self, model: str, version: str) -> Path:
+        model, version = check_name(model, "model"), check_name(version, "version")
+        return self.root / "models" / model / "versions" / version
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """An exclusive lock for read-modify-write of the small JSON indexes."""
+        with open(self.root / ".lock", "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    # ------------------------------------------------------------------ registered models
+
+    def _registry(self) -> dict[str, Any]:
+        path = self.root / "models.json"
+        return read_json(path) if path.exists() else {}
+
+    def register_model(self, entry: ModelEntry) -> None:
+        """Add or replace a model entry (its versions stay: they pin the base weights' sha256)."""
+        check_name(entry.name, "model")
+        with self._locked():
+            registry = self._registry()
+            old = registry.get(entry.name)
+            changed = old is not None and old["weights_sha256"] != entry.weights_sha256
+            if changed and self._has_versions(entry.name):
+                raise StoreError(
+                    f"model {entry.name!r} has versions over other base weights "
+                    f"({old['weights_sha256'][:12]}...): register the new backbone under a new name"
+                )
+            registry[entry.name] = entry.to_json()
+            write_json_atomic(self.root / "models.json", registry)
+
+    def models(self) -> list[ModelEntry]:
+        return [ModelEntry.from_json(v) for _, v in sorted(self._registry().items())]
+
+    def model(self, name: str) -> ModelEntry:
+        data = self._registry().get(name)
+        if data is None:
+            known = sorted(self._registry())
+            raise UnknownModelError(f"no model named {name!r}; registered models: "
+                                    f"{known or 'none'}")
+        return ModelEntry.from_json(data)
+
+    def _has_versions(self, model: str) -> bool:
+        folder = self.root / "models" / model / "versions"
+        return folder.is_dir() and any(folder.iterdir())
+
+    # ------------------------------------------------------------------ versions
+
+    def new_version_id(self) -> str:
+        """Server-generated, sortable by creation time: ``v20261122-015000-3f9a2c``."""
+        return f"v{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+
+    @contextmanager
+    def begin_version(self, model: str) -> Iterator[VersionDraft]:
+        """Write files into ``draft.dir``, then ``draft.commit(manifest)``; else it is discarded."""
+        self.model(model)
+        draft = VersionDraft(self, model, self.new_version_id())
+        try:
+            yield draft
+        finally:
+            if draft.committed is None:
+                draft.discard()
+
+    def version(self, model: str, version: str) -> VersionManifest:
+        folder = self.version_dir(model, version)
+        if not (folder / MANIFEST_FILE).is_file():
+            self.model(model)
+            raise UnknownVersionError(f"model {model!r} has no version {version!r}; list them with "
+                                      f"GET /v1/models/{model}/versions")
+        manifest = VersionManifest.read(folder / MANIFEST_FILE)
+        if manifest.version != version or manifest.model != model:
+            raise IntegrityError(f"{folder} holds the manifest of "
+                                 f"{manifest.model}@{manifest.version}")
+        return manifest
+
+    def versions(self, model: str) -> list[VersionManifest]:
+        """Every version of a model, oldest first."""
+        self.model(model)
+        folder = self.root / "models" / model / "versions"
+        names = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+        found = [self.version(model, n) for n in names if (folder / n / MANIFEST_FILE).is_file()]
+        return sorted(found, key=lambda m: (m.created_at, m.version))
+
+    def lineage(self, model: str, version: str | None) -> list[VersionManifest]:
+        """The chain of versions from the first edit over the base to ``version`` (root first)."""
+        chain: list[VersionManifest] = []
+        while version is not None:
+            manifest = self.version(model, version)
+            chain.append(manifest)
+            version = manifest.parent
+            if len(chain) > 10_000:
+                raise IntegrityError(f"the lineage of {model} loops")
+        return chain[::-1]
+
+    def latest(self, model: str) -> str | None:
+        versions = self.versions(model)
+        return versions[-1].version if versions else None
+
+    def resolve(self, ref: str) -> ModelRef:
+        """``model`` (its base), ``model@latest``, ``model@<alias>``, ``model@<version>``, or a
+        bare version id of any model."""
+        model, _, name = ref.partition("@")
+        if not name and model not in self._registry():
+            for entry in self.models():
+                folder = self.version_dir(entry.name, check_name(model, "version"))
+                if (folder / MANIFEST_FILE).is_file():
+                    return ModelRef(entry.name, model)
+        self.model(model)
+        return ModelRef(model, self.resolve_version(model, name or BASE))
+
+    def resolve_version(self, model: str, name: str) -> str | None:
+        """A version name, an alias, ``latest`` or ``base`` -> a version id (None = base)."""
+        if name == BASE:
+            return None
+        if name == LATEST:
+            return self.latest(model)
+        alias = self.aliases(model).get(name)
+        version = alias or name
+        self.version(model, check_name(version, "version"))
+        return version
+
+    def version_file(self, model: str, version: str, name: str) -> Path:
+        """A file of a version, after checking its sha256 against the manifest."""
+        manifest = self.version(model, version)
+        if name not in manifest.files:
+            raise UnknownVersionError(f"version {version} of {model} has no file {name!r}")
+        path = self.version_dir(model, version) / name
+        actual = sha256_file(path) if path.is_file() else "missing"
+        if actual != manifest.files[name]:
+            raise IntegrityError(
+                f"{model}@{version}/{name} has sha256 {actual[:16]}..., its manifest says "
+                f"{manifest.files[name][:16]}...: the store was changed or damaged"
+            )
+        return path
+
+    # ------------------------------------------------------------------ aliases
+
+    def aliases(self, model: str) -> dict[str, str]:
+        path = self.root / "models" / check_name(model, "model") / "aliases.json"
+        return {k: str(v) for k, v in read_json(path).items()} if path.exists() else {}
+
+    def set_alias(self, model: str, alias: str, version: str) -> None:
+        """Point ``alias`` at a version (moving it if it exists); ``latest``, ``base`` reserved."""
+        check_name(alias, "alias")
+        if alias in RESERVED:
+            raise StoreError(f"alias {alias!r} is reserved; pick another name")
+        target = self.resolve_version(model, version)
+        if target is None:
+            raise StoreError("an alias must point at a version, not at the base backbone")
+        self._update_aliases(model, lambda a: a.__setitem__(alias, target))
+
+    def delete_alias(self, model: str, alias: str) -> None:
+        if alias not in self.aliases(model):
+            raise UnknownVersionError(f"model {model!r} has no alias {alias!r}")
+        self._update_aliases(model, lambda a: a.pop(alias, None))
+
+    def _update_aliases(self, model: str, change: Callable[[dict[str, str]], object]) -> None:
+        self.model(model)
+        with self._locked():
+            aliases = self.aliases(model)
+            change(aliases)
+            write_json_atomic(self.root / "models" / model / "aliases.json", aliases)
+
+    # ------------------------------------------------------------------ merged weights cache
+
+    def cached_weights(self, model: str, version: str | None) -> tuple[Path, str] | None:
+        """(path, sha256) of the materialised merged weights, checked, or None if not cached."""
+        folder = self._cache_dir(model, version)
+        path, info = folder / WEIGHTS_FILE, folder / "model.json"
+        if not path.is_file():
+            return None
+        expected = read_json(info)["sha256"]
+        if sha256_file(path) != expected:
+            raise IntegrityError(f"cached weights of {model}@{version or BASE} are damaged; delete "
+                                 f"{folder} and download again to rebuild them")
+        return path, expected
+
+    def put_cached_weights(self, model: str, version: str | None,
+                           write: Callable[[Path], None]) -> tuple[Path, str]:
+        """Materialise once: ``write(tmp_path)`` writes the file; it appears atomically."""
+        folder = self._cache_dir(model, version)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{WEIGHTS_FILE}.{secrets.token_hex(4)}.tmp"
+        try:
+            write(tmp)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            sha = sha256_file(tmp)
+            write_json_atomic(folder / "model.json", {"sha256": sha, "size": tmp.stat().st_size,
+                                                      "created_at": utc_now()})
+            os.rename(tmp, folder / WEIGHTS_FILE)  # same content if another worker won the race
+            _fsync_dir(folder)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return folder / WEIGHTS_FILE, sha
+
+    def _cache_dir(self, model: str, version: str | None) -> Path:
+        model, version = check_name(model, "model"), check_name(version or BASE, "version")
+        return self.root / "cache" / model / version
+
+    # ------------------------------------------------------------------ uploads
+
+    def new_upload(self) -> tuple[str, Path]:
+        """A fresh folder for a job's images: (upload id, path)."""
+        upload = f"u{secrets.token_hex(8)}"
+        path = self.root / "uploads" / upload
+        path.mkdir(parents=True)
+        return upload, path
+
+    def write_upload(self, upload: str, name: str, data: bytes) -> str:
+        """Write one uploaded file atomically; returns its path relative to the store root."""
+        folder = self.root / "uploads" / check_name(upload, "upload")
+        check_name(name, "file name")
+        tmp = folder / f".{name}.tmp"
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.rename(tmp, folder / name)
+        return f"uploads/{upload}/{name}"
+
+    def upload_path(self, relative: str) -> Path:
+        """Resolve a path written by :meth:`write_upload`, refusing anything outside uploads/."""
+        path = (self.root / relative).resolve()
+        if not path.is_relative_to((self.root / "uploads").resolve()):
+            raise StoreError(f"{relative!r} is not in the store's upload area")
+        return path
+
+    def remove_upload(self, upload: str) -> None:
+        shutil.rmtree(self.root / "uploads" / check_name(upload, "upload"), ignore_errors=True)
+
+    def sweep(self, max_age_s: float) -> int:
+        """Delete uploads and abandoned drafts older than ``max_age_s``; returns how many."""
+        cutoff, removed = time.time() - max_age_s, 0
+        for area in ("uploads", "tmp"):
+            for path in (self.root / area).iterdir():
+                if path.stat().st_mtime < cutoff:
+                    shutil.rmtree(path, ignore_errors=True)
+                    removed += 1
+        return removed
