@@ -1,0 +1,302 @@
+"""The queue side the API uses: enqueue jobs, read their state, cancel them. Torch-free.
+
+Jobs are RQ jobs with the JSON serializer, referenced by dotted path (``workers.jobs.edit``), so
+this module never imports the worker code. Progress lives in the job meta, written by the worker
+(:mod:`workers.runtime`); the heartbeat and cancel keys live next to it in Redis.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from redis import Redis
+from rq import Queue
+from rq.exceptions import NoSuchJobError
+from rq.job import Job, JobStatus
+from rq.registry import StartedJobRegistry
+from rq.serializers import JSONSerializer
+
+from workers import settings as S
+from workers.payloads import JOB_FUNCS, EditPayload, Payload
+
+log = logging.getLogger(__name__)
+
+
+class JobError(Exception):
+    """Base of the queue errors the API maps to HTTP statuses."""
+
+
+class JobNotFound(JobError):
+    """No job of that id (never submitted, or its record expired)."""
+
+
+class IdempotencyConflict(JobError):
+    """The Idempotency-Key was used before with another request body."""
+
+
+class JobNotCancelable(JobError):
+    """The job already ended."""
+
+
+class JobTimeout(JobError):
+    """A short job (predict, materialise) did not finish in time."""
+
+
+class JobFailed(JobError):
+    """A short job failed; the message is the worker's reason."""
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+
+TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELED})
+
+
+def cancel_key(job_id: str) -> str:
+    return f"{S.KEY_PREFIX}:cancel:{job_id}"
+
+
+def heartbeat_key(job_id: str) -> str:
+    return f"{S.KEY_PREFIX}:heartbeat:job:{job_id}"
+
+
+def worker_key(name: str) -> str:
+    return f"{S.KEY_PREFIX}:heartbeat:worker:{name}"
+
+
+def _idempotency_key(key: str) -> str:
+    return f"{S.KEY_PREFIX}:idempotency:{key}"
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.replace(tzinfo=value.tzinfo or UTC).isoformat() if value else None
+
+
+@dataclass
+class JobView:
+    """What a user sees of a job."""
+
+    id: str
+    kind: str
+    state: JobState
+    model: str | None = None
+    parent: str | None = None
+    method: str | None = None
+    position: int | None = None  # jobs ahead of this one in its queue (0 = next)
+    phase: str | None = None
+    step: int | None = None
+    max_steps: int | None = None
+    loss: float | None = None
+    version: str | None = None
+    error: str | None = None
+    cancel_requested: bool = False
+    created_at: str | None = None
+    started_at: str | None = None
+    ended_at: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class JobClient:
+    """Submit and follow jobs on the vitedit queues of one Redis."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        self.edits = Queue(S.QUEUE_EDITS, connection=redis, serializer=JSONSerializer)
+        self.high = Queue(S.QUEUE_HIGH, connection=redis, serializer=JSONSerializer)
+
+    # ------------------------------------------------------------------ submit
+
+    def submit_edit(self, payload: EditPayload, job_id: str | None = None) -> JobView:
+        meta = {"kind": "edit", "model": payload.model, "parent": payload.parent,
+                "method": payload.method, "max_steps": payload.max_steps, "phase": None}
+        job = self.edits.enqueue_call(
+            JOB_FUNCS["edit"], args=(payload.model_dump(mode="json"),),
+            job_id=job_id or new_job_id(), meta=meta, timeout=S.EDIT_JOB_TIMEOUT_S,
+            ttl=S.QUEUED_TTL_S, result_ttl=S.RESULT_TTL_S, failure_ttl=S.FAILURE_TTL_S,
+        )
+        log.info("queued edit %s of %s@%s (%s)", job.id, payload.model, payload.parent,
+                 payload.method)
+        return self.view(job.id)
+
+    def claim_idempotency_key(self, key: str, body_sha256: str) -> tuple[str, bool]:
+        """(job id, new?) for an Idempotency-Key: the first request with a key claims a job id.
+
+        The same key with the same body gets the same job id back; another body raises
+        :class:`IdempotencyConflict`. Claiming is atomic (SET NX), so two racing requests agree.
+        """
+        record = json.dumps({"job": new_job_id(), "body": body_sha256})
+        if self.redis.set(_idempotency_key(key), record, nx=True, ex=S.IDEMPOTENCY_TTL_S):
+            return json.loads(record)["job"], True
+        stored = json.loads(self.redis.get(_idempotency_key(key)) or "{}")
+        if stored.get("body") != body_sha256:
+            raise IdempotencyConflict(
+                f"Idempotency-Key {key!r} was already used with a different request body; "
+                "use a new key for a new request")
+        return stored["job"], False
+
+    def release_idempotency_key(self, key: str) -> None:
+        """Forget a claim whose job could not be enqueued (so a retry can enqueue it)."""
+        self.redis.delete(_idempotency_key(key))
+
+    def run_short(self, payload: Payload, timeout_s: float) -> Any:
+        """Run a predict/materialise job ahead of the edits and wait for its result."""
+        job = self.high.enqueue_call(
+            JOB_FUNCS[payload.kind], args=(payload.model_dump(mode="json"),), job_id=new_job_id(),
+            meta={"kind": payload.kind}, timeout=S.SHORT_JOB_TIMEOUT_S, ttl=max(1, int(timeout_s)),
+            result_ttl=S.SHORT_RESULT_TTL_S, failure_ttl=S.SHORT_RESULT_TTL_S, at_front=True,
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            status = job.get_status(refresh=True)
+            if status == JobStatus.FINISHED:
+                return job.return_value()
+            if status in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED):
+                raise JobFailed(job.get_meta(refresh=True).get("error") or _last_line(job))
+            time.sleep(0.02)
+        if job.get_status(refresh=True) == JobStatus.QUEUED:
+            job.cancel()
+        raise JobTimeout(f"no worker finished the {payload.kind} job within {timeout_s:.0f} s; "
+                         "the workers are busy or down (see GET /readyz); retry later")
+
+    # ------------------------------------------------------------------ follow
+
+    def fetch(self, job_id: str) -> Job:
+        try:
+            return Job.fetch(job_id, connection=self.redis, serializer=JSONSerializer)
+        except NoSuchJobError:
+            raise JobNotFound(f"no job {job_id!r} (unknown id, or its record expired)") from None
+
+    def view(self, job_id: str) -> JobView:
+        job = self.fetch(job_id)
+        meta = job.get_meta(refresh=True)
+        state = self._state(job, meta)
+        view = JobView(
+            id=job.id, kind=meta.get("kind", "edit"), state=state, model=meta.get("model"),
+            parent=meta.get("parent"), method=meta.get("method"), phase=meta.get("phase"),
+            step=meta.get("step"), max_steps=meta.get("max_steps"), loss=meta.get("loss"),
+            cancel_requested=bool(self.redis.exists(cancel_key(job.id))),
+            created_at=_iso(job.enqueued_at or job.created_at), started_at=_iso(job.started_at),
+            ended_at=_iso(job.ended_at),
+        )
+        if state == JobState.QUEUED:
+            view.position = job.get_position()
+        elif state == JobState.SUCCEEDED:
+            view.version = (job.return_value() or {}).get("version")
+        elif state == JobState.FAILED:
+            view.error = meta.get("error") or _last_line(job)
+        return view
+
+    def _state(self, job: Job, meta: dict[str, Any]) -> JobState:
+        status = job.get_status(refresh=False)
+        if status == JobStatus.STARTED:
+            return JobState.RUNNING
+        if status == JobStatus.FINISHED:
+            result = job.return_value() or {}
+            return JobState.CANCELED if result.get("canceled") else JobState.SUCCEEDED
+        if status in (JobStatus.FAILED, JobStatus.STOPPED):
+            return JobState.CANCELED if meta.get("canceled") else JobState.FAILED
+        if status == JobStatus.CANCELED:
+            return JobState.CANCELED
+        return JobState.QUEUED
+
+    def wait(self, job_id: str, timeout_s: float, poll_s: float = 0.1) -> JobView:
+        """Block until the job ends or ``timeout_s`` passes; returns its latest view."""
+        deadline = time.monotonic() + timeout_s
+        view = self.view(job_id)
+        while view.state not in TERMINAL and time.monotonic() < deadline:
+            time.sleep(poll_s)
+            view = self.view(job_id)
+        return view
+
+    def cancel(self, job_id: str) -> JobView:
+        """Cancel a queued job at once; ask a running one to stop at its next optimiser step."""
+        view = self.view(job_id)
+        if view.state in TERMINAL:
+            raise JobNotCancelable(f"job {job_id} already {view.state.value}; nothing to cancel")
+        self.redis.set(cancel_key(job_id), "1", ex=S.CANCEL_FLAG_TTL_S)
+        job = self.fetch(job_id)
+        if job.get_status() == JobStatus.QUEUED:
+            job.cancel()
+        return self.view(job_id)
+
+    # ------------------------------------------------------------------ health
+
+    def ping(self) -> bool:
+        return bool(self.redis.ping())
+
+    def live_workers(self) -> list[str]:
+        """Workers whose heartbeat key is fresh (written by :mod:`workers.main`)."""
+        prefix = worker_key("")
+        return sorted(k.decode()[len(prefix):] for k in self.redis.scan_iter(f"{prefix}*"))
+
+
+def new_job_id() -> str:
+    return f"j{uuid.uuid4().hex}"
+
+
+def _last_line(job: Job) -> str:
+    lines = (job.exc_info or "the job failed without a reason").strip().splitlines()
+    return lines[-1] if lines else "the job failed"
+
+
+def reap_dead_jobs(redis: Redis, grace_s: float = S.HEARTBEAT_TTL_S) -> list[str]:
+    """Fail every running job whose heartbeat expired (its worker died); returns their ids.
+
+    RQ would notice only after the job timeout; we mark the job (meta ``error``) and then let
+    RQ's own abandoned-job cleanup move it to the failed registry.
+    """
+    reaped = []
+    for name in (S.QUEUE_EDITS, S.QUEUE_HIGH):
+        registry = StartedJobRegistry(name, connection=redis, serializer=JSONSerializer)
+        members = [m.decode() for m in redis.zrange(registry.key, 0, -1)]
+        for member in members:
+            job_id = member.split(":", 1)[0]
+            if _heartbeat_alive(redis, job_id, grace_s):
+                continue
+            _mark_dead(redis, job_id)
+            redis.zadd(registry.key, {member: 1}, xx=True)  # expired: RQ's cleanup takes it
+            reaped.append(job_id)
+        if reaped:
+            registry.cleanup()
+    for job_id in reaped:
+        log.warning("job %s lost its worker (no heartbeat for %d s): marked failed",
+                    job_id, S.HEARTBEAT_TTL_S)
+    return reaped
+
+
+def _heartbeat_alive(redis: Redis, job_id: str, grace_s: float) -> bool:
+    if redis.exists(heartbeat_key(job_id)):
+        return True
+    try:
+        job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
+    except NoSuchJobError:
+        return False
+    started = job.started_at
+    if started is None:
+        return True  # not started yet as far as RQ knows
+    age = (datetime.now(UTC) - started.replace(tzinfo=started.tzinfo or UTC)).total_seconds()
+    return age < grace_s
+
+
+def _mark_dead(redis: Redis, job_id: str) -> None:
+    try:
+        job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
+    except NoSuchJobError:
+        return
+    job.meta["error"] = ("the worker running this job stopped (killed or crashed) before it "
+                         "finished; nothing was stored. Submit the edit again.")
+    job.save_meta()

@@ -1,0 +1,74 @@
+"""Job payloads: what the API puts on the queue, as plain JSON (pydantic, torch-free).
+
+Images never travel through Redis: the API writes them to the store's upload area and the payload
+carries their paths (relative to the store root). Every payload names a model and a *resolved*
+version id, so an alias that moves after submission does not change what the job does.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+JOB_FUNCS = {
+    "edit": "workers.jobs.edit",
+    "predict": "workers.jobs.predict",
+    "materialise": "workers.jobs.materialise",
+}
+"""Job kind -> the dotted path RQ imports in the worker (the API never imports it)."""
+
+
+class _Payload(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class JobImage(_Payload):
+    path: str  # relative to the store root, under uploads/
+    target: int = Field(ge=0)
+    role: Literal["edit", "holdout"] = "edit"
+
+
+class EditPayload(_Payload):
+    """Edit ``images`` (role edit) towards their targets, starting from ``parent`` (None = base)."""
+
+    kind: Literal["edit"] = "edit"
+    model: str
+    parent: str | None = None
+    upload: str  # upload id: its folder is removed when the job ends
+    images: list[JobImage] = Field(min_length=1)
+    method: str
+    options: dict[str, float | int | str | bool] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _has_edit_images(self) -> EditPayload:
+        if not any(im.role == "edit" for im in self.images):
+            raise ValueError("an edit needs at least one image with role 'edit'")
+        return self
+
+    @property
+    def max_steps(self) -> int | None:
+        value = self.options.get("max_steps")
+        return int(value) if value is not None else None
+
+
+class PredictPayload(_Payload):
+    """Classify uploaded images with a version (None = the base backbone)."""
+
+    kind: Literal["predict"] = "predict"
+    model: str
+    version: str | None = None
+    upload: str
+    images: list[str] = Field(min_length=1)
+    top_k: int = Field(default=3, ge=1, le=100)
+
+
+class MaterialisePayload(_Payload):
+    """Write the merged full weights of a version into the store's cache."""
+
+    kind: Literal["materialise"] = "materialise"
+    model: str
+    version: str | None = None
+
+
+Payload = EditPayload | PredictPayload | MaterialisePayload

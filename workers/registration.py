@@ -1,0 +1,133 @@
+"""Register a model in the store: a backbone manifest, an optional hypernetwork and benchmark.
+
+Registration runs where torch is (a worker, ``vitedit serve``): it records what the torch-free API
+needs to validate requests (class names, the editors and their options) in the model's entry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+from models.errors import EditConfigError, UnknownMethodError
+from models.store.manifest import BackboneManifest, MethodInfo, ModelEntry, sha256_file, utc_now
+from models.store.store import Store
+
+log = logging.getLogger(__name__)
+
+DEFAULT_METHOD = "where2edit"  # with a hypernetwork
+FALLBACK_METHOD = "ft-l2"  # without one
+
+
+def _jsonable(value: Any) -> Any:
+    return value if isinstance(value, int | float | str | bool) or value is None else str(value)
+
+
+def editor_infos() -> dict[str, MethodInfo]:
+    """Every registered editor with its options and their defaults."""
+    import models.editing  # noqa: F401  (registers the editors)
+    from models.editing.registry import EDITORS
+
+    return {name: MethodInfo(
+        options={f.name: _jsonable(f.default) for f in dataclasses.fields(ed.config_cls)},
+        needs_hypernetwork=ed.needs_hypernetwork, description=ed.description,
+    ) for name, ed in sorted(EDITORS.items())}
+
+
+def _backbone_identity(manifest: BackboneManifest) -> tuple[str, int]:
+    """(weights sha256, number of classes), loading the model only when the manifest can't say."""
+    num_classes = manifest.overrides.get("num_classes")
+    if manifest.weights_path is not None and num_classes is not None:
+        sha = sha256_file(manifest.weights_path)
+        manifest.check_weights_sha256(sha)
+        return sha, int(num_classes)
+    from models.backbones import load_backbone
+
+    backbone = load_backbone(manifest)
+    return backbone.weights_sha256, backbone.num_classes
+
+
+def register_model(store: Store, name: str, backbone: Path, *, hypernetwork: Path | None = None,
+                   benchmark: dict[str, Any] | None = None, default_method: str | None = None,
+                   blocks: tuple[int, ...] | None = None) -> ModelEntry:
+    """Write (or replace) the entry of model ``name`` in the store's registry."""
+    manifest = BackboneManifest.read(backbone)
+    sha, num_classes = _backbone_identity(manifest)
+    hypernetwork_id = None
+    if hypernetwork is not None:
+        from models.hypernetwork import check_compatible, read_manifest
+
+        hyper = read_manifest(hypernetwork)
+        check_compatible(hyper, sha, None)
+        hypernetwork_id = hyper["weights_sha256"]
+    methods = editor_infos()
+    default = default_method or (DEFAULT_METHOD if hypernetwork is not None else FALLBACK_METHOD)
+    if default not in methods:
+        raise UnknownMethodError(f"default method {default!r} is not registered; "
+                                 f"choose one of {sorted(methods)}")
+    if methods[default].needs_hypernetwork and hypernetwork is None:
+        raise EditConfigError(f"default method {default!r} needs a hypernetwork")
+    classes = manifest.class_names or tuple(str(i) for i in range(num_classes))
+    entry = ModelEntry(
+        name=name, backbone=str(Path(backbone).resolve()), weights_sha256=sha,
+        num_classes=num_classes, class_names=tuple(classes), default_method=default,
+        methods=methods, hypernetwork=str(Path(hypernetwork).resolve()) if hypernetwork else None,
+        hypernetwork_id=hypernetwork_id, benchmark=benchmark or {}, blocks=blocks,
+        registered_at=utc_now(),
+    )
+    store.register_model(entry)
+    log.info("registered model %s (backbone %s, default method %s, hypernetwork %s)", name,
+             manifest.name, default, hypernetwork_id[:12] if hypernetwork_id else None)
+    return entry
+
+
+DEMO_MODEL = "demo-vit"
+
+
+def register_demo(store: Store) -> ModelEntry:
+    """Register the shipped demo backbone (+ hypernetwork and benchmark when shipped) as demo-vit.
+
+    Until the demo backbone is shipped, a deterministic random-init stand-in is registered, so the
+    service can be developed and tested end to end (its edits are meaningless).
+    """
+    from models import demo_world
+    from models.errors import HypernetworkMismatchError
+    from models.hypernetwork import DEMO_DIR, MANIFEST_FILE
+
+    if not demo_world.BACKBONE_MANIFEST.is_file():
+        log.warning("the demo backbone is not shipped yet: registering a random-init stand-in")
+        backbone = _random_demo_backbone(store.root / "backbones" / "demo-vit-random")
+        return register_model(store, DEMO_MODEL, backbone)
+    benchmark = {"kind": "demo"} if demo_world.WORLD_FILE.is_file() else {}
+    hypernetwork = DEMO_DIR if (DEMO_DIR / MANIFEST_FILE).is_file() else None
+    try:
+        return register_model(store, DEMO_MODEL, demo_world.BACKBONE_MANIFEST,
+                              hypernetwork=hypernetwork, benchmark=benchmark)
+    except HypernetworkMismatchError as exc:
+        log.warning("the shipped demo hypernetwork does not fit the demo backbone (%s); "
+                    "registering demo-vit without it", exc)
+        return register_model(store, DEMO_MODEL, demo_world.BACKBONE_MANIFEST, benchmark=benchmark)
+
+
+def _random_demo_backbone(folder: Path) -> Path:
+    """Write seed-0 random weights of the demo architecture once; returns the manifest path."""
+    import torch
+    from safetensors.torch import save_file
+
+    from models.backbones import create_model
+    from models.demo_world import demo_manifest
+
+    path = folder / "backbone.json"
+    if path.is_file():
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    model = create_model(demo_manifest(weights=None))
+    weights = folder / "backbone.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights),
+              metadata={"note": "random init stand-in for the demo backbone"})
+    manifest = demo_manifest(weights=weights.name, sha=sha256_file(weights))
+    BackboneManifest(**{**manifest.__dict__, "base_dir": None}).write(path)
+    return path

@@ -1,0 +1,77 @@
+"""Every queue name, timeout and TTL of the service in one place; the settings read from the env.
+
+Settings come from environment variables with the prefix ``VITEDIT_`` (``VITEDIT_REDIS_URL``,
+``VITEDIT_STORE``, ...), read once at start-up by the API and by each worker. Torch-free.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+KEY_PREFIX = "vitedit"
+"""Prefix of every Redis key vitedit writes itself (RQ keeps its own ``rq:`` keys)."""
+
+QUEUE_EDITS = "vitedit-edits"
+"""Edit jobs: minutes of optimisation each, first come first served."""
+
+QUEUE_HIGH = "vitedit-high"
+"""Short jobs (predict, materialise merged weights): a worker takes them before any edit."""
+
+EDIT_JOB_TIMEOUT_S = 30 * 60
+"""An edit that runs longer is killed by RQ (its default of 180 s is too short on a CPU)."""
+
+SHORT_JOB_TIMEOUT_S = 5 * 60
+"""Predict and materialise jobs."""
+
+QUEUED_TTL_S = 24 * 3600
+"""A job still queued after this long is dropped by RQ."""
+
+RESULT_TTL_S = 7 * 24 * 3600
+"""How long Redis keeps a finished job record; the version itself lives in the store forever."""
+
+FAILURE_TTL_S = 7 * 24 * 3600
+"""How long Redis keeps a failed or canceled job record (its reason)."""
+
+SHORT_RESULT_TTL_S = 10 * 60
+"""How long a predict or materialise result stays readable by the API that waits for it."""
+
+HEARTBEAT_INTERVAL_S = 5.0
+"""A worker refreshes its own and its running job's heartbeat keys this often."""
+
+HEARTBEAT_TTL_S = 30
+"""A heartbeat key expires this long after its last refresh: then the job's worker is dead."""
+
+WATCHDOG_INTERVAL_S = 10.0
+"""The watchdog looks for running jobs without a heartbeat this often (dead worker -> failed)."""
+
+CANCEL_FLAG_TTL_S = 24 * 3600
+"""How long a cancel request waits for its job to be picked up."""
+
+IDEMPOTENCY_TTL_S = 24 * 3600
+"""How long an ``Idempotency-Key`` maps to its job."""
+
+UPLOAD_MAX_AGE_S = 2 * 24 * 3600
+"""Uploads and abandoned drafts older than this are swept when a worker starts."""
+
+PROGRESS_MIN_INTERVAL_S = 0.2
+"""Progress (step, loss) is written to the job meta at most this often, and at the last step."""
+
+
+class CommonSettings(BaseSettings):
+    """What every process needs: where Redis and the store are."""
+
+    model_config = SettingsConfigDict(env_prefix="VITEDIT_", extra="ignore")
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    store: Path = Path("var/store")
+
+
+class WorkerSettings(CommonSettings):
+    """Settings of ``python -m workers.main``."""
+
+    device: str = "auto"  # "auto" = cuda when available, else cpu
+    torch_threads: int = 0  # 0 = torch's default
+    version_cache_size: int = 4  # merged site weights of this many versions stay in memory
+    name: str | None = None  # RQ worker name; None = host + pid

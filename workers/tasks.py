@@ -1,0 +1,202 @@
+"""The work behind each job kind: edit, predict, materialise. Called by :mod:`workers.jobs`.
+
+An edit: load the images, activate the parent version, run the editor (progress and cancel via
+:class:`~workers.runtime.Progress`), evaluate before/after, then store the new version (the
+cumulative patch over the base, the edit images, the report) atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+from dataclasses import asdict
+from functools import cache
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from rq.job import Job
+from safetensors.torch import save_file
+
+from models.editing import get_editor, make_config, run_edit
+from models.editing.registry import EditConfig, EditOutcome, EditTask
+from models.errors import EditCanceled
+from models.reports import ReportSets, TokenSet, build_report, peak_memory, predict_sets
+from models.sites import Patch
+from models.store.manifest import ImageRecord, VersionManifest, utc_now
+from models.store.store import PATCH_FILE, VersionDraft
+from workers.payloads import EditPayload, MaterialisePayload, PredictPayload
+from workers.runtime import LoadedModel, Progress, Runtime, open_image
+
+log = logging.getLogger(__name__)
+
+
+@cache
+def code_version() -> str:
+    """The package version, plus the git commit when running from a checkout."""
+    try:
+        base = version("vitedit")
+    except PackageNotFoundError:
+        base = "0+unknown"
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                             text=True, timeout=5, cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{base}+g{sha}" if sha else base
+
+
+# --------------------------------------------------------------------------- edit
+
+
+def edit(rt: Runtime, payload: EditPayload, job: Job | None) -> dict[str, Any]:
+    """Run one edit job; returns ``{"version": ...}`` or ``{"canceled": True}``."""
+    progress = Progress(rt.redis, job)
+    with rt.running(job, payload.upload):
+        try:
+            return _edit(rt, payload, job, progress)
+        except EditCanceled:
+            log.info("job %s canceled during %s", job.id if job else "-", progress.current)
+            if job is not None:
+                job.meta.update(canceled=True, phase="canceled")
+                job.save_meta()
+            return {"canceled": True}
+
+
+def _edit(rt: Runtime, payload: EditPayload, job: Job | None, progress: Progress) -> dict[str, Any]:
+    progress.phase("loading")
+    progress.check_cancel()
+    loaded = rt.load(payload.model)
+    config = make_config(payload.method, **payload.options)
+    images = {im.path: open_image(rt.store.upload_path(im.path)) for im in payload.images}
+    edits = [im for im in payload.images if im.role == "edit"]
+    holdouts = [im for im in payload.images if im.role == "holdout"]
+    x = loaded.backbone.preprocess([images[im.path] for im in edits])
+    y = torch.tensor([im.target for im in edits], device=loaded.backbone.device)
+    holdout = (TokenSet(loaded.tokens([images[im.path] for im in holdouts]),
+                        torch.tensor([im.target for im in holdouts])) if holdouts else None)
+    lineage = rt.store.lineage(payload.model, payload.parent)
+    sets = rt.report_sets(loaded, TokenSet(loaded.split.prefix(x), y.cpu()), holdout, lineage)
+    with rt.activate(loaded, payload.parent):
+        task = EditTask.build(loaded.model, loaded.sites, x, y, loaded.hypernetwork, loaded.split)
+        before = predict_sets(loaded.split, sets)
+        needs_mask = get_editor(payload.method).needs_hypernetwork
+        progress.phase("masking" if needs_mask else "optimizing")
+        outcome = run_edit(payload.method, task, config, on_step=progress.on_step)
+        progress.phase("evaluating")
+        after, cumulative = _evaluate_new(loaded, outcome.patch, sets)
+    progress.phase("saving")  # closes "evaluating" in progress.seconds
+    facts = _edit_facts(payload, loaded, config, outcome, cumulative)
+    report = build_report(sets, before, after, facts, progress.seconds,
+                          peak_memory(loaded.backbone.device))
+    manifest = _save_version(rt, payload, job, loaded, config, cumulative, images, report)
+    return {"version": manifest.version, "model": payload.model}
+
+
+def _evaluate_new(loaded: LoadedModel, patch: Patch,
+                  sets: ReportSets) -> tuple[dict[str, torch.Tensor], Patch]:
+    """Predictions of the new version and its patch over the base (cumulative over the lineage)."""
+    backup = patch.apply(loaded.model)
+    try:
+        after = predict_sets(loaded.split, sets)
+        current = [p.detach() for p in loaded.sites.params(loaded.model)]
+        return after, Patch.from_diff(loaded.sites, loaded.base_weights, current)
+    finally:
+        patch.revert(loaded.model, backup)
+
+
+def _edit_facts(payload: EditPayload, loaded: LoadedModel, config: EditConfig,
+                outcome: EditOutcome, cumulative: Patch) -> dict[str, Any]:
+    return {
+        "method": payload.method,
+        "optimiser": {"name": "RMSprop", **asdict(config)},
+        "steps": outcome.steps,
+        "final_loss": round(outcome.loss, 6),
+        "mask_entries": outcome.mask_entries,
+        "n_entries": loaded.sites.n_entries,
+        "edit_neurons": outcome.patch.n_neurons,
+        "patch_neurons": cumulative.n_neurons,
+        "sites": list(loaded.sites.mlps),
+        "extra": {k: v for k, v in outcome.extra.items()
+                  if isinstance(v, int | float | str | bool)},
+    }
+
+
+def _save_version(rt: Runtime, payload: EditPayload, job: Job | None, loaded: LoadedModel,
+                  config: EditConfig, patch: Patch, images: dict[str, Image.Image],
+                  report: dict[str, Any]) -> VersionManifest:
+    entry, manifest = loaded.entry, loaded.backbone.manifest
+    with rt.store.begin_version(payload.model) as draft:
+        records = _write_images(draft, payload, images)
+        provenance = {"model": payload.model, "version": draft.version,
+                      "parent": payload.parent or "", "method": payload.method,
+                      "config": json.dumps(asdict(config), sort_keys=True),
+                      "backbone": manifest.name, "backbone_sha256": entry.weights_sha256,
+                      "hypernetwork": entry.hypernetwork_id or "", "code_version": code_version()}
+        patch.save(draft.dir / PATCH_FILE, metadata=provenance)
+        return draft.commit(VersionManifest(
+            version=draft.version, model=payload.model, parent=payload.parent,
+            backbone={"name": manifest.name, "timm_name": manifest.timm_name,
+                      "weights_sha256": entry.weights_sha256},
+            method=payload.method, config=asdict(config),
+            hypernetwork=entry.hypernetwork_id if get_editor(payload.method).needs_hypernetwork
+            else None,
+            sites=loaded.sites.to_json(), patch=[], files={}, images=records, report=report,
+            created_at=utc_now(), code_version=code_version(), job_id=job.id if job else None,
+        ))
+
+
+def _write_images(draft: VersionDraft, payload: EditPayload,
+                  images: dict[str, Image.Image]) -> list[ImageRecord]:
+    """Keep the request's images with the version (as PNG): retention re-checks the edit ones."""
+    (draft.dir / "images").mkdir()
+    records, counts = [], {"edit": 0, "holdout": 0}
+    for im in payload.images:
+        name = f"images/{im.role}-{counts[im.role]:03d}.png"
+        counts[im.role] += 1
+        images[im.path].save(draft.dir / name, format="PNG")
+        records.append(ImageRecord(file=name, target=im.target, role=im.role))
+    return records
+
+
+# --------------------------------------------------------------------------- predict, materialise
+
+
+def predict(rt: Runtime, payload: PredictPayload, job: Job | None) -> dict[str, Any]:
+    """Top-k classes of each uploaded image under a version."""
+    with rt.running(job, payload.upload):
+        loaded = rt.load(payload.model)
+        images = [open_image(rt.store.upload_path(p)) for p in payload.images]
+        names = loaded.entry.class_names
+        with rt.activate(loaded, payload.version), torch.no_grad():
+            probs = loaded.model(loaded.backbone.preprocess(images)).softmax(-1).cpu()
+        top = probs.topk(min(payload.top_k, probs.shape[-1]), dim=-1)
+        out = []
+        for values, labels in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+            ranked = [{"label": lab, "class_name": names[lab] if lab < len(names) else str(lab),
+                       "probability": round(p, 6)} for p, lab in zip(values, labels, strict=True)]
+            out.append({**ranked[0], "top": ranked})
+        return {"model": payload.model, "version": payload.version, "predictions": out}
+
+
+def materialise(rt: Runtime, payload: MaterialisePayload, job: Job | None) -> dict[str, Any]:
+    """Write the merged full weights of a version into the store cache (once)."""
+    with rt.running(job, None):
+        cached = rt.store.cached_weights(payload.model, payload.version)
+        if cached is None:
+            loaded = rt.load(payload.model)
+            with rt.activate(loaded, payload.version):
+                state = {k: v.detach().to("cpu", copy=True).contiguous()  # copy: restored after
+                         for k, v in loaded.model.state_dict().items()}
+            meta = {"format": "vitedit.merged/1", "model": payload.model,
+                    "version": payload.version or "base",
+                    "backbone_sha256": loaded.entry.weights_sha256}
+            cached = rt.store.put_cached_weights(
+                payload.model, payload.version,
+                lambda path: save_file(state, str(path), metadata=meta))
+        path, sha = cached
+        return {"path": str(path.relative_to(rt.store.root)), "sha256": sha,
+                "size": path.stat().st_size}
