@@ -1,0 +1,139 @@
+"""``/v1/edits``: submit an edit (multipart), follow it (long-poll), cancel it."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Header, Query, Response, UploadFile
+from fastapi.concurrency import run_in_threadpool
+
+from models.errors import DataError
+from models.store.store import Store
+from service import validation as V
+from service.deps import JobsDep, SettingsDep, StoreDep
+from service.errors import PayloadTooLarge
+from service.schemas import EditPublic
+from workers.client import TERMINAL, JobClient, JobNotFound, JobView
+from workers.payloads import EditPayload, JobImage
+
+router = APIRouter(prefix="/v1/edits", tags=["edits"])
+
+
+def edit_public(view: JobView, store: Store) -> EditPublic:
+    """A job view, with the stored report once the job succeeded."""
+    report = None
+    if view.version and view.model:
+        report = store.version(view.model, view.version).report
+    links = {"self": f"/v1/edits/{view.id}", "cancel": f"/v1/edits/{view.id}/cancel"}
+    if view.version:
+        links["version"] = f"/v1/models/{view.model}/versions/{view.version}"
+        links["patch"] = f"{links['version']}/patch"
+    return EditPublic(id=view.id, status=view.state.value, model=view.model,
+                      parent_version=view.parent, method=view.method, position=view.position,
+                      phase=view.phase, step=view.step, max_steps=view.max_steps, loss=view.loss,
+                      version=view.version, report=report, error=view.error,
+                      cancel_requested=view.cancel_requested, created_at=view.created_at,
+                      started_at=view.started_at, ended_at=view.ended_at, links=links)
+
+
+@router.post("", status_code=202, response_model=EditPublic,
+             summary="Submit failure images and their target label; returns the queued job")
+def create_edit(
+    response: Response, settings: SettingsDep, store: StoreDep, jobs: JobsDep,
+    images: Annotated[list[UploadFile], File(description="failure image(s) to edit")],
+    label: Annotated[list[str], Form(description="target class index or name (one, or per image)")],
+    model: Annotated[str, Form(description="model, model@version, model@alias or model@latest")],
+    holdout: Annotated[list[UploadFile] | None, File(description="held-out failures (GR)")] = None,
+    method: Annotated[str | None, Form()] = None,
+    rho: Annotated[float | None, Form()] = None,
+    max_steps: Annotated[int | None, Form()] = None,
+    seed: Annotated[int | None, Form()] = None,
+    lr: Annotated[float | None, Form()] = None,
+    options: Annotated[str | None, Form(description="other method options (JSON object)")] = None,
+    idempotency_key: Annotated[str | None, Header()] = None,
+) -> EditPublic:
+    ref = store.resolve(model)
+    entry = store.model(ref.model)
+    edit_images = V.check_images(images, settings, "edit")
+    holdout_images = V.check_images(holdout or [], settings, "holdout")
+    if len(edit_images) + len(holdout_images) > settings.max_images:
+        raise PayloadTooLarge(f"at most {settings.max_images} images per request")
+    targets = V.check_labels(label, len(edit_images), entry)
+    chosen = V.check_method(entry, method)
+    given = {k: v for k, v in dict(rho=rho, max_steps=max_steps, seed=seed, lr=lr).items()
+             if v is not None}
+    opts = V.check_options(entry, chosen, {**V.parse_options_json(options), **given}, settings)
+    if len(set(targets)) > 1 and holdout_images:
+        raise DataError("holdout images need one target label shared by all edit images")
+    body = _body_sha256(ref.model, ref.version, chosen, opts, targets, edit_images, holdout_images)
+    job_id, new = (jobs.claim_idempotency_key(idempotency_key, body) if idempotency_key
+                   else (None, True))
+    if not new:
+        response.headers["Idempotent-Replayed"] = "true"
+        return _located(response, edit_public(_await_job(jobs, job_id), store))
+    upload, _ = store.new_upload()
+    try:
+        files = [JobImage(path=store.write_upload(upload, f"edit-{i:03d}", im.data), target=t)
+                 for i, (im, t) in enumerate(zip(edit_images, targets, strict=True))]
+        files += [JobImage(path=store.write_upload(upload, f"holdout-{i:03d}", im.data),
+                           target=targets[0], role="holdout")
+                  for i, im in enumerate(holdout_images)]
+        payload = EditPayload(model=ref.model, parent=ref.version, upload=upload, images=files,
+                              method=chosen, options=opts)
+        view = jobs.submit_edit(payload, job_id=job_id)
+    except BaseException:
+        store.remove_upload(upload)
+        if idempotency_key:
+            jobs.release_idempotency_key(idempotency_key)
+        raise
+    return _located(response, edit_public(view, store))
+
+
+def _located(response: Response, edit: EditPublic) -> EditPublic:
+    response.headers["Location"] = f"/v1/edits/{edit.id}"
+    return edit
+
+
+def _body_sha256(model: str, parent: str | None, method: str, options: dict, targets: list[int],
+                 edits: list[V.CheckedImage], holdouts: list[V.CheckedImage]) -> str:
+    """What makes two requests 'the same' for Idempotency-Key: everything but file names."""
+    digest = hashlib.sha256(json.dumps([model, parent, method, options, targets],
+                                       sort_keys=True).encode())
+    for im in [*edits, None, *holdouts]:
+        digest.update(hashlib.sha256(im.data).digest() if im else b"|")
+    return digest.hexdigest()
+
+
+def _await_job(jobs: JobClient, job_id: str, timeout_s: float = 5.0) -> JobView:
+    """A replayed key's job: it may still be being enqueued by the first request."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return jobs.view(job_id)
+        except JobNotFound:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+@router.get("/{job_id}", response_model=EditPublic, summary="Job status; ?wait=S long-polls")
+async def read_edit(
+    job_id: str, settings: SettingsDep, store: StoreDep, jobs: JobsDep,
+    wait: Annotated[float, Query(ge=0, description="seconds to wait for the job to end")] = 0,
+) -> EditPublic:
+    deadline = time.monotonic() + min(wait, settings.max_wait_s)
+    view = await run_in_threadpool(jobs.view, job_id)
+    while view.state not in TERMINAL and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+        view = await run_in_threadpool(jobs.view, job_id)
+    return await run_in_threadpool(edit_public, view, store)
+
+
+@router.post("/{job_id}/cancel", response_model=EditPublic,
+             summary="Cancel a queued job, or stop a running one at its next optimiser step")
+def cancel_edit(job_id: str, store: StoreDep, jobs: JobsDep) -> EditPublic:
+    return edit_public(jobs.cancel(job_id), store)

@@ -1,0 +1,109 @@
+"""Request and response bodies of the API (``XCreate`` in, ``XPublic`` out)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
+
+
+class EditPublic(BaseModel):
+    """An edit job as the user sees it."""
+
+    id: str
+    status: JobStatus
+    model: str | None = None
+    parent_version: str | None = Field(None, description="the version edited (None = base)")
+    method: str | None = None
+    position: int | None = Field(None, description="jobs ahead of this one while queued (0 = next)")
+    phase: str | None = Field(None, description="loading, masking, optimizing, evaluating, saving")
+    step: int | None = None
+    max_steps: int | None = None
+    loss: float | None = None
+    version: str | None = Field(None, description="the new version, once succeeded")
+    report: dict[str, Any] | None = None
+    error: str | None = Field(None, description="why it failed, and what to do")
+    cancel_requested: bool = False
+    created_at: str | None = None
+    started_at: str | None = None
+    ended_at: str | None = None
+    links: dict[str, str] = Field(default_factory=dict)
+
+
+class MethodPublic(BaseModel):
+    options: dict[str, Any]
+    needs_hypernetwork: bool
+    description: str
+
+
+class ModelPublic(BaseModel):
+    name: str
+    backbone: dict[str, Any]
+    num_classes: int
+    class_names: list[str]
+    default_method: str
+    methods: dict[str, MethodPublic]
+    hypernetwork_id: str | None
+    latest_version: str | None
+    aliases: dict[str, str]
+    n_versions: int
+
+
+class VersionPublic(BaseModel):
+    """One version in a lineage listing."""
+
+    version: str
+    parent: str | None
+    method: str
+    created_at: str
+    aliases: list[str]
+    metrics: dict[str, Any]
+
+
+class VersionListPublic(BaseModel):
+    model: str
+    versions: list[VersionPublic]
+    aliases: dict[str, str]
+
+
+class VersionDetailPublic(BaseModel):
+    """A version's manifest (with its report) and its lineage from the base."""
+
+    model: str
+    version: str
+    lineage: list[str] = Field(description="version ids from the first edit over the base to this")
+    aliases: list[str]
+    manifest: dict[str, Any]
+    links: dict[str, str]
+
+
+class AliasCreate(BaseModel):
+    version: str = Field(description="a version id, another alias, or 'latest'")
+
+
+class AliasPublic(BaseModel):
+    model: str
+    alias: str
+    version: str
+
+
+class PredictionPublic(BaseModel):
+    label: int
+    class_name: str
+    probability: float
+    top: list[dict[str, Any]]
+
+
+class PredictPublic(BaseModel):
+    model: str
+    version: str | None
+    predictions: list[PredictionPublic]
+
+
+class HealthPublic(BaseModel):
+    status: Literal["ok", "unavailable"]
+    redis: bool | None = None
+    workers: list[str] | None = None
+    detail: str | None = None

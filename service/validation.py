@@ -1,0 +1,147 @@
+"""Checks of an edit or predict request, torch-free: images with Pillow, labels against the
+model's class names, options against the editors recorded in the model's registry entry.
+
+Everything here runs before anything is written or enqueued: a bad request leaves no trace.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import UploadFile
+from PIL import Image
+
+from models.errors import DataError, EditConfigError, UnknownMethodError
+from models.store.manifest import ModelEntry
+from service.errors import PayloadTooLarge
+from service.settings import ApiSettings
+
+# (check, message) per option name every editor may share; other options are type-checked only
+RANGES: dict[str, tuple[Any, str]] = {
+    "lr": (lambda v: v > 0, "must be > 0"),
+    "seed": (lambda v: v >= 0, "must be >= 0"),
+    "stop_loss": (lambda v: v >= 0, "must be >= 0"),
+    "rho": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "c": (lambda v: v >= 0, "must be >= 0"),
+    "rank": (lambda v: v >= 1, "must be >= 1"),
+}
+
+
+@dataclass(frozen=True)
+class CheckedImage:
+    filename: str
+    data: bytes
+
+
+def check_image(upload: UploadFile, settings: ApiSettings) -> CheckedImage:
+    """Read one uploaded file and make sure Pillow can decode it fully."""
+    name = upload.filename or "upload"
+    data = upload.file.read(settings.max_image_bytes + 1)
+    if len(data) > settings.max_image_bytes:
+        raise PayloadTooLarge(f"{name} is larger than {settings.max_image_bytes} bytes; "
+                              "send a smaller image")
+    if not data:
+        raise DataError(f"{name} is empty; send an image file (PNG, JPEG, ...)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                pixels = im.size[0] * im.size[1]
+                if pixels > settings.max_image_pixels:
+                    raise PayloadTooLarge(f"{name} has {pixels} pixels, more than the "
+                                          f"{settings.max_image_pixels} allowed")
+                im.verify()
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise PayloadTooLarge(f"{name}: {exc}") from exc
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise DataError(f"{name} is not a readable image ({exc}); send a PNG, JPEG, BMP, WebP, "
+                        "GIF or TIFF file") from exc
+    return CheckedImage(name, data)
+
+
+def check_images(uploads: list[UploadFile], settings: ApiSettings, role: str) -> list[CheckedImage]:
+    if len(uploads) > settings.max_images:
+        raise PayloadTooLarge(f"{len(uploads)} {role} images; at most {settings.max_images} "
+                              "per request")
+    return [check_image(u, settings) for u in uploads]
+
+
+def check_labels(labels: list[str], n_images: int, entry: ModelEntry) -> list[int]:
+    """One label for all images, or one per image; each a class index or a class name."""
+    if not labels:
+        raise DataError("give the target label: a class index or a class name ('label' field)")
+    if len(labels) not in (1, n_images):
+        raise DataError(f"{len(labels)} labels for {n_images} images: give one label for all, "
+                        "or one per image")
+    targets = [entry.label_index(label) for label in labels]
+    return targets * n_images if len(targets) == 1 else targets
+
+
+def check_method(entry: ModelEntry, method: str | None) -> str:
+    method = method or entry.default_method
+    info = entry.methods.get(method)
+    if info is None:
+        raise UnknownMethodError(f"unknown method {method!r} for model {entry.name!r}; choose one "
+                                 f"of {sorted(entry.methods)}")
+    if info.needs_hypernetwork and not entry.hypernetwork:
+        usable = sorted(m for m, i in entry.methods.items() if not i.needs_hypernetwork)
+        raise EditConfigError(f"method {method!r} needs a hypernetwork, and model {entry.name!r} "
+                              f"has none registered; choose one of {usable}")
+    return method
+
+
+def check_options(entry: ModelEntry, method: str, given: dict[str, Any],
+                  settings: ApiSettings) -> dict[str, Any]:
+    """Type-check options against the method's defaults and range-check the common ones."""
+    known = entry.methods[method].options
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise EditConfigError(f"method {method!r} has no option(s) {unknown}; it takes "
+                              f"{sorted(known)}")
+    clean = {}
+    for key, value in given.items():
+        clean[key] = _coerce(key, value, known[key])
+        check, message = RANGES.get(key, (lambda v: True, ""))
+        if not check(clean[key]):
+            raise EditConfigError(f"option {key}={value!r} {message}")
+    steps = clean.get("max_steps")
+    if steps is not None and not 1 <= steps <= settings.max_steps_limit:
+        raise EditConfigError(f"max_steps must be in [1, {settings.max_steps_limit}], got {steps}")
+    return clean
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    kind = type(default)
+    if isinstance(value, bool) or kind is bool:
+        if isinstance(value, bool) and kind is bool:
+            return value
+        raise EditConfigError(f"option {key}={value!r} must be a {kind.__name__}")
+    try:
+        if kind in (int, float):
+            number = float(value)
+            if not math.isfinite(number) or (kind is int and number != int(number)):
+                raise ValueError
+            return int(number) if kind is int else number
+        return str(value) if kind is str else value
+    except (TypeError, ValueError, OverflowError):
+        raise EditConfigError(f"option {key}={value!r} must be a {kind.__name__}") from None
+
+
+def parse_options_json(text: str | None) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise EditConfigError(f"'options' must be a JSON object, e.g. {{\"c\": 0.01}} "
+                              f"({exc})") from exc
+    if not isinstance(data, dict):
+        raise EditConfigError("'options' must be a JSON object, e.g. {\"c\": 0.01}")
+    return data
