@@ -1,0 +1,439 @@
+"""Meta-training the hypernetwork: the decoupled bi-level loop of method.md section 3.
+
+Per iteration, on a batch of B CutMix episodes (x, x~, f(x)):
+
+1. fresh mask logits s ~ U(-1, 1), shape (B, n_entries) in Sites order; soft mask m = sigmoid(10 s);
+2. S outer steps of RMSprop on s. Each starts every episode from the pristine weights W0 and takes
+   K masked SGD steps on its loss L = T^2 KL(softmax(f(x)/T) || softmax(f(x~; W)/T)):
+   W <- W - eta * m * grad (gradients detached: no graph through the inner steps). So the final
+   weights are W0 + m * D with D = -eta * sum_k grad_k, and the outer loss
+   J = sum_e L_e(W0 + m_e * D_e) + lambda * mean(m) reaches s only through m;
+3. R regression steps of the hypernetwork on the same batch: 0.1 * BCE(H(cls(x~)), sigmoid(3 s)).
+
+Speed without changing the maths: the frozen prefix runs once per batch (SplitForward); the B
+episodes run together, each with its own site weights (per-episode batched matmuls, see
+:func:`episode_weights`); the first inner gradient (at W0, independent of m) is computed once per
+batch and reused by the S outer steps. :func:`search_masks_reference` is the straightforward loop
+(one deep copy per episode, full forward passes), kept for the benchmark and the tests.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.func import functional_call
+
+from models.backbones import Backbone
+from models.cutmix import CutMixSampler, Episodes, ImagePool
+from models.errors import ManifestError
+from models.forward import SplitForward
+from models.hypernetwork import HypernetConfig, Hypernetwork, cls_features, feature_dim
+from models.sites import Sites
+from models.store.manifest import read_json, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MetaTrainConfig:
+    """Reference defaults (method.md section 3); ``inner_lr`` may need tuning on small models."""
+
+    iterations: int = 10_000
+    batch: int = 8  # B episodes per iteration
+    outer_steps: int = 10  # S
+    outer_lr: float = 0.1  # RMSprop on s
+    inner_steps: int = 5  # K
+    inner_lr: float = 1e-3  # eta
+    temperature: float = 5.0  # T
+    sparsity: float = 1.0  # lambda
+    sharpness: float = 10.0  # m = sigmoid(sharpness * s)
+    regression_steps: int = 4
+    regression_lr: float = 1e-4
+    regression_weight: float = 0.1
+    schedule_iterations: int | None = None  # cosine length; None = 2 x iterations (ref 20k/10k)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        positive = ("iterations", "batch", "outer_steps", "inner_steps", "regression_steps")
+        bad = [name for name in positive if getattr(self, name) < 1]
+        if bad or min(self.outer_lr, self.inner_lr, self.regression_lr, self.temperature) <= 0:
+            raise ValueError(f"invalid meta-training config {self}: {bad or 'non-positive rate'}")
+
+    def regression_lr_at(self, iteration: int) -> float:
+        length = self.schedule_iterations or 2 * self.iterations
+        return 0.5 * self.regression_lr * (1 + math.cos(math.pi * min(iteration, length) / length))
+
+
+@dataclass
+class MaskSearch:
+    """The outcome of step 2 for one batch."""
+
+    s: torch.Tensor  # (B, n_entries) optimised mask logits
+    kl: list[float]  # mean episode loss L at each outer step
+    loss: list[float]  # outer objective J at each outer step
+
+
+def episode_kl(logits: torch.Tensor, clean_logits: torch.Tensor, temperature: float
+               ) -> torch.Tensor:
+    """T^2 KL(softmax(clean / T) || softmax(logits / T)) per row: (N,)."""
+    t = temperature
+    kl = F.kl_div(F.log_softmax(logits / t, dim=-1), F.log_softmax(clean_logits / t, dim=-1),
+                  reduction="none", log_target=True)
+    return t * t * kl.sum(dim=-1)
+
+
+# --------------------------------------------------------------------------- batched episodes
+
+
+class EpisodeLinear(nn.Module):
+    """A Linear whose weight differs per sample: weight (B, out, in), input (B, ..., in)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.weight, self.bias = weight, bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, tokens, in)
+        y = torch.bmm(flat, self.weight.transpose(1, 2))  # (B, tokens, out)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+@contextmanager
+def episode_weights(model: nn.Module, sites: Sites, weights: list[torch.Tensor]) -> Iterator[None]:
+    """Within the block, sample b of a batch goes through site matrices ``weights[i][b]``."""
+    modules = dict(model.named_modules())
+    swapped = []
+    try:
+        for matrix, weight in zip(sites.matrices, weights, strict=True):
+            parent, attr = matrix.param.removesuffix(".weight").rsplit(".", 1)  # blocks.4.mlp, fc1
+            linear = getattr(modules[parent], attr)
+            swapped.append((modules[parent], attr, linear))
+            setattr(modules[parent], attr, EpisodeLinear(weight, linear.bias))
+        yield
+    finally:
+        for parent, attr, linear in swapped:
+            setattr(parent, attr, linear)
+
+
+class BatchedEpisodes:
+    """The B episodes of one batch on shared prefix tokens, each with its own site weights."""
+
+    def __init__(self, split: SplitForward, sites: Sites, episodes: Episodes,
+                 temperature: float) -> None:
+        self.split, self.sites, self.temperature = split, sites, temperature
+        self.tokens = split.prefix(episodes.mixed)  # (B, T, D), once per batch
+        self.clean_logits = episodes.clean_logits  # (B, C)
+        self.w0 = [p.detach() for p in sites.params(split.model)]
+
+    def losses(self, weights: list[torch.Tensor]) -> torch.Tensor:
+        """Per-episode loss (B,) with per-episode weights [(B, *w0.shape)] per matrix."""
+        with episode_weights(self.split.model, self.sites, weights):
+            logits = self.split.suffix(self.tokens)
+        return episode_kl(logits, self.clean_logits, self.temperature)
+
+    def grads(self, deltas: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-episode gradients of L at W0 + delta: the loss is a sum over episodes, and each
+        episode's weights reach only its own loss, so one backward gives all B gradients."""
+        weights = [(w0 + d).requires_grad_() for w0, d in zip(self.w0, deltas, strict=True)]
+        with torch.enable_grad():
+            return list(torch.autograd.grad(self.losses(weights).sum(), weights))
+
+
+def search_masks(batch: BatchedEpisodes, s0: torch.Tensor, cfg: MetaTrainConfig) -> MaskSearch:
+    """Step 2, all episodes at once. ``s0``: (B, n_entries) initial logits."""
+    sites = batch.sites
+    s = s0.clone().requires_grad_()
+    opt = torch.optim.RMSprop([s], lr=cfg.outer_lr)
+    zeros = [w0.new_zeros(len(s), *w0.shape) for w0 in batch.w0]  # (B, out, in) per matrix
+    grad_at_w0 = batch.grads(zeros)  # the first inner gradient does not depend on m
+    kls, losses = [], []
+    for _ in range(cfg.outer_steps):
+        m = torch.sigmoid(cfg.sharpness * s)  # (B, n_entries)
+        masks = _broadcast(sites, m)
+        steps = zeros  # D = -eta * sum_k grad_k, detached
+        for k in range(cfg.inner_steps):  # inner weights W0 + m * D, m taken as a constant
+            grads = grad_at_w0 if k == 0 else batch.grads(_masked(masks, steps, detach=True))
+            steps = [d - cfg.inner_lr * g for d, g in zip(steps, grads, strict=True)]
+        final = [w0 + md for w0, md in zip(batch.w0, _masked(masks, steps), strict=True)]
+        kl = batch.losses(final)  # (B,), graph to s through m
+        loss = kl.sum() + cfg.sparsity * m.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        kls.append(kl.mean().item())
+        losses.append(loss.item())
+    return MaskSearch(s.detach(), kls, losses)
+
+
+def _broadcast(sites: Sites, m: torch.Tensor) -> list[torch.Tensor]:
+    """Flat mask (..., n_entries) -> per matrix, broadcastable over fc1 rows / fc2 columns."""
+    pairs = zip(sites.split(m), sites.matrices, strict=True)
+    return [Sites.broadcast(mk, mat) for mk, mat in pairs]
+
+
+def _masked(masks: list[torch.Tensor], steps: list[torch.Tensor],
+            detach: bool = False) -> list[torch.Tensor]:
+    """m * D per matrix; with ``detach`` no graph reaches s."""
+    return [(mk.detach() if detach else mk) * d for mk, d in zip(masks, steps, strict=True)]
+
+
+def search_masks_reference(model: nn.Module, sites: Sites, episodes: Episodes, s0: torch.Tensor,
+                           cfg: MetaTrainConfig) -> MaskSearch:
+    """Step 2, the straightforward way: one deep copy of the model per episode, full forwards.
+
+    Same maths as :func:`search_masks` (RMSprop is elementwise, so one optimiser per episode
+    slice equals one over the whole batch); used only to benchmark and test the batched loop.
+    """
+    n_total = s0.numel()  # lambda * mean(m) over the whole batch
+    kls, losses = torch.zeros(cfg.outer_steps), torch.zeros(cfg.outer_steps)
+    finals = []
+    for e in range(len(s0)):
+        episode = copy.deepcopy(model)
+        params = sites.params(episode)
+        for p in params:
+            p.requires_grad_()
+        w0 = [p.detach().clone() for p in params]
+        image, clean = episodes.mixed[e : e + 1], episodes.clean_logits[e : e + 1]
+        s = s0[e : e + 1].clone().requires_grad_()
+        opt = torch.optim.RMSprop([s], lr=cfg.outer_lr)
+        for step in range(cfg.outer_steps):
+            m = torch.sigmoid(cfg.sharpness * s)[0]
+            masks = _broadcast(sites, m)
+            steps = [torch.zeros_like(w) for w in w0]  # D = -eta * sum_k grad_k
+            for _ in range(cfg.inner_steps):
+                with torch.no_grad():  # inner weights W0 + m * D, m taken as a constant
+                    for p, w, mk, d in zip(params, w0, masks, steps, strict=True):
+                        p.copy_(w + mk.detach() * d)
+                loss = episode_kl(episode(image), clean, cfg.temperature).sum()
+                grads = torch.autograd.grad(loss, params)
+                steps = [d - cfg.inner_lr * g for d, g in zip(steps, grads, strict=True)]
+            final = {mat.param: w + mk * d
+                     for mat, w, mk, d in zip(sites.matrices, w0, masks, steps, strict=True)}
+            kl = episode_kl(functional_call(episode, final, (image,)), clean, cfg.temperature).sum()
+            opt.zero_grad(set_to_none=True)
+            loss = kl + cfg.sparsity * m.sum() / n_total
+            loss.backward()
+            opt.step()
+            kls[step] += kl.item() / len(s0)
+            losses[step] += loss.item()
+        finals.append(s.detach())
+    return MaskSearch(torch.cat(finals), kls.tolist(), losses.tolist())
+
+
+# --------------------------------------------------------------------------- the training loop
+
+
+def mask_iou(scores: torch.Tensor, rho: float = 0.1) -> float:
+    """Mean pairwise IoU of the rows' top-rho masks: 1.0 = every episode got the same mask."""
+    if len(scores) < 2:
+        return float("nan")
+    k = max(1, round(rho * scores.shape[1]))
+    top = torch.zeros_like(scores).scatter_(1, scores.topk(k, dim=1).indices, 1.0)
+    inter = top @ top.T
+    iou = inter / (2 * k - inter)
+    return iou[~torch.eye(len(scores), dtype=torch.bool, device=scores.device)].mean().item()
+
+
+def regress(hypernet: Hypernetwork, opt: torch.optim.Optimizer, features: torch.Tensor,
+            s: torch.Tensor, cfg: MetaTrainConfig) -> tuple[float, torch.Tensor]:
+    """Step 3: fit H(cls(x~)) to sigmoid(3 s). Returns the last BCE and the scores it saw."""
+    target = torch.sigmoid(hypernet.config.score_scale * s)
+    for _ in range(cfg.regression_steps):
+        scores = hypernet(features)  # (B, n_entries)
+        loss = cfg.regression_weight * F.binary_cross_entropy(scores, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return loss.item(), scores.detach()
+
+
+class MetaTrainer:
+    """Owns the hypernetwork, its optimiser and the episode stream; :meth:`step` = one iteration."""
+
+    def __init__(self, backbone: Backbone, sites: Sites, pool: ImagePool, hypernet: Hypernetwork,
+                 cfg: MetaTrainConfig, impl: str = "batched") -> None:
+        if impl not in ("batched", "reference"):
+            raise ValueError(f"impl must be 'batched' or 'reference', got {impl!r}")
+        self.backbone, self.sites, self.hypernet, self.cfg = backbone, sites, hypernet, cfg
+        self.impl = impl
+        self.model = backbone.model
+        self.split = SplitForward(self.model, sites)
+        self.sampler = CutMixSampler(self.model, pool, seed=cfg.seed, device=backbone.device)
+        self.opt = torch.optim.RMSprop(hypernet.parameters(), lr=cfg.regression_lr)
+        self.iteration = 0
+        self.history: list[dict[str, float]] = []
+
+    def step(self) -> dict[str, float]:
+        cfg, gen = self.cfg, self.sampler.generator
+        episodes = self.sampler.sample(cfg.batch)
+        s0 = torch.rand(cfg.batch, self.sites.n_entries, generator=gen) * 2 - 1  # U(-1, 1)
+        s0 = s0.to(self.backbone.device)
+        if self.impl == "batched":
+            batch = BatchedEpisodes(self.split, self.sites, episodes, cfg.temperature)
+            search = search_masks(batch, s0, cfg)
+        else:
+            search = search_masks_reference(self.model, self.sites, episodes, s0, cfg)
+        for group in self.opt.param_groups:
+            group["lr"] = cfg.regression_lr_at(self.iteration)
+        self.hypernet.train()
+        features = cls_features(self.model, episodes.mixed)  # (B, feature_dim)
+        bce, scores = regress(self.hypernet, self.opt, features, search.s, cfg)
+        self.iteration += 1
+        return {
+            "outer_loss_first": search.loss[0], "outer_loss_last": search.loss[-1],
+            "kl_first": search.kl[0], "kl_last": search.kl[-1], "bce": bce,
+            "s_density": (search.s > 0).float().mean().item(),  # share of entries with m > 0.5
+            "h_density": (scores > 0.5).float().mean().item(),
+            "s_iou": mask_iou(search.s), "h_iou": mask_iou(scores),  # 1.0 = input-independent
+            "h_std": scores.std(dim=0).mean().item(),  # spread of scores across episodes
+        }
+
+    def train(self, out_dir: Path, checkpoint_every: int = 500, log_every: int = 10,
+              show_progress: bool = False) -> list[dict[str, float]]:
+        """Run to ``cfg.iterations``, logging window means and checkpointing to ``out_dir``."""
+        window: list[dict[str, float]] = []
+        start, first = time.perf_counter(), self.iteration
+        with _progress(show_progress) as bar:
+            task = bar.add_task("meta-training", total=self.cfg.iterations,
+                                completed=self.iteration)
+            while self.iteration < self.cfg.iterations:
+                window.append(self.step())
+                bar.update(task, advance=1, description=f"KL {window[-1]['kl_last']:.3f} "
+                           f"BCE {window[-1]['bce']:.4f}")
+                if len(window) == log_every or self.iteration == self.cfg.iterations:
+                    self._log(window, (self.iteration - first) / (time.perf_counter() - start))
+                    window = []
+                if checkpoint_every and self.iteration % checkpoint_every == 0:
+                    save_checkpoint(self, Path(out_dir) / CHECKPOINT_DIR)
+        return self.history
+
+    def _log(self, window: list[dict[str, float]], iterations_per_s: float) -> None:
+        entry = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
+        entry.update(iteration=self.iteration, episodes_per_s=iterations_per_s * self.cfg.batch)
+        self.history.append(entry)
+        log.info("it %d: KL %.4f -> %.4f, J %.4f -> %.4f, BCE %.4f, density s %.3f h %.3f, "
+                 "IoU s %.3f h %.3f, %.1f episodes/s", entry["iteration"], entry["kl_first"],
+                 entry["kl_last"], entry["outer_loss_first"], entry["outer_loss_last"],
+                 entry["bce"], entry["s_density"], entry["h_density"], entry["s_iou"],
+                 entry["h_iou"], entry["episodes_per_s"])
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+CHECKPOINT_DIR = "checkpoint"
+_RESUMABLE_CHANGES = {"iterations", "schedule_iterations"}  # config fields a resume may change
+
+
+def save_checkpoint(trainer: MetaTrainer, directory: Path) -> None:
+    """Hypernetwork, optimiser state and RNG state as safetensors; the rest as JSON. No pickle."""
+    directory.mkdir(parents=True, exist_ok=True)
+    opt_state = trainer.opt.state_dict()
+    tensors = {f"hypernet.{k}": v.detach().cpu().contiguous()
+               for k, v in trainer.hypernet.state_dict().items()}
+    for idx, state in opt_state["state"].items():
+        tensors.update({f"optim.{idx}.{k}": torch.as_tensor(v).cpu().contiguous()
+                        for k, v in state.items()})
+    tensors["rng.sampler"] = trainer.sampler.generator.get_state()
+    tmp = directory / ".checkpoint.safetensors.tmp"
+    save_file(tensors, str(tmp))
+    os.replace(tmp, directory / "checkpoint.safetensors")
+    write_json_atomic(directory / "state.json", {
+        "iteration": trainer.iteration, "config": dataclasses.asdict(trainer.cfg),
+        "hypernet_config": trainer.hypernet.config.to_json(), "sites": trainer.sites.to_json(),
+        "backbone_sha256": trainer.backbone.weights_sha256, "impl": trainer.impl,
+        "param_groups": opt_state["param_groups"], "history": trainer.history,
+    })
+    log.info("checkpoint at iteration %d -> %s", trainer.iteration, directory)
+
+
+def load_checkpoint(trainer: MetaTrainer, directory: Path) -> None:
+    """Restore a trainer saved by :func:`save_checkpoint`; refuses a different setup."""
+    state = read_json(directory / "state.json")
+    saved = {k: v for k, v in state["config"].items() if k not in _RESUMABLE_CHANGES}
+    now = {k: v for k, v in dataclasses.asdict(trainer.cfg).items() if k not in _RESUMABLE_CHANGES}
+    same = (saved == now and state["sites"] == trainer.sites.to_json()
+            and state["hypernet_config"] == trainer.hypernet.config.to_json()
+            and state["backbone_sha256"] == trainer.backbone.weights_sha256)
+    if not same:
+        raise ManifestError(
+            f"checkpoint {directory} was written for another backbone, sites, hypernetwork shape "
+            "or meta-training config; start afresh without --resume (or use another --out)")
+    tensors = load_file(str(directory / "checkpoint.safetensors"))
+    device = trainer.backbone.device
+    prefix = "hypernet."
+    trainer.hypernet.load_state_dict(
+        {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)})
+    optim: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, idx, name = key.split(".", 2)
+            optim.setdefault(int(idx), {})[name] = value if name == "step" else value.to(device)
+    trainer.opt.load_state_dict({"state": optim, "param_groups": state["param_groups"]})
+    trainer.sampler.generator.set_state(tensors["rng.sampler"])
+    trainer.iteration, trainer.history = int(state["iteration"]), list(state["history"])
+    log.info("resumed from %s at iteration %d", directory, trainer.iteration)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def build_hypernetwork(model: nn.Module, sites: Sites, seed: int = 0, width: int | None = None,
+                       heads: int | None = None) -> Hypernetwork:
+    """A fresh hypernetwork for this backbone and these sites, initialised from ``seed``."""
+    torch.manual_seed(seed)
+    config = HypernetConfig.for_sites(feature_dim(model), sites, width=width, heads=heads)
+    return Hypernetwork(config).to(next(model.parameters()).device)
+
+
+def meta_train(backbone: Backbone, sites: Sites, pool: ImagePool, cfg: MetaTrainConfig,
+               out_dir: Path, hypernet: Hypernetwork | None = None, resume: bool = False,
+               checkpoint_every: int = 500, log_every: int = 10, show_progress: bool = False,
+               extra: dict[str, Any] | None = None) -> tuple[Hypernetwork, list[dict[str, float]]]:
+    """Meta-train (or resume) a hypernetwork, then save it to ``out_dir`` with its manifest."""
+    out_dir = Path(out_dir)
+    hypernet = hypernet or build_hypernetwork(backbone.model, sites, cfg.seed)
+    trainer = MetaTrainer(backbone, sites, pool, hypernet, cfg)
+    if resume and (out_dir / CHECKPOINT_DIR / "state.json").is_file():
+        load_checkpoint(trainer, out_dir / CHECKPOINT_DIR)
+    start = time.perf_counter()
+    history = trainer.train(out_dir, checkpoint_every, log_every, show_progress)
+    seconds = time.perf_counter() - start
+    summary = {
+        "config": dataclasses.asdict(cfg), "iterations": trainer.iteration,
+        "episodes": trainer.iteration * cfg.batch, "seconds_this_run": round(seconds, 1),
+        "final": history[-1] if history else {}, "pool_size": len(pool), **(extra or {}),
+    }
+    hypernet.eval().save(out_dir, backbone, sites, training=summary)
+    return hypernet, history
+
+
+@contextmanager
+def _progress(show: bool) -> Iterator[Progress]:
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, disable=not show) as bar:
+        yield bar

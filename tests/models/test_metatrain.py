@@ -1,0 +1,140 @@
+"""Meta-training: the batched loop equals the reference loop; it learns, checkpoints, resumes."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.backbones import Backbone
+from models.cutmix import CutMixSampler, TensorPool
+from models.errors import ManifestError
+from models.forward import SplitForward
+from models.hypernetwork import Hypernetwork
+from models.metatrain import (
+    CHECKPOINT_DIR,
+    BatchedEpisodes,
+    MetaTrainConfig,
+    episode_weights,
+    mask_iou,
+    meta_train,
+    search_masks,
+    search_masks_reference,
+)
+from models.sites import Sites
+
+FAST = dict(batch=3, outer_steps=3, inner_steps=2, inner_lr=0.5, schedule_iterations=10)
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny models: one thread avoids OpenMP contention on a shared 2-core machine (10x here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def pool() -> TensorPool:
+    return TensorPool(torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(0)))
+
+
+@pytest.fixture
+def sites(tiny_backbone: Backbone) -> Sites:
+    return Sites.for_model(tiny_backbone.model)
+
+
+def test_episode_weights_run_each_sample_through_its_own_weights(tiny_backbone, sites):
+    model = tiny_backbone.model
+    x = torch.randn(2, 1, 28, 28)
+    gen = torch.Generator().manual_seed(0)
+    per_episode = [w + 0.1 * torch.randn(2, *w.shape, generator=gen) for w in sites.params(model)]
+    before = copy.deepcopy(model.state_dict())
+    with episode_weights(model, sites, per_episode):
+        batched = model(x)
+    for b in range(2):
+        alone = copy.deepcopy(model)
+        with torch.no_grad():
+            for p, w in zip(sites.params(alone), per_episode, strict=True):
+                p.copy_(w[b])
+        torch.testing.assert_close(batched[b], alone(x[b : b + 1])[0])
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert type(model.blocks[1].mlp.fc1) is torch.nn.Linear  # modules restored
+
+
+def test_batched_mask_search_matches_the_per_episode_reference(tiny_backbone, sites, pool):
+    cfg = MetaTrainConfig(**FAST)
+    episodes = CutMixSampler(tiny_backbone.model, pool, seed=1).sample(cfg.batch)
+    s0 = torch.rand(cfg.batch, sites.n_entries, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    split = SplitForward(tiny_backbone.model, sites)
+    fast = search_masks(BatchedEpisodes(split, sites, episodes, cfg.temperature), s0, cfg)
+    slow = search_masks_reference(tiny_backbone.model, sites, episodes, s0, cfg)
+    # float sums in another order; RMSprop normalises tiny gradients, so compare loosely
+    close = torch.testing.assert_close
+    close(torch.tensor(fast.loss), torch.tensor(slow.loss), rtol=1e-3, atol=1e-5)
+    close(torch.tensor(fast.kl), torch.tensor(slow.kl), rtol=1e-3, atol=1e-6)
+    assert (fast.s - slow.s).abs().mean() < 1e-3
+
+
+def test_short_meta_training_lowers_the_outer_loss_and_the_regression_loss(
+        tiny_backbone, sites, pool, tmp_path):
+    cfg = MetaTrainConfig(iterations=5, **FAST)
+    net, history = meta_train(tiny_backbone, sites, pool, cfg, tmp_path, log_every=1,
+                              checkpoint_every=0)
+    assert len(history) == 5
+    assert all(h["outer_loss_last"] < h["outer_loss_first"] for h in history)
+    assert history[-1]["bce"] < history[0]["bce"]
+    assert {"kl_last", "s_density", "h_density", "s_iou", "h_iou", "h_std"} <= history[0].keys()
+    loaded = Hypernetwork.load(tmp_path, tiny_backbone, sites)
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(),
+                                                loaded.state_dict().values(), strict=True))
+
+
+def test_resumed_training_continues_exactly_where_it_stopped(tiny_backbone, sites, pool, tmp_path):
+    straight, _ = meta_train(tiny_backbone, sites, pool, MetaTrainConfig(iterations=4, **FAST),
+                             tmp_path / "straight", checkpoint_every=2)
+    meta_train(tiny_backbone, sites, pool, MetaTrainConfig(iterations=2, **FAST),
+               tmp_path / "resumed", checkpoint_every=2)
+    resumed, history = meta_train(tiny_backbone, sites, pool, MetaTrainConfig(iterations=4, **FAST),
+                                  tmp_path / "resumed", resume=True, checkpoint_every=2,
+                                  log_every=1)
+    assert [h["iteration"] for h in history][-2:] == [3, 4]
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    files = {p.name for p in (tmp_path / "resumed" / CHECKPOINT_DIR).iterdir()}
+    assert files == {"checkpoint.safetensors", "state.json"}  # no pickle anywhere
+
+
+def test_resume_refuses_a_checkpoint_with_another_inner_setup(tiny_backbone, sites, pool, tmp_path):
+    meta_train(tiny_backbone, sites, pool, MetaTrainConfig(iterations=1, **FAST), tmp_path,
+               checkpoint_every=1)
+    changed = MetaTrainConfig(iterations=2, **{**FAST, "inner_lr": 0.1})
+    with pytest.raises(ManifestError, match="without --resume"):
+        meta_train(tiny_backbone, sites, pool, changed, tmp_path, resume=True)
+
+
+def test_mask_iou_is_one_for_identical_masks_and_zero_for_disjoint_ones():
+    same = torch.tensor([[0.9, 0.1, 0.2, 0.3]] * 3)
+    assert mask_iou(same, rho=0.25) == 1.0
+    disjoint = torch.eye(4)
+    assert mask_iou(disjoint, rho=0.25) == 0.0
+
+
+def test_config_rejects_non_positive_steps():
+    with pytest.raises(ValueError, match="inner_steps"):
+        MetaTrainConfig(inner_steps=0)
+
+
+def test_regression_lr_follows_a_cosine_over_twice_the_iterations():
+    cfg = MetaTrainConfig(iterations=100, regression_lr=1e-4)
+    assert cfg.regression_lr_at(0) == pytest.approx(1e-4)
+    assert cfg.regression_lr_at(100) == pytest.approx(5e-5)
+    assert cfg.regression_lr_at(200) == pytest.approx(0.0)
+
+
+def test_checkpoint_dir_lives_under_the_output(tmp_path: Path):
+    assert (tmp_path / CHECKPOINT_DIR).parent == tmp_path
