@@ -1,0 +1,61 @@
+"""Where-to-edit (method.md section 4): the hypernetwork picks the neurons, then masked fine-tuning.
+
+Scores = hypernetwork(cls features of the edit images), averaged over the images; one global
+ranking keeps the top ``rho`` of all entries (fc1 rows and fc2 columns of every site); the shared
+masked RMSprop loop then edits only those neurons, so everything else stays bit-identical.
+``rho`` is the user's generalization/locality knob.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from models.editing.optimize import masked_finetune
+from models.editing.random_mask import RHO_VALUES
+from models.editing.registry import EditConfig, EditOutcome, EditTask, StepCallback, register
+from models.errors import EditConfigError, HypernetworkMismatchError
+from models.hypernetwork import Hypernetwork
+from models.sites import Sites, top_rho_mask
+
+
+@dataclass(frozen=True)
+class Where2EditConfig(EditConfig):
+    rho: float = 0.1  # fraction of all mask entries that may change
+
+    knob: ClassVar[str | None] = "rho"
+    knob_values: ClassVar[tuple[float, ...]] = RHO_VALUES
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 < self.rho <= 1.0:
+            raise EditConfigError(f"rho must be in (0, 1], got {self.rho}")
+
+
+def learned_masks(hypernet: Hypernetwork, task: EditTask, rho: float) -> list[torch.Tensor]:
+    """One bool (hidden,) mask per matrix in Sites order: the top ``rho`` of the mean scores."""
+    expected = tuple(m.hidden for m in task.sites.matrices)
+    if hypernet.config.hidden != expected:
+        raise HypernetworkMismatchError(
+            f"the hypernetwork scores matrices of sizes {list(hypernet.config.hidden)}, but the "
+            f"edit's sites {list(task.sites.mlps)} have {list(expected)}; use its sites"
+        )
+    scores = hypernet.mask_scores(task.model, task.images)  # (n_entries,)
+    return task.sites.split(top_rho_mask(scores, rho))
+
+
+def mask_counts(sites: Sites, masks: list[torch.Tensor]) -> dict[str, int]:
+    """Selected neurons per matrix, keyed by parameter name (for reports)."""
+    return {m.param: int(mask.sum()) for m, mask in zip(sites.matrices, masks, strict=True)}
+
+
+@register("where2edit", Where2EditConfig, needs_hypernetwork=True,
+          description="masked fine-tuning of the neurons a meta-trained hypernetwork selects")
+def where2edit(task: EditTask, config: Where2EditConfig,
+               on_step: StepCallback | None = None) -> EditOutcome:
+    masks = learned_masks(task.hypernetwork, task, config.rho)
+    outcome = masked_finetune(task, config, masks=masks, on_step=on_step)
+    outcome.extra["mask_per_matrix"] = mask_counts(task.sites, masks)
+    return outcome
