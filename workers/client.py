@@ -192,8 +192,8 @@ class JobClient:
             created_at=_iso(job.enqueued_at or job.created_at), started_at=_iso(job.started_at),
             ended_at=_iso(job.ended_at),
         )
-        if state == JobState.QUEUED:
-            view.position = job.get_position()
+        if state == JobState.QUEUED:  # None: a worker is taking it right now
+            view.position = job.get_position() or 0
         elif state == JobState.SUCCEEDED:
             view.version = (job.return_value() or {}).get("version")
         elif state == JobState.FAILED:

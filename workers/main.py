@@ -70,9 +70,12 @@ def main() -> int:
     name = settings.name or f"vitedit-{socket.gethostname()}-{os.getpid()}"
     heartbeat = Heartbeat(redis, name, runtime)
     heartbeat.start()
-    queues = [Queue(q, connection=redis, serializer=JSONSerializer)
+    # RQ gives its own connection a socket timeout longer than its blocking dequeue; a pooled
+    # connection made earlier (redis-py's default timeout is 5 s) would time the worker out.
+    rq_redis = Redis.from_url(settings.redis_url)
+    queues = [Queue(q, connection=rq_redis, serializer=JSONSerializer)
               for q in (S.QUEUE_HIGH, S.QUEUE_EDITS)]  # order = priority
-    worker = SimpleWorker(queues, connection=redis, serializer=JSONSerializer, name=name)
+    worker = SimpleWorker(queues, connection=rq_redis, serializer=JSONSerializer, name=name)
     log.info("worker %s listening on %s (device %s)", name, [q.name for q in queues],
              runtime.device)
     try:

@@ -38,6 +38,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from models.store.store import Store
     from workers import launcher
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # readiness polls are not news
     store = Store(args.store)
     if not args.no_demo:
         from workers.registration import register_demo

@@ -1,0 +1,164 @@
+"""The store: versions are atomic, immutable and self-describing; reads check sha256; aliases,
+lineage, weights cache and uploads behave. Torch-free (patches written with safetensors.numpy)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from models.errors import IntegrityError, StoreError, UnknownModelError, UnknownVersionError
+from models.store.manifest import ImageRecord, MethodInfo, ModelEntry, VersionManifest
+from models.store.store import PATCH_FILE, Store, VersionDraft
+
+
+def entry(name: str = "m", sha: str = "a" * 64) -> ModelEntry:
+    return ModelEntry(name=name, backbone="/nowhere/backbone.json", weights_sha256=sha,
+                      num_classes=3, class_names=("cat", "dog", "Bird"), default_method="ft",
+                      methods={"ft": MethodInfo(options={"lr": 0.1})})
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    s = Store(tmp_path / "store")
+    s.register_model(entry())
+    return s
+
+
+def draft_manifest(draft: VersionDraft, parent: str | None = None) -> VersionManifest:
+    return VersionManifest(
+        version=draft.version, model=draft.model, parent=parent, backbone={"name": "b"},
+        method="ft", config={"lr": 0.1}, hypernetwork=None, sites={"mlps": ["blocks.1.mlp"]},
+        patch=[], files={}, images=[ImageRecord("images/edit-000.png", 1)],
+        report={"metrics": {"SR": 1.0}}, created_at="2026-11-22T00:00:00Z", code_version="t",
+    )
+
+
+def write_version(store: Store, parent: str | None = None) -> VersionManifest:
+    with store.begin_version("m") as draft:
+        save_file({"blocks.1.mlp.fc1.weight.indices": np.arange(2, dtype=np.int64),
+                   "blocks.1.mlp.fc1.weight.values": np.ones((2, 4), dtype=np.float32)},
+                  str(draft.dir / PATCH_FILE), metadata={"format": "vitedit.patch/1"})
+        (draft.dir / "images").mkdir()
+        (draft.dir / "images" / "edit-000.png").write_bytes(b"png bytes")
+        return draft.commit(draft_manifest(draft, parent))
+
+
+def test_commit_makes_a_version_visible_in_one_step(store: Store) -> None:
+    with store.begin_version("m") as draft:
+        save_file({"x.indices": np.arange(1)}, str(draft.dir / PATCH_FILE))
+        assert store.versions("m") == []  # the draft lives in tmp/, invisible
+        manifest = draft.commit(draft_manifest(draft))
+    assert [v.version for v in store.versions("m")] == [manifest.version]
+    assert not list((store.root / "tmp").iterdir())
+
+
+def test_failed_draft_leaves_nothing_visible(store: Store) -> None:
+    with pytest.raises(RuntimeError), store.begin_version("m") as draft:
+        (draft.dir / PATCH_FILE).write_bytes(b"half a file")
+        raise RuntimeError("the worker died here")
+    assert store.versions("m") == []
+    assert not list((store.root / "tmp").iterdir())
+
+
+def test_version_ids_are_server_generated_unique_and_sortable(store: Store) -> None:
+    ids = [store.new_version_id() for _ in range(200)]
+    assert len(set(ids)) == 200
+    assert all(i.startswith("v") for i in ids)
+
+
+def test_commit_never_overwrites_an_existing_version(store: Store) -> None:
+    with store.begin_version("m") as draft:
+        save_file({"x.indices": np.arange(1)}, str(draft.dir / PATCH_FILE))
+        store.version_dir("m", draft.version).mkdir(parents=True)
+        (store.version_dir("m", draft.version) / "keep").write_text("old")
+        with pytest.raises(StoreError, match="immutable"):
+            draft.commit(draft_manifest(draft))
+    assert (store.version_dir("m", draft.version) / "keep").read_text() == "old"
+
+
+def test_commit_requires_an_existing_parent(store: Store) -> None:
+    with pytest.raises(UnknownVersionError):
+        write_version(store, parent="v-missing")
+
+
+def test_manifest_records_every_file_and_the_patch_tensors(store: Store) -> None:
+    manifest = store.version("m", write_version(store).version)
+    assert set(manifest.files) == {PATCH_FILE, "images/edit-000.png"}
+    assert {p["name"]: p["shape"] for p in manifest.patch} == {
+        "blocks.1.mlp.fc1.weight.indices": [2], "blocks.1.mlp.fc1.weight.values": [2, 4]}
+    assert manifest.edit_images[0].target == 1
+
+
+def test_tampered_file_fails_the_sha256_check_on_read(store: Store) -> None:
+    version = write_version(store).version
+    path = store.version_file("m", version, PATCH_FILE)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="sha256"):
+        store.version_file("m", version, PATCH_FILE)
+
+
+def test_lineage_aliases_latest_and_base_resolve(store: Store) -> None:
+    v1 = write_version(store).version
+    v2 = write_version(store, parent=v1).version
+    assert [m.version for m in store.lineage("m", v2)] == [v1, v2]
+    store.set_alias("m", "prod", v1)
+    assert store.resolve("m@prod").version == v1
+    store.set_alias("m", "prod", v2)  # aliases move
+    assert store.resolve("m@prod").version == v2
+    assert store.resolve("m@latest").version == v2
+    assert store.resolve("m").version is None
+    assert store.resolve(v1).model == "m"  # a bare version id
+    store.delete_alias("m", "prod")
+    with pytest.raises(UnknownVersionError):
+        store.resolve("m@prod")
+
+
+def test_reserved_or_malformed_names_are_refused(store: Store) -> None:
+    v1 = write_version(store).version
+    for alias in ("latest", "base"):
+        with pytest.raises(StoreError, match="reserved"):
+            store.set_alias("m", alias, v1)
+    with pytest.raises(StoreError):
+        store.version("m", "../../etc")
+    with pytest.raises(StoreError, match="upload area"):
+        store.upload_path("uploads/../models.json")
+    with pytest.raises(UnknownModelError):
+        store.resolve("other@latest")
+
+
+def test_cached_weights_appear_atomically_and_are_checked(store: Store) -> None:
+    version = write_version(store).version
+    assert store.cached_weights("m", version) is None
+    path, sha = store.put_cached_weights("m", version, lambda p: p.write_bytes(b"weights"))
+    assert store.cached_weights("m", version) == (path, sha)
+    path.write_bytes(b"changed")
+    with pytest.raises(IntegrityError):
+        store.cached_weights("m", version)
+
+
+def test_register_refuses_new_base_weights_under_a_name_with_versions(store: Store) -> None:
+    store.register_model(replace(entry(), default_method="ft"))  # same weights: fine
+    write_version(store)
+    with pytest.raises(StoreError, match="new name"):
+        store.register_model(entry(sha="b" * 64))
+
+
+def test_labels_resolve_by_index_or_case_insensitive_name(store: Store) -> None:
+    model = store.model("m")
+    assert model.label_index("bird") == 2 and model.label_index("1") == 1
+
+
+def test_sweep_removes_only_old_uploads(store: Store) -> None:
+    old, old_path = store.new_upload()
+    store.write_upload(old, "a", b"x")
+    os.utime(old_path, (0, 0))
+    new, _ = store.new_upload()
+    assert store.sweep(max_age_s=3600) == 1
+    assert [p.name for p in (store.root / "uploads").iterdir()] == [new]

@@ -1,0 +1,116 @@
+"""Every bad request is a 4xx with an actionable message, and leaves nothing behind: no job in
+the queue, no upload in the store, no version. No worker runs here, so anything enqueued would stay
+visible."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from redis import Redis
+
+from tests.redis_server import png
+from tests.service.conftest import Served
+
+pytestmark = pytest.mark.redis
+
+GOOD = {"label": "3", "model": "tiny"}
+TRUNCATED_PNG = png(1)[:60]
+BIG_PNG = png(2, size=200)  # > the 4096-byte limit of the `idle` app
+
+
+def _files(*images: bytes, field: str = "images") -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [(field, (f"{i}.png", data, "image/png")) for i, data in enumerate(images)]
+
+
+CASES: list[tuple[str, dict[str, Any], list[Any], int, str]] = [
+    ("not an image", GOOD, _files(b"hello, I am text"), 422, "not a readable image"),
+    ("corrupt image", GOOD, _files(TRUNCATED_PNG), 422, "not a readable image"),
+    ("empty file", GOOD, _files(b""), 422, "empty"),
+    ("too large", GOOD, _files(BIG_PNG), 413, "larger than"),
+    ("too many images", GOOD, _files(*[png(i) for i in range(5)]), 413, "at most"),
+    ("no image", GOOD, [], 422, "images"),
+    ("unknown label name", {**GOOD, "label": "giraffe"}, _files(png(3)), 422, "unknown label"),
+    ("label out of range", {**GOOD, "label": "10"}, _files(png(3)), 422, "out of range"),
+    ("labels do not match images", {**GOOD, "label": ["1", "2"]}, _files(png(3), png(4), png(5)),
+     422, "labels for"),
+    ("no label", {"model": "tiny"}, _files(png(3)), 422, "label"),
+    ("unknown model", {**GOOD, "model": "nope"}, _files(png(3)), 404, "no model named"),
+    ("unknown version", {**GOOD, "model": "tiny@v-missing"}, _files(png(3)), 404, "no version"),
+    ("unknown alias", {**GOOD, "model": "tiny@prod"}, _files(png(3)), 404, "no version"),
+    ("unknown method", {**GOOD, "method": "magic"}, _files(png(3)), 422, "unknown method"),
+    ("method needs a hypernetwork", {**GOOD, "method": "where2edit"}, _files(png(3)), 422,
+     "needs a hypernetwork"),
+    ("option of another method", {**GOOD, "rho": "0.1"}, _files(png(3)), 422, "no option"),
+    ("rho out of range", {**GOOD, "method": "random", "rho": "1.5"}, _files(png(3)), 422,
+     "(0, 1]"),
+    ("max_steps zero", {**GOOD, "max_steps": "0"}, _files(png(3)), 422, "max_steps"),
+    ("max_steps too many", {**GOOD, "max_steps": "100000"}, _files(png(3)), 422, "max_steps"),
+    ("negative lr", {**GOOD, "lr": "-1"}, _files(png(3)), 422, "must be > 0"),
+    ("not a number", {**GOOD, "lr": "fast"}, _files(png(3)), 422, "lr"),
+    ("options not JSON", {**GOOD, "options": "{c: 1}"}, _files(png(3)), 422, "JSON object"),
+    ("holdout with mixed labels", {**GOOD, "label": ["1", "2"]},
+     _files(png(3), png(4)) + _files(png(5), field="holdout"), 422, "holdout"),
+]
+
+
+def _nothing_left(idle: Served) -> None:
+    assert idle.jobs.edits.count == 0
+    assert not list((idle.store.root / "uploads").iterdir())
+    assert idle.store.versions("tiny") == []
+    assert not Redis.from_url(idle.redis_url).keys("vitedit:idempotency:*")
+
+
+@pytest.mark.parametrize(("form", "files", "status", "message"),
+                         [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_edit_request_is_rejected_and_leaves_nothing(idle: Served, form: dict[str, Any],
+                                                          files: list[Any], status: int,
+                                                          message: str) -> None:
+    r = idle.client.post("/v1/edits", data=form, files=files or None,
+                         headers={"Idempotency-Key": "k-bad"})
+    assert r.status_code == status, r.text
+    assert message in r.text
+    _nothing_left(idle)
+
+
+@pytest.mark.parametrize(("path", "status"), [
+    ("/v1/models/nope/versions", 404),
+    ("/v1/models/tiny/versions/v-missing", 404),
+    ("/v1/models/tiny/versions/base/patch", 404),
+    ("/v1/edits/j-missing", 404),
+    ("/v1/models/tiny/versions/..%2F..%2Fetc", 404),
+])
+def test_unknown_resources_are_404(idle: Served, path: str, status: int) -> None:
+    r = idle.client.get(path)
+    assert r.status_code == status and r.json()["detail"]
+
+
+def test_bad_predict_image_is_rejected_before_queueing(idle: Served) -> None:
+    r = idle.client.post("/v1/models/tiny/versions/base/predict", files=_files(b"not an image"))
+    assert r.status_code == 422
+    assert idle.jobs.high.count == 0
+    _nothing_left(idle)
+
+
+def test_reserved_and_dangling_aliases_are_rejected(idle: Served) -> None:
+    aliases = "/v1/models/tiny/aliases"
+    assert idle.client.put(f"{aliases}/latest", json={"version": "x"}).status_code == 422
+    assert idle.client.put(f"{aliases}/prod", json={"version": "v-no"}).status_code == 404
+    assert idle.client.delete(f"{aliases}/prod").status_code == 404
+
+
+def test_valid_request_is_queued_with_position(idle: Served) -> None:
+    r = idle.client.post("/v1/edits", data=GOOD, files=_files(png(7)))
+    assert r.status_code == 202, r.text
+    assert r.json()["status"] == "queued" and r.json()["position"] == 0
+    second = idle.client.post("/v1/edits", data=GOOD, files=_files(png(8))).json()
+    assert second["position"] == 1
+    for job in (r.json()["id"], second["id"]):
+        assert idle.client.post(f"/v1/edits/{job}/cancel").json()["status"] == "canceled"
+    assert idle.jobs.edits.count == 0
+
+
+def test_readyz_is_503_without_workers(idle: Served) -> None:
+    r = idle.client.get("/readyz")
+    assert r.status_code == 503 and "no worker" in r.json()["detail"]
+    assert idle.client.get("/healthz").status_code == 200
