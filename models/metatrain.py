@@ -50,7 +50,7 @@ from models.cutmix import CutMixSampler, Episodes, ImagePool
 from models.errors import ManifestError
 from models.forward import SplitForward
 from models.hypernetwork import HypernetConfig, Hypernetwork, cls_features, feature_dim
-from models.sites import Sites
+from models.sites import Matrix, Sites
 from models.store.manifest import read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -107,33 +107,88 @@ def episode_kl(logits: torch.Tensor, clean_logits: torch.Tensor, temperature: fl
 # --------------------------------------------------------------------------- batched episodes
 
 
-class EpisodeLinear(nn.Module):
-    """A Linear whose weight differs per sample: weight (B, out, in), input (B, ..., in)."""
+@dataclass
+class Factors:
+    """A per-episode change of one matrix kept as factors, D_b = U_b @ V_b^T, optionally masked.
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    A linear layer's gradient for one episode is delta^T x (output gradients times inputs over
+    its N tokens), so K inner steps add up to rank <= N * K: for 17 tokens and K = 5 that is 85,
+    below the demo's 128/512 widths, and the (B, out, in) dense changes are never materialised.
+    The neuron mask is applied to activations, never to (B, out, in) tensors:
+    (m * D) x = m * (D x) for fc1 rows, D (m * x) for fc2 columns.
+    """
+
+    u: torch.Tensor  # (B, out, r)
+    v: torch.Tensor  # (B, in, r)
+    mask: torch.Tensor | None = None  # (B, H) over fc1 rows (dim 0) or fc2 columns (dim 1)
+    dim: int = 0
+
+    @classmethod
+    def zeros(cls, batch: int, weight: torch.Tensor) -> Factors:
+        out, inp = weight.shape
+        return cls(weight.new_zeros(batch, out, 0), weight.new_zeros(batch, inp, 0))
+
+    def plus(self, other: Factors, scale: float) -> Factors:
+        """self + scale * other (both unmasked)."""
+        assert self.mask is None and other.mask is None
+        return Factors(torch.cat([self.u, scale * other.u], -1), torch.cat([self.v, other.v], -1))
+
+    def masked(self, mask: torch.Tensor, matrix: Matrix) -> Factors:
+        return Factors(self.u, self.v, mask, matrix.dim)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, N, in) -> x (m * D)^T per sample: (B, N, out)."""
+        if self.mask is not None and self.dim == 1:
+            x = x * self.mask.unsqueeze(1)
+        y = (x @ self.v) @ self.u.transpose(1, 2)
+        if self.mask is not None and self.dim == 0:
+            y = y * self.mask.unsqueeze(1)
+        return y
+
+    def dense(self) -> torch.Tensor:
+        """m * U V^T as (B, out, in), for tests."""
+        d = self.u @ self.v.transpose(1, 2)
+        if self.mask is None:
+            return d
+        return d * (self.mask.unsqueeze(-1) if self.dim == 0 else self.mask.unsqueeze(-2))
+
+
+class DeltaLinear(nn.Module):
+    """``linear`` plus a per-sample low-rank change: y_b = linear(x_b) + x_b V_b U_b^T.
+
+    It keeps its (detached) input and its output so that per-sample weight gradients can be read
+    off as factors after ``autograd.grad(loss, output)``.
+    """
+
+    def __init__(self, linear: nn.Linear, delta: Factors) -> None:
         super().__init__()
-        self.weight, self.bias = weight, bias
+        self.linear, self.delta = linear, delta
+        self.input: torch.Tensor | None = None
+        self.output: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, tokens, in)
-        y = torch.bmm(flat, self.weight.transpose(1, 2))  # (B, tokens, out)
-        if self.bias is not None:
-            y = y + self.bias
+        flat = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, N, in)
+        y = self.linear(flat) + self.delta.apply(flat)  # (B, N, out)
+        if torch.is_grad_enabled() and not y.requires_grad:
+            y.requires_grad_()  # nothing upstream needs grads: a leaf, to read the grads at
+        self.input, self.output = flat.detach(), y
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 @contextmanager
-def episode_weights(model: nn.Module, sites: Sites, weights: list[torch.Tensor]) -> Iterator[None]:
-    """Within the block, sample b of a batch goes through site matrices ``weights[i][b]``."""
+def episode_deltas(model: nn.Module, sites: Sites,
+                   deltas: list[Factors]) -> Iterator[list[DeltaLinear]]:
+    """Within the block, sample b of a batch sees site matrices W0 + deltas[i][b]."""
     modules = dict(model.named_modules())
-    swapped = []
+    swapped, layers = [], []
     try:
-        for matrix, weight in zip(sites.matrices, weights, strict=True):
+        for matrix, delta in zip(sites.matrices, deltas, strict=True):
             parent, attr = matrix.param.removesuffix(".weight").rsplit(".", 1)  # blocks.4.mlp, fc1
             linear = getattr(modules[parent], attr)
             swapped.append((modules[parent], attr, linear))
-            setattr(modules[parent], attr, EpisodeLinear(weight, linear.bias))
-        yield
+            layers.append(DeltaLinear(linear, delta))
+            setattr(modules[parent], attr, layers[-1])
+        yield layers
     finally:
         for parent, attr, linear in swapped:
             setattr(parent, attr, linear)
@@ -149,37 +204,42 @@ class BatchedEpisodes:
         self.clean_logits = episodes.clean_logits  # (B, C)
         self.w0 = [p.detach() for p in sites.params(split.model)]
 
-    def losses(self, weights: list[torch.Tensor]) -> torch.Tensor:
-        """Per-episode loss (B,) with per-episode weights [(B, *w0.shape)] per matrix."""
-        with episode_weights(self.split.model, self.sites, weights):
+    def zeros(self) -> list[Factors]:
+        return [Factors.zeros(len(self.tokens), w) for w in self.w0]
+
+    def losses(self, deltas: list[Factors]) -> torch.Tensor:
+        """Per-episode loss (B,) at weights W0 + deltas."""
+        with episode_deltas(self.split.model, self.sites, deltas):
             logits = self.split.suffix(self.tokens)
         return episode_kl(logits, self.clean_logits, self.temperature)
 
-    def grads(self, deltas: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Per-episode gradients of L at W0 + delta: the loss is a sum over episodes, and each
-        episode's weights reach only its own loss, so one backward gives all B gradients."""
-        weights = [(w0 + d).requires_grad_() for w0, d in zip(self.w0, deltas, strict=True)]
-        with torch.enable_grad():
-            return list(torch.autograd.grad(self.losses(weights).sum(), weights))
+    def grads(self, deltas: list[Factors]) -> list[Factors]:
+        """Per-episode weight gradients of L at W0 + deltas, as factors (delta^T, x^T).
+
+        The loss is a sum over episodes and sample b only sees episode b's weights, so one
+        backward to the layer outputs gives every episode's gradient, with no weight gradient
+        ever formed.
+        """
+        with torch.enable_grad(), episode_deltas(self.split.model, self.sites, deltas) as layers:
+            loss = episode_kl(self.split.suffix(self.tokens), self.clean_logits, self.temperature)
+            outs = torch.autograd.grad(loss.sum(), [layer.output for layer in layers])
+        return [Factors(g.transpose(1, 2), layer.input.transpose(1, 2))
+                for g, layer in zip(outs, layers, strict=True)]
 
 
 def search_masks(batch: BatchedEpisodes, s0: torch.Tensor, cfg: MetaTrainConfig) -> MaskSearch:
     """Step 2, all episodes at once. ``s0``: (B, n_entries) initial logits."""
-    sites = batch.sites
     s = s0.clone().requires_grad_()
     opt = torch.optim.RMSprop([s], lr=cfg.outer_lr)
-    zeros = [w0.new_zeros(len(s), *w0.shape) for w0 in batch.w0]  # (B, out, in) per matrix
-    grad_at_w0 = batch.grads(zeros)  # the first inner gradient does not depend on m
+    grad_at_w0 = batch.grads(batch.zeros())  # the first inner gradient does not depend on m
     kls, losses = [], []
     for _ in range(cfg.outer_steps):
         m = torch.sigmoid(cfg.sharpness * s)  # (B, n_entries)
-        masks = _broadcast(sites, m)
-        steps = zeros  # D = -eta * sum_k grad_k, detached
+        steps = batch.zeros()  # D = -eta * sum_k grad_k, detached from s
         for k in range(cfg.inner_steps):  # inner weights W0 + m * D, m taken as a constant
-            grads = grad_at_w0 if k == 0 else batch.grads(_masked(masks, steps, detach=True))
-            steps = [d - cfg.inner_lr * g for d, g in zip(steps, grads, strict=True)]
-        final = [w0 + md for w0, md in zip(batch.w0, _masked(masks, steps), strict=True)]
-        kl = batch.losses(final)  # (B,), graph to s through m
+            grads = grad_at_w0 if k == 0 else batch.grads(_masked(batch.sites, m.detach(), steps))
+            steps = [d.plus(g, -cfg.inner_lr) for d, g in zip(steps, grads, strict=True)]
+        kl = batch.losses(_masked(batch.sites, m, steps))  # (B,), graph to s through m
         loss = kl.sum() + cfg.sparsity * m.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -189,16 +249,16 @@ def search_masks(batch: BatchedEpisodes, s0: torch.Tensor, cfg: MetaTrainConfig)
     return MaskSearch(s.detach(), kls, losses)
 
 
+def _masked(sites: Sites, m: torch.Tensor, steps: list[Factors]) -> list[Factors]:
+    """m * D per matrix, from the flat (B, n_entries) mask."""
+    parts = zip(sites.split(m), steps, sites.matrices, strict=True)
+    return [d.masked(mk, matrix) for mk, d, matrix in parts]
+
+
 def _broadcast(sites: Sites, m: torch.Tensor) -> list[torch.Tensor]:
     """Flat mask (..., n_entries) -> per matrix, broadcastable over fc1 rows / fc2 columns."""
     pairs = zip(sites.split(m), sites.matrices, strict=True)
     return [Sites.broadcast(mk, mat) for mk, mat in pairs]
-
-
-def _masked(masks: list[torch.Tensor], steps: list[torch.Tensor],
-            detach: bool = False) -> list[torch.Tensor]:
-    """m * D per matrix; with ``detach`` no graph reaches s."""
-    return [(mk.detach() if detach else mk) * d for mk, d in zip(masks, steps, strict=True)]
 
 
 def search_masks_reference(model: nn.Module, sites: Sites, episodes: Episodes, s0: torch.Tensor,

@@ -17,14 +17,16 @@ from models.hypernetwork import Hypernetwork
 from models.metatrain import (
     CHECKPOINT_DIR,
     BatchedEpisodes,
+    Factors,
     MetaTrainConfig,
-    episode_weights,
+    episode_deltas,
+    episode_kl,
     mask_iou,
     meta_train,
     search_masks,
     search_masks_reference,
 )
-from models.sites import Sites
+from models.sites import Matrix, Sites
 
 FAST = dict(batch=3, outer_steps=3, inner_steps=2, inner_lr=0.5, schedule_iterations=10)
 
@@ -48,22 +50,45 @@ def sites(tiny_backbone: Backbone) -> Sites:
     return Sites.for_model(tiny_backbone.model)
 
 
-def test_episode_weights_run_each_sample_through_its_own_weights(tiny_backbone, sites):
+def test_episode_deltas_run_each_sample_through_its_own_weights(tiny_backbone, sites):
     model = tiny_backbone.model
     x = torch.randn(2, 1, 28, 28)
     gen = torch.Generator().manual_seed(0)
-    per_episode = [w + 0.1 * torch.randn(2, *w.shape, generator=gen) for w in sites.params(model)]
+    deltas = [Factors(0.1 * torch.randn(2, w.shape[0], 3, generator=gen),
+                      torch.randn(2, w.shape[1], 3, generator=gen)) for w in sites.params(model)]
     before = copy.deepcopy(model.state_dict())
-    with episode_weights(model, sites, per_episode):
+    with episode_deltas(model, sites, deltas):
         batched = model(x)
     for b in range(2):
         alone = copy.deepcopy(model)
         with torch.no_grad():
-            for p, w in zip(sites.params(alone), per_episode, strict=True):
-                p.copy_(w[b])
+            for p, d in zip(sites.params(alone), deltas, strict=True):
+                p += d.dense()[b]
         torch.testing.assert_close(batched[b], alone(x[b : b + 1])[0])
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert type(model.blocks[1].mlp.fc1) is torch.nn.Linear  # modules restored
+
+
+def test_factored_gradients_equal_per_episode_autograd(tiny_backbone, sites, pool):
+    episodes = CutMixSampler(tiny_backbone.model, pool, seed=1).sample(2)
+    batch = BatchedEpisodes(SplitForward(tiny_backbone.model, sites), sites, episodes, 5.0)
+    grads = batch.grads(batch.zeros())
+    for b in range(2):
+        alone = copy.deepcopy(tiny_backbone.model)
+        params = [p.requires_grad_() for p in sites.params(alone)]
+        loss = episode_kl(alone(episodes.mixed[b : b + 1]), episodes.clean_logits[b : b + 1], 5.0)
+        for g, ref in zip(grads, torch.autograd.grad(loss.sum(), params), strict=True):
+            torch.testing.assert_close(g.dense()[b], ref, rtol=1e-4, atol=1e-7)
+
+
+def test_masked_factors_scale_fc1_rows_and_fc2_columns(sites):
+    gen = torch.Generator().manual_seed(0)
+    delta = Factors(torch.randn(1, 4, 2, generator=gen), torch.randn(1, 3, 2, generator=gen))
+    rows, cols = Matrix("fc1.weight", 0, 4), Matrix("fc2.weight", 1, 3)
+    torch.testing.assert_close(delta.masked(torch.tensor([[1.0, 0, 1, 0]]), rows).dense()[0, 1],
+                               torch.zeros(3))
+    torch.testing.assert_close(delta.masked(torch.tensor([[0.0, 1, 1]]), cols).dense()[0, :, 0],
+                               torch.zeros(4))
 
 
 def test_batched_mask_search_matches_the_per_episode_reference(tiny_backbone, sites, pool):
