@@ -163,3 +163,24 @@ def test_regression_lr_follows_a_cosine_over_twice_the_iterations():
 
 def test_checkpoint_dir_lives_under_the_output(tmp_path: Path):
     assert (tmp_path / CHECKPOINT_DIR).parent == tmp_path
+
+
+def test_cli_trains_a_hypernetwork_from_a_manifest_and_an_image_folder(tiny_backbone, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from tests.conftest import tiny_manifest
+    from workers.cli import main
+
+    tiny_manifest().write(tmp_path / "backbone.json")
+    (tmp_path / "images").mkdir()
+    for i in range(4):
+        pixels = np.random.default_rng(i).integers(0, 255, (28, 28), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "images" / f"{i}.png")
+    args = ["hypernet", "train", "--backbone", str(tmp_path / "backbone.json"), "--images",
+            str(tmp_path / "images"), "--out", str(tmp_path / "out"), "--iterations", "2",
+            "--batch", "2", "--outer-steps", "2", "--inner-steps", "2", "--threads", "1"]
+    assert main(args) == 0
+    net = Hypernetwork.load(tmp_path / "out", tiny_backbone)  # random init: sha256 "" both sides
+    sites = Sites.for_model(tiny_backbone.model)
+    assert net.config.hidden == tuple(m.hidden for m in sites.matrices)
