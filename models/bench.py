@@ -173,9 +173,11 @@ def run_bench(backbone: Backbone, benchmark: EditBenchmark, config: BenchConfig,
         knob = get_editor(method).config_cls.knob
         options = {"lr": config.lr, "max_steps": config.max_steps, "stop_loss": config.stop_loss,
                    "seed": config.seed, **({knob: value} if knob else {})}
-        point = _run_point(prep, method, make_config(method, **options), hypernetwork, tick)
+        edit_config = make_config(method, **options)
+        point = _run_point(prep, method, edit_config, hypernetwork, tick)
         entry = methods.setdefault(method, {"knob": knob, "points": []})
-        entry["points"].append({"knob_value": value, **point})
+        entry["points"].append({"knob_value": value, "config": dataclasses.asdict(edit_config),
+                                **point})
         log.info("%s %s=%s: SR %.3f GR %.3f LR %.3f", method, knob, value,
                  point["sr"], point["gr"], point["lr"])
     for entry in methods.values():

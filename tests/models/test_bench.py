@@ -66,7 +66,10 @@ def test_bench_command_reads_paper_layout_and_writes_json_and_plot(paper_layout,
     assert results["benchmark"]["locality_size"] == 5
     assert results["settings"]["lr"] == 1e-3 and results["settings"]["max_steps"] == 2
     assert set(results["metrics"]) >= {"SR", "GR", "LR"}
-    assert [p["knob_value"] for p in results["methods"]["random"]["points"]] == [0.5, 0.1]
+    random_points = results["methods"]["random"]["points"]
+    assert [p["knob_value"] for p in random_points] == [0.5, 0.1]
+    assert random_points[1]["config"] == {"lr": 1e-3, "max_steps": 2, "stop_loss": 0.01, "seed": 0,
+                                          "rho": 0.1}
     point = results["methods"]["ft"]["points"][0]
     assert point["n_edits"] == 4 and 1 <= point["steps_mean"] <= 2
     assert {"sr", "gr", "lr", "seconds_per_edit"} <= set(point)

@@ -46,6 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     opt.add_argument("--stop-loss", type=float)
     opt.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="output folder")
     p.set_defaults(func=run_bench_command)
 
@@ -130,6 +131,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
     from models.bench import BenchConfig, edit_defaults, run_bench, write_results
     from models.sites import Sites
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     backbone = _load_backbone(args, device)
     benchmark = _load_benchmark(args)
