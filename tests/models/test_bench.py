@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from models.backbones import load_backbone
@@ -58,8 +59,12 @@ def test_bench_command_reads_paper_layout_and_writes_json_and_plot(paper_layout,
     args = bench_args(["--backbone", str(manifest), "--groups", str(groups),
                        "--locality", str(locality), "--methods", "ft,random",
                        "--knobs", "random=0.5,0.1", "--edits-per-group", "2",
-                       "--lr", "1e-3", "--max-steps", "2", "--out", str(out)])
-    assert bench_command.run_bench_command(args) == 0
+                       "--lr", "1e-3", "--max-steps", "2", "--threads", "1", "--out", str(out)])
+    threads = torch.get_num_threads()
+    try:
+        assert bench_command.run_bench_command(args) == 0
+    finally:
+        torch.set_num_threads(threads)
     results = json.loads((out / "results.json").read_text())
     assert (out / "gr_vs_lr.png").read_bytes()[:4] == b"\x89PNG"
     assert [g["name"] for g in results["benchmark"]["groups"]] == ["3-5", "7-invert"]

@@ -178,3 +178,11 @@ def test_knobs_and_their_sweep_values_match_method_md() -> None:
     assert get_editor("ft-l1").config_cls.knob_values == (0.1, 0.05, 0.025, 0.01, 0.005, 0.001, 0.0)
     assert get_editor("random").config_cls.knob_values == (0.75, 0.5, 0.25, 0.1, 0.05)
     assert make_config("lora", rank=2.0).rank == 2
+
+
+def test_lora_patch_is_dense_merged_weights_over_all_site_neurons(model: nn.Module) -> None:
+    task = make_task(model)
+    config, outcome = edit("lora", task)
+    assert outcome.patch.n_neurons == task.sites.n_entries
+    assert outcome.extra["lora_params"] == sum(
+        config.rank * sum(p.shape) for p in task.sites.params(model))
