@@ -109,52 +109,68 @@ def episode_kl(logits: torch.Tensor, clean_logits: torch.Tensor, temperature: fl
 
 @dataclass
 class Factors:
-    """A per-episode change of one matrix kept as factors, D_b = U_b @ V_b^T, optionally masked.
+    """A per-episode change of one matrix as a sum of outer products, D_b = sum_j a_bj b_bj^T.
 
-    A linear layer's gradient for one episode is delta^T x (output gradients times inputs over
-    its N tokens), so K inner steps add up to rank <= N * K: for 17 tokens and K = 5 that is 85,
-    below the demo's 128/512 widths, and the (B, out, in) dense changes are never materialised.
-    The neuron mask is applied to activations, never to (B, out, in) tensors:
-    (m * D) x = m * (D x) for fc1 rows, D (m * x) for fc2 columns.
+    A linear layer's gradient for one episode is sum_t delta_t x_t^T over its N tokens (output
+    gradients times inputs), so K inner steps add up to rank <= N * K: 85 for 17 tokens and
+    K = 5, below the demo's 128/512 widths, and no dense (B, out, in) change is ever formed.
+    The neuron mask acts on activations: (m * D) x = m * (D x) for fc1 rows, D (m * x) for fc2
+    columns.
     """
 
-    u: torch.Tensor  # (B, out, r)
-    v: torch.Tensor  # (B, in, r)
+    a_buf: torch.Tensor  # (B, capacity, out); the first r rows are in use
+    b_buf: torch.Tensor  # (B, capacity, in)
+    r: int
     mask: torch.Tensor | None = None  # (B, H) over fc1 rows (dim 0) or fc2 columns (dim 1)
     dim: int = 0
 
+    @property
+    def a(self) -> torch.Tensor:
+        return self.a_buf[:, : self.r]
+
+    @property
+    def b(self) -> torch.Tensor:
+        return self.b_buf[:, : self.r]
+
     @classmethod
-    def zeros(cls, batch: int, weight: torch.Tensor) -> Factors:
+    def zeros(cls, batch: int, weight: torch.Tensor, capacity: int = 0) -> Factors:
+        """D = 0, with room for ``capacity`` rank-one terms (no copying as it grows)."""
         out, inp = weight.shape
-        return cls(weight.new_zeros(batch, out, 0), weight.new_zeros(batch, inp, 0))
+        a, b = weight.new_empty(batch, capacity, out), weight.new_empty(batch, capacity, inp)
+        return cls(a, b, 0)
 
     def plus(self, other: Factors, scale: float) -> Factors:
-        """self + scale * other (both unmasked)."""
+        """self + scale * other (both unmasked), written in place after self's terms."""
         assert self.mask is None and other.mask is None
-        return Factors(torch.cat([self.u, scale * other.u], -1), torch.cat([self.v, other.v], -1))
+        end = self.r + other.r
+        if end > self.a_buf.shape[1]:
+            raise ValueError(f"factor buffer holds {self.a_buf.shape[1]} terms, {end} needed")
+        self.a_buf[:, self.r : end] = scale * other.a
+        self.b_buf[:, self.r : end] = other.b
+        return Factors(self.a_buf, self.b_buf, end)
 
     def masked(self, mask: torch.Tensor, matrix: Matrix) -> Factors:
-        return Factors(self.u, self.v, mask, matrix.dim)
+        return Factors(self.a_buf, self.b_buf, self.r, mask, matrix.dim)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, N, in) -> x (m * D)^T per sample: (B, N, out)."""
         if self.mask is not None and self.dim == 1:
             x = x * self.mask.unsqueeze(1)
-        y = (x @ self.v) @ self.u.transpose(1, 2)
+        y = (x @ self.b.transpose(1, 2)) @ self.a  # (B, N, r) @ (B, r, out)
         if self.mask is not None and self.dim == 0:
             y = y * self.mask.unsqueeze(1)
         return y
 
     def dense(self) -> torch.Tensor:
-        """m * U V^T as (B, out, in), for tests."""
-        d = self.u @ self.v.transpose(1, 2)
+        """m * D as (B, out, in), for tests."""
+        d = self.a.transpose(1, 2) @ self.b
         if self.mask is None:
             return d
         return d * (self.mask.unsqueeze(-1) if self.dim == 0 else self.mask.unsqueeze(-2))
 
 
 class DeltaLinear(nn.Module):
-    """``linear`` plus a per-sample low-rank change: y_b = linear(x_b) + x_b V_b U_b^T.
+    """``linear`` plus a per-sample low-rank change: y_b = linear(x_b) + x_b D_b^T.
 
     It keeps its (detached) input and its output so that per-sample weight gradients can be read
     off as factors after ``autograd.grad(loss, output)``.
@@ -204,8 +220,9 @@ class BatchedEpisodes:
         self.clean_logits = episodes.clean_logits  # (B, C)
         self.w0 = [p.detach() for p in sites.params(split.model)]
 
-    def zeros(self) -> list[Factors]:
-        return [Factors.zeros(len(self.tokens), w) for w in self.w0]
+    def zeros(self, capacity: list[int] | None = None) -> list[Factors]:
+        pairs = zip(self.w0, capacity or [0] * len(self.w0), strict=True)
+        return [Factors.zeros(len(self.tokens), w, c) for w, c in pairs]
 
     def losses(self, deltas: list[Factors]) -> torch.Tensor:
         """Per-episode loss (B,) at weights W0 + deltas."""
@@ -214,7 +231,7 @@ class BatchedEpisodes:
         return episode_kl(logits, self.clean_logits, self.temperature)
 
     def grads(self, deltas: list[Factors]) -> list[Factors]:
-        """Per-episode weight gradients of L at W0 + deltas, as factors (delta^T, x^T).
+        """Per-episode weight gradients of L at W0 + deltas, as factors (output grads, inputs).
 
         The loss is a sum over episodes and sample b only sees episode b's weights, so one
         backward to the layer outputs gives every episode's gradient, with no weight gradient
@@ -223,8 +240,7 @@ class BatchedEpisodes:
         with torch.enable_grad(), episode_deltas(self.split.model, self.sites, deltas) as layers:
             loss = episode_kl(self.split.suffix(self.tokens), self.clean_logits, self.temperature)
             outs = torch.autograd.grad(loss.sum(), [layer.output for layer in layers])
-        return [Factors(g.transpose(1, 2), layer.input.transpose(1, 2))
-                for g, layer in zip(outs, layers, strict=True)]
+        return [Factors(g, layer.input, g.shape[1]) for g, layer in zip(outs, layers, strict=True)]
 
 
 def search_masks(batch: BatchedEpisodes, s0: torch.Tensor, cfg: MetaTrainConfig) -> MaskSearch:
@@ -232,10 +248,11 @@ def search_masks(batch: BatchedEpisodes, s0: torch.Tensor, cfg: MetaTrainConfig)
     s = s0.clone().requires_grad_()
     opt = torch.optim.RMSprop([s], lr=cfg.outer_lr)
     grad_at_w0 = batch.grads(batch.zeros())  # the first inner gradient does not depend on m
+    capacity = [g.r * cfg.inner_steps for g in grad_at_w0]  # rank of D after K steps
     kls, losses = [], []
     for _ in range(cfg.outer_steps):
         m = torch.sigmoid(cfg.sharpness * s)  # (B, n_entries)
-        steps = batch.zeros()  # D = -eta * sum_k grad_k, detached from s
+        steps = batch.zeros(capacity)  # D = -eta * sum_k grad_k, detached from s
         for k in range(cfg.inner_steps):  # inner weights W0 + m * D, m taken as a constant
             grads = grad_at_w0 if k == 0 else batch.grads(_masked(batch.sites, m.detach(), steps))
             steps = [d.plus(g, -cfg.inner_lr) for d, g in zip(steps, grads, strict=True)]

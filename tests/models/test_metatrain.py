@@ -54,8 +54,8 @@ def test_episode_deltas_run_each_sample_through_its_own_weights(tiny_backbone, s
     model = tiny_backbone.model
     x = torch.randn(2, 1, 28, 28)
     gen = torch.Generator().manual_seed(0)
-    deltas = [Factors(0.1 * torch.randn(2, w.shape[0], 3, generator=gen),
-                      torch.randn(2, w.shape[1], 3, generator=gen)) for w in sites.params(model)]
+    deltas = [Factors(0.1 * torch.randn(2, 3, w.shape[0], generator=gen),
+                      torch.randn(2, 3, w.shape[1], generator=gen), 3) for w in sites.params(model)]
     before = copy.deepcopy(model.state_dict())
     with episode_deltas(model, sites, deltas):
         batched = model(x)
@@ -81,9 +81,18 @@ def test_factored_gradients_equal_per_episode_autograd(tiny_backbone, sites, poo
             torch.testing.assert_close(g.dense()[b], ref, rtol=1e-4, atol=1e-7)
 
 
+def test_factors_add_in_place_up_to_their_capacity():
+    weight = torch.zeros(4, 3)
+    step = Factors(torch.ones(1, 2, 4), torch.ones(1, 2, 3), 2)
+    total = Factors.zeros(1, weight, capacity=4).plus(step, -0.5).plus(step, -0.5)
+    torch.testing.assert_close(total.dense()[0], torch.full((4, 3), -2.0))
+    with pytest.raises(ValueError, match="4 terms"):
+        total.plus(step, 1.0)
+
+
 def test_masked_factors_scale_fc1_rows_and_fc2_columns(sites):
     gen = torch.Generator().manual_seed(0)
-    delta = Factors(torch.randn(1, 4, 2, generator=gen), torch.randn(1, 3, 2, generator=gen))
+    delta = Factors(torch.randn(1, 2, 4, generator=gen), torch.randn(1, 2, 3, generator=gen), 2)
     rows, cols = Matrix("fc1.weight", 0, 4), Matrix("fc2.weight", 1, 3)
     torch.testing.assert_close(delta.masked(torch.tensor([[1.0, 0, 1, 0]]), rows).dense()[0, 1],
                                torch.zeros(3))
