@@ -130,7 +130,10 @@ class JobClient:
         )
         log.info("queued edit %s of %s@%s (%s)", job.id, payload.model, payload.parent,
                  payload.method)
-        return self.view(job.id)
+        return JobView(id=job.id, kind="edit", state=JobState.QUEUED, model=payload.model,
+                       parent=payload.parent, method=payload.method, max_steps=payload.max_steps,
+                       position=self.edits.get_job_position(job.id) or 0,
+                       created_at=_iso(job.enqueued_at or job.created_at))
 
     def claim_idempotency_key(self, key: str, body_sha256: str) -> tuple[str, bool]:
         """(job id, new?) for an Idempotency-Key: the first request with a key claims a job id.

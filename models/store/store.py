@@ -353,14 +353,14 @@ class Store:
         return upload, path
 
     def write_upload(self, upload: str, name: str, data: bytes) -> str:
-        """Write one uploaded file atomically; returns its path relative to the store root."""
+        """Write one uploaded file atomically; returns its path relative to the store root.
+
+        No fsync: an upload lives only as long as its queued job, which a crash loses anyway.
+        """
         folder = self.root / "uploads" / check_name(upload, "upload")
         check_name(name, "file name")
         tmp = folder / f".{name}.tmp"
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        tmp.write_bytes(data)
         os.rename(tmp, folder / name)
         return f"uploads/{upload}/{name}"
 
