@@ -65,6 +65,10 @@ def main() -> int:
     redis = Redis.from_url(settings.redis_url)
     runtime = Runtime(settings, redis)
     runtime.store.sweep(S.UPLOAD_MAX_AGE_S)
+    if settings.register_demo:
+        from workers.registration import register_demo
+
+        register_demo(runtime.store)
     runtime.preload()
     install(runtime)
     name = settings.name or f"vitedit-{socket.gethostname()}-{os.getpid()}"

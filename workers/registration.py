@@ -75,7 +75,7 @@ def register_model(store: Store, name: str, backbone: Path, *, hypernetwork: Pat
         num_classes=num_classes, class_names=tuple(classes), default_method=default,
         methods=methods, hypernetwork=str(Path(hypernetwork).resolve()) if hypernetwork else None,
         hypernetwork_id=hypernetwork_id, benchmark=benchmark or {}, blocks=blocks,
-        registered_at=utc_now(),
+        registered_at=utc_now(), backbone_name=manifest.name, timm_name=manifest.timm_name,
     )
     store.register_model(entry)
     log.info("registered model %s (backbone %s, default method %s, hypernetwork %s)", name,

@@ -75,3 +75,4 @@ class WorkerSettings(CommonSettings):
     torch_threads: int = 0  # 0 = torch's default
     version_cache_size: int = 4  # merged site weights of this many versions stay in memory
     name: str | None = None  # RQ worker name; None = host + pid
+    register_demo: bool = False  # register the shipped demo model at start (docker compose)

@@ -240,6 +240,8 @@ class ModelEntry:
     benchmark: dict[str, Any] = field(default_factory=dict)
     blocks: tuple[int, ...] | None = None  # editable blocks; None = the default sites
     registered_at: str = ""
+    backbone_name: str = ""  # copied from the backbone manifest, for readers without its folder
+    timm_name: str = ""
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

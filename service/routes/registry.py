@@ -14,10 +14,9 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 
 def model_public(store: Store, entry: ModelEntry) -> ModelPublic:
     versions = store.versions(entry.name)
-    backbone = entry.backbone_manifest()
     return ModelPublic(
         name=entry.name,
-        backbone={"name": backbone.name, "timm_name": backbone.timm_name,
+        backbone={"name": entry.backbone_name, "timm_name": entry.timm_name,
                   "weights_sha256": entry.weights_sha256},
         num_classes=entry.num_classes, class_names=list(entry.class_names),
         default_method=entry.default_method,
