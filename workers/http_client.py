@@ -30,9 +30,12 @@ class ApiError(Exception):
 
 
 class ViteditClient:
-    def __init__(self, base_url: str, api_key: str | None = None, timeout_s: float = 120.0) -> None:
+    def __init__(self, base_url: str, api_key: str | None = None, timeout_s: float = 120.0,
+                 http: httpx.Client | None = None) -> None:
+        """``http``: an httpx client to use instead of a new one (e.g. FastAPI's TestClient)."""
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout_s)
+        self.http = http or httpx.Client(base_url=base_url.rstrip("/"), headers=headers,
+                                         timeout=timeout_s)
 
     def close(self) -> None:
         self.http.close()

@@ -1,0 +1,49 @@
+"""The worker runtime in-process (no queue): an edit stores a version; activating a version and
+leaving restores the base weights bit-exactly; the version LRU stays bounded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from redis import Redis
+
+from tests.redis_server import png, tiny_store
+from workers import tasks
+from workers.payloads import EditPayload, JobImage, PredictPayload
+from workers.runtime import Runtime
+from workers.settings import WorkerSettings
+
+
+def edit_once(rt: Runtime, seed: int, parent: str | None = None) -> str:
+    upload, _ = rt.store.new_upload()
+    path = rt.store.write_upload(upload, "edit-000", png(seed))
+    payload = EditPayload(model="tiny", parent=parent, upload=upload,
+                          images=[JobImage(path=path, target=seed % 10)], method="ft",
+                          options={"lr": 0.01, "max_steps": 40})
+    result = tasks.edit(rt, payload, job=None)
+    assert not (rt.store.root / "uploads" / upload).exists()  # cleaned up
+    return result["version"]
+
+
+def test_versions_activate_and_restore_the_base_exactly(tmp_path: Path) -> None:
+    store = tiny_store(tmp_path)
+    settings = WorkerSettings(store=store.root, version_cache_size=1, device="cpu")
+    rt = Runtime(settings, Redis.from_url("redis://127.0.0.1:1/0"))  # never contacted here
+    loaded = rt.load("tiny")
+    base = [p.detach().clone() for p in loaded.sites.params(loaded.model)]
+    v1 = edit_once(rt, 71)
+    v2 = edit_once(rt, 72, parent=v1)
+    assert [m.version for m in store.lineage("tiny", v2)] == [v1, v2]
+    for version in (v1, v2, v1):
+        with rt.activate(loaded, version):
+            now = loaded.sites.params(loaded.model)
+            assert any(not torch.equal(p, b) for p, b in zip(now, base, strict=True))
+        after = loaded.sites.params(loaded.model)
+        assert all(torch.equal(p, b) for p, b in zip(after, base, strict=True))
+    assert len(rt.versions) == 1  # LRU bounded by version_cache_size
+    upload, _ = store.new_upload()
+    paths = [store.write_upload(upload, "p-000", png(72))]
+    out = tasks.predict(rt, PredictPayload(model="tiny", version=v2, upload=upload, images=paths),
+                        job=None)
+    assert out["predictions"][0]["label"] == 72 % 10
