@@ -54,8 +54,9 @@ def optimise(
         loss = ce if penalty is None else ce + penalty()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        for p, m in zip(trainable, grad_masks or [], strict=False):
-            p.grad.mul_(m)
+        if grad_masks is not None:
+            for p, m in zip(trainable, grad_masks, strict=True):
+                p.grad.mul_(m)  # zero gradient -> zero RMSprop update: unselected stay exact
         opt.step()
         step += 1
         if on_step is not None:
