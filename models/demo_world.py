@@ -69,7 +69,7 @@ def load_demo_backbone(device: torch.device | str = "cpu") -> Backbone:
 
 def normalise(x: np.ndarray) -> torch.Tensor:
     """uint8 (N, 28, 28) -> float (N, 1, 28, 28), the backbone's eval normalisation."""
-    return ((torch.from_numpy(np.ascontiguousarray(x)).float() / 255.0 - MEAN) / STD).unsqueeze(1)
+    return ((torch.tensor(x).float() / 255.0 - MEAN) / STD).unsqueeze(1)
 
 
 # --------------------------------------------------------------------------- training
@@ -77,7 +77,7 @@ def normalise(x: np.ndarray) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 12
+    epochs: int = 10
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.05
@@ -211,9 +211,9 @@ def _probs(backbone: Backbone, x: np.ndarray) -> torch.Tensor:
     return predict_logits(backbone.model, normalise(x).to(backbone.device)).softmax(-1).cpu()
 
 
-def _groups_from_failures(x: np.ndarray, y: np.ndarray, pred: np.ndarray, tag_of: Callable[[int], str],
+def _groups_from_failures(y: np.ndarray, pred: np.ndarray, tag_of: Callable[[int], str],
                           keep: int, cfg: DeriveConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Failures grouped by (true label, tag); the ``keep`` largest with >= min_group images."""
+    """Indices of failures grouped by (true label, tag); the ``keep`` largest with >= min_group."""
     wrong = np.flatnonzero(pred != y)
     buckets: dict[str, list[int]] = {}
     for i in wrong:
@@ -225,7 +225,7 @@ def _groups_from_failures(x: np.ndarray, y: np.ndarray, pred: np.ndarray, tag_of
         idx = np.array(buckets[name])
         if len(idx) > cfg.max_group:
             idx = np.sort(rng.choice(idx, cfg.max_group, replace=False))
-        out[name] = x[idx]
+        out[name] = idx
     return out
 
 
@@ -236,14 +236,15 @@ def derive_world(backbone: Backbone, cfg: DeriveConfig = DeriveConfig(), out: Pa
     x_train, _ = read_fashion_mnist("train")
     probs = _probs(backbone, x_test)
     pred = probs.argmax(-1).numpy()
-    groups = _groups_from_failures(x_test, y_test, pred, lambda i: str(pred[i]), cfg.natural_groups, cfg, rng)
+    natural = _groups_from_failures(y_test, pred, lambda i: str(pred[i]), cfg.natural_groups, cfg, rng)
+    groups = {name: x_test[idx] for name, idx in natural.items()}
     shift_acc = {}
     for k, shift in enumerate(SHIFTS):
         xs = apply_shift(shift, x_test, seed=cfg.seed + k)
         ps = _probs(backbone, xs).argmax(-1).numpy()
         shift_acc[shift] = float((ps == y_test).mean())
-        groups |= _groups_from_failures(xs, y_test, ps, lambda i, s=shift: s,
-                                        cfg.shift_groups_per_shift, cfg, rng)
+        shifted = _groups_from_failures(y_test, ps, lambda i, s=shift: s, cfg.shift_groups_per_shift, cfg, rng)
+        groups |= {name: xs[idx] for name, idx in shifted.items()}
     # sensitive locality set: correct clean images with the smallest top-1 minus top-2 gap
     top2 = probs.topk(2, dim=-1).values
     gap = (top2[:, 0] - top2[:, 1]).numpy()
@@ -251,7 +252,8 @@ def derive_world(backbone: Backbone, cfg: DeriveConfig = DeriveConfig(), out: Pa
     by_gap = correct[np.argsort(gap[correct], kind="stable")]
     n_sensitive = int((gap[correct] < cfg.locality_gap).sum())
     locality_idx = by_gap[: max(cfg.locality_size, n_sensitive)]
-    rest = np.setdiff1d(correct, locality_idx)
+    used = np.concatenate([locality_idx, *natural.values()])
+    rest = np.setdiff1d(np.arange(len(y_test)), used)
     heldout_idx = np.sort(rng.choice(rest, cfg.heldout_size, replace=False))
     pool_idx = np.sort(rng.choice(len(x_train), cfg.pool_size, replace=False))
     names = sorted(groups)

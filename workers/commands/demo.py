@@ -12,7 +12,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     actions = demo.add_subparsers(dest="demo_command", required=True)
 
     train = actions.add_parser("train", help="train the demo backbone from scratch (CPU, ~25 min)")
-    train.add_argument("--epochs", type=int, default=12)
+    train.add_argument("--epochs", type=int, default=10)
+    train.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy 2-core machine)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--out", type=Path, default=None, help="folder (default: the shipped assets)")
     train.set_defaults(func=_train)
@@ -33,8 +34,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    import torch
+
     from models import demo_world
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = args.out or demo_world.ASSETS
     result = demo_world.train_backbone(demo_world.TrainConfig(epochs=args.epochs, seed=args.seed),
                                        out_dir=out, progress=print)

@@ -1,0 +1,30 @@
+"""The import direction of architecture.md: service -> workers -> models, torch-free API."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_import_linter_contracts_hold():
+    from importlinter.cli import lint_imports
+
+    assert lint_imports(config_filename=str(ROOT / "pyproject.toml")) == 0
+
+
+def test_models_package_init_is_trivial():
+    assert (ROOT / "models" / "__init__.py").read_text().strip() == ""
+
+
+def test_ml_core_reads_no_environment_variables():
+    offenders = [p.name for p in (ROOT / "models").rglob("*.py") if "os.environ" in p.read_text()
+                 or "getenv" in p.read_text()]
+    assert offenders == []
+
+
+def test_cli_help_lists_every_area():
+    out = subprocess.run([sys.executable, "-m", "workers.cli", "--help"], capture_output=True, text=True,
+                         cwd=ROOT, check=True).stdout
+    for command in ("demo", "bench", "hypernet", "serve", "edit"):
+        assert command in out
