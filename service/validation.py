@@ -6,6 +6,7 @@ Everything here runs before anything is written or enqueued: a bad request leave
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -18,6 +19,7 @@ from PIL import Image
 
 from models.errors import DataError, EditConfigError, UnknownMethodError
 from models.store.manifest import ModelEntry
+from models.store.store import Store
 from service.errors import PayloadTooLarge
 from service.settings import ApiSettings
 
@@ -145,3 +147,42 @@ def parse_options_json(text: str | None) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise EditConfigError("'options' must be a JSON object, e.g. {\"c\": 0.01}")
     return data
+
+
+@dataclass(frozen=True)
+class CheckedEdit:
+    """An edit request that passed every check: what the job will do, nothing written yet."""
+
+    model: str
+    parent: str | None
+    method: str
+    options: dict[str, Any]
+    edits: list[CheckedImage]
+    targets: list[int]
+    holdouts: list[CheckedImage]
+
+    def sha256(self) -> str:
+        """What makes two requests 'the same' for Idempotency-Key: everything but file names."""
+        head = [self.model, self.parent, self.method, self.options, self.targets]
+        digest = hashlib.sha256(json.dumps(head, sort_keys=True).encode())
+        for im in [*self.edits, None, *self.holdouts]:
+            digest.update(hashlib.sha256(im.data).digest() if im else b"|")
+        return digest.hexdigest()
+
+
+def check_edit(store: Store, settings: ApiSettings, images: list[UploadFile],
+               holdout: list[UploadFile], labels: list[str], model: str, method: str | None,
+               given: dict[str, Any], options_json: str | None) -> CheckedEdit:
+    """Check a POST /v1/edits request (model, images, labels, method, options) as a whole."""
+    ref = store.resolve(model)
+    entry = store.model(ref.model)
+    edits = check_images(images, settings, "edit")
+    holdouts = check_images(holdout, settings, "holdout")
+    if len(edits) + len(holdouts) > settings.max_images:
+        raise PayloadTooLarge(f"at most {settings.max_images} images per request")
+    targets = check_labels(labels, len(edits), entry)
+    if len(set(targets)) > 1 and holdouts:
+        raise DataError("holdout images need one target label shared by all edit images")
+    chosen = check_method(entry, method)
+    options = check_options(entry, chosen, {**parse_options_json(options_json), **given}, settings)
+    return CheckedEdit(ref.model, ref.version, chosen, options, edits, targets, holdouts)

@@ -15,6 +15,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +30,7 @@ from models.evaluation import predictions
 from models.forward import SplitForward
 from models.reports import ReportSets, TokenSet
 from models.sites import Patch, Sites
+from models.store.manifest import ModelEntry, VersionManifest
 from models.store.store import PATCH_FILE, Store
 from workers import settings as S
 from workers.client import cancel_key, heartbeat_key
@@ -45,7 +47,7 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def open_image(path: Any) -> Image.Image:
+def open_image(path: Path) -> Image.Image:
     """Decode an uploaded image fully; a truncated or non-image file raises DataError."""
     try:
         with Image.open(path) as im:
@@ -61,7 +63,7 @@ def open_image(path: Any) -> Image.Image:
 class LoadedModel:
     """One registered model, loaded once per worker and shared by all its jobs."""
 
-    entry: Any  # models.store.manifest.ModelEntry
+    entry: ModelEntry
     backbone: Backbone
     sites: Sites
     split: SplitForward
@@ -146,7 +148,7 @@ class Runtime:
             self.versions = OrderedDict((k, v) for k, v in self.versions.items() if k[0] != name)
         return loaded
 
-    def _load(self, entry: Any) -> LoadedModel:
+    def _load(self, entry: ModelEntry) -> LoadedModel:
         start = time.perf_counter()
         backbone = load_backbone(entry.backbone_manifest(), self.device)
         if backbone.weights_sha256 != entry.weights_sha256:
@@ -225,7 +227,7 @@ class Runtime:
         return weights
 
     def report_sets(self, loaded: LoadedModel, edit: TokenSet, holdout: TokenSet | None,
-                    lineage: list[Any]) -> ReportSets:
+                    lineage: list[VersionManifest]) -> ReportSets:
         """Edit, GR, locality and retention sets of one edit (see :mod:`models.reports`)."""
         source = "request" if holdout is not None else None
         if holdout is None:
@@ -239,7 +241,7 @@ class Runtime:
         return ReportSets(edit, holdout, source, loaded.locality, loaded.locality_root_preds,
                           retention)
 
-    def _retention_tokens(self, loaded: LoadedModel, manifest: Any) -> TokenSet:
+    def _retention_tokens(self, loaded: LoadedModel, manifest: VersionManifest) -> TokenSet:
         key = (manifest.model, manifest.version)
         if key not in self.retention_tokens:
             records = manifest.edit_images

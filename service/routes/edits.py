@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import time
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Header, Query, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
-from models.errors import DataError
 from models.store.store import Store
 from service import validation as V
 from service.deps import JobsDep, SettingsDep, StoreDep
-from service.errors import PayloadTooLarge
 from service.schemas import EditPublic
 from workers.client import TERMINAL, JobClient, JobNotFound, JobView
 from workers.payloads import EditPayload, JobImage
@@ -56,56 +52,44 @@ def create_edit(
     options: Annotated[str | None, Form(description="other method options (JSON object)")] = None,
     idempotency_key: Annotated[str | None, Header()] = None,
 ) -> EditPublic:
-    ref = store.resolve(model)
-    entry = store.model(ref.model)
-    edit_images = V.check_images(images, settings, "edit")
-    holdout_images = V.check_images(holdout or [], settings, "holdout")
-    if len(edit_images) + len(holdout_images) > settings.max_images:
-        raise PayloadTooLarge(f"at most {settings.max_images} images per request")
-    targets = V.check_labels(label, len(edit_images), entry)
-    chosen = V.check_method(entry, method)
     given = {k: v for k, v in dict(rho=rho, max_steps=max_steps, seed=seed, lr=lr).items()
              if v is not None}
-    opts = V.check_options(entry, chosen, {**V.parse_options_json(options), **given}, settings)
-    if len(set(targets)) > 1 and holdout_images:
-        raise DataError("holdout images need one target label shared by all edit images")
-    body = _body_sha256(ref.model, ref.version, chosen, opts, targets, edit_images, holdout_images)
-    job_id, new = (jobs.claim_idempotency_key(idempotency_key, body) if idempotency_key
-                   else (None, True))
+    checked = V.check_edit(store, settings, images, holdout or [], label, model, method, given,
+                           options)
+    job_id, new = (jobs.claim_idempotency_key(idempotency_key, checked.sha256())
+                   if idempotency_key else (None, True))
     if not new:
         response.headers["Idempotent-Replayed"] = "true"
         return _located(response, edit_public(_await_job(jobs, job_id), store))
-    upload, _ = store.new_upload()
     try:
-        files = [JobImage(path=store.write_upload(upload, f"edit-{i:03d}", im.data), target=t)
-                 for i, (im, t) in enumerate(zip(edit_images, targets, strict=True))]
-        files += [JobImage(path=store.write_upload(upload, f"holdout-{i:03d}", im.data),
-                           target=targets[0], role="holdout")
-                  for i, im in enumerate(holdout_images)]
-        payload = EditPayload(model=ref.model, parent=ref.version, upload=upload, images=files,
-                              method=chosen, options=opts)
-        view = jobs.submit_edit(payload, job_id=job_id)
+        view = _enqueue(store, jobs, checked, job_id)
     except BaseException:
-        store.remove_upload(upload)
         if idempotency_key:
             jobs.release_idempotency_key(idempotency_key)
         raise
     return _located(response, edit_public(view, store))
 
 
+def _enqueue(store: Store, jobs: JobClient, checked: V.CheckedEdit, job_id: str | None) -> JobView:
+    """Write the images to the upload area, then queue the job (no upload left if that fails)."""
+    upload, _ = store.new_upload()
+    try:
+        files = [JobImage(path=store.write_upload(upload, f"edit-{i:03d}", im.data), target=t)
+                 for i, (im, t) in enumerate(zip(checked.edits, checked.targets, strict=True))]
+        files += [JobImage(path=store.write_upload(upload, f"holdout-{i:03d}", im.data),
+                           target=checked.targets[0], role="holdout")
+                  for i, im in enumerate(checked.holdouts)]
+        payload = EditPayload(model=checked.model, parent=checked.parent, upload=upload,
+                              images=files, method=checked.method, options=checked.options)
+        return jobs.submit_edit(payload, job_id=job_id)
+    except BaseException:
+        store.remove_upload(upload)
+        raise
+
+
 def _located(response: Response, edit: EditPublic) -> EditPublic:
     response.headers["Location"] = f"/v1/edits/{edit.id}"
     return edit
-
-
-def _body_sha256(model: str, parent: str | None, method: str, options: dict, targets: list[int],
-                 edits: list[V.CheckedImage], holdouts: list[V.CheckedImage]) -> str:
-    """What makes two requests 'the same' for Idempotency-Key: everything but file names."""
-    digest = hashlib.sha256(json.dumps([model, parent, method, options, targets],
-                                       sort_keys=True).encode())
-    for im in [*edits, None, *holdouts]:
-        digest.update(hashlib.sha256(im.data).digest() if im else b"|")
-    return digest.hexdigest()
 
 
 def _await_job(jobs: JobClient, job_id: str, timeout_s: float = 5.0) -> JobView:
