@@ -184,37 +184,24 @@ class JobClient:
             raise JobNotFound(f"no job {job_id!r} (unknown id, or its record expired)") from None
 
     def view(self, job_id: str) -> JobView:
-        job = self.fetch(job_id)
-        meta = job.get_meta(refresh=True)
-        state = self._state(job, meta)
+        job = self.fetch(job_id)  # one HGETALL: status, meta, timestamps
+        meta = job.meta
+        status = job.get_status(refresh=False)
+        result = (job.return_value() or {}) if status == JobStatus.FINISHED else {}
+        state = _state(status, meta, result)
         view = JobView(
             id=job.id, kind=meta.get("kind", "edit"), state=state, model=meta.get("model"),
             parent=meta.get("parent"), method=meta.get("method"), phase=meta.get("phase"),
             step=meta.get("step"), max_steps=meta.get("max_steps"), loss=meta.get("loss"),
             cancel_requested=bool(self.redis.exists(cancel_key(job.id))),
             created_at=_iso(job.enqueued_at or job.created_at), started_at=_iso(job.started_at),
-            ended_at=_iso(job.ended_at),
+            ended_at=_iso(job.ended_at), version=result.get("version"),
         )
         if state == JobState.QUEUED:  # None: a worker is taking it right now
-            view.position = job.get_position() or 0
-        elif state == JobState.SUCCEEDED:
-            view.version = (job.return_value() or {}).get("version")
+            view.position = self.edits.get_job_position(job.id) or 0
         elif state == JobState.FAILED:
             view.error = meta.get("error") or _last_line(job)
         return view
-
-    def _state(self, job: Job, meta: dict[str, Any]) -> JobState:
-        status = job.get_status(refresh=False)
-        if status == JobStatus.STARTED:
-            return JobState.RUNNING
-        if status == JobStatus.FINISHED:
-            result = job.return_value() or {}
-            return JobState.CANCELED if result.get("canceled") else JobState.SUCCEEDED
-        if status in (JobStatus.FAILED, JobStatus.STOPPED):
-            return JobState.CANCELED if meta.get("canceled") else JobState.FAILED
-        if status == JobStatus.CANCELED:
-            return JobState.CANCELED
-        return JobState.QUEUED
 
     def wait(self, job_id: str, timeout_s: float, poll_s: float = 0.1) -> JobView:
         """Block until the job ends or ``timeout_s`` passes; returns its latest view."""
@@ -245,6 +232,19 @@ class JobClient:
         """Workers whose heartbeat key is fresh (written by :mod:`workers.main`)."""
         prefix = worker_key("")
         return sorted(k.decode()[len(prefix):] for k in self.redis.scan_iter(f"{prefix}*"))
+
+
+def _state(status: JobStatus, meta: dict[str, Any], result: dict[str, Any]) -> JobState:
+    """RQ's status (+ our meta and result) -> the five states users see."""
+    if status == JobStatus.STARTED:
+        return JobState.RUNNING
+    if status == JobStatus.FINISHED:
+        return JobState.CANCELED if result.get("canceled") else JobState.SUCCEEDED
+    if status in (JobStatus.FAILED, JobStatus.STOPPED):
+        return JobState.CANCELED if meta.get("canceled") else JobState.FAILED
+    if status == JobStatus.CANCELED:
+        return JobState.CANCELED
+    return JobState.QUEUED
 
 
 def new_job_id() -> str:
