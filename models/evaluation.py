@@ -93,15 +93,21 @@ class EvalSet:
         return edit_score(group_preds, g.label, edit_idx, locality_preds, self.base_locality_preds)
 
 
-def patched_predictions(split: SplitForward, patch: Patch,
-                        token_sets: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Predictions of the patched model on each token set; the model is restored bit-exactly."""
+def patched_logits(split: SplitForward, patch: Patch,
+                   token_sets: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Logits of the patched model on each token set; the model is restored bit-exactly."""
     model: nn.Module = split.model
     backup = patch.apply(model)
     try:
-        return [predictions(split, tokens) for tokens in token_sets]
+        return [split.logits(tokens) for tokens in token_sets]
     finally:
         patch.revert(model, backup)
+
+
+def patched_predictions(split: SplitForward, patch: Patch,
+                        token_sets: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Top-1 predictions of the patched model on each token set (model restored bit-exactly)."""
+    return [logits.argmax(dim=-1) for logits in patched_logits(split, patch, token_sets)]
 
 
 # --------------------------------------------------------------------------- aggregation
