@@ -62,13 +62,13 @@ def main() -> None:
     backbone, pool, what = demo_setup()
     cfg = MetaTrainConfig(inner_lr=args.inner_lr)
     print(f"{what}; B={cfg.batch} S={cfg.outer_steps} K={cfg.inner_steps}, "
-          f"{args.iterations} timed iterations, {args.threads} threads")
-    results = {impl: run(impl, backbone, pool, cfg, args.iterations)
-               for impl in ("reference", "batched")}
+          f"{args.iterations} timed iterations, {args.threads} threads", flush=True)
     print(f"{'loop':<10} {'episodes/s':>11} {'outer loss J (last step, mean)':>32} {'KL':>10}")
-    for impl, (speed, losses, kls) in results.items():
+    results = {}
+    for impl in ("reference", "batched"):
+        results[impl] = speed, losses, kls = run(impl, backbone, pool, cfg, args.iterations)
         loss, kl = sum(losses) / len(losses), sum(kls) / len(kls)
-        print(f"{impl:<10} {speed:>11.2f} {loss:>32.6f} {kl:>10.6f}")
+        print(f"{impl:<10} {speed:>11.2f} {loss:>32.6f} {kl:>10.6f}", flush=True)
     ref, fast = results["reference"], results["batched"]
     rel = max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(ref[1], fast[1], strict=True))
     print(f"speed-up {fast[0] / ref[0]:.2f}x; largest relative outer-loss difference {rel:.2e}")
