@@ -47,3 +47,32 @@ def test_versions_activate_and_restore_the_base_exactly(tmp_path: Path) -> None:
     out = tasks.predict(rt, PredictPayload(model="tiny", version=v2, upload=upload, images=paths),
                         job=None)
     assert out["predictions"][0]["label"] == 72 % 10
+
+
+def test_where2edit_uses_the_registered_hypernetwork(tmp_path: Path) -> None:
+    from models.backbones import load_backbone
+    from models.metatrain import build_hypernetwork
+    from models.sites import Sites
+    from models.store.manifest import BackboneManifest
+    from tests.redis_server import make_tiny_backbone
+    from workers.registration import register_model
+
+    manifest = make_tiny_backbone(tmp_path / "backbone")
+    backbone = load_backbone(BackboneManifest.read(manifest))
+    sites = Sites.for_model(backbone.model)
+    build_hypernetwork(backbone.model, sites, seed=0).save(tmp_path / "hyper", backbone, sites)
+    store = tiny_store(tmp_path / "s")
+    entry = register_model(store, "tiny", manifest, hypernetwork=tmp_path / "hyper")
+    assert entry.default_method == "where2edit"
+    rt = Runtime(WorkerSettings(store=store.root, device="cpu"),
+                 Redis.from_url("redis://127.0.0.1:1/0"))
+    upload, _ = store.new_upload()
+    path = store.write_upload(upload, "edit-000", png(81))
+    payload = EditPayload(model="tiny", upload=upload, images=[JobImage(path=path, target=1)],
+                          method="where2edit", options={"lr": 0.01, "max_steps": 5, "rho": 0.25})
+    version = store.version("tiny", tasks.edit(rt, payload, job=None)["version"])
+    report = version.report
+    assert "masking" in report["seconds"]
+    assert report["edit"]["mask_entries"] == round(0.25 * sites.n_entries)
+    assert report["edit"]["edit_neurons"] <= report["edit"]["mask_entries"]
+    assert version.hypernetwork == entry.hypernetwork_id
