@@ -10,17 +10,14 @@ import pytest
 import torch
 
 from models.backbones import Backbone
+from models.batched_episodes import BatchedEpisodes, Factors, episode_deltas, episode_kl
 from models.cutmix import CutMixSampler, TensorPool
 from models.errors import ManifestError
 from models.forward import SplitForward
 from models.hypernetwork import Hypernetwork
 from models.metatrain import (
     CHECKPOINT_DIR,
-    BatchedEpisodes,
-    Factors,
     MetaTrainConfig,
-    episode_deltas,
-    episode_kl,
     mask_iou,
     meta_train,
     search_masks,
