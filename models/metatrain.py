@@ -243,9 +243,9 @@ class MetaTrainer:
             "h_std": scores.std(dim=0).mean().item(),  # spread of scores across episodes
         }
 
-    def train(self, out_dir: Path, checkpoint_every: int = 500, log_every: int = 10,
+    def train(self, checkpoint_dir: Path, checkpoint_every: int = 500, log_every: int = 10,
               show_progress: bool = False) -> list[dict[str, float]]:
-        """Run to ``cfg.iterations``, logging window means and checkpointing to ``out_dir``."""
+        """Run to ``cfg.iterations``, logging window means, checkpointing to ``checkpoint_dir``."""
         window: list[dict[str, float]] = []
         start, first = time.perf_counter(), self.iteration
         with _progress(show_progress) as bar:
@@ -259,7 +259,7 @@ class MetaTrainer:
                     self._log(window, (self.iteration - first) / (time.perf_counter() - start))
                     window = []
                 if checkpoint_every and self.iteration % checkpoint_every == 0:
-                    save_checkpoint(self, Path(out_dir) / CHECKPOINT_DIR)
+                    save_checkpoint(self, Path(checkpoint_dir))
         return self.history
 
     def _log(self, window: list[dict[str, float]], iterations_per_s: float) -> None:
@@ -343,15 +343,20 @@ def build_hypernetwork(model: nn.Module, sites: Sites, seed: int = 0, width: int
 def meta_train(backbone: Backbone, sites: Sites, pool: ImagePool, cfg: MetaTrainConfig,
                out_dir: Path, hypernet: Hypernetwork | None = None, resume: bool = False,
                checkpoint_every: int = 500, log_every: int = 10, show_progress: bool = False,
-               extra: dict[str, Any] | None = None) -> tuple[Hypernetwork, list[dict[str, float]]]:
-    """Meta-train (or resume) a hypernetwork, then save it to ``out_dir`` with its manifest."""
+               extra: dict[str, Any] | None = None, checkpoint_dir: Path | None = None,
+               ) -> tuple[Hypernetwork, list[dict[str, float]]]:
+    """Meta-train (or resume) a hypernetwork, then save it to ``out_dir`` with its manifest.
+
+    Checkpoints go to ``checkpoint_dir`` (default ``out_dir / "checkpoint"``).
+    """
     out_dir = Path(out_dir)
+    checkpoint_dir = Path(checkpoint_dir or out_dir / CHECKPOINT_DIR)
     hypernet = hypernet or build_hypernetwork(backbone.model, sites, cfg.seed)
     trainer = MetaTrainer(backbone, sites, pool, hypernet, cfg)
-    if resume and (out_dir / CHECKPOINT_DIR / "state.json").is_file():
-        load_checkpoint(trainer, out_dir / CHECKPOINT_DIR)
+    if resume and (checkpoint_dir / "state.json").is_file():
+        load_checkpoint(trainer, checkpoint_dir)
     start = time.perf_counter()
-    history = trainer.train(out_dir, checkpoint_every, log_every, show_progress)
+    history = trainer.train(checkpoint_dir, checkpoint_every, log_every, show_progress)
     seconds = time.perf_counter() - start
     summary = {
         "config": dataclasses.asdict(cfg), "iterations": trainer.iteration,

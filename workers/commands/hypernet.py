@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 DEMO_WIDTH = 128  # demo backbone width is 128: no input projection, 4 heads, ~0.7 M parameters
+DEMO_CHECKPOINTS = Path.home() / ".cache" / "vitedit" / "demo-hypernet-checkpoint"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,8 +37,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--blocks", type=int, nargs="+", default=None,
                        help="edited blocks (default: three ending at 75%% depth)")
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    train.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     train.add_argument("--checkpoint-every", type=int, default=250)
+    train.add_argument("--checkpoint-dir", type=Path, default=None,
+                       help=f"default: OUT/checkpoint ({DEMO_CHECKPOINTS} for --world demo, "
+                            "to keep checkpoints out of the shipped assets)")
     train.add_argument("--log-every", type=int, default=25)
     train.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     train.add_argument("--device", default="cpu")
@@ -53,6 +57,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     backbone, pool, out, width = _source(args)
+    checkpoints = args.checkpoint_dir or (DEMO_CHECKPOINTS if args.world == "demo" else None)
     sites = Sites.for_model(backbone.model, tuple(args.blocks) if args.blocks else None)
     cfg = MetaTrainConfig(iterations=args.iterations, batch=args.batch, inner_lr=args.inner_lr,
                           inner_steps=args.inner_steps, outer_steps=args.outer_steps,
@@ -61,7 +66,8 @@ def _train(args: argparse.Namespace) -> int:
     hypernet = build_hypernetwork(backbone.model, sites, cfg.seed, width=args.width or width)
     _, history = meta_train(backbone, sites, pool, cfg, out, hypernet=hypernet, resume=args.resume,
                             checkpoint_every=args.checkpoint_every, log_every=args.log_every,
-                            show_progress=True, extra={"source": _describe(args)})
+                            show_progress=True, extra={"source": _describe(args)},
+                            checkpoint_dir=checkpoints)
     print(json.dumps({"out": str(out), "final": history[-1] if history else {}}, indent=2))
     return 0
 
