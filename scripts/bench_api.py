@@ -4,8 +4,10 @@
     .venv/bin/python scripts/bench_api.py --image fail.png --label Sneaker
 
 1. submit: POST /v1/edits (one small image, max_steps 1) at --rate requests/s for --seconds, open
-   loop (each request starts on schedule, whatever the previous ones do); every job submitted is
-   canceled right after (untimed, but it is load too), so the worker does not run them.
+   loop (each request starts on schedule, whatever the previous ones do). With --redis-url (the
+   server's Redis, printed by `vitedit serve`) the workers are suspended meanwhile (rq suspend,
+   with a TTL) so that they do not run the bench's jobs; the jobs are canceled afterwards (untimed).
+   Without it, each job is canceled as soon as its submit returns.
 2. poll: GET /v1/edits/{id} at the same rate on the jobs of phase 1.
 3. one edit: submit --image with --label, long-poll until it ends; prints submit -> succeeded.
 
@@ -20,6 +22,8 @@ import io
 import statistics
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -89,18 +93,42 @@ async def bench_latency(args: argparse.Namespace) -> tuple[Phase, Phase]:
             r = await client.post("/v1/edits", files={"images": ("x.png", image, "image/png")},
                                   data={"label": "0", "model": args.model, "max_steps": "1"})
             if r.status_code == 202:
-                ids.append(r.json()["id"])  # canceled at once (untimed): the worker stays idle
-                cancels.append(asyncio.create_task(client.post(f"/v1/edits/{ids[-1]}/cancel")))
+                ids.append(r.json()["id"])
+                if not args.redis_url:  # no suspended workers: cancel at once (untimed)
+                    cancels.append(asyncio.create_task(client.post(f"/v1/edits/{ids[-1]}/cancel")))
             return r.status_code
 
         submits = await open_loop("submit POST /v1/edits", args.rate, total, submit)
-        await asyncio.gather(*cancels)
 
         async def poll(i: int) -> int:
             return (await client.get(f"/v1/edits/{ids[i % len(ids)]}")).status_code
 
+        if not ids:
+            raise SystemExit(f"no submit succeeded ({submits.errors}); is {args.model} served?")
         polls = await open_loop("poll GET /v1/edits/{id}", args.rate, total, poll)
+        if args.redis_url:
+            cancels = [asyncio.create_task(client.post(f"/v1/edits/{j}/cancel")) for j in ids]
+        await asyncio.gather(*cancels, return_exceptions=True)
     return submits, polls
+
+
+@contextmanager
+def suspended_workers(redis_url: str | None, ttl_s: int) -> Iterator[None]:
+    """rq suspend (auto-expires after ttl_s) while the block runs; nothing without a URL."""
+    if not redis_url:
+        yield
+        return
+    if urlparse(redis_url).hostname not in LOOPBACK:
+        raise SystemExit("--redis-url must be on loopback")
+    from redis import Redis
+    from rq.suspension import resume, suspend
+
+    redis = Redis.from_url(redis_url)
+    suspend(redis, ttl_s)
+    try:
+        yield
+    finally:
+        resume(redis)
 
 
 def one_edit(args: argparse.Namespace) -> tuple[float, dict]:
@@ -139,12 +167,14 @@ def main() -> int:
                    help="of the timed edit (default: the method's)")
     p.add_argument("--edit-timeout", type=float, default=600.0)
     p.add_argument("--skip-edit", action="store_true")
+    p.add_argument("--redis-url", help="the server's Redis: suspend workers during phases 1-2")
     args = p.parse_args()
     if urlparse(args.server).hostname not in LOOPBACK:
         raise SystemExit("bench_api.py only targets a server on loopback (127.0.0.1)")
     if not (0 < args.rate <= 200 and 0 < args.seconds <= 60):
         raise SystemExit("--rate must be in (0, 200] and --seconds in (0, 60]")
-    submits, polls = asyncio.run(bench_latency(args))
+    with suspended_workers(args.redis_url, ttl_s=int(4 * args.seconds) + 120):
+        submits, polls = asyncio.run(bench_latency(args))
     print(f"open-loop load: {args.rate:g} requests/s for {args.seconds:g} s per phase, "
           f"server {args.server}")
     print_table([submits.row(), polls.row()])
