@@ -2,7 +2,7 @@
 
 Trained with the shared optimiser loop (RMSprop, lr, max steps, stop rule) on A and B only; the
 site weights themselves are never written: the merged weights are swapped in for each forward pass
-with ``torch.func.functional_call``. The edit is the merged weights, so its patch is dense over the
+(``optimize.site_logits``). The edit is the merged weights, so its patch is dense over the
 sites (every neuron a non-zero row of B @ A touches).
 """
 
@@ -13,13 +13,10 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from torch import nn
-from torch.func import functional_call
 
-from models.editing.optimize import only_trainable, optimise
+from models.editing.optimize import frozen, optimise, site_logits
 from models.editing.registry import EditConfig, EditOutcome, EditTask, StepCallback, register
 from models.errors import EditConfigError
-from models.forward import SplitForward
 from models.sites import Patch
 
 RANK_VALUES = (1, 2, 4, 8)
@@ -38,18 +35,6 @@ class LoRAConfig(EditConfig):
             raise EditConfigError(f"rank must be in [1, 1024], got {self.rank}")
 
 
-class _Suffix(nn.Module):
-    """Wraps ``split.suffix`` as a module's forward, so functional_call can swap site weights in."""
-
-    def __init__(self, split: SplitForward) -> None:
-        super().__init__()
-        self.model = split.model
-        self._split = split
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self._split.suffix(tokens)
-
-
 def init_factors(weight: torch.Tensor, rank: int,
                  gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """A (rank, in) with PEFT's kaiming-uniform init, B (out, rank) zero: the update starts at 0."""
@@ -64,21 +49,17 @@ def init_factors(weight: torch.Tensor, rank: int,
 @register("lora", LoRAConfig, description="low-rank update of every site matrix (dense patch)")
 def lora(task: EditTask, config: LoRAConfig, on_step: StepCallback | None = None) -> EditOutcome:
     gen = torch.Generator().manual_seed(config.seed)
-    names = [f"model.{m.param}" for m in task.sites.matrices]
     initial = [p.detach() for p in task.sites.params(task.model)]
-    factors = [init_factors(w, config.rank, gen) for w in initial]
+    factors = [init_factors(w, config.rank, gen) for w in initial]  # [(A, B)] per matrix
 
     def merged() -> list[torch.Tensor]:
         return [w + b @ a for w, (a, b) in zip(initial, factors, strict=True)]
 
-    suffix = _Suffix(task.split)
-
-    def logits() -> torch.Tensor:
-        return functional_call(suffix, dict(zip(names, merged(), strict=True)), (task.tokens,))
-
+    logits_of = site_logits(task)
     trainable = [t for pair in factors for t in pair]
-    with only_trainable(task.model, []):  # no gradient may reach the shared model
-        steps, loss = optimise(config, trainable, logits, task.targets, on_step=on_step)
+    with frozen(task.model):
+        steps, loss = optimise(config, trainable, lambda: (logits_of(merged()), None),
+                               task.targets, on_step)
     with torch.no_grad():
         final = merged()
     n_params = sum(t.numel() for t in trainable)

@@ -3,8 +3,13 @@
 RMSprop (torch defaults but the learning rate) on cross-entropy to the edit targets, through the
 cached suffix of the split forward pass, with the early stop rule: stop as soon as every edit image
 is predicted as its target and the cross-entropy is <= ``config.stop_loss``, else after
-``config.max_steps`` steps. Masked editors multiply each gradient by its neuron mask, so with
-RMSprop (no weight decay, no momentum) an unselected row or column stays bit-identical.
+``config.max_steps`` steps.
+
+The shared model's weights are never written. The trainable tensors are the selected neurons only
+(fc1 rows, fc2 columns): each step assembles ``W = W0`` with those rows/columns replaced and swaps
+it in for the forward pass (``torch.func.functional_call``). That is exactly masked fine-tuning
+(the gradient of a selected row is the masked gradient, the same RMSprop update), unselected
+rows/columns are bit-identical by construction, and the optimiser state covers only what may change.
 """
 
 from __future__ import annotations
@@ -15,12 +20,17 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from models.editing.registry import EditConfig, EditOutcome, EditTask, StepCallback
-from models.sites import Patch
+from models.forward import SplitForward
+from models.sites import Matrix, Patch
 
 Regularizer = Callable[[list[torch.Tensor], list[torch.Tensor]], torch.Tensor]
 """regularizer(current site weights, initial site weights) -> scalar added to the loss."""
+
+Objective = Callable[[], tuple[torch.Tensor, torch.Tensor | None]]
+"""objective() -> (logits (N, classes) of the current weights, extra loss term or None)."""
 
 
 def edit_done(logits: torch.Tensor, targets: torch.Tensor, ce: torch.Tensor,
@@ -29,57 +39,67 @@ def edit_done(logits: torch.Tensor, targets: torch.Tensor, ce: torch.Tensor,
     return bool((logits.argmax(dim=-1) == targets).all()) and ce.item() <= stop_loss
 
 
-def optimise(
-    config: EditConfig,
-    trainable: list[torch.Tensor],
-    logits_fn: Callable[[], torch.Tensor],
-    targets: torch.Tensor,
-    penalty: Callable[[], torch.Tensor] | None = None,
-    grad_masks: list[torch.Tensor] | None = None,
-    on_step: StepCallback | None = None,
-) -> tuple[int, float]:
+def optimise(config: EditConfig, trainable: list[torch.Tensor], objective: Objective,
+             targets: torch.Tensor, on_step: StepCallback | None = None) -> tuple[int, float]:
     """RMSprop on ``trainable`` until the stop rule holds; returns (steps taken, final CE).
 
-    ``grad_masks`` (one per trainable tensor, broadcastable) multiply the gradients before each
-    step. The loop evaluates the loss once more after the last step, so the returned CE is the one
+    The loop evaluates the objective once more after the last step, so the returned CE is the one
     of the final weights.
     """
     opt = torch.optim.RMSprop(trainable, lr=config.lr)
     step = 0
     while True:
-        logits = logits_fn()  # (N, num_classes)
+        logits, extra = objective()
         ce = F.cross_entropy(logits, targets)
         if step == config.max_steps or edit_done(logits, targets, ce, config.stop_loss):
             return step, ce.item()
-        loss = ce if penalty is None else ce + penalty()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_masks is not None:
-            for p, m in zip(trainable, grad_masks, strict=True):
-                p.grad.mul_(m)  # zero gradient -> zero RMSprop update: unselected stay exact
+        (ce if extra is None else ce + extra).backward()
         opt.step()
         step += 1
         if on_step is not None:
             on_step(step, config.max_steps, ce.item())  # may raise EditCanceled
 
 
+class _Suffix(nn.Module):
+    """``split.suffix`` as a module's forward, so functional_call can swap site weights in."""
+
+    def __init__(self, split: SplitForward) -> None:
+        super().__init__()
+        self.model = split.model
+        self._split = split
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self._split.suffix(tokens)
+
+
+def site_logits(task: EditTask) -> Callable[[list[torch.Tensor]], torch.Tensor]:
+    """weights -> logits of the edit images with those site matrices (Sites order) swapped in."""
+    suffix = _Suffix(task.split)
+    names = [f"model.{m.param}" for m in task.sites.matrices]
+    return lambda weights: functional_call(suffix, dict(zip(names, weights, strict=True)),
+                                           (task.tokens,), tie_weights=False)  # none are tied
+
+
 @contextmanager
-def only_trainable(model: nn.Module, params: list[nn.Parameter]) -> Iterator[None]:
-    """Freeze every parameter but ``params``; restore the flags, grads and site weights on exit."""
-    flags = {p: p.requires_grad for p in model.parameters()}
-    saved = [p.detach().clone() for p in params]
+def frozen(model: nn.Module) -> Iterator[None]:
+    """No gradient may reach the shared model's parameters; their flags are restored on exit."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
     model.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
     try:
         yield
     finally:
-        with torch.no_grad():
-            for p, w in zip(params, saved, strict=True):
-                p.copy_(w)
-                p.grad = None
-        for p, flag in flags.items():
+        for p, flag in flags:
             p.requires_grad_(flag)
+
+
+def _neurons(weight: torch.Tensor, matrix: Matrix,
+             mask: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(indices or None for all, trainable copy of those rows/columns) of one site matrix."""
+    if mask is None:
+        return None, weight.detach().clone().requires_grad_()
+    idx = mask.to(weight.device).nonzero().flatten()
+    return idx, weight.detach().index_select(matrix.dim, idx).requires_grad_()
 
 
 def masked_finetune(
@@ -92,19 +112,27 @@ def masked_finetune(
     """Fine-tune the site matrices on the edit images; only masked neurons may change.
 
     ``masks``: one bool/0-1 tensor (hidden,) per matrix in ``task.sites.matrices`` order, or None
-    for all neurons. The shared model is left as it was found; the edit comes back as a patch.
+    for all neurons. The shared model is never written; the edit comes back as a patch.
     """
-    params = task.sites.params(task.model)
-    initial = [p.detach().clone() for p in params]
-    grad_masks = None
-    if masks is not None:
-        grad_masks = [task.sites.broadcast(m.to(p.device, p.dtype), mat)
-                      for m, p, mat in zip(masks, params, task.sites.matrices, strict=True)]
-    penalty = None if regularizer is None else (lambda: regularizer(params, initial))
-    with only_trainable(task.model, params):
-        steps, loss = optimise(config, params, lambda: task.split.suffix(task.tokens), task.targets,
-                               penalty, grad_masks, on_step)
-        final = [p.detach().clone() for p in params]
-    n_mask = task.sites.n_entries if masks is None else int(sum(int(m.sum()) for m in masks))
+    mats = task.sites.matrices
+    initial = [p.detach() for p in task.sites.params(task.model)]
+    chosen = [_neurons(w, m, None if masks is None else k)
+              for w, m, k in zip(initial, mats, masks or [None] * len(mats), strict=True)]
+
+    def weights() -> list[torch.Tensor]:
+        return [t if idx is None else w.index_copy(m.dim, idx, t)
+                for w, m, (idx, t) in zip(initial, mats, chosen, strict=True)]
+
+    logits_of = site_logits(task)
+
+    def objective() -> tuple[torch.Tensor, torch.Tensor | None]:
+        current = weights()
+        return logits_of(current), None if regularizer is None else regularizer(current, initial)
+
+    with frozen(task.model):
+        steps, loss = optimise(config, [t for _, t in chosen], objective, task.targets, on_step)
+    with torch.no_grad():
+        final = weights()
+    n_mask = task.sites.n_entries if masks is None else sum(int(m.sum()) for m in masks)
     return EditOutcome(Patch.from_diff(task.sites, initial, final), steps, loss,
                        mask_entries=n_mask, extra={"stopped_early": steps < config.max_steps})
