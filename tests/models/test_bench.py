@@ -118,3 +118,12 @@ def test_parse_knobs_accepts_repeated_and_semicolon_lists() -> None:
     assert knobs == {"random": (0.1, 0.05), "lora": (1.0,), "ft-l2": (0.01,)}
     with pytest.raises(SystemExit):
         bench_command.parse_knobs(["random"])
+
+
+def test_default_methods_skip_where2edit_without_a_hypernetwork() -> None:
+    args = bench_args(["--world", "demo"])
+    methods = bench_command._methods(args, hypernet=None)
+    assert "where2edit" not in methods
+    assert {"ft", "ft-l1", "ft-l2", "random", "lora"} <= set(methods)
+    with pytest.raises(SystemExit, match="needs a hypernetwork"):
+        bench_command._methods(bench_args(["--methods", "where2edit"]), hypernet=None)
