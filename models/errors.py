@@ -13,7 +13,7 @@ class UnknownBackboneError(VitEditError):
 
 
 class WeightsMismatchError(VitEditError):
-    """A weights file does not fit the model it is loaded into (missing, extra or mis-shaped keys)."""
+    """A weights file does not fit the model it is loaded into (missing, extra, mis-shaped keys)."""
 
 
 class ManifestError(VitEditError):
