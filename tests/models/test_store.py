@@ -12,7 +12,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from models.errors import IntegrityError, StoreError, UnknownModelError, UnknownVersionError
-from models.store.manifest import ImageRecord, MethodInfo, ModelEntry, VersionManifest
+from models.store.manifest import ImageRecord, MethodInfo, ModelEntry, VersionManifest, utc_now
 from models.store.store import PATCH_FILE, Store, VersionDraft
 
 
@@ -34,7 +34,7 @@ def draft_manifest(draft: VersionDraft, parent: str | None = None) -> VersionMan
         version=draft.version, model=draft.model, parent=parent, backbone={"name": "b"},
         method="ft", config={"lr": 0.1}, hypernetwork=None, sites={"mlps": ["blocks.1.mlp"]},
         patch=[], files={}, images=[ImageRecord("images/edit-000.png", 1)],
-        report={"metrics": {"SR": 1.0}}, created_at="2026-11-22T00:00:00Z", code_version="t",
+        report={"metrics": {"SR": 1.0}}, created_at=utc_now(), code_version="t",
     )
 
 
