@@ -180,13 +180,20 @@ def search_masks_reference(model: nn.Module, sites: Sites, episodes: Episodes, s
 
 def mask_iou(scores: torch.Tensor, rho: float = 0.1) -> float:
     """Mean pairwise IoU of the rows' top-rho masks: 1.0 = every episode got the same mask."""
-    if len(scores) < 2:
-        return float("nan")
     k = max(1, round(rho * scores.shape[1]))
-    top = torch.zeros_like(scores).scatter_(1, scores.topk(k, dim=1).indices, 1.0)
-    inter = top @ top.T
-    iou = inter / (2 * k - inter)
-    return iou[~torch.eye(len(scores), dtype=torch.bool, device=scores.device)].mean().item()
+    return jaccard(torch.zeros_like(scores).scatter_(1, scores.topk(k, dim=1).indices, 1.0))
+
+
+def jaccard(masks: torch.Tensor) -> float:
+    """Mean pairwise IoU of the rows of a (B, n) 0/1 mask (nan for B < 2; 0 for empty pairs)."""
+    if len(masks) < 2:
+        return float("nan")
+    masks = masks.float()
+    inter = masks @ masks.T
+    sizes = masks.sum(dim=1)
+    union = (sizes[:, None] + sizes[None, :] - inter).clamp_min(1.0)
+    off_diagonal = ~torch.eye(len(masks), dtype=torch.bool, device=masks.device)
+    return (inter / union)[off_diagonal].mean().item()
 
 
 def regress(hypernet: Hypernetwork, opt: torch.optim.Optimizer, features: torch.Tensor,
@@ -239,7 +246,8 @@ class MetaTrainer:
             "kl_first": search.kl[0], "kl_last": search.kl[-1], "bce": bce,
             "s_density": (search.s > 0).float().mean().item(),  # share of entries with m > 0.5
             "h_density": (scores > 0.5).float().mean().item(),
-            "s_iou": mask_iou(search.s), "h_iou": mask_iou(scores),  # 1.0 = input-independent
+            "s_iou": jaccard(search.s > 0),  # overlap of episodes' selected sets (m > 0.5)
+            "h_iou": mask_iou(scores),  # top-10% overlap of the hypernetwork's masks; 1 = collapsed
             "h_std": scores.std(dim=0).mean().item(),  # spread of scores across episodes
         }
 

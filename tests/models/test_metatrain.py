@@ -18,6 +18,7 @@ from models.hypernetwork import Hypernetwork
 from models.metatrain import (
     CHECKPOINT_DIR,
     MetaTrainConfig,
+    jaccard,
     mask_iou,
     meta_train,
     search_masks,
@@ -153,6 +154,7 @@ def test_mask_iou_is_one_for_identical_masks_and_zero_for_disjoint_ones():
     assert mask_iou(same, rho=0.25) == 1.0
     disjoint = torch.eye(4)
     assert mask_iou(disjoint, rho=0.25) == 0.0
+    assert jaccard(torch.tensor([[1, 1, 0, 0], [0, 1, 1, 0]])) == pytest.approx(1 / 3)
 
 
 def test_config_rejects_non_positive_steps():

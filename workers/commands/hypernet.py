@@ -31,6 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--inner-steps", type=int, default=5, help="K")
     train.add_argument("--outer-steps", type=int, default=10, help="S")
     train.add_argument("--sparsity", type=float, default=1.0, help="lambda")
+    train.add_argument("--regression-lr", type=float, default=1e-4, help="hypernetwork RMSprop lr")
     train.add_argument("--schedule-iterations", type=int, default=None,
                        help="cosine length of the regression lr (default: 2 x iterations)")
     train.add_argument("--width", type=int, default=None, help="hypernetwork width")
@@ -61,7 +62,8 @@ def _train(args: argparse.Namespace) -> int:
     sites = Sites.for_model(backbone.model, tuple(args.blocks) if args.blocks else None)
     cfg = MetaTrainConfig(iterations=args.iterations, batch=args.batch, inner_lr=args.inner_lr,
                           inner_steps=args.inner_steps, outer_steps=args.outer_steps,
-                          sparsity=args.sparsity, schedule_iterations=args.schedule_iterations,
+                          sparsity=args.sparsity, regression_lr=args.regression_lr,
+                          schedule_iterations=args.schedule_iterations,
                           seed=args.seed)
     hypernet = build_hypernetwork(backbone.model, sites, cfg.seed, width=args.width or width)
     _, history = meta_train(backbone, sites, pool, cfg, out, hypernet=hypernet, resume=args.resume,
