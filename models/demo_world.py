@@ -280,6 +280,7 @@ def derive_world(backbone: Backbone, cfg: DeriveConfig = DeriveConfig(), out: Pa
         "heldout": len(heldout_idx), "pool": len(pool_idx),
     }
     write_json_atomic(out.with_name("world.json"), summary)
+    out.with_name("LICENSE-fashion-mnist.txt").write_text(LICENCE + "\n")
     return summary
 
 
