@@ -47,15 +47,26 @@ LICENCE = (
 )
 
 
-def demo_manifest(weights: str | None = "backbone.safetensors", sha: str | None = None) -> BackboneManifest:
+def demo_manifest(
+    weights: str | None = "backbone.safetensors", sha: str | None = None
+) -> BackboneManifest:
     """The demo backbone: a timm VisionTransformer, 28 px grey input, patch 7 (17 tokens), depth 8."""
     return BackboneManifest(
         name="demo-vit",
         timm_name="vit_small_patch16_224",
-        overrides=dict(img_size=28, patch_size=7, in_chans=1, embed_dim=128, depth=8,
-                       num_heads=4, mlp_ratio=4.0, num_classes=10),
-        pretrained_cfg_overlay=dict(input_size=(1, 28, 28), mean=(MEAN,), std=(STD,),
-                                    crop_pct=1.0, interpolation="bilinear"),
+        overrides=dict(
+            img_size=28,
+            patch_size=7,
+            in_chans=1,
+            embed_dim=128,
+            depth=8,
+            num_heads=4,
+            mlp_ratio=4.0,
+            num_classes=10,
+        ),
+        pretrained_cfg_overlay=dict(
+            input_size=(1, 28, 28), mean=(MEAN,), std=(STD,), crop_pct=1.0, interpolation="bilinear"
+        ),
         weights=weights,
         weights_sha256=sha,
         class_names=FASHION_MNIST_CLASSES,
@@ -101,8 +112,9 @@ def predict_logits(model: torch.nn.Module, x: torch.Tensor, batch: int = 1000) -
     return torch.cat([model(x[i : i + batch]) for i in range(0, len(x), batch)])
 
 
-def train_backbone(cfg: TrainConfig, out_dir: Path = ASSETS,
-                   progress: Callable[[str], None] = log.info) -> dict[str, float]:
+def train_backbone(
+    cfg: TrainConfig, out_dir: Path = ASSETS, progress: Callable[[str], None] = log.info
+) -> dict[str, float]:
     """Train the demo backbone from scratch on the Fashion-MNIST train split; write weights + manifest."""
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -128,20 +140,26 @@ def train_backbone(cfg: TrainConfig, out_dir: Path = ASSETS,
             idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
-            loss = F.cross_entropy(model(_augment(xt[idx], gen)), yt[idx],
-                                   label_smoothing=cfg.label_smoothing)
+            loss = F.cross_entropy(
+                model(_augment(xt[idx], gen)), yt[idx], label_smoothing=cfg.label_smoothing
+            )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             step += 1
         acc = (predict_logits(model, xv).argmax(1) == yv).float().mean().item()
-        progress(f"epoch {epoch + 1}/{cfg.epochs}: loss {loss.item():.3f}, test acc {acc:.4f}, "
-                 f"{time.perf_counter() - start:.0f} s")
+        progress(
+            f"epoch {epoch + 1}/{cfg.epochs}: loss {loss.item():.3f}, test acc {acc:.4f}, "
+            f"{time.perf_counter() - start:.0f} s"
+        )
     seconds = time.perf_counter() - start
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / "backbone.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights),
-              metadata={"trained_on": "fashion-mnist train", "seed": str(cfg.seed)})
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        str(weights),
+        metadata={"trained_on": "fashion-mnist train", "seed": str(cfg.seed)},
+    )
     manifest = demo_manifest(sha=sha256_file(weights))
     extra = {"train_config": cfg.__dict__, "train_seconds": round(seconds, 1), "test_accuracy": acc}
     BackboneManifest(**{**manifest.__dict__, "extra": extra}).write(out_dir / "backbone.json")
@@ -211,15 +229,23 @@ def _probs(backbone: Backbone, x: np.ndarray) -> torch.Tensor:
     return predict_logits(backbone.model, normalise(x).to(backbone.device)).softmax(-1).cpu()
 
 
-def _groups_from_failures(y: np.ndarray, pred: np.ndarray, tag_of: Callable[[int], str],
-                          keep: int, cfg: DeriveConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def _groups_from_failures(
+    y: np.ndarray,
+    pred: np.ndarray,
+    tag_of: Callable[[int], str],
+    keep: int,
+    cfg: DeriveConfig,
+    rng: np.random.Generator,
+) -> dict[str, np.ndarray]:
     """Indices of failures grouped by (true label, tag); the ``keep`` largest with >= min_group."""
     wrong = np.flatnonzero(pred != y)
     buckets: dict[str, list[int]] = {}
     for i in wrong:
         buckets.setdefault(f"{y[i]}-{tag_of(int(i))}", []).append(int(i))
-    big = sorted((k for k, v in buckets.items() if len(v) >= cfg.min_group),
-                 key=lambda k: (-len(buckets[k]), k))[:keep]
+    big = sorted(
+        (k for k, v in buckets.items() if len(v) >= cfg.min_group),
+        key=lambda k: (-len(buckets[k]), k),
+    )[:keep]
     out = {}
     for name in big:
         idx = np.array(buckets[name])
@@ -229,21 +255,27 @@ def _groups_from_failures(y: np.ndarray, pred: np.ndarray, tag_of: Callable[[int
     return out
 
 
-def derive_world(backbone: Backbone, cfg: DeriveConfig = DeriveConfig(), out: Path = WORLD_FILE) -> dict:
+def derive_world(
+    backbone: Backbone, cfg: DeriveConfig = DeriveConfig(), out: Path = WORLD_FILE
+) -> dict:
     """Derive groups, locality, held-out and pool from the trained backbone; write world.npz + json."""
     rng = np.random.default_rng(cfg.seed)
     x_test, y_test = read_fashion_mnist("t10k")
     x_train, _ = read_fashion_mnist("train")
     probs = _probs(backbone, x_test)
     pred = probs.argmax(-1).numpy()
-    natural = _groups_from_failures(y_test, pred, lambda i: str(pred[i]), cfg.natural_groups, cfg, rng)
+    natural = _groups_from_failures(
+        y_test, pred, lambda i: str(pred[i]), cfg.natural_groups, cfg, rng
+    )
     groups = {name: x_test[idx] for name, idx in natural.items()}
     shift_acc = {}
     for k, shift in enumerate(SHIFTS):
         xs = apply_shift(shift, x_test, seed=cfg.seed + k)
         ps = _probs(backbone, xs).argmax(-1).numpy()
         shift_acc[shift] = float((ps == y_test).mean())
-        shifted = _groups_from_failures(y_test, ps, lambda i, s=shift: s, cfg.shift_groups_per_shift, cfg, rng)
+        shifted = _groups_from_failures(
+            y_test, ps, lambda i, s=shift: s, cfg.shift_groups_per_shift, cfg, rng
+        )
         groups |= {name: xs[idx] for name, idx in shifted.items()}
     # sensitive locality set: correct clean images with the smallest top-1 minus top-2 gap
     top2 = probs.topk(2, dim=-1).values
@@ -271,13 +303,23 @@ def derive_world(backbone: Backbone, cfg: DeriveConfig = DeriveConfig(), out: Pa
     np.savez_compressed(tmp, **arrays)
     tmp.replace(out)
     summary = {
-        "seed": cfg.seed, "config": cfg.__dict__, "file": out.name, "sha256": sha256_file(out),
-        "backbone_sha256": backbone.weights_sha256, "licence": LICENCE,
-        "test_accuracy": float((pred == y_test).mean()), "shift_accuracy": shift_acc,
+        "seed": cfg.seed,
+        "config": cfg.__dict__,
+        "file": out.name,
+        "sha256": sha256_file(out),
+        "backbone_sha256": backbone.weights_sha256,
+        "licence": LICENCE,
+        "test_accuracy": float((pred == y_test).mean()),
+        "shift_accuracy": shift_acc,
         "groups": {n: len(groups[n]) for n in names},
-        "locality": {"size": len(locality_idx), "below_gap": n_sensitive, "gap": cfg.locality_gap,
-                     "max_gap_used": float(gap[locality_idx].max())},
-        "heldout": len(heldout_idx), "pool": len(pool_idx),
+        "locality": {
+            "size": len(locality_idx),
+            "below_gap": n_sensitive,
+            "gap": cfg.locality_gap,
+            "max_gap_used": float(gap[locality_idx].max()),
+        },
+        "heldout": len(heldout_idx),
+        "pool": len(pool_idx),
     }
     write_json_atomic(out.with_name("world.json"), summary)
     out.with_name("LICENSE-fashion-mnist.txt").write_text(LICENCE + "\n")
@@ -292,15 +334,25 @@ def load_world(path: Path = WORLD_FILE) -> DemoWorld:
     if manifest_sha != actual:
         from models.errors import IntegrityError
 
-        raise IntegrityError(f"{path} has sha256 {actual[:16]}..., world.json says {str(manifest_sha)[:16]}...")
+        raise IntegrityError(
+            f"{path} has sha256 {actual[:16]}..., world.json says {str(manifest_sha)[:16]}..."
+        )
     with np.load(path) as data:
         arrays = {k: data[k] for k in data.files}
     bounds = np.cumsum([0, *arrays["group_sizes"]])
-    group_arrays = {str(n): arrays["group_images"][a:b]
-                    for n, a, b in zip(arrays["group_names"], bounds[:-1], bounds[1:], strict=True)}
+    group_arrays = {
+        str(n): arrays["group_images"][a:b]
+        for n, a, b in zip(arrays["group_names"], bounds[:-1], bounds[1:], strict=True)
+    }
     groups = [EditGroup(n, int(n.split("-")[0]), to_pil(g)) for n, g in group_arrays.items()]
-    return DemoWorld(EditBenchmark(groups, to_pil(arrays["locality"])), arrays["heldout_images"],
-                     arrays["heldout_labels"], arrays["pool"], group_arrays, arrays["locality"])
+    return DemoWorld(
+        EditBenchmark(groups, to_pil(arrays["locality"])),
+        arrays["heldout_images"],
+        arrays["heldout_labels"],
+        arrays["pool"],
+        group_arrays,
+        arrays["locality"],
+    )
 
 
 def export_world(world: DemoWorld, out_dir: Path) -> None:

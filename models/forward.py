@@ -17,7 +17,15 @@ from torch import nn
 from models.sites import Sites
 
 _VIT_BLOCK = re.compile(r"^blocks\.(\d+)\.mlp$")
-_VIT_PARTS = ("patch_embed", "_pos_embed", "patch_drop", "norm_pre", "blocks", "norm", "forward_head")
+_VIT_PARTS = (
+    "patch_embed",
+    "_pos_embed",
+    "patch_drop",
+    "norm_pre",
+    "blocks",
+    "norm",
+    "forward_head",
+)
 
 
 class SplitForward:
@@ -26,7 +34,9 @@ class SplitForward:
     def __init__(self, model: nn.Module, sites: Sites) -> None:
         self.model = model
         match = _VIT_BLOCK.match(sites.mlps[0])
-        vit_like = all(hasattr(model, p) for p in _VIT_PARTS) and isinstance(model.blocks, nn.Sequential)
+        vit_like = all(hasattr(model, p) for p in _VIT_PARTS) and isinstance(
+            model.blocks, nn.Sequential
+        )
         self.first_block = int(match.group(1)) if (match and vit_like) else None
 
     @property
@@ -38,7 +48,9 @@ class SplitForward:
         """(N, C, H, W) images -> cached tokens (N, T, D) after the frozen blocks (or x itself)."""
         if self.first_block is None:
             return x
-        return torch.cat([self._prefix(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+        return torch.cat(
+            [self._prefix(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+        )
 
     def _prefix(self, x: torch.Tensor) -> torch.Tensor:
         m = self.model
@@ -56,4 +68,6 @@ class SplitForward:
     @torch.no_grad()
     def logits(self, tokens: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         """Batched, gradient-free :meth:`suffix` for evaluation sets."""
-        return torch.cat([self.suffix(tokens[i : i + batch_size]) for i in range(0, len(tokens), batch_size)])
+        return torch.cat(
+            [self.suffix(tokens[i : i + batch_size]) for i in range(0, len(tokens), batch_size)]
+        )

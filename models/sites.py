@@ -64,7 +64,9 @@ class Sites:
         blocks = default_blocks(len(names)) if blocks is None else tuple(blocks)
         bad = [b for b in blocks if not 0 <= b < len(names)]
         if bad or not blocks:
-            raise SiteError(f"blocks {bad or blocks} out of range: the model has {len(names)} blocks")
+            raise SiteError(
+                f"blocks {bad or blocks} out of range: the model has {len(names)} blocks"
+            )
         chosen = tuple(names[b] for b in blocks)
         return cls(chosen, tuple(mlps[n].fc1.out_features for n in chosen))
 
@@ -143,14 +145,19 @@ class Patch:
         raise PatchError(f"patch key {param!r} is not one of the sites {list(self.sites.mlps)}")
 
     @classmethod
-    def from_diff(cls, sites: Sites, before: list[torch.Tensor], after: list[torch.Tensor]) -> Patch:
+    def from_diff(
+        cls, sites: Sites, before: list[torch.Tensor], after: list[torch.Tensor]
+    ) -> Patch:
         """The neurons whose row/column changed between two lists of site weights."""
         entries = {}
         for m, w0, w1 in zip(sites.matrices, before, after, strict=True):
             other = 1 - m.dim
             changed = (w0 != w1).any(dim=other).nonzero().flatten()
             if changed.numel():
-                entries[m.param] = (changed.cpu(), w1.detach().index_select(m.dim, changed).cpu().clone())
+                entries[m.param] = (
+                    changed.cpu(),
+                    w1.detach().index_select(m.dim, changed).cpu().clone(),
+                )
         return cls(sites, entries)
 
     def apply(self, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -185,8 +192,12 @@ class Patch:
         for param, (idx, values) in self.entries.items():
             tensors[f"{param}.indices"] = idx.to(torch.int64).contiguous()
             tensors[f"{param}.values"] = values.contiguous()
-        meta = {"format": PATCH_FORMAT, "sites": ",".join(self.sites.mlps),
-                "hidden": ",".join(map(str, self.sites.hidden)), **(metadata or {})}
+        meta = {
+            "format": PATCH_FORMAT,
+            "sites": ",".join(self.sites.mlps),
+            "hidden": ",".join(map(str, self.sites.hidden)),
+            **(metadata or {}),
+        }
         save_file(tensors, str(path), metadata=meta)
 
     @classmethod
@@ -200,7 +211,9 @@ class Patch:
             raise PatchError(f"{path}: not a readable safetensors patch ({exc})") from exc
         if meta.get("format") != PATCH_FORMAT:
             raise PatchError(f"{path}: not a vitedit patch (format {meta.get('format')!r})")
-        sites = Sites(tuple(meta["sites"].split(",")), tuple(int(h) for h in meta["hidden"].split(",")))
+        sites = Sites(
+            tuple(meta["sites"].split(",")), tuple(int(h) for h in meta["hidden"].split(","))
+        )
         params = {k.rsplit(".", 1)[0] for k in tensors}
         entries = {p: (tensors[f"{p}.indices"], tensors[f"{p}.values"]) for p in sorted(params)}
         return cls(sites, entries), meta

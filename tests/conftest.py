@@ -6,21 +6,35 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on the hub in tests
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from models.backbones import Backbone, load_backbone  # noqa: E402
-from models.store.manifest import BackboneManifest  # noqa: E402
+from models.backbones import Backbone, load_backbone
+from models.store.manifest import BackboneManifest
 
-TINY_OVERRIDES = dict(img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=4, num_heads=2,
-                      mlp_ratio=2.0, num_classes=10)
-TINY_CFG = dict(input_size=(1, 28, 28), mean=(0.5,), std=(0.5,), crop_pct=1.0, interpolation="bilinear")
+TINY_OVERRIDES = dict(
+    img_size=28,
+    patch_size=7,
+    in_chans=1,
+    embed_dim=32,
+    depth=4,
+    num_heads=2,
+    mlp_ratio=2.0,
+    num_classes=10,
+)
+TINY_CFG = dict(
+    input_size=(1, 28, 28), mean=(0.5,), std=(0.5,), crop_pct=1.0, interpolation="bilinear"
+)
 
 
 def tiny_manifest(**changes: object) -> BackboneManifest:
     """A 4-block, width-32 ViT on 28 px grey images: random init, builds in milliseconds."""
-    base = BackboneManifest(name="tiny-vit", timm_name="vit_small_patch16_224",
-                            overrides=dict(TINY_OVERRIDES), pretrained_cfg_overlay=dict(TINY_CFG))
+    base = BackboneManifest(
+        name="tiny-vit",
+        timm_name="vit_small_patch16_224",
+        overrides=dict(TINY_OVERRIDES),
+        pretrained_cfg_overlay=dict(TINY_CFG),
+    )
     return BackboneManifest(**{**base.__dict__, **changes})
 
 

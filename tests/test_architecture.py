@@ -18,13 +18,21 @@ def test_models_package_init_is_trivial():
 
 
 def test_ml_core_reads_no_environment_variables():
-    offenders = [p.name for p in (ROOT / "models").rglob("*.py") if "os.environ" in p.read_text()
-                 or "getenv" in p.read_text()]
+    offenders = [
+        p.name
+        for p in (ROOT / "models").rglob("*.py")
+        if "os.environ" in p.read_text() or "getenv" in p.read_text()
+    ]
     assert offenders == []
 
 
 def test_cli_help_lists_every_area():
-    out = subprocess.run([sys.executable, "-m", "workers.cli", "--help"], capture_output=True, text=True,
-                         cwd=ROOT, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "workers.cli", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    ).stdout
     for command in ("demo", "bench", "hypernet", "serve", "edit"):
         assert command in out

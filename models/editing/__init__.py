@@ -11,4 +11,12 @@ from models.editing.registry import (
     run_edit,
 )
 
-__all__ = ["EDITORS", "EditConfig", "EditOutcome", "EditTask", "get_editor", "make_config", "run_edit"]
+__all__ = [
+    "EDITORS",
+    "EditConfig",
+    "EditOutcome",
+    "EditTask",
+    "get_editor",
+    "make_config",
+    "run_edit",
+]

@@ -59,8 +59,15 @@ class EditTask:
     hypernetwork: Any = None  # models.hypernetwork.Hypernetwork for methods that need one
 
     @classmethod
-    def build(cls, model: nn.Module, sites: Sites, images: torch.Tensor, targets: torch.Tensor,
-              hypernetwork: Any = None, split: SplitForward | None = None) -> EditTask:
+    def build(
+        cls,
+        model: nn.Module,
+        sites: Sites,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        hypernetwork: Any = None,
+        split: SplitForward | None = None,
+    ) -> EditTask:
         split = split or SplitForward(model, sites)
         return cls(model, sites, split, images, targets, split.prefix(images), hypernetwork)
 
@@ -75,7 +82,9 @@ class EditOutcome:
 
 
 class EditFn(Protocol):
-    def __call__(self, task: EditTask, config: Any, on_step: StepCallback | None) -> EditOutcome: ...
+    def __call__(
+        self, task: EditTask, config: Any, on_step: StepCallback | None
+    ) -> EditOutcome: ...
 
 
 @dataclass(frozen=True)
@@ -90,8 +99,13 @@ class Editor:
 EDITORS: dict[str, Editor] = {}
 
 
-def register(name: str, config_cls: type[EditConfig], *, needs_hypernetwork: bool = False,
-             description: str = "") -> Callable[[EditFn], EditFn]:
+def register(
+    name: str,
+    config_cls: type[EditConfig],
+    *,
+    needs_hypernetwork: bool = False,
+    description: str = "",
+) -> Callable[[EditFn], EditFn]:
     """Decorator: ``@register("ft-l2", FTL2Config)`` on an edit function."""
 
     def wrap(fn: EditFn) -> EditFn:
@@ -107,7 +121,9 @@ def get_editor(name: str) -> Editor:
     try:
         return EDITORS[name]
     except KeyError:
-        raise UnknownMethodError(f"unknown edit method {name!r}; choose one of {sorted(EDITORS)}") from None
+        raise UnknownMethodError(
+            f"unknown edit method {name!r}; choose one of {sorted(EDITORS)}"
+        ) from None
 
 
 def make_config(name: str, **options: Any) -> EditConfig:
@@ -116,7 +132,9 @@ def make_config(name: str, **options: Any) -> EditConfig:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(options) - set(fields))
     if unknown:
-        raise EditConfigError(f"method {name!r} has no option(s) {unknown}; it takes {sorted(fields)}")
+        raise EditConfigError(
+            f"method {name!r} has no option(s) {unknown}; it takes {sorted(fields)}"
+        )
     clean = {}
     for key, value in options.items():
         if value is None:
@@ -131,11 +149,15 @@ def make_config(name: str, **options: Any) -> EditConfig:
     return config
 
 
-def run_edit(name: str, task: EditTask, config: EditConfig, on_step: StepCallback | None = None) -> EditOutcome:
+def run_edit(
+    name: str, task: EditTask, config: EditConfig, on_step: StepCallback | None = None
+) -> EditOutcome:
     """Run an editor; the shared model's site weights are restored whatever happens."""
     editor = get_editor(name)
     if not isinstance(config, editor.config_cls):
-        raise EditConfigError(f"{name} needs a {editor.config_cls.__name__}, got {type(config).__name__}")
+        raise EditConfigError(
+            f"{name} needs a {editor.config_cls.__name__}, got {type(config).__name__}"
+        )
     if editor.needs_hypernetwork and task.hypernetwork is None:
         raise EditConfigError(f"method {name!r} needs a hypernetwork trained for this backbone")
     params = task.sites.params(task.model)

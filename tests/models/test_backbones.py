@@ -55,7 +55,7 @@ def test_weights_of_another_shape_are_rejected(tmp_path):
 def test_pickled_checkpoints_are_refused(tmp_path):
     path = tmp_path / "w.pth"
     path.write_bytes(b"not opened")
-    with pytest.raises(WeightsMismatchError, match="only .safetensors"):
+    with pytest.raises(WeightsMismatchError, match=r"only \.safetensors"):
         load_backbone(tiny_manifest(weights=str(path)))
 
 
@@ -74,5 +74,5 @@ def test_eval_transform_converts_any_image_to_the_model_input(tiny_backbone):
 
 def test_pretrained_without_hub_fails_fast_with_offline_flag(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(Exception, match="(?i)offline|connect|cache|not found|hub"):
+    with pytest.raises(Exception, match=r"(?i)offline|connect|cache|not found|hub"):
         backbone_from_name("vit_tiny_patch16_224", pretrained=True, num_classes=10)

@@ -11,7 +11,11 @@ from models.store.manifest import BackboneManifest, read_json, sha256_file
 
 def test_shipped_backbone_matches_its_manifest(demo_backbone):
     manifest = BackboneManifest.read(demo_world.BACKBONE_MANIFEST)
-    assert sha256_file(manifest.weights_path) == manifest.weights_sha256 == demo_backbone.weights_sha256
+    assert (
+        sha256_file(manifest.weights_path)
+        == manifest.weights_sha256
+        == demo_backbone.weights_sha256
+    )
     assert demo_backbone.class_names[0] == "T-shirt/top"
 
 
@@ -29,14 +33,20 @@ def test_world_has_enough_groups_of_genuine_failures(demo_backbone):
     assert any(g.name.split("-")[1].isdigit() for g in groups), "natural (true-pred) groups"
     assert any(g.name.split("-")[1] in demo_world.SHIFTS for g in groups), "shift groups"
     for name, images in world.group_arrays.items():
-        pred = demo_world.predict_logits(demo_backbone.model, demo_world.normalise(images)).argmax(-1)
-        assert (pred != int(name.split("-")[0])).all(), f"group {name} holds an image the model gets right"
+        pred = demo_world.predict_logits(demo_backbone.model, demo_world.normalise(images)).argmax(
+            -1
+        )
+        assert (pred != int(name.split("-")[0])).all(), (
+            f"group {name} holds an image the model gets right"
+        )
 
 
 def test_locality_set_is_sensitive_and_correctly_classified(demo_backbone):
     world = demo_world.load_world()
     assert len(world.locality_array) >= 500
-    probs = demo_world.predict_logits(demo_backbone.model, demo_world.normalise(world.locality_array)).softmax(-1)
+    probs = demo_world.predict_logits(
+        demo_backbone.model, demo_world.normalise(world.locality_array)
+    ).softmax(-1)
     top2 = probs.topk(2, dim=-1).values
     summary = read_json(demo_world.WORLD_MANIFEST)
     assert float((top2[:, 0] - top2[:, 1]).max()) <= summary["locality"]["max_gap_used"] + 1e-5
@@ -44,7 +54,9 @@ def test_locality_set_is_sensitive_and_correctly_classified(demo_backbone):
 
 def test_backbone_accuracy_on_heldout_matches_the_training_claim(demo_backbone):
     world = demo_world.load_world()
-    pred = demo_world.predict_logits(demo_backbone.model, demo_world.normalise(world.heldout_images)).argmax(-1)
+    pred = demo_world.predict_logits(
+        demo_backbone.model, demo_world.normalise(world.heldout_images)
+    ).argmax(-1)
     assert (pred == torch.from_numpy(world.heldout_labels)).float().mean() >= 0.85
 
 

@@ -8,7 +8,9 @@ from models.sites import Patch, Sites, default_blocks, top_rho_mask
 from tests.conftest import tiny_manifest
 
 
-@pytest.mark.parametrize(("depth", "expected"), [(12, (7, 8, 9)), (8, (4, 5, 6)), (24, (16, 17, 18)), (3, (0, 1, 2))])
+@pytest.mark.parametrize(
+    ("depth", "expected"), [(12, (7, 8, 9)), (8, (4, 5, 6)), (24, (16, 17, 18)), (3, (0, 1, 2))]
+)
 def test_default_sites_are_the_three_blocks_ending_at_75_percent_depth(depth, expected):
     assert default_blocks(depth) == expected
 
@@ -28,8 +30,15 @@ def test_sites_out_of_range_are_a_clear_error(tiny_backbone):
 
 
 def test_swin_blocks_expose_their_mlps_as_sites():
-    swin = timm.create_model("swin_tiny_patch4_window7_224", img_size=56, window_size=7, embed_dim=16,
-                             depths=(1, 1, 2, 1), num_heads=(1, 1, 1, 1), num_classes=5)
+    swin = timm.create_model(
+        "swin_tiny_patch4_window7_224",
+        img_size=56,
+        window_size=7,
+        embed_dim=16,
+        depths=(1, 1, 2, 1),
+        num_heads=(1, 1, 1, 1),
+        num_classes=5,
+    )
     sites = Sites.for_model(swin)
     assert sites.mlps == ("layers.1.blocks.0.mlp", "layers.2.blocks.0.mlp", "layers.2.blocks.1.mlp")
     assert sites.hidden == (128, 256, 256)
@@ -58,11 +67,15 @@ def test_patch_holds_only_changed_neurons(tiny_backbone):
     before = _edit_some_neurons(tiny_backbone.model, sites)
     patch = Patch.from_diff(sites, before, [p.detach() for p in sites.params(tiny_backbone.model)])
     assert {k: v[0].tolist() for k, v in patch.entries.items()} == {
-        "blocks.1.mlp.fc1.weight": [1, 5], "blocks.2.mlp.fc2.weight": [7]}
+        "blocks.1.mlp.fc1.weight": [1, 5],
+        "blocks.2.mlp.fc2.weight": [7],
+    }
     assert patch.entries["blocks.2.mlp.fc2.weight"][1].shape == (32, 1)
 
 
-def test_patch_round_trip_through_safetensors_reproduces_edited_logits_exactly(tiny_backbone, tmp_path):
+def test_patch_round_trip_through_safetensors_reproduces_edited_logits_exactly(
+    tiny_backbone, tmp_path
+):
     model = tiny_backbone.model
     sites = Sites.for_model(model)
     x = torch.randn(4, 1, 28, 28)

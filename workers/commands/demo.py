@@ -13,9 +13,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     train = actions.add_parser("train", help="train the demo backbone from scratch (CPU, ~25 min)")
     train.add_argument("--epochs", type=int, default=10)
-    train.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy 2-core machine)")
+    train.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (1 is fastest on a busy 2-core machine)",
+    )
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--out", type=Path, default=None, help="folder (default: the shipped assets)")
+    train.add_argument(
+        "--out", type=Path, default=None, help="folder (default: the shipped assets)"
+    )
     train.set_defaults(func=_train)
 
     derive = actions.add_parser("derive", help="derive edit groups, locality and held-out sets")
@@ -26,7 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     export.add_argument("--out", type=Path, required=True)
     export.set_defaults(func=_export)
 
-    failure = actions.add_parser("failure", help="write one shipped failure image and its true label")
+    failure = actions.add_parser(
+        "failure", help="write one shipped failure image and its true label"
+    )
     failure.add_argument("--group", default=None, help="group name (default: the first)")
     failure.add_argument("--index", type=int, default=0)
     failure.add_argument("--out", type=Path, required=True, help="PNG file to write")
@@ -41,8 +50,9 @@ def _train(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = args.out or demo_world.ASSETS
-    result = demo_world.train_backbone(demo_world.TrainConfig(epochs=args.epochs, seed=args.seed),
-                                       out_dir=out, progress=print)
+    result = demo_world.train_backbone(
+        demo_world.TrainConfig(epochs=args.epochs, seed=args.seed), out_dir=out, progress=print
+    )
     print(json.dumps(result, indent=2))
     return 0
 
@@ -50,7 +60,9 @@ def _train(args: argparse.Namespace) -> int:
 def _derive(args: argparse.Namespace) -> int:
     from models import demo_world
 
-    summary = demo_world.derive_world(demo_world.load_demo_backbone(), demo_world.DeriveConfig(seed=args.seed))
+    summary = demo_world.derive_world(
+        demo_world.load_demo_backbone(), demo_world.DeriveConfig(seed=args.seed)
+    )
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -75,6 +87,14 @@ def _failure(args: argparse.Namespace) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     group.images[args.index].save(args.out)
     names = demo_world.FASHION_MNIST_CLASSES
-    print(json.dumps({"file": str(args.out), "group": group.name, "label": group.label,
-                      "label_name": names[group.label]}))
+    print(
+        json.dumps(
+            {
+                "file": str(args.out),
+                "group": group.name,
+                "label": group.label,
+                "label_name": names[group.label],
+            }
+        )
+    )
     return 0
