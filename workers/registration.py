@@ -19,19 +19,26 @@ log = logging.getLogger(__name__)
 
 DEFAULT_METHOD = "where2edit"  # with a hypernetwork
 FALLBACK_METHOD = "ft-l2"  # without one
+SHARED_DEFAULTS = ("lr", "max_steps", "stop_loss")  # a backbone manifest may set these
 
 
 def _jsonable(value: Any) -> Any:
     return value if isinstance(value, int | float | str | bool) or value is None else str(value)
 
 
-def editor_infos() -> dict[str, MethodInfo]:
-    """Every registered editor with its options and their defaults."""
+def editor_infos(defaults: dict[str, Any] | None = None) -> dict[str, MethodInfo]:
+    """Every registered editor with its options and their defaults for this model.
+
+    ``defaults`` (the backbone manifest's ``extra.edit_defaults``: lr, max_steps, stop_loss
+    measured for this backbone) override the editors' own defaults of the same name.
+    """
     import models.editing  # noqa: F401  (registers the editors)
     from models.editing.registry import EDITORS
 
+    defaults = defaults or {}
     return {name: MethodInfo(
-        options={f.name: _jsonable(f.default) for f in dataclasses.fields(ed.config_cls)},
+        options={f.name: _jsonable(defaults.get(f.name, f.default))
+                 for f in dataclasses.fields(ed.config_cls)},
         needs_hypernetwork=ed.needs_hypernetwork, description=ed.description,
     ) for name, ed in sorted(EDITORS.items())}
 
@@ -62,7 +69,9 @@ def register_model(store: Store, name: str, backbone: Path, *, hypernetwork: Pat
         hyper = read_manifest(hypernetwork)
         check_compatible(hyper, sha, None)
         hypernetwork_id = hyper["weights_sha256"]
-    methods = editor_infos()
+    shared = {k: v for k, v in (manifest.extra.get("edit_defaults") or {}).items()
+              if k in SHARED_DEFAULTS}
+    methods = editor_infos(shared)
     default = default_method or (DEFAULT_METHOD if hypernetwork is not None else FALLBACK_METHOD)
     if default not in methods:
         raise UnknownMethodError(f"default method {default!r} is not registered; "

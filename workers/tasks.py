@@ -70,7 +70,9 @@ def _edit(rt: Runtime, payload: EditPayload, job: Job | None, progress: Progress
     progress.phase("loading")
     progress.check_cancel()
     loaded = rt.load(payload.model)
-    config = make_config(payload.method, **payload.options)
+    info = loaded.entry.methods.get(payload.method)  # this model's defaults (registry)
+    defaults = info.options if info else {}
+    config = make_config(payload.method, **{**defaults, **payload.options})
     images = {im.path: open_image(rt.store.upload_path(im.path)) for im in payload.images}
     edits = [im for im in payload.images if im.role == "edit"]
     holdouts = [im for im in payload.images if im.role == "holdout"]
