@@ -9,6 +9,7 @@ to the RQ job meta; the cancel flag is read at every optimiser step.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections import OrderedDict
@@ -59,6 +60,22 @@ def open_image(path: Path) -> Image.Image:
         raise DataError(f"{path.name}: not a readable image ({exc})") from exc
 
 
+def pixel_key(image: Image.Image) -> str:
+    """Identity of an image's pixels: finds a benchmark image that a user submits for editing."""
+    digest = hashlib.sha256(f"{image.mode}{image.size}".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class BenchmarkGroup:
+    """One registered benchmark group, ready for GR: label, prefix tokens, pixel keys."""
+
+    label: int
+    tokens: torch.Tensor  # (N, T, D)
+    keys: tuple[str, ...]  # pixel_key of each image
+
+
 @dataclass
 class LoadedModel:
     """One registered model, loaded once per worker and shared by all its jobs."""
@@ -71,7 +88,7 @@ class LoadedModel:
     base_weights: list[torch.Tensor]  # the site matrices of the base backbone
     locality: TokenSet | None
     locality_root_preds: torch.Tensor | None
-    groups: list[tuple[int, torch.Tensor]]  # (label, prefix tokens) of each benchmark group
+    groups: list[BenchmarkGroup]
 
     @property
     def model(self) -> torch.nn.Module:
@@ -185,7 +202,9 @@ class Runtime:
             return
         loaded.locality = TokenSet(loaded.tokens(benchmark.locality))
         loaded.locality_root_preds = predictions(loaded.split, loaded.locality.tokens).cpu()
-        loaded.groups = [(g.label, loaded.tokens(g.images)) for g in benchmark.groups]
+        loaded.groups = [BenchmarkGroup(g.label, loaded.tokens(g.images),
+                                        tuple(pixel_key(im) for im in g.images))
+                         for g in benchmark.groups]
 
     # ------------------------------------------------------------------ versions
 
@@ -226,17 +245,13 @@ class Runtime:
             self.versions.popitem(last=False)
         return weights
 
-    def report_sets(self, loaded: LoadedModel, edit: TokenSet, holdout: TokenSet | None,
-                    lineage: list[VersionManifest]) -> ReportSets:
+    def report_sets(self, loaded: LoadedModel, edit: TokenSet, edit_keys: set[str],
+                    holdout: TokenSet | None, lineage: list[VersionManifest]) -> ReportSets:
         """Edit, GR, locality and retention sets of one edit (see :mod:`models.reports`)."""
         source = "request" if holdout is not None else None
         if holdout is None:
-            labels = set(edit.targets.tolist())
-            chunks = [(lab, t) for lab, t in loaded.groups if lab in labels]
-            if chunks:
-                tokens = torch.cat([t for _, t in chunks])[:MAX_BENCHMARK_HOLDOUT]
-                targets = torch.cat([torch.full((len(t),), lab) for lab, t in chunks])
-                holdout, source = TokenSet(tokens, targets[:MAX_BENCHMARK_HOLDOUT]), "benchmark"
+            holdout = _benchmark_holdout(loaded.groups, set(edit.targets.tolist()), edit_keys)
+            source = "benchmark" if holdout is not None else None
         retention = {m.version: self._retention_tokens(loaded, m) for m in lineage}
         return ReportSets(edit, holdout, source, loaded.locality, loaded.locality_root_preds,
                           retention)
@@ -283,6 +298,21 @@ class Runtime:
                 self.store.remove_upload(upload)
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+
+
+def _benchmark_holdout(groups: list[BenchmarkGroup], labels: set[int],
+                       exclude: set[str]) -> TokenSet | None:
+    """The registered groups of these labels, without the edit images themselves (capped)."""
+    tokens, targets = [], []
+    for group in groups:
+        if group.label in labels:
+            keep = torch.tensor([k not in exclude for k in group.keys], dtype=torch.bool)
+            tokens.append(group.tokens[keep.to(group.tokens.device)])
+            targets.append(torch.full((int(keep.sum()),), group.label))
+    if not tokens or not sum(len(t) for t in tokens):
+        return None
+    return TokenSet(torch.cat(tokens)[:MAX_BENCHMARK_HOLDOUT],
+                    torch.cat(targets)[:MAX_BENCHMARK_HOLDOUT])
 
 
 def _fail(job: Job | None, reason: str) -> None:

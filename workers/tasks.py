@@ -29,7 +29,7 @@ from models.sites import Patch
 from models.store.manifest import ImageRecord, VersionManifest, utc_now
 from models.store.store import PATCH_FILE, VersionDraft
 from workers.payloads import EditPayload, MaterialisePayload, PredictPayload
-from workers.runtime import LoadedModel, Progress, Runtime, open_image
+from workers.runtime import LoadedModel, Progress, Runtime, open_image, pixel_key
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,9 @@ def _edit(rt: Runtime, payload: EditPayload, job: Job | None, progress: Progress
     holdout = (TokenSet(loaded.tokens([images[im.path] for im in holdouts]),
                         torch.tensor([im.target for im in holdouts])) if holdouts else None)
     lineage = rt.store.lineage(payload.model, payload.parent)
-    sets = rt.report_sets(loaded, TokenSet(loaded.split.prefix(x), y.cpu()), holdout, lineage)
+    edit_keys = {pixel_key(images[im.path]) for im in edits}
+    sets = rt.report_sets(loaded, TokenSet(loaded.split.prefix(x), y.cpu()), edit_keys, holdout,
+                          lineage)
     with rt.activate(loaded, payload.parent):
         task = EditTask.build(loaded.model, loaded.sites, x, y, loaded.hypernetwork, loaded.split)
         before = predict_sets(loaded.split, sets)

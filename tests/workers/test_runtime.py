@@ -76,3 +76,16 @@ def test_where2edit_uses_the_registered_hypernetwork(tmp_path: Path) -> None:
     assert report["edit"]["mask_entries"] == round(0.25 * sites.n_entries)
     assert report["edit"]["edit_neurons"] <= report["edit"]["mask_entries"]
     assert version.hypernetwork == entry.hypernetwork_id
+
+
+def test_benchmark_gr_leaves_out_the_edit_image_itself(tmp_path: Path) -> None:
+    store = tiny_store(tmp_path)  # group "3-noise" holds png(100), png(101), png(102)
+    rt = Runtime(WorkerSettings(store=store.root, device="cpu"),
+                 Redis.from_url("redis://127.0.0.1:1/0"))
+    upload, _ = store.new_upload()
+    path = store.write_upload(upload, "edit-000", png(100))
+    payload = EditPayload(model="tiny", upload=upload, images=[JobImage(path=path, target=3)],
+                          method="ft", options={"max_steps": 1})
+    report = store.version("tiny", tasks.edit(rt, payload, job=None)["version"]).report
+    assert report["holdout_source"] == "benchmark"
+    assert report["set_sizes"]["holdout"] == 2
