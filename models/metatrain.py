@@ -252,10 +252,13 @@ class MetaTrainer:
         }
 
     def train(self, checkpoint_dir: Path, checkpoint_every: int = 500, log_every: int = 10,
-              show_progress: bool = False) -> list[dict[str, float]]:
-        """Run to ``cfg.iterations``, logging window means, checkpointing to ``checkpoint_dir``."""
+              show_progress: bool = False,
+              time_budget_s: float | None = None) -> list[dict[str, float]]:
+        """Run to ``cfg.iterations`` (or until ``time_budget_s`` is spent), logging window means
+        and checkpointing to ``checkpoint_dir``."""
         window: list[dict[str, float]] = []
         start, first = time.perf_counter(), self.iteration
+        deadline = math.inf if time_budget_s is None else start + time_budget_s
         with _progress(show_progress) as bar:
             task = bar.add_task("meta-training", total=self.cfg.iterations,
                                 completed=self.iteration)
@@ -263,11 +266,16 @@ class MetaTrainer:
                 window.append(self.step())
                 bar.update(task, advance=1, description=f"KL {window[-1]['kl_last']:.3f} "
                            f"BCE {window[-1]['bce']:.4f}")
-                if len(window) == log_every or self.iteration == self.cfg.iterations:
+                out_of_time = time.perf_counter() > deadline
+                if len(window) == log_every or self.iteration == self.cfg.iterations or out_of_time:
                     self._log(window, (self.iteration - first) / (time.perf_counter() - start))
                     window = []
-                if checkpoint_every and self.iteration % checkpoint_every == 0:
+                if checkpoint_every and (self.iteration % checkpoint_every == 0 or out_of_time):
                     save_checkpoint(self, Path(checkpoint_dir))
+                if out_of_time:
+                    log.info("time budget spent at iteration %d of %d", self.iteration,
+                             self.cfg.iterations)
+                    break
         return self.history
 
     def _log(self, window: list[dict[str, float]], iterations_per_s: float) -> None:
@@ -352,10 +360,12 @@ def meta_train(backbone: Backbone, sites: Sites, pool: ImagePool, cfg: MetaTrain
                out_dir: Path, hypernet: Hypernetwork | None = None, resume: bool = False,
                checkpoint_every: int = 500, log_every: int = 10, show_progress: bool = False,
                extra: dict[str, Any] | None = None, checkpoint_dir: Path | None = None,
-               ) -> tuple[Hypernetwork, list[dict[str, float]]]:
+               time_budget_s: float | None = None) -> tuple[Hypernetwork, list[dict[str, float]]]:
     """Meta-train (or resume) a hypernetwork, then save it to ``out_dir`` with its manifest.
 
-    Checkpoints go to ``checkpoint_dir`` (default ``out_dir / "checkpoint"``).
+    Checkpoints go to ``checkpoint_dir`` (default ``out_dir / "checkpoint"``). With
+    ``time_budget_s`` the run stops early once that much wall time is spent (the schedule is
+    still the one of ``cfg.iterations``; resume continues it).
     """
     out_dir = Path(out_dir)
     checkpoint_dir = Path(checkpoint_dir or out_dir / CHECKPOINT_DIR)
@@ -364,7 +374,8 @@ def meta_train(backbone: Backbone, sites: Sites, pool: ImagePool, cfg: MetaTrain
     if resume and (checkpoint_dir / "state.json").is_file():
         load_checkpoint(trainer, checkpoint_dir)
     start = time.perf_counter()
-    history = trainer.train(checkpoint_dir, checkpoint_every, log_every, show_progress)
+    history = trainer.train(checkpoint_dir, checkpoint_every, log_every, show_progress,
+                            time_budget_s)
     seconds = time.perf_counter() - start
     summary = {
         "config": dataclasses.asdict(cfg), "iterations": trainer.iteration,

@@ -141,6 +141,15 @@ def test_resumed_training_continues_exactly_where_it_stopped(tiny_backbone, site
     assert files == {"checkpoint.safetensors", "state.json"}  # no pickle anywhere
 
 
+def test_time_budget_stops_early_and_still_saves(tiny_backbone, sites, pool, tmp_path):
+    cfg = MetaTrainConfig(iterations=50, **FAST)
+    _, history = meta_train(tiny_backbone, sites, pool, cfg, tmp_path, log_every=1,
+                            time_budget_s=0.0)
+    assert [h["iteration"] for h in history] == [1]
+    assert Hypernetwork.load(tmp_path, tiny_backbone, sites) is not None
+    assert (tmp_path / CHECKPOINT_DIR / "state.json").is_file()
+
+
 def test_resume_refuses_a_checkpoint_with_another_inner_setup(tiny_backbone, sites, pool, tmp_path):
     meta_train(tiny_backbone, sites, pool, MetaTrainConfig(iterations=1, **FAST), tmp_path,
                checkpoint_every=1)

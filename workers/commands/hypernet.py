@@ -37,6 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--width", type=int, default=None, help="hypernetwork width")
     train.add_argument("--blocks", type=int, nargs="+", default=None,
                        help="edited blocks (default: three ending at 75%% depth)")
+    train.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+                       help="stop (and save) once this much wall time is spent")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     train.add_argument("--checkpoint-every", type=int, default=250)
@@ -69,7 +71,8 @@ def _train(args: argparse.Namespace) -> int:
     _, history = meta_train(backbone, sites, pool, cfg, out, hypernet=hypernet, resume=args.resume,
                             checkpoint_every=args.checkpoint_every, log_every=args.log_every,
                             show_progress=True, extra={"source": _describe(args)},
-                            checkpoint_dir=checkpoints)
+                            checkpoint_dir=checkpoints,
+                            time_budget_s=None if args.time_budget is None else 60 * args.time_budget)
     print(json.dumps({"out": str(out), "final": history[-1] if history else {}}, indent=2))
     return 0
 
