@@ -22,18 +22,18 @@ REPORT_SCHEMA = 1
 
 DEFINITIONS = {
     "SR": "reliability: share of this request's edit images the new version predicts as their "
-          "target label (method.md section 6)",
+    "target label (method.md section 6)",
     "GR": "generalization: accuracy of the new version on held-out failures of the same group: "
-          "the request's 'holdout' images, else the registered benchmark groups of the target "
-          "label(s); the edit images themselves are never counted",
+    "the request's 'holdout' images, else the registered benchmark groups of the target "
+    "label(s); the edit images themselves are never counted",
     "LR_vs_root": "locality: share of the model's registered sensitive locality images whose top-1 "
-                  "prediction equals the base backbone's",
+    "prediction equals the base backbone's",
     "LR_vs_parent": "locality: the same share, against the parent version the edit started from",
     "retention": "share of the edit images of each earlier version of this lineage that the new "
-                 "version still predicts as their targets",
+    "version still predicts as their targets",
     "mask_entries": "entries (neuron rows/columns) the method was allowed to change, of n_entries",
     "edit_neurons": "rows/columns this edit changed; patch_neurons: rows/columns the whole "
-                    "lineage changed (the stored patch is cumulative over the base)",
+    "lineage changed (the stored patch is cumulative over the base)",
     "reference": METRIC_DEFINITIONS,
 }
 
@@ -83,25 +83,34 @@ def _metrics(preds: dict[str, torch.Tensor], sets: ReportSets) -> dict[str, Any]
     return out
 
 
-def build_report(sets: ReportSets, before: dict[str, torch.Tensor], after: dict[str, torch.Tensor],
-                 edit: dict[str, Any], seconds: dict[str, float],
-                 memory: dict[str, float]) -> dict[str, Any]:
+def build_report(
+    sets: ReportSets,
+    before: dict[str, torch.Tensor],
+    after: dict[str, torch.Tensor],
+    edit: dict[str, Any],
+    seconds: dict[str, float],
+    memory: dict[str, float],
+) -> dict[str, Any]:
     """The JSON report: metrics before and after the edit, retention, edit facts and costs."""
     metrics = _metrics(after, sets)
     if sets.locality is not None:
         metrics["LR_vs_parent"] = _share(after["locality"], before["locality"])
     retention = {v: _share(after[f"retention:{v}"], ts.targets) for v, ts in sets.retention.items()}
-    sizes = {"edit": len(sets.edit.tokens),
-             "holdout": len(sets.holdout.tokens) if sets.holdout is not None else 0,
-             "locality": len(sets.locality.tokens) if sets.locality is not None else 0}
+    sizes = {
+        "edit": len(sets.edit.tokens),
+        "holdout": len(sets.holdout.tokens) if sets.holdout is not None else 0,
+        "locality": len(sets.locality.tokens) if sets.locality is not None else 0,
+    }
     return {
         "schema": REPORT_SCHEMA,
         "metrics": metrics,
         "before": _metrics(before, sets),
-        "retention": {"per_version": retention,
-                      "min": min(retention.values(), default=None)},
-        "edit_predictions": {"before": before["edit"].tolist(), "after": after["edit"].tolist(),
-                             "targets": sets.edit.targets.tolist()},
+        "retention": {"per_version": retention, "min": min(retention.values(), default=None)},
+        "edit_predictions": {
+            "before": before["edit"].tolist(),
+            "after": after["edit"].tolist(),
+            "targets": sets.edit.targets.tolist(),
+        },
         "holdout_source": sets.holdout_source,
         "set_sizes": sizes,
         "edit": edit,

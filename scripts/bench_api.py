@@ -47,8 +47,15 @@ class Phase:
         q = statistics.quantiles(lat, n=100, method="inclusive") if len(lat) > 1 else lat * 99
         rate = len(lat) / self.seconds if self.seconds else 0.0
         errors = ", ".join(f"{k}: {v}" for k, v in self.errors.items()) or "0"
-        return [self.name, str(len(lat)), f"{rate:.1f}", f"{q[49]:.1f}", f"{q[98]:.1f}",
-                f"{lat[-1]:.1f}" if lat else "-", errors]
+        return [
+            self.name,
+            str(len(lat)),
+            f"{rate:.1f}",
+            f"{q[49]:.1f}",
+            f"{q[98]:.1f}",
+            f"{lat[-1]:.1f}" if lat else "-",
+            errors,
+        ]
 
 
 def noise_png(seed: int) -> bytes:
@@ -86,12 +93,14 @@ async def bench_latency(args: argparse.Namespace) -> tuple[Phase, Phase]:
     ids: list[str] = []
     limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
     async with httpx.AsyncClient(base_url=args.server, timeout=30, limits=limits) as client:
-
         cancels: list[asyncio.Task] = []
 
         async def submit(i: int) -> int:
-            r = await client.post("/v1/edits", files={"images": ("x.png", image, "image/png")},
-                                  data={"label": "0", "model": args.model, "max_steps": "1"})
+            r = await client.post(
+                "/v1/edits",
+                files={"images": ("x.png", image, "image/png")},
+                data={"label": "0", "model": args.model, "max_steps": "1"},
+            )
             if r.status_code == 202:
                 ids.append(r.json()["id"])
                 if not args.redis_url:  # no suspended workers: cancel at once (untimed)
@@ -138,8 +147,11 @@ def one_edit(args: argparse.Namespace) -> tuple[float, dict]:
         form["max_steps"] = str(args.max_steps)
     with httpx.Client(base_url=args.server, timeout=args.edit_timeout + 30) as client:
         start = time.perf_counter()
-        job = client.post("/v1/edits", files={"images": ("edit.png", data, "image/png")},
-                          data=form).raise_for_status().json()
+        job = (
+            client.post("/v1/edits", files={"images": ("edit.png", data, "image/png")}, data=form)
+            .raise_for_status()
+            .json()
+        )
         while job["status"] not in ("succeeded", "failed", "canceled"):
             if time.perf_counter() - start > args.edit_timeout:
                 raise SystemExit(f"the edit did not finish within {args.edit_timeout} s")
@@ -155,16 +167,18 @@ def print_table(rows: list[list[str]]) -> None:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--server", default="http://127.0.0.1:8000")
     p.add_argument("--model", default="demo-vit")
     p.add_argument("--rate", type=float, default=100.0, help="requests per second (<= 200)")
     p.add_argument("--seconds", type=float, default=10.0, help="per phase (<= 60)")
     p.add_argument("--image", type=Path, help="image of the timed edit (default: noise)")
     p.add_argument("--label", default="0", help="its target label (index or class name)")
-    p.add_argument("--max-steps", type=int, default=None,
-                   help="of the timed edit (default: the method's)")
+    p.add_argument(
+        "--max-steps", type=int, default=None, help="of the timed edit (default: the method's)"
+    )
     p.add_argument("--edit-timeout", type=float, default=600.0)
     p.add_argument("--skip-edit", action="store_true")
     p.add_argument("--redis-url", help="the server's Redis: suspend workers during phases 1-2")
@@ -175,14 +189,18 @@ def main() -> int:
         raise SystemExit("--rate must be in (0, 200] and --seconds in (0, 60]")
     with suspended_workers(args.redis_url, ttl_s=int(4 * args.seconds) + 120):
         submits, polls = asyncio.run(bench_latency(args))
-    print(f"open-loop load: {args.rate:g} requests/s for {args.seconds:g} s per phase, "
-          f"server {args.server}")
+    print(
+        f"open-loop load: {args.rate:g} requests/s for {args.seconds:g} s per phase, "
+        f"server {args.server}"
+    )
     print_table([submits.row(), polls.row()])
     if not args.skip_edit:
         seconds, job = one_edit(args)
         phases = (job.get("report") or {}).get("seconds")
-        print(f"\none edit ({args.model}, label {args.label}): submit -> {job['status']} in "
-              f"{seconds:.2f} s; worker phases (s): {phases}; version {job.get('version')}")
+        print(
+            f"\none edit ({args.model}, label {args.label}): submit -> {job['status']} in "
+            f"{seconds:.2f} s; worker phases (s): {phases}; version {job.get('version')}"
+        )
     return 0
 
 

@@ -30,8 +30,9 @@ StoreDep = Annotated[Store, Depends(get_store)]
 JobsDep = Annotated[JobClient, Depends(get_jobs)]
 
 
-def require_api_key(settings: SettingsDep,
-                    authorization: Annotated[str | None, Header()] = None) -> None:
+def require_api_key(
+    settings: SettingsDep, authorization: Annotated[str | None, Header()] = None
+) -> None:
     """Enforce ``Authorization: Bearer <key>`` when ``VITEDIT_API_KEYS`` is set."""
     keys = settings.keys
     if not keys:

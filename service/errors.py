@@ -73,14 +73,20 @@ async def _named_error(request: Request, exc: Exception) -> JSONResponse:
     if status >= 500:
         log.error("%s %s -> %d: %s", request.method, request.url.path, status, exc)
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse({"detail": str(exc), "error": type(exc).__name__}, status_code=status,
-                        headers=headers)
+    return JSONResponse(
+        {"detail": str(exc), "error": type(exc).__name__}, status_code=status, headers=headers
+    )
 
 
 async def _redis_down(request: Request, exc: RedisError) -> JSONResponse:
     log.error("Redis unavailable: %s", exc)
-    return JSONResponse({"detail": f"the job queue (Redis) is unavailable: {exc}; retry later",
-                         "error": "QueueUnavailable"}, status_code=503)
+    return JSONResponse(
+        {
+            "detail": f"the job queue (Redis) is unavailable: {exc}; retry later",
+            "error": "QueueUnavailable",
+        },
+        status_code=503,
+    )
 
 
 def install(app: FastAPI) -> None:

@@ -44,8 +44,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.store = Store(settings.store)
     app.state.jobs = JobClient(redis)
     watchdog = asyncio.create_task(_watchdog(redis))
-    log.info("API ready: store %s, redis %s, auth %s", settings.store, settings.redis_url,
-             "on" if settings.keys else "off")
+    log.info(
+        "API ready: store %s, redis %s, auth %s",
+        settings.store,
+        settings.redis_url,
+        "on" if settings.keys else "off",
+    )
     try:
         yield
     finally:
@@ -56,9 +60,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def create_app(settings: ApiSettings | None = None) -> FastAPI:
-    app = FastAPI(title="vitedit", version="1", lifespan=lifespan,
-                  description="Repair the mistakes of a pretrained ViT: submit failure images and "
-                              "their labels, get back a versioned sparse patch and a report.")
+    app = FastAPI(
+        title="vitedit",
+        version="1",
+        lifespan=lifespan,
+        description="Repair the mistakes of a pretrained ViT: submit failure images and "
+        "their labels, get back a versioned sparse patch and a report.",
+    )
     app.state.settings = settings or ApiSettings()
     errors.install(app)
     auth = [Depends(require_api_key)]

@@ -45,8 +45,9 @@ def check_image(upload: UploadFile, settings: ApiSettings) -> CheckedImage:
     name = upload.filename or "upload"
     data = upload.file.read(settings.max_image_bytes + 1)
     if len(data) > settings.max_image_bytes:
-        raise PayloadTooLarge(f"{name} is larger than {settings.max_image_bytes} bytes; "
-                              "send a smaller image")
+        raise PayloadTooLarge(
+            f"{name} is larger than {settings.max_image_bytes} bytes; send a smaller image"
+        )
     if not data:
         raise DataError(f"{name} is empty; send an image file (PNG, JPEG, ...)")
     try:
@@ -55,23 +56,27 @@ def check_image(upload: UploadFile, settings: ApiSettings) -> CheckedImage:
             with Image.open(io.BytesIO(data)) as im:
                 pixels = im.size[0] * im.size[1]
                 if pixels > settings.max_image_pixels:
-                    raise PayloadTooLarge(f"{name} has {pixels} pixels, more than the "
-                                          f"{settings.max_image_pixels} allowed")
+                    raise PayloadTooLarge(
+                        f"{name} has {pixels} pixels, more than the "
+                        f"{settings.max_image_pixels} allowed"
+                    )
                 im.verify()
             with Image.open(io.BytesIO(data)) as im:
                 im.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise PayloadTooLarge(f"{name}: {exc}") from exc
     except (OSError, ValueError, SyntaxError) as exc:
-        raise DataError(f"{name} is not a readable image ({exc}); send a PNG, JPEG, BMP, WebP, "
-                        "GIF or TIFF file") from exc
+        raise DataError(
+            f"{name} is not a readable image ({exc}); send a PNG, JPEG, BMP, WebP, GIF or TIFF file"
+        ) from exc
     return CheckedImage(name, data)
 
 
 def check_images(uploads: list[UploadFile], settings: ApiSettings, role: str) -> list[CheckedImage]:
     if len(uploads) > settings.max_images:
-        raise PayloadTooLarge(f"{len(uploads)} {role} images; at most {settings.max_images} "
-                              "per request")
+        raise PayloadTooLarge(
+            f"{len(uploads)} {role} images; at most {settings.max_images} per request"
+        )
     return [check_image(u, settings) for u in uploads]
 
 
@@ -80,8 +85,9 @@ def check_labels(labels: list[str], n_images: int, entry: ModelEntry) -> list[in
     if not labels:
         raise DataError("give the target label: a class index or a class name ('label' field)")
     if len(labels) not in (1, n_images):
-        raise DataError(f"{len(labels)} labels for {n_images} images: give one label for all, "
-                        "or one per image")
+        raise DataError(
+            f"{len(labels)} labels for {n_images} images: give one label for all, or one per image"
+        )
     targets = [entry.label_index(label) for label in labels]
     return targets * n_images if len(targets) == 1 else targets
 
@@ -90,23 +96,29 @@ def check_method(entry: ModelEntry, method: str | None) -> str:
     method = method or entry.default_method
     info = entry.methods.get(method)
     if info is None:
-        raise UnknownMethodError(f"unknown method {method!r} for model {entry.name!r}; choose one "
-                                 f"of {sorted(entry.methods)}")
+        raise UnknownMethodError(
+            f"unknown method {method!r} for model {entry.name!r}; choose one "
+            f"of {sorted(entry.methods)}"
+        )
     if info.needs_hypernetwork and not entry.hypernetwork:
         usable = sorted(m for m, i in entry.methods.items() if not i.needs_hypernetwork)
-        raise EditConfigError(f"method {method!r} needs a hypernetwork, and model {entry.name!r} "
-                              f"has none registered; choose one of {usable}")
+        raise EditConfigError(
+            f"method {method!r} needs a hypernetwork, and model {entry.name!r} "
+            f"has none registered; choose one of {usable}"
+        )
     return method
 
 
-def check_options(entry: ModelEntry, method: str, given: dict[str, Any],
-                  settings: ApiSettings) -> dict[str, Any]:
+def check_options(
+    entry: ModelEntry, method: str, given: dict[str, Any], settings: ApiSettings
+) -> dict[str, Any]:
     """Type-check options against the method's defaults and range-check the common ones."""
     known = entry.methods[method].options
     unknown = sorted(set(given) - set(known))
     if unknown:
-        raise EditConfigError(f"method {method!r} has no option(s) {unknown}; it takes "
-                              f"{sorted(known)}")
+        raise EditConfigError(
+            f"method {method!r} has no option(s) {unknown}; it takes {sorted(known)}"
+        )
     clean = {}
     for key, value in given.items():
         clean[key] = _coerce(key, value, known[key])
@@ -142,8 +154,9 @@ def parse_options_json(text: str | None) -> dict[str, Any]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise EditConfigError(f"'options' must be a JSON object, e.g. {{\"c\": 0.01}} "
-                              f"({exc})") from exc
+        raise EditConfigError(
+            f"'options' must be a JSON object, e.g. {{\"c\": 0.01}} ({exc})"
+        ) from exc
     if not isinstance(data, dict):
         raise EditConfigError("'options' must be a JSON object, e.g. {\"c\": 0.01}")
     return data
@@ -170,9 +183,17 @@ class CheckedEdit:
         return digest.hexdigest()
 
 
-def check_edit(store: Store, settings: ApiSettings, images: list[UploadFile],
-               holdout: list[UploadFile], labels: list[str], model: str, method: str | None,
-               given: dict[str, Any], options_json: str | None) -> CheckedEdit:
+def check_edit(
+    store: Store,
+    settings: ApiSettings,
+    images: list[UploadFile],
+    holdout: list[UploadFile],
+    labels: list[str],
+    model: str,
+    method: str | None,
+    given: dict[str, Any],
+    options_json: str | None,
+) -> CheckedEdit:
     """Check a POST /v1/edits request (model, images, labels, method, options) as a whole."""
     ref = store.resolve(model)
     entry = store.model(ref.model)

@@ -68,8 +68,9 @@ def make_tiny_backbone(folder: Path) -> Path:
     model = create_model(tiny_manifest())
     weights = folder / "tiny.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
-    manifest = tiny_manifest(weights=str(weights), weights_sha256=sha256_file(weights),
-                             class_names=TINY_CLASSES)
+    manifest = tiny_manifest(
+        weights=str(weights), weights_sha256=sha256_file(weights), class_names=TINY_CLASSES
+    )
     BackboneManifest(**{**manifest.__dict__, "base_dir": None}).write(folder / "tiny.json")
     return folder / "tiny.json"
 
@@ -83,8 +84,11 @@ def make_benchmark(folder: Path) -> dict[str, str]:
     (folder / "locality").mkdir(parents=True, exist_ok=True)
     for i in range(8):
         (folder / "locality" / f"{i}.png").write_bytes(png(300 + i))
-    return {"kind": "folders", "groups": str(folder / "groups"),
-            "locality": str(folder / "locality")}
+    return {
+        "kind": "folders",
+        "groups": str(folder / "groups"),
+        "locality": str(folder / "locality"),
+    }
 
 
 def tiny_store(root: Path) -> Store:
@@ -92,22 +96,35 @@ def tiny_store(root: Path) -> Store:
     from workers.registration import register_model
 
     store = Store(root / "store")
-    register_model(store, "tiny", make_tiny_backbone(root / "backbone"),
-                   benchmark=make_benchmark(root / "bench"), default_method="ft")
+    register_model(
+        store,
+        "tiny",
+        make_tiny_backbone(root / "backbone"),
+        benchmark=make_benchmark(root / "bench"),
+        default_method="ft",
+    )
     return store
 
 
 @contextmanager
 def worker_process(redis_url: str, store_root: Path) -> Iterator[subprocess.Popen]:
     """A real ``python -m workers.main`` process, ready (heartbeat seen) when the block starts."""
-    env = {**os.environ, "VITEDIT_REDIS_URL": redis_url, "VITEDIT_STORE": str(store_root),
-           "VITEDIT_TORCH_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "workers.main"], env=env,
-                            start_new_session=True)
+    env = {
+        **os.environ,
+        "VITEDIT_REDIS_URL": redis_url,
+        "VITEDIT_STORE": str(store_root),
+        "VITEDIT_TORCH_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+    }
+    proc = subprocess.Popen([sys.executable, "-m", "workers.main"], env=env, start_new_session=True)
     try:
         jobs = JobClient(Redis.from_url(redis_url))
-        launcher.wait_until(lambda: bool(jobs.live_workers()), WORKER_START_S, "the worker",
-                            alive=lambda: proc.poll() is None)
+        launcher.wait_until(
+            lambda: bool(jobs.live_workers()),
+            WORKER_START_S,
+            "the worker",
+            alive=lambda: proc.poll() is None,
+        )
         yield proc
     finally:
         if proc.poll() is None:

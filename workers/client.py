@@ -121,19 +121,38 @@ class JobClient:
     # ------------------------------------------------------------------ submit
 
     def submit_edit(self, payload: EditPayload, job_id: str | None = None) -> JobView:
-        meta = {"kind": "edit", "model": payload.model, "parent": payload.parent,
-                "method": payload.method, "max_steps": payload.max_steps, "phase": None}
+        meta = {
+            "kind": "edit",
+            "model": payload.model,
+            "parent": payload.parent,
+            "method": payload.method,
+            "max_steps": payload.max_steps,
+            "phase": None,
+        }
         job = self.edits.enqueue_call(
-            JOB_FUNCS["edit"], args=(payload.model_dump(mode="json"),),
-            job_id=job_id or new_job_id(), meta=meta, timeout=S.EDIT_JOB_TIMEOUT_S,
-            ttl=S.QUEUED_TTL_S, result_ttl=S.RESULT_TTL_S, failure_ttl=S.FAILURE_TTL_S,
+            JOB_FUNCS["edit"],
+            args=(payload.model_dump(mode="json"),),
+            job_id=job_id or new_job_id(),
+            meta=meta,
+            timeout=S.EDIT_JOB_TIMEOUT_S,
+            ttl=S.QUEUED_TTL_S,
+            result_ttl=S.RESULT_TTL_S,
+            failure_ttl=S.FAILURE_TTL_S,
         )
-        log.info("queued edit %s of %s@%s (%s)", job.id, payload.model, payload.parent,
-                 payload.method)
-        return JobView(id=job.id, kind="edit", state=JobState.QUEUED, model=payload.model,
-                       parent=payload.parent, method=payload.method, max_steps=payload.max_steps,
-                       position=self.edits.get_job_position(job.id) or 0,
-                       created_at=_iso(job.enqueued_at or job.created_at))
+        log.info(
+            "queued edit %s of %s@%s (%s)", job.id, payload.model, payload.parent, payload.method
+        )
+        return JobView(
+            id=job.id,
+            kind="edit",
+            state=JobState.QUEUED,
+            model=payload.model,
+            parent=payload.parent,
+            method=payload.method,
+            max_steps=payload.max_steps,
+            position=self.edits.get_job_position(job.id) or 0,
+            created_at=_iso(job.enqueued_at or job.created_at),
+        )
 
     def claim_idempotency_key(self, key: str, body_sha256: str) -> tuple[str, bool]:
         """(job id, new?) for an Idempotency-Key: the first request with a key claims a job id.
@@ -148,7 +167,8 @@ class JobClient:
         if stored.get("body") != body_sha256:
             raise IdempotencyConflict(
                 f"Idempotency-Key {key!r} was already used with a different request body; "
-                "use a new key for a new request")
+                "use a new key for a new request"
+            )
         return stored["job"], False
 
     def release_idempotency_key(self, key: str) -> None:
@@ -158,9 +178,15 @@ class JobClient:
     def run_short(self, payload: Payload, timeout_s: float) -> Any:
         """Run a predict/materialise job ahead of the edits and wait for its result."""
         job = self.high.enqueue_call(
-            JOB_FUNCS[payload.kind], args=(payload.model_dump(mode="json"),), job_id=new_job_id(),
-            meta={"kind": payload.kind}, timeout=S.SHORT_JOB_TIMEOUT_S, ttl=max(1, int(timeout_s)),
-            result_ttl=S.SHORT_RESULT_TTL_S, failure_ttl=S.SHORT_RESULT_TTL_S, at_front=True,
+            JOB_FUNCS[payload.kind],
+            args=(payload.model_dump(mode="json"),),
+            job_id=new_job_id(),
+            meta={"kind": payload.kind},
+            timeout=S.SHORT_JOB_TIMEOUT_S,
+            ttl=max(1, int(timeout_s)),
+            result_ttl=S.SHORT_RESULT_TTL_S,
+            failure_ttl=S.SHORT_RESULT_TTL_S,
+            at_front=True,
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -172,8 +198,10 @@ class JobClient:
             time.sleep(0.02)
         if job.get_status(refresh=True) == JobStatus.QUEUED:
             job.cancel()
-        raise JobTimeout(f"no worker finished the {payload.kind} job within {timeout_s:.0f} s; "
-                         "the workers are busy or down (see GET /readyz); retry later")
+        raise JobTimeout(
+            f"no worker finished the {payload.kind} job within {timeout_s:.0f} s; "
+            "the workers are busy or down (see GET /readyz); retry later"
+        )
 
     # ------------------------------------------------------------------ follow
 
@@ -190,12 +218,21 @@ class JobClient:
         result = (job.return_value() or {}) if status == JobStatus.FINISHED else {}
         state = _state(status, meta, result)
         view = JobView(
-            id=job.id, kind=meta.get("kind", "edit"), state=state, model=meta.get("model"),
-            parent=meta.get("parent"), method=meta.get("method"), phase=meta.get("phase"),
-            step=meta.get("step"), max_steps=meta.get("max_steps"), loss=meta.get("loss"),
+            id=job.id,
+            kind=meta.get("kind", "edit"),
+            state=state,
+            model=meta.get("model"),
+            parent=meta.get("parent"),
+            method=meta.get("method"),
+            phase=meta.get("phase"),
+            step=meta.get("step"),
+            max_steps=meta.get("max_steps"),
+            loss=meta.get("loss"),
             cancel_requested=bool(self.redis.exists(cancel_key(job.id))),
-            created_at=_iso(job.enqueued_at or job.created_at), started_at=_iso(job.started_at),
-            ended_at=_iso(job.ended_at), version=result.get("version"),
+            created_at=_iso(job.enqueued_at or job.created_at),
+            started_at=_iso(job.started_at),
+            ended_at=_iso(job.ended_at),
+            version=result.get("version"),
         )
         if state == JobState.QUEUED:  # None: a worker is taking it right now
             view.position = self.edits.get_job_position(job.id) or 0
@@ -231,7 +268,7 @@ class JobClient:
     def live_workers(self) -> list[str]:
         """Workers whose heartbeat key is fresh (written by :mod:`workers.main`)."""
         prefix = worker_key("")
-        return sorted(k.decode()[len(prefix):] for k in self.redis.scan_iter(f"{prefix}*"))
+        return sorted(k.decode()[len(prefix) :] for k in self.redis.scan_iter(f"{prefix}*"))
 
 
 def _state(status: JobStatus, meta: dict[str, Any], result: dict[str, Any]) -> JobState:
@@ -276,8 +313,11 @@ def reap_dead_jobs(redis: Redis, grace_s: float = S.HEARTBEAT_TTL_S) -> list[str
         if reaped:
             registry.cleanup()
     for job_id in reaped:
-        log.warning("job %s lost its worker (no heartbeat for %d s): marked failed",
-                    job_id, S.HEARTBEAT_TTL_S)
+        log.warning(
+            "job %s lost its worker (no heartbeat for %d s): marked failed",
+            job_id,
+            S.HEARTBEAT_TTL_S,
+        )
     return reaped
 
 
@@ -300,6 +340,8 @@ def _mark_dead(redis: Redis, job_id: str) -> None:
         job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
     except NoSuchJobError:
         return
-    job.meta["error"] = ("the worker running this job stopped (killed or crashed) before it "
-                         "finished; nothing was stored. Submit the edit again.")
+    job.meta["error"] = (
+        "the worker running this job stopped (killed or crashed) before it "
+        "finished; nothing was stored. Submit the edit again."
+    )
     job.save_meta()

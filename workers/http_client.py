@@ -1,9 +1,9 @@
 """A small typed client of the vitedit HTTP API (httpx, torch-free). Used by ``vitedit edit``.
 
-    client = ViteditClient("http://127.0.0.1:8000")
-    job = client.submit_edit([Path("shoe.png")], ["Sneaker"], model="demo-vit@latest")
-    job = client.wait(job["id"])
-    client.download(job["links"]["patch"], Path("patch.safetensors"))
+client = ViteditClient("http://127.0.0.1:8000")
+job = client.submit_edit([Path("shoe.png")], ["Sneaker"], model="demo-vit@latest")
+job = client.wait(job["id"])
+client.download(job["links"]["patch"], Path("patch.safetensors"))
 """
 
 from __future__ import annotations
@@ -30,12 +30,18 @@ class ApiError(Exception):
 
 
 class ViteditClient:
-    def __init__(self, base_url: str, api_key: str | None = None, timeout_s: float = 120.0,
-                 http: httpx.Client | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        timeout_s: float = 120.0,
+        http: httpx.Client | None = None,
+    ) -> None:
         """``http``: an httpx client to use instead of a new one (e.g. FastAPI's TestClient)."""
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = http or httpx.Client(base_url=base_url.rstrip("/"), headers=headers,
-                                         timeout=timeout_s)
+        self.http = http or httpx.Client(
+            base_url=base_url.rstrip("/"), headers=headers, timeout=timeout_s
+        )
 
     def close(self) -> None:
         self.http.close()
@@ -46,15 +52,22 @@ class ViteditClient:
                 detail = response.json().get("detail", response.text)
             except (ValueError, AttributeError):
                 detail = response.text
-            raise ApiError(response.status_code, detail if isinstance(detail, str)
-                           else json.dumps(detail))
+            raise ApiError(
+                response.status_code, detail if isinstance(detail, str) else json.dumps(detail)
+            )
         return response.json()
 
     # ------------------------------------------------------------------ edits
 
-    def submit_edit(self, images: list[Path], labels: list[str], model: str,
-                    holdout: list[Path] | None = None, options: dict[str, Any] | None = None,
-                    idempotency_key: str | None = None) -> dict[str, Any]:
+    def submit_edit(
+        self,
+        images: list[Path],
+        labels: list[str],
+        model: str,
+        holdout: list[Path] | None = None,
+        options: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
         """POST /v1/edits; ``options`` may hold method, rho, max_steps, seed, lr and others."""
         options = dict(options or {})
         form: dict[str, Any] = {"label": labels, "model": model}
@@ -67,17 +80,23 @@ class ViteditClient:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         with ExitStack() as stack:
             files = [("images", (p.name, stack.enter_context(open(p, "rb")))) for p in images]
-            files += [("holdout", (p.name, stack.enter_context(open(p, "rb"))))
-                      for p in holdout or []]
-            return self._json(self.http.post("/v1/edits", data=form, files=files,
-                                              headers=headers))
+            files += [
+                ("holdout", (p.name, stack.enter_context(open(p, "rb")))) for p in holdout or []
+            ]
+            return self._json(self.http.post("/v1/edits", data=form, files=files, headers=headers))
 
     def edit(self, job_id: str, wait_s: float = 0) -> dict[str, Any]:
-        return self._json(self.http.get(f"/v1/edits/{job_id}", params={"wait": wait_s},
-                                        timeout=wait_s + 30))
+        return self._json(
+            self.http.get(f"/v1/edits/{job_id}", params={"wait": wait_s}, timeout=wait_s + 30)
+        )
 
-    def wait(self, job_id: str, on_update: Callable[[dict[str, Any]], None] | None = None,
-             poll_s: float = 1.0, timeout_s: float = 3600) -> dict[str, Any]:
+    def wait(
+        self,
+        job_id: str,
+        on_update: Callable[[dict[str, Any]], None] | None = None,
+        poll_s: float = 1.0,
+        timeout_s: float = 3600,
+    ) -> dict[str, Any]:
         """Long-poll until the job ends, calling ``on_update`` with each state seen."""
         deadline = time.monotonic() + timeout_s
         job = self.edit(job_id)
@@ -106,8 +125,9 @@ class ViteditClient:
     def predict(self, model: str, version: str, images: list[Path]) -> dict[str, Any]:
         with ExitStack() as stack:
             files = [("images", (p.name, stack.enter_context(open(p, "rb")))) for p in images]
-            return self._json(self.http.post(f"/v1/models/{model}/versions/{version}/predict",
-                                             files=files))
+            return self._json(
+                self.http.post(f"/v1/models/{model}/versions/{version}/predict", files=files)
+            )
 
     def download(self, path: str, out: Path) -> str:
         """Stream a file to ``out`` (atomically), checking the server's X-Content-SHA256."""
@@ -125,8 +145,11 @@ class ViteditClient:
             expected = response.headers.get("x-content-sha256")
         if expected and expected != digest.hexdigest():
             tmp.unlink(missing_ok=True)
-            raise ApiError(502, f"downloaded {path} has sha256 {digest.hexdigest()[:16]}..., "
-                                f"the server announced {expected[:16]}...: retry")
+            raise ApiError(
+                502,
+                f"downloaded {path} has sha256 {digest.hexdigest()[:16]}..., "
+                f"the server announced {expected[:16]}...: retry",
+            )
         tmp.replace(out)
         return digest.hexdigest()
 

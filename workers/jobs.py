@@ -19,10 +19,12 @@ def edit(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def predict(payload: dict[str, Any]) -> dict[str, Any]:
-    return tasks.predict(runtime.current(), PredictPayload.model_validate(payload),
-                         get_current_job())
+    return tasks.predict(
+        runtime.current(), PredictPayload.model_validate(payload), get_current_job()
+    )
 
 
 def materialise(payload: dict[str, Any]) -> dict[str, Any]:
-    return tasks.materialise(runtime.current(), MaterialisePayload.model_validate(payload),
-                             get_current_job())
+    return tasks.materialise(
+        runtime.current(), MaterialisePayload.model_validate(payload), get_current_job()
+    )

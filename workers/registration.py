@@ -36,11 +36,17 @@ def editor_infos(defaults: dict[str, Any] | None = None) -> dict[str, MethodInfo
     from models.editing.registry import EDITORS
 
     defaults = defaults or {}
-    return {name: MethodInfo(
-        options={f.name: _jsonable(defaults.get(f.name, f.default))
-                 for f in dataclasses.fields(ed.config_cls)},
-        needs_hypernetwork=ed.needs_hypernetwork, description=ed.description,
-    ) for name, ed in sorted(EDITORS.items())}
+    return {
+        name: MethodInfo(
+            options={
+                f.name: _jsonable(defaults.get(f.name, f.default))
+                for f in dataclasses.fields(ed.config_cls)
+            },
+            needs_hypernetwork=ed.needs_hypernetwork,
+            description=ed.description,
+        )
+        for name, ed in sorted(EDITORS.items())
+    }
 
 
 def _backbone_identity(manifest: BackboneManifest) -> tuple[str, int]:
@@ -56,9 +62,16 @@ def _backbone_identity(manifest: BackboneManifest) -> tuple[str, int]:
     return backbone.weights_sha256, backbone.num_classes
 
 
-def register_model(store: Store, name: str, backbone: Path, *, hypernetwork: Path | None = None,
-                   benchmark: dict[str, Any] | None = None, default_method: str | None = None,
-                   blocks: tuple[int, ...] | None = None) -> ModelEntry:
+def register_model(
+    store: Store,
+    name: str,
+    backbone: Path,
+    *,
+    hypernetwork: Path | None = None,
+    benchmark: dict[str, Any] | None = None,
+    default_method: str | None = None,
+    blocks: tuple[int, ...] | None = None,
+) -> ModelEntry:
     """Write (or replace) the entry of model ``name`` in the store's registry."""
     manifest = BackboneManifest.read(backbone)
     sha, num_classes = _backbone_identity(manifest)
@@ -69,26 +82,42 @@ def register_model(store: Store, name: str, backbone: Path, *, hypernetwork: Pat
         hyper = read_manifest(hypernetwork)
         check_compatible(hyper, sha, None)
         hypernetwork_id = hyper["weights_sha256"]
-    shared = {k: v for k, v in (manifest.extra.get("edit_defaults") or {}).items()
-              if k in SHARED_DEFAULTS}
+    shared = {
+        k: v for k, v in (manifest.extra.get("edit_defaults") or {}).items() if k in SHARED_DEFAULTS
+    }
     methods = editor_infos(shared)
     default = default_method or (DEFAULT_METHOD if hypernetwork is not None else FALLBACK_METHOD)
     if default not in methods:
-        raise UnknownMethodError(f"default method {default!r} is not registered; "
-                                 f"choose one of {sorted(methods)}")
+        raise UnknownMethodError(
+            f"default method {default!r} is not registered; choose one of {sorted(methods)}"
+        )
     if methods[default].needs_hypernetwork and hypernetwork is None:
         raise EditConfigError(f"default method {default!r} needs a hypernetwork")
     classes = manifest.class_names or tuple(str(i) for i in range(num_classes))
     entry = ModelEntry(
-        name=name, backbone=str(Path(backbone).resolve()), weights_sha256=sha,
-        num_classes=num_classes, class_names=tuple(classes), default_method=default,
-        methods=methods, hypernetwork=str(Path(hypernetwork).resolve()) if hypernetwork else None,
-        hypernetwork_id=hypernetwork_id, benchmark=benchmark or {}, blocks=blocks,
-        registered_at=utc_now(), backbone_name=manifest.name, timm_name=manifest.timm_name,
+        name=name,
+        backbone=str(Path(backbone).resolve()),
+        weights_sha256=sha,
+        num_classes=num_classes,
+        class_names=tuple(classes),
+        default_method=default,
+        methods=methods,
+        hypernetwork=str(Path(hypernetwork).resolve()) if hypernetwork else None,
+        hypernetwork_id=hypernetwork_id,
+        benchmark=benchmark or {},
+        blocks=blocks,
+        registered_at=utc_now(),
+        backbone_name=manifest.name,
+        timm_name=manifest.timm_name,
     )
     store.register_model(entry)
-    log.info("registered model %s (backbone %s, default method %s, hypernetwork %s)", name,
-             manifest.name, default, hypernetwork_id[:12] if hypernetwork_id else None)
+    log.info(
+        "registered model %s (backbone %s, default method %s, hypernetwork %s)",
+        name,
+        manifest.name,
+        default,
+        hypernetwork_id[:12] if hypernetwork_id else None,
+    )
     return entry
 
 
@@ -112,11 +141,19 @@ def register_demo(store: Store) -> ModelEntry:
     benchmark = {"kind": "demo"} if demo_world.WORLD_FILE.is_file() else {}
     hypernetwork = DEMO_DIR if (DEMO_DIR / MANIFEST_FILE).is_file() else None
     try:
-        return register_model(store, DEMO_MODEL, demo_world.BACKBONE_MANIFEST,
-                              hypernetwork=hypernetwork, benchmark=benchmark)
+        return register_model(
+            store,
+            DEMO_MODEL,
+            demo_world.BACKBONE_MANIFEST,
+            hypernetwork=hypernetwork,
+            benchmark=benchmark,
+        )
     except HypernetworkMismatchError as exc:
-        log.warning("the shipped demo hypernetwork does not fit the demo backbone (%s); "
-                    "registering demo-vit without it", exc)
+        log.warning(
+            "the shipped demo hypernetwork does not fit the demo backbone (%s); "
+            "registering demo-vit without it",
+            exc,
+        )
         return register_model(store, DEMO_MODEL, demo_world.BACKBONE_MANIFEST, benchmark=benchmark)
 
 
@@ -135,8 +172,11 @@ def _random_demo_backbone(folder: Path) -> Path:
     torch.manual_seed(0)
     model = create_model(demo_manifest(weights=None))
     weights = folder / "backbone.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights),
-              metadata={"note": "random init stand-in for the demo backbone"})
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        str(weights),
+        metadata={"note": "random init stand-in for the demo backbone"},
+    )
     manifest = demo_manifest(weights=weights.name, sha=sha256_file(weights))
     BackboneManifest(**{**manifest.__dict__, "base_dir": None}).write(path)
     return path

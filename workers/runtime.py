@@ -96,8 +96,10 @@ class LoadedModel:
 
     def tokens(self, images: list[Image.Image], batch: int = 256) -> torch.Tensor:
         """Prefix tokens (N, T, D) of PIL images, preprocessed in batches."""
-        chunks = [self.split.prefix(self.backbone.preprocess(images[i : i + batch]))
-                  for i in range(0, len(images), batch)]
+        chunks = [
+            self.split.prefix(self.backbone.preprocess(images[i : i + batch]))
+            for i in range(0, len(images), batch)
+        ]
         return torch.cat(chunks)
 
 
@@ -169,9 +171,11 @@ class Runtime:
         start = time.perf_counter()
         backbone = load_backbone(entry.backbone_manifest(), self.device)
         if backbone.weights_sha256 != entry.weights_sha256:
-            raise IntegrityError(f"backbone of {entry.name} has sha256 "
-                                 f"{backbone.weights_sha256[:16]}..., the registry says "
-                                 f"{entry.weights_sha256[:16]}...")
+            raise IntegrityError(
+                f"backbone of {entry.name} has sha256 "
+                f"{backbone.weights_sha256[:16]}..., the registry says "
+                f"{entry.weights_sha256[:16]}..."
+            )
         hypernetwork = None
         if entry.hypernetwork:
             from models.hypernetwork import Hypernetwork, recorded_sites
@@ -184,8 +188,14 @@ class Runtime:
         base = [p.detach().clone() for p in sites.params(backbone.model)]
         loaded = LoadedModel(entry, backbone, sites, split, hypernetwork, base, None, None, [])
         self._load_benchmark(loaded)
-        log.info("model %s ready in %.1f s on %s (sites %s, hypernetwork %s)", entry.name,
-                 time.perf_counter() - start, self.device, list(sites.mlps), bool(hypernetwork))
+        log.info(
+            "model %s ready in %.1f s on %s (sites %s, hypernetwork %s)",
+            entry.name,
+            time.perf_counter() - start,
+            self.device,
+            list(sites.mlps),
+            bool(hypernetwork),
+        )
         return loaded
 
     def _load_benchmark(self, loaded: LoadedModel) -> None:
@@ -202,9 +212,12 @@ class Runtime:
             return
         loaded.locality = TokenSet(loaded.tokens(benchmark.locality))
         loaded.locality_root_preds = predictions(loaded.split, loaded.locality.tokens).cpu()
-        loaded.groups = [BenchmarkGroup(g.label, loaded.tokens(g.images),
-                                        tuple(pixel_key(im) for im in g.images))
-                         for g in benchmark.groups]
+        loaded.groups = [
+            BenchmarkGroup(
+                g.label, loaded.tokens(g.images), tuple(pixel_key(im) for im in g.images)
+            )
+            for g in benchmark.groups
+        ]
 
     # ------------------------------------------------------------------ versions
 
@@ -233,8 +246,10 @@ class Runtime:
             return self.versions[key]
         patch, meta = Patch.load(self.store.version_file(key[0], version, PATCH_FILE))
         if meta.get("backbone_sha256") != loaded.entry.weights_sha256:
-            raise IntegrityError(f"{key[0]}@{version} was made for other base weights "
-                                 f"({str(meta.get('backbone_sha256'))[:16]}...)")
+            raise IntegrityError(
+                f"{key[0]}@{version} was made for other base weights "
+                f"({str(meta.get('backbone_sha256'))[:16]}...)"
+            )
         backup = patch.apply(loaded.model)
         try:
             weights = [p.detach().clone() for p in loaded.sites.params(loaded.model)]
@@ -245,24 +260,32 @@ class Runtime:
             self.versions.popitem(last=False)
         return weights
 
-    def report_sets(self, loaded: LoadedModel, edit: TokenSet, edit_keys: set[str],
-                    holdout: TokenSet | None, lineage: list[VersionManifest]) -> ReportSets:
+    def report_sets(
+        self,
+        loaded: LoadedModel,
+        edit: TokenSet,
+        edit_keys: set[str],
+        holdout: TokenSet | None,
+        lineage: list[VersionManifest],
+    ) -> ReportSets:
         """Edit, GR, locality and retention sets of one edit (see :mod:`models.reports`)."""
         source = "request" if holdout is not None else None
         if holdout is None:
             holdout = _benchmark_holdout(loaded.groups, set(edit.targets.tolist()), edit_keys)
             source = "benchmark" if holdout is not None else None
         retention = {m.version: self._retention_tokens(loaded, m) for m in lineage}
-        return ReportSets(edit, holdout, source, loaded.locality, loaded.locality_root_preds,
-                          retention)
+        return ReportSets(
+            edit, holdout, source, loaded.locality, loaded.locality_root_preds, retention
+        )
 
     def _retention_tokens(self, loaded: LoadedModel, manifest: VersionManifest) -> TokenSet:
         key = (manifest.model, manifest.version)
         if key not in self.retention_tokens:
             records = manifest.edit_images
             images = [open_image(self.store.version_file(key[0], key[1], r.file)) for r in records]
-            self.retention_tokens[key] = TokenSet(loaded.tokens(images),
-                                                  torch.tensor([r.target for r in records]))
+            self.retention_tokens[key] = TokenSet(
+                loaded.tokens(images), torch.tensor([r.target for r in records])
+            )
         return self.retention_tokens[key]
 
     # ------------------------------------------------------------------ job bookkeeping
@@ -280,15 +303,21 @@ class Runtime:
         except EditCanceled:
             raise
         except JobTimeoutException:
-            _fail(job, f"the job ran longer than {S.EDIT_JOB_TIMEOUT_S} s and was stopped; "
-                       "lower max_steps or send fewer images")
+            _fail(
+                job,
+                f"the job ran longer than {S.EDIT_JOB_TIMEOUT_S} s and was stopped; "
+                "lower max_steps or send fewer images",
+            )
             raise
         except VitEditError as exc:
             _fail(job, str(exc))
             raise
         except Exception as exc:
-            _fail(job, f"internal error ({type(exc).__name__}: {exc}); nothing was stored. "
-                       f"Report it with the job id")
+            _fail(
+                job,
+                f"internal error ({type(exc).__name__}: {exc}); nothing was stored. "
+                f"Report it with the job id",
+            )
             raise
         finally:
             self.current_job = None
@@ -300,8 +329,9 @@ class Runtime:
                 torch.cuda.empty_cache()
 
 
-def _benchmark_holdout(groups: list[BenchmarkGroup], labels: set[int],
-                       exclude: set[str]) -> TokenSet | None:
+def _benchmark_holdout(
+    groups: list[BenchmarkGroup], labels: set[int], exclude: set[str]
+) -> TokenSet | None:
     """The registered groups of these labels, without the edit images themselves (capped)."""
     tokens, targets = [], []
     for group in groups:
@@ -311,8 +341,9 @@ def _benchmark_holdout(groups: list[BenchmarkGroup], labels: set[int],
             targets.append(torch.full((int(keep.sum()),), group.label))
     if not tokens or not sum(len(t) for t in tokens):
         return None
-    return TokenSet(torch.cat(tokens)[:MAX_BENCHMARK_HOLDOUT],
-                    torch.cat(targets)[:MAX_BENCHMARK_HOLDOUT])
+    return TokenSet(
+        torch.cat(tokens)[:MAX_BENCHMARK_HOLDOUT], torch.cat(targets)[:MAX_BENCHMARK_HOLDOUT]
+    )
 
 
 def _fail(job: Job | None, reason: str) -> None:

@@ -42,8 +42,13 @@ def code_version() -> str:
     except PackageNotFoundError:
         base = "0+unknown"
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                             text=True, timeout=5, cwd=Path(__file__).parent).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         sha = ""
     return f"{base}+g{sha}" if sha else base
@@ -78,12 +83,19 @@ def _edit(rt: Runtime, payload: EditPayload, job: Job | None, progress: Progress
     holdouts = [im for im in payload.images if im.role == "holdout"]
     x = loaded.backbone.preprocess([images[im.path] for im in edits])
     y = torch.tensor([im.target for im in edits], device=loaded.backbone.device)
-    holdout = (TokenSet(loaded.tokens([images[im.path] for im in holdouts]),
-                        torch.tensor([im.target for im in holdouts])) if holdouts else None)
+    holdout = (
+        TokenSet(
+            loaded.tokens([images[im.path] for im in holdouts]),
+            torch.tensor([im.target for im in holdouts]),
+        )
+        if holdouts
+        else None
+    )
     lineage = rt.store.lineage(payload.model, payload.parent)
     edit_keys = {pixel_key(images[im.path]) for im in edits}
-    sets = rt.report_sets(loaded, TokenSet(loaded.split.prefix(x), y.cpu()), edit_keys, holdout,
-                          lineage)
+    sets = rt.report_sets(
+        loaded, TokenSet(loaded.split.prefix(x), y.cpu()), edit_keys, holdout, lineage
+    )
     with rt.activate(loaded, payload.parent):
         task = EditTask.build(loaded.model, loaded.sites, x, y, loaded.hypernetwork, loaded.split)
         before = predict_sets(loaded.split, sets)
@@ -94,14 +106,16 @@ def _edit(rt: Runtime, payload: EditPayload, job: Job | None, progress: Progress
         after, cumulative = _evaluate_new(loaded, outcome.patch, sets)
     progress.phase("saving")  # closes "evaluating" in progress.seconds
     facts = _edit_facts(payload, loaded, config, outcome, cumulative)
-    report = build_report(sets, before, after, facts, progress.seconds,
-                          peak_memory(loaded.backbone.device))
+    report = build_report(
+        sets, before, after, facts, progress.seconds, peak_memory(loaded.backbone.device)
+    )
     manifest = _save_version(rt, payload, job, loaded, config, cumulative, images, report)
     return {"version": manifest.version, "model": payload.model}
 
 
-def _evaluate_new(loaded: LoadedModel, patch: Patch,
-                  sets: ReportSets) -> tuple[dict[str, torch.Tensor], Patch]:
+def _evaluate_new(
+    loaded: LoadedModel, patch: Patch, sets: ReportSets
+) -> tuple[dict[str, torch.Tensor], Patch]:
     """Predictions of the new version and its patch over the base (cumulative over the lineage)."""
     backup = patch.apply(loaded.model)
     try:
@@ -112,8 +126,13 @@ def _evaluate_new(loaded: LoadedModel, patch: Patch,
         patch.revert(loaded.model, backup)
 
 
-def _edit_facts(payload: EditPayload, loaded: LoadedModel, config: EditConfig,
-                outcome: EditOutcome, cumulative: Patch) -> dict[str, Any]:
+def _edit_facts(
+    payload: EditPayload,
+    loaded: LoadedModel,
+    config: EditConfig,
+    outcome: EditOutcome,
+    cumulative: Patch,
+) -> dict[str, Any]:
     return {
         "method": payload.method,
         "optimiser": {"name": "RMSprop", **asdict(config)},
@@ -124,37 +143,67 @@ def _edit_facts(payload: EditPayload, loaded: LoadedModel, config: EditConfig,
         "edit_neurons": outcome.patch.n_neurons,
         "patch_neurons": cumulative.n_neurons,
         "sites": list(loaded.sites.mlps),
-        "extra": {k: v for k, v in outcome.extra.items()
-                  if isinstance(v, int | float | str | bool)},
+        "extra": {
+            k: v for k, v in outcome.extra.items() if isinstance(v, int | float | str | bool)
+        },
     }
 
 
-def _save_version(rt: Runtime, payload: EditPayload, job: Job | None, loaded: LoadedModel,
-                  config: EditConfig, patch: Patch, images: dict[str, Image.Image],
-                  report: dict[str, Any]) -> VersionManifest:
+def _save_version(
+    rt: Runtime,
+    payload: EditPayload,
+    job: Job | None,
+    loaded: LoadedModel,
+    config: EditConfig,
+    patch: Patch,
+    images: dict[str, Image.Image],
+    report: dict[str, Any],
+) -> VersionManifest:
     entry, manifest = loaded.entry, loaded.backbone.manifest
     with rt.store.begin_version(payload.model) as draft:
         records = _write_images(draft, payload, images)
-        provenance = {"model": payload.model, "version": draft.version,
-                      "parent": payload.parent or "", "method": payload.method,
-                      "config": json.dumps(asdict(config), sort_keys=True),
-                      "backbone": manifest.name, "backbone_sha256": entry.weights_sha256,
-                      "hypernetwork": entry.hypernetwork_id or "", "code_version": code_version()}
+        provenance = {
+            "model": payload.model,
+            "version": draft.version,
+            "parent": payload.parent or "",
+            "method": payload.method,
+            "config": json.dumps(asdict(config), sort_keys=True),
+            "backbone": manifest.name,
+            "backbone_sha256": entry.weights_sha256,
+            "hypernetwork": entry.hypernetwork_id or "",
+            "code_version": code_version(),
+        }
         patch.save(draft.dir / PATCH_FILE, metadata=provenance)
-        return draft.commit(VersionManifest(
-            version=draft.version, model=payload.model, parent=payload.parent,
-            backbone={"name": manifest.name, "timm_name": manifest.timm_name,
-                      "weights_sha256": entry.weights_sha256},
-            method=payload.method, config=asdict(config),
-            hypernetwork=entry.hypernetwork_id if get_editor(payload.method).needs_hypernetwork
-            else None,
-            sites=loaded.sites.to_json(), patch=[], files={}, images=records, report=report,
-            created_at=utc_now(), code_version=code_version(), job_id=job.id if job else None,
-        ))
+        return draft.commit(
+            VersionManifest(
+                version=draft.version,
+                model=payload.model,
+                parent=payload.parent,
+                backbone={
+                    "name": manifest.name,
+                    "timm_name": manifest.timm_name,
+                    "weights_sha256": entry.weights_sha256,
+                },
+                method=payload.method,
+                config=asdict(config),
+                hypernetwork=entry.hypernetwork_id
+                if get_editor(payload.method).needs_hypernetwork
+                else None,
+                sites=loaded.sites.to_json(),
+                patch=[],
+                files={},
+                images=records,
+                report=report,
+                created_at=utc_now(),
+                code_version=code_version(),
+                job_id=job.id if job else None,
+            )
+        )
 
 
-def _write_images(draft: VersionDraft, payload: EditPayload,
-                  images: dict[str, Image.Image]) -> list[ImageRecord]:
+def _write_images(
+    draft: VersionDraft, payload: EditPayload, images: dict[str, Image.Image]
+) -> list[ImageRecord]:
     """Keep the request's images with the version (as PNG): retention re-checks the edit ones."""
     (draft.dir / "images").mkdir()
     records, counts = [], {"edit": 0, "holdout": 0}
@@ -180,8 +229,14 @@ def predict(rt: Runtime, payload: PredictPayload, job: Job | None) -> dict[str, 
         top = probs.topk(min(payload.top_k, probs.shape[-1]), dim=-1)
         out = []
         for values, labels in zip(top.values.tolist(), top.indices.tolist(), strict=True):
-            ranked = [{"label": lab, "class_name": names[lab] if lab < len(names) else str(lab),
-                       "probability": round(p, 6)} for p, lab in zip(values, labels, strict=True)]
+            ranked = [
+                {
+                    "label": lab,
+                    "class_name": names[lab] if lab < len(names) else str(lab),
+                    "probability": round(p, 6),
+                }
+                for p, lab in zip(values, labels, strict=True)
+            ]
             out.append({**ranked[0], "top": ranked})
         return {"model": payload.model, "version": payload.version, "predictions": out}
 
@@ -193,14 +248,24 @@ def materialise(rt: Runtime, payload: MaterialisePayload, job: Job | None) -> di
         if cached is None:
             loaded = rt.load(payload.model)
             with rt.activate(loaded, payload.version):
-                state = {k: v.detach().to("cpu", copy=True).contiguous()  # copy: restored after
-                         for k, v in loaded.model.state_dict().items()}
-            meta = {"format": "vitedit.merged/1", "model": payload.model,
-                    "version": payload.version or "base",
-                    "backbone_sha256": loaded.entry.weights_sha256}
+                state = {
+                    k: v.detach().to("cpu", copy=True).contiguous()  # copy: restored after
+                    for k, v in loaded.model.state_dict().items()
+                }
+            meta = {
+                "format": "vitedit.merged/1",
+                "model": payload.model,
+                "version": payload.version or "base",
+                "backbone_sha256": loaded.entry.weights_sha256,
+            }
             cached = rt.store.put_cached_weights(
-                payload.model, payload.version,
-                lambda path: save_file(state, str(path), metadata=meta))
+                payload.model,
+                payload.version,
+                lambda path: save_file(state, str(path), metadata=meta),
+            )
         path, sha = cached
-        return {"path": str(path.relative_to(rt.store.root)), "sha256": sha,
-                "size": path.stat().st_size}
+        return {
+            "path": str(path.relative_to(rt.store.root)),
+            "sha256": sha,
+            "size": path.stat().st_size,
+        }

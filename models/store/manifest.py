@@ -200,8 +200,9 @@ class VersionManifest:
         data = dict(data)
         schema = data.pop("schema", None)
         if schema != VERSION_SCHEMA:
-            raise ManifestError(f"version manifest schema {schema} is not supported "
-                                f"(want {VERSION_SCHEMA})")
+            raise ManifestError(
+                f"version manifest schema {schema} is not supported (want {VERSION_SCHEMA})"
+            )
         _check_fields(cls, data, "version")
         data["images"] = [ImageRecord(**im) for im in data.get("images", [])]
         return cls(**data)
@@ -256,8 +257,9 @@ class ModelEntry:
         data = dict(data)
         schema = data.pop("schema", None)
         if schema != MODEL_SCHEMA:
-            raise ManifestError(f"model entry schema {schema} is not supported "
-                                f"(want {MODEL_SCHEMA})")
+            raise ManifestError(
+                f"model entry schema {schema} is not supported (want {MODEL_SCHEMA})"
+            )
         _check_fields(cls, data, "model entry")
         data["class_names"] = tuple(data["class_names"])
         data["methods"] = {k: MethodInfo(**v) for k, v in data["methods"].items()}
@@ -275,13 +277,17 @@ class ModelEntry:
             index = int(text)
             if 0 <= index < self.num_classes:
                 return index
-            raise DataError(f"label {index} is out of range: model {self.name!r} has classes "
-                            f"0..{self.num_classes - 1}")
+            raise DataError(
+                f"label {index} is out of range: model {self.name!r} has classes "
+                f"0..{self.num_classes - 1}"
+            )
         folded = {name.casefold(): i for i, name in enumerate(self.class_names)}
         if text.casefold() in folded:
             return folded[text.casefold()]
-        raise DataError(f"unknown label {text!r} for model {self.name!r}; use a class index "
-                        f"0..{self.num_classes - 1} or one of {list(self.class_names)}")
+        raise DataError(
+            f"unknown label {text!r} for model {self.name!r}; use a class index "
+            f"0..{self.num_classes - 1} or one of {list(self.class_names)}"
+        )
 
 
 def _check_fields(cls: type, data: dict[str, Any], what: str) -> None:
@@ -289,7 +295,10 @@ def _check_fields(cls: type, data: dict[str, Any], what: str) -> None:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ManifestError(f"unknown {what} manifest fields: {unknown}")
-    required = [n for n, f in cls.__dataclass_fields__.items()
-                if f.default is MISSING and f.default_factory is MISSING and n not in data]
+    required = [
+        n
+        for n, f in cls.__dataclass_fields__.items()
+        if f.default is MISSING and f.default_factory is MISSING and n not in data
+    ]
     if required:
         raise ManifestError(f"{what} manifest lacks fields {required}")

@@ -55,8 +55,10 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 def check_name(name: str, what: str) -> str:
     """Model, version, alias and upload names become paths: letters, digits, ``._-`` only."""
     if not isinstance(name, str) or not _NAME.match(name):
-        raise StoreError(f"invalid {what} {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
-                         "starting with a letter or digit")
+        raise StoreError(
+            f"invalid {what} {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
     return name
 
 
@@ -104,21 +106,27 @@ class VersionDraft:
             raise StoreError("the manifest names another version than the draft")
         if manifest.parent is not None:
             self.store.version(self.model, manifest.parent)  # the parent must exist
-        files = {p.relative_to(self.dir).as_posix(): sha256_file(p)
-                 for p in sorted(self.dir.rglob("*")) if p.is_file()}
+        files = {
+            p.relative_to(self.dir).as_posix(): sha256_file(p)
+            for p in sorted(self.dir.rglob("*"))
+            if p.is_file()
+        }
         if PATCH_FILE not in files:
             raise StoreError(f"a version needs a {PATCH_FILE}")
         tensors, _ = read_safetensors_header(self.dir / PATCH_FILE)
-        patch = [{"name": k, "shape": v["shape"], "dtype": v["dtype"]}
-                 for k, v in sorted(tensors.items())]
+        patch = [
+            {"name": k, "shape": v["shape"], "dtype": v["dtype"]}
+            for k, v in sorted(tensors.items())
+        ]
         manifest = replace(manifest, files=files, patch=patch)
         write_json_atomic(self.dir / MANIFEST_FILE, manifest.to_json())
         _fsync_tree(self.dir)
         final = self.store.version_dir(self.model, self.version)
         final.parent.mkdir(parents=True, exist_ok=True)
         if final.exists():
-            raise StoreError(f"version {self.version} of {self.model} exists: "
-                             "versions are immutable")
+            raise StoreError(
+                f"version {self.version} of {self.model} exists: versions are immutable"
+            )
         os.rename(self.dir, final)
         _fsync_dir(final.parent)
         self.committed = manifest
@@ -181,8 +189,9 @@ class Store:
         data = self._registry().get(name)
         if data is None:
             known = sorted(self._registry())
-            raise UnknownModelError(f"no model named {name!r}; registered models: "
-                                    f"{known or 'none'}")
+            raise UnknownModelError(
+                f"no model named {name!r}; registered models: {known or 'none'}"
+            )
         return ModelEntry.from_json(data)
 
     def _has_versions(self, model: str) -> bool:
@@ -210,12 +219,15 @@ class Store:
         folder = self.version_dir(model, version)
         if not (folder / MANIFEST_FILE).is_file():
             self.model(model)
-            raise UnknownVersionError(f"model {model!r} has no version {version!r}; list them with "
-                                      f"GET /v1/models/{model}/versions")
+            raise UnknownVersionError(
+                f"model {model!r} has no version {version!r}; list them with "
+                f"GET /v1/models/{model}/versions"
+            )
         manifest = VersionManifest.read(folder / MANIFEST_FILE)
         if manifest.version != version or manifest.model != model:
-            raise IntegrityError(f"{folder} holds the manifest of "
-                                 f"{manifest.model}@{manifest.version}")
+            raise IntegrityError(
+                f"{folder} holds the manifest of {manifest.model}@{manifest.version}"
+            )
         return manifest
 
     def versions(self, model: str) -> list[VersionManifest]:
@@ -316,12 +328,15 @@ class Store:
             return None
         expected = read_json(info)["sha256"]
         if sha256_file(path) != expected:
-            raise IntegrityError(f"cached weights of {model}@{version or BASE} are damaged; delete "
-                                 f"{folder} and download again to rebuild them")
+            raise IntegrityError(
+                f"cached weights of {model}@{version or BASE} are damaged; delete "
+                f"{folder} and download again to rebuild them"
+            )
         return path, expected
 
-    def put_cached_weights(self, model: str, version: str | None,
-                           write: Callable[[Path], None]) -> tuple[Path, str]:
+    def put_cached_weights(
+        self, model: str, version: str | None, write: Callable[[Path], None]
+    ) -> tuple[Path, str]:
         """Materialise once: ``write(tmp_path)`` writes the file; it appears atomically."""
         folder = self._cache_dir(model, version)
         folder.mkdir(parents=True, exist_ok=True)
@@ -331,8 +346,10 @@ class Store:
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
             sha = sha256_file(tmp)
-            write_json_atomic(folder / "model.json", {"sha256": sha, "size": tmp.stat().st_size,
-                                                      "created_at": utc_now()})
+            write_json_atomic(
+                folder / "model.json",
+                {"sha256": sha, "size": tmp.stat().st_size, "created_at": utc_now()},
+            )
             os.rename(tmp, folder / WEIGHTS_FILE)  # same content if another worker won the race
             _fsync_dir(folder)
         finally:

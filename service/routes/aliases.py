@@ -1,5 +1,4 @@
-"""``/v1/models/{model}/aliases/{alias}``: point an alias (e.g. ``prod``) at a version, or drop it.
-"""
+"""``/v1/models/{model}/aliases/{alias}``: point an alias (e.g. ``prod``) at a version, or drop it."""
 
 from __future__ import annotations
 

@@ -28,18 +28,39 @@ def edit_public(view: JobView, store: Store) -> EditPublic:
     if view.version:
         links["version"] = f"/v1/models/{view.model}/versions/{view.version}"
         links["patch"] = f"{links['version']}/patch"
-    return EditPublic(id=view.id, status=view.state.value, model=view.model,
-                      parent_version=view.parent, method=view.method, position=view.position,
-                      phase=view.phase, step=view.step, max_steps=view.max_steps, loss=view.loss,
-                      version=view.version, report=report, error=view.error,
-                      cancel_requested=view.cancel_requested, created_at=view.created_at,
-                      started_at=view.started_at, ended_at=view.ended_at, links=links)
+    return EditPublic(
+        id=view.id,
+        status=view.state.value,
+        model=view.model,
+        parent_version=view.parent,
+        method=view.method,
+        position=view.position,
+        phase=view.phase,
+        step=view.step,
+        max_steps=view.max_steps,
+        loss=view.loss,
+        version=view.version,
+        report=report,
+        error=view.error,
+        cancel_requested=view.cancel_requested,
+        created_at=view.created_at,
+        started_at=view.started_at,
+        ended_at=view.ended_at,
+        links=links,
+    )
 
 
-@router.post("", status_code=202, response_model=EditPublic,
-             summary="Submit failure images and their target label; returns the queued job")
+@router.post(
+    "",
+    status_code=202,
+    response_model=EditPublic,
+    summary="Submit failure images and their target label; returns the queued job",
+)
 def create_edit(
-    response: Response, settings: SettingsDep, store: StoreDep, jobs: JobsDep,
+    response: Response,
+    settings: SettingsDep,
+    store: StoreDep,
+    jobs: JobsDep,
     images: Annotated[list[UploadFile], File(description="failure image(s) to edit")],
     label: Annotated[list[str], Form(description="target class index or name (one, or per image)")],
     model: Annotated[str, Form(description="model, model@version, model@alias or model@latest")],
@@ -52,12 +73,19 @@ def create_edit(
     options: Annotated[str | None, Form(description="other method options (JSON object)")] = None,
     idempotency_key: Annotated[str | None, Header()] = None,
 ) -> EditPublic:
-    given = {k: v for k, v in dict(rho=rho, max_steps=max_steps, seed=seed, lr=lr).items()
-             if v is not None}
-    checked = V.check_edit(store, settings, images, holdout or [], label, model, method, given,
-                           options)
-    job_id, new = (jobs.claim_idempotency_key(idempotency_key, checked.sha256())
-                   if idempotency_key else (None, True))
+    given = {
+        k: v
+        for k, v in dict(rho=rho, max_steps=max_steps, seed=seed, lr=lr).items()
+        if v is not None
+    }
+    checked = V.check_edit(
+        store, settings, images, holdout or [], label, model, method, given, options
+    )
+    job_id, new = (
+        jobs.claim_idempotency_key(idempotency_key, checked.sha256())
+        if idempotency_key
+        else (None, True)
+    )
     if not new:
         response.headers["Idempotent-Replayed"] = "true"
         return _located(response, edit_public(_await_job(jobs, job_id), store))
@@ -74,13 +102,26 @@ def _enqueue(store: Store, jobs: JobClient, checked: V.CheckedEdit, job_id: str 
     """Write the images to the upload area, then queue the job (no upload left if that fails)."""
     upload, _ = store.new_upload()
     try:
-        files = [JobImage(path=store.write_upload(upload, f"edit-{i:03d}", im.data), target=t)
-                 for i, (im, t) in enumerate(zip(checked.edits, checked.targets, strict=True))]
-        files += [JobImage(path=store.write_upload(upload, f"holdout-{i:03d}", im.data),
-                           target=checked.targets[0], role="holdout")
-                  for i, im in enumerate(checked.holdouts)]
-        payload = EditPayload(model=checked.model, parent=checked.parent, upload=upload,
-                              images=files, method=checked.method, options=checked.options)
+        files = [
+            JobImage(path=store.write_upload(upload, f"edit-{i:03d}", im.data), target=t)
+            for i, (im, t) in enumerate(zip(checked.edits, checked.targets, strict=True))
+        ]
+        files += [
+            JobImage(
+                path=store.write_upload(upload, f"holdout-{i:03d}", im.data),
+                target=checked.targets[0],
+                role="holdout",
+            )
+            for i, im in enumerate(checked.holdouts)
+        ]
+        payload = EditPayload(
+            model=checked.model,
+            parent=checked.parent,
+            upload=upload,
+            images=files,
+            method=checked.method,
+            options=checked.options,
+        )
         return jobs.submit_edit(payload, job_id=job_id)
     except BaseException:
         store.remove_upload(upload)
@@ -106,7 +147,10 @@ def _await_job(jobs: JobClient, job_id: str, timeout_s: float = 5.0) -> JobView:
 
 @router.get("/{job_id}", response_model=EditPublic, summary="Job status; ?wait=S long-polls")
 async def read_edit(
-    job_id: str, settings: SettingsDep, store: StoreDep, jobs: JobsDep,
+    job_id: str,
+    settings: SettingsDep,
+    store: StoreDep,
+    jobs: JobsDep,
     wait: Annotated[float, Query(ge=0, description="seconds to wait for the job to end")] = 0,
 ) -> EditPublic:
     deadline = time.monotonic() + min(wait, settings.max_wait_s)
@@ -117,7 +161,10 @@ async def read_edit(
     return await run_in_threadpool(edit_public, view, store)
 
 
-@router.post("/{job_id}/cancel", response_model=EditPublic,
-             summary="Cancel a queued job, or stop a running one at its next optimiser step")
+@router.post(
+    "/{job_id}/cancel",
+    response_model=EditPublic,
+    summary="Cancel a queued job, or stop a running one at its next optimiser step",
+)
 def cancel_edit(job_id: str, store: StoreDep, jobs: JobsDep) -> EditPublic:
     return edit_public(jobs.cancel(job_id), store)

@@ -26,7 +26,11 @@ def readyz(jobs: JobsDep) -> HealthPublic | JSONResponse:
         body = HealthPublic(status="unavailable", redis=False, detail=f"Redis unreachable: {exc}")
         return JSONResponse(body.model_dump(), status_code=503)
     if not workers:
-        body = HealthPublic(status="unavailable", redis=True, workers=[],
-                            detail="no worker alive: start one with `python -m workers.main`")
+        body = HealthPublic(
+            status="unavailable",
+            redis=True,
+            workers=[],
+            detail="no worker alive: start one with `python -m workers.main`",
+        )
         return JSONResponse(body.model_dump(), status_code=503)
     return HealthPublic(status="ok", redis=True, workers=workers)

@@ -16,15 +16,26 @@ def model_public(store: Store, entry: ModelEntry) -> ModelPublic:
     versions = store.versions(entry.name)
     return ModelPublic(
         name=entry.name,
-        backbone={"name": entry.backbone_name, "timm_name": entry.timm_name,
-                  "weights_sha256": entry.weights_sha256},
-        num_classes=entry.num_classes, class_names=list(entry.class_names),
+        backbone={
+            "name": entry.backbone_name,
+            "timm_name": entry.timm_name,
+            "weights_sha256": entry.weights_sha256,
+        },
+        num_classes=entry.num_classes,
+        class_names=list(entry.class_names),
         default_method=entry.default_method,
-        methods={k: MethodPublic(options=v.options, needs_hypernetwork=v.needs_hypernetwork,
-                                 description=v.description) for k, v in entry.methods.items()},
+        methods={
+            k: MethodPublic(
+                options=v.options,
+                needs_hypernetwork=v.needs_hypernetwork,
+                description=v.description,
+            )
+            for k, v in entry.methods.items()
+        },
         hypernetwork_id=entry.hypernetwork_id,
         latest_version=versions[-1].version if versions else None,
-        aliases=store.aliases(entry.name), n_versions=len(versions),
+        aliases=store.aliases(entry.name),
+        n_versions=len(versions),
     )
 
 

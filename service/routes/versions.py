@@ -34,78 +34,117 @@ def _resolve(store: Store, model: str, version: str) -> str:
     """A version id from an id, alias or 'latest' (404 for 'base' or a model without versions)."""
     resolved = store.resolve_version(model, version)
     if resolved is None:
-        raise UnknownVersionError(f"{model}@{version} is the base backbone: it has no manifest or "
-                                  "patch (its weights and predict work)")
+        raise UnknownVersionError(
+            f"{model}@{version} is the base backbone: it has no manifest or "
+            "patch (its weights and predict work)"
+        )
     return resolved
 
 
 @router.get("", response_model=VersionListPublic, summary="Every version, with its parent")
 def list_versions(model: str, store: StoreDep) -> VersionListPublic:
     aliases = _aliases_of(store, model)
-    versions = [VersionPublic(version=m.version, parent=m.parent, method=m.method,
-                              created_at=m.created_at, aliases=aliases.get(m.version, []),
-                              metrics=m.report.get("metrics", {}))
-                for m in store.versions(model)]
+    versions = [
+        VersionPublic(
+            version=m.version,
+            parent=m.parent,
+            method=m.method,
+            created_at=m.created_at,
+            aliases=aliases.get(m.version, []),
+            metrics=m.report.get("metrics", {}),
+        )
+        for m in store.versions(model)
+    ]
     return VersionListPublic(model=model, versions=versions, aliases=store.aliases(model))
 
 
-@router.get("/{version}", response_model=VersionDetailPublic,
-            summary="A version's manifest (with its report) and lineage")
+@router.get(
+    "/{version}",
+    response_model=VersionDetailPublic,
+    summary="A version's manifest (with its report) and lineage",
+)
 def read_version(model: str, version: str, store: StoreDep) -> VersionDetailPublic:
     resolved = _resolve(store, model, version)
     manifest = store.version(model, resolved)
     base = f"/v1/models/{model}/versions/{resolved}"
     return VersionDetailPublic(
-        model=model, version=resolved,
+        model=model,
+        version=resolved,
         lineage=[m.version for m in store.lineage(model, resolved)],
-        aliases=_aliases_of(store, model).get(resolved, []), manifest=manifest.to_json(),
+        aliases=_aliases_of(store, model).get(resolved, []),
+        manifest=manifest.to_json(),
         links={name: f"{base}/{name}" for name in ("patch", "weights", "predict")},
     )
 
 
-@router.get("/{version}/patch", response_class=FileResponse,
-            summary="The sparse patch (safetensors), cumulative over the base backbone")
+@router.get(
+    "/{version}/patch",
+    response_class=FileResponse,
+    summary="The sparse patch (safetensors), cumulative over the base backbone",
+)
 def download_patch(model: str, version: str, store: StoreDep) -> FileResponse:
     resolved = _resolve(store, model, version)
     path = store.version_file(model, resolved, PATCH_FILE)  # sha256 checked
     sha = store.version(model, resolved).files[PATCH_FILE]
-    return FileResponse(path, media_type=SAFETENSORS,
-                        filename=f"{model}-{resolved}.patch.safetensors",
-                        headers={"X-Content-SHA256": sha})
+    return FileResponse(
+        path,
+        media_type=SAFETENSORS,
+        filename=f"{model}-{resolved}.patch.safetensors",
+        headers={"X-Content-SHA256": sha},
+    )
 
 
-@router.get("/{version}/weights", response_class=FileResponse,
-            summary="Full merged weights (safetensors), materialised by a worker on first request")
-def download_weights(model: str, version: str, store: StoreDep, jobs: JobsDep,
-                     settings: SettingsDep) -> FileResponse:
+@router.get(
+    "/{version}/weights",
+    response_class=FileResponse,
+    summary="Full merged weights (safetensors), materialised by a worker on first request",
+)
+def download_weights(
+    model: str, version: str, store: StoreDep, jobs: JobsDep, settings: SettingsDep
+) -> FileResponse:
     resolved = store.resolve_version(model, version)
     cached = store.cached_weights(model, resolved)
     if cached is None:
-        jobs.run_short(MaterialisePayload(model=model, version=resolved),
-                       settings.materialise_timeout_s)
+        jobs.run_short(
+            MaterialisePayload(model=model, version=resolved), settings.materialise_timeout_s
+        )
         cached = store.cached_weights(model, resolved)
         if cached is None:
             raise UnknownVersionError(f"the worker did not materialise {model}@{version}; retry")
     path, sha = cached
-    return FileResponse(path, media_type=SAFETENSORS,
-                        filename=f"{model}-{resolved or BASE}.safetensors",
-                        headers={"X-Content-SHA256": sha})
+    return FileResponse(
+        path,
+        media_type=SAFETENSORS,
+        filename=f"{model}-{resolved or BASE}.safetensors",
+        headers={"X-Content-SHA256": sha},
+    )
 
 
-@router.post("/{version}/predict", response_model=PredictPublic,
-             summary="Classify uploaded images with this version")
-def predict(model: str, version: str, store: StoreDep, jobs: JobsDep, settings: SettingsDep,
-            images: Annotated[list[UploadFile], File(description="images to classify")],
-            top_k: Annotated[int, Query(ge=1, le=100)] = 3) -> PredictPublic:
+@router.post(
+    "/{version}/predict",
+    response_model=PredictPublic,
+    summary="Classify uploaded images with this version",
+)
+def predict(
+    model: str,
+    version: str,
+    store: StoreDep,
+    jobs: JobsDep,
+    settings: SettingsDep,
+    images: Annotated[list[UploadFile], File(description="images to classify")],
+    top_k: Annotated[int, Query(ge=1, le=100)] = 3,
+) -> PredictPublic:
     resolved = store.resolve_version(model, version)
     checked = V.check_images(images, settings, "predict")
     upload, _ = store.new_upload()
     try:
-        paths = [store.write_upload(upload, f"predict-{i:03d}", im.data)
-                 for i, im in enumerate(checked)]
-        result = jobs.run_short(PredictPayload(model=model, version=resolved, upload=upload,
-                                               images=paths, top_k=top_k),
-                                settings.predict_timeout_s)
+        paths = [
+            store.write_upload(upload, f"predict-{i:03d}", im.data) for i, im in enumerate(checked)
+        ]
+        result = jobs.run_short(
+            PredictPayload(model=model, version=resolved, upload=upload, images=paths, top_k=top_k),
+            settings.predict_timeout_s,
+        )
     finally:
         store.remove_upload(upload)
     return PredictPublic.model_validate(result)

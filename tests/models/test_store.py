@@ -17,9 +17,15 @@ from models.store.store import PATCH_FILE, Store, VersionDraft
 
 
 def entry(name: str = "m", sha: str = "a" * 64) -> ModelEntry:
-    return ModelEntry(name=name, backbone="/nowhere/backbone.json", weights_sha256=sha,
-                      num_classes=3, class_names=("cat", "dog", "Bird"), default_method="ft",
-                      methods={"ft": MethodInfo(options={"lr": 0.1})})
+    return ModelEntry(
+        name=name,
+        backbone="/nowhere/backbone.json",
+        weights_sha256=sha,
+        num_classes=3,
+        class_names=("cat", "dog", "Bird"),
+        default_method="ft",
+        methods={"ft": MethodInfo(options={"lr": 0.1})},
+    )
 
 
 @pytest.fixture
@@ -31,18 +37,33 @@ def store(tmp_path: Path) -> Store:
 
 def draft_manifest(draft: VersionDraft, parent: str | None = None) -> VersionManifest:
     return VersionManifest(
-        version=draft.version, model=draft.model, parent=parent, backbone={"name": "b"},
-        method="ft", config={"lr": 0.1}, hypernetwork=None, sites={"mlps": ["blocks.1.mlp"]},
-        patch=[], files={}, images=[ImageRecord("images/edit-000.png", 1)],
-        report={"metrics": {"SR": 1.0}}, created_at=utc_now(), code_version="t",
+        version=draft.version,
+        model=draft.model,
+        parent=parent,
+        backbone={"name": "b"},
+        method="ft",
+        config={"lr": 0.1},
+        hypernetwork=None,
+        sites={"mlps": ["blocks.1.mlp"]},
+        patch=[],
+        files={},
+        images=[ImageRecord("images/edit-000.png", 1)],
+        report={"metrics": {"SR": 1.0}},
+        created_at=utc_now(),
+        code_version="t",
     )
 
 
 def write_version(store: Store, parent: str | None = None) -> VersionManifest:
     with store.begin_version("m") as draft:
-        save_file({"blocks.1.mlp.fc1.weight.indices": np.arange(2, dtype=np.int64),
-                   "blocks.1.mlp.fc1.weight.values": np.ones((2, 4), dtype=np.float32)},
-                  str(draft.dir / PATCH_FILE), metadata={"format": "vitedit.patch/1"})
+        save_file(
+            {
+                "blocks.1.mlp.fc1.weight.indices": np.arange(2, dtype=np.int64),
+                "blocks.1.mlp.fc1.weight.values": np.ones((2, 4), dtype=np.float32),
+            },
+            str(draft.dir / PATCH_FILE),
+            metadata={"format": "vitedit.patch/1"},
+        )
         (draft.dir / "images").mkdir()
         (draft.dir / "images" / "edit-000.png").write_bytes(b"png bytes")
         return draft.commit(draft_manifest(draft, parent))
@@ -90,7 +111,9 @@ def test_manifest_records_every_file_and_the_patch_tensors(store: Store) -> None
     manifest = store.version("m", write_version(store).version)
     assert set(manifest.files) == {PATCH_FILE, "images/edit-000.png"}
     assert {p["name"]: p["shape"] for p in manifest.patch} == {
-        "blocks.1.mlp.fc1.weight.indices": [2], "blocks.1.mlp.fc1.weight.values": [2, 4]}
+        "blocks.1.mlp.fc1.weight.indices": [2],
+        "blocks.1.mlp.fc1.weight.values": [2, 4],
+    }
     assert manifest.edit_images[0].target == 1
 
 

@@ -25,14 +25,25 @@ def test_api_keys_are_off_by_default(idle: Served) -> None:
     assert idle.client.get("/v1/models").status_code == 200
 
 
-@pytest.mark.parametrize("module", ["service.main", "workers.client", "workers.http_client",
-                                    "workers.commands.client", "models.store.store"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "service.main",
+        "workers.client",
+        "workers.http_client",
+        "workers.commands.client",
+        "models.store.store",
+    ],
+)
 def test_api_side_modules_never_import_torch(module: str) -> None:
-    code = (f"import sys, {module}\n"
-            "from service.main import create_app\n"
-            "create_app()\n"
-            "heavy = [m for m in ('torch', 'timm', 'safetensors.torch') if m in sys.modules]\n"
-            "assert not heavy, heavy\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=120)
+    code = (
+        f"import sys, {module}\n"
+        "from service.main import create_app\n"
+        "create_app()\n"
+        "heavy = [m for m in ('torch', 'timm', 'safetensors.torch') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr

@@ -32,25 +32,39 @@ CASES: list[tuple[str, dict[str, Any], list[Any], int, str]] = [
     ("no image", GOOD, [], 422, "images"),
     ("unknown label name", {**GOOD, "label": "giraffe"}, _files(png(3)), 422, "unknown label"),
     ("label out of range", {**GOOD, "label": "10"}, _files(png(3)), 422, "out of range"),
-    ("labels do not match images", {**GOOD, "label": ["1", "2"]}, _files(png(3), png(4), png(5)),
-     422, "labels for"),
+    (
+        "labels do not match images",
+        {**GOOD, "label": ["1", "2"]},
+        _files(png(3), png(4), png(5)),
+        422,
+        "labels for",
+    ),
     ("no label", {"model": "tiny"}, _files(png(3)), 422, "label"),
     ("unknown model", {**GOOD, "model": "nope"}, _files(png(3)), 404, "no model named"),
     ("unknown version", {**GOOD, "model": "tiny@v-missing"}, _files(png(3)), 404, "no version"),
     ("unknown alias", {**GOOD, "model": "tiny@prod"}, _files(png(3)), 404, "no version"),
     ("unknown method", {**GOOD, "method": "magic"}, _files(png(3)), 422, "unknown method"),
-    ("method needs a hypernetwork", {**GOOD, "method": "where2edit"}, _files(png(3)), 422,
-     "needs a hypernetwork"),
+    (
+        "method needs a hypernetwork",
+        {**GOOD, "method": "where2edit"},
+        _files(png(3)),
+        422,
+        "needs a hypernetwork",
+    ),
     ("option of another method", {**GOOD, "rho": "0.1"}, _files(png(3)), 422, "no option"),
-    ("rho out of range", {**GOOD, "method": "random", "rho": "1.5"}, _files(png(3)), 422,
-     "(0, 1]"),
+    ("rho out of range", {**GOOD, "method": "random", "rho": "1.5"}, _files(png(3)), 422, "(0, 1]"),
     ("max_steps zero", {**GOOD, "max_steps": "0"}, _files(png(3)), 422, "max_steps"),
     ("max_steps too many", {**GOOD, "max_steps": "100000"}, _files(png(3)), 422, "max_steps"),
     ("negative lr", {**GOOD, "lr": "-1"}, _files(png(3)), 422, "must be > 0"),
     ("not a number", {**GOOD, "lr": "fast"}, _files(png(3)), 422, "lr"),
     ("options not JSON", {**GOOD, "options": "{c: 1}"}, _files(png(3)), 422, "JSON object"),
-    ("holdout with mixed labels", {**GOOD, "label": ["1", "2"]},
-     _files(png(3), png(4)) + _files(png(5), field="holdout"), 422, "holdout"),
+    (
+        "holdout with mixed labels",
+        {**GOOD, "label": ["1", "2"]},
+        _files(png(3), png(4)) + _files(png(5), field="holdout"),
+        422,
+        "holdout",
+    ),
 ]
 
 
@@ -61,25 +75,30 @@ def _nothing_left(idle: Served) -> None:
     assert not Redis.from_url(idle.redis_url).keys("vitedit:idempotency:*")
 
 
-@pytest.mark.parametrize(("form", "files", "status", "message"),
-                         [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_edit_request_is_rejected_and_leaves_nothing(idle: Served, form: dict[str, Any],
-                                                          files: list[Any], status: int,
-                                                          message: str) -> None:
-    r = idle.client.post("/v1/edits", data=form, files=files or None,
-                         headers={"Idempotency-Key": "k-bad"})
+@pytest.mark.parametrize(
+    ("form", "files", "status", "message"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_bad_edit_request_is_rejected_and_leaves_nothing(
+    idle: Served, form: dict[str, Any], files: list[Any], status: int, message: str
+) -> None:
+    r = idle.client.post(
+        "/v1/edits", data=form, files=files or None, headers={"Idempotency-Key": "k-bad"}
+    )
     assert r.status_code == status, r.text
     assert message in r.text
     _nothing_left(idle)
 
 
-@pytest.mark.parametrize(("path", "status"), [
-    ("/v1/models/nope/versions", 404),
-    ("/v1/models/tiny/versions/v-missing", 404),
-    ("/v1/models/tiny/versions/base/patch", 404),
-    ("/v1/edits/j-missing", 404),
-    ("/v1/models/tiny/versions/..%2F..%2Fetc", 404),
-])
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [
+        ("/v1/models/nope/versions", 404),
+        ("/v1/models/tiny/versions/v-missing", 404),
+        ("/v1/models/tiny/versions/base/patch", 404),
+        ("/v1/edits/j-missing", 404),
+        ("/v1/models/tiny/versions/..%2F..%2Fetc", 404),
+    ],
+)
 def test_unknown_resources_are_404(idle: Served, path: str, status: int) -> None:
     r = idle.client.get(path)
     assert r.status_code == status and r.json()["detail"]

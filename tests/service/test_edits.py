@@ -24,11 +24,21 @@ pytestmark = pytest.mark.redis
 FAST = {"lr": "0.01", "max_steps": "60"}
 
 
-def submit(client: TestClient, images: list[bytes], label: str, model: str = "tiny",
-           headers: dict[str, str] | None = None, **form: Any) -> Any:
+def submit(
+    client: TestClient,
+    images: list[bytes],
+    label: str,
+    model: str = "tiny",
+    headers: dict[str, str] | None = None,
+    **form: Any,
+) -> Any:
     files = [("images", (f"{i}.png", data, "image/png")) for i, data in enumerate(images)]
-    return client.post("/v1/edits", files=files, data={"label": label, "model": model, **form},
-                       headers=headers or {})
+    return client.post(
+        "/v1/edits",
+        files=files,
+        data={"label": label, "model": model, **form},
+        headers=headers or {},
+    )
 
 
 def finished(client: TestClient, job_id: str, timeout_s: float = 60) -> dict[str, Any]:
@@ -87,8 +97,9 @@ def test_edit_succeeds_and_its_patch_fixes_a_fresh_backbone(served: Served) -> N
 def test_predict_and_weights_use_the_new_version(served: Served) -> None:
     image = png(12)
     target = wrong_target(served, image)
-    version = finished(served.client,
-                       submit(served.client, [image], str(target), **FAST).json()["id"])["version"]
+    version = finished(
+        served.client, submit(served.client, [image], str(target), **FAST).json()["id"]
+    )["version"]
     files = [("images", ("x.png", image, "image/png"))]
     pred = served.client.post(f"/v1/models/tiny/versions/{version}/predict", files=files)
     assert pred.status_code == 200, pred.text

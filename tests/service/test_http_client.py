@@ -19,8 +19,13 @@ def test_client_submits_follows_and_downloads(served: Served, tmp_path: Path) ->
     edit, holdout = tmp_path / "edit.png", tmp_path / "holdout.png"
     edit.write_bytes(png(61))
     holdout.write_bytes(png(62))
-    job = client.submit_edit([edit], ["seven"], "tiny", holdout=[holdout],
-                             options={"lr": 0.01, "max_steps": 30, "stop_loss": 0.5})
+    job = client.submit_edit(
+        [edit],
+        ["seven"],
+        "tiny",
+        holdout=[holdout],
+        options={"lr": 0.01, "max_steps": 30, "stop_loss": 0.5},
+    )
     seen: list[str] = []
     job = client.wait(job["id"], on_update=lambda j: seen.append(j["status"]), poll_s=0.5)
     assert job["status"] == "succeeded", job

@@ -14,8 +14,10 @@ from workers import launcher
 
 def test_stop_kills_a_child_that_ignores_sigterm() -> None:
     group = launcher.ProcessGroup()
-    stubborn = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-                "print('ready', flush=True); time.sleep(60)")
+    stubborn = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "print('ready', flush=True); time.sleep(60)"
+    )
     proc = group.start("stubborn", [sys.executable, "-c", stubborn])
     time.sleep(0.5)
     start = time.monotonic()

@@ -18,9 +18,14 @@ from workers.settings import WorkerSettings
 def edit_once(rt: Runtime, seed: int, parent: str | None = None) -> str:
     upload, _ = rt.store.new_upload()
     path = rt.store.write_upload(upload, "edit-000", png(seed))
-    payload = EditPayload(model="tiny", parent=parent, upload=upload,
-                          images=[JobImage(path=path, target=seed % 10)], method="ft",
-                          options={"lr": 0.01, "max_steps": 40})
+    payload = EditPayload(
+        model="tiny",
+        parent=parent,
+        upload=upload,
+        images=[JobImage(path=path, target=seed % 10)],
+        method="ft",
+        options={"lr": 0.01, "max_steps": 40},
+    )
     result = tasks.edit(rt, payload, job=None)
     assert not (rt.store.root / "uploads" / upload).exists()  # cleaned up
     return result["version"]
@@ -44,8 +49,9 @@ def test_versions_activate_and_restore_the_base_exactly(tmp_path: Path) -> None:
     assert len(rt.versions) == 1  # LRU bounded by version_cache_size
     upload, _ = store.new_upload()
     paths = [store.write_upload(upload, "p-000", png(72))]
-    out = tasks.predict(rt, PredictPayload(model="tiny", version=v2, upload=upload, images=paths),
-                        job=None)
+    out = tasks.predict(
+        rt, PredictPayload(model="tiny", version=v2, upload=upload, images=paths), job=None
+    )
     assert out["predictions"][0]["label"] == 72 % 10
 
 
@@ -64,12 +70,18 @@ def test_where2edit_uses_the_registered_hypernetwork(tmp_path: Path) -> None:
     store = tiny_store(tmp_path / "s")
     entry = register_model(store, "tiny", manifest, hypernetwork=tmp_path / "hyper")
     assert entry.default_method == "where2edit"
-    rt = Runtime(WorkerSettings(store=store.root, device="cpu"),
-                 Redis.from_url("redis://127.0.0.1:1/0"))
+    rt = Runtime(
+        WorkerSettings(store=store.root, device="cpu"), Redis.from_url("redis://127.0.0.1:1/0")
+    )
     upload, _ = store.new_upload()
     path = store.write_upload(upload, "edit-000", png(81))
-    payload = EditPayload(model="tiny", upload=upload, images=[JobImage(path=path, target=1)],
-                          method="where2edit", options={"lr": 0.01, "max_steps": 5, "rho": 0.25})
+    payload = EditPayload(
+        model="tiny",
+        upload=upload,
+        images=[JobImage(path=path, target=1)],
+        method="where2edit",
+        options={"lr": 0.01, "max_steps": 5, "rho": 0.25},
+    )
     version = store.version("tiny", tasks.edit(rt, payload, job=None)["version"])
     report = version.report
     assert "masking" in report["seconds"]
@@ -80,12 +92,18 @@ def test_where2edit_uses_the_registered_hypernetwork(tmp_path: Path) -> None:
 
 def test_benchmark_gr_leaves_out_the_edit_image_itself(tmp_path: Path) -> None:
     store = tiny_store(tmp_path)  # group "3-noise" holds png(100), png(101), png(102)
-    rt = Runtime(WorkerSettings(store=store.root, device="cpu"),
-                 Redis.from_url("redis://127.0.0.1:1/0"))
+    rt = Runtime(
+        WorkerSettings(store=store.root, device="cpu"), Redis.from_url("redis://127.0.0.1:1/0")
+    )
     upload, _ = store.new_upload()
     path = store.write_upload(upload, "edit-000", png(100))
-    payload = EditPayload(model="tiny", upload=upload, images=[JobImage(path=path, target=3)],
-                          method="ft", options={"max_steps": 1})
+    payload = EditPayload(
+        model="tiny",
+        upload=upload,
+        images=[JobImage(path=path, target=3)],
+        method="ft",
+        options={"max_steps": 1},
+    )
     report = store.version("tiny", tasks.edit(rt, payload, job=None)["version"]).report
     assert report["holdout_source"] == "benchmark"
     assert report["set_sizes"]["holdout"] == 2

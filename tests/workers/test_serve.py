@@ -25,8 +25,20 @@ def children(pid: int) -> list[int]:
 def test_serve_runs_everything_and_sigint_stops_it(tmp_path: Path) -> None:
     port = launcher.free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VITEDIT_TORCH_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "workers.cli", "serve", "--port", str(port),
-                             "--store", str(tmp_path / "store"), "--no-demo"], env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "workers.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--store",
+            str(tmp_path / "store"),
+            "--no-demo",
+        ],
+        env=env,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         assert wait_for(lambda: launcher.http_ready(f"{url}/readyz"), WORKER_START_S, poll_s=1)

@@ -24,10 +24,16 @@ def test_killed_worker_leaves_its_job_failed_and_no_version(redis_url: str, tmp_
     store = tiny_store(tmp_path)
     app = create_app(ApiSettings(redis_url=url, store=store.root, max_steps_limit=10_000))
     with TestClient(app) as client, worker_process(url, store.root) as worker:
-        form = {"label": "1", "model": "tiny", "lr": "1e-9", "max_steps": "10000",
-                "options": '{"stop_loss": 0}'}
-        job = client.post("/v1/edits", data=form,
-                          files=[("images", ("a.png", png(1), "image/png"))]).json()["id"]
+        form = {
+            "label": "1",
+            "model": "tiny",
+            "lr": "1e-9",
+            "max_steps": "10000",
+            "options": '{"stop_loss": 0}',
+        }
+        job = client.post(
+            "/v1/edits", data=form, files=[("images", ("a.png", png(1), "image/png"))]
+        ).json()["id"]
 
         def optimizing() -> bool:
             body = client.get(f"/v1/edits/{job}").json()
@@ -38,8 +44,9 @@ def test_killed_worker_leaves_its_job_failed_and_no_version(redis_url: str, tmp_
         worker.wait()
         killed_at = time.monotonic()
         limit = S.HEARTBEAT_TTL_S + 2 * S.WATCHDOG_INTERVAL_S + 10
-        assert wait_for(lambda: client.get(f"/v1/edits/{job}").json()["status"] == "failed",
-                        limit, poll_s=1.0)
+        assert wait_for(
+            lambda: client.get(f"/v1/edits/{job}").json()["status"] == "failed", limit, poll_s=1.0
+        )
         elapsed = time.monotonic() - killed_at
         body = client.get(f"/v1/edits/{job}").json()
         assert "worker running this job stopped" in body["error"]

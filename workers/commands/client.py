@@ -34,19 +34,36 @@ def _server_args(p: argparse.ArgumentParser) -> None:
 def register(sub: argparse._SubParsersAction) -> None:
     edit = sub.add_parser("edit", help="submit failure images to a vitedit server and wait")
     edit.add_argument("images", type=Path, nargs="+")
-    edit.add_argument("--label", action="append", required=True,
-                      help="target class (index or name): once for all images, or once per image")
-    edit.add_argument("--model", default="demo-vit@latest",
-                      help="model, model@version, model@alias or model@latest")
-    edit.add_argument("--holdout", type=Path, nargs="*", default=[],
-                      help="held-out failures of the same group (for the report's GR)")
+    edit.add_argument(
+        "--label",
+        action="append",
+        required=True,
+        help="target class (index or name): once for all images, or once per image",
+    )
+    edit.add_argument(
+        "--model",
+        default="demo-vit@latest",
+        help="model, model@version, model@alias or model@latest",
+    )
+    edit.add_argument(
+        "--holdout",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="held-out failures of the same group (for the report's GR)",
+    )
     edit.add_argument("--method")
     edit.add_argument("--rho", type=float)
     edit.add_argument("--max-steps", type=int)
     edit.add_argument("--seed", type=int)
     edit.add_argument("--lr", type=float)
-    edit.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                      help="another method option, e.g. c=0.01 (repeatable)")
+    edit.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="another method option, e.g. c=0.01 (repeatable)",
+    )
     edit.add_argument("--idempotency-key")
     edit.add_argument("--no-wait", action="store_true", help="print the job and return")
     edit.add_argument("--json", action="store_true", help="print the final job as JSON")
@@ -68,8 +85,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
-    options: dict[str, Any] = {"method": args.method, "rho": args.rho, "max_steps": args.max_steps,
-                               "seed": args.seed, "lr": args.lr}
+    options: dict[str, Any] = {
+        "method": args.method,
+        "rho": args.rho,
+        "max_steps": args.max_steps,
+        "seed": args.seed,
+        "lr": args.lr,
+    }
     for item in args.option:
         key, sep, value = item.partition("=")
         if not sep:
@@ -92,8 +114,14 @@ def _with_client(args: argparse.Namespace, fn: Any) -> int:
 
 def run_edit(args: argparse.Namespace) -> int:
     def go(client: ViteditClient) -> int:
-        job = client.submit_edit(args.images, args.label, args.model, holdout=args.holdout,
-                                 options=_options(args), idempotency_key=args.idempotency_key)
+        job = client.submit_edit(
+            args.images,
+            args.label,
+            args.model,
+            holdout=args.holdout,
+            options=_options(args),
+            idempotency_key=args.idempotency_key,
+        )
         console.print(f"job {job['id']}: {job['status']} (position {job.get('position')})")
         if not args.no_wait:
             job = _follow(client, job["id"])
@@ -107,8 +135,12 @@ def run_edit(args: argparse.Namespace) -> int:
 
 
 def _follow(client: ViteditClient, job_id: str) -> dict[str, Any]:
-    columns = (TextColumn("{task.description:<28}"), BarColumn(),
-               TextColumn("{task.fields[info]}"), TimeElapsedColumn())
+    columns = (
+        TextColumn("{task.description:<28}"),
+        BarColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task("queued", total=None, info="")
 
@@ -117,8 +149,13 @@ def _follow(client: ViteditClient, job_id: str) -> dict[str, Any]:
             info = f"loss {job['loss']:.4f}" if job.get("loss") is not None else ""
             if job["status"] == "queued":
                 info = f"{job.get('position') or 0} job(s) ahead"
-            bar.update(task, description=status, total=job.get("max_steps"),
-                       completed=job.get("step") or 0, info=info)
+            bar.update(
+                task,
+                description=status,
+                total=job.get("max_steps"),
+                completed=job.get("step") or 0,
+                info=info,
+            )
 
         return client.wait(job_id, on_update=update)
 
@@ -128,19 +165,26 @@ def _print_result(job: dict[str, Any]) -> None:
         console.print(f"job {job['id']}: [bold]{job['status']}[/bold] {job.get('error') or ''}")
         return
     report = job["report"]
-    table = Table(title=f"new version {job['version']} of {job['model']} "
-                        f"(parent {job.get('parent_version') or 'base'})")
+    table = Table(
+        title=f"new version {job['version']} of {job['model']} "
+        f"(parent {job.get('parent_version') or 'base'})"
+    )
     for col in ("metric", "before", "after"):
         table.add_column(col)
     for name, after in report["metrics"].items():
         before = report["before"].get(name)
-        table.add_row(name, "-" if before is None else f"{before:.3f}",
-                      "-" if after is None else f"{after:.3f}")
+        table.add_row(
+            name,
+            "-" if before is None else f"{before:.3f}",
+            "-" if after is None else f"{after:.3f}",
+        )
     console.print(table)
     edit = report["edit"]
-    console.print(f"method {edit['method']}: {edit['steps']} steps, loss {edit['final_loss']}, "
-                  f"{edit['edit_neurons']} neurons changed; retention min "
-                  f"{report['retention']['min']}; seconds {report['seconds']}")
+    console.print(
+        f"method {edit['method']}: {edit['steps']} steps, loss {edit['final_loss']}, "
+        f"{edit['edit_neurons']} neurons changed; retention min "
+        f"{report['retention']['min']}; seconds {report['seconds']}"
+    )
     console.print(f"patch: {job['links'].get('patch')}")
 
 
@@ -152,9 +196,14 @@ def run_versions(args: argparse.Namespace) -> int:
             table.add_column(col)
         for v in listing["versions"]:
             m = v["metrics"]
-            table.add_row(v["version"], v["parent"] or "base", v["method"], v["created_at"][:19],
-                          ",".join(v["aliases"]),
-                          *(_fmt(m.get(k)) for k in ("SR", "GR", "LR_vs_root")))
+            table.add_row(
+                v["version"],
+                v["parent"] or "base",
+                v["method"],
+                v["created_at"][:19],
+                ",".join(v["aliases"]),
+                *(_fmt(m.get(k)) for k in ("SR", "GR", "LR_vs_root")),
+            )
         console.print(table)
         return 0
 

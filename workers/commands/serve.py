@@ -23,8 +23,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--store", type=Path, default=Path("var/store"), help="store folder")
     p.add_argument("--workers", type=int, default=1, help="worker processes (one job each)")
-    p.add_argument("--redis-url", default=None,
-                   help="use this Redis instead of starting one (e.g. redis://host:6379/0)")
+    p.add_argument(
+        "--redis-url",
+        default=None,
+        help="use this Redis instead of starting one (e.g. redis://host:6379/0)",
+    )
     p.add_argument("--redis-port", type=int, default=0, help="port of the private redis (0: free)")
     p.add_argument("--no-demo", action="store_true", help="do not register the demo model")
     p.set_defaults(func=run_serve)
@@ -49,15 +52,23 @@ def run_serve(args: argparse.Namespace) -> int:
     group = launcher.ProcessGroup()
     try:
         redis_url = args.redis_url or launcher.start_redis(
-            group, args.redis_port or launcher.free_port(), store.root.parent / "redis")
+            group, args.redis_port or launcher.free_port(), store.root.parent / "redis"
+        )
         env = {"VITEDIT_REDIS_URL": redis_url, "VITEDIT_STORE": str(store.root.resolve())}
         for i in range(args.workers):
             launcher.start_worker(group, env, i)
         url = launcher.start_api(group, env, args.host, args.port)
-        launcher.wait_until(lambda: launcher.http_ready(f"{url}/readyz"), 300, "a worker",
-                            alive=lambda: not group.dead())
-        print(f"vitedit is serving on {url} (docs: {url}/docs); redis {redis_url}; "
-              f"store {store.root}. Ctrl-C stops everything.", flush=True)
+        launcher.wait_until(
+            lambda: launcher.http_ready(f"{url}/readyz"),
+            300,
+            "a worker",
+            alive=lambda: not group.dead(),
+        )
+        print(
+            f"vitedit is serving on {url} (docs: {url}/docs); redis {redis_url}; "
+            f"store {store.root}. Ctrl-C stops everything.",
+            flush=True,
+        )
         while not group.dead():
             time.sleep(0.5)
         print(f"{', '.join(group.dead())} exited; stopping the rest", flush=True)
