@@ -46,6 +46,7 @@ RESULTS_SCHEMA = 1
 QUICK_GROUPS = 4  # --quick: this many groups,
 QUICK_EDITS = 2  # this many edit images per group,
 QUICK_KNOBS = 2  # and this many knob values per method
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 Progress = Callable[[int, int, str], None]
 """progress(done, total, label) after every edit."""
 
@@ -233,15 +234,20 @@ def plot_fronts(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 5))
-    for method, entry in results["methods"].items():
+    for k, (method, entry) in enumerate(results["methods"].items()):
         pts = sorted(entry["points"], key=lambda p: p["lr"])
         xs, ys = [100 * p["lr"] for p in pts], [100 * p["gr"] for p in pts]
-        ax.plot(xs, ys, marker="o", label=method)
+        (line,) = ax.plot(xs, ys, marker=MARKERS[k % len(MARKERS)], label=method)
+        failed = [(x, y) for p, x, y in zip(pts, xs, ys, strict=True) if p["sr"] < 0.99]
+        if failed:  # hollow ring: some edits did not succeed (SR < 99%)
+            ax.scatter(*zip(*failed, strict=True), s=120, facecolors="none",
+                       edgecolors=line.get_color())
         for p, x, y in zip(pts, xs, ys, strict=True):
             if p["knob_value"] is not None:
                 ax.annotate(f"{p['knob_value']:g}", (x, y), fontsize=7, xytext=(3, 3),
                             textcoords="offset points")
     ax.axvline(90, color="grey", linestyle=":", linewidth=1)
+    ax.text(0.01, 0.01, "ringed: SR < 99%", transform=ax.transAxes, fontsize=7, color="grey")
     ax.set_xlabel("locality LR (%)")
     ax.set_ylabel("generalization GR (%)")
     settings = results["settings"]

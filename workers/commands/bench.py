@@ -46,7 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     opt.add_argument("--stop-loss", type=float)
     opt.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int,
+                   help="torch CPU threads (default: 1 for --world demo, whose 17-token model "
+                        "runs fastest on one thread; else torch's choice)")
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="output folder")
     p.set_defaults(func=run_bench_command)
 
@@ -131,9 +133,10 @@ def run_bench_command(args: argparse.Namespace) -> int:
     from models.bench import BenchConfig, edit_defaults, run_bench, write_results
     from models.sites import Sites
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    threads = args.threads or (1 if args.world == "demo" and device.type == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
     backbone = _load_backbone(args, device)
     benchmark = _load_benchmark(args)
     hypernet, sites = _load_hypernetwork(args, backbone)
