@@ -21,12 +21,17 @@ from models.forward import SplitForward
 from models.sites import Matrix, Sites
 
 
-def episode_kl(logits: torch.Tensor, clean_logits: torch.Tensor, temperature: float
-               ) -> torch.Tensor:
+def episode_kl(
+    logits: torch.Tensor, clean_logits: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """T^2 KL(softmax(clean / T) || softmax(logits / T)) per row: (N,)."""
     t = temperature
-    kl = F.kl_div(F.log_softmax(logits / t, dim=-1), F.log_softmax(clean_logits / t, dim=-1),
-                  reduction="none", log_target=True)
+    kl = F.kl_div(
+        F.log_softmax(logits / t, dim=-1),
+        F.log_softmax(clean_logits / t, dim=-1),
+        reduction="none",
+        log_target=True,
+    )
     return t * t * kl.sum(dim=-1)
 
 
@@ -115,8 +120,9 @@ class DeltaLinear(nn.Module):
 
 
 @contextmanager
-def episode_deltas(model: nn.Module, sites: Sites,
-                   deltas: list[Factors]) -> Iterator[list[DeltaLinear]]:
+def episode_deltas(
+    model: nn.Module, sites: Sites, deltas: list[Factors]
+) -> Iterator[list[DeltaLinear]]:
     """Within the block, sample b of a batch sees site matrices W0 + deltas[i][b]."""
     modules = dict(model.named_modules())
     swapped, layers = [], []
@@ -136,8 +142,9 @@ def episode_deltas(model: nn.Module, sites: Sites,
 class BatchedEpisodes:
     """The B episodes of one batch on shared prefix tokens, each with its own site weights."""
 
-    def __init__(self, split: SplitForward, sites: Sites, episodes: Episodes,
-                 temperature: float) -> None:
+    def __init__(
+        self, split: SplitForward, sites: Sites, episodes: Episodes, temperature: float
+    ) -> None:
         self.split, self.sites, self.temperature = split, sites, temperature
         self.tokens = split.prefix(episodes.mixed)  # (B, T, D), once per batch
         self.clean_logits = episodes.clean_logits  # (B, C)

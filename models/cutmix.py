@@ -48,8 +48,9 @@ def patch_grid(model: nn.Module) -> tuple[int, int]:
     return int(patch[0]), int(grid[0])
 
 
-def sample_boxes(n: int, grid: int, gen: torch.Generator,
-                 sides: tuple[int, int] | None = None) -> torch.Tensor:
+def sample_boxes(
+    n: int, grid: int, gen: torch.Generator, sides: tuple[int, int] | None = None
+) -> torch.Tensor:
     """(n, 4) long boxes (top, left, height, width) in patch units, fully inside the grid."""
     lo, hi = sides or box_range(grid)
     hw = torch.randint(lo, hi + 1, (n, 2), generator=gen)
@@ -94,8 +95,9 @@ class FolderPool:
     transform: Callable[[Image.Image], torch.Tensor]
 
     @classmethod
-    def from_folder(cls, folder: Path,
-                    transform: Callable[[Image.Image], torch.Tensor]) -> FolderPool:
+    def from_folder(
+        cls, folder: Path, transform: Callable[[Image.Image], torch.Tensor]
+    ) -> FolderPool:
         paths = list_images(Path(folder))
         if len(paths) < 2:
             raise DataError(f"{folder} holds {len(paths)} image(s); CutMix needs at least 2")
@@ -128,8 +130,14 @@ class Episodes:
 class CutMixSampler:
     """Draws episode batches from a pool with its own seeded generator (saved in checkpoints)."""
 
-    def __init__(self, model: nn.Module, pool: ImagePool, seed: int = 0,
-                 sides: tuple[int, int] | None = None, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        pool: ImagePool,
+        seed: int = 0,
+        sides: tuple[int, int] | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
         if len(pool) < 2:
             raise DataError(f"the CutMix pool holds {len(pool)} image(s); it needs at least 2")
         self.model, self.pool, self.device = model, pool, torch.device(device)

@@ -73,13 +73,20 @@ class HypernetConfig:
         return sum(self.hidden)
 
     @classmethod
-    def for_sites(cls, feature_dim: int, sites: Sites, width: int | None = None,
-                  heads: int | None = None, **kwargs: Any) -> HypernetConfig:
+    def for_sites(
+        cls,
+        feature_dim: int,
+        sites: Sites,
+        width: int | None = None,
+        heads: int | None = None,
+        **kwargs: Any,
+    ) -> HypernetConfig:
         """Default shape: width = the backbone's feature width, 6 heads (4 if 6 does not divide)."""
         width = width or feature_dim
         heads = heads or (6 if width % 6 == 0 else 4)
-        return cls(feature_dim, tuple(m.hidden for m in sites.matrices), width=width, heads=heads,
-                   **kwargs)
+        return cls(
+            feature_dim, tuple(m.hidden for m in sites.matrices), width=width, heads=heads, **kwargs
+        )
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -123,8 +130,13 @@ class Hypernetwork(nn.Module):
 
     # ------------------------------------------------------------------ persistence
 
-    def save(self, out_dir: Path, backbone: Backbone, sites: Sites,
-             training: dict[str, Any] | None = None) -> Path:
+    def save(
+        self,
+        out_dir: Path,
+        backbone: Backbone,
+        sites: Sites,
+        training: dict[str, Any] | None = None,
+    ) -> Path:
         """Write weights + manifest into ``out_dir`` (each file replaced atomically)."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -133,14 +145,20 @@ class Hypernetwork(nn.Module):
         weights = out_dir / WEIGHTS_FILE
         tmp = out_dir / f".{WEIGHTS_FILE}.tmp"
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(tmp),
-                  metadata={"format": HYPERNET_FORMAT, "backbone_sha256": backbone.weights_sha256})
+        save_file(
+            state,
+            str(tmp),
+            metadata={"format": HYPERNET_FORMAT, "backbone_sha256": backbone.weights_sha256},
+        )
         os.replace(tmp, weights)
         manifest = {
             "format": HYPERNET_FORMAT,
             "config": self.config.to_json(),
-            "backbone": {"name": backbone.manifest.name, "timm_name": backbone.manifest.timm_name,
-                         "weights_sha256": backbone.weights_sha256},
+            "backbone": {
+                "name": backbone.manifest.name,
+                "timm_name": backbone.manifest.timm_name,
+                "weights_sha256": backbone.weights_sha256,
+            },
             "sites": sites.to_json(),
             "weights": WEIGHTS_FILE,
             "weights_sha256": sha256_file(weights),
@@ -162,8 +180,10 @@ class Hypernetwork(nn.Module):
         weights = Path(in_dir) / manifest["weights"]
         actual = sha256_file(weights)
         if actual != manifest["weights_sha256"]:
-            raise IntegrityError(f"{weights} has sha256 {actual[:16]}..., its manifest says "
-                                 f"{manifest['weights_sha256'][:16]}...: the file was changed")
+            raise IntegrityError(
+                f"{weights} has sha256 {actual[:16]}..., its manifest says "
+                f"{manifest['weights_sha256'][:16]}...: the file was changed"
+            )
         cfg = manifest["config"]
         net = cls(HypernetConfig(**{**cfg, "hidden": tuple(cfg["hidden"])}))
         net.load_state_dict(load_file(str(weights)))
@@ -178,8 +198,12 @@ def read_manifest(in_dir: Path) -> dict[str, Any]:
     return manifest
 
 
-def check_compatible(manifest: dict[str, Any], backbone_sha256: str, sites: Sites | None,
-                     model: nn.Module | None = None) -> None:
+def check_compatible(
+    manifest: dict[str, Any],
+    backbone_sha256: str,
+    sites: Sites | None,
+    model: nn.Module | None = None,
+) -> None:
     """Raise HypernetworkMismatchError unless the manifest fits this backbone and these sites."""
     trained_for = manifest["backbone"]
     if trained_for["weights_sha256"] != backbone_sha256:
@@ -200,7 +224,8 @@ def check_compatible(manifest: dict[str, Any], backbone_sha256: str, sites: Site
             found = Sites.from_names(model, recorded.mlps)
         except SiteError as exc:
             raise HypernetworkMismatchError(
-                f"the hypernetwork's sites are not in this model: {exc}") from exc
+                f"the hypernetwork's sites are not in this model: {exc}"
+            ) from exc
         if found != recorded:
             raise HypernetworkMismatchError(
                 f"the model's FFN widths {list(found.hidden)} differ from the hypernetwork's "
@@ -216,8 +241,10 @@ def recorded_sites(in_dir: Path) -> Sites:
 @torch.no_grad()
 def cls_features(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """The backbone's pre-logits CLS features (N, feature_dim): forward_features -> forward_head."""
-    chunks = [model.forward_head(model.forward_features(images[i : i + batch_size]),
-                                 pre_logits=True) for i in range(0, len(images), batch_size)]
+    chunks = [
+        model.forward_head(model.forward_features(images[i : i + batch_size]), pre_logits=True)
+        for i in range(0, len(images), batch_size)
+    ]
     return torch.cat(chunks)
 
 

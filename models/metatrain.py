@@ -132,8 +132,9 @@ def _broadcast(sites: Sites, m: torch.Tensor) -> list[torch.Tensor]:
     return [Sites.broadcast(mk, mat) for mk, mat in pairs]
 
 
-def search_masks_reference(model: nn.Module, sites: Sites, episodes: Episodes, s0: torch.Tensor,
-                           cfg: MetaTrainConfig) -> MaskSearch:
+def search_masks_reference(
+    model: nn.Module, sites: Sites, episodes: Episodes, s0: torch.Tensor, cfg: MetaTrainConfig
+) -> MaskSearch:
     """Step 2, the straightforward way: one deep copy of the model per episode, full forwards.
 
     Same maths as :func:`search_masks` (RMSprop is elementwise, so one optimiser per episode
@@ -162,8 +163,10 @@ def search_masks_reference(model: nn.Module, sites: Sites, episodes: Episodes, s
                 loss = episode_kl(episode(image), clean, cfg.temperature).sum()
                 grads = torch.autograd.grad(loss, params)
                 steps = [d - cfg.inner_lr * g for d, g in zip(steps, grads, strict=True)]
-            final = {mat.param: w + mk * d
-                     for mat, w, mk, d in zip(sites.matrices, w0, masks, steps, strict=True)}
+            final = {
+                mat.param: w + mk * d
+                for mat, w, mk, d in zip(sites.matrices, w0, masks, steps, strict=True)
+            }
             kl = episode_kl(functional_call(episode, final, (image,)), clean, cfg.temperature).sum()
             opt.zero_grad(set_to_none=True)
             loss = kl + cfg.sparsity * m.sum() / n_total
@@ -196,8 +199,13 @@ def jaccard(masks: torch.Tensor) -> float:
     return (inter / union)[off_diagonal].mean().item()
 
 
-def regress(hypernet: Hypernetwork, opt: torch.optim.Optimizer, features: torch.Tensor,
-            s: torch.Tensor, cfg: MetaTrainConfig) -> tuple[float, torch.Tensor]:
+def regress(
+    hypernet: Hypernetwork,
+    opt: torch.optim.Optimizer,
+    features: torch.Tensor,
+    s: torch.Tensor,
+    cfg: MetaTrainConfig,
+) -> tuple[float, torch.Tensor]:
     """Step 3: fit H(cls(x~)) to sigmoid(3 s). Returns the last BCE and the scores it saw."""
     target = torch.sigmoid(hypernet.config.score_scale * s)
     for _ in range(cfg.regression_steps):
@@ -212,8 +220,15 @@ def regress(hypernet: Hypernetwork, opt: torch.optim.Optimizer, features: torch.
 class MetaTrainer:
     """Owns the hypernetwork, its optimiser and the episode stream; :meth:`step` = one iteration."""
 
-    def __init__(self, backbone: Backbone, sites: Sites, pool: ImagePool, hypernet: Hypernetwork,
-                 cfg: MetaTrainConfig, impl: str = "batched") -> None:
+    def __init__(
+        self,
+        backbone: Backbone,
+        sites: Sites,
+        pool: ImagePool,
+        hypernet: Hypernetwork,
+        cfg: MetaTrainConfig,
+        impl: str = "batched",
+    ) -> None:
         if impl not in ("batched", "reference"):
             raise ValueError(f"impl must be 'batched' or 'reference', got {impl!r}")
         self.backbone, self.sites, self.hypernet, self.cfg = backbone, sites, hypernet, cfg
@@ -242,8 +257,11 @@ class MetaTrainer:
         bce, scores = regress(self.hypernet, self.opt, features, search.s, cfg)
         self.iteration += 1
         return {
-            "outer_loss_first": search.loss[0], "outer_loss_last": search.loss[-1],
-            "kl_first": search.kl[0], "kl_last": search.kl[-1], "bce": bce,
+            "outer_loss_first": search.loss[0],
+            "outer_loss_last": search.loss[-1],
+            "kl_first": search.kl[0],
+            "kl_last": search.kl[-1],
+            "bce": bce,
             "s_density": (search.s > 0).float().mean().item(),  # share of entries with m > 0.5
             "h_density": (scores > 0.5).float().mean().item(),
             "s_iou": jaccard(search.s > 0),  # overlap of episodes' selected sets (m > 0.5)
@@ -251,21 +269,30 @@ class MetaTrainer:
             "h_std": scores.std(dim=0).mean().item(),  # spread of scores across episodes
         }
 
-    def train(self, checkpoint_dir: Path, checkpoint_every: int = 500, log_every: int = 10,
-              show_progress: bool = False,
-              time_budget_s: float | None = None) -> list[dict[str, float]]:
+    def train(
+        self,
+        checkpoint_dir: Path,
+        checkpoint_every: int = 500,
+        log_every: int = 10,
+        show_progress: bool = False,
+        time_budget_s: float | None = None,
+    ) -> list[dict[str, float]]:
         """Run to ``cfg.iterations`` (or until ``time_budget_s`` is spent), logging window means
         and checkpointing to ``checkpoint_dir``."""
         window: list[dict[str, float]] = []
         start, first = time.perf_counter(), self.iteration
         deadline = math.inf if time_budget_s is None else start + time_budget_s
         with _progress(show_progress) as bar:
-            task = bar.add_task("meta-training", total=self.cfg.iterations,
-                                completed=self.iteration)
+            task = bar.add_task(
+                "meta-training", total=self.cfg.iterations, completed=self.iteration
+            )
             while self.iteration < self.cfg.iterations:
                 window.append(self.step())
-                bar.update(task, advance=1, description=f"KL {window[-1]['kl_last']:.3f} "
-                           f"BCE {window[-1]['bce']:.4f}")
+                bar.update(
+                    task,
+                    advance=1,
+                    description=f"KL {window[-1]['kl_last']:.3f} BCE {window[-1]['bce']:.4f}",
+                )
                 out_of_time = time.perf_counter() > deadline
                 if len(window) == log_every or self.iteration == self.cfg.iterations or out_of_time:
                     self._log(window, (self.iteration - first) / (time.perf_counter() - start))
@@ -273,8 +300,11 @@ class MetaTrainer:
                 if checkpoint_every and (self.iteration % checkpoint_every == 0 or out_of_time):
                     save_checkpoint(self, Path(checkpoint_dir))
                 if out_of_time:
-                    log.info("time budget spent at iteration %d of %d", self.iteration,
-                             self.cfg.iterations)
+                    log.info(
+                        "time budget spent at iteration %d of %d",
+                        self.iteration,
+                        self.cfg.iterations,
+                    )
                     break
         return self.history
 
@@ -282,11 +312,21 @@ class MetaTrainer:
         entry = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
         entry.update(iteration=self.iteration, episodes_per_s=iterations_per_s * self.cfg.batch)
         self.history.append(entry)
-        log.info("it %d: KL %.4f -> %.4f, J %.4f -> %.4f, BCE %.4f, density s %.3f h %.3f, "
-                 "IoU s %.3f h %.3f, %.1f episodes/s", entry["iteration"], entry["kl_first"],
-                 entry["kl_last"], entry["outer_loss_first"], entry["outer_loss_last"],
-                 entry["bce"], entry["s_density"], entry["h_density"], entry["s_iou"],
-                 entry["h_iou"], entry["episodes_per_s"])
+        log.info(
+            "it %d: KL %.4f -> %.4f, J %.4f -> %.4f, BCE %.4f, density s %.3f h %.3f, "
+            "IoU s %.3f h %.3f, %.1f episodes/s",
+            entry["iteration"],
+            entry["kl_first"],
+            entry["kl_last"],
+            entry["outer_loss_first"],
+            entry["outer_loss_last"],
+            entry["bce"],
+            entry["s_density"],
+            entry["h_density"],
+            entry["s_iou"],
+            entry["h_iou"],
+            entry["episodes_per_s"],
+        )
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -299,21 +339,31 @@ def save_checkpoint(trainer: MetaTrainer, directory: Path) -> None:
     """Hypernetwork, optimiser state and RNG state as safetensors; the rest as JSON. No pickle."""
     directory.mkdir(parents=True, exist_ok=True)
     opt_state = trainer.opt.state_dict()
-    tensors = {f"hypernet.{k}": v.detach().cpu().contiguous()
-               for k, v in trainer.hypernet.state_dict().items()}
+    tensors = {
+        f"hypernet.{k}": v.detach().cpu().contiguous()
+        for k, v in trainer.hypernet.state_dict().items()
+    }
     for idx, state in opt_state["state"].items():
-        tensors.update({f"optim.{idx}.{k}": torch.as_tensor(v).cpu().contiguous()
-                        for k, v in state.items()})
+        tensors.update(
+            {f"optim.{idx}.{k}": torch.as_tensor(v).cpu().contiguous() for k, v in state.items()}
+        )
     tensors["rng.sampler"] = trainer.sampler.generator.get_state()
     tmp = directory / ".checkpoint.safetensors.tmp"
     save_file(tensors, str(tmp))
     os.replace(tmp, directory / "checkpoint.safetensors")
-    write_json_atomic(directory / "state.json", {
-        "iteration": trainer.iteration, "config": dataclasses.asdict(trainer.cfg),
-        "hypernet_config": trainer.hypernet.config.to_json(), "sites": trainer.sites.to_json(),
-        "backbone_sha256": trainer.backbone.weights_sha256, "impl": trainer.impl,
-        "param_groups": opt_state["param_groups"], "history": trainer.history,
-    })
+    write_json_atomic(
+        directory / "state.json",
+        {
+            "iteration": trainer.iteration,
+            "config": dataclasses.asdict(trainer.cfg),
+            "hypernet_config": trainer.hypernet.config.to_json(),
+            "sites": trainer.sites.to_json(),
+            "backbone_sha256": trainer.backbone.weights_sha256,
+            "impl": trainer.impl,
+            "param_groups": opt_state["param_groups"],
+            "history": trainer.history,
+        },
+    )
     log.info("checkpoint at iteration %d -> %s", trainer.iteration, directory)
 
 
@@ -322,18 +372,23 @@ def load_checkpoint(trainer: MetaTrainer, directory: Path) -> None:
     state = read_json(directory / "state.json")
     saved = {k: v for k, v in state["config"].items() if k not in _RESUMABLE_CHANGES}
     now = {k: v for k, v in dataclasses.asdict(trainer.cfg).items() if k not in _RESUMABLE_CHANGES}
-    same = (saved == now and state["sites"] == trainer.sites.to_json()
-            and state["hypernet_config"] == trainer.hypernet.config.to_json()
-            and state["backbone_sha256"] == trainer.backbone.weights_sha256)
+    same = (
+        saved == now
+        and state["sites"] == trainer.sites.to_json()
+        and state["hypernet_config"] == trainer.hypernet.config.to_json()
+        and state["backbone_sha256"] == trainer.backbone.weights_sha256
+    )
     if not same:
         raise ManifestError(
             f"checkpoint {directory} was written for another backbone, sites, hypernetwork shape "
-            "or meta-training config; start afresh without --resume (or use another --out)")
+            "or meta-training config; start afresh without --resume (or use another --out)"
+        )
     tensors = load_file(str(directory / "checkpoint.safetensors"))
     device = trainer.backbone.device
     prefix = "hypernet."
     trainer.hypernet.load_state_dict(
-        {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)})
+        {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+    )
     optim: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
@@ -348,19 +403,34 @@ def load_checkpoint(trainer: MetaTrainer, directory: Path) -> None:
 # --------------------------------------------------------------------------- entry point
 
 
-def build_hypernetwork(model: nn.Module, sites: Sites, seed: int = 0, width: int | None = None,
-                       heads: int | None = None) -> Hypernetwork:
+def build_hypernetwork(
+    model: nn.Module,
+    sites: Sites,
+    seed: int = 0,
+    width: int | None = None,
+    heads: int | None = None,
+) -> Hypernetwork:
     """A fresh hypernetwork for this backbone and these sites, initialised from ``seed``."""
     torch.manual_seed(seed)
     config = HypernetConfig.for_sites(feature_dim(model), sites, width=width, heads=heads)
     return Hypernetwork(config).to(next(model.parameters()).device)
 
 
-def meta_train(backbone: Backbone, sites: Sites, pool: ImagePool, cfg: MetaTrainConfig,
-               out_dir: Path, hypernet: Hypernetwork | None = None, resume: bool = False,
-               checkpoint_every: int = 500, log_every: int = 10, show_progress: bool = False,
-               extra: dict[str, Any] | None = None, checkpoint_dir: Path | None = None,
-               time_budget_s: float | None = None) -> tuple[Hypernetwork, list[dict[str, float]]]:
+def meta_train(
+    backbone: Backbone,
+    sites: Sites,
+    pool: ImagePool,
+    cfg: MetaTrainConfig,
+    out_dir: Path,
+    hypernet: Hypernetwork | None = None,
+    resume: bool = False,
+    checkpoint_every: int = 500,
+    log_every: int = 10,
+    show_progress: bool = False,
+    extra: dict[str, Any] | None = None,
+    checkpoint_dir: Path | None = None,
+    time_budget_s: float | None = None,
+) -> tuple[Hypernetwork, list[dict[str, float]]]:
     """Meta-train (or resume) a hypernetwork, then save it to ``out_dir`` with its manifest.
 
     Checkpoints go to ``checkpoint_dir`` (default ``out_dir / "checkpoint"``). With
@@ -374,13 +444,18 @@ def meta_train(backbone: Backbone, sites: Sites, pool: ImagePool, cfg: MetaTrain
     if resume and (checkpoint_dir / "state.json").is_file():
         load_checkpoint(trainer, checkpoint_dir)
     start = time.perf_counter()
-    history = trainer.train(checkpoint_dir, checkpoint_every, log_every, show_progress,
-                            time_budget_s)
+    history = trainer.train(
+        checkpoint_dir, checkpoint_every, log_every, show_progress, time_budget_s
+    )
     seconds = time.perf_counter() - start
     summary = {
-        "config": dataclasses.asdict(cfg), "iterations": trainer.iteration,
-        "episodes": trainer.iteration * cfg.batch, "seconds_this_run": round(seconds, 1),
-        "final": history[-1] if history else {}, "pool_size": len(pool), **(extra or {}),
+        "config": dataclasses.asdict(cfg),
+        "iterations": trainer.iteration,
+        "episodes": trainer.iteration * cfg.batch,
+        "seconds_this_run": round(seconds, 1),
+        "final": history[-1] if history else {},
+        "pool_size": len(pool),
+        **(extra or {}),
     }
     hypernet.eval().save(out_dir, backbone, sites, training=summary)
     return hypernet, history
@@ -388,7 +463,12 @@ def meta_train(backbone: Backbone, sites: Sites, pool: ImagePool, cfg: MetaTrain
 
 @contextmanager
 def _progress(show: bool) -> Iterator[Progress]:
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, disable=not show) as bar:
         yield bar

@@ -36,8 +36,9 @@ def demo_setup() -> tuple[object, TensorPool, str]:
     return backbone, pool, "random-init demo-shaped model, random images"
 
 
-def run(impl: str, backbone: object, pool: TensorPool, cfg: MetaTrainConfig,
-        iterations: int) -> tuple[float, list[float], list[float]]:
+def run(
+    impl: str, backbone: object, pool: TensorPool, cfg: MetaTrainConfig, iterations: int
+) -> tuple[float, list[float], list[float]]:
     """(episodes/s, outer loss J per iteration, final-step KL per iteration) after one warm-up."""
     sites = Sites.for_model(backbone.model)
     hypernet = build_hypernetwork(backbone.model, sites, cfg.seed)
@@ -61,8 +62,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     backbone, pool, what = demo_setup()
     cfg = MetaTrainConfig(inner_lr=args.inner_lr)
-    print(f"{what}; B={cfg.batch} S={cfg.outer_steps} K={cfg.inner_steps}, "
-          f"{args.iterations} timed iterations, {args.threads} threads", flush=True)
+    print(
+        f"{what}; B={cfg.batch} S={cfg.outer_steps} K={cfg.inner_steps}, "
+        f"{args.iterations} timed iterations, {args.threads} threads",
+        flush=True,
+    )
     print(f"{'loop':<10} {'episodes/s':>11} {'outer loss J (last step, mean)':>32} {'KL':>10}")
     results = {}
     for impl in ("reference", "batched"):

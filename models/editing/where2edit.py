@@ -51,10 +51,15 @@ def mask_counts(sites: Sites, masks: list[torch.Tensor]) -> dict[str, int]:
     return {m.param: int(mask.sum()) for m, mask in zip(sites.matrices, masks, strict=True)}
 
 
-@register("where2edit", Where2EditConfig, needs_hypernetwork=True,
-          description="masked fine-tuning of the neurons a meta-trained hypernetwork selects")
-def where2edit(task: EditTask, config: Where2EditConfig,
-               on_step: StepCallback | None = None) -> EditOutcome:
+@register(
+    "where2edit",
+    Where2EditConfig,
+    needs_hypernetwork=True,
+    description="masked fine-tuning of the neurons a meta-trained hypernetwork selects",
+)
+def where2edit(
+    task: EditTask, config: Where2EditConfig, on_step: StepCallback | None = None
+) -> EditOutcome:
     masks = learned_masks(task.hypernetwork, task, config.rho)
     outcome = masked_finetune(task, config, masks=masks, on_step=on_step)
     outcome.extra["mask_per_matrix"] = mask_counts(task.sites, masks)

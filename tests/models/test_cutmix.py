@@ -20,8 +20,9 @@ from models.cutmix import (
 from models.errors import DataError
 
 
-@pytest.mark.parametrize(("grid", "expected"),
-                         [(14, (3, 8)), (4, (1, 3)), (7, (2, 4)), (2, (1, 1))])
+@pytest.mark.parametrize(
+    ("grid", "expected"), [(14, (3, 8)), (4, (1, 3)), (7, (2, 4)), (2, (1, 1))]
+)
 def test_box_range_keeps_the_papers_fraction_of_the_side(grid, expected):
     assert box_range(grid) == expected
 

@@ -52,8 +52,14 @@ def test_episode_deltas_run_each_sample_through_its_own_weights(tiny_backbone, s
     model = tiny_backbone.model
     x = torch.randn(2, 1, 28, 28)
     gen = torch.Generator().manual_seed(0)
-    deltas = [Factors(0.1 * torch.randn(2, 3, w.shape[0], generator=gen),
-                      torch.randn(2, 3, w.shape[1], generator=gen), 3) for w in sites.params(model)]
+    deltas = [
+        Factors(
+            0.1 * torch.randn(2, 3, w.shape[0], generator=gen),
+            torch.randn(2, 3, w.shape[1], generator=gen),
+            3,
+        )
+        for w in sites.params(model)
+    ]
     before = copy.deepcopy(model.state_dict())
     with episode_deltas(model, sites, deltas):
         batched = model(x)
@@ -92,10 +98,12 @@ def test_masked_factors_scale_fc1_rows_and_fc2_columns(sites):
     gen = torch.Generator().manual_seed(0)
     delta = Factors(torch.randn(1, 2, 4, generator=gen), torch.randn(1, 2, 3, generator=gen), 2)
     rows, cols = Matrix("fc1.weight", 0, 4), Matrix("fc2.weight", 1, 3)
-    torch.testing.assert_close(delta.masked(torch.tensor([[1.0, 0, 1, 0]]), rows).dense()[0, 1],
-                               torch.zeros(3))
-    torch.testing.assert_close(delta.masked(torch.tensor([[0.0, 1, 1]]), cols).dense()[0, :, 0],
-                               torch.zeros(4))
+    torch.testing.assert_close(
+        delta.masked(torch.tensor([[1.0, 0, 1, 0]]), rows).dense()[0, 1], torch.zeros(3)
+    )
+    torch.testing.assert_close(
+        delta.masked(torch.tensor([[0.0, 1, 1]]), cols).dense()[0, :, 0], torch.zeros(4)
+    )
 
 
 def test_batched_mask_search_matches_the_per_episode_reference(tiny_backbone, sites, pool):
@@ -113,27 +121,50 @@ def test_batched_mask_search_matches_the_per_episode_reference(tiny_backbone, si
 
 
 def test_short_meta_training_lowers_the_outer_loss_and_the_regression_loss(
-        tiny_backbone, sites, pool, tmp_path):
+    tiny_backbone, sites, pool, tmp_path
+):
     cfg = MetaTrainConfig(iterations=5, **FAST)
-    net, history = meta_train(tiny_backbone, sites, pool, cfg, tmp_path, log_every=1,
-                              checkpoint_every=0)
+    net, history = meta_train(
+        tiny_backbone, sites, pool, cfg, tmp_path, log_every=1, checkpoint_every=0
+    )
     assert len(history) == 5
     assert all(h["outer_loss_last"] < h["outer_loss_first"] for h in history)
     assert history[-1]["bce"] < history[0]["bce"]
     assert {"kl_last", "s_density", "h_density", "s_iou", "h_iou", "h_std"} <= history[0].keys()
     loaded = Hypernetwork.load(tmp_path, tiny_backbone, sites)
-    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(),
-                                                loaded.state_dict().values(), strict=True))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(net.state_dict().values(), loaded.state_dict().values(), strict=True)
+    )
 
 
 def test_resumed_training_continues_exactly_where_it_stopped(tiny_backbone, sites, pool, tmp_path):
-    straight, _ = meta_train(tiny_backbone, sites, pool, MetaTrainConfig(iterations=4, **FAST),
-                             tmp_path / "straight", checkpoint_every=2)
-    meta_train(tiny_backbone, sites, pool, MetaTrainConfig(iterations=2, **FAST),
-               tmp_path / "resumed", checkpoint_every=2)
-    resumed, history = meta_train(tiny_backbone, sites, pool, MetaTrainConfig(iterations=4, **FAST),
-                                  tmp_path / "resumed", resume=True, checkpoint_every=2,
-                                  log_every=1)
+    straight, _ = meta_train(
+        tiny_backbone,
+        sites,
+        pool,
+        MetaTrainConfig(iterations=4, **FAST),
+        tmp_path / "straight",
+        checkpoint_every=2,
+    )
+    meta_train(
+        tiny_backbone,
+        sites,
+        pool,
+        MetaTrainConfig(iterations=2, **FAST),
+        tmp_path / "resumed",
+        checkpoint_every=2,
+    )
+    resumed, history = meta_train(
+        tiny_backbone,
+        sites,
+        pool,
+        MetaTrainConfig(iterations=4, **FAST),
+        tmp_path / "resumed",
+        resume=True,
+        checkpoint_every=2,
+        log_every=1,
+    )
     assert [h["iteration"] for h in history][-2:] == [3, 4]
     for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
@@ -143,16 +174,23 @@ def test_resumed_training_continues_exactly_where_it_stopped(tiny_backbone, site
 
 def test_time_budget_stops_early_and_still_saves(tiny_backbone, sites, pool, tmp_path):
     cfg = MetaTrainConfig(iterations=50, **FAST)
-    _, history = meta_train(tiny_backbone, sites, pool, cfg, tmp_path, log_every=1,
-                            time_budget_s=0.0)
+    _, history = meta_train(
+        tiny_backbone, sites, pool, cfg, tmp_path, log_every=1, time_budget_s=0.0
+    )
     assert [h["iteration"] for h in history] == [1]
     assert Hypernetwork.load(tmp_path, tiny_backbone, sites) is not None
     assert (tmp_path / CHECKPOINT_DIR / "state.json").is_file()
 
 
 def test_resume_refuses_a_checkpoint_with_another_inner_setup(tiny_backbone, sites, pool, tmp_path):
-    meta_train(tiny_backbone, sites, pool, MetaTrainConfig(iterations=1, **FAST), tmp_path,
-               checkpoint_every=1)
+    meta_train(
+        tiny_backbone,
+        sites,
+        pool,
+        MetaTrainConfig(iterations=1, **FAST),
+        tmp_path,
+        checkpoint_every=1,
+    )
     changed = MetaTrainConfig(iterations=2, **{**FAST, "inner_lr": 0.1})
     with pytest.raises(ManifestError, match="without --resume"):
         meta_train(tiny_backbone, sites, pool, changed, tmp_path, resume=True)
@@ -194,9 +232,26 @@ def test_cli_trains_a_hypernetwork_from_a_manifest_and_an_image_folder(tiny_back
     for i in range(4):
         pixels = np.random.default_rng(i).integers(0, 255, (28, 28), dtype=np.uint8)
         Image.fromarray(pixels).save(tmp_path / "images" / f"{i}.png")
-    args = ["hypernet", "train", "--backbone", str(tmp_path / "backbone.json"), "--images",
-            str(tmp_path / "images"), "--out", str(tmp_path / "out"), "--iterations", "2",
-            "--batch", "2", "--outer-steps", "2", "--inner-steps", "2", "--threads", "1"]
+    args = [
+        "hypernet",
+        "train",
+        "--backbone",
+        str(tmp_path / "backbone.json"),
+        "--images",
+        str(tmp_path / "images"),
+        "--out",
+        str(tmp_path / "out"),
+        "--iterations",
+        "2",
+        "--batch",
+        "2",
+        "--outer-steps",
+        "2",
+        "--inner-steps",
+        "2",
+        "--threads",
+        "1",
+    ]
     assert main(args) == 0
     net = Hypernetwork.load(tmp_path / "out", tiny_backbone)  # random init: sha256 "" both sides
     sites = Sites.for_model(tiny_backbone.model)

@@ -60,8 +60,9 @@ def test_untouched_rows_and_columns_stay_bit_identical(task):
     assert outcome.patch.n_neurons > 0
     edited = copy.deepcopy(task.model)
     outcome.patch.apply(edited)
-    for matrix, mask, w0, w1 in zip(task.sites.matrices, masks, before,
-                                    task.sites.params(edited), strict=True):
+    for matrix, mask, w0, w1 in zip(
+        task.sites.matrices, masks, before, task.sites.params(edited), strict=True
+    ):
         keep = ~mask
         untouched_0 = w0.index_select(matrix.dim, keep.nonzero().flatten())
         untouched_1 = w1.index_select(matrix.dim, keep.nonzero().flatten())

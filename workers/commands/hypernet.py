@@ -1,7 +1,7 @@
 """``vitedit hypernet train``: meta-train a where-to-edit hypernetwork for a backbone.
 
-    vitedit hypernet train --world demo                      # the shipped demo hypernetwork
-    vitedit hypernet train --backbone backbone.json --images DIR --out DIR
+vitedit hypernet train --world demo                      # the shipped demo hypernetwork
+vitedit hypernet train --backbone backbone.json --images DIR --out DIR
 """
 
 from __future__ import annotations
@@ -23,8 +23,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     source.add_argument("--world", choices=["demo"], help="the built-in demo backbone and its pool")
     source.add_argument("--backbone", type=Path, help="backbone manifest (JSON); needs --images")
     train.add_argument("--images", type=Path, help="unlabeled images of the backbone's domain")
-    train.add_argument("--out", type=Path, default=None,
-                       help="output folder (default for --world demo: the shipped assets)")
+    train.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default for --world demo: the shipped assets)",
+    )
     train.add_argument("--iterations", type=int, default=10_000)
     train.add_argument("--batch", type=int, default=8, help="episodes per iteration (B)")
     train.add_argument("--inner-lr", type=float, default=1e-3, help="inner SGD step (eta)")
@@ -32,19 +36,37 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--outer-steps", type=int, default=10, help="S")
     train.add_argument("--sparsity", type=float, default=1.0, help="lambda")
     train.add_argument("--regression-lr", type=float, default=1e-4, help="hypernetwork RMSprop lr")
-    train.add_argument("--schedule-iterations", type=int, default=None,
-                       help="cosine length of the regression lr (default: 2 x iterations)")
+    train.add_argument(
+        "--schedule-iterations",
+        type=int,
+        default=None,
+        help="cosine length of the regression lr (default: 2 x iterations)",
+    )
     train.add_argument("--width", type=int, default=None, help="hypernetwork width")
-    train.add_argument("--blocks", type=int, nargs="+", default=None,
-                       help="edited blocks (default: three ending at 75%% depth)")
-    train.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
-                       help="stop (and save) once this much wall time is spent")
+    train.add_argument(
+        "--blocks",
+        type=int,
+        nargs="+",
+        default=None,
+        help="edited blocks (default: three ending at 75%% depth)",
+    )
+    train.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        metavar="MINUTES",
+        help="stop (and save) once this much wall time is spent",
+    )
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     train.add_argument("--checkpoint-every", type=int, default=250)
-    train.add_argument("--checkpoint-dir", type=Path, default=None,
-                       help=f"default: OUT/checkpoint ({DEMO_CHECKPOINTS} for --world demo, "
-                            "to keep checkpoints out of the shipped assets)")
+    train.add_argument(
+        "--checkpoint-dir",
+        type=Path,
+        default=None,
+        help=f"default: OUT/checkpoint ({DEMO_CHECKPOINTS} for --world demo, "
+        "to keep checkpoints out of the shipped assets)",
+    )
     train.add_argument("--log-every", type=int, default=25)
     train.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     train.add_argument("--device", default="cpu")
@@ -62,17 +84,33 @@ def _train(args: argparse.Namespace) -> int:
     backbone, pool, out, width = _source(args)
     checkpoints = args.checkpoint_dir or (DEMO_CHECKPOINTS if args.world == "demo" else None)
     sites = Sites.for_model(backbone.model, tuple(args.blocks) if args.blocks else None)
-    cfg = MetaTrainConfig(iterations=args.iterations, batch=args.batch, inner_lr=args.inner_lr,
-                          inner_steps=args.inner_steps, outer_steps=args.outer_steps,
-                          sparsity=args.sparsity, regression_lr=args.regression_lr,
-                          schedule_iterations=args.schedule_iterations,
-                          seed=args.seed)
+    cfg = MetaTrainConfig(
+        iterations=args.iterations,
+        batch=args.batch,
+        inner_lr=args.inner_lr,
+        inner_steps=args.inner_steps,
+        outer_steps=args.outer_steps,
+        sparsity=args.sparsity,
+        regression_lr=args.regression_lr,
+        schedule_iterations=args.schedule_iterations,
+        seed=args.seed,
+    )
     hypernet = build_hypernetwork(backbone.model, sites, cfg.seed, width=args.width or width)
-    _, history = meta_train(backbone, sites, pool, cfg, out, hypernet=hypernet, resume=args.resume,
-                            checkpoint_every=args.checkpoint_every, log_every=args.log_every,
-                            show_progress=True, extra={"source": _describe(args)},
-                            checkpoint_dir=checkpoints,
-                            time_budget_s=None if args.time_budget is None else 60 * args.time_budget)
+    _, history = meta_train(
+        backbone,
+        sites,
+        pool,
+        cfg,
+        out,
+        hypernet=hypernet,
+        resume=args.resume,
+        checkpoint_every=args.checkpoint_every,
+        log_every=args.log_every,
+        show_progress=True,
+        extra={"source": _describe(args)},
+        checkpoint_dir=checkpoints,
+        time_budget_s=None if args.time_budget is None else 60 * args.time_budget,
+    )
     print(json.dumps({"out": str(out), "final": history[-1] if history else {}}, indent=2))
     return 0
 
