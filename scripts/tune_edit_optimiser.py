@@ -5,7 +5,9 @@ ViT-B; on a small ViT trained from scratch the stop rule is rarely met and small
 few failures. This sweeps lr x max_steps x stop_loss on a small sample of the demo benchmark with
 the random-mask (rho = 0.1) and full fine-tuning baselines, prints SR / GR / LR per setting, and
 picks the setting where every method's edits succeed (SR ~ 100%) with the least damage (highest
-mean LR, then highest mean GR). Run on one thread: other jobs share the cores.
+mean LR, then highest mean GR). Keep the stop losses "confident" (well below ln(#classes)): a
+threshold above it means "stop at the first flip", which always wins on LR and ruins GR. Run on
+one thread: other jobs share the cores.
 
     .venv/bin/python scripts/tune_edit_optimiser.py [--groups 6] [--edits 2]
 """
