@@ -12,6 +12,10 @@ import torch
 from models.backbones import Backbone, load_backbone
 from models.store.manifest import BackboneManifest
 
+# One intra-op thread: tests share 2 cores with worker subprocesses, and OpenMP threads that wait on
+# each other make small ops 5-10x slower than one thread does.
+torch.set_num_threads(1)
+
 TINY_OVERRIDES = dict(
     img_size=28,
     patch_size=7,
