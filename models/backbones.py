@@ -165,15 +165,3 @@ def backbone_from_name(
         pretrained=pretrained,
     )
     return load_backbone(manifest, device)
-
-
-def load_image(path: Path) -> Image.Image:
-    """Open an image file fully (so a corrupt file fails here, not later)."""
-    from models.errors import DataError
-
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: not a readable image ({exc})") from exc

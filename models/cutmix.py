@@ -107,9 +107,9 @@ class FolderPool:
         return len(self.paths)
 
     def get(self, indices: torch.Tensor) -> torch.Tensor:
-        from models.backbones import load_image
+        from models.data import open_image
 
-        return torch.stack([self.transform(load_image(self.paths[i])) for i in indices.tolist()])
+        return torch.stack([self.transform(open_image(self.paths[i])) for i in indices.tolist()])
 
 
 @dataclass

@@ -80,7 +80,8 @@ def list_images(folder: Path) -> list[Path]:
     )
 
 
-def _open(path: Path) -> Image.Image:
+def open_image(path: Path) -> Image.Image:
+    """Open an image file fully, so a corrupt file fails here (naming it), not later."""
     try:
         with Image.open(path) as im:
             im.load()
@@ -102,7 +103,7 @@ def read_edit_groups(root: Path, min_size: int = 2) -> list[EditGroup]:
                 f"group folder {folder.name!r} must start with the true class index, "
                 "like '609-586' (true 609, predicted 586) or '3-invert'"
             )
-        images = [_open(p) for p in list_images(folder)]
+        images = [open_image(p) for p in list_images(folder)]
         if len(images) < min_size:
             raise DataError(f"group {folder.name} has {len(images)} images; need >= {min_size}")
         groups.append(EditGroup(folder.name, int(match.group(1)), images))
@@ -115,7 +116,7 @@ def read_locality(root: Path) -> list[Image.Image]:
     paths = list_images(Path(root))
     if not paths:
         raise DataError(f"locality folder {root} holds no images")
-    return [_open(p) for p in paths]
+    return [open_image(p) for p in paths]
 
 
 def read_benchmark(groups_dir: Path, locality_dir: Path) -> EditBenchmark:
