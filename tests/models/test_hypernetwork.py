@@ -134,3 +134,28 @@ def test_load_rejects_changed_weights(tiny_backbone, sites, tmp_path):
 
 def test_demo_loader_returns_none_when_nothing_is_shipped(tiny_backbone, tmp_path: Path):
     assert load_demo_hypernetwork(tiny_backbone, tmp_path / "absent") is None
+
+
+def test_shipped_demo_hypernetwork_fits_the_demo_backbone_and_is_input_dependent(demo_backbone):
+    from models import demo_world
+    from models.hypernetwork import DEMO_DIR, read_manifest
+    from models.metatrain import mask_iou
+
+    net = load_demo_hypernetwork(demo_backbone)
+    assert net is not None, "not shipped: run `vitedit hypernet train --world demo`"
+    manifest = read_manifest(DEMO_DIR)
+    assert manifest["backbone"]["weights_sha256"] == demo_backbone.weights_sha256
+    assert (DEMO_DIR / WEIGHTS_FILE).stat().st_size < 5_000_000
+    images = demo_world.normalise(demo_world.load_world().heldout_images[:32])
+    scores = net(cls_features(demo_backbone.model, images))
+    assert mask_iou(scores, rho=0.1) < 0.9, "the top-10% mask barely depends on the image"
+
+
+def test_cli_meta_trains_on_the_demo_world_in_short_mode(demo_backbone, tmp_path):
+    from workers.cli import main
+
+    out = tmp_path / "hypernet"
+    args = ["hypernet", "train", "--world", "demo", "--out", str(out), "--iterations", "1"]
+    args += ["--batch", "2", "--outer-steps", "1", "--inner-steps", "2"]
+    assert main([*args, "--checkpoint-dir", str(tmp_path / "ck")]) == 0
+    assert Hypernetwork.load(out, demo_backbone).config.width == 128
