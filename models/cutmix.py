@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from models.data import list_images
+from models.data import list_images, open_image
 from models.errors import DataError
 
 REFERENCE_GRID = 14  # 224 px / patch 16: the grid the paper's 3-8 patch range refers to
@@ -107,8 +107,6 @@ class FolderPool:
         return len(self.paths)
 
     def get(self, indices: torch.Tensor) -> torch.Tensor:
-        from models.data import open_image
-
         return torch.stack([self.transform(open_image(self.paths[i])) for i in indices.tolist()])
 
 
