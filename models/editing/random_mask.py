@@ -21,8 +21,10 @@ RHO_VALUES = (0.75, 0.5, 0.25, 0.1, 0.05)
 
 
 @dataclass(frozen=True)
-class RandomMaskConfig(EditConfig):
-    rho: float = 0.1  # fraction of all mask entries that may change
+class MaskConfig(EditConfig):
+    """Options of a masked editor: ``rho``, the fraction of all mask entries that may change."""
+
+    rho: float = 0.1
 
     knob: ClassVar[str | None] = "rho"
     knob_values: ClassVar[tuple[float, ...]] = RHO_VALUES
@@ -33,6 +35,11 @@ class RandomMaskConfig(EditConfig):
             raise EditConfigError(f"rho must be in (0, 1], got {self.rho}")
 
 
+@dataclass(frozen=True)
+class RandomMaskConfig(MaskConfig):
+    """A uniformly random mask at ``rho``."""
+
+
 def random_masks(sites: Sites, rho: float, seed: int) -> list[torch.Tensor]:
     """One bool (hidden,) mask per matrix, together keeping the top ``rho`` of random scores."""
     scores = torch.rand(sites.n_entries, generator=torch.Generator().manual_seed(seed))
@@ -40,7 +47,8 @@ def random_masks(sites: Sites, rho: float, seed: int) -> list[torch.Tensor]:
 
 
 @register("random", RandomMaskConfig, description="masked fine-tuning with a uniformly random mask")
-def random_mask(task: EditTask, config: RandomMaskConfig,
-                on_step: StepCallback | None = None) -> EditOutcome:
+def random_mask(
+    task: EditTask, config: RandomMaskConfig, on_step: StepCallback | None = None
+) -> EditOutcome:
     masks = random_masks(task.sites, config.rho, config.seed)
     return masked_finetune(task, config, masks=masks, on_step=on_step)

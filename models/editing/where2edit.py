@@ -9,29 +9,20 @@ masked RMSprop loop then edits only those neurons, so everything else stays bit-
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
 from models.editing.optimize import masked_finetune
-from models.editing.random_mask import RHO_VALUES
-from models.editing.registry import EditConfig, EditOutcome, EditTask, StepCallback, register
-from models.errors import EditConfigError, HypernetworkMismatchError
+from models.editing.random_mask import MaskConfig
+from models.editing.registry import EditOutcome, EditTask, StepCallback, register
+from models.errors import HypernetworkMismatchError
 from models.hypernetwork import Hypernetwork
 from models.sites import Sites, top_rho_mask
 
 
 @dataclass(frozen=True)
-class Where2EditConfig(EditConfig):
-    rho: float = 0.1  # fraction of all mask entries that may change
-
-    knob: ClassVar[str | None] = "rho"
-    knob_values: ClassVar[tuple[float, ...]] = RHO_VALUES
-
-    def validate(self) -> None:
-        super().validate()
-        if not 0.0 < self.rho <= 1.0:
-            raise EditConfigError(f"rho must be in (0, 1], got {self.rho}")
+class Where2EditConfig(MaskConfig):
+    """The hypernetwork's top ``rho`` of all mask entries (default 0.1)."""
 
 
 def learned_masks(hypernet: Hypernetwork, task: EditTask, rho: float) -> list[torch.Tensor]:
