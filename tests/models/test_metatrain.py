@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,15 +26,6 @@ from models.metatrain import (
 from models.sites import Matrix, Sites
 
 FAST = dict(batch=3, outer_steps=3, inner_steps=2, inner_lr=0.5, schedule_iterations=10)
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models: one thread avoids OpenMP contention on a shared 2-core machine (10x here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

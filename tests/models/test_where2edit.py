@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -14,14 +13,6 @@ from models.editing.where2edit import learned_masks
 from models.errors import EditConfigError, HypernetworkMismatchError
 from models.hypernetwork import HypernetConfig, Hypernetwork, cls_features, feature_dim
 from models.sites import Sites
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
