@@ -139,6 +139,21 @@ def episode_deltas(
             setattr(parent, attr, linear)
 
 
+@dataclass
+class Anchors:
+    """L clean images per episode whose predictions an edit should leave alone (locality term)."""
+
+    tokens: torch.Tensor  # (L, B, T, D) prefix tokens: slot l of every episode
+    clean_logits: torch.Tensor  # (L, B, C) the frozen backbone on them
+
+    @classmethod
+    def prepare(cls, split: SplitForward, images: torch.Tensor, logits: torch.Tensor) -> Anchors:
+        """``images`` (L, B, C, H, W) and their frozen logits (L, B, C)."""
+        n_slots, batch = images.shape[:2]
+        tokens = split.prefix(images.flatten(0, 1))
+        return cls(tokens.unflatten(0, (n_slots, batch)), logits)
+
+
 class BatchedEpisodes:
     """The B episodes of one batch on shared prefix tokens, each with its own site weights."""
 
@@ -159,6 +174,14 @@ class BatchedEpisodes:
         with episode_deltas(self.split.model, self.sites, deltas):
             logits = self.split.suffix(self.tokens)
         return episode_kl(logits, self.clean_logits, self.temperature)
+
+    def anchor_losses(self, deltas: list[Factors], anchors: Anchors) -> torch.Tensor:
+        """Per-episode mean KL (B,) on the episode's anchor images at weights W0 + deltas."""
+        total = anchors.tokens.new_zeros(len(self.tokens))
+        with episode_deltas(self.split.model, self.sites, deltas):
+            for tokens, clean in zip(anchors.tokens, anchors.clean_logits, strict=True):
+                total = total + episode_kl(self.split.suffix(tokens), clean, self.temperature)
+        return total / len(anchors.tokens)
 
     def grads(self, deltas: list[Factors]) -> list[Factors]:
         """Per-episode weight gradients of L at W0 + deltas, as factors (output grads, inputs).

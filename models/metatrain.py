@@ -24,7 +24,6 @@ import copy
 import dataclasses
 import logging
 import math
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,18 +41,16 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.func import functional_call
 
 from models.backbones import Backbone
-from models.batched_episodes import BatchedEpisodes, Factors, episode_kl
+from models.batched_episodes import Anchors, BatchedEpisodes, Factors, episode_kl
 from models.cutmix import CutMixSampler, Episodes, ImagePool
-from models.errors import ManifestError
 from models.forward import SplitForward
 from models.hypernetwork import HypernetConfig, Hypernetwork, cls_features, feature_dim
+from models.metatrain_checkpoint import CHECKPOINT_DIR, load_checkpoint, save_checkpoint
 from models.sites import Sites
-from models.store.manifest import read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +73,18 @@ class MetaTrainConfig:
     regression_weight: float = 0.1
     schedule_iterations: int | None = None  # cosine length; None = 2 x iterations (ref 20k/10k)
     seed: int = 0
+    # Not in the paper (0 = its objective): mu * mean KL on `anchors` clean pool images per episode,
+    # the lowest-margin of `anchors * anchor_draws` drawn, added to J: masks that spill less.
+    locality: float = 0.0
+    anchors: int = 2
+    anchor_draws: int = 4
 
     def __post_init__(self) -> None:
-        positive = ("iterations", "batch", "outer_steps", "inner_steps", "regression_steps")
+        positive = ("iterations", "batch", "outer_steps", "inner_steps", "regression_steps",
+                    "anchors", "anchor_draws")
         bad = [name for name in positive if getattr(self, name) < 1]
-        if bad or min(self.outer_lr, self.inner_lr, self.regression_lr, self.temperature) <= 0:
+        rates = (self.outer_lr, self.inner_lr, self.regression_lr, self.temperature)
+        if bad or min(rates) <= 0 or self.locality < 0:
             raise ValueError(f"invalid meta-training config {self}: {bad or 'non-positive rate'}")
 
     def regression_lr_at(self, iteration: int) -> float:
@@ -95,29 +99,38 @@ class MaskSearch:
     s: torch.Tensor  # (B, n_entries) optimised mask logits
     kl: list[float]  # mean episode loss L at each outer step
     loss: list[float]  # outer objective J at each outer step
+    anchor_kl: list[float] = dataclasses.field(default_factory=list)  # with a locality term
 
 
-def search_masks(batch: BatchedEpisodes, s0: torch.Tensor, cfg: MetaTrainConfig) -> MaskSearch:
-    """Step 2, all episodes at once. ``s0``: (B, n_entries) initial logits."""
+def search_masks(
+    batch: BatchedEpisodes, s0: torch.Tensor, cfg: MetaTrainConfig, anchors: Anchors | None = None
+) -> MaskSearch:
+    """Step 2, all episodes at once. ``s0``: (B, n_entries) initial logits; ``anchors`` add
+    ``cfg.locality`` times their mean KL to J (the optional locality term)."""
     s = s0.clone().requires_grad_()
     opt = torch.optim.RMSprop([s], lr=cfg.outer_lr)
     grad_at_w0 = batch.grads(batch.zeros())  # the first inner gradient does not depend on m
     capacity = [g.r * cfg.inner_steps for g in grad_at_w0]  # rank of D after K steps
-    kls, losses = [], []
+    kls, losses, anchor_kls = [], [], []
     for _ in range(cfg.outer_steps):
         m = torch.sigmoid(cfg.sharpness * s)  # (B, n_entries)
         steps = batch.zeros(capacity)  # D = -eta * sum_k grad_k, detached from s
         for k in range(cfg.inner_steps):  # inner weights W0 + m * D, m taken as a constant
             grads = grad_at_w0 if k == 0 else batch.grads(_masked(batch.sites, m.detach(), steps))
             steps = [d.plus(g, -cfg.inner_lr) for d, g in zip(steps, grads, strict=True)]
-        kl = batch.losses(_masked(batch.sites, m, steps))  # (B,), graph to s through m
+        final = _masked(batch.sites, m, steps)
+        kl = batch.losses(final)  # (B,), graph to s through m
         loss = kl.sum() + cfg.sparsity * m.mean()
+        if anchors is not None:
+            anchor_kl = batch.anchor_losses(final, anchors)
+            loss = loss + cfg.locality * anchor_kl.sum()
+            anchor_kls.append(anchor_kl.mean().item())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         kls.append(kl.mean().item())
         losses.append(loss.item())
-    return MaskSearch(s.detach(), kls, losses)
+    return MaskSearch(s.detach(), kls, losses, anchor_kls)
 
 
 def _masked(sites: Sites, m: torch.Tensor, steps: list[Factors]) -> list[Factors]:
@@ -231,6 +244,8 @@ class MetaTrainer:
     ) -> None:
         if impl not in ("batched", "reference"):
             raise ValueError(f"impl must be 'batched' or 'reference', got {impl!r}")
+        if impl == "reference" and cfg.locality > 0:
+            raise ValueError("the reference loop implements the paper's objective only (locality 0)")
         self.backbone, self.sites, self.hypernet, self.cfg = backbone, sites, hypernet, cfg
         self.impl = impl
         self.model = backbone.model
@@ -247,7 +262,7 @@ class MetaTrainer:
         s0 = s0.to(self.backbone.device)
         if self.impl == "batched":
             batch = BatchedEpisodes(self.split, self.sites, episodes, cfg.temperature)
-            search = search_masks(batch, s0, cfg)
+            search = search_masks(batch, s0, cfg, self._anchors() if cfg.locality > 0 else None)
         else:
             search = search_masks_reference(self.model, self.sites, episodes, s0, cfg)
         for group in self.opt.param_groups:
@@ -267,7 +282,23 @@ class MetaTrainer:
             "s_iou": jaccard(search.s > 0),  # overlap of episodes' selected sets (m > 0.5)
             "h_iou": mask_iou(scores),  # top-10% overlap of the hypernetwork's masks; 1 = collapsed
             "h_std": scores.std(dim=0).mean().item(),  # spread of scores across episodes
+            **({"anchor_kl_last": search.anchor_kl[-1]} if search.anchor_kl else {}),
         }
+
+    @torch.no_grad()
+    def _anchors(self) -> Anchors:
+        """B x L sensitive clean images: the lowest top-1 minus top-2 margins of those drawn."""
+        cfg = self.cfg
+        need = cfg.batch * cfg.anchors
+        idx = torch.randint(len(self.sampler.pool), (need * cfg.anchor_draws,),
+                            generator=self.sampler.generator)
+        images = self.sampler.pool.get(idx).to(self.backbone.device)
+        logits = self.model(images)
+        top2 = logits.softmax(dim=-1).topk(2, dim=-1).values
+        keep = (top2[:, 0] - top2[:, 1]).argsort()[:need]
+        shape = (cfg.anchors, cfg.batch)
+        return Anchors.prepare(self.split, images[keep].unflatten(0, shape),
+                               logits[keep].unflatten(0, shape))
 
     def train(
         self,
@@ -327,77 +358,8 @@ class MetaTrainer:
             entry["h_iou"],
             entry["episodes_per_s"],
         )
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-CHECKPOINT_DIR = "checkpoint"
-_RESUMABLE_CHANGES = {"iterations", "schedule_iterations"}  # config fields a resume may change
-
-
-def save_checkpoint(trainer: MetaTrainer, directory: Path) -> None:
-    """Hypernetwork, optimiser state and RNG state as safetensors; the rest as JSON. No pickle."""
-    directory.mkdir(parents=True, exist_ok=True)
-    opt_state = trainer.opt.state_dict()
-    tensors = {
-        f"hypernet.{k}": v.detach().cpu().contiguous()
-        for k, v in trainer.hypernet.state_dict().items()
-    }
-    for idx, state in opt_state["state"].items():
-        tensors.update(
-            {f"optim.{idx}.{k}": torch.as_tensor(v).cpu().contiguous() for k, v in state.items()}
-        )
-    tensors["rng.sampler"] = trainer.sampler.generator.get_state()
-    tmp = directory / ".checkpoint.safetensors.tmp"
-    save_file(tensors, str(tmp))
-    os.replace(tmp, directory / "checkpoint.safetensors")
-    write_json_atomic(
-        directory / "state.json",
-        {
-            "iteration": trainer.iteration,
-            "config": dataclasses.asdict(trainer.cfg),
-            "hypernet_config": trainer.hypernet.config.to_json(),
-            "sites": trainer.sites.to_json(),
-            "backbone_sha256": trainer.backbone.weights_sha256,
-            "impl": trainer.impl,
-            "param_groups": opt_state["param_groups"],
-            "history": trainer.history,
-        },
-    )
-    log.info("checkpoint at iteration %d -> %s", trainer.iteration, directory)
-
-
-def load_checkpoint(trainer: MetaTrainer, directory: Path) -> None:
-    """Restore a trainer saved by :func:`save_checkpoint`; refuses a different setup."""
-    state = read_json(directory / "state.json")
-    saved = {k: v for k, v in state["config"].items() if k not in _RESUMABLE_CHANGES}
-    now = {k: v for k, v in dataclasses.asdict(trainer.cfg).items() if k not in _RESUMABLE_CHANGES}
-    same = (
-        saved == now
-        and state["sites"] == trainer.sites.to_json()
-        and state["hypernet_config"] == trainer.hypernet.config.to_json()
-        and state["backbone_sha256"] == trainer.backbone.weights_sha256
-    )
-    if not same:
-        raise ManifestError(
-            f"checkpoint {directory} was written for another backbone, sites, hypernetwork shape "
-            "or meta-training config; start afresh without --resume (or use another --out)"
-        )
-    tensors = load_file(str(directory / "checkpoint.safetensors"))
-    device = trainer.backbone.device
-    prefix = "hypernet."
-    trainer.hypernet.load_state_dict(
-        {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
-    )
-    optim: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, idx, name = key.split(".", 2)
-            optim.setdefault(int(idx), {})[name] = value if name == "step" else value.to(device)
-    trainer.opt.load_state_dict({"state": optim, "param_groups": state["param_groups"]})
-    trainer.sampler.generator.set_state(tensors["rng.sampler"])
-    trainer.iteration, trainer.history = int(state["iteration"]), list(state["history"])
-    log.info("resumed from %s at iteration %d", directory, trainer.iteration)
+        if "anchor_kl_last" in entry:
+            log.info("it %d: anchor KL %.4f", entry["iteration"], entry["anchor_kl_last"])
 
 
 # --------------------------------------------------------------------------- entry point

@@ -3,26 +3,34 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
 
 from models.backbones import Backbone
-from models.batched_episodes import BatchedEpisodes, Factors, episode_deltas, episode_kl
+from models.batched_episodes import (
+    Anchors,
+    BatchedEpisodes,
+    Factors,
+    episode_deltas,
+    episode_kl,
+)
 from models.cutmix import CutMixSampler, TensorPool
 from models.errors import ManifestError
 from models.forward import SplitForward
 from models.hypernetwork import Hypernetwork
 from models.metatrain import (
-    CHECKPOINT_DIR,
     MetaTrainConfig,
+    MetaTrainer,
     jaccard,
     mask_iou,
     meta_train,
     search_masks,
     search_masks_reference,
 )
+from models.metatrain_checkpoint import CHECKPOINT_DIR
 from models.sites import Matrix, Sites
 
 FAST = dict(batch=3, outer_steps=3, inner_steps=2, inner_lr=0.5, schedule_iterations=10)
@@ -210,27 +218,14 @@ def test_checkpoint_dir_lives_under_the_output(tmp_path: Path):
     assert (tmp_path / CHECKPOINT_DIR).parent == tmp_path
 
 
-def test_cli_trains_a_hypernetwork_from_a_manifest_and_an_image_folder(tiny_backbone, tmp_path):
-    import numpy as np
-    from PIL import Image
-
-    from tests.conftest import tiny_manifest
-    from workers.cli import main
-
-    tiny_manifest().write(tmp_path / "backbone.json")
-    (tmp_path / "images").mkdir()
-    for i in range(4):
-        pixels = np.random.default_rng(i).integers(0, 255, (28, 28), dtype=np.uint8)
-        Image.fromarray(pixels).save(tmp_path / "images" / f"{i}.png")
-    args = [
+def _cli_train(folder: Path, *extra: str) -> list[str]:
+    return [
         "hypernet",
         "train",
         "--backbone",
-        str(tmp_path / "backbone.json"),
+        str(folder / "backbone.json"),
         "--images",
-        str(tmp_path / "images"),
-        "--out",
-        str(tmp_path / "out"),
+        str(folder / "images"),
         "--iterations",
         "2",
         "--batch",
@@ -241,8 +236,108 @@ def test_cli_trains_a_hypernetwork_from_a_manifest_and_an_image_folder(tiny_back
         "2",
         "--threads",
         "1",
+        *extra,
     ]
-    assert main(args) == 0
+
+
+def test_cli_trains_a_hypernetwork_from_a_manifest_and_an_image_folder(tiny_backbone, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from models.hypernetwork import read_manifest
+    from tests.conftest import tiny_manifest
+    from workers.cli import main
+
+    tiny_manifest().write(tmp_path / "backbone.json")
+    (tmp_path / "images").mkdir()
+    for i in range(4):
+        pixels = np.random.default_rng(i).integers(0, 255, (28, 28), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "images" / f"{i}.png")
+    assert main(_cli_train(tmp_path, "--out", str(tmp_path / "out"))) == 0
     net = Hypernetwork.load(tmp_path / "out", tiny_backbone)  # random init: sha256 "" both sides
     sites = Sites.for_model(tiny_backbone.model)
     assert net.config.hidden == tuple(m.hidden for m in sites.matrices)
+    # fine-tune that hypernetwork further, with the optional locality term
+    more = ["--out", str(tmp_path / "more"), "--init-from", str(tmp_path / "out")]
+    assert main(_cli_train(tmp_path, *more, "--locality", "2", "--anchors", "1")) == 0
+    training = read_manifest(tmp_path / "more")["training"]
+    assert training["config"]["locality"] == 2.0 and training["config"]["anchors"] == 1
+    assert training["init_from"] == str(tmp_path / "out")
+    assert "anchor_kl_last" in training["final"]
+    tuned = Hypernetwork.load(tmp_path / "more", tiny_backbone)
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(net.state_dict().values(), tuned.state_dict().values(), strict=True)
+    )
+
+def test_anchor_losses_equal_per_episode_forwards_at_each_episodes_weights(
+    tiny_backbone, sites, pool
+):
+    model, split = tiny_backbone.model, SplitForward(tiny_backbone.model, sites)
+    episodes = CutMixSampler(model, pool, seed=1).sample(2)
+    images = pool.get(torch.arange(4)).unflatten(0, (2, 2))  # 2 anchor slots x 2 episodes
+    with torch.no_grad():
+        clean = model(images.flatten(0, 1)).unflatten(0, (2, 2))
+    anchors = Anchors.prepare(split, images, clean)
+    assert anchors.tokens.shape[:2] == (2, 2)
+    batch = BatchedEpisodes(split, sites, episodes, 5.0)
+    # at the frozen weights every anchor keeps its own prediction exactly
+    assert batch.anchor_losses(batch.zeros(), anchors).abs().max() < 1e-5
+    gen = torch.Generator().manual_seed(0)
+    deltas = [
+        Factors(
+            0.3 * torch.randn(2, 3, w.shape[0], generator=gen),
+            torch.randn(2, 3, w.shape[1], generator=gen),
+            3,
+        )
+        for w in sites.params(model)
+    ]
+    batched = batch.anchor_losses(deltas, anchors)
+    for b in range(2):
+        alone = copy.deepcopy(model)
+        with torch.no_grad():
+            for p, d in zip(sites.params(alone), deltas, strict=True):
+                p += d.dense()[b]
+            expected = episode_kl(alone(images[:, b]), clean[:, b], 5.0).mean()
+        torch.testing.assert_close(batched[b], expected, rtol=1e-4, atol=1e-6)
+    assert batched.min() > 0
+
+
+def test_locality_term_makes_the_searched_masks_spare_the_anchors(demo_backbone):
+    from models.demo_world import load_world, normalise
+
+    model = demo_backbone.model
+    sites, pool = Sites.for_model(model), TensorPool(normalise(load_world().pool[:64]))
+    split = SplitForward(model, sites)
+    episodes = CutMixSampler(model, pool, seed=1).sample(2)
+    images = pool.get(torch.arange(32, 36)).unflatten(0, (2, 2))
+    with torch.no_grad():
+        anchors = Anchors.prepare(split, images, model(images.flatten(0, 1)).unflatten(0, (2, 2)))
+    batch = BatchedEpisodes(split, sites, episodes, 5.0)
+    s0 = torch.rand(2, sites.n_entries, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    plain_cfg = MetaTrainConfig(inner_lr=0.1, outer_steps=5)
+    plain = search_masks(batch, s0, plain_cfg, anchors)  # measured only: weight 0
+    local = search_masks(batch, s0, dataclasses.replace(plain_cfg, locality=1e4), anchors)
+    assert len(plain.anchor_kl) == len(local.anchor_kl) == plain_cfg.outer_steps
+    assert plain.anchor_kl[0] == pytest.approx(local.anchor_kl[0])  # the same first edit
+    assert local.anchor_kl[-1] < 0.5 * plain.anchor_kl[-1]
+    assert search_masks(batch, s0, plain_cfg).anchor_kl == []  # no anchors, no term
+
+
+def test_meta_training_with_a_locality_term_logs_the_anchor_kl(
+    tiny_backbone, sites, pool, tmp_path
+):
+    cfg = MetaTrainConfig(iterations=2, locality=1.0, anchors=2, anchor_draws=2, **FAST)
+    _, history = meta_train(
+        tiny_backbone, sites, pool, cfg, tmp_path, log_every=1, checkpoint_every=0
+    )
+    assert all(h["anchor_kl_last"] > -1e-6 for h in history)  # a KL, up to rounding
+    with pytest.raises(ValueError, match="locality"):
+        MetaTrainer(
+            tiny_backbone,
+            sites,
+            pool,
+            Hypernetwork.load(tmp_path, tiny_backbone),
+            cfg,
+            impl="reference",
+        )

@@ -33,6 +33,8 @@ _CONFIG_OPTIONS = (
     "regression_lr",
     "schedule_iterations",
     "seed",
+    "locality",
+    "anchors",
 )
 
 
@@ -62,6 +64,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=None,
         help="cosine length of the regression lr (default: 2 x iterations)",
+    )
+    train.add_argument(
+        "--locality",
+        type=float,
+        default=None,
+        help="weight of an extra locality term (KL on sensitive clean images); 0 = the paper's",
+    )
+    train.add_argument("--anchors", type=int, default=None, help="locality images per episode (2)")
+    train.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="start from this saved hypernetwork's weights (same backbone and sites)",
     )
     train.add_argument("--width", type=int, default=None, help="hypernetwork width")
     train.add_argument(
@@ -106,7 +121,13 @@ def _train(args: argparse.Namespace) -> int:
     backbone, pool, out = _source(args)
     sites = Sites.for_model(backbone.model, tuple(args.blocks) if args.blocks else None)
     cfg = MetaTrainConfig(**{k: options[k] for k in _CONFIG_OPTIONS if k in options})
-    hypernet = build_hypernetwork(backbone.model, sites, cfg.seed, width=options.get("width"))
+    if args.init_from is not None:
+        from models.hypernetwork import Hypernetwork
+
+        # checks the backbone and the sites; loaded frozen, so unfreeze for training
+        hypernet = Hypernetwork.load(args.init_from, backbone, sites).requires_grad_(True)
+    else:
+        hypernet = build_hypernetwork(backbone.model, sites, cfg.seed, width=options.get("width"))
     checkpoints = args.checkpoint_dir or (DEMO_CHECKPOINTS if args.world == "demo" else None)
     budget = None if args.time_budget is None else 60 * args.time_budget
     _, history = meta_train(
@@ -120,7 +141,11 @@ def _train(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         log_every=args.log_every,
         show_progress=True,
-        extra={"source": _describe(args), "time_budget_s": budget},
+        extra={
+            "source": _describe(args),
+            "time_budget_s": budget,
+            "init_from": str(args.init_from) if args.init_from else None,
+        },
         checkpoint_dir=checkpoints,
         time_budget_s=budget,
     )

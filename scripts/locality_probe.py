@@ -1,0 +1,88 @@
+"""Where do an edit's locality flips go? A diagnostic of the demo benchmark's LR.
+
+LR counts the sensitive locality images (correct, low top-1 minus top-2 margin) whose top-1
+changes. This splits those flips by destination and by margin, per method:
+
+- "to target": the image now predicts the edit's target label y, i.e. it sits on the boundary the
+  edit was asked to move (collateral no mask can avoid without also giving up GR);
+- "y in top-2": the image's base top-2 already contained y;
+- "elsewhere": flips to a class other than y: damage unrelated to the requested fix, which
+  is what choosing *where* to edit should reduce.
+
+    .venv/bin/python scripts/locality_probe.py [--edits 4] [--methods ft,random,where2edit,ft-l1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.bench import edit_defaults, sample_edits
+from models.demo_world import load_demo_backbone, load_world
+from models.editing.registry import EditTask, make_config, run_edit
+from models.evaluation import EvalSet, patched_logits
+from models.forward import SplitForward
+from models.hypernetwork import DEMO_DIR, load_demo_hypernetwork, recorded_sites
+
+KNOBS = {"random": {"rho": 0.1}, "where2edit": {"rho": 0.1}, "ft-l1": {"c": 0.005}}
+MARGINS = (0.05, 0.1, 1.0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default="ft,random,where2edit,ft-l1")
+    parser.add_argument("--edits", type=int, default=4, help="edit images per group")
+    parser.add_argument("--hypernet", type=Path, default=DEMO_DIR, help="hypernetwork folder")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.WARNING)
+    backbone, world = load_demo_backbone(), load_world()
+    bench = world.benchmark
+    hypernet = load_demo_hypernetwork(backbone, args.hypernet)
+    sites = recorded_sites(args.hypernet)
+    split = SplitForward(backbone.model, sites)
+    groups = [(g.name, g.label, backbone.preprocess(g.images)) for g in bench.groups]
+    evalset = EvalSet.prepare(split, groups, backbone.preprocess(bench.locality))
+    base = split.logits(evalset.locality_tokens).softmax(-1)
+    top2 = base.topk(2, dim=-1)
+    margin = (top2.values[:, 0] - top2.values[:, 1]).numpy()
+    bucket = np.digitize(margin, MARGINS[:-1])
+    print(f"locality set: {len(margin)} images; margin < 0.05: {(bucket == 0).sum()}, "
+          f"0.05-0.1: {(bucket == 1).sum()}, >= 0.1: {(bucket == 2).sum()}; "
+          f"base classes {np.bincount(top2.indices[:, 0].numpy(), minlength=10).tolist()}\n")
+    edits = sample_edits([len(x) for _, _, x in groups], args.edits, args.seed)
+    defaults = edit_defaults(backbone)
+    print("| method | flipped % | to target % | y in base top-2 % | elsewhere % "
+          "| flip rate by margin <0.05 / 0.05-0.1 / >=0.1 |")
+    print("|---|---:|---:|---:|---:|---|")
+    for method in args.methods.split(","):
+        config = make_config(method, **defaults, **KNOBS.get(method, {}))
+        flips, to_target, in_top2, n = 0, 0, 0, 0
+        by_bucket = np.zeros(3)
+        for gi, g in enumerate(evalset.groups):
+            for i in edits[gi]:
+                task = EditTask(backbone.model, sites, split, groups[gi][2][i : i + 1],
+                                torch.tensor([g.label]), g.tokens[i : i + 1], hypernet)
+                patch = run_edit(method, task, config).patch
+                (logits,) = patched_logits(split, patch, [evalset.locality_tokens])
+                flipped = (logits.argmax(-1) != evalset.base_locality_preds).numpy()
+                y_top2 = (top2.indices == g.label).any(-1).numpy()
+                flips += flipped.sum()
+                to_target += (flipped & (logits.argmax(-1) == g.label).numpy()).sum()
+                in_top2 += (flipped & y_top2).sum()
+                by_bucket += np.bincount(bucket[flipped], minlength=3)
+                n += 1
+        total, counts = n * len(margin), np.bincount(bucket, minlength=3) * n
+        rates = " / ".join(f"{100 * b / c:.1f}" for b, c in zip(by_bucket, counts, strict=True))
+        print(f"| {method} | {100 * flips / total:.1f} | {100 * to_target / max(flips, 1):.1f} | "
+              f"{100 * in_top2 / max(flips, 1):.1f} | "
+              f"{100 * (flips - to_target) / max(flips, 1):.1f} | {rates} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""How good can *any* mask be on the demo world? where2edit against gradient-saliency masks.
+
+Every mask here is fed to the same masked RMSprop edit (the backbone's shared optimiser setting)
+at the same ``rho``, and scored like the benchmark (SR / GR / LR on the same sampled edits):
+
+- ``random``: a uniformly random mask (the paper's ablation);
+- ``where2edit``: the hypernetwork's scores for the edit image;
+- ``saliency``: per-neuron gradient norm of the edit image's CE to its target (fc1 row /
+  fc2 column norms): a training-free "where" that needs no hypernetwork;
+- ``oracle``: the same gradient norms on the *whole group* (its held-out images included), so it
+  sees what GR will measure. Not a method (it uses the test images): an upper reference for what
+  choosing neurons can buy on this benchmark.
+
+    .venv/bin/python scripts/mask_probe.py [--rhos 0.1,0.05] [--edits 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.bench import edit_defaults, sample_edits
+from models.demo_world import load_demo_backbone, load_world
+from models.editing.optimize import frozen, masked_finetune, site_logits
+from models.editing.random_mask import random_masks
+from models.editing.registry import EditTask, make_config
+from models.editing.where2edit import learned_masks
+from models.evaluation import EvalSet
+from models.forward import SplitForward
+from models.hypernetwork import DEMO_DIR, load_demo_hypernetwork, recorded_sites
+from models.sites import Sites, top_rho_mask
+
+KINDS = ("random", "where2edit", "saliency", "oracle")
+
+
+def gradient_scores(task: EditTask) -> torch.Tensor:
+    """Flat (n_entries,) per-neuron gradient norms of the CE of ``task``'s images to its targets."""
+    weights = [p.detach().clone().requires_grad_() for p in task.sites.params(task.model)]
+    with frozen(task.model), torch.enable_grad():
+        loss = F.cross_entropy(site_logits(task)(weights), task.targets)
+        grads = torch.autograd.grad(loss, weights)
+    # fc1 (dim 0): a neuron's row; fc2 (dim 1): its column -> norm over the other dimension
+    return torch.cat([g.norm(dim=1 - m.dim) for g, m in zip(grads, task.sites.matrices,
+                                                            strict=True)])
+
+
+def mask_for(kind: str, task: EditTask, group_task: EditTask, rho: float, seed: int) -> list:
+    sites: Sites = task.sites
+    if kind == "random":
+        return random_masks(sites, rho, seed)
+    if kind == "where2edit":
+        return learned_masks(task.hypernetwork, task, rho)
+    source = task if kind == "saliency" else group_task
+    return sites.split(top_rho_mask(gradient_scores(source), rho))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rhos", default="0.1,0.05")
+    parser.add_argument("--kinds", default=",".join(KINDS))
+    parser.add_argument("--edits", type=int, default=4, help="edit images per group")
+    parser.add_argument("--hypernet", type=Path, default=DEMO_DIR)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.WARNING)
+    backbone, bench = load_demo_backbone(), load_world().benchmark
+    hypernet = load_demo_hypernetwork(backbone, args.hypernet)
+    sites = recorded_sites(args.hypernet)
+    split = SplitForward(backbone.model, sites)
+    groups = [(g.name, g.label, backbone.preprocess(g.images)) for g in bench.groups]
+    evalset = EvalSet.prepare(split, groups, backbone.preprocess(bench.locality))
+    edits = sample_edits([len(x) for _, _, x in groups], args.edits, args.seed)
+    defaults = edit_defaults(backbone)
+    print(f"{len(groups)} groups x {args.edits} edits; sites {list(sites.mlps)}; {defaults}\n")
+    print("| mask | rho | SR % | GR % | LR % | steps |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for rho in (float(r) for r in args.rhos.split(",")):
+        config = make_config("random", rho=rho, seed=args.seed, **defaults)
+        for kind in args.kinds.split(","):
+            per_group, steps = [], []
+            for gi, g in enumerate(evalset.groups):
+                images, target = groups[gi][2], torch.tensor([g.label])
+                group_task = EditTask(backbone.model, sites, split, images,
+                                      target.expand(len(images)), g.tokens, hypernet)
+                scores = []
+                for i in edits[gi]:
+                    task = EditTask(backbone.model, sites, split, images[i : i + 1], target,
+                                    g.tokens[i : i + 1], hypernet)
+                    masks = mask_for(kind, task, group_task, rho, args.seed)
+                    outcome = masked_finetune(task, config, masks=masks)
+                    steps.append(outcome.steps)
+                    s = evalset.score(outcome.patch, gi, [i])
+                    scores.append((s.sr, s.gr, s.lr))
+                per_group.append(np.mean(scores, axis=0))
+            sr, gr, lr = 100 * np.mean(per_group, axis=0)
+            print(f"| {kind} | {rho:g} | {sr:.1f} | {gr:.1f} | {lr:.1f} | {np.mean(steps):.1f} |",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
