@@ -359,7 +359,7 @@ class MetaTrainer:
             entry["episodes_per_s"],
         )
         if "anchor_kl_last" in entry:
-            log.info("it %d: anchor KL %.4f", entry["iteration"], entry["anchor_kl_last"])
+            log.info("it %d: anchor KL %.3g", entry["iteration"], entry["anchor_kl_last"])
 
 
 # --------------------------------------------------------------------------- entry point

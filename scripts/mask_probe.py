@@ -6,7 +6,7 @@ at the same ``rho``, and scored like the benchmark (SR / GR / LR on the same sam
 - ``random``: a uniformly random mask (the paper's ablation);
 - ``where2edit``: the hypernetwork's scores for the edit image;
 - ``saliency``: per-neuron gradient norm of the edit image's CE to its target (fc1 row /
-  fc2 column norms): a training-free "where" that needs no hypernetwork;
+  fc2 column norms; the ``saliency`` editor): a training-free "where", no hypernetwork;
 - ``oracle``: the same gradient norms on the *whole group* (its held-out images included), so it
   sees what GR will measure. Not a method (it uses the test images): an upper reference for what
   choosing neurons can buy on this benchmark.
@@ -22,13 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from models.bench import edit_defaults, sample_edits
 from models.demo_world import load_demo_backbone, load_world
-from models.editing.optimize import frozen, masked_finetune, site_logits
+from models.editing.optimize import masked_finetune
 from models.editing.random_mask import random_masks
 from models.editing.registry import EditTask, make_config
+from models.editing.saliency import gradient_scores
 from models.editing.where2edit import learned_masks
 from models.evaluation import EvalSet
 from models.forward import SplitForward
@@ -36,17 +36,6 @@ from models.hypernetwork import DEMO_DIR, load_demo_hypernetwork, recorded_sites
 from models.sites import Sites, top_rho_mask
 
 KINDS = ("random", "where2edit", "saliency", "oracle")
-
-
-def gradient_scores(task: EditTask) -> torch.Tensor:
-    """Flat (n_entries,) per-neuron gradient norms of the CE of ``task``'s images to its targets."""
-    weights = [p.detach().clone().requires_grad_() for p in task.sites.params(task.model)]
-    with frozen(task.model), torch.enable_grad():
-        loss = F.cross_entropy(site_logits(task)(weights), task.targets)
-        grads = torch.autograd.grad(loss, weights)
-    # fc1 (dim 0): a neuron's row; fc2 (dim 1): its column -> norm over the other dimension
-    return torch.cat([g.norm(dim=1 - m.dim) for g, m in zip(grads, task.sites.matrices,
-                                                            strict=True)])
 
 
 def mask_for(kind: str, task: EditTask, group_task: EditTask, rho: float, seed: int) -> list:

@@ -1,6 +1,12 @@
 """Edit methods. Importing this package registers every editor in ``registry.EDITORS``."""
 
-from models.editing import finetune, lora, random_mask, where2edit  # noqa: F401  (registration)
+from models.editing import (  # noqa: F401  (registration)
+    finetune,
+    lora,
+    random_mask,
+    saliency,
+    where2edit,
+)
 from models.editing.registry import (
     EDITORS,
     EditConfig,

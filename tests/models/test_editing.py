@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.editing import finetune, lora, random_mask  # noqa: F401  (registration)
+from models.editing import finetune, lora, random_mask, saliency  # noqa: F401  (registration)
 from models.editing.finetune import half_sq_l2_distance, l1_distance
 from models.editing.optimize import masked_finetune
 from models.editing.random_mask import random_masks
@@ -21,7 +21,7 @@ from models.forward import SplitForward
 from models.sites import Patch, Sites
 
 BASELINES = {"ft": {}, "ft-l1": {"c": 0.001}, "ft-l2": {"c": 0.01}, "random": {"rho": 0.25},
-             "lora": {"rank": 2}}
+             "lora": {"rank": 2}, "saliency": {"rho": 0.25}}
 
 
 def tiny_vit(seed: int = 0) -> nn.Module:
@@ -186,3 +186,28 @@ def test_lora_patch_is_dense_merged_weights_over_all_site_neurons(model: nn.Modu
     assert outcome.patch.n_neurons == task.sites.n_entries
     assert outcome.extra["lora_params"] == sum(
         config.rank * sum(p.shape) for p in task.sites.params(model))
+
+
+def test_saliency_edits_exactly_the_neurons_with_the_largest_gradient_norms(model: nn.Module) -> None:
+    from models.editing.saliency import gradient_scores
+
+    task = make_task(model, n_images=2)
+    scores = gradient_scores(task)
+    assert scores.shape == (task.sites.n_entries,) and bool((scores >= 0).all())
+    # one entry per fc1 row / fc2 column: recompute the first fc1 row's norm by hand
+    fc1 = task.sites.params(model)[0]
+    w = fc1.detach().clone().requires_grad_()
+    params = {n: p for n, p in model.named_parameters()}
+    name = task.sites.matrices[0].param
+    logits = torch.func.functional_call(model, {**params, name: w}, (task.images,))
+    F.cross_entropy(logits, task.targets).backward()
+    torch.testing.assert_close(scores[0], w.grad[0].norm(), rtol=1e-4, atol=1e-7)
+    _, outcome = edit("saliency", task)  # rho 0.25
+    changed, offset = set(), 0
+    for m in task.sites.matrices:
+        if m.param in outcome.patch.entries:
+            changed |= {offset + i for i in outcome.patch.entries[m.param][0].tolist()}
+        offset += m.hidden
+    top = scores.topk(round(0.25 * task.sites.n_entries)).indices
+    assert changed and changed <= set(top.tolist())
+    assert outcome.mask_entries == len(top)
