@@ -46,18 +46,23 @@ def sites(tiny_backbone: Backbone) -> Sites:
     return Sites.for_model(tiny_backbone.model)
 
 
-def test_episode_deltas_run_each_sample_through_its_own_weights(tiny_backbone, sites):
-    model = tiny_backbone.model
-    x = torch.randn(2, 1, 28, 28)
+def random_deltas(model: torch.nn.Module, sites: Sites, scale: float) -> list[Factors]:
+    """Rank-3 per-episode changes for 2 episodes, one per site matrix."""
     gen = torch.Generator().manual_seed(0)
-    deltas = [
+    return [
         Factors(
-            0.1 * torch.randn(2, 3, w.shape[0], generator=gen),
+            scale * torch.randn(2, 3, w.shape[0], generator=gen),
             torch.randn(2, 3, w.shape[1], generator=gen),
             3,
         )
         for w in sites.params(model)
     ]
+
+
+def test_episode_deltas_run_each_sample_through_its_own_weights(tiny_backbone, sites):
+    model = tiny_backbone.model
+    x = torch.randn(2, 1, 28, 28)
+    deltas = random_deltas(model, sites, 0.1)
     before = copy.deepcopy(model.state_dict())
     with episode_deltas(model, sites, deltas):
         batched = model(x)
@@ -283,15 +288,7 @@ def test_anchor_losses_equal_per_episode_forwards_at_each_episodes_weights(
     batch = BatchedEpisodes(split, sites, episodes, 5.0)
     # at the frozen weights every anchor keeps its own prediction exactly
     assert batch.anchor_losses(batch.zeros(), anchors).abs().max() < 1e-5
-    gen = torch.Generator().manual_seed(0)
-    deltas = [
-        Factors(
-            0.3 * torch.randn(2, 3, w.shape[0], generator=gen),
-            torch.randn(2, 3, w.shape[1], generator=gen),
-            3,
-        )
-        for w in sites.params(model)
-    ]
+    deltas = random_deltas(model, sites, 0.3)
     batched = batch.anchor_losses(deltas, anchors)
     for b in range(2):
         alone = copy.deepcopy(model)

@@ -2,6 +2,8 @@
 
     vitedit hypernet train --world demo        # regenerates the shipped demo hypernetwork
     vitedit hypernet train --backbone backbone.json --images DIR --out DIR
+    vitedit hypernet train --world demo --init-from models/assets/demo/hypernet --locality 1000 \
+        --out DIR                              # fine-tune it with the (optional) locality term
 
 Options left unset take the demo recipe for ``--world demo`` and method.md's reference defaults
 (``MetaTrainConfig``) otherwise.
