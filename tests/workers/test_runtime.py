@@ -68,6 +68,8 @@ def test_where2edit_uses_the_registered_hypernetwork(tmp_path: Path) -> None:
     sites = Sites.for_model(backbone.model)
     build_hypernetwork(backbone.model, sites, seed=0).save(tmp_path / "hyper", backbone, sites)
     store = tiny_store(tmp_path / "s")
+    without = register_model(store, "tiny-plain", manifest)
+    assert without.default_method == "saliency" and not without.methods["saliency"].needs_hypernetwork
     entry = register_model(store, "tiny", manifest, hypernetwork=tmp_path / "hyper")
     assert entry.default_method == "where2edit"
     rt = Runtime(
