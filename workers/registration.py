@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_METHOD = "where2edit"  # with a hypernetwork
 # without one: the training-free gradient mask, whose demo-benchmark front matches where2edit's
-# (README, "Does the learned mask help?"), where plain or L2-penalised fine-tuning loses 4-5 LR points
+# (README, "Does the learned mask help?"), where plain or L2-penalised fine-tuning loses 4-6 LR points
 FALLBACK_METHOD = "saliency"
 SHARED_DEFAULTS = ("lr", "max_steps", "stop_loss")  # a backbone manifest may set these
 
