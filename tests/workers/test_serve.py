@@ -38,6 +38,8 @@ def test_serve_runs_everything_and_sigint_stops_it(tmp_path: Path) -> None:
             "--no-demo",
         ],
         env=env,
+        # as `vitedit serve &` from a script: the shell starts it with SIGINT ignored
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
     try:
         url = f"http://127.0.0.1:{port}"

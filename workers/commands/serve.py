@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_serve)
 
 
-def _sigterm(signum: int, frame: FrameType | None) -> None:
+def _stop(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
@@ -48,7 +48,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
         entry = register_demo(store)
         log.info("model %s: default method %s", entry.name, entry.default_method)
-    signal.signal(signal.SIGTERM, _sigterm)
+    # SIGINT too: a shell starts background jobs with SIGINT ignored, and Python keeps that
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _stop)
     group = launcher.ProcessGroup()
     try:
         redis_url = args.redis_url or launcher.start_redis(
