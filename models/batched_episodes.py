@@ -147,11 +147,16 @@ class Anchors:
     clean_logits: torch.Tensor  # (L, B, C) the frozen backbone on them
 
     @classmethod
-    def prepare(cls, split: SplitForward, images: torch.Tensor, logits: torch.Tensor) -> Anchors:
-        """``images`` (L, B, C, H, W) and their frozen logits (L, B, C)."""
-        n_slots, batch = images.shape[:2]
-        tokens = split.prefix(images.flatten(0, 1))
-        return cls(tokens.unflatten(0, (n_slots, batch)), logits)
+    def pick(cls, split: SplitForward, images: torch.Tensor, slots: int, batch: int) -> Anchors:
+        """The ``slots * batch`` lowest-margin (top-1 minus top-2 probability) of ``images``
+        (N, C, H, W), slot-major; the frozen prefix runs once for all of them."""
+        with torch.no_grad():
+            tokens = split.prefix(images)
+            logits = split.logits(tokens)
+        top2 = logits.softmax(dim=-1).topk(2, dim=-1).values
+        keep = (top2[:, 0] - top2[:, 1]).argsort()[: slots * batch]
+        shape = (slots, batch)
+        return cls(tokens[keep].unflatten(0, shape), logits[keep].unflatten(0, shape))
 
 
 class BatchedEpisodes:

@@ -285,20 +285,13 @@ class MetaTrainer:
             **({"anchor_kl_last": search.anchor_kl[-1]} if search.anchor_kl else {}),
         }
 
-    @torch.no_grad()
     def _anchors(self) -> Anchors:
-        """B x L sensitive clean images: the lowest top-1 minus top-2 margins of those drawn."""
+        """B x L sensitive clean pool images: the lowest-margin of ``anchor_draws`` times more."""
         cfg = self.cfg
-        need = cfg.batch * cfg.anchors
-        idx = torch.randint(len(self.sampler.pool), (need * cfg.anchor_draws,),
-                            generator=self.sampler.generator)
+        draws = cfg.batch * cfg.anchors * cfg.anchor_draws
+        idx = torch.randint(len(self.sampler.pool), (draws,), generator=self.sampler.generator)
         images = self.sampler.pool.get(idx).to(self.backbone.device)
-        logits = self.model(images)
-        top2 = logits.softmax(dim=-1).topk(2, dim=-1).values
-        keep = (top2[:, 0] - top2[:, 1]).argsort()[:need]
-        shape = (cfg.anchors, cfg.batch)
-        return Anchors.prepare(self.split, images[keep].unflatten(0, shape),
-                               logits[keep].unflatten(0, shape))
+        return Anchors.pick(self.split, images, cfg.anchors, cfg.batch)
 
     def train(
         self,

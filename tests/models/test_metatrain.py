@@ -280,11 +280,14 @@ def test_anchor_losses_equal_per_episode_forwards_at_each_episodes_weights(
 ):
     model, split = tiny_backbone.model, SplitForward(tiny_backbone.model, sites)
     episodes = CutMixSampler(model, pool, seed=1).sample(2)
-    images = pool.get(torch.arange(4)).unflatten(0, (2, 2))  # 2 anchor slots x 2 episodes
-    with torch.no_grad():
+    drawn = pool.get(torch.arange(8))
+    anchors = Anchors.pick(split, drawn, slots=2, batch=2)  # 2 anchor slots x 2 episodes
+    with torch.no_grad():  # the 4 lowest-margin of the 8, by a full forward
+        top2 = model(drawn).softmax(dim=-1).topk(2, dim=-1).values
+        images = drawn[(top2[:, 0] - top2[:, 1]).argsort()[:4]].unflatten(0, (2, 2))
         clean = model(images.flatten(0, 1)).unflatten(0, (2, 2))
-    anchors = Anchors.prepare(split, images, clean)
     assert anchors.tokens.shape[:2] == (2, 2)
+    torch.testing.assert_close(anchors.clean_logits, clean)
     batch = BatchedEpisodes(split, sites, episodes, 5.0)
     # at the frozen weights every anchor keeps its own prediction exactly
     assert batch.anchor_losses(batch.zeros(), anchors).abs().max() < 1e-5
@@ -307,9 +310,7 @@ def test_locality_term_makes_the_searched_masks_spare_the_anchors(demo_backbone)
     sites, pool = Sites.for_model(model), TensorPool(normalise(load_world().pool[:64]))
     split = SplitForward(model, sites)
     episodes = CutMixSampler(model, pool, seed=1).sample(2)
-    images = pool.get(torch.arange(32, 36)).unflatten(0, (2, 2))
-    with torch.no_grad():
-        anchors = Anchors.prepare(split, images, model(images.flatten(0, 1)).unflatten(0, (2, 2)))
+    anchors = Anchors.pick(split, pool.get(torch.arange(32, 40)), slots=2, batch=2)
     batch = BatchedEpisodes(split, sites, episodes, 5.0)
     s0 = torch.rand(2, sites.n_entries, generator=torch.Generator().manual_seed(2)) * 2 - 1
     plain_cfg = MetaTrainConfig(inner_lr=0.1, outer_steps=5)
