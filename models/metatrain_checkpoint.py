@@ -64,7 +64,11 @@ def save_checkpoint(trainer: MetaTrainer, directory: Path) -> None:
 def load_checkpoint(trainer: MetaTrainer, directory: Path) -> None:
     """Restore a trainer saved by :func:`save_checkpoint`; refuses a different setup."""
     state = read_json(directory / "state.json")
-    saved = {k: v for k, v in state["config"].items() if k not in _RESUMABLE_CHANGES}
+    # a field the checkpoint predates takes its default (e.g. the locality term: off)
+    defaults = {f.name: f.default for f in dataclasses.fields(trainer.cfg)}
+    saved = {
+        k: v for k, v in {**defaults, **state["config"]}.items() if k not in _RESUMABLE_CHANGES
+    }
     now = {k: v for k, v in dataclasses.asdict(trainer.cfg).items() if k not in _RESUMABLE_CHANGES}
     same = (
         saved == now

@@ -199,6 +199,46 @@ def test_resume_refuses_a_checkpoint_with_another_inner_setup(tiny_backbone, sit
         meta_train(tiny_backbone, sites, pool, changed, tmp_path, resume=True)
 
 
+def test_resume_accepts_a_checkpoint_older_than_the_locality_fields(
+    tiny_backbone, sites, pool, tmp_path, caplog
+):
+    import json
+
+    meta_train(
+        tiny_backbone,
+        sites,
+        pool,
+        MetaTrainConfig(iterations=1, **FAST),
+        tmp_path,
+        checkpoint_every=1,
+    )
+    state_file = tmp_path / CHECKPOINT_DIR / "state.json"
+    state = json.loads(state_file.read_text())
+    for name in ("locality", "anchors", "anchor_draws"):  # as written before they existed
+        del state["config"][name]
+    state_file.write_text(json.dumps(state))
+    caplog.set_level("INFO", logger="models.metatrain_checkpoint")
+    _, history = meta_train(
+        tiny_backbone,
+        sites,
+        pool,
+        MetaTrainConfig(iterations=2, **FAST),
+        tmp_path,
+        resume=True,
+        log_every=1,
+    )
+    assert "resumed from" in caplog.text and history[-1]["iteration"] == 2
+    with pytest.raises(ManifestError, match="without --resume"):  # defaults: locality off
+        meta_train(
+            tiny_backbone,
+            sites,
+            pool,
+            MetaTrainConfig(iterations=3, locality=1.0, **FAST),
+            tmp_path,
+            resume=True,
+        )
+
+
 def test_mask_iou_is_one_for_identical_masks_and_zero_for_disjoint_ones():
     same = torch.tensor([[0.9, 0.1, 0.2, 0.3]] * 3)
     assert mask_iou(same, rho=0.25) == 1.0
@@ -274,6 +314,7 @@ def test_cli_trains_a_hypernetwork_from_a_manifest_and_an_image_folder(tiny_back
         not torch.equal(a, b)
         for a, b in zip(net.state_dict().values(), tuned.state_dict().values(), strict=True)
     )
+
 
 def test_anchor_losses_equal_per_episode_forwards_at_each_episodes_weights(
     tiny_backbone, sites, pool
