@@ -65,13 +65,13 @@ def main() -> None:
         flips, to_target, in_top2, n = 0, 0, 0, 0
         by_bucket = np.zeros(3)
         for gi, g in enumerate(evalset.groups):
+            y_top2 = (top2.indices == g.label).any(-1).numpy()  # base top-2 holds the target
             for i in edits[gi]:
                 task = EditTask(backbone.model, sites, split, groups[gi][2][i : i + 1],
                                 torch.tensor([g.label]), g.tokens[i : i + 1], hypernet)
                 patch = run_edit(method, task, config).patch
                 (logits,) = patched_logits(split, patch, [evalset.locality_tokens])
                 flipped = (logits.argmax(-1) != evalset.base_locality_preds).numpy()
-                y_top2 = (top2.indices == g.label).any(-1).numpy()
                 flips += flipped.sum()
                 to_target += (flipped & (logits.argmax(-1) == g.label).numpy()).sum()
                 in_top2 += (flipped & y_top2).sum()

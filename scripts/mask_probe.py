@@ -26,26 +26,24 @@ import torch
 from models.bench import edit_defaults, sample_edits
 from models.demo_world import load_demo_backbone, load_world
 from models.editing.optimize import masked_finetune
-from models.editing.random_mask import random_masks
-from models.editing.registry import EditTask, make_config
+from models.editing.registry import EditTask, make_config, run_edit
 from models.editing.saliency import gradient_scores
-from models.editing.where2edit import learned_masks
 from models.evaluation import EvalSet
 from models.forward import SplitForward
 from models.hypernetwork import DEMO_DIR, load_demo_hypernetwork, recorded_sites
-from models.sites import Sites, top_rho_mask
+from models.sites import top_rho_mask
 
 KINDS = ("random", "where2edit", "saliency", "oracle")
 
 
-def mask_for(kind: str, task: EditTask, group_task: EditTask, rho: float, seed: int) -> list:
-    sites: Sites = task.sites
-    if kind == "random":
-        return random_masks(sites, rho, seed)
-    if kind == "where2edit":
-        return learned_masks(task.hypernetwork, task, rho)
-    source = task if kind == "saliency" else group_task
-    return sites.split(top_rho_mask(gradient_scores(source), rho))
+def oracle_scores(backbone, sites, split, groups, evalset) -> list[torch.Tensor]:
+    """Per group: gradient norms of the CE of all its images (held-out ones included) to y."""
+    scores = []
+    for (_, _, images), g in zip(groups, evalset.groups, strict=True):
+        targets = torch.full((len(images),), g.label)
+        scores.append(gradient_scores(EditTask(backbone.model, sites, split, images, targets,
+                                               g.tokens)))
+    return scores
 
 
 def main() -> None:
@@ -69,20 +67,23 @@ def main() -> None:
     print(f"{len(groups)} groups x {args.edits} edits; sites {list(sites.mlps)}; {defaults}\n")
     print("| mask | rho | SR % | GR % | LR % | steps |")
     print("|---|---:|---:|---:|---:|---:|")
+    oracle = oracle_scores(backbone, sites, split, groups, evalset)
     for rho in (float(r) for r in args.rhos.split(",")):
-        config = make_config("random", rho=rho, seed=args.seed, **defaults)
         for kind in args.kinds.split(","):
+            method = "random" if kind == "oracle" else kind  # oracle: masks given below
+            config = make_config(method, rho=rho, seed=args.seed, **defaults)
             per_group, steps = [], []
             for gi, g in enumerate(evalset.groups):
                 images, target = groups[gi][2], torch.tensor([g.label])
-                group_task = EditTask(backbone.model, sites, split, images,
-                                      target.expand(len(images)), g.tokens, hypernet)
                 scores = []
                 for i in edits[gi]:
                     task = EditTask(backbone.model, sites, split, images[i : i + 1], target,
                                     g.tokens[i : i + 1], hypernet)
-                    masks = mask_for(kind, task, group_task, rho, args.seed)
-                    outcome = masked_finetune(task, config, masks=masks)
+                    if kind == "oracle":
+                        masks = sites.split(top_rho_mask(oracle[gi], rho))
+                        outcome = masked_finetune(task, config, masks=masks)
+                    else:  # the registered editor itself
+                        outcome = run_edit(kind, task, config)
                     steps.append(outcome.steps)
                     s = evalset.score(outcome.patch, gi, [i])
                     scores.append((s.sr, s.gr, s.lr))
