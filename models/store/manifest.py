@@ -101,9 +101,7 @@ class BackboneManifest:
     @classmethod
     def from_json(cls, data: dict[str, Any], base_dir: Path | None = None) -> BackboneManifest:
         data = dict(data)
-        schema = data.pop("schema", BACKBONE_SCHEMA)
-        if schema != BACKBONE_SCHEMA:
-            raise ManifestError(f"backbone manifest schema {schema} is not supported")
+        _pop_schema(data, BACKBONE_SCHEMA, "backbone manifest", default=BACKBONE_SCHEMA)
         if "timm_name" not in data or "name" not in data:
             raise ManifestError("a backbone manifest needs at least 'name' and 'timm_name'")
         unknown = set(data) - {f for f in cls.__dataclass_fields__ if f != "base_dir"}
@@ -198,11 +196,7 @@ class VersionManifest:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> VersionManifest:
         data = dict(data)
-        schema = data.pop("schema", None)
-        if schema != VERSION_SCHEMA:
-            raise ManifestError(
-                f"version manifest schema {schema} is not supported (want {VERSION_SCHEMA})"
-            )
+        _pop_schema(data, VERSION_SCHEMA, "version manifest")
         _check_fields(cls, data, "version")
         data["images"] = [ImageRecord(**im) for im in data.get("images", [])]
         return cls(**data)
@@ -255,11 +249,7 @@ class ModelEntry:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ModelEntry:
         data = dict(data)
-        schema = data.pop("schema", None)
-        if schema != MODEL_SCHEMA:
-            raise ManifestError(
-                f"model entry schema {schema} is not supported (want {MODEL_SCHEMA})"
-            )
+        _pop_schema(data, MODEL_SCHEMA, "model entry")
         _check_fields(cls, data, "model entry")
         data["class_names"] = tuple(data["class_names"])
         data["methods"] = {k: MethodInfo(**v) for k, v in data["methods"].items()}
@@ -288,6 +278,13 @@ class ModelEntry:
             f"unknown label {text!r} for model {self.name!r}; use a class index "
             f"0..{self.num_classes - 1} or one of {list(self.class_names)}"
         )
+
+
+def _pop_schema(data: dict[str, Any], want: int, what: str, default: int | None = None) -> None:
+    """Remove ``data["schema"]`` (``default`` when absent); refuse any other schema."""
+    schema = data.pop("schema", default)
+    if schema != want:
+        raise ManifestError(f"{what} schema {schema} is not supported (want {want})")
 
 
 def _check_fields(cls: type, data: dict[str, Any], what: str) -> None:

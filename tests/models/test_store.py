@@ -185,3 +185,19 @@ def test_sweep_removes_only_old_uploads(store: Store) -> None:
     new, _ = store.new_upload()
     assert store.sweep(max_age_s=3600) == 1
     assert [p.name for p in (store.root / "uploads").iterdir()] == [new]
+
+
+def test_manifests_round_trip_and_refuse_an_unknown_schema() -> None:
+    from models.errors import ManifestError
+    from models.store.manifest import BackboneManifest
+
+    data = entry().to_json()
+    assert ModelEntry.from_json(data) == entry()
+    with pytest.raises(ManifestError, match=r"model entry schema 2 is not supported \(want 1\)"):
+        ModelEntry.from_json({**data, "schema": 2})
+    with pytest.raises(ManifestError, match="model entry schema None"):
+        ModelEntry.from_json({k: v for k, v in data.items() if k != "schema"})
+    backbone = {"name": "b", "timm_name": "vit_small_patch16_224"}
+    assert BackboneManifest.from_json(backbone).name == "b"  # schema optional: defaults to 1
+    with pytest.raises(ManifestError, match="backbone manifest schema 9"):
+        BackboneManifest.from_json({**backbone, "schema": 9})
