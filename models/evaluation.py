@@ -26,12 +26,12 @@ from models.sites import Patch
 
 METRIC_DEFINITIONS = {
     "SR": "reliability: share of the edit images the edited model predicts as their group's "
-          "true label",
+    "true label",
     "GR": "generalization: accuracy of the edited model on the edit image's group without the edit "
-          "image(s), i.e. divided by |G| - 1 for one edit image",
+    "image(s), i.e. divided by |G| - 1 for one edit image",
     "LR": "locality: share of the locality images whose top-1 prediction is unchanged by the edit",
     "aggregation": "each image of a group edited independently from the same model; averaged over "
-                   "the edits of a group, then over groups",
+    "the edits of a group, then over groups",
 }
 
 
@@ -47,8 +47,13 @@ def predictions(split: SplitForward, tokens: torch.Tensor, batch_size: int = 256
     return split.logits(tokens, batch_size).argmax(dim=-1)
 
 
-def edit_score(group_preds: torch.Tensor, label: int, edit_idx: Sequence[int],
-               locality_preds: torch.Tensor, base_locality_preds: torch.Tensor) -> EditScore:
+def edit_score(
+    group_preds: torch.Tensor,
+    label: int,
+    edit_idx: Sequence[int],
+    locality_preds: torch.Tensor,
+    base_locality_preds: torch.Tensor,
+) -> EditScore:
     """SR, GR, LR of one edit from the edited model's predictions on its group and locality set."""
     is_edit = torch.zeros(len(group_preds), dtype=torch.bool)
     is_edit[list(edit_idx)] = True
@@ -56,8 +61,11 @@ def edit_score(group_preds: torch.Tensor, label: int, edit_idx: Sequence[int],
         raise ValueError("GR needs at least one group image that is not an edit image")
     correct = (group_preds.cpu() == label).float()
     unchanged = (locality_preds.cpu() == base_locality_preds.cpu()).float()
-    return EditScore(sr=correct[is_edit].mean().item(), gr=correct[~is_edit].mean().item(),
-                     lr=unchanged.mean().item())
+    return EditScore(
+        sr=correct[is_edit].mean().item(),
+        gr=correct[~is_edit].mean().item(),
+        lr=unchanged.mean().item(),
+    )
 
 
 @dataclass(frozen=True)
@@ -77,11 +85,16 @@ class EvalSet:
     base_locality_preds: torch.Tensor  # (L,) predictions of the unedited model
 
     @classmethod
-    def prepare(cls, split: SplitForward, groups: Sequence[tuple[str, int, torch.Tensor]],
-                locality_images: torch.Tensor) -> EvalSet:
+    def prepare(
+        cls,
+        split: SplitForward,
+        groups: Sequence[tuple[str, int, torch.Tensor]],
+        locality_images: torch.Tensor,
+    ) -> EvalSet:
         """``groups``: (name, true label, preprocessed images (N, C, H, W)) per group."""
-        tokens = [GroupTokens(name, int(label), split.prefix(images))
-                  for name, label, images in groups]
+        tokens = [
+            GroupTokens(name, int(label), split.prefix(images)) for name, label, images in groups
+        ]
         locality = split.prefix(locality_images)
         return cls(split, tokens, locality, predictions(split, locality))
 
@@ -89,12 +102,14 @@ class EvalSet:
         """Apply ``patch``, score the edit of group ``group`` made from ``edit_idx``, revert."""
         g = self.groups[group]
         group_preds, locality_preds = patched_predictions(
-            self.split, patch, [g.tokens, self.locality_tokens])
+            self.split, patch, [g.tokens, self.locality_tokens]
+        )
         return edit_score(group_preds, g.label, edit_idx, locality_preds, self.base_locality_preds)
 
 
-def patched_logits(split: SplitForward, patch: Patch,
-                   token_sets: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+def patched_logits(
+    split: SplitForward, patch: Patch, token_sets: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
     """Logits of the patched model on each token set; the model is restored bit-exactly."""
     model: nn.Module = split.model
     backup = patch.apply(model)
@@ -104,8 +119,9 @@ def patched_logits(split: SplitForward, patch: Patch,
         patch.revert(model, backup)
 
 
-def patched_predictions(split: SplitForward, patch: Patch,
-                        token_sets: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+def patched_predictions(
+    split: SplitForward, patch: Patch, token_sets: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
     """Top-1 predictions of the patched model on each token set (model restored bit-exactly)."""
     return [logits.argmax(dim=-1) for logits in patched_logits(split, patch, token_sets)]
 
@@ -127,8 +143,13 @@ def group_result(name: str, scores: Sequence[EditScore]) -> GroupResult:
     if not scores:
         raise ValueError(f"group {name} has no edits to average")
     n = len(scores)
-    return GroupResult(name, n, sum(s.sr for s in scores) / n, sum(s.gr for s in scores) / n,
-                       sum(s.lr for s in scores) / n)
+    return GroupResult(
+        name,
+        n,
+        sum(s.sr for s in scores) / n,
+        sum(s.gr for s in scores) / n,
+        sum(s.lr for s in scores) / n,
+    )
 
 
 def overall(groups: Sequence[GroupResult]) -> EditScore:
@@ -136,8 +157,9 @@ def overall(groups: Sequence[GroupResult]) -> EditScore:
     if not groups:
         raise ValueError("no groups to average")
     n = len(groups)
-    return EditScore(sum(g.sr for g in groups) / n, sum(g.gr for g in groups) / n,
-                     sum(g.lr for g in groups) / n)
+    return EditScore(
+        sum(g.sr for g in groups) / n, sum(g.gr for g in groups) / n, sum(g.lr for g in groups) / n
+    )
 
 
 # --------------------------------------------------------------------------- fronts
@@ -158,6 +180,7 @@ class FrontPoint:
 
 def pareto_front(points: Sequence[FrontPoint]) -> list[FrontPoint]:
     """Points no other point beats on both GR and LR (ties kept), sorted by increasing LR."""
+
     def dominated(p: FrontPoint) -> bool:
         return any(q.gr >= p.gr and q.lr >= p.lr and (q.gr > p.gr or q.lr > p.lr) for q in points)
 

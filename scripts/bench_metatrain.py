@@ -19,11 +19,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from models import demo_world
 from models.backbones import load_backbone
-from models.cutmix import TensorPool
-from models.metatrain import MetaTrainConfig, MetaTrainer, build_hypernetwork
+from models.hypernet.cutmix import TensorPool
+from models.hypernet.metatrain import MetaTrainConfig, MetaTrainer, build_hypernetwork
 from models.sites import Sites
+from models.worlds import demo as demo_world
 
 
 def demo_setup() -> tuple[object, TensorPool, str]:

@@ -33,7 +33,7 @@ from models.sites import Sites
 
 def demo_model() -> tuple[str, nn.Module]:
     from models.backbones import create_model
-    from models.demo_world import BACKBONE_MANIFEST, demo_manifest, load_demo_backbone
+    from models.worlds.demo import BACKBONE_MANIFEST, demo_manifest, load_demo_backbone
 
     if BACKBONE_MANIFEST.is_file():
         return "demo backbone (8 blocks, d128, 17 tokens), sites 4-6", load_demo_backbone().model
@@ -54,8 +54,12 @@ def masked_step_seconds(model: nn.Module, images: torch.Tensor, warmup: int, ste
     task = EditTask.build(model, sites, images, targets)
     stamps: list[float] = []
     config = EditConfig(lr=1e-9, max_steps=warmup + steps + 1, stop_loss=0.0)  # never stops early
-    masked_finetune(task, config, masks=random_masks(sites, 0.1, seed=0),
-                    on_step=lambda step, total, loss: stamps.append(time.perf_counter()))
+    masked_finetune(
+        task,
+        config,
+        masks=random_masks(sites, 0.1, seed=0),
+        on_step=lambda step, total, loss: stamps.append(time.perf_counter()),
+    )
     gaps = [b - a for a, b in itertools.pairwise(stamps)]
     return statistics.median(gaps[warmup:])
 
@@ -86,8 +90,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; median of "
-          f"{args.steps} steps after {args.warmup} warm-up\n")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; median of "
+        f"{args.steps} steps after {args.warmup} warm-up\n"
+    )
     print("| model | images | masked edit step (ms) | full fine-tuning step (ms) | ratio |")
     print("|---|---:|---:|---:|---:|")
     for label, model in (demo_model(), vit_b_model()):
@@ -96,8 +102,11 @@ def main() -> None:
             images = torch.randn(batch, model.patch_embed.proj.in_channels, *size)
             masked = masked_step_seconds(model, images, args.warmup, args.steps)
             full = full_step_seconds(model, images, args.warmup, args.steps)
-            print(f"| {label} | {batch} | {1000 * masked:.1f} | {1000 * full:.1f} | "
-                  f"{masked / full:.2f} |", flush=True)
+            print(
+                f"| {label} | {batch} | {1000 * masked:.1f} | {1000 * full:.1f} | "
+                f"{masked / full:.2f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.bench import edit_defaults, sample_edits
-from models.demo_world import load_demo_backbone, load_world
 from models.editing.registry import EditTask, make_config, run_edit
 from models.evaluation import EvalSet, patched_logits
 from models.forward import SplitForward
-from models.hypernetwork import DEMO_DIR, load_demo_hypernetwork, recorded_sites
+from models.hypernet.network import DEMO_DIR, load_demo_hypernetwork, recorded_sites
+from models.worlds.bench import edit_defaults, sample_edits
+from models.worlds.demo import load_demo_backbone, load_world
 
 KNOBS = {"random": {"rho": 0.1}, "where2edit": {"rho": 0.1}, "ft-l1": {"c": 0.005}}
 MARGINS = (0.05, 0.1, 1.0)
@@ -52,13 +52,17 @@ def main() -> None:
     top2 = base.topk(2, dim=-1)
     margin = (top2.values[:, 0] - top2.values[:, 1]).numpy()
     bucket = np.digitize(margin, MARGINS[:-1])
-    print(f"locality set: {len(margin)} images; margin < 0.05: {(bucket == 0).sum()}, "
-          f"0.05-0.1: {(bucket == 1).sum()}, >= 0.1: {(bucket == 2).sum()}; "
-          f"base classes {np.bincount(top2.indices[:, 0].numpy(), minlength=10).tolist()}\n")
+    print(
+        f"locality set: {len(margin)} images; margin < 0.05: {(bucket == 0).sum()}, "
+        f"0.05-0.1: {(bucket == 1).sum()}, >= 0.1: {(bucket == 2).sum()}; "
+        f"base classes {np.bincount(top2.indices[:, 0].numpy(), minlength=10).tolist()}\n"
+    )
     edits = sample_edits([len(x) for _, _, x in groups], args.edits, args.seed)
     defaults = edit_defaults(backbone)
-    print("| method | flipped % | to target % | y in base top-2 % | elsewhere % "
-          "| flipped elsewhere, % of the set | flip rate by margin <0.05 / 0.05-0.1 / >=0.1 |")
+    print(
+        "| method | flipped % | to target % | y in base top-2 % | elsewhere % "
+        "| flipped elsewhere, % of the set | flip rate by margin <0.05 / 0.05-0.1 / >=0.1 |"
+    )
     print("|---|---:|---:|---:|---:|---:|---|")
     for method in args.methods.split(","):
         config = make_config(method, **defaults, **KNOBS.get(method, {}))
@@ -67,8 +71,15 @@ def main() -> None:
         for gi, g in enumerate(evalset.groups):
             y_top2 = (top2.indices == g.label).any(-1).numpy()  # base top-2 holds the target
             for i in edits[gi]:
-                task = EditTask(backbone.model, sites, split, groups[gi][2][i : i + 1],
-                                torch.tensor([g.label]), g.tokens[i : i + 1], hypernet)
+                task = EditTask(
+                    backbone.model,
+                    sites,
+                    split,
+                    groups[gi][2][i : i + 1],
+                    torch.tensor([g.label]),
+                    g.tokens[i : i + 1],
+                    hypernet,
+                )
                 patch = run_edit(method, task, config).patch
                 (logits,) = patched_logits(split, patch, [evalset.locality_tokens])
                 flipped = (logits.argmax(-1) != evalset.base_locality_preds).numpy()
@@ -79,10 +90,13 @@ def main() -> None:
                 n += 1
         total, counts = n * len(margin), np.bincount(bucket, minlength=3) * n
         rates = " / ".join(f"{100 * b / c:.1f}" for b, c in zip(by_bucket, counts, strict=True))
-        print(f"| {method} | {100 * flips / total:.1f} | {100 * to_target / max(flips, 1):.1f} | "
-              f"{100 * in_top2 / max(flips, 1):.1f} | "
-              f"{100 * (flips - to_target) / max(flips, 1):.1f} | "
-              f"{100 * (flips - to_target) / total:.1f} | {rates} |", flush=True)
+        print(
+            f"| {method} | {100 * flips / total:.1f} | {100 * to_target / max(flips, 1):.1f} | "
+            f"{100 * in_top2 / max(flips, 1):.1f} | "
+            f"{100 * (flips - to_target) / max(flips, 1):.1f} | "
+            f"{100 * (flips - to_target) / total:.1f} | {rates} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -23,15 +23,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.bench import edit_defaults, sample_edits
-from models.demo_world import load_demo_backbone, load_world
 from models.editing.optimize import masked_finetune
 from models.editing.registry import EditTask, make_config, run_edit
 from models.editing.saliency import gradient_scores
 from models.evaluation import EvalSet
 from models.forward import SplitForward
-from models.hypernetwork import DEMO_DIR, load_demo_hypernetwork, recorded_sites
+from models.hypernet.network import DEMO_DIR, load_demo_hypernetwork, recorded_sites
 from models.sites import top_rho_mask
+from models.worlds.bench import edit_defaults, sample_edits
+from models.worlds.demo import load_demo_backbone, load_world
 
 KINDS = ("random", "where2edit", "saliency", "oracle")
 
@@ -41,8 +41,9 @@ def oracle_scores(backbone, sites, split, groups, evalset) -> list[torch.Tensor]
     scores = []
     for (_, _, images), g in zip(groups, evalset.groups, strict=True):
         targets = torch.full((len(images),), g.label)
-        scores.append(gradient_scores(EditTask(backbone.model, sites, split, images, targets,
-                                               g.tokens)))
+        scores.append(
+            gradient_scores(EditTask(backbone.model, sites, split, images, targets, g.tokens))
+        )
     return scores
 
 
@@ -77,8 +78,15 @@ def main() -> None:
                 images, target = groups[gi][2], torch.tensor([g.label])
                 scores = []
                 for i in edits[gi]:
-                    task = EditTask(backbone.model, sites, split, images[i : i + 1], target,
-                                    g.tokens[i : i + 1], hypernet)
+                    task = EditTask(
+                        backbone.model,
+                        sites,
+                        split,
+                        images[i : i + 1],
+                        target,
+                        g.tokens[i : i + 1],
+                        hypernet,
+                    )
                     if kind == "oracle":
                         masks = sites.split(top_rho_mask(oracle[gi], rho))
                         outcome = masked_finetune(task, config, masks=masks)
@@ -89,8 +97,10 @@ def main() -> None:
                     scores.append((s.sr, s.gr, s.lr))
                 per_group.append(np.mean(scores, axis=0))
             sr, gr, lr = 100 * np.mean(per_group, axis=0)
-            print(f"| {kind} | {rho:g} | {sr:.1f} | {gr:.1f} | {lr:.1f} | {np.mean(steps):.1f} |",
-                  flush=True)
+            print(
+                f"| {kind} | {rho:g} | {sr:.1f} | {gr:.1f} | {lr:.1f} | {np.mean(steps):.1f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -18,9 +18,9 @@ import time
 
 import torch
 
-from models.bench import BenchConfig, edit_defaults, run_bench
-from models.demo_world import load_demo_backbone, load_world
 from models.sites import Sites, find_mlps
+from models.worlds.bench import BenchConfig, edit_defaults, run_bench
+from models.worlds.demo import load_demo_backbone, load_world
 
 
 def windows(n_blocks: int, width: int) -> list[tuple[int, ...]]:
@@ -32,8 +32,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--width", type=int, default=3, help="blocks per window")
     parser.add_argument("--methods", default="random,ft-l1")
-    parser.add_argument("--knobs", default="random=0.1;ft-l1=0.005",
-                        help="one knob value per method (METHOD=V;...)")
+    parser.add_argument(
+        "--knobs", default="random=0.1;ft-l1=0.005", help="one knob value per method (METHOD=V;...)"
+    )
     parser.add_argument("--groups", type=int, default=16, help="groups sampled from the benchmark")
     parser.add_argument("--edits", type=int, default=4, help="edit images per group")
     parser.add_argument("--seed", type=int, default=0)
@@ -42,16 +43,26 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     methods = tuple(m.strip() for m in args.methods.split(","))
-    knobs = {m.strip(): (float(v),) for m, v in
-             (item.split("=") for item in args.knobs.split(";") if item.strip())}
+    knobs = {
+        m.strip(): (float(v),)
+        for m, v in (item.split("=") for item in args.knobs.split(";") if item.strip())
+    }
     backbone, benchmark = load_demo_backbone(), load_world().benchmark
     defaults = edit_defaults(backbone)
-    config = BenchConfig(methods, knobs=knobs, edits_per_group=args.edits,
-                         max_groups=args.groups, seed=args.seed, **defaults)
+    config = BenchConfig(
+        methods,
+        knobs=knobs,
+        edits_per_group=args.edits,
+        max_groups=args.groups,
+        seed=args.seed,
+        **defaults,
+    )
     n_blocks = len(find_mlps(backbone.model))
-    print(f"demo world: {args.groups} groups x {args.edits} edits, {n_blocks} blocks; "
-          f"lr {defaults['lr']:g}, <= {defaults['max_steps']} steps, "
-          f"stop CE {defaults['stop_loss']:g}\n")
+    print(
+        f"demo world: {args.groups} groups x {args.edits} edits, {n_blocks} blocks; "
+        f"lr {defaults['lr']:g}, <= {defaults['max_steps']} steps, "
+        f"stop CE {defaults['stop_loss']:g}\n"
+    )
     print("| blocks | method | knob | SR % | GR % | LR % | steps |")
     print("|---|---|---:|---:|---:|---:|---:|")
     start = time.perf_counter()
@@ -60,9 +71,12 @@ def main() -> None:
         results = run_bench(backbone, benchmark, config, sites=sites)
         for method, entry in results["methods"].items():
             for p in entry["points"]:
-                print(f"| {','.join(map(str, blocks))} | {method} | {p['knob_value']} | "
-                      f"{100 * p['sr']:.1f} | {100 * p['gr']:.1f} | {100 * p['lr']:.1f} | "
-                      f"{p['steps_mean']:.1f} |", flush=True)
+                print(
+                    f"| {','.join(map(str, blocks))} | {method} | {p['knob_value']} | "
+                    f"{100 * p['sr']:.1f} | {100 * p['gr']:.1f} | {100 * p['lr']:.1f} | "
+                    f"{p['steps_mean']:.1f} |",
+                    flush=True,
+                )
     print(f"\n{time.perf_counter() - start:.0f} s")
 
 

@@ -21,8 +21,8 @@ import time
 
 import torch
 
-from models.bench import BenchConfig, run_bench
-from models.demo_world import load_demo_backbone, load_world
+from models.worlds.bench import BenchConfig, run_bench
+from models.worlds.demo import load_demo_backbone, load_world
 
 METHODS = ("random", "ft")
 KNOBS = {"random": (0.1,)}
@@ -36,27 +36,48 @@ def floats(text: str) -> list[float]:
 def sweep(args: argparse.Namespace) -> list[dict]:
     backbone, benchmark = load_demo_backbone(), load_world().benchmark
     rows = []
-    grid = itertools.product(floats(args.lrs), [int(s) for s in floats(args.steps)],
-                             floats(args.stop_losses))
+    grid = itertools.product(
+        floats(args.lrs), [int(s) for s in floats(args.steps)], floats(args.stop_losses)
+    )
     for lr, max_steps, stop_loss in grid:
-        config = BenchConfig(METHODS, knobs=KNOBS, edits_per_group=args.edits,
-                             max_groups=args.groups, lr=lr, max_steps=max_steps,
-                             stop_loss=stop_loss, seed=args.seed)
+        config = BenchConfig(
+            METHODS,
+            knobs=KNOBS,
+            edits_per_group=args.edits,
+            max_groups=args.groups,
+            lr=lr,
+            max_steps=max_steps,
+            stop_loss=stop_loss,
+            seed=args.seed,
+        )
         results = run_bench(backbone, benchmark, config)
         for method in METHODS:
             p = results["methods"][method]["points"][0]
-            rows.append({"lr": lr, "max_steps": max_steps, "stop_loss": stop_loss,
-                         "method": method, "sr": p["sr"], "gr": p["gr"], "locality": p["lr"],
-                         "steps_mean": p["steps_mean"], "seconds_per_edit": p["seconds_per_edit"]})
-        print_row_pair(rows[-len(METHODS):])
+            rows.append(
+                {
+                    "lr": lr,
+                    "max_steps": max_steps,
+                    "stop_loss": stop_loss,
+                    "method": method,
+                    "sr": p["sr"],
+                    "gr": p["gr"],
+                    "locality": p["lr"],
+                    "steps_mean": p["steps_mean"],
+                    "seconds_per_edit": p["seconds_per_edit"],
+                }
+            )
+        print_row_pair(rows[-len(METHODS) :])
     return rows
 
 
 def print_row_pair(rows: list[dict]) -> None:
     for r in rows:
-        print(f"| {r['lr']:g} | {r['max_steps']} | {r['stop_loss']:g} | {r['method']} | "
-              f"{100 * r['sr']:.1f} | {100 * r['gr']:.1f} | {100 * r['locality']:.1f} | "
-              f"{r['steps_mean']:.1f} | {r['seconds_per_edit']:.2f} |", flush=True)
+        print(
+            f"| {r['lr']:g} | {r['max_steps']} | {r['stop_loss']:g} | {r['method']} | "
+            f"{100 * r['sr']:.1f} | {100 * r['gr']:.1f} | {100 * r['locality']:.1f} | "
+            f"{r['steps_mean']:.1f} | {r['seconds_per_edit']:.2f} |",
+            flush=True,
+        )
 
 
 def choose(rows: list[dict]) -> tuple[float, int, float] | None:
@@ -70,8 +91,12 @@ def choose(rows: list[dict]) -> tuple[float, int, float] | None:
 
     def key(k: tuple[float, int, float]) -> tuple[float, float, float]:
         v = ok[k]
-        return (sum(r["locality"] for r in v) / len(v), sum(r["gr"] for r in v) / len(v),
-                -sum(r["steps_mean"] for r in v))
+        return (
+            sum(r["locality"] for r in v) / len(v),
+            sum(r["gr"] for r in v) / len(v),
+            -sum(r["steps_mean"] for r in v),
+        )
+
     return max(ok, key=key)
 
 

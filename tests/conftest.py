@@ -50,6 +50,6 @@ def tiny_backbone() -> Backbone:
 
 @pytest.fixture(scope="session")
 def demo_backbone() -> Backbone:
-    from models.demo_world import load_demo_backbone
+    from models.worlds.demo import load_demo_backbone
 
     return load_demo_backbone()

@@ -21,8 +21,8 @@ import pytest
 from PIL import Image
 from redis import Redis
 
+from cli import launcher
 from models.store.store import Store
-from workers import launcher
 from workers.client import JobClient
 
 TINY_CLASSES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")

@@ -28,7 +28,7 @@ def test_ml_core_reads_no_environment_variables():
 
 def test_cli_help_lists_every_area():
     out = subprocess.run(
-        [sys.executable, "-m", "workers.cli", "--help"],
+        [sys.executable, "-m", "cli.main", "--help"],
         capture_output=True,
         text=True,
         cwd=ROOT,

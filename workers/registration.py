@@ -79,7 +79,7 @@ def register_model(
     sha, num_classes = _backbone_identity(manifest)
     hypernetwork_id = None
     if hypernetwork is not None:
-        from models.hypernetwork import check_compatible, read_manifest
+        from models.hypernet.network import check_compatible, read_manifest
 
         hyper = read_manifest(hypernetwork)
         check_compatible(hyper, sha, None)
@@ -132,9 +132,9 @@ def register_demo(store: Store) -> ModelEntry:
     Until the demo backbone is shipped, a deterministic random-init stand-in is registered, so the
     service can be developed and tested end to end (its edits are meaningless).
     """
-    from models import demo_world
     from models.errors import HypernetworkMismatchError
-    from models.hypernetwork import DEMO_DIR, MANIFEST_FILE
+    from models.hypernet.network import DEMO_DIR, MANIFEST_FILE
+    from models.worlds import demo as demo_world
 
     if not demo_world.BACKBONE_MANIFEST.is_file():
         log.warning("the demo backbone is not shipped yet: registering a random-init stand-in")
@@ -165,7 +165,7 @@ def _random_demo_backbone(folder: Path) -> Path:
     from safetensors.torch import save_file
 
     from models.backbones import create_model
-    from models.demo_world import demo_manifest
+    from models.worlds.demo import demo_manifest
 
     path = folder / "backbone.json"
     if path.is_file():

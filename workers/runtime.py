@@ -178,7 +178,7 @@ class Runtime:
             )
         hypernetwork = None
         if entry.hypernetwork:
-            from models.hypernetwork import Hypernetwork, recorded_sites
+            from models.hypernet.network import Hypernetwork, recorded_sites
 
             hypernetwork = Hypernetwork.load(entry.hypernetwork, backbone)
             sites = recorded_sites(entry.hypernetwork)
@@ -201,11 +201,11 @@ class Runtime:
     def _load_benchmark(self, loaded: LoadedModel) -> None:
         bench = loaded.entry.benchmark
         if bench.get("kind") == "demo":
-            from models.demo_world import load_world
+            from models.worlds.demo import load_world
 
             benchmark = load_world().benchmark
         elif bench.get("kind") == "folders":
-            from models.data import read_benchmark
+            from models.worlds.layout import read_benchmark
 
             benchmark = read_benchmark(bench["groups"], bench["locality"])
         else:

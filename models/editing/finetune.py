@@ -62,17 +62,21 @@ def finetune(task: EditTask, config: FTConfig, on_step: StepCallback | None = No
 
 
 @register("ft-l1", FTL1Config, description="fine-tune the sites, L1 distance to W0 as penalty")
-def finetune_l1(task: EditTask, config: FTL1Config,
-                on_step: StepCallback | None = None) -> EditOutcome:
-    return masked_finetune(task, config, regularizer=_scaled(l1_distance, config.c),
-                           on_step=on_step)
+def finetune_l1(
+    task: EditTask, config: FTL1Config, on_step: StepCallback | None = None
+) -> EditOutcome:
+    return masked_finetune(
+        task, config, regularizer=_scaled(l1_distance, config.c), on_step=on_step
+    )
 
 
 @register("ft-l2", FTL2Config, description="fine-tune the sites, L2 distance to W0 as penalty")
-def finetune_l2(task: EditTask, config: FTL2Config,
-                on_step: StepCallback | None = None) -> EditOutcome:
-    return masked_finetune(task, config, regularizer=_scaled(half_sq_l2_distance, config.c),
-                           on_step=on_step)
+def finetune_l2(
+    task: EditTask, config: FTL2Config, on_step: StepCallback | None = None
+) -> EditOutcome:
+    return masked_finetune(
+        task, config, regularizer=_scaled(half_sq_l2_distance, config.c), on_step=on_step
+    )
 
 
 def _scaled(distance: Regularizer, c: float) -> Regularizer | None:

@@ -35,15 +35,18 @@ class LoRAConfig(EditConfig):
             raise EditConfigError(f"rank must be in [1, 1024], got {self.rank}")
 
 
-def init_factors(weight: torch.Tensor, rank: int,
-                 gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def init_factors(
+    weight: torch.Tensor, rank: int, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A (rank, in) with PEFT's kaiming-uniform init, B (out, rank) zero: the update starts at 0."""
     out_features, in_features = weight.shape
     bound = 1.0 / math.sqrt(in_features)  # kaiming_uniform(a=sqrt(5)) on a (rank, in) matrix
     a = (torch.rand(rank, in_features, generator=gen) * 2 - 1) * bound
     b = torch.zeros(out_features, rank)
-    return (a.to(weight.device, weight.dtype).requires_grad_(),
-            b.to(weight.device, weight.dtype).requires_grad_())
+    return (
+        a.to(weight.device, weight.dtype).requires_grad_(),
+        b.to(weight.device, weight.dtype).requires_grad_(),
+    )
 
 
 @register("lora", LoRAConfig, description="low-rank update of every site matrix (dense patch)")
@@ -58,11 +61,16 @@ def lora(task: EditTask, config: LoRAConfig, on_step: StepCallback | None = None
     logits_of = site_logits(task)
     trainable = [t for pair in factors for t in pair]
     with frozen(task.model):
-        steps, loss = optimise(config, trainable, lambda: (logits_of(merged()), None),
-                               task.targets, on_step)
+        steps, loss = optimise(
+            config, trainable, lambda: (logits_of(merged()), None), task.targets, on_step
+        )
     with torch.no_grad():
         final = merged()
     n_params = sum(t.numel() for t in trainable)
-    return EditOutcome(Patch.from_diff(task.sites, initial, final), steps, loss,
-                       mask_entries=task.sites.n_entries,
-                       extra={"stopped_early": steps < config.max_steps, "lora_params": n_params})
+    return EditOutcome(
+        Patch.from_diff(task.sites, initial, final),
+        steps,
+        loss,
+        mask_entries=task.sites.n_entries,
+        extra={"stopped_early": steps < config.max_steps, "lora_params": n_params},
+    )

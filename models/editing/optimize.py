@@ -33,14 +33,20 @@ Objective = Callable[[], tuple[torch.Tensor, torch.Tensor | None]]
 """objective() -> (logits (N, classes) of the current weights, extra loss term or None)."""
 
 
-def edit_done(logits: torch.Tensor, targets: torch.Tensor, ce: torch.Tensor,
-              stop_loss: float) -> bool:
+def edit_done(
+    logits: torch.Tensor, targets: torch.Tensor, ce: torch.Tensor, stop_loss: float
+) -> bool:
     """The early stop rule: every image predicted as its target and CE <= stop_loss."""
     return bool((logits.argmax(dim=-1) == targets).all()) and ce.item() <= stop_loss
 
 
-def optimise(config: EditConfig, trainable: list[torch.Tensor], objective: Objective,
-             targets: torch.Tensor, on_step: StepCallback | None = None) -> tuple[int, float]:
+def optimise(
+    config: EditConfig,
+    trainable: list[torch.Tensor],
+    objective: Objective,
+    targets: torch.Tensor,
+    on_step: StepCallback | None = None,
+) -> tuple[int, float]:
     """RMSprop on ``trainable`` until the stop rule holds; returns (steps taken, final CE).
 
     The loop evaluates the objective once more after the last step, so the returned CE is the one
@@ -77,8 +83,9 @@ def site_logits(task: EditTask) -> Callable[[list[torch.Tensor]], torch.Tensor]:
     """weights -> logits of the edit images with those site matrices (Sites order) swapped in."""
     suffix = _Suffix(task.split)
     names = [f"model.{m.param}" for m in task.sites.matrices]
-    return lambda weights: functional_call(suffix, dict(zip(names, weights, strict=True)),
-                                           (task.tokens,), tie_weights=False)  # none are tied
+    return lambda weights: functional_call(
+        suffix, dict(zip(names, weights, strict=True)), (task.tokens,), tie_weights=False
+    )  # none are tied
 
 
 @contextmanager
@@ -93,8 +100,9 @@ def frozen(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def _neurons(weight: torch.Tensor, matrix: Matrix,
-             mask: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor]:
+def _neurons(
+    weight: torch.Tensor, matrix: Matrix, mask: torch.Tensor | None
+) -> tuple[torch.Tensor | None, torch.Tensor]:
     """(indices or None for all, trainable copy of those rows/columns) of one site matrix."""
     if mask is None:
         return None, weight.detach().clone().requires_grad_()
@@ -116,12 +124,16 @@ def masked_finetune(
     """
     mats = task.sites.matrices
     initial = [p.detach() for p in task.sites.params(task.model)]
-    chosen = [_neurons(w, m, None if masks is None else k)
-              for w, m, k in zip(initial, mats, masks or [None] * len(mats), strict=True)]
+    chosen = [
+        _neurons(w, m, None if masks is None else k)
+        for w, m, k in zip(initial, mats, masks or [None] * len(mats), strict=True)
+    ]
 
     def weights() -> list[torch.Tensor]:
-        return [t if idx is None else w.index_copy(m.dim, idx, t)
-                for w, m, (idx, t) in zip(initial, mats, chosen, strict=True)]
+        return [
+            t if idx is None else w.index_copy(m.dim, idx, t)
+            for w, m, (idx, t) in zip(initial, mats, chosen, strict=True)
+        ]
 
     logits_of = site_logits(task)
 
@@ -134,5 +146,10 @@ def masked_finetune(
     with torch.no_grad():
         final = weights()
     n_mask = task.sites.n_entries if masks is None else sum(int(m.sum()) for m in masks)
-    return EditOutcome(Patch.from_diff(task.sites, initial, final), steps, loss,
-                       mask_entries=n_mask, extra={"stopped_early": steps < config.max_steps})
+    return EditOutcome(
+        Patch.from_diff(task.sites, initial, final),
+        steps,
+        loss,
+        mask_entries=n_mask,
+        extra={"stopped_early": steps < config.max_steps},
+    )

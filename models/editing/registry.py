@@ -56,7 +56,7 @@ class EditTask:
     images: torch.Tensor  # (N, C, H, W) preprocessed edit images
     targets: torch.Tensor  # (N,) long target labels
     tokens: torch.Tensor  # (N, T, D) = split.prefix(images), computed once
-    hypernetwork: Any = None  # models.hypernetwork.Hypernetwork for methods that need one
+    hypernetwork: Any = None  # models.hypernet.network.Hypernetwork for methods that need one
 
     @classmethod
     def build(

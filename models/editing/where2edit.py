@@ -16,7 +16,7 @@ from models.editing.optimize import masked_finetune
 from models.editing.random_mask import MaskConfig
 from models.editing.registry import EditOutcome, EditTask, StepCallback, register
 from models.errors import HypernetworkMismatchError
-from models.hypernetwork import Hypernetwork
+from models.hypernet.network import Hypernetwork
 from models.sites import Sites, top_rho_mask
 
 

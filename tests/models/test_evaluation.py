@@ -27,8 +27,16 @@ from models.sites import Patch, Sites
 
 def tiny_vit(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    model = timm.create_model("vit_small_patch16_224", img_size=28, patch_size=7, in_chans=1,
-                              embed_dim=32, depth=4, num_heads=2, num_classes=10)
+    model = timm.create_model(
+        "vit_small_patch16_224",
+        img_size=28,
+        patch_size=7,
+        in_chans=1,
+        embed_dim=32,
+        depth=4,
+        num_heads=2,
+        num_classes=10,
+    )
     return model.eval().requires_grad_(False)
 
 
@@ -70,8 +78,11 @@ def test_pareto_front_drops_dominated_points_and_sorts_by_lr() -> None:
 
 
 def test_best_gr_at_lr_picks_highest_gr_among_points_with_enough_locality() -> None:
-    points = [FrontPoint(0.5, 1.0, 0.95, 0.85), FrontPoint(0.1, 1.0, 0.80, 0.91),
-              FrontPoint(0.05, 1.0, 0.60, 0.97)]
+    points = [
+        FrontPoint(0.5, 1.0, 0.95, 0.85),
+        FrontPoint(0.1, 1.0, 0.80, 0.91),
+        FrontPoint(0.05, 1.0, 0.60, 0.97),
+    ]
     assert best_gr_at_lr(points, 0.9) == points[1]
     assert best_gr_at_lr(points, 0.99) is None
     assert best_gr_at_lr([FrontPoint(None, 1.0, math.nan, 0.95)]) is None

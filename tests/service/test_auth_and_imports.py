@@ -30,8 +30,8 @@ def test_api_keys_are_off_by_default(idle: Served) -> None:
     [
         "service.main",
         "workers.client",
-        "workers.http_client",
-        "workers.commands.client",
+        "cli.http_client",
+        "cli.api",
         "models.store.store",
     ],
 )

@@ -57,7 +57,7 @@ def test_versions_activate_and_restore_the_base_exactly(tmp_path: Path) -> None:
 
 def test_where2edit_uses_the_registered_hypernetwork(tmp_path: Path) -> None:
     from models.backbones import load_backbone
-    from models.metatrain import build_hypernetwork
+    from models.hypernet.metatrain import build_hypernetwork
     from models.sites import Sites
     from models.store.manifest import BackboneManifest
     from tests.redis_server import make_tiny_backbone
@@ -69,7 +69,9 @@ def test_where2edit_uses_the_registered_hypernetwork(tmp_path: Path) -> None:
     build_hypernetwork(backbone.model, sites, seed=0).save(tmp_path / "hyper", backbone, sites)
     store = tiny_store(tmp_path / "s")
     without = register_model(store, "tiny-plain", manifest)
-    assert without.default_method == "saliency" and not without.methods["saliency"].needs_hypernetwork
+    assert (
+        without.default_method == "saliency" and not without.methods["saliency"].needs_hypernetwork
+    )
     entry = register_model(store, "tiny", manifest, hypernetwork=tmp_path / "hyper")
     assert entry.default_method == "where2edit"
     rt = Runtime(

@@ -1,0 +1,256 @@
+"""``vitedit bench``: compare edit methods on a benchmark (SR / GR / LR per knob value).
+
+vitedit bench --world demo --quick --out bench-out
+vitedit bench --backbone backbone.json --groups edit_groups/ --locality locality/ --out out/
+vitedit bench --backbone vit_base_patch16_224 --weights vit.safetensors --groups G --locality L
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+W2E = "where2edit"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="benchmark edit methods: SR/GR/LR fronts, results.json + plot",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    src = p.add_argument_group("backbone and benchmark")
+    src.add_argument("--world", choices=["demo"], help="the built-in demo backbone and benchmark")
+    src.add_argument("--backbone", help="a backbone manifest (.json) or a timm model name")
+    src.add_argument("--weights", type=Path, help="safetensors weights for a timm name")
+    src.add_argument(
+        "--groups", type=Path, help="edit-groups folder in the paper's layout (<true>-<tag>/*.png)"
+    )
+    src.add_argument("--locality", type=Path, help="locality images folder")
+    src.add_argument("--hypernet", type=Path, help="hypernetwork folder for where2edit")
+    src.add_argument(
+        "--blocks",
+        help="editable blocks, e.g. 7,8,9 (default: the hypernetwork's, else the "
+        "3 blocks ending at 75%% depth)",
+    )
+    run = p.add_argument_group("what to run")
+    run.add_argument("--methods", help="comma-separated methods (default: all available)")
+    run.add_argument(
+        "--knobs",
+        action="append",
+        default=[],
+        metavar="METHOD=V1,V2",
+        help="knob values for a method, e.g. random=0.1,0.05 (repeatable)",
+    )
+    run.add_argument(
+        "--edits-per-group", type=int, default=10, help="edit images sampled per group (0 = all)"
+    )
+    run.add_argument("--max-groups", type=int, help="use at most this many groups (sampled)")
+    run.add_argument(
+        "--quick",
+        action="store_true",
+        help="a small subset: few groups, 2 edits per group, 2 knob values per method",
+    )
+    opt = p.add_argument_group("optimiser setting shared by all methods (default: the backbone's)")
+    opt.add_argument("--lr", type=float)
+    opt.add_argument("--max-steps", type=int)
+    opt.add_argument("--stop-loss", type=float)
+    opt.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads (default: 1 for --world demo, whose 17-token model "
+        "runs fastest on one thread; else torch's choice)",
+    )
+    p.add_argument("--out", type=Path, default=Path("bench-out"), help="output folder")
+    p.set_defaults(func=run_bench_command)
+
+
+def parse_knobs(items: list[str]) -> dict[str, tuple[float, ...]]:
+    """["random=0.1,0.05", "lora=1,4;ft-l2=0.01"] -> {"random": (0.1, 0.05), ...}."""
+    knobs: dict[str, tuple[float, ...]] = {}
+    for item in (part for raw in items for part in raw.split(";") if part.strip()):
+        method, sep, values = item.partition("=")
+        if not sep or not values.strip():
+            raise SystemExit(f"--knobs {item!r}: expected METHOD=V1,V2")
+        try:
+            knobs[method.strip()] = tuple(float(v) for v in values.split(","))
+        except ValueError:
+            raise SystemExit(f"--knobs {item!r}: values must be numbers") from None
+    return knobs
+
+
+def _load_backbone(args: argparse.Namespace, device: Any) -> Any:
+    from models.backbones import backbone_from_name, load_backbone
+    from models.store.manifest import BackboneManifest
+
+    if args.world == "demo":
+        from models.worlds.demo import load_demo_backbone
+
+        return load_demo_backbone(device)
+    if not args.backbone:
+        raise SystemExit("give --world demo, or --backbone (a manifest .json or a timm name)")
+    if args.backbone.endswith(".json"):
+        return load_backbone(BackboneManifest.read(args.backbone), device)
+    return backbone_from_name(args.backbone, weights=args.weights, device=device)
+
+
+def _load_benchmark(args: argparse.Namespace) -> Any:
+    if args.world == "demo":
+        from models.worlds.demo import load_world
+
+        return load_world().benchmark
+    if args.groups is None or args.locality is None:
+        raise SystemExit("give --groups DIR and --locality DIR (paper layout), or --world demo")
+    from models.worlds.layout import read_benchmark
+
+    return read_benchmark(args.groups, args.locality)
+
+
+def _load_hypernetwork(args: argparse.Namespace, backbone: Any) -> tuple[Any, Any]:
+    """(hypernetwork, its sites) for where2edit, or (None, None) with a logged note."""
+    try:
+        from models import hypernetwork as hn
+    except ImportError:
+        log.info("models.hypernet.network is not available: %s is skipped", W2E)
+        return None, None
+    if args.hypernet is not None:
+        return hn.Hypernetwork.load(args.hypernet, backbone), hn.recorded_sites(args.hypernet)
+    if args.world == "demo":
+        found = hn.load_demo_hypernetwork(backbone)
+        if found is None:
+            log.info("no demo hypernetwork is shipped yet: %s is skipped", W2E)
+            return None, None
+        return found, hn.recorded_sites(hn.DEMO_DIR)
+    log.info("no --hypernet given: %s is skipped", W2E)
+    return None, None
+
+
+def _methods(args: argparse.Namespace, hypernet: Any) -> tuple[str, ...]:
+    from models.editing import EDITORS
+
+    if args.methods:
+        methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        for m in methods:
+            if m not in EDITORS:
+                raise SystemExit(f"unknown method {m!r}; choose from {sorted(EDITORS)}")
+            if EDITORS[m].needs_hypernetwork and hypernet is None:
+                raise SystemExit(f"{m} needs a hypernetwork: give --hypernet DIR")
+        return methods
+    return tuple(m for m, e in EDITORS.items() if hypernet is not None or not e.needs_hypernetwork)
+
+
+def run_bench_command(args: argparse.Namespace) -> int:
+    import torch
+
+    from models.sites import Sites
+    from models.worlds.bench import BenchConfig, edit_defaults, run_bench, write_results
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    threads = args.threads or (1 if args.world == "demo" and device.type == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
+    backbone = _load_backbone(args, device)
+    benchmark = _load_benchmark(args)
+    hypernet, sites = _load_hypernetwork(args, backbone)
+    methods = _methods(args, hypernet)
+    if args.blocks:
+        sites = Sites.for_model(backbone.model, tuple(int(b) for b in args.blocks.split(",")))
+    defaults = edit_defaults(backbone)
+    shared = {
+        k: getattr(args, k) if getattr(args, k) is not None else defaults[k]
+        for k in ("lr", "max_steps", "stop_loss")
+    }
+    options = dict(knobs=parse_knobs(args.knobs), seed=args.seed, **shared)
+    if args.quick:
+        config = BenchConfig.quick_run(methods, **options)
+    else:
+        config = BenchConfig(
+            methods,
+            edits_per_group=args.edits_per_group or None,
+            max_groups=args.max_groups,
+            **options,
+        )
+    log.info("benchmark: %s; methods %s; %s", benchmark.describe(), ", ".join(methods), shared)
+    results = _run_with_progress(
+        lambda progress: run_bench(backbone, benchmark, config, hypernet, sites, progress)
+    )
+    json_path, png_path = write_results(results, args.out)
+    print_table(results)
+    print(f"wrote {json_path} and {png_path}")
+    return 0
+
+
+def _run_with_progress(fn: Any) -> Any:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (
+        TextColumn("{task.description:<24}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, transient=True) as bar:
+        task = bar.add_task("edits", total=None)
+
+        def progress(done: int, total: int, label: str) -> None:
+            bar.update(task, completed=done, total=total, description=label[:24])
+
+        return fn(progress)
+
+
+def print_table(results: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    s = results["settings"]
+    table = Table(
+        title=f"{results['backbone']['name']}: lr {s['lr']:g}, "
+        f"max {s['max_steps']} steps, stop CE <= {s['stop_loss']:g}"
+    )
+    for col in ("method", "knob", "SR %", "GR %", "LR %", "s / edit", "steps", "edits"):
+        table.add_column(col, justify="left" if col in ("method", "knob") else "right")
+    for method, entry in results["methods"].items():
+        for p in entry["points"]:
+            knob = "" if entry["knob"] is None else f"{entry['knob']}={p['knob_value']:g}"
+            table.add_row(
+                method,
+                knob,
+                f"{100 * p['sr']:.1f}",
+                f"{100 * p['gr']:.1f}",
+                f"{100 * p['lr']:.1f}",
+                f"{p['seconds_per_edit']:.2f}",
+                f"{p['steps_mean']:.1f}",
+                str(p["n_edits"]),
+            )
+    summary = Table(title="best GR at LR >= 90%")
+    for col in ("method", "knob", "SR %", "GR %", "LR %"):
+        summary.add_column(col)
+    for method, entry in results["methods"].items():
+        best = entry["best_at_lr90"]
+        if best is None:
+            summary.add_row(method, "-", "-", "no point with LR >= 90%", "-")
+        else:
+            knob = "" if best["knob"] is None else f"{best['knob']:g}"
+            summary.add_row(
+                method,
+                knob,
+                f"{100 * best['sr']:.1f}",
+                f"{100 * best['gr']:.1f}",
+                f"{100 * best['lr']:.1f}",
+            )
+    console = Console()
+    console.print(table)
+    console.print(summary)

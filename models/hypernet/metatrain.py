@@ -1,0 +1,438 @@
+"""Meta-training the hypernetwork: the decoupled bi-level loop of method.md section 3.
+
+Per iteration, on a batch of B CutMix episodes (x, x~, f(x)):
+
+1. fresh mask logits s ~ U(-1, 1), shape (B, n_entries) in Sites order; soft mask m = sigmoid(10 s);
+2. S outer steps of RMSprop on s. Each starts every episode from the pristine weights W0 and takes
+   K masked SGD steps on its loss L = T^2 KL(softmax(f(x)/T) || softmax(f(x~; W)/T)):
+   W <- W - eta * m * grad (gradients detached: no graph through the inner steps). So the final
+   weights are W0 + m * D with D = -eta * sum_k grad_k, and the outer loss
+   J = sum_e L_e(W0 + m_e * D_e) + lambda * mean(m) reaches s only through m;
+3. R regression steps of the hypernetwork on the same batch: 0.1 * BCE(H(cls(x~)), sigmoid(3 s)).
+
+Speed without changing the maths: the frozen prefix runs once per batch (SplitForward); the B
+episodes run together in one batch, each with its own site weights W0 + m_e * D_e, where D_e is
+kept as the low-rank sum of its per-token gradient terms (:class:`Factors`, :class:`DeltaLinear`)
+instead of B dense copies; the first inner gradient (at W0, independent of m) is computed once
+per batch and reused by the S outer steps. :func:`search_masks_reference` is the straightforward
+loop (one deep copy per episode, full forward passes), kept for the benchmark and the tests.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from torch import nn
+from torch.func import functional_call
+
+from models.backbones import Backbone
+from models.forward import SplitForward
+from models.hypernet.checkpoint import CHECKPOINT_DIR, load_checkpoint, save_checkpoint
+from models.hypernet.cutmix import CutMixSampler, Episodes, ImagePool
+from models.hypernet.episodes import Anchors, BatchedEpisodes, Factors, episode_kl
+from models.hypernet.network import HypernetConfig, Hypernetwork, cls_features, feature_dim
+from models.sites import Sites
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MetaTrainConfig:
+    """Reference defaults (method.md section 3); ``inner_lr`` may need tuning on small models."""
+
+    iterations: int = 10_000
+    batch: int = 8  # B episodes per iteration
+    outer_steps: int = 10  # S
+    outer_lr: float = 0.1  # RMSprop on s
+    inner_steps: int = 5  # K
+    inner_lr: float = 1e-3  # eta
+    temperature: float = 5.0  # T
+    sparsity: float = 1.0  # lambda
+    sharpness: float = 10.0  # m = sigmoid(sharpness * s)
+    regression_steps: int = 4
+    regression_lr: float = 1e-4
+    regression_weight: float = 0.1
+    schedule_iterations: int | None = None  # cosine length; None = 2 x iterations (ref 20k/10k)
+    seed: int = 0
+    # Not in the paper (0 = its objective): mu * mean KL on `anchors` clean pool images per episode,
+    # the lowest-margin of `anchors * anchor_draws` drawn, added to J: masks that spill less.
+    locality: float = 0.0
+    anchors: int = 2
+    anchor_draws: int = 4
+
+    def __post_init__(self) -> None:
+        positive = (
+            "iterations",
+            "batch",
+            "outer_steps",
+            "inner_steps",
+            "regression_steps",
+            "anchors",
+            "anchor_draws",
+        )
+        bad = [name for name in positive if getattr(self, name) < 1]
+        rates = (self.outer_lr, self.inner_lr, self.regression_lr, self.temperature)
+        if bad or min(rates) <= 0 or self.locality < 0:
+            raise ValueError(f"invalid meta-training config {self}: {bad or 'non-positive rate'}")
+
+    def regression_lr_at(self, iteration: int) -> float:
+        length = self.schedule_iterations or 2 * self.iterations
+        return 0.5 * self.regression_lr * (1 + math.cos(math.pi * min(iteration, length) / length))
+
+
+@dataclass
+class MaskSearch:
+    """The outcome of step 2 for one batch."""
+
+    s: torch.Tensor  # (B, n_entries) optimised mask logits
+    kl: list[float]  # mean episode loss L at each outer step
+    loss: list[float]  # outer objective J at each outer step
+    anchor_kl: list[float] = dataclasses.field(default_factory=list)  # with a locality term
+
+
+def search_masks(
+    batch: BatchedEpisodes, s0: torch.Tensor, cfg: MetaTrainConfig, anchors: Anchors | None = None
+) -> MaskSearch:
+    """Step 2, all episodes at once. ``s0``: (B, n_entries) initial logits; ``anchors`` add
+    ``cfg.locality`` times their mean KL to J (the optional locality term)."""
+    s = s0.clone().requires_grad_()
+    opt = torch.optim.RMSprop([s], lr=cfg.outer_lr)
+    grad_at_w0 = batch.grads(batch.zeros())  # the first inner gradient does not depend on m
+    capacity = [g.r * cfg.inner_steps for g in grad_at_w0]  # rank of D after K steps
+    kls, losses, anchor_kls = [], [], []
+    for _ in range(cfg.outer_steps):
+        m = torch.sigmoid(cfg.sharpness * s)  # (B, n_entries)
+        steps = batch.zeros(capacity)  # D = -eta * sum_k grad_k, detached from s
+        for k in range(cfg.inner_steps):  # inner weights W0 + m * D, m taken as a constant
+            grads = grad_at_w0 if k == 0 else batch.grads(_masked(batch.sites, m.detach(), steps))
+            steps = [d.plus(g, -cfg.inner_lr) for d, g in zip(steps, grads, strict=True)]
+        final = _masked(batch.sites, m, steps)
+        kl = batch.losses(final)  # (B,), graph to s through m
+        loss = kl.sum() + cfg.sparsity * m.mean()
+        if anchors is not None:
+            anchor_kl = batch.anchor_losses(final, anchors)
+            loss = loss + cfg.locality * anchor_kl.sum()
+            anchor_kls.append(anchor_kl.mean().item())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        kls.append(kl.mean().item())
+        losses.append(loss.item())
+    return MaskSearch(s.detach(), kls, losses, anchor_kls)
+
+
+def _masked(sites: Sites, m: torch.Tensor, steps: list[Factors]) -> list[Factors]:
+    """m * D per matrix, from the flat (B, n_entries) mask."""
+    parts = zip(sites.split(m), steps, sites.matrices, strict=True)
+    return [d.masked(mk, matrix) for mk, d, matrix in parts]
+
+
+def _broadcast(sites: Sites, m: torch.Tensor) -> list[torch.Tensor]:
+    """Flat mask (..., n_entries) -> per matrix, broadcastable over fc1 rows / fc2 columns."""
+    pairs = zip(sites.split(m), sites.matrices, strict=True)
+    return [Sites.broadcast(mk, mat) for mk, mat in pairs]
+
+
+def search_masks_reference(
+    model: nn.Module, sites: Sites, episodes: Episodes, s0: torch.Tensor, cfg: MetaTrainConfig
+) -> MaskSearch:
+    """Step 2, the straightforward way: one deep copy of the model per episode, full forwards.
+
+    Same maths as :func:`search_masks` (RMSprop is elementwise, so one optimiser per episode
+    slice equals one over the whole batch); used only to benchmark and test the batched loop.
+    """
+    n_total = s0.numel()  # lambda * mean(m) over the whole batch
+    kls, losses = torch.zeros(cfg.outer_steps), torch.zeros(cfg.outer_steps)
+    finals = []
+    for e in range(len(s0)):
+        episode = copy.deepcopy(model)
+        params = sites.params(episode)
+        for p in params:
+            p.requires_grad_()
+        w0 = [p.detach().clone() for p in params]
+        image, clean = episodes.mixed[e : e + 1], episodes.clean_logits[e : e + 1]
+        s = s0[e : e + 1].clone().requires_grad_()
+        opt = torch.optim.RMSprop([s], lr=cfg.outer_lr)
+        for step in range(cfg.outer_steps):
+            m = torch.sigmoid(cfg.sharpness * s)[0]
+            masks = _broadcast(sites, m)
+            steps = [torch.zeros_like(w) for w in w0]  # D = -eta * sum_k grad_k
+            for _ in range(cfg.inner_steps):
+                with torch.no_grad():  # inner weights W0 + m * D, m taken as a constant
+                    for p, w, mk, d in zip(params, w0, masks, steps, strict=True):
+                        p.copy_(w + mk.detach() * d)
+                loss = episode_kl(episode(image), clean, cfg.temperature).sum()
+                grads = torch.autograd.grad(loss, params)
+                steps = [d - cfg.inner_lr * g for d, g in zip(steps, grads, strict=True)]
+            final = {
+                mat.param: w + mk * d
+                for mat, w, mk, d in zip(sites.matrices, w0, masks, steps, strict=True)
+            }
+            kl = episode_kl(functional_call(episode, final, (image,)), clean, cfg.temperature).sum()
+            opt.zero_grad(set_to_none=True)
+            loss = kl + cfg.sparsity * m.sum() / n_total
+            loss.backward()
+            opt.step()
+            kls[step] += kl.item() / len(s0)
+            losses[step] += loss.item()
+        finals.append(s.detach())
+    return MaskSearch(torch.cat(finals), kls.tolist(), losses.tolist())
+
+
+# --------------------------------------------------------------------------- the training loop
+
+
+def mask_iou(scores: torch.Tensor, rho: float = 0.1) -> float:
+    """Mean pairwise IoU of the rows' top-rho masks: 1.0 = every episode got the same mask."""
+    k = max(1, round(rho * scores.shape[1]))
+    return jaccard(torch.zeros_like(scores).scatter_(1, scores.topk(k, dim=1).indices, 1.0))
+
+
+def jaccard(masks: torch.Tensor) -> float:
+    """Mean pairwise IoU of the rows of a (B, n) 0/1 mask (nan for B < 2; 0 for empty pairs)."""
+    if len(masks) < 2:
+        return float("nan")
+    masks = masks.float()
+    inter = masks @ masks.T
+    sizes = masks.sum(dim=1)
+    union = (sizes[:, None] + sizes[None, :] - inter).clamp_min(1.0)
+    off_diagonal = ~torch.eye(len(masks), dtype=torch.bool, device=masks.device)
+    return (inter / union)[off_diagonal].mean().item()
+
+
+def regress(
+    hypernet: Hypernetwork,
+    opt: torch.optim.Optimizer,
+    features: torch.Tensor,
+    s: torch.Tensor,
+    cfg: MetaTrainConfig,
+) -> tuple[float, torch.Tensor]:
+    """Step 3: fit H(cls(x~)) to sigmoid(3 s). Returns the last BCE and the scores it saw."""
+    target = torch.sigmoid(hypernet.config.score_scale * s)
+    for _ in range(cfg.regression_steps):
+        scores = hypernet(features)  # (B, n_entries)
+        loss = cfg.regression_weight * F.binary_cross_entropy(scores, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return loss.item(), scores.detach()
+
+
+class MetaTrainer:
+    """Owns the hypernetwork, its optimiser and the episode stream; :meth:`step` = one iteration."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        sites: Sites,
+        pool: ImagePool,
+        hypernet: Hypernetwork,
+        cfg: MetaTrainConfig,
+        impl: str = "batched",
+    ) -> None:
+        if impl not in ("batched", "reference"):
+            raise ValueError(f"impl must be 'batched' or 'reference', got {impl!r}")
+        if impl == "reference" and cfg.locality > 0:
+            raise ValueError(
+                "the reference loop implements the paper's objective only (locality 0)"
+            )
+        self.backbone, self.sites, self.hypernet, self.cfg = backbone, sites, hypernet, cfg
+        self.impl = impl
+        self.model = backbone.model
+        self.split = SplitForward(self.model, sites)
+        self.sampler = CutMixSampler(self.model, pool, seed=cfg.seed, device=backbone.device)
+        self.opt = torch.optim.RMSprop(hypernet.parameters(), lr=cfg.regression_lr)
+        self.iteration = 0
+        self.history: list[dict[str, float]] = []
+
+    def step(self) -> dict[str, float]:
+        cfg, gen = self.cfg, self.sampler.generator
+        episodes = self.sampler.sample(cfg.batch)
+        s0 = torch.rand(cfg.batch, self.sites.n_entries, generator=gen) * 2 - 1  # U(-1, 1)
+        s0 = s0.to(self.backbone.device)
+        if self.impl == "batched":
+            batch = BatchedEpisodes(self.split, self.sites, episodes, cfg.temperature)
+            search = search_masks(batch, s0, cfg, self._anchors() if cfg.locality > 0 else None)
+        else:
+            search = search_masks_reference(self.model, self.sites, episodes, s0, cfg)
+        for group in self.opt.param_groups:
+            group["lr"] = cfg.regression_lr_at(self.iteration)
+        self.hypernet.train()
+        features = cls_features(self.model, episodes.mixed)  # (B, feature_dim)
+        bce, scores = regress(self.hypernet, self.opt, features, search.s, cfg)
+        self.iteration += 1
+        return {
+            "outer_loss_first": search.loss[0],
+            "outer_loss_last": search.loss[-1],
+            "kl_first": search.kl[0],
+            "kl_last": search.kl[-1],
+            "bce": bce,
+            "s_density": (search.s > 0).float().mean().item(),  # share of entries with m > 0.5
+            "h_density": (scores > 0.5).float().mean().item(),
+            "s_iou": jaccard(search.s > 0),  # overlap of episodes' selected sets (m > 0.5)
+            "h_iou": mask_iou(scores),  # top-10% overlap of the hypernetwork's masks; 1 = collapsed
+            "h_std": scores.std(dim=0).mean().item(),  # spread of scores across episodes
+            **({"anchor_kl_last": search.anchor_kl[-1]} if search.anchor_kl else {}),
+        }
+
+    def _anchors(self) -> Anchors:
+        """B x L sensitive clean pool images: the lowest-margin of ``anchor_draws`` times more."""
+        cfg = self.cfg
+        draws = cfg.batch * cfg.anchors * cfg.anchor_draws
+        idx = torch.randint(len(self.sampler.pool), (draws,), generator=self.sampler.generator)
+        images = self.sampler.pool.get(idx).to(self.backbone.device)
+        return Anchors.pick(self.split, images, cfg.anchors, cfg.batch)
+
+    def train(
+        self,
+        checkpoint_dir: Path,
+        checkpoint_every: int = 500,
+        log_every: int = 10,
+        show_progress: bool = False,
+        time_budget_s: float | None = None,
+    ) -> list[dict[str, float]]:
+        """Run to ``cfg.iterations`` (or until ``time_budget_s`` is spent), logging window means
+        and checkpointing to ``checkpoint_dir``."""
+        window: list[dict[str, float]] = []
+        start, first = time.perf_counter(), self.iteration
+        deadline = math.inf if time_budget_s is None else start + time_budget_s
+        with _progress(show_progress) as bar:
+            task = bar.add_task(
+                "meta-training", total=self.cfg.iterations, completed=self.iteration
+            )
+            while self.iteration < self.cfg.iterations:
+                window.append(self.step())
+                bar.update(
+                    task,
+                    advance=1,
+                    description=f"KL {window[-1]['kl_last']:.3f} BCE {window[-1]['bce']:.4f}",
+                )
+                out_of_time = time.perf_counter() > deadline
+                if len(window) == log_every or self.iteration == self.cfg.iterations or out_of_time:
+                    self._log(window, (self.iteration - first) / (time.perf_counter() - start))
+                    window = []
+                if checkpoint_every and (self.iteration % checkpoint_every == 0 or out_of_time):
+                    save_checkpoint(self, Path(checkpoint_dir))
+                if out_of_time:
+                    log.info(
+                        "time budget spent at iteration %d of %d",
+                        self.iteration,
+                        self.cfg.iterations,
+                    )
+                    break
+        return self.history
+
+    def _log(self, window: list[dict[str, float]], iterations_per_s: float) -> None:
+        entry = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
+        entry.update(iteration=self.iteration, episodes_per_s=iterations_per_s * self.cfg.batch)
+        self.history.append(entry)
+        log.info(
+            "it %d: KL %.4f -> %.4f, J %.4f -> %.4f, BCE %.4f, density s %.3f h %.3f, "
+            "IoU s %.3f h %.3f, %.1f episodes/s",
+            entry["iteration"],
+            entry["kl_first"],
+            entry["kl_last"],
+            entry["outer_loss_first"],
+            entry["outer_loss_last"],
+            entry["bce"],
+            entry["s_density"],
+            entry["h_density"],
+            entry["s_iou"],
+            entry["h_iou"],
+            entry["episodes_per_s"],
+        )
+        if "anchor_kl_last" in entry:
+            log.info("it %d: anchor KL %.3g", entry["iteration"], entry["anchor_kl_last"])
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def build_hypernetwork(
+    model: nn.Module,
+    sites: Sites,
+    seed: int = 0,
+    width: int | None = None,
+    heads: int | None = None,
+) -> Hypernetwork:
+    """A fresh hypernetwork for this backbone and these sites, initialised from ``seed``."""
+    torch.manual_seed(seed)
+    config = HypernetConfig.for_sites(feature_dim(model), sites, width=width, heads=heads)
+    return Hypernetwork(config).to(next(model.parameters()).device)
+
+
+def meta_train(
+    backbone: Backbone,
+    sites: Sites,
+    pool: ImagePool,
+    cfg: MetaTrainConfig,
+    out_dir: Path,
+    hypernet: Hypernetwork | None = None,
+    resume: bool = False,
+    checkpoint_every: int = 500,
+    log_every: int = 10,
+    show_progress: bool = False,
+    extra: dict[str, Any] | None = None,
+    checkpoint_dir: Path | None = None,
+    time_budget_s: float | None = None,
+) -> tuple[Hypernetwork, list[dict[str, float]]]:
+    """Meta-train (or resume) a hypernetwork, then save it to ``out_dir`` with its manifest.
+
+    Checkpoints go to ``checkpoint_dir`` (default ``out_dir / "checkpoint"``). With
+    ``time_budget_s`` the run stops early once that much wall time is spent (the schedule is
+    still the one of ``cfg.iterations``; resume continues it).
+    """
+    out_dir = Path(out_dir)
+    checkpoint_dir = Path(checkpoint_dir or out_dir / CHECKPOINT_DIR)
+    hypernet = hypernet or build_hypernetwork(backbone.model, sites, cfg.seed)
+    trainer = MetaTrainer(backbone, sites, pool, hypernet, cfg)
+    if resume and (checkpoint_dir / "state.json").is_file():
+        load_checkpoint(trainer, checkpoint_dir)
+    start = time.perf_counter()
+    history = trainer.train(
+        checkpoint_dir, checkpoint_every, log_every, show_progress, time_budget_s
+    )
+    seconds = time.perf_counter() - start
+    summary = {
+        "config": dataclasses.asdict(cfg),
+        "iterations": trainer.iteration,
+        "episodes": trainer.iteration * cfg.batch,
+        "seconds_this_run": round(seconds, 1),
+        "final": history[-1] if history else {},
+        "pool_size": len(pool),
+        **(extra or {}),
+    }
+    hypernet.eval().save(out_dir, backbone, sites, training=summary)
+    return hypernet, history
+
+
+@contextmanager
+def _progress(show: bool) -> Iterator[Progress]:
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, disable=not show) as bar:
+        yield bar

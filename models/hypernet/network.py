@@ -1,0 +1,260 @@
+"""The hypernetwork: a failure image's CLS feature -> a score per editable mask entry.
+
+method.md section 2. The sequence is one zero-initialised learnable query token per editable
+matrix, followed by the (projected) CLS feature; no position embeddings. A small pre-LN
+transformer trunk mixes them, then each query token has its own head Linear(width -> H_i), and
+the scores are ``clamp(sigmoid(score_scale * z), clamp, 1 - clamp)``.
+
+Output layout: a flat ``(B, n_entries)`` tensor in :attr:`models.sites.Sites.matrices` order
+(site0.fc1, site0.fc2, site1.fc1, ...), each matrix contributing ``hidden`` entries, so
+``sites.split(scores)`` gives one ``(B, H_i)`` tensor per matrix.
+
+Saved as ``hypernet.safetensors`` + ``hypernet.json`` (full config, backbone identity, sites,
+training summary); :meth:`Hypernetwork.load` refuses a backbone or sites it was not trained for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from models.backbones import Backbone
+from models.errors import HypernetworkMismatchError, IntegrityError, ManifestError, SiteError
+from models.sites import Sites
+from models.store.manifest import read_json, sha256_file, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+HYPERNET_FORMAT = "vitedit.hypernet/1"
+WEIGHTS_FILE = "hypernet.safetensors"
+MANIFEST_FILE = "hypernet.json"
+DEMO_DIR = Path(__file__).resolve().parents[1] / "assets" / "demo" / "hypernet"
+
+
+@dataclass(frozen=True)
+class HypernetConfig:
+    """Shape of a hypernetwork. ViT-B/16 reference: feature_dim = width = 768, 6 heads, depth 3,
+    mlp_hidden 768, hidden = (3072,) * 6 -> 24.8 M parameters."""
+
+    feature_dim: int  # backbone's pre-logits CLS width
+    hidden: tuple[int, ...]  # neurons per editable matrix, in Sites.matrices order
+    width: int = 768
+    depth: int = 3
+    heads: int = 6
+    mlp_hidden: int | None = None  # None = width (the reference uses 1x, not 4x)
+    score_scale: float = 3.0
+    clamp: float = 1e-5
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        if not self.hidden or min(self.hidden) < 1 or self.depth < 1 or self.feature_dim < 1:
+            raise ValueError(f"invalid hypernetwork shape: {self}")
+        if not 0.0 <= self.clamp < 0.5:
+            raise ValueError(f"clamp must be in [0, 0.5), got {self.clamp}")
+
+    @property
+    def n_matrices(self) -> int:
+        return len(self.hidden)  # = 2 * number of sites
+
+    @property
+    def n_entries(self) -> int:
+        return sum(self.hidden)
+
+    @classmethod
+    def for_sites(
+        cls,
+        feature_dim: int,
+        sites: Sites,
+        width: int | None = None,
+        heads: int | None = None,
+        **kwargs: Any,
+    ) -> HypernetConfig:
+        """Default shape: width = the backbone's feature width, 6 heads (4 if 6 does not divide)."""
+        width = width or feature_dim
+        heads = heads or (6 if width % 6 == 0 else 4)
+        return cls(
+            feature_dim, tuple(m.hidden for m in sites.matrices), width=width, heads=heads, **kwargs
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["hidden"] = list(self.hidden)
+        return data
+
+
+class Hypernetwork(nn.Module):
+    """CLS features (B, feature_dim) -> mask scores (B, n_entries) in (0, 1), Sites order."""
+
+    def __init__(self, config: HypernetConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        mlp_hidden = c.mlp_hidden or c.width
+        self.proj = nn.Linear(c.feature_dim, c.width) if c.feature_dim != c.width else nn.Identity()
+        self.queries = nn.Parameter(torch.zeros(c.n_matrices, c.width))  # one per editable matrix
+        ratio = mlp_hidden / c.width
+        self.blocks = nn.Sequential(
+            *[Block(c.width, c.heads, mlp_ratio=ratio, qkv_bias=True) for _ in range(c.depth)]
+        )
+        self.norm = nn.LayerNorm(c.width)  # final norm of a pre-LN trunk
+        self.heads = nn.ModuleList(nn.Linear(c.width, h) for h in c.hidden)
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Pre-sigmoid scores z, (B, n_entries)."""
+        x = self.proj(features).unsqueeze(1)  # (B, 1, W)
+        q = self.queries.unsqueeze(0).expand(x.shape[0], -1, -1)  # (B, M, W)
+        x = self.norm(self.blocks(torch.cat([q, x], dim=1)))  # (B, M + 1, W)
+        return torch.cat([head(x[:, i]) for i, head in enumerate(self.heads)], dim=-1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Scores in [clamp, 1 - clamp], (B, n_entries), in Sites.matrices order."""
+        eps = self.config.clamp
+        return torch.sigmoid(self.config.score_scale * self.logits(features)).clamp(eps, 1 - eps)
+
+    @torch.no_grad()
+    def mask_scores(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """Scores for a set of edit images, averaged over them: (n_entries,)."""
+        return self(cls_features(model, images)).mean(dim=0)
+
+    # ------------------------------------------------------------------ persistence
+
+    def save(
+        self,
+        out_dir: Path,
+        backbone: Backbone,
+        sites: Sites,
+        training: dict[str, Any] | None = None,
+    ) -> Path:
+        """Write weights + manifest into ``out_dir`` (each file replaced atomically)."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if tuple(m.hidden for m in sites.matrices) != self.config.hidden:
+            raise HypernetworkMismatchError(f"sites {sites.mlps} do not fit this hypernetwork")
+        weights = out_dir / WEIGHTS_FILE
+        tmp = out_dir / f".{WEIGHTS_FILE}.tmp"
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(
+            state,
+            str(tmp),
+            metadata={"format": HYPERNET_FORMAT, "backbone_sha256": backbone.weights_sha256},
+        )
+        os.replace(tmp, weights)
+        manifest = {
+            "format": HYPERNET_FORMAT,
+            "config": self.config.to_json(),
+            "backbone": {
+                "name": backbone.manifest.name,
+                "timm_name": backbone.manifest.timm_name,
+                "weights_sha256": backbone.weights_sha256,
+            },
+            "sites": sites.to_json(),
+            "weights": WEIGHTS_FILE,
+            "weights_sha256": sha256_file(weights),
+            "n_parameters": sum(p.numel() for p in self.parameters()),
+            "training": training or {},
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        write_json_atomic(out_dir / MANIFEST_FILE, manifest)
+        log.info("saved hypernetwork (%d parameters) to %s", manifest["n_parameters"], out_dir)
+        return out_dir
+
+    @classmethod
+    def load(cls, in_dir: Path, backbone: Backbone, sites: Sites | None = None) -> Hypernetwork:
+        """Load onto ``backbone.device``, checking it was trained for this backbone (weights
+        sha256) and these sites (``None``: its recorded sites, which must exist in the model).
+        """
+        manifest = read_manifest(in_dir)
+        check_compatible(manifest, backbone.weights_sha256, sites, backbone.model)
+        weights = Path(in_dir) / manifest["weights"]
+        actual = sha256_file(weights)
+        if actual != manifest["weights_sha256"]:
+            raise IntegrityError(
+                f"{weights} has sha256 {actual[:16]}..., its manifest says "
+                f"{manifest['weights_sha256'][:16]}...: the file was changed"
+            )
+        cfg = manifest["config"]
+        net = cls(HypernetConfig(**{**cfg, "hidden": tuple(cfg["hidden"])}))
+        net.load_state_dict(load_file(str(weights)))
+        return net.eval().requires_grad_(False).to(backbone.device)
+
+
+def read_manifest(in_dir: Path) -> dict[str, Any]:
+    manifest = read_json(Path(in_dir) / MANIFEST_FILE)
+    if manifest.get("format") != HYPERNET_FORMAT:
+        fmt = manifest.get("format")
+        raise ManifestError(f"{in_dir}: not a vitedit hypernetwork (format {fmt!r})")
+    return manifest
+
+
+def check_compatible(
+    manifest: dict[str, Any],
+    backbone_sha256: str,
+    sites: Sites | None,
+    model: nn.Module | None = None,
+) -> None:
+    """Raise HypernetworkMismatchError unless the manifest fits this backbone and these sites."""
+    trained_for = manifest["backbone"]
+    if trained_for["weights_sha256"] != backbone_sha256:
+        raise HypernetworkMismatchError(
+            f"this hypernetwork was trained for backbone {trained_for['name']!r} (weights sha256 "
+            f"{trained_for['weights_sha256'][:16]}...), not for the loaded backbone (sha256 "
+            f"{backbone_sha256[:16]}...). Meta-train one for this backbone: vitedit hypernet train"
+        )
+    recorded = Sites.from_json(manifest["sites"])
+    if sites is not None and sites != recorded:
+        raise HypernetworkMismatchError(
+            f"this hypernetwork edits sites {list(recorded.mlps)} (hidden "
+            f"{list(recorded.hidden)}), but sites {list(sites.mlps)} (hidden "
+            f"{list(sites.hidden)}) were requested. Use its sites, or meta-train one for yours"
+        )
+    if model is not None:
+        try:
+            found = Sites.from_names(model, recorded.mlps)
+        except SiteError as exc:
+            raise HypernetworkMismatchError(
+                f"the hypernetwork's sites are not in this model: {exc}"
+            ) from exc
+        if found != recorded:
+            raise HypernetworkMismatchError(
+                f"the model's FFN widths {list(found.hidden)} differ from the hypernetwork's "
+                f"{list(recorded.hidden)} at sites {list(recorded.mlps)}"
+            )
+
+
+def recorded_sites(in_dir: Path) -> Sites:
+    """The sites a saved hypernetwork edits (reads only its manifest)."""
+    return Sites.from_json(read_manifest(in_dir)["sites"])
+
+
+@torch.no_grad()
+def cls_features(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """The backbone's pre-logits CLS features (N, feature_dim): forward_features -> forward_head."""
+    chunks = [
+        model.forward_head(model.forward_features(images[i : i + batch_size]), pre_logits=True)
+        for i in range(0, len(images), batch_size)
+    ]
+    return torch.cat(chunks)
+
+
+def feature_dim(model: nn.Module) -> int:
+    """Width of :func:`cls_features` for a timm classifier."""
+    return int(getattr(model, "head_hidden_size", None) or model.num_features)
+
+
+def load_demo_hypernetwork(backbone: Backbone, directory: Path = DEMO_DIR) -> Hypernetwork | None:
+    """The shipped demo hypernetwork for the demo backbone; None while it is not shipped."""
+    if not (directory / MANIFEST_FILE).is_file():
+        return None
+    return Hypernetwork.load(directory, backbone)

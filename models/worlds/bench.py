@@ -1,0 +1,322 @@
+"""The benchmark harness: every method x every knob value x every sampled edit, scored by SR/GR/LR.
+
+    config = BenchConfig(methods=("ft", "random"), lr=1e-3, max_steps=50, stop_loss=0.1)
+    results = run_bench(backbone, benchmark, config)          # a JSON-ready dict
+    write_results(results, out_dir)                            # results.json + gr_vs_lr.png
+
+All methods share one optimiser setting (lr, max steps, stop rule) and the same sites. Each edit
+uses one failure image of a group and starts from the same model; GR is measured on the full group
+minus that image. Prefix tokens and base locality predictions are computed once per run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.backbones import Backbone
+from models.editing.registry import EditConfig, EditTask, get_editor, make_config, run_edit
+from models.evaluation import (
+    METRIC_DEFINITIONS,
+    EditScore,
+    EvalSet,
+    FrontPoint,
+    best_gr_at_lr,
+    group_result,
+    overall,
+    pareto_front,
+)
+from models.forward import SplitForward
+from models.sites import Sites
+from models.store.manifest import write_json_atomic
+from models.worlds.layout import EditBenchmark
+
+log = logging.getLogger(__name__)
+
+RESULTS_SCHEMA = 1
+QUICK_GROUPS = 4  # --quick: this many groups,
+QUICK_EDITS = 2  # this many edit images per group,
+QUICK_KNOBS = 2  # and this many knob values per method
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+Progress = Callable[[int, int, str], None]
+"""progress(done, total, label) after every edit."""
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    methods: tuple[str, ...]
+    knobs: dict[str, tuple[float, ...]] = field(default_factory=dict)  # overrides per method
+    edits_per_group: int | None = 10  # None = every image of every group
+    max_groups: int | None = None  # None = every group
+    lr: float = EditConfig.lr
+    max_steps: int = EditConfig.max_steps
+    stop_loss: float = EditConfig.stop_loss
+    seed: int = 0
+    quick: bool = False
+
+    @classmethod
+    def quick_run(cls, methods: tuple[str, ...], **options: Any) -> BenchConfig:
+        return cls(
+            methods, edits_per_group=QUICK_EDITS, max_groups=QUICK_GROUPS, quick=True, **options
+        )
+
+
+def edit_defaults(backbone: Backbone) -> dict[str, float]:
+    """lr / max_steps / stop_loss measured for this backbone (manifest extra), else EditConfig's."""
+    base = {
+        "lr": EditConfig.lr,
+        "max_steps": EditConfig.max_steps,
+        "stop_loss": EditConfig.stop_loss,
+    }
+    measured = backbone.manifest.extra.get("edit_defaults", {}) or {}
+    return {**base, **{k: v for k, v in measured.items() if k in base}}
+
+
+def knob_values(method: str, config: BenchConfig) -> list[float | None]:
+    """Knob values swept for a method: the override, else its own list ([None]: no knob)."""
+    cls = get_editor(method).config_cls
+    if cls.knob is None:
+        return [None]
+    values = list(config.knobs.get(method, cls.knob_values))
+    if config.quick and method not in config.knobs and len(values) > QUICK_KNOBS:
+        values = [values[len(values) // 4], values[(3 * len(values)) // 4]]  # two spread values
+    return values
+
+
+def sample_edits(sizes: Sequence[int], per_group: int | None, seed: int) -> list[list[int]]:
+    """Edit image indices per group: ``per_group`` sampled without replacement (all if None)."""
+    rng = np.random.default_rng(seed)
+    if per_group is None:
+        return [list(range(n)) for n in sizes]
+    return [
+        sorted(int(i) for i in rng.choice(n, size=min(per_group, n), replace=False)) for n in sizes
+    ]
+
+
+def choose_groups(n_groups: int, max_groups: int | None, seed: int) -> list[int]:
+    if max_groups is None or max_groups >= n_groups:
+        return list(range(n_groups))
+    rng = np.random.default_rng(seed)
+    return sorted(rng.choice(n_groups, size=max_groups, replace=False).tolist())
+
+
+@dataclass
+class _Prepared:
+    backbone: Backbone
+    sites: Sites
+    evalset: EvalSet
+    images: list[torch.Tensor]  # preprocessed images per chosen group
+    names: list[str]
+    edits: list[list[int]]
+
+
+def _prepare(
+    backbone: Backbone, benchmark: EditBenchmark, config: BenchConfig, sites: Sites
+) -> _Prepared:
+    split = SplitForward(backbone.model, sites)
+    picked = choose_groups(len(benchmark.groups), config.max_groups, config.seed)
+    chosen = [benchmark.groups[i] for i in picked]
+    images = [backbone.preprocess(g.images) for g in chosen]
+    groups = [(g.name, g.label, x) for g, x in zip(chosen, images, strict=True)]
+    evalset = EvalSet.prepare(split, groups, backbone.preprocess(benchmark.locality))
+    edits = sample_edits([len(g.images) for g in chosen], config.edits_per_group, config.seed)
+    return _Prepared(backbone, sites, evalset, images, [g.name for g in chosen], edits)
+
+
+def _run_point(
+    prep: _Prepared,
+    method: str,
+    edit_config: EditConfig,
+    hypernetwork: Any,
+    tick: Callable[[str], None],
+) -> dict[str, Any]:
+    """Every sampled edit of every group with one method config; returns the point's numbers."""
+    model, split = prep.backbone.model, prep.evalset.split
+    groups, seconds, steps = [], 0.0, []
+    for gi, g in enumerate(prep.evalset.groups):
+        scores: list[EditScore] = []
+        for i in prep.edits[gi]:
+            task = EditTask(
+                model,
+                prep.sites,
+                split,
+                prep.images[gi][i : i + 1],
+                torch.tensor([g.label], device=prep.backbone.device),
+                g.tokens[i : i + 1],
+                hypernetwork,
+            )
+            start = time.perf_counter()
+            outcome = run_edit(method, task, edit_config)
+            seconds += time.perf_counter() - start
+            steps.append(outcome.steps)
+            scores.append(prep.evalset.score(outcome.patch, gi, [i]))
+            tick(f"{method} {g.name}")
+        groups.append(group_result(g.name, scores))
+    total = overall(groups)
+    return {
+        "sr": total.sr,
+        "gr": total.gr,
+        "lr": total.lr,
+        "seconds_per_edit": seconds / len(steps),
+        "steps_mean": float(np.mean(steps)),
+        "n_edits": len(steps),
+        "groups": [dataclasses.asdict(g) for g in groups],
+    }
+
+
+def run_bench(
+    backbone: Backbone,
+    benchmark: EditBenchmark,
+    config: BenchConfig,
+    hypernetwork: Any = None,
+    sites: Sites | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Run the benchmark; returns the results as a JSON-ready dict (see :func:`write_results`).
+
+    ``sites`` default to the three blocks ending at 75% depth; pass the hypernetwork's sites when
+    where2edit is among the methods, so that every method edits the same neurons.
+    """
+    sites = sites or Sites.for_model(backbone.model)
+    prep = _prepare(backbone, benchmark, config, sites)
+    plan = [(m, v) for m in config.methods for v in knob_values(m, config)]
+    total, done = len(plan) * sum(len(e) for e in prep.edits), 0
+
+    def tick(label: str) -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total, label)
+
+    methods: dict[str, Any] = {}
+    for method, value in plan:
+        knob = get_editor(method).config_cls.knob
+        options = {
+            "lr": config.lr,
+            "max_steps": config.max_steps,
+            "stop_loss": config.stop_loss,
+            "seed": config.seed,
+            **({knob: value} if knob else {}),
+        }
+        edit_config = make_config(method, **options)
+        point = _run_point(prep, method, edit_config, hypernetwork, tick)
+        entry = methods.setdefault(method, {"knob": knob, "points": []})
+        entry["points"].append(
+            {"knob_value": value, "config": dataclasses.asdict(edit_config), **point}
+        )
+        log.info(
+            "%s %s=%s: SR %.3f GR %.3f LR %.3f",
+            method,
+            knob,
+            value,
+            point["sr"],
+            point["gr"],
+            point["lr"],
+        )
+    for entry in methods.values():
+        _add_summary(entry)
+    return _results(backbone, benchmark, config, prep, methods)
+
+
+def front_points(entry: dict[str, Any]) -> list[FrontPoint]:
+    return [FrontPoint(p["knob_value"], p["sr"], p["gr"], p["lr"]) for p in entry["points"]]
+
+
+def _add_summary(entry: dict[str, Any]) -> None:
+    points = front_points(entry)
+    entry["front"] = [p.to_json() for p in pareto_front(points)]
+    best = best_gr_at_lr(points, 0.9)
+    entry["best_at_lr90"] = best.to_json() if best else None
+
+
+def _results(
+    backbone: Backbone,
+    benchmark: EditBenchmark,
+    config: BenchConfig,
+    prep: _Prepared,
+    methods: dict[str, Any],
+) -> dict[str, Any]:
+    settings = dataclasses.asdict(config)
+    settings["knobs"] = {k: list(v) for k, v in config.knobs.items()}
+    return {
+        "schema": RESULTS_SCHEMA,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "backbone": {
+            "name": backbone.manifest.name,
+            "timm_name": backbone.manifest.timm_name,
+            "sha256": backbone.weights_sha256,
+        },
+        "sites": prep.sites.to_json(),
+        "settings": settings,
+        "benchmark": {
+            "groups": [
+                {"name": n, "size": len(x), "edits": e}
+                for n, x, e in zip(prep.names, prep.images, prep.edits, strict=True)
+            ],
+            "locality_size": len(benchmark.locality),
+        },
+        "metrics": METRIC_DEFINITIONS,
+        "methods": methods,
+    }
+
+
+def write_results(results: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
+    """Write ``results.json`` and the GR-vs-LR plot ``gr_vs_lr.png`` into ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = out_dir / "results.json", out_dir / "gr_vs_lr.png"
+    write_json_atomic(json_path, results)
+    plot_fronts(results, png_path)
+    return json_path, png_path
+
+
+def plot_fronts(results: dict[str, Any], path: Path) -> None:
+    """GR against LR, one line per method through its knob values (annotated)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    for k, (method, entry) in enumerate(results["methods"].items()):
+        pts = sorted(entry["points"], key=lambda p: p["lr"])
+        xs, ys = [100 * p["lr"] for p in pts], [100 * p["gr"] for p in pts]
+        (line,) = ax.plot(xs, ys, marker=MARKERS[k % len(MARKERS)], label=method)
+        failed = [(x, y) for p, x, y in zip(pts, xs, ys, strict=True) if p["sr"] < 0.99]
+        if failed:  # hollow ring: some edits did not succeed (SR < 99%)
+            ax.scatter(
+                *zip(*failed, strict=True), s=120, facecolors="none", edgecolors=line.get_color()
+            )
+        for p, x, y in zip(pts, xs, ys, strict=True):
+            if p["knob_value"] is not None:
+                ax.annotate(
+                    f"{p['knob_value']:g}",
+                    (x, y),
+                    fontsize=7,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
+    ax.axvline(90, color="grey", linestyle=":", linewidth=1)
+    ax.text(0.01, 0.01, "ringed: SR < 99%", transform=ax.transAxes, fontsize=7, color="grey")
+    ax.set_xlabel("locality LR (%)")
+    ax.set_ylabel("generalization GR (%)")
+    settings = results["settings"]
+    ax.set_title(
+        f"{results['backbone']['name']}: lr {settings['lr']:g}, "
+        f"<= {settings['max_steps']} steps, stop CE {settings['stop_loss']:g}",
+        fontsize=9,
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

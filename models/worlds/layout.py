@@ -1,0 +1,81 @@
+"""The paper's benchmark folder layout: edit groups and a locality set, whatever their source.
+
+The paper's layout (what users bring):
+
+    edit_groups/<true>-<tag>/*.png   one folder per error group; <true> is the true class index
+                                     (e.g. ``609-586``: true 609, predicted 586; ``3-invert``)
+    locality/**/*.png                sensitive images; their labels are not needed
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from models.errors import DataError
+from models.images import list_images, open_image
+
+_GROUP_NAME = re.compile(r"^(\d+)(?:[-_].*)?$")
+
+
+@dataclass
+class EditGroup:
+    """Failure images sharing one true label (the paper's error group)."""
+
+    name: str
+    label: int
+    images: list[Image.Image] = field(repr=False)
+
+
+@dataclass
+class EditBenchmark:
+    """Edit groups + a sensitive locality set, whatever their source."""
+
+    groups: list[EditGroup]
+    locality: list[Image.Image] = field(repr=False)
+
+    def describe(self) -> str:
+        sizes = ", ".join(f"{g.name}:{len(g.images)}" for g in self.groups)
+        return f"{len(self.groups)} groups ({sizes}); locality {len(self.locality)} images"
+
+
+def read_edit_groups(root: Path, min_size: int = 2) -> list[EditGroup]:
+    """Read ``root/<true>-<tag>/*`` folders; groups smaller than ``min_size`` are an error."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"edit-groups folder {root} does not exist")
+    groups = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        match = _GROUP_NAME.match(folder.name)
+        if not match:
+            raise DataError(
+                f"group folder {folder.name!r} must start with the true class index, "
+                "like '609-586' (true 609, predicted 586) or '3-invert'"
+            )
+        images = [open_image(p) for p in list_images(folder)]
+        if len(images) < min_size:
+            raise DataError(f"group {folder.name} has {len(images)} images; need >= {min_size}")
+        groups.append(EditGroup(folder.name, int(match.group(1)), images))
+    if not groups:
+        raise DataError(f"{root} holds no group folders")
+    return groups
+
+
+def read_locality(root: Path) -> list[Image.Image]:
+    paths = list_images(Path(root))
+    if not paths:
+        raise DataError(f"locality folder {root} holds no images")
+    return [open_image(p) for p in paths]
+
+
+def read_benchmark(groups_dir: Path, locality_dir: Path) -> EditBenchmark:
+    return EditBenchmark(read_edit_groups(groups_dir), read_locality(locality_dir))
+
+
+def to_pil(images: np.ndarray) -> list[Image.Image]:
+    """uint8 (N, H, W) greyscale arrays -> PIL images."""
+    return [Image.fromarray(a, mode="L") for a in images]

@@ -1,0 +1,75 @@
+"""The where2edit editor: learned top-rho masks, and nothing outside them changes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from models.backbones import Backbone
+from models.editing import EditTask, make_config, run_edit
+from models.editing.where2edit import learned_masks
+from models.errors import EditConfigError, HypernetworkMismatchError
+from models.hypernet.network import HypernetConfig, Hypernetwork, cls_features, feature_dim
+from models.sites import Sites
+
+
+@pytest.fixture
+def task(tiny_backbone: Backbone) -> EditTask:
+    model = tiny_backbone.model
+    sites = Sites.for_model(model)
+    images = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        targets = (model(images).argmax(1) + 3) % 10
+    torch.manual_seed(0)
+    hypernet = Hypernetwork(HypernetConfig.for_sites(feature_dim(model), sites)).eval()
+    return EditTask.build(model, sites, images, targets, hypernetwork=hypernet)
+
+
+def test_where2edit_needs_a_hypernetwork(task):
+    task.hypernetwork = None
+    with pytest.raises(EditConfigError, match="needs a hypernetwork"):
+        run_edit("where2edit", task, make_config("where2edit"))
+
+
+def test_mask_keeps_the_top_rho_of_the_scores_averaged_over_the_edit_images(task):
+    masks = learned_masks(task.hypernetwork, task, rho=0.1)
+    flat = torch.cat(masks)
+    assert flat.dtype == torch.bool and int(flat.sum()) == round(0.1 * task.sites.n_entries)
+    with torch.no_grad():
+        scores = task.hypernetwork(cls_features(task.model, task.images)).mean(0)
+    assert scores[flat].min() >= scores[~flat].max()
+
+
+def test_untouched_rows_and_columns_stay_bit_identical(task):
+    before = [p.detach().clone() for p in task.sites.params(task.model)]
+    config = make_config("where2edit", rho=0.1, lr=1e-2, max_steps=5, stop_loss=0.0)
+    outcome = run_edit("where2edit", task, config)
+    masks = learned_masks(task.hypernetwork, task, rho=0.1)
+    assert outcome.mask_entries == int(torch.cat(masks).sum())
+    assert outcome.patch.n_neurons > 0
+    edited = copy.deepcopy(task.model)
+    outcome.patch.apply(edited)
+    for matrix, mask, w0, w1 in zip(
+        task.sites.matrices, masks, before, task.sites.params(edited), strict=True
+    ):
+        keep = ~mask
+        untouched_0 = w0.index_select(matrix.dim, keep.nonzero().flatten())
+        untouched_1 = w1.index_select(matrix.dim, keep.nonzero().flatten())
+        assert torch.equal(untouched_0, untouched_1), matrix.param
+    after = task.sites.params(task.model)
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))  # model unchanged
+    assert sum(outcome.extra["mask_per_matrix"].values()) == outcome.mask_entries
+
+
+def test_rho_is_validated():
+    with pytest.raises(EditConfigError, match="rho"):
+        make_config("where2edit", rho=1.5)
+
+
+def test_a_hypernetwork_for_other_sites_is_refused(task):
+    other = Sites.for_model(task.model, blocks=(0,))
+    task.hypernetwork = Hypernetwork(HypernetConfig.for_sites(feature_dim(task.model), other))
+    with pytest.raises(HypernetworkMismatchError, match="use its sites"):
+        learned_masks(task.hypernetwork, task, rho=0.1)

@@ -1,0 +1,383 @@
+"""Meta-training: the batched loop equals the reference loop; it learns, checkpoints, resumes."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.backbones import Backbone
+from models.errors import ManifestError
+from models.forward import SplitForward
+from models.hypernet.checkpoint import CHECKPOINT_DIR
+from models.hypernet.cutmix import CutMixSampler, TensorPool
+from models.hypernet.episodes import (
+    Anchors,
+    BatchedEpisodes,
+    Factors,
+    episode_deltas,
+    episode_kl,
+)
+from models.hypernet.metatrain import (
+    MetaTrainConfig,
+    MetaTrainer,
+    jaccard,
+    mask_iou,
+    meta_train,
+    search_masks,
+    search_masks_reference,
+)
+from models.hypernet.network import Hypernetwork
+from models.sites import Matrix, Sites
+
+FAST = dict(batch=3, outer_steps=3, inner_steps=2, inner_lr=0.5, schedule_iterations=10)
+
+
+@pytest.fixture
+def pool() -> TensorPool:
+    return TensorPool(torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(0)))
+
+
+@pytest.fixture
+def sites(tiny_backbone: Backbone) -> Sites:
+    return Sites.for_model(tiny_backbone.model)
+
+
+def random_deltas(model: torch.nn.Module, sites: Sites, scale: float) -> list[Factors]:
+    """Rank-3 per-episode changes for 2 episodes, one per site matrix."""
+    gen = torch.Generator().manual_seed(0)
+    return [
+        Factors(
+            scale * torch.randn(2, 3, w.shape[0], generator=gen),
+            torch.randn(2, 3, w.shape[1], generator=gen),
+            3,
+        )
+        for w in sites.params(model)
+    ]
+
+
+def test_episode_deltas_run_each_sample_through_its_own_weights(tiny_backbone, sites):
+    model = tiny_backbone.model
+    x = torch.randn(2, 1, 28, 28)
+    deltas = random_deltas(model, sites, 0.1)
+    before = copy.deepcopy(model.state_dict())
+    with episode_deltas(model, sites, deltas):
+        batched = model(x)
+    for b in range(2):
+        alone = copy.deepcopy(model)
+        with torch.no_grad():
+            for p, d in zip(sites.params(alone), deltas, strict=True):
+                p += d.dense()[b]
+        torch.testing.assert_close(batched[b], alone(x[b : b + 1])[0])
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert type(model.blocks[1].mlp.fc1) is torch.nn.Linear  # modules restored
+
+
+def test_factored_gradients_equal_per_episode_autograd(tiny_backbone, sites, pool):
+    episodes = CutMixSampler(tiny_backbone.model, pool, seed=1).sample(2)
+    batch = BatchedEpisodes(SplitForward(tiny_backbone.model, sites), sites, episodes, 5.0)
+    grads = batch.grads(batch.zeros())
+    for b in range(2):
+        alone = copy.deepcopy(tiny_backbone.model)
+        params = [p.requires_grad_() for p in sites.params(alone)]
+        loss = episode_kl(alone(episodes.mixed[b : b + 1]), episodes.clean_logits[b : b + 1], 5.0)
+        for g, ref in zip(grads, torch.autograd.grad(loss.sum(), params), strict=True):
+            torch.testing.assert_close(g.dense()[b], ref, rtol=1e-4, atol=1e-7)
+
+
+def test_factors_add_in_place_up_to_their_capacity():
+    weight = torch.zeros(4, 3)
+    step = Factors(torch.ones(1, 2, 4), torch.ones(1, 2, 3), 2)
+    total = Factors.zeros(1, weight, capacity=4).plus(step, -0.5).plus(step, -0.5)
+    torch.testing.assert_close(total.dense()[0], torch.full((4, 3), -2.0))
+    with pytest.raises(ValueError, match="4 terms"):
+        total.plus(step, 1.0)
+
+
+def test_masked_factors_scale_fc1_rows_and_fc2_columns(sites):
+    gen = torch.Generator().manual_seed(0)
+    delta = Factors(torch.randn(1, 2, 4, generator=gen), torch.randn(1, 2, 3, generator=gen), 2)
+    rows, cols = Matrix("fc1.weight", 0, 4), Matrix("fc2.weight", 1, 3)
+    torch.testing.assert_close(
+        delta.masked(torch.tensor([[1.0, 0, 1, 0]]), rows).dense()[0, 1], torch.zeros(3)
+    )
+    torch.testing.assert_close(
+        delta.masked(torch.tensor([[0.0, 1, 1]]), cols).dense()[0, :, 0], torch.zeros(4)
+    )
+
+
+def test_batched_mask_search_matches_the_per_episode_reference(tiny_backbone, sites, pool):
+    cfg = MetaTrainConfig(**FAST)
+    episodes = CutMixSampler(tiny_backbone.model, pool, seed=1).sample(cfg.batch)
+    s0 = torch.rand(cfg.batch, sites.n_entries, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    split = SplitForward(tiny_backbone.model, sites)
+    fast = search_masks(BatchedEpisodes(split, sites, episodes, cfg.temperature), s0, cfg)
+    slow = search_masks_reference(tiny_backbone.model, sites, episodes, s0, cfg)
+    # float sums in another order; RMSprop normalises tiny gradients, so compare loosely. The KLs
+    # of this random-init backbone are ~1e-5; on an AMD EPYC their orders differ by 1.4e-6.
+    close = torch.testing.assert_close
+    close(torch.tensor(fast.loss), torch.tensor(slow.loss), rtol=1e-3, atol=1e-5)
+    close(torch.tensor(fast.kl), torch.tensor(slow.kl), rtol=1e-3, atol=1e-5)
+    assert (fast.s - slow.s).abs().mean() < 1e-3
+
+
+def test_short_meta_training_lowers_the_outer_loss_and_the_regression_loss(
+    tiny_backbone, sites, pool, tmp_path
+):
+    cfg = MetaTrainConfig(iterations=5, **FAST)
+    net, history = meta_train(
+        tiny_backbone, sites, pool, cfg, tmp_path, log_every=1, checkpoint_every=0
+    )
+    assert len(history) == 5
+    assert all(h["outer_loss_last"] < h["outer_loss_first"] for h in history)
+    assert history[-1]["bce"] < history[0]["bce"]
+    assert {"kl_last", "s_density", "h_density", "s_iou", "h_iou", "h_std"} <= history[0].keys()
+    loaded = Hypernetwork.load(tmp_path, tiny_backbone, sites)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(net.state_dict().values(), loaded.state_dict().values(), strict=True)
+    )
+
+
+def test_resumed_training_continues_exactly_where_it_stopped(tiny_backbone, sites, pool, tmp_path):
+    straight, _ = meta_train(
+        tiny_backbone,
+        sites,
+        pool,
+        MetaTrainConfig(iterations=4, **FAST),
+        tmp_path / "straight",
+        checkpoint_every=2,
+    )
+    meta_train(
+        tiny_backbone,
+        sites,
+        pool,
+        MetaTrainConfig(iterations=2, **FAST),
+        tmp_path / "resumed",
+        checkpoint_every=2,
+    )
+    resumed, history = meta_train(
+        tiny_backbone,
+        sites,
+        pool,
+        MetaTrainConfig(iterations=4, **FAST),
+        tmp_path / "resumed",
+        resume=True,
+        checkpoint_every=2,
+        log_every=1,
+    )
+    assert [h["iteration"] for h in history][-2:] == [3, 4]
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    files = {p.name for p in (tmp_path / "resumed" / CHECKPOINT_DIR).iterdir()}
+    assert files == {"checkpoint.safetensors", "state.json"}  # no pickle anywhere
+
+
+def test_time_budget_stops_early_and_still_saves(tiny_backbone, sites, pool, tmp_path):
+    cfg = MetaTrainConfig(iterations=50, **FAST)
+    _, history = meta_train(
+        tiny_backbone, sites, pool, cfg, tmp_path, log_every=1, time_budget_s=0.0
+    )
+    assert [h["iteration"] for h in history] == [1]
+    assert Hypernetwork.load(tmp_path, tiny_backbone, sites) is not None
+    assert (tmp_path / CHECKPOINT_DIR / "state.json").is_file()
+
+
+def test_resume_refuses_a_checkpoint_with_another_inner_setup(tiny_backbone, sites, pool, tmp_path):
+    meta_train(
+        tiny_backbone,
+        sites,
+        pool,
+        MetaTrainConfig(iterations=1, **FAST),
+        tmp_path,
+        checkpoint_every=1,
+    )
+    changed = MetaTrainConfig(iterations=2, **{**FAST, "inner_lr": 0.1})
+    with pytest.raises(ManifestError, match="without --resume"):
+        meta_train(tiny_backbone, sites, pool, changed, tmp_path, resume=True)
+
+
+def test_resume_accepts_a_checkpoint_older_than_the_locality_fields(
+    tiny_backbone, sites, pool, tmp_path, caplog
+):
+    import json
+
+    meta_train(
+        tiny_backbone,
+        sites,
+        pool,
+        MetaTrainConfig(iterations=1, **FAST),
+        tmp_path,
+        checkpoint_every=1,
+    )
+    state_file = tmp_path / CHECKPOINT_DIR / "state.json"
+    state = json.loads(state_file.read_text())
+    for name in ("locality", "anchors", "anchor_draws"):  # as written before they existed
+        del state["config"][name]
+    state_file.write_text(json.dumps(state))
+    caplog.set_level("INFO", logger="models.hypernet.checkpoint")
+    _, history = meta_train(
+        tiny_backbone,
+        sites,
+        pool,
+        MetaTrainConfig(iterations=2, **FAST),
+        tmp_path,
+        resume=True,
+        log_every=1,
+    )
+    assert "resumed from" in caplog.text and history[-1]["iteration"] == 2
+    with pytest.raises(ManifestError, match="without --resume"):  # defaults: locality off
+        meta_train(
+            tiny_backbone,
+            sites,
+            pool,
+            MetaTrainConfig(iterations=3, locality=1.0, **FAST),
+            tmp_path,
+            resume=True,
+        )
+
+
+def test_mask_iou_is_one_for_identical_masks_and_zero_for_disjoint_ones():
+    same = torch.tensor([[0.9, 0.1, 0.2, 0.3]] * 3)
+    assert mask_iou(same, rho=0.25) == 1.0
+    disjoint = torch.eye(4)
+    assert mask_iou(disjoint, rho=0.25) == 0.0
+    assert jaccard(torch.tensor([[1, 1, 0, 0], [0, 1, 1, 0]])) == pytest.approx(1 / 3)
+
+
+def test_config_rejects_non_positive_steps():
+    with pytest.raises(ValueError, match="inner_steps"):
+        MetaTrainConfig(inner_steps=0)
+
+
+def test_regression_lr_follows_a_cosine_over_twice_the_iterations():
+    cfg = MetaTrainConfig(iterations=100, regression_lr=1e-4)
+    assert cfg.regression_lr_at(0) == pytest.approx(1e-4)
+    assert cfg.regression_lr_at(100) == pytest.approx(5e-5)
+    assert cfg.regression_lr_at(200) == pytest.approx(0.0)
+
+
+def test_checkpoint_dir_lives_under_the_output(tmp_path: Path):
+    assert (tmp_path / CHECKPOINT_DIR).parent == tmp_path
+
+
+def _cli_train(folder: Path, *extra: str) -> list[str]:
+    return [
+        "hypernet",
+        "train",
+        "--backbone",
+        str(folder / "backbone.json"),
+        "--images",
+        str(folder / "images"),
+        "--iterations",
+        "2",
+        "--batch",
+        "2",
+        "--outer-steps",
+        "2",
+        "--inner-steps",
+        "2",
+        "--threads",
+        "1",
+        *extra,
+    ]
+
+
+def test_cli_trains_a_hypernetwork_from_a_manifest_and_an_image_folder(tiny_backbone, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from cli.main import main
+    from models.hypernet.network import read_manifest
+    from tests.conftest import tiny_manifest
+
+    tiny_manifest().write(tmp_path / "backbone.json")
+    (tmp_path / "images").mkdir()
+    for i in range(4):
+        pixels = np.random.default_rng(i).integers(0, 255, (28, 28), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "images" / f"{i}.png")
+    assert main(_cli_train(tmp_path, "--out", str(tmp_path / "out"))) == 0
+    net = Hypernetwork.load(tmp_path / "out", tiny_backbone)  # random init: sha256 "" both sides
+    sites = Sites.for_model(tiny_backbone.model)
+    assert net.config.hidden == tuple(m.hidden for m in sites.matrices)
+    # fine-tune that hypernetwork further, with the optional locality term
+    more = ["--out", str(tmp_path / "more"), "--init-from", str(tmp_path / "out")]
+    assert main(_cli_train(tmp_path, *more, "--locality", "2", "--anchors", "1")) == 0
+    training = read_manifest(tmp_path / "more")["training"]
+    assert training["config"]["locality"] == 2.0 and training["config"]["anchors"] == 1
+    assert training["init_from"] == str(tmp_path / "out")
+    assert "anchor_kl_last" in training["final"]
+    tuned = Hypernetwork.load(tmp_path / "more", tiny_backbone)
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(net.state_dict().values(), tuned.state_dict().values(), strict=True)
+    )
+
+
+def test_anchor_losses_equal_per_episode_forwards_at_each_episodes_weights(
+    tiny_backbone, sites, pool
+):
+    model, split = tiny_backbone.model, SplitForward(tiny_backbone.model, sites)
+    episodes = CutMixSampler(model, pool, seed=1).sample(2)
+    drawn = pool.get(torch.arange(8))
+    anchors = Anchors.pick(split, drawn, slots=2, batch=2)  # 2 anchor slots x 2 episodes
+    with torch.no_grad():  # the 4 lowest-margin of the 8, by a full forward
+        top2 = model(drawn).softmax(dim=-1).topk(2, dim=-1).values
+        images = drawn[(top2[:, 0] - top2[:, 1]).argsort()[:4]].unflatten(0, (2, 2))
+        clean = model(images.flatten(0, 1)).unflatten(0, (2, 2))
+    assert anchors.tokens.shape[:2] == (2, 2)
+    torch.testing.assert_close(anchors.clean_logits, clean)
+    batch = BatchedEpisodes(split, sites, episodes, 5.0)
+    # at the frozen weights every anchor keeps its own prediction exactly
+    assert batch.anchor_losses(batch.zeros(), anchors).abs().max() < 1e-5
+    deltas = random_deltas(model, sites, 0.3)
+    batched = batch.anchor_losses(deltas, anchors)
+    for b in range(2):
+        alone = copy.deepcopy(model)
+        with torch.no_grad():
+            for p, d in zip(sites.params(alone), deltas, strict=True):
+                p += d.dense()[b]
+            expected = episode_kl(alone(images[:, b]), clean[:, b], 5.0).mean()
+        torch.testing.assert_close(batched[b], expected, rtol=1e-4, atol=1e-6)
+    assert batched.min() > 0
+
+
+def test_locality_term_makes_the_searched_masks_spare_the_anchors(demo_backbone):
+    from models.worlds.demo import load_world, normalise
+
+    model = demo_backbone.model
+    sites, pool = Sites.for_model(model), TensorPool(normalise(load_world().pool[:64]))
+    split = SplitForward(model, sites)
+    episodes = CutMixSampler(model, pool, seed=1).sample(2)
+    anchors = Anchors.pick(split, pool.get(torch.arange(32, 40)), slots=2, batch=2)
+    batch = BatchedEpisodes(split, sites, episodes, 5.0)
+    s0 = torch.rand(2, sites.n_entries, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    plain_cfg = MetaTrainConfig(inner_lr=0.1, outer_steps=5)
+    plain = search_masks(batch, s0, plain_cfg, anchors)  # measured only: weight 0
+    local = search_masks(batch, s0, dataclasses.replace(plain_cfg, locality=1e4), anchors)
+    assert len(plain.anchor_kl) == len(local.anchor_kl) == plain_cfg.outer_steps
+    assert plain.anchor_kl[0] == pytest.approx(local.anchor_kl[0])  # the same first edit
+    assert local.anchor_kl[-1] < 0.5 * plain.anchor_kl[-1]
+    assert search_masks(batch, s0, plain_cfg).anchor_kl == []  # no anchors, no term
+
+
+def test_meta_training_with_a_locality_term_logs_the_anchor_kl(
+    tiny_backbone, sites, pool, tmp_path
+):
+    cfg = MetaTrainConfig(iterations=2, locality=1.0, anchors=2, anchor_draws=2, **FAST)
+    _, history = meta_train(
+        tiny_backbone, sites, pool, cfg, tmp_path, log_every=1, checkpoint_every=0
+    )
+    assert all(h["anchor_kl_last"] > -1e-6 for h in history)  # a KL, up to rounding
+    with pytest.raises(ValueError, match="locality"):
+        MetaTrainer(
+            tiny_backbone,
+            sites,
+            pool,
+            Hypernetwork.load(tmp_path, tiny_backbone),
+            cfg,
+            impl="reference",
+        )

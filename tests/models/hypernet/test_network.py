@@ -1,0 +1,161 @@
+"""Hypernetwork: output layout and range, persistence, and refusal of foreign backbones/sites."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.backbones import Backbone
+from models.errors import HypernetworkMismatchError, IntegrityError
+from models.hypernet.network import (
+    MANIFEST_FILE,
+    WEIGHTS_FILE,
+    HypernetConfig,
+    Hypernetwork,
+    cls_features,
+    feature_dim,
+    load_demo_hypernetwork,
+)
+from models.sites import Sites
+
+
+def make_hypernet(backbone: Backbone, sites: Sites, **shape: int) -> Hypernetwork:
+    torch.manual_seed(0)
+    return Hypernetwork(HypernetConfig.for_sites(feature_dim(backbone.model), sites, **shape))
+
+
+@pytest.fixture
+def sites(tiny_backbone: Backbone) -> Sites:
+    return Sites.for_model(tiny_backbone.model)
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    return torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+
+
+def test_scores_are_flat_in_sites_order_and_inside_the_unit_interval(tiny_backbone, sites, images):
+    net = make_hypernet(tiny_backbone, sites)
+    scores = net(cls_features(tiny_backbone.model, images))
+    assert scores.shape == (3, sites.n_entries)
+    eps = net.config.clamp
+    assert scores.min() >= eps and scores.max() <= 1 - eps
+    with torch.no_grad():  # head i drives exactly the i-th matrix's slice
+        net.heads[3].bias.fill_(100.0)
+    parts = sites.split(net(cls_features(tiny_backbone.model, images)))
+    assert [p.shape[-1] for p in parts] == [m.hidden for m in sites.matrices]
+    assert torch.all(parts[3] == 1 - eps)
+    assert all(not torch.all(p == 1 - eps) for i, p in enumerate(parts) if i != 3)
+
+
+def test_heads_follow_per_matrix_hidden_sizes():
+    sites = Sites(("a.mlp", "b.mlp"), (24, 40))  # e.g. Swin stages of different widths
+    net = Hypernetwork(HypernetConfig.for_sites(16, sites, width=32, heads=4))
+    assert [h.out_features for h in net.heads] == [24, 24, 40, 40]
+    assert net(torch.randn(2, 16)).shape == (2, 128)
+
+
+def test_query_tokens_start_at_zero_and_projection_only_when_widths_differ(tiny_backbone, sites):
+    same = make_hypernet(tiny_backbone, sites)
+    assert torch.count_nonzero(same.queries) == 0
+    assert same.queries.shape == (len(sites.matrices), same.config.width)
+    assert isinstance(same.proj, torch.nn.Identity)
+    wider = make_hypernet(tiny_backbone, sites, width=48)
+    assert isinstance(wider.proj, torch.nn.Linear) and wider.proj.in_features == 32
+
+
+def test_vit_b_shape_matches_the_reference_parameter_count():
+    sites = Sites(("blocks.7.mlp", "blocks.8.mlp", "blocks.9.mlp"), (3072,) * 3)
+    net = Hypernetwork(HypernetConfig.for_sites(768, sites))
+    assert net.config.heads == 6 and net.config.depth == 3
+    assert round(sum(p.numel() for p in net.parameters()) / 1e6, 1) == 24.8
+
+
+def test_config_rejects_heads_that_do_not_divide_width():
+    with pytest.raises(ValueError, match="divisible"):
+        HypernetConfig(feature_dim=32, hidden=(8, 8), width=30, heads=4)
+
+
+def test_cls_features_are_the_pre_logits_the_head_reads(tiny_backbone, images):
+    model = tiny_backbone.model
+    feats = cls_features(model, images)
+    assert feats.shape == (3, feature_dim(model))
+    torch.testing.assert_close(model.head(feats), model(images))
+
+
+def test_save_load_round_trip_gives_identical_scores(tiny_backbone, sites, images, tmp_path):
+    net = make_hypernet(tiny_backbone, sites).eval()
+    net.save(tmp_path, tiny_backbone, sites, training={"iterations": 3})
+    loaded = Hypernetwork.load(tmp_path, tiny_backbone, sites)
+    feats = cls_features(tiny_backbone.model, images)
+    assert torch.equal(net(feats), loaded(feats))
+    manifest = json.loads((tmp_path / MANIFEST_FILE).read_text())
+    assert manifest["sites"] == sites.to_json() and manifest["training"] == {"iterations": 3}
+    assert manifest["config"]["hidden"] == [m.hidden for m in sites.matrices]
+    assert {p.name for p in tmp_path.iterdir()} == {MANIFEST_FILE, WEIGHTS_FILE}
+
+
+def test_load_rejects_a_hypernetwork_trained_for_another_backbone(tiny_backbone, sites, tmp_path):
+    make_hypernet(tiny_backbone, sites).save(tmp_path, tiny_backbone, sites)
+    other = dataclasses.replace(tiny_backbone, weights_sha256="ab" * 32)
+    with pytest.raises(HypernetworkMismatchError, match="trained for backbone 'tiny-vit'"):
+        Hypernetwork.load(tmp_path, other, sites)
+
+
+def test_load_rejects_other_sites(tiny_backbone, sites, tmp_path):
+    make_hypernet(tiny_backbone, sites).save(tmp_path, tiny_backbone, sites)
+    other = Sites.for_model(tiny_backbone.model, blocks=(0, 1, 2))
+    with pytest.raises(HypernetworkMismatchError, match=r"blocks\.0\.mlp"):
+        Hypernetwork.load(tmp_path, tiny_backbone, other)
+
+
+def test_load_rejects_a_model_without_the_recorded_sites(tiny_backbone, sites, tmp_path):
+    make_hypernet(tiny_backbone, sites).save(tmp_path, tiny_backbone, sites)
+    manifest = json.loads((tmp_path / MANIFEST_FILE).read_text())
+    manifest["sites"]["mlps"][0] = "blocks.9.mlp"
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(HypernetworkMismatchError, match="not in this model"):
+        Hypernetwork.load(tmp_path, tiny_backbone)
+
+
+def test_load_rejects_changed_weights(tiny_backbone, sites, tmp_path):
+    make_hypernet(tiny_backbone, sites).save(tmp_path, tiny_backbone, sites)
+    weights = tmp_path / WEIGHTS_FILE
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError):
+        Hypernetwork.load(tmp_path, tiny_backbone, sites)
+
+
+def test_demo_loader_returns_none_when_nothing_is_shipped(tiny_backbone, tmp_path: Path):
+    assert load_demo_hypernetwork(tiny_backbone, tmp_path / "absent") is None
+
+
+def test_shipped_demo_hypernetwork_fits_the_demo_backbone_and_is_input_dependent(demo_backbone):
+    from models.hypernet.metatrain import mask_iou
+    from models.hypernet.network import DEMO_DIR, read_manifest
+    from models.worlds import demo as demo_world
+
+    net = load_demo_hypernetwork(demo_backbone)
+    assert net is not None, "not shipped: run `vitedit hypernet train --world demo`"
+    manifest = read_manifest(DEMO_DIR)
+    assert manifest["backbone"]["weights_sha256"] == demo_backbone.weights_sha256
+    assert (DEMO_DIR / WEIGHTS_FILE).stat().st_size < 5_000_000
+    images = demo_world.normalise(demo_world.load_world().heldout_images[:32])
+    scores = net(cls_features(demo_backbone.model, images))
+    assert mask_iou(scores, rho=0.1) < 0.9, "the top-10% mask barely depends on the image"
+
+
+def test_cli_meta_trains_on_the_demo_world_in_short_mode(demo_backbone, tmp_path):
+    from cli.main import main
+
+    out = tmp_path / "hypernet"
+    args = ["hypernet", "train", "--world", "demo", "--out", str(out), "--iterations", "1"]
+    args += ["--batch", "2", "--outer-steps", "1", "--inner-steps", "2"]
+    assert main([*args, "--checkpoint-dir", str(tmp_path / "ck")]) == 0
+    assert Hypernetwork.load(out, demo_backbone).config.width == 128

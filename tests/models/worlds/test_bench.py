@@ -1,0 +1,162 @@
+"""The benchmark harness: the paper's folder layout in, results.json + GR-vs-LR plot out."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cli import bench as bench_command
+from models.backbones import load_backbone
+from models.store.manifest import BackboneManifest
+from models.worlds.bench import BenchConfig, edit_defaults, knob_values, run_bench, sample_edits
+from models.worlds.layout import read_benchmark
+
+TINY = dict(
+    img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=4, num_heads=2, num_classes=10
+)
+GREY = dict(input_size=(1, 28, 28), mean=(0.5,), std=(0.5,), crop_pct=1.0, interpolation="bilinear")
+
+
+def tiny_manifest(extra: dict | None = None) -> BackboneManifest:
+    return BackboneManifest(
+        name="tiny-vit",
+        timm_name="vit_small_patch16_224",
+        overrides=TINY,
+        pretrained_cfg_overlay=GREY,
+        extra=extra or {},
+    )
+
+
+def write_images(folder: Path, n: int, seed: int) -> None:
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        pixels = rng.integers(0, 256, (28, 28), dtype=np.uint8)
+        Image.fromarray(pixels, mode="L").save(folder / f"{i}.png")
+
+
+@pytest.fixture
+def paper_layout(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """edit_groups/<true>-<tag>/*.png, locality/**/*.png and a backbone manifest, in tmp_path."""
+    write_images(tmp_path / "edit_groups" / "3-5", 4, seed=0)
+    write_images(tmp_path / "edit_groups" / "7-invert", 3, seed=1)
+    write_images(tmp_path / "locality" / "sketch", 5, seed=2)
+    manifest = tmp_path / "backbone.json"
+    tiny_manifest().write(manifest)
+    return tmp_path / "edit_groups", tmp_path / "locality", manifest
+
+
+def bench_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    bench_command.register(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["bench", *argv])
+
+
+def test_bench_command_reads_paper_layout_and_writes_json_and_plot(
+    paper_layout, tmp_path: Path
+) -> None:
+    groups, locality, manifest = paper_layout
+    out = tmp_path / "out"
+    args = bench_args(
+        [
+            "--backbone",
+            str(manifest),
+            "--groups",
+            str(groups),
+            "--locality",
+            str(locality),
+            "--methods",
+            "ft,random",
+            "--knobs",
+            "random=0.5,0.1",
+            "--edits-per-group",
+            "2",
+            "--lr",
+            "1e-3",
+            "--max-steps",
+            "2",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
+    threads = torch.get_num_threads()
+    try:
+        assert bench_command.run_bench_command(args) == 0
+    finally:
+        torch.set_num_threads(threads)
+    results = json.loads((out / "results.json").read_text())
+    assert (out / "gr_vs_lr.png").read_bytes()[:4] == b"\x89PNG"
+    assert [g["name"] for g in results["benchmark"]["groups"]] == ["3-5", "7-invert"]
+    assert results["benchmark"]["locality_size"] == 5
+    assert results["settings"]["lr"] == 1e-3 and results["settings"]["max_steps"] == 2
+    assert set(results["metrics"]) >= {"SR", "GR", "LR"}
+    random_points = results["methods"]["random"]["points"]
+    assert [p["knob_value"] for p in random_points] == [0.5, 0.1]
+    assert random_points[1]["config"] == {
+        "lr": 1e-3,
+        "max_steps": 2,
+        "stop_loss": 0.01,
+        "seed": 0,
+        "rho": 0.1,
+    }
+    point = results["methods"]["ft"]["points"][0]
+    assert point["n_edits"] == 4 and 1 <= point["steps_mean"] <= 2
+    assert {"sr", "gr", "lr", "seconds_per_edit"} <= set(point)
+    assert [g["name"] for g in point["groups"]] == ["3-5", "7-invert"]
+
+
+def test_run_bench_with_zero_change_scores_full_locality(paper_layout) -> None:
+    groups, locality, _ = paper_layout
+    backbone = load_backbone(tiny_manifest())
+    benchmark = read_benchmark(groups, locality)
+    config = BenchConfig(
+        ("random",), knobs={"random": (0.05,)}, edits_per_group=1, lr=1e-9, max_steps=1
+    )
+    results = run_bench(backbone, benchmark, config)
+    point = results["methods"]["random"]["points"][0]
+    assert point["lr"] == 1.0  # a 1e-9 step cannot flip any locality prediction
+    assert results["backbone"]["sha256"] == ""  # random init: no weights file
+
+
+def test_sample_edits_is_seeded_and_capped_by_group_size() -> None:
+    first = sample_edits([10, 3], per_group=4, seed=7)
+    assert first == sample_edits([10, 3], per_group=4, seed=7)
+    assert len(first[0]) == 4 and first[1] == [0, 1, 2]
+    assert sample_edits([3], per_group=None, seed=0) == [[0, 1, 2]]
+
+
+def test_quick_run_uses_two_spread_knob_values_unless_overridden() -> None:
+    config = BenchConfig.quick_run(("random", "ft", "lora"), knobs={"lora": (1.0,)})
+    assert knob_values("random", config) == [0.5, 0.1]
+    assert knob_values("ft", config) == [None]
+    assert knob_values("lora", config) == [1.0]
+    assert knob_values("random", BenchConfig(("random",))) == [0.75, 0.5, 0.25, 0.1, 0.05]
+
+
+def test_edit_defaults_come_from_backbone_manifest_extra() -> None:
+    backbone = load_backbone(tiny_manifest({"edit_defaults": {"lr": 3e-4, "max_steps": 40}}))
+    assert edit_defaults(backbone) == {"lr": 3e-4, "max_steps": 40, "stop_loss": 0.01}
+
+
+def test_parse_knobs_accepts_repeated_and_semicolon_lists() -> None:
+    knobs = bench_command.parse_knobs(["random=0.1,0.05", "lora=1;ft-l2=0.01"])
+    assert knobs == {"random": (0.1, 0.05), "lora": (1.0,), "ft-l2": (0.01,)}
+    with pytest.raises(SystemExit):
+        bench_command.parse_knobs(["random"])
+
+
+def test_default_methods_skip_where2edit_without_a_hypernetwork() -> None:
+    args = bench_args(["--world", "demo"])
+    methods = bench_command._methods(args, hypernet=None)
+    assert "where2edit" not in methods
+    assert {"ft", "ft-l1", "ft-l2", "random", "lora"} <= set(methods)
+    with pytest.raises(SystemExit, match="needs a hypernetwork"):
+        bench_command._methods(bench_args(["--methods", "where2edit"]), hypernet=None)
