@@ -1,18 +1,97 @@
-"""The errors the ML core raises. Torch-free, so the API process can import and map them.
+"""Every error vitedit raises on purpose, as one tree. Torch-free, so the API and the CLI import it.
 
-Every message says what went wrong *and* what to do about it.
+Four kinds under :class:`VitEditError` say what the caller can do about an error:
+
+    VitEditError        a fault of ours or of the store (HTTP 500): report it
+    ├── NotFound        no such model, version, alias or job (404)
+    ├── Invalid         the request or a file is wrong: fix it and send again (422)
+    │   └── TooLarge    too many bytes, pixels or images (413)
+    ├── Conflict        the request clashes with the current state (409)
+    ├── Unavailable     try again later: the queue or the workers are down or busy (503)
+    │   ├── Timeout     a short job did not finish in time (504)
+    │   └── RateLimited too many requests or queued jobs for this key (429)
+    └── Unauthorized    no valid API key (401)
+
+:data:`STATUS` is the one status table: the API answers with it (``service/errors.py``) and the
+HTTP client maps an answer's status back to the kind (``cli/http_client.py``). Every message says
+what went wrong *and* what to do about it.
 """
+
+from __future__ import annotations
 
 
 class VitEditError(Exception):
-    """Base class of every error vitedit raises on purpose."""
+    """Base class of every error vitedit raises on purpose.
+
+    ``status`` and ``detail`` are set on errors the HTTP client re-raises from a server's answer.
+    """
+
+    status: int | None = None
+    detail: str | None = None
 
 
-class UnknownBackboneError(VitEditError):
+class NotFound(VitEditError):
+    """The named model, version, alias or job does not exist (or its record expired)."""
+
+
+class Invalid(VitEditError):
+    """The request, an option or a file is wrong; the message says how to fix it."""
+
+
+class TooLarge(Invalid):
+    """An upload, an image or the number of images exceeds a configured limit."""
+
+
+class Conflict(VitEditError):
+    """The request clashes with the current state (a reused key, a job that already ended)."""
+
+
+class Unavailable(VitEditError):
+    """A dependency (the queue, the workers) is down or busy: retry later."""
+
+
+class Timeout(Unavailable):
+    """Work the request waits for did not finish in time."""
+
+
+class RateLimited(Unavailable):
+    """Too many requests or queued jobs for this key: retry after a while."""
+
+
+class Unauthorized(VitEditError):
+    """The server needs an API key and the request has no valid one."""
+
+
+STATUS: dict[type[VitEditError], int] = {
+    VitEditError: 500,
+    NotFound: 404,
+    Invalid: 422,
+    TooLarge: 413,
+    Conflict: 409,
+    Unavailable: 503,
+    Timeout: 504,
+    RateLimited: 429,
+    Unauthorized: 401,
+}
+"""The HTTP status of each kind; an error takes the status of its nearest kind."""
+
+
+def status_of(error: type[BaseException]) -> int:
+    """The status of an error class: that of the nearest kind among its bases (500 if none)."""
+    for cls in error.__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return 500
+
+
+# --------------------------------------------------------------------------- the named errors
+
+
+class UnknownBackboneError(Invalid):
     """The timm model name (or backbone manifest) does not name a model we can build."""
 
 
-class WeightsMismatchError(VitEditError):
+class WeightsMismatchError(Invalid):
     """A weights file does not fit the model it is loaded into (missing, extra, mis-shaped keys)."""
 
 
@@ -24,7 +103,7 @@ class IntegrityError(VitEditError):
     """A file's sha256 differs from the one its manifest records."""
 
 
-class SiteError(VitEditError):
+class SiteError(Invalid):
     """The requested editable sites do not exist in the model (no timm Mlp there)."""
 
 
@@ -32,19 +111,23 @@ class PatchError(VitEditError):
     """A patch does not fit the model or the sites it is applied to."""
 
 
-class UnknownMethodError(VitEditError):
+class UnknownMethodError(Invalid):
     """No editor is registered under that name."""
 
 
-class EditConfigError(VitEditError):
+class EditConfigError(Invalid):
     """An editor option is out of range or of the wrong type."""
 
 
-class HypernetworkMismatchError(VitEditError):
+class EditDiverged(Invalid):
+    """The optimiser produced a non-finite loss, logit or weight: the options are too strong."""
+
+
+class HypernetworkMismatchError(Invalid):
     """A hypernetwork was trained for another backbone or another set of sites."""
 
 
-class DataError(VitEditError):
+class DataError(Invalid):
     """An image or a dataset folder cannot be read, or a label is unknown."""
 
 
@@ -52,13 +135,21 @@ class EditCanceled(VitEditError):
     """The edit was canceled by its caller between two optimiser steps."""
 
 
-class UnknownModelError(VitEditError):
+class UnknownModelError(NotFound):
     """No model of that name is registered in the store."""
 
 
-class UnknownVersionError(VitEditError):
+class UnknownVersionError(NotFound):
     """The model has no version (or alias) of that name."""
 
 
-class StoreError(VitEditError):
-    """The store refused an operation (an existing version, a reserved alias, a bad layout)."""
+class StoreError(Invalid):
+    """The store refused an operation (an existing version, a reserved alias, a bad name)."""
+
+
+def by_name(name: str | None) -> type[VitEditError] | None:
+    """The error class of this module named ``name`` (what an API answer's ``error`` holds)."""
+    found = globals().get(name or "")
+    if isinstance(found, type) and issubclass(found, VitEditError):
+        return found
+    return None

@@ -7,8 +7,8 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
+from models.errors import Unauthorized
 from models.store.store import Store
-from service.errors import Unauthorized
 from service.settings import ApiSettings
 from workers.client import JobClient
 

@@ -1,95 +1,131 @@
-"""Map the named errors of the store, the queue and the request checks to HTTP statuses.
+"""Every error answer of the API: one status table (``models.errors.STATUS``), one JSON shape.
 
-Every error answer is ``{"detail": <actionable message>, "error": <error class name>}``.
+The body is always ``{"detail": <what went wrong and what to do>, "error": <its name>}`` (plus
+``errors``, the per-field list, for a request FastAPI could not parse): for our named errors, for
+FastAPI's own 404/405/422, for an unreachable Redis, and for anything unexpected (500).
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
+from starlette.exceptions import HTTPException
 
-from models.errors import (
-    DataError,
-    EditConfigError,
-    IntegrityError,
-    ManifestError,
-    StoreError,
-    UnknownMethodError,
-    UnknownModelError,
-    UnknownVersionError,
-    VitEditError,
-)
-from workers.client import (
-    IdempotencyConflict,
-    JobError,
-    JobFailed,
-    JobNotCancelable,
-    JobNotFound,
-    JobTimeout,
-)
+from models.errors import VitEditError, status_of
+from service.schemas import ErrorPublic
+from workers.client import QueueUnavailable
 
 log = logging.getLogger(__name__)
 
+RETRY_AFTER_S = 5  # what a 503 or 429 answer suggests to wait
 
-class PayloadTooLarge(VitEditError):
-    """An uploaded file, or the number of files, exceeds the configured limit."""
-
-
-class Unauthorized(VitEditError):
-    """API keys are configured and the request has no valid ``Authorization: Bearer`` header."""
+HTTP_NAMES = {404: "NotFound", 405: "MethodNotAllowed", 413: "TooLarge", 401: "Unauthorized"}
+"""The ``error`` of FastAPI's and Starlette's own HTTP errors (else ``HTTPError``)."""
 
 
-STATUS: dict[type[Exception], int] = {
-    UnknownModelError: 404,
-    UnknownVersionError: 404,
-    JobNotFound: 404,
-    DataError: 422,
-    EditConfigError: 422,
-    UnknownMethodError: 422,
-    StoreError: 422,
-    PayloadTooLarge: 413,
-    Unauthorized: 401,
-    IdempotencyConflict: 409,
-    JobNotCancelable: 409,
-    JobTimeout: 504,
-    JobFailed: 500,
-    IntegrityError: 500,
-    ManifestError: 500,
-}
+def error_response(
+    status: int, detail: str, error: str, headers: dict[str, str] | None = None, **extra: Any
+) -> JSONResponse:
+    body = {"detail": detail, "error": error, **extra}
+    return JSONResponse(body, status_code=status, headers=_headers(status, headers))
 
 
-def status_of(exc: Exception) -> int:
-    for cls in type(exc).__mro__:
-        if cls in STATUS:
-            return STATUS[cls]
-    return 500
+def _headers(status: int, headers: dict[str, str] | None) -> dict[str, str] | None:
+    out = dict(headers or {})
+    if status == 401:
+        out.setdefault("WWW-Authenticate", "Bearer")
+    if status in (429, 503):
+        out.setdefault("Retry-After", str(RETRY_AFTER_S))
+    return out or None
 
 
 async def _named_error(request: Request, exc: Exception) -> JSONResponse:
-    status = status_of(exc)
+    status = status_of(type(exc))
     if status >= 500:
         log.error("%s %s -> %d: %s", request.method, request.url.path, status, exc)
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse(
-        {"detail": str(exc), "error": type(exc).__name__}, status_code=status, headers=headers
-    )
+    return error_response(status, str(exc), type(exc).__name__)
 
 
-async def _redis_down(request: Request, exc: RedisError) -> JSONResponse:
+async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
     log.error("Redis unavailable: %s", exc)
-    return JSONResponse(
-        {
-            "detail": f"the job queue (Redis) is unavailable: {exc}; retry later",
-            "error": "QueueUnavailable",
-        },
-        status_code=503,
+    error = QueueUnavailable(f"the job queue (Redis) is unavailable ({exc}); retry later")
+    return await _named_error(request, error)
+
+
+def describe(errors: list[dict[str, Any]]) -> str:
+    """FastAPI's per-field errors as one sentence: ``form field 'label': Field required; ...``."""
+    where = {"body": "form field", "query": "query parameter", "path": "path parameter"}
+    parts = []
+    for e in errors:
+        loc = [str(x) for x in e.get("loc", ())]
+        place = where.get(loc[0], loc[0]) if loc else "request"
+        name = ".".join(loc[1:])
+        parts.append(f"{place} {name!r}: {e.get('msg', 'invalid')}" if name else e.get("msg", ""))
+    return "; ".join(parts) or "the request is malformed"
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    fields = [
+        {"loc": [str(x) for x in e.get("loc", ())], "msg": str(e.get("msg")), "type": e.get("type")}
+        for e in exc.errors()
+    ]
+    detail = f"{describe(fields)}; see the endpoint in /docs"
+    return error_response(422, detail, "Invalid", errors=fields)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    detail = str(exc.detail)
+    if exc.status_code == 404 and detail == "Not Found":
+        detail = f"no route {request.url.path!r}; the API is described at /docs"
+    elif exc.status_code == 405:
+        detail = f"{request.method} is not allowed on {request.url.path!r}; see /docs"
+    name = HTTP_NAMES.get(exc.status_code, "HTTPError")
+    return error_response(exc.status_code, detail, name, headers=exc.headers)
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("%s %s -> 500", request.method, request.url.path)
+    return error_response(
+        500,
+        f"internal error ({type(exc).__name__}); nothing was changed by it. "
+        "Retry, and report it if it persists",
+        "InternalError",
     )
 
 
 def install(app: FastAPI) -> None:
     app.add_exception_handler(VitEditError, _named_error)
-    app.add_exception_handler(JobError, _named_error)
     app.add_exception_handler(RedisError, _redis_down)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorPublic, "description": text}
+    for status, text in {
+        401: "no valid API key (when the server has keys)",
+        413: "too many bytes, pixels or images",
+        422: "a field, an option or a file is invalid; `detail` says which and how to fix it",
+        500: "an internal fault",
+        503: "the queue or the workers are unavailable; retry after `Retry-After` seconds",
+    }.items()
+}
+"""Responses every ``/v1`` route may give (routes add their own 404, 409, 504)."""
+
+
+def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for a route's own error statuses, with their meaning."""
+    text = {
+        404: "no such model, version, alias or job",
+        409: "the request clashes with the current state (reused key, job already ended)",
+        504: "no worker finished the short job in time; retry later",
+    }
+    return {s: {"model": ErrorPublic, "description": text[s]} for s in statuses}

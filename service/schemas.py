@@ -9,6 +9,16 @@ from pydantic import BaseModel, Field
 JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
 
 
+class ErrorPublic(BaseModel):
+    """The body of every 4xx and 5xx answer."""
+
+    detail: str = Field(description="what went wrong, and what to do about it")
+    error: str = Field(description="the error's name, e.g. NotFound, Invalid, EditConfigError")
+    errors: list[dict[str, Any]] | None = Field(
+        None, description="per-field problems, when FastAPI could not parse the request"
+    )
+
+
 class EditPublic(BaseModel):
     """An edit job as the user sees it."""
 

@@ -17,10 +17,9 @@ from typing import Any
 from fastapi import UploadFile
 from PIL import Image
 
-from models.errors import DataError, EditConfigError, UnknownMethodError
+from models.errors import DataError, EditConfigError, TooLarge, UnknownMethodError
 from models.store.manifest import ModelEntry
 from models.store.store import Store
-from service.errors import PayloadTooLarge
 from service.settings import ApiSettings
 
 # (check, message) per option name every editor may share; other options are type-checked only
@@ -45,7 +44,7 @@ def check_image(upload: UploadFile, settings: ApiSettings) -> CheckedImage:
     name = upload.filename or "upload"
     data = upload.file.read(settings.max_image_bytes + 1)
     if len(data) > settings.max_image_bytes:
-        raise PayloadTooLarge(
+        raise TooLarge(
             f"{name} is larger than {settings.max_image_bytes} bytes; send a smaller image"
         )
     if not data:
@@ -56,7 +55,7 @@ def check_image(upload: UploadFile, settings: ApiSettings) -> CheckedImage:
             with Image.open(io.BytesIO(data)) as im:
                 pixels = im.size[0] * im.size[1]
                 if pixels > settings.max_image_pixels:
-                    raise PayloadTooLarge(
+                    raise TooLarge(
                         f"{name} has {pixels} pixels, more than the "
                         f"{settings.max_image_pixels} allowed"
                     )
@@ -64,7 +63,7 @@ def check_image(upload: UploadFile, settings: ApiSettings) -> CheckedImage:
             with Image.open(io.BytesIO(data)) as im:
                 im.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise PayloadTooLarge(f"{name}: {exc}") from exc
+        raise TooLarge(f"{name}: {exc}") from exc
     except (OSError, ValueError, SyntaxError) as exc:
         raise DataError(
             f"{name} is not a readable image ({exc}); send a PNG, JPEG, BMP, WebP, GIF or TIFF file"
@@ -74,9 +73,7 @@ def check_image(upload: UploadFile, settings: ApiSettings) -> CheckedImage:
 
 def check_images(uploads: list[UploadFile], settings: ApiSettings, role: str) -> list[CheckedImage]:
     if len(uploads) > settings.max_images:
-        raise PayloadTooLarge(
-            f"{len(uploads)} {role} images; at most {settings.max_images} per request"
-        )
+        raise TooLarge(f"{len(uploads)} {role} images; at most {settings.max_images} per request")
     return [check_image(u, settings) for u in uploads]
 
 
@@ -200,7 +197,7 @@ def check_edit(
     edits = check_images(images, settings, "edit")
     holdouts = check_images(holdout, settings, "holdout")
     if len(edits) + len(holdouts) > settings.max_images:
-        raise PayloadTooLarge(f"at most {settings.max_images} images per request")
+        raise TooLarge(f"at most {settings.max_images} images per request")
     targets = check_labels(labels, len(edits), entry)
     if len(set(targets)) > 1 and holdouts:
         raise DataError("holdout images need one target label shared by all edit images")

@@ -23,34 +23,35 @@ from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
+from models.errors import Conflict, NotFound, Timeout, Unavailable, VitEditError
 from workers import settings as S
 from workers.payloads import JOB_FUNCS, EditPayload, Payload
 
 log = logging.getLogger(__name__)
 
 
-class JobError(Exception):
-    """Base of the queue errors the API maps to HTTP statuses."""
-
-
-class JobNotFound(JobError):
+class JobNotFound(NotFound):
     """No job of that id (never submitted, or its record expired)."""
 
 
-class IdempotencyConflict(JobError):
+class IdempotencyConflict(Conflict):
     """The Idempotency-Key was used before with another request body."""
 
 
-class JobNotCancelable(JobError):
+class JobNotCancelable(Conflict):
     """The job already ended."""
 
 
-class JobTimeout(JobError):
+class JobTimeout(Timeout):
     """A short job (predict, materialise) did not finish in time."""
 
 
-class JobFailed(JobError):
+class JobFailed(VitEditError):
     """A short job failed; the message is the worker's reason."""
+
+
+class QueueUnavailable(Unavailable):
+    """Redis cannot be reached."""
 
 
 class JobState(StrEnum):
