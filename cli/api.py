@@ -11,6 +11,7 @@ The server is ``--server`` or ``$VITEDIT_SERVER`` (default http://127.0.0.1:8000
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -21,7 +22,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from cli.http_client import ApiError, ViteditClient
+from cli.http_client import Job, ViteditClient
+from models.errors import VitEditError
 
 console = Console()
 
@@ -105,7 +107,7 @@ def _with_client(args: argparse.Namespace, fn: Any) -> int:
     client = ViteditClient(args.server, args.api_key)
     try:
         return fn(client)
-    except ApiError as exc:
+    except VitEditError as exc:
         console.print(f"[red]error[/red] {exc}")
         return 2
     finally:
@@ -122,19 +124,19 @@ def run_edit(args: argparse.Namespace) -> int:
             options=_options(args),
             idempotency_key=args.idempotency_key,
         )
-        console.print(f"job {job['id']}: {job['status']} (position {job.get('position')})")
+        console.print(f"job {job.id}: {job.status} (position {job.position})")
         if not args.no_wait:
-            job = _follow(client, job["id"])
+            job = _follow(client, job.id)
         if args.json:
-            console.print_json(json.dumps(job))
+            console.print_json(json.dumps(dataclasses.asdict(job)))
         else:
             _print_result(job)
-        return 0 if job["status"] in ("succeeded", "queued", "running") else 1
+        return 0 if job.status in ("succeeded", "queued", "running") else 1
 
     return _with_client(args, go)
 
 
-def _follow(client: ViteditClient, job_id: str) -> dict[str, Any]:
+def _follow(client: ViteditClient, job_id: str) -> Job:
     columns = (
         TextColumn("{task.description:<28}"),
         BarColumn(),
@@ -144,30 +146,27 @@ def _follow(client: ViteditClient, job_id: str) -> dict[str, Any]:
     with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task("queued", total=None, info="")
 
-        def update(job: dict[str, Any]) -> None:
-            status = job["status"] if job["status"] != "running" else job.get("phase") or "running"
-            info = f"loss {job['loss']:.4f}" if job.get("loss") is not None else ""
-            if job["status"] == "queued":
-                info = f"{job.get('position') or 0} job(s) ahead"
+        def update(job: Job) -> None:
+            status = job.status if job.status != "running" else job.phase or "running"
+            info = f"loss {job.loss:.4f}" if job.loss is not None else ""
+            if job.status == "queued":
+                info = f"{job.position or 0} job(s) ahead"
             bar.update(
-                task,
-                description=status,
-                total=job.get("max_steps"),
-                completed=job.get("step") or 0,
-                info=info,
+                task, description=status, total=job.max_steps, completed=job.step or 0, info=info
             )
 
         return client.wait(job_id, on_update=update)
 
 
-def _print_result(job: dict[str, Any]) -> None:
-    if job["status"] != "succeeded":
-        console.print(f"job {job['id']}: [bold]{job['status']}[/bold] {job.get('error') or ''}")
+def _print_result(job: Job) -> None:
+    if job.status != "succeeded" or job.report is None:
+        console.print(f"job {job.id}: [bold]{job.status}[/bold] {job.error or ''}")
+        if job.version:
+            console.print(f"version {job.version} was stored as {job.status}, without an alias")
         return
-    report = job["report"]
+    report = job.report
     table = Table(
-        title=f"new version {job['version']} of {job['model']} "
-        f"(parent {job.get('parent_version') or 'base'})"
+        title=f"new version {job.version} of {job.model} (parent {job.parent_version or 'base'})"
     )
     for col in ("metric", "before", "after"):
         table.add_column(col)
@@ -185,24 +184,25 @@ def _print_result(job: dict[str, Any]) -> None:
         f"{edit['edit_neurons']} neurons changed; retention min "
         f"{report['retention']['min']}; seconds {report['seconds']}"
     )
-    console.print(f"patch: {job['links'].get('patch')}")
+    console.print(f"patch: {job.links.get('patch')}")
 
 
 def run_versions(args: argparse.Namespace) -> int:
     def go(client: ViteditClient) -> int:
         listing = client.versions(args.model)
-        table = Table(title=f"{args.model}: {len(listing['versions'])} version(s)")
-        for col in ("version", "parent", "method", "created", "aliases", "SR", "GR", "LR root"):
+        table = Table(title=f"{args.model}: {len(listing.versions)} version(s)")
+        columns = ("version", "parent", "method", "created", "status", "aliases", "SR", "GR")
+        for col in (*columns, "LR root"):
             table.add_column(col)
-        for v in listing["versions"]:
-            m = v["metrics"]
+        for v in listing.versions:
             table.add_row(
-                v["version"],
-                v["parent"] or "base",
-                v["method"],
-                v["created_at"][:19],
-                ",".join(v["aliases"]),
-                *(_fmt(m.get(k)) for k in ("SR", "GR", "LR_vs_root")),
+                v.version,
+                v.parent or "base",
+                v.method,
+                v.created_at[:19],
+                v.status,
+                ",".join(v.aliases),
+                *(_fmt(v.metrics.get(k)) for k in ("SR", "GR", "LR_vs_root")),
             )
         console.print(table)
         return 0
@@ -219,7 +219,7 @@ def run_download(args: argparse.Namespace) -> int:
         kind = "weights" if args.weights else "patch"
         version = args.version
         if version != "base":  # resolve an alias or 'latest' to the id, for the file name
-            version = client.version(args.model, version)["version"]
+            version = client.version(args.model, version).version
         suffix = "safetensors" if args.weights else "patch.safetensors"
         out = args.out or Path(f"{args.model}-{version}.{suffix}")
         sha = client.download(f"/v1/models/{args.model}/versions/{version}/{kind}", out)

@@ -1,32 +1,151 @@
 """A small typed client of the vitedit HTTP API (httpx, torch-free). Used by ``vitedit edit``.
 
-client = ViteditClient("http://127.0.0.1:8000")
-job = client.submit_edit([Path("shoe.png")], ["Sneaker"], model="demo-vit@latest")
-job = client.wait(job["id"])
-client.download(job["links"]["patch"], Path("patch.safetensors"))
+    client = ViteditClient("http://127.0.0.1:8000")
+    job = client.submit_edit([Path("shoe.png")], ["Sneaker"], model="demo-vit@latest")
+    job = client.wait(job.id)
+    client.download(job.links["patch"], Path("patch.safetensors"))
+
+Answers come back as small dataclasses (:class:`Job`, :class:`Model`, ...); error answers are
+raised as the server's own kinds of :mod:`models.errors` (``NotFound``, ``Invalid``, ...), with
+``status`` and ``detail`` set: the class the server names when this package defines it, else the
+kind its status stands for.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
-TERMINAL = {"succeeded", "failed", "canceled"}
+from models.errors import STATUS, IntegrityError, Invalid, Unavailable, VitEditError, by_name
+
+TERMINAL = {"succeeded", "failed", "rejected", "canceled"}
+FORM_OPTIONS = ("method", "rho", "max_steps", "seed", "lr", "min_sr", "min_lr", "min_retention")
+"""Options sent as form fields of their own; any other option goes in the ``options`` JSON."""
+
+T = TypeVar("T")
 
 
-class ApiError(Exception):
-    """The server answered with an error status; ``detail`` is its actionable message."""
+def _from_json(cls: type[T], data: dict[str, Any], **nested: Any) -> T:
+    """A dataclass from a JSON object: known fields only (a newer server may send more)."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    return cls(**{k: v for k, v in data.items() if k in names}, **nested)
 
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(f"HTTP {status}: {detail}")
-        self.status, self.detail = status, detail
+
+@dataclass(frozen=True)
+class Job:
+    """An edit job: ``status`` is queued, running, succeeded, failed, rejected or canceled."""
+
+    id: str
+    status: str
+    model: str | None = None
+    parent_version: str | None = None
+    method: str | None = None
+    position: int | None = None
+    phase: str | None = None
+    step: int | None = None
+    max_steps: int | None = None
+    loss: float | None = None
+    version: str | None = None
+    report: dict[str, Any] | None = None
+    error: str | None = None
+    cancel_requested: bool = False
+    created_at: str | None = None
+    started_at: str | None = None
+    ended_at: str | None = None
+    links: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def done(self) -> bool:
+        return self.status in TERMINAL
+
+
+@dataclass(frozen=True)
+class Method:
+    options: dict[str, Any]
+    needs_hypernetwork: bool
+    description: str
+    bounds: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    backbone: dict[str, Any]
+    num_classes: int
+    class_names: list[str]
+    default_method: str
+    methods: dict[str, Method]
+    hypernetwork_id: str | None
+    latest_version: str | None
+    aliases: dict[str, str]
+    n_versions: int
+
+
+@dataclass(frozen=True)
+class VersionSummary:
+    version: str
+    parent: str | None
+    method: str
+    created_at: str
+    aliases: list[str]
+    metrics: dict[str, Any]
+    status: str = "accepted"
+
+
+@dataclass(frozen=True)
+class VersionList:
+    model: str
+    versions: list[VersionSummary]
+    aliases: dict[str, str]
+
+
+@dataclass(frozen=True)
+class VersionDetail:
+    model: str
+    version: str
+    lineage: list[str]
+    aliases: list[str]
+    manifest: dict[str, Any]
+    links: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: int
+    class_name: str
+    probability: float
+    top: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Predictions:
+    model: str
+    version: str | None
+    predictions: list[Prediction]
+
+
+KINDS = {status: kind for kind, status in STATUS.items()}
+
+
+def api_error(status: int, body: Any, text: str = "") -> VitEditError:
+    """The error an answer stands for: the class it names if we know it, else its status' kind."""
+    body = body if isinstance(body, dict) else {}
+    detail = body.get("detail", text)
+    detail = detail if isinstance(detail, str) else json.dumps(detail)
+    cls = by_name(body.get("error")) or KINDS.get(status)
+    cls = cls or (VitEditError if status >= 500 else Invalid)
+    error = cls(f"HTTP {status}: {detail}")
+    error.status, error.detail = status, detail
+    return error
 
 
 class ViteditClient:
@@ -46,15 +165,18 @@ class ViteditClient:
     def close(self) -> None:
         self.http.close()
 
-    def _json(self, response: httpx.Response) -> Any:
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        """One request; the JSON answer, or the error it stands for raised."""
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise Unavailable(f"cannot reach the server at {self.http.base_url} ({exc})") from exc
         if response.status_code >= 400:
             try:
-                detail = response.json().get("detail", response.text)
-            except (ValueError, AttributeError):
-                detail = response.text
-            raise ApiError(
-                response.status_code, detail if isinstance(detail, str) else json.dumps(detail)
-            )
+                body = response.json()
+            except ValueError:
+                body = None
+            raise api_error(response.status_code, body, response.text)
         return response.json()
 
     # ------------------------------------------------------------------ edits
@@ -67,40 +189,42 @@ class ViteditClient:
         holdout: list[Path] | None = None,
         options: dict[str, Any] | None = None,
         idempotency_key: str | None = None,
-    ) -> dict[str, Any]:
-        """POST /v1/edits; ``options`` may hold method, rho, max_steps, seed, lr and others."""
-        options = dict(options or {})
+    ) -> Job:
+        """POST /v1/edits; ``options`` may hold method, rho, max_steps, seed, lr, the acceptance
+        minima (min_sr, min_lr, min_retention) and any other method option."""
+        options = {k: v for k, v in (options or {}).items() if v is not None}
         form: dict[str, Any] = {"label": labels, "model": model}
-        for key in ("method", "rho", "max_steps", "seed", "lr"):
-            if options.get(key) is not None:
+        for key in FORM_OPTIONS:
+            if key in options:
                 form[key] = str(options.pop(key))
-        extra = {k: v for k, v in options.items() if v is not None}
-        if extra:
-            form["options"] = json.dumps(extra)
+        if options:
+            form["options"] = json.dumps(options)
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         with ExitStack() as stack:
             files = [("images", (p.name, stack.enter_context(open(p, "rb")))) for p in images]
             files += [
                 ("holdout", (p.name, stack.enter_context(open(p, "rb")))) for p in holdout or []
             ]
-            return self._json(self.http.post("/v1/edits", data=form, files=files, headers=headers))
+            data = self._call("POST", "/v1/edits", data=form, files=files, headers=headers)
+        return _from_json(Job, data)
 
-    def edit(self, job_id: str, wait_s: float = 0) -> dict[str, Any]:
-        return self._json(
-            self.http.get(f"/v1/edits/{job_id}", params={"wait": wait_s}, timeout=wait_s + 30)
+    def edit(self, job_id: str, wait_s: float = 0) -> Job:
+        data = self._call(
+            "GET", f"/v1/edits/{job_id}", params={"wait": wait_s}, timeout=wait_s + 30
         )
+        return _from_json(Job, data)
 
     def wait(
         self,
         job_id: str,
-        on_update: Callable[[dict[str, Any]], None] | None = None,
+        on_update: Callable[[Job], None] | None = None,
         poll_s: float = 1.0,
         timeout_s: float = 3600,
-    ) -> dict[str, Any]:
+    ) -> Job:
         """Long-poll until the job ends, calling ``on_update`` with each state seen."""
         deadline = time.monotonic() + timeout_s
         job = self.edit(job_id)
-        while job["status"] not in TERMINAL and time.monotonic() < deadline:
+        while not job.done and time.monotonic() < deadline:
             if on_update:
                 on_update(job)
             job = self.edit(job_id, wait_s=poll_s)
@@ -108,26 +232,30 @@ class ViteditClient:
             on_update(job)
         return job
 
-    def cancel(self, job_id: str) -> dict[str, Any]:
-        return self._json(self.http.post(f"/v1/edits/{job_id}/cancel"))
+    def cancel(self, job_id: str) -> Job:
+        return _from_json(Job, self._call("POST", f"/v1/edits/{job_id}/cancel"))
 
     # ------------------------------------------------------------------ models and versions
 
-    def models(self) -> list[dict[str, Any]]:
-        return self._json(self.http.get("/v1/models"))
+    def models(self) -> list[Model]:
+        return [_model(m) for m in self._call("GET", "/v1/models")]
 
-    def versions(self, model: str) -> dict[str, Any]:
-        return self._json(self.http.get(f"/v1/models/{model}/versions"))
+    def versions(self, model: str) -> VersionList:
+        data = self._call("GET", f"/v1/models/{model}/versions")
+        versions = [_from_json(VersionSummary, v) for v in data["versions"]]
+        return VersionList(data["model"], versions, data["aliases"])
 
-    def version(self, model: str, version: str) -> dict[str, Any]:
-        return self._json(self.http.get(f"/v1/models/{model}/versions/{version}"))
+    def version(self, model: str, version: str) -> VersionDetail:
+        return _from_json(
+            VersionDetail, self._call("GET", f"/v1/models/{model}/versions/{version}")
+        )
 
-    def predict(self, model: str, version: str, images: list[Path]) -> dict[str, Any]:
+    def predict(self, model: str, version: str, images: list[Path]) -> Predictions:
         with ExitStack() as stack:
             files = [("images", (p.name, stack.enter_context(open(p, "rb")))) for p in images]
-            return self._json(
-                self.http.post(f"/v1/models/{model}/versions/{version}/predict", files=files)
-            )
+            data = self._call("POST", f"/v1/models/{model}/versions/{version}/predict", files=files)
+        predictions = [_from_json(Prediction, p) for p in data["predictions"]]
+        return Predictions(data["model"], data["version"], predictions)
 
     def download(self, path: str, out: Path) -> str:
         """Stream a file to ``out`` (atomically), checking the server's X-Content-SHA256."""
@@ -137,7 +265,11 @@ class ViteditClient:
         with self.http.stream("GET", path) as response:
             if response.status_code >= 400:
                 response.read()
-                self._json(response)
+                try:
+                    body = response.json()
+                except ValueError:
+                    body = None
+                raise api_error(response.status_code, body, response.text)
             with open(tmp, "wb") as fh:
                 for chunk in _chunks(response):
                     digest.update(chunk)
@@ -145,13 +277,17 @@ class ViteditClient:
             expected = response.headers.get("x-content-sha256")
         if expected and expected != digest.hexdigest():
             tmp.unlink(missing_ok=True)
-            raise ApiError(
-                502,
+            raise IntegrityError(
                 f"downloaded {path} has sha256 {digest.hexdigest()[:16]}..., "
-                f"the server announced {expected[:16]}...: retry",
+                f"the server announced {expected[:16]}...: retry"
             )
         tmp.replace(out)
         return digest.hexdigest()
+
+
+def _model(data: dict[str, Any]) -> Model:
+    methods = {k: _from_json(Method, v) for k, v in data["methods"].items()}
+    return _from_json(Model, {k: v for k, v in data.items() if k != "methods"}, methods=methods)
 
 
 def _chunks(response: httpx.Response) -> Iterator[bytes]:
