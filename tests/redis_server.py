@@ -39,6 +39,35 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         group.stop()
 
 
+@contextmanager
+def own_redis(folder: Path) -> Iterator[tuple[launcher.ProcessGroup, str]]:
+    """A private, persistent redis-server (not the session's) that a test may kill and restart."""
+    group = launcher.ProcessGroup()
+    try:
+        yield group, launcher.start_redis(group, launcher.free_port(), folder)
+    finally:
+        group.stop(grace_s=5)
+
+
+def kill_redis(group: launcher.ProcessGroup) -> None:
+    """SIGKILL the group's redis-server (no chance to flush anything) and reap it."""
+    proc = group.child("redis-server").proc
+    assert proc is not None
+    proc.kill()
+    proc.wait()
+
+
+def supervise_until(group: launcher.ProcessGroup, ready: object, timeout_s: float) -> float:
+    """Run the group's supervision loop until ``ready()``; returns the seconds it took."""
+    start = time.monotonic()
+    while not ready():  # type: ignore[operator]
+        if time.monotonic() - start > timeout_s:
+            raise AssertionError(f"not ready {timeout_s:.0f} s after the supervision started")
+        group.supervise()
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
 def db_url(redis_url: str, db: int) -> str:
     """The same server, another database: isolates queues between test modules."""
     url = redis_url.rsplit("/", 1)[0] + f"/{db}"
@@ -107,14 +136,18 @@ def tiny_store(root: Path) -> Store:
 
 
 @contextmanager
-def worker_process(redis_url: str, store_root: Path) -> Iterator[subprocess.Popen]:
-    """A real ``python -m workers.main`` process, ready (heartbeat seen) when the block starts."""
+def worker_process(redis_url: str, store_root: Path, **env_vars: str) -> Iterator[subprocess.Popen]:
+    """A real ``python -m workers.main`` process, ready (heartbeat seen) when the block starts.
+
+    ``env_vars`` add settings (``VITEDIT_...``) of that worker.
+    """
     env = {
         **os.environ,
         "VITEDIT_REDIS_URL": redis_url,
         "VITEDIT_STORE": str(store_root),
         "VITEDIT_TORCH_THREADS": "1",
         "HF_HUB_OFFLINE": "1",
+        **env_vars,
     }
     proc = subprocess.Popen([sys.executable, "-m", "workers.main"], env=env, start_new_session=True)
     try:
