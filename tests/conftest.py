@@ -1,4 +1,4 @@
-"""Shared fixtures: small timm backbones built here, and the shipped demo backbone."""
+"""Shared fixtures and helpers: small timm backbones built here, and the shipped demo backbone."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on the hub in tests
 
 import pytest
+import timm
 import torch
+from torch import nn
 
 from models.backbones import Backbone, load_backbone
 from models.store.manifest import BackboneManifest
@@ -26,6 +28,10 @@ TINY_OVERRIDES = dict(
     mlp_ratio=2.0,
     num_classes=10,
 )
+TINY_VIT_OVERRIDES = dict(
+    img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=4, num_heads=2, num_classes=10
+)
+"""The plain tiny ViT of :func:`tiny_vit` (timm's default MLP ratio 4: hidden 128 per site)."""
 TINY_CFG = dict(
     input_size=(1, 28, 28), mean=(0.5,), std=(0.5,), crop_pct=1.0, interpolation="bilinear"
 )
@@ -40,6 +46,13 @@ def tiny_manifest(**changes: object) -> BackboneManifest:
         pretrained_cfg_overlay=dict(TINY_CFG),
     )
     return BackboneManifest(**{**base.__dict__, **changes})
+
+
+def tiny_vit(seed: int = 0) -> nn.Module:
+    """A frozen eval-mode 4-block, width-32 ViT on 28 px grey images, random init from ``seed``."""
+    torch.manual_seed(seed)
+    model = timm.create_model("vit_small_patch16_224", **TINY_VIT_OVERRIDES)
+    return model.eval().requires_grad_(False)
 
 
 @pytest.fixture

@@ -5,9 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-import timm
 import torch
-from torch import nn
 
 from models.evaluation import (
     EditScore,
@@ -23,21 +21,7 @@ from models.evaluation import (
 )
 from models.forward import SplitForward
 from models.sites import Patch, Sites
-
-
-def tiny_vit(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    model = timm.create_model(
-        "vit_small_patch16_224",
-        img_size=28,
-        patch_size=7,
-        in_chans=1,
-        embed_dim=32,
-        depth=4,
-        num_heads=2,
-        num_classes=10,
-    )
-    return model.eval().requires_grad_(False)
+from tests.conftest import tiny_vit
 
 
 def test_gr_divides_by_group_size_minus_the_edit_image() -> None:

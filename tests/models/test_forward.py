@@ -2,27 +2,12 @@
 
 from __future__ import annotations
 
-import timm
 import torch
 from torch import nn
 
 from models.forward import SplitForward
 from models.sites import Sites
-
-
-def tiny_vit(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    model = timm.create_model(
-        "vit_small_patch16_224",
-        img_size=28,
-        patch_size=7,
-        in_chans=1,
-        embed_dim=32,
-        depth=4,
-        num_heads=2,
-        num_classes=10,
-    )
-    return model.eval().requires_grad_(False)
+from tests.conftest import tiny_vit
 
 
 def test_suffix_of_prefix_equals_model_output() -> None:

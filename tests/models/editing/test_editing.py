@@ -6,7 +6,6 @@ import copy
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,6 +18,7 @@ from models.editing.registry import EditConfig, EditTask, get_editor, make_confi
 from models.errors import EditCanceled, EditConfigError
 from models.forward import SplitForward
 from models.sites import Patch, Sites
+from tests.conftest import tiny_vit
 
 BASELINES = {
     "ft": {},
@@ -28,21 +28,6 @@ BASELINES = {
     "lora": {"rank": 2},
     "saliency": {"rho": 0.25},
 }
-
-
-def tiny_vit(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    model = timm.create_model(
-        "vit_small_patch16_224",
-        img_size=28,
-        patch_size=7,
-        in_chans=1,
-        embed_dim=32,
-        depth=4,
-        num_heads=2,
-        num_classes=10,
-    )
-    return model.eval().requires_grad_(False)
 
 
 @pytest.fixture

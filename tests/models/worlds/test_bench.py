@@ -16,21 +16,13 @@ from models.backbones import load_backbone
 from models.store.manifest import BackboneManifest
 from models.worlds.bench import BenchConfig, edit_defaults, knob_values, run_bench, sample_edits
 from models.worlds.layout import read_benchmark
-
-TINY = dict(
-    img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=4, num_heads=2, num_classes=10
-)
-GREY = dict(input_size=(1, 28, 28), mean=(0.5,), std=(0.5,), crop_pct=1.0, interpolation="bilinear")
+from tests import conftest
+from tests.conftest import TINY_VIT_OVERRIDES
 
 
 def tiny_manifest(extra: dict | None = None) -> BackboneManifest:
-    return BackboneManifest(
-        name="tiny-vit",
-        timm_name="vit_small_patch16_224",
-        overrides=TINY,
-        pretrained_cfg_overlay=GREY,
-        extra=extra or {},
-    )
+    """The manifest of the tests' :func:`~tests.conftest.tiny_vit`, with ``extra``."""
+    return conftest.tiny_manifest(overrides=dict(TINY_VIT_OVERRIDES), extra=extra or {})
 
 
 def write_images(folder: Path, n: int, seed: int) -> None:
