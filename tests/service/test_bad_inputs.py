@@ -43,6 +43,13 @@ CASES: list[tuple[str, dict[str, Any], list[Any], int, str]] = [
     ("unknown model", {**GOOD, "model": "nope"}, _files(png(3)), 404, "no model named"),
     ("unknown version", {**GOOD, "model": "tiny@v-missing"}, _files(png(3)), 404, "no version"),
     ("unknown alias", {**GOOD, "model": "tiny@prod"}, _files(png(3)), 404, "no version"),
+    (
+        "path traversal in the version",
+        {**GOOD, "model": "tiny@../../etc"},
+        _files(png(3)),
+        422,
+        "invalid version",
+    ),
     ("unknown method", {**GOOD, "method": "magic"}, _files(png(3)), 422, "unknown method"),
     (
         "method needs a hypernetwork",
@@ -96,12 +103,23 @@ def test_bad_edit_request_is_rejected_and_leaves_nothing(
         ("/v1/models/tiny/versions/v-missing", 404),
         ("/v1/models/tiny/versions/base/patch", 404),
         ("/v1/edits/j-missing", 404),
-        ("/v1/models/tiny/versions/..%2F..%2Fetc", 404),
+        ("/v1/models/tiny/versions/..%2F..%2Fetc", 404),  # the router: no such route
     ],
 )
 def test_unknown_resources_are_404(idle: Served, path: str, status: int) -> None:
     r = idle.client.get(path)
     assert r.status_code == status and r.json()["detail"]
+
+
+@pytest.mark.parametrize("version", ["%2E%2E", ".env", "..%5C..%5Cetc"])
+def test_unsafe_version_names_reach_the_store_name_check_and_are_refused(
+    idle: Served, version: str
+) -> None:
+    """Names the router accepts as one path segment; check_name must refuse them (a 404 "no
+    version" would mean the store looked for a folder named after them)."""
+    r = idle.client.get(f"/v1/models/tiny/versions/{version}")
+    assert r.status_code == 422, r.text
+    assert r.json()["error"] == "StoreError" and "invalid version" in r.json()["detail"]
 
 
 def test_bad_predict_image_is_rejected_before_queueing(idle: Served) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
+from datetime import UTC, datetime, tzinfo
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +13,9 @@ import pytest
 from safetensors.numpy import save_file
 
 from models.errors import IntegrityError, StoreError, UnknownModelError, UnknownVersionError
+from models.store import store as store_module
 from models.store.manifest import ImageRecord, MethodInfo, ModelEntry, VersionManifest, utc_now
-from models.store.store import PATCH_FILE, Store, VersionDraft
+from models.store.store import PATCH_FILE, Store, VersionDraft, check_name
 
 
 def entry(name: str = "m", sha: str = "a" * 64) -> ModelEntry:
@@ -86,10 +88,46 @@ def test_failed_draft_leaves_nothing_visible(store: Store) -> None:
     assert not list((store.root / "tmp").iterdir())
 
 
-def test_version_ids_are_server_generated_unique_and_sortable(store: Store) -> None:
+def test_version_ids_are_server_generated_unique_and_sortable(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ids = [store.new_version_id() for _ in range(200)]
     assert len(set(ids)) == 200
     assert all(i.startswith("v") for i in ids)
+    # ids made at later times sort later, across second, hour, day, month and year boundaries
+    # (where an unpadded or day-first format would misorder them)
+    times = [
+        datetime(2026, 1, 9, 9, 59, 59, tzinfo=UTC),
+        datetime(2026, 1, 9, 10, 0, 0, tzinfo=UTC),
+        datetime(2026, 1, 10, 0, 0, 1, tzinfo=UTC),
+        datetime(2026, 9, 30, 23, 59, 59, tzinfo=UTC),
+        datetime(2026, 10, 1, 0, 0, 0, tzinfo=UTC),
+        datetime(2027, 1, 1, 0, 0, 0, tzinfo=UTC),
+    ]
+    clock = iter(times)
+
+    class Clock(datetime):
+        @classmethod
+        def now(cls, tz: tzinfo | None = None) -> datetime:
+            return next(clock)
+
+    monkeypatch.setattr(store_module, "datetime", Clock)
+    timed = [store.new_version_id() for _ in times]
+    assert sorted(timed) == timed
+    assert sorted(reversed(timed)) == timed
+
+
+@pytest.mark.parametrize(
+    "name", ["..", "../../etc", "..%2F..%2Fetc", "a/b", ".hidden", "-x", "", "x" * 65, "a b"]
+)
+def test_check_name_refuses_names_that_are_not_one_safe_path_segment(name: str) -> None:
+    with pytest.raises(StoreError, match="invalid version"):
+        check_name(name, "version")
+
+
+def test_check_name_accepts_version_ids_aliases_and_dotted_names(store: Store) -> None:
+    for name in (store.new_version_id(), "prod", "v1.2_rc-3", "x" * 64):
+        assert check_name(name, "version") == name
 
 
 def test_commit_never_overwrites_an_existing_version(store: Store) -> None:
