@@ -260,8 +260,25 @@ def test_regression_lr_follows_a_cosine_over_twice_the_iterations():
     assert cfg.regression_lr_at(200) == pytest.approx(0.0)
 
 
-def test_checkpoint_dir_lives_under_the_output(tmp_path: Path):
-    assert (tmp_path / CHECKPOINT_DIR).parent == tmp_path
+def test_checkpoint_dir_lives_under_the_output(tiny_backbone, sites, pool, tmp_path: Path):
+    cfg = MetaTrainConfig(iterations=1, **FAST)
+    meta_train(tiny_backbone, sites, pool, cfg, tmp_path / "out", checkpoint_every=1)
+    assert (tmp_path / "out" / "checkpoint" / "state.json").is_file()
+    # an explicit checkpoint_dir (the demo's, outside the shipped assets) leaves the output clean
+    meta_train(
+        tiny_backbone,
+        sites,
+        pool,
+        cfg,
+        tmp_path / "assets",
+        checkpoint_every=1,
+        checkpoint_dir=tmp_path / "elsewhere",
+    )
+    assert (tmp_path / "elsewhere" / "state.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "assets").iterdir()) == [
+        "hypernet.json",
+        "hypernet.safetensors",
+    ]
 
 
 def _cli_train(folder: Path, *extra: str) -> list[str]:
