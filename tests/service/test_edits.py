@@ -16,6 +16,7 @@ from safetensors.torch import load as load_safetensors
 from models.backbones import load_backbone
 from models.sites import Patch
 from models.store.manifest import BackboneManifest
+from models.store.store import PATCH_FILE
 from tests.redis_server import png, wait_for
 from tests.service.conftest import Served
 
@@ -116,11 +117,47 @@ def test_predict_and_weights_use_the_new_version(served: Served) -> None:
 
 
 def test_chained_edit_starts_from_its_parent_and_reports_retention(served: Served) -> None:
-    v1 = edit(served, png(21))["version"]
-    second = edit(served, png(22), model=f"tiny@{v1}")
+    first_image, second_image = png(21), png(22)
+    v1 = edit(served, first_image)["version"]
+    second = edit(served, second_image, model=f"tiny@{v1}")
     assert second["status"] == "succeeded", second
     assert second["parent_version"] == v1
     assert v1 in second["report"]["retention"]["per_version"]
+    # by hand: a version's patch (cumulative over the base) on a fresh backbone, asked about the
+    # earlier edit images and the targets those edits were given
+    first_target, second_target = (
+        wrong_target(served, first_image),
+        wrong_target(served, second_image),
+    )
+
+    def kept(version: str, image: bytes, target: int) -> float:
+        fresh = fresh_backbone(served)
+        Patch.load(served.store.version_file("tiny", version, PATCH_FILE))[0].apply(fresh.model)
+        return float(local_prediction(fresh, image) == target)
+
+    held = kept(second["version"], first_image, first_target)
+    assert second["report"]["retention"] == {"per_version": {v1: held}, "min": held}
+    # a third edit moves the first image to another class: v1's edit is lost, and says so
+    third = finished(
+        served.client,
+        submit(
+            served.client,
+            [first_image],
+            str((first_target + 1) % 10),
+            model=f"tiny@{second['version']}",
+            **FAST,
+        ).json()["id"],
+    )
+    assert third["report"]["metrics"]["SR"] == 1.0
+    per_version = {
+        v1: kept(third["version"], first_image, first_target),
+        second["version"]: kept(third["version"], second_image, second_target),
+    }
+    assert per_version[v1] == 0.0
+    assert third["report"]["retention"] == {
+        "per_version": per_version,
+        "min": min(per_version.values()),
+    }
     detail = served.client.get(f"/v1/models/tiny/versions/{second['version']}").json()
     assert detail["lineage"] == [v1, second["version"]]
     listing = served.client.get("/v1/models/tiny/versions").json()

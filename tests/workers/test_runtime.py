@@ -3,11 +3,18 @@ leaving restores the base weights bit-exactly; the version LRU stays bounded."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
+import pytest
 import torch
+from PIL import Image
 from redis import Redis
 
+from models.backbones import load_backbone
+from models.sites import Patch
+from models.store.manifest import BackboneManifest
+from models.store.store import PATCH_FILE
 from tests.redis_server import png, tiny_store
 from workers import tasks
 from workers.payloads import EditPayload, JobImage, PredictPayload
@@ -106,8 +113,24 @@ def test_benchmark_gr_leaves_out_the_edit_image_itself(tmp_path: Path) -> None:
         upload=upload,
         images=[JobImage(path=path, target=3)],
         method="ft",
-        options={"max_steps": 1},
+        options={"lr": 0.01, "max_steps": 40},
     )
-    report = store.version("tiny", tasks.edit(rt, payload, job=None)["version"]).report
+    version = tasks.edit(rt, payload, job=None)["version"]
+    report = store.version("tiny", version).report
     assert report["holdout_source"] == "benchmark"
     assert report["set_sizes"]["holdout"] == 2
+    # by hand: a fresh backbone, then the stored patch, on the group's two other images
+    backbone = load_backbone(BackboneManifest.read(store.model("tiny").backbone))
+    others = [Image.open(io.BytesIO(png(seed))) for seed in (101, 102)]
+
+    def share_of_threes() -> float:
+        with torch.no_grad():
+            preds = backbone.model(backbone.preprocess(others)).argmax(dim=1)
+        return (preds == 3).float().mean().item()
+
+    before = share_of_threes()
+    patch, _ = Patch.load(store.version_file("tiny", version, PATCH_FILE))
+    patch.apply(backbone.model)
+    after = share_of_threes()
+    assert report["before"]["GR"] == pytest.approx(before) and before == 0.0
+    assert report["metrics"]["GR"] == pytest.approx(after) and after == 1.0  # 2 / 2, not 2 / 3
