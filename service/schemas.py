@@ -43,9 +43,13 @@ class EditPublic(BaseModel):
 
 
 class MethodPublic(BaseModel):
-    options: dict[str, Any]
+    options: dict[str, Any] = Field(description="option name -> this model's default")
     needs_hypernetwork: bool
     description: str
+    bounds: dict[str, Any] = Field(
+        default_factory=dict,
+        description="option name -> {kind, low, high, low_open, high_open}: the accepted range",
+    )
 
 
 class ModelPublic(BaseModel):

@@ -17,20 +17,11 @@ from typing import Any
 from fastapi import UploadFile
 from PIL import Image
 
+from models.bounds import Bound
 from models.errors import DataError, EditConfigError, TooLarge, UnknownMethodError
 from models.store.manifest import ModelEntry
 from models.store.store import Store
 from service.settings import ApiSettings
-
-# (check, message) per option name every editor may share; other options are type-checked only
-RANGES: dict[str, tuple[Any, str]] = {
-    "lr": (lambda v: v > 0, "must be > 0"),
-    "seed": (lambda v: v >= 0, "must be >= 0"),
-    "stop_loss": (lambda v: v >= 0, "must be >= 0"),
-    "rho": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
-    "c": (lambda v: v >= 0, "must be >= 0"),
-    "rank": (lambda v: v >= 1, "must be >= 1"),
-}
 
 
 @dataclass(frozen=True)
@@ -109,40 +100,36 @@ def check_method(entry: ModelEntry, method: str | None) -> str:
 def check_options(
     entry: ModelEntry, method: str, given: dict[str, Any], settings: ApiSettings
 ) -> dict[str, Any]:
-    """Type-check options against the method's defaults and range-check the common ones."""
-    known = entry.methods[method].options
-    unknown = sorted(set(given) - set(known))
+    """Options checked against the method's bounds (the spec its editor config exports at
+    registration, :mod:`models.bounds`), so the API refuses what the worker would refuse."""
+    info = entry.methods[method]
+    unknown = sorted(set(given) - set(info.options))
     if unknown:
         raise EditConfigError(
-            f"method {method!r} has no option(s) {unknown}; it takes {sorted(known)}"
+            f"method {method!r} has no option(s) {unknown}; it takes {sorted(info.options)}"
         )
+    bounds = {k: Bound.from_json(v) for k, v in info.bounds.items()}
     clean = {}
     for key, value in given.items():
-        clean[key] = _coerce(key, value, known[key])
-        check, message = RANGES.get(key, (lambda v: True, ""))
-        if not check(clean[key]):
-            raise EditConfigError(f"option {key}={value!r} {message}")
+        if key in bounds:
+            clean[key] = bounds[key].check(key, value)
+        else:  # an option without a bound (or an entry registered before bounds): its type
+            clean[key] = _same_type(key, value, info.options[key])
     steps = clean.get("max_steps")
-    if steps is not None and not 1 <= steps <= settings.max_steps_limit:
-        raise EditConfigError(f"max_steps must be in [1, {settings.max_steps_limit}], got {steps}")
+    if steps is not None and steps > settings.max_steps_limit:
+        raise EditConfigError(
+            f"max_steps={steps} is more than this server allows ({settings.max_steps_limit})"
+        )
     return clean
 
 
-def _coerce(key: str, value: Any, default: Any) -> Any:
+def _same_type(key: str, value: Any, default: Any) -> Any:
     kind = type(default)
-    if isinstance(value, bool) or kind is bool:
-        if isinstance(value, bool) and kind is bool:
-            return value
-        raise EditConfigError(f"option {key}={value!r} must be a {kind.__name__}")
-    try:
-        if kind in (int, float):
-            number = float(value)
-            if not math.isfinite(number) or (kind is int and number != int(number)):
-                raise ValueError
-            return int(number) if kind is int else number
-        return str(value) if kind is str else value
-    except (TypeError, ValueError, OverflowError):
-        raise EditConfigError(f"option {key}={value!r} must be a {kind.__name__}") from None
+    if kind in (int, float) and not isinstance(value, bool):
+        return Bound(kind.__name__, -math.inf, math.inf).check(key, value)
+    if isinstance(value, kind):
+        return value
+    raise EditConfigError(f"option {key}={value!r} must be a {kind.__name__}")
 
 
 def parse_options_json(text: str | None) -> dict[str, Any]:

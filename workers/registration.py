@@ -29,7 +29,8 @@ def _jsonable(value: Any) -> Any:
 
 
 def editor_infos(defaults: dict[str, Any] | None = None) -> dict[str, MethodInfo]:
-    """Every registered editor with its options and their defaults for this model.
+    """Every registered editor with its options, their defaults for this model and their bounds
+    (the spec the API validates requests against).
 
     ``defaults`` (the backbone manifest's ``extra.edit_defaults``: lr, max_steps, stop_loss
     measured for this backbone) override the editors' own defaults of the same name.
@@ -46,6 +47,7 @@ def editor_infos(defaults: dict[str, Any] | None = None) -> dict[str, MethodInfo
             },
             needs_hypernetwork=ed.needs_hypernetwork,
             description=ed.description,
+            bounds={k: b.to_json() for k, b in ed.config_cls.bounds().items()},
         )
         for name, ed in sorted(EDITORS.items())
     }

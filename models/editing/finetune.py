@@ -8,14 +8,14 @@ The knob is ``c``, swept over the paper's values; c = 0 is plain ``ft``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 
+from models.bounds import bound
 from models.editing.optimize import Regularizer, masked_finetune
 from models.editing.registry import EditConfig, EditOutcome, EditTask, StepCallback, register
-from models.errors import EditConfigError
 
 C_VALUES = (0.1, 0.05, 0.025, 0.01, 0.005, 0.001, 0.0)
 
@@ -27,15 +27,12 @@ class FTConfig(EditConfig):
 
 @dataclass(frozen=True)
 class PenaltyConfig(EditConfig):
-    c: float = 0.01  # weight of the distance-to-pretrained penalty
+    # weight of the distance-to-pretrained penalty; the paper sweeps 0..0.1, and c = 1e300
+    # turned the first step's loss into inf
+    c: float = field(default=0.01, metadata=bound("float", 0.0, 10.0))
 
     knob: ClassVar[str | None] = "c"
     knob_values: ClassVar[tuple[float, ...]] = C_VALUES
-
-    def validate(self) -> None:
-        super().validate()
-        if not self.c >= 0:
-            raise EditConfigError(f"c must be >= 0, got {self.c}")
 
 
 @dataclass(frozen=True)

@@ -9,14 +9,14 @@ sites (every neuron a non-zero row of B @ A touches).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 
+from models.bounds import bound
 from models.editing.optimize import frozen, optimise, site_logits
 from models.editing.registry import EditConfig, EditOutcome, EditTask, StepCallback, register
-from models.errors import EditConfigError
 from models.sites import Patch
 
 RANK_VALUES = (1, 2, 4, 8)
@@ -24,15 +24,11 @@ RANK_VALUES = (1, 2, 4, 8)
 
 @dataclass(frozen=True)
 class LoRAConfig(EditConfig):
-    rank: int = 4  # rank of each update; scale alpha / rank = 1 (alpha = rank)
+    # rank of each update; scale alpha / rank = 1 (alpha = rank)
+    rank: int = field(default=4, metadata=bound("int", 1, 1024))
 
     knob: ClassVar[str | None] = "rank"
     knob_values: ClassVar[tuple[float, ...]] = RANK_VALUES
-
-    def validate(self) -> None:
-        super().validate()
-        if not 1 <= self.rank <= 1024:
-            raise EditConfigError(f"rank must be in [1, 1024], got {self.rank}")
 
 
 def init_factors(

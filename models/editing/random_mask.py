@@ -7,14 +7,14 @@ of every site, one global ranking of random scores), drawn from ``config.seed``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 
+from models.bounds import bound
 from models.editing.optimize import masked_finetune
 from models.editing.registry import EditConfig, EditOutcome, EditTask, StepCallback, register
-from models.errors import EditConfigError
 from models.sites import Sites, top_rho_mask
 
 RHO_VALUES = (0.75, 0.5, 0.25, 0.1, 0.05)
@@ -24,15 +24,10 @@ RHO_VALUES = (0.75, 0.5, 0.25, 0.1, 0.05)
 class MaskConfig(EditConfig):
     """Options of a masked editor: ``rho``, the fraction of all mask entries that may change."""
 
-    rho: float = 0.1
+    rho: float = field(default=0.1, metadata=bound("float", 0.0, 1.0, low_open=True))
 
     knob: ClassVar[str | None] = "rho"
     knob_values: ClassVar[tuple[float, ...]] = RHO_VALUES
-
-    def validate(self) -> None:
-        super().validate()
-        if not 0.0 < self.rho <= 1.0:
-            raise EditConfigError(f"rho must be in (0, 1], got {self.rho}")
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
 
+from models.bounds import SEED_MAX, Bound, bound, bounds_of
 from models.errors import EditConfigError, UnknownMethodError
 from models.forward import SplitForward
 from models.sites import Patch, Sites
@@ -27,23 +28,32 @@ StepCallback = Callable[[int, int, float], None]
 
 @dataclass(frozen=True)
 class EditConfig:
-    """Options every editor shares: the optimiser and its stop rule (method.md section 4)."""
+    """Options every editor shares: the optimiser and its stop rule (method.md section 4).
 
-    lr: float = 2e-5
-    max_steps: int = 100
-    stop_loss: float = 0.01  # stop when every image is predicted as its target and CE <= this
-    seed: int = 0
+    Every numeric option is bounded (:mod:`models.bounds`): an lr or a penalty without a ceiling
+    can drive the weights to inf/NaN within a few steps. The bounds are exported with the model's
+    registry entry, so the API refuses what :meth:`validate` would.
+    """
+
+    # RMSprop's lr; 1 already moves every weight by about 1 per step
+    lr: float = field(default=2e-5, metadata=bound("float", 0.0, 1.0, low_open=True))
+    max_steps: int = field(default=100, metadata=bound("int", 1, 10_000))
+    # stop when every image is predicted as its target and CE <= this
+    stop_loss: float = field(default=0.01, metadata=bound("float", 0.0, 100.0))
+    seed: int = field(default=0, metadata=bound("int", 0, SEED_MAX))
 
     knob: ClassVar[str | None] = None  # the field a benchmark sweeps (rho, c, rank, ...)
     knob_values: ClassVar[tuple[float, ...]] = ()
 
+    @classmethod
+    def bounds(cls) -> dict[str, Bound]:
+        """Every numeric option's bound: the spec the API validates requests against."""
+        return bounds_of(dataclasses.fields(cls))
+
     def validate(self) -> None:
-        if not self.lr > 0:
-            raise EditConfigError(f"lr must be > 0, got {self.lr}")
-        if not 1 <= self.max_steps <= 10_000:
-            raise EditConfigError(f"max_steps must be in [1, 10000], got {self.max_steps}")
-        if self.stop_loss < 0:
-            raise EditConfigError(f"stop_loss must be >= 0, got {self.stop_loss}")
+        """Every bounded option in its range (EditConfigError names the first one out of it)."""
+        for name, b in self.bounds().items():
+            b.check(name, getattr(self, name))
 
 
 @dataclass
@@ -135,15 +145,17 @@ def make_config(name: str, **options: Any) -> EditConfig:
         raise EditConfigError(
             f"method {name!r} has no option(s) {unknown}; it takes {sorted(fields)}"
         )
+    given = {k: v for k, v in options.items() if v is not None}
+    bounds = cls.bounds()
     clean = {}
-    for key, value in options.items():
-        if value is None:
-            continue
+    for key, value in given.items():
         kind = type(fields[key].default)
-        try:
-            clean[key] = kind(value) if kind in (int, float, str, bool) else value
-        except (TypeError, ValueError):
-            raise EditConfigError(f"option {key}={value!r} must be a {kind.__name__}") from None
+        if key in bounds:
+            clean[key] = bounds[key].check(key, value)
+        elif kind in (str, bool) and not isinstance(value, kind):
+            raise EditConfigError(f"option {key}={value!r} must be a {kind.__name__}")
+        else:
+            clean[key] = value
     config = cls(**clean)
     config.validate()
     return config

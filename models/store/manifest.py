@@ -213,6 +213,7 @@ class MethodInfo:
     options: dict[str, Any]  # option name -> default value
     needs_hypernetwork: bool = False
     description: str = ""
+    bounds: dict[str, Any] = field(default_factory=dict)  # option -> models.bounds.Bound JSON
 
 
 @dataclass(frozen=True)

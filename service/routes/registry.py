@@ -29,6 +29,7 @@ def model_public(store: Store, entry: ModelEntry) -> ModelPublic:
                 options=v.options,
                 needs_hypernetwork=v.needs_hypernetwork,
                 description=v.description,
+                bounds=v.bounds,
             )
             for k, v in entry.methods.items()
         },

@@ -62,7 +62,7 @@ CASES: list[tuple[str, dict[str, Any], list[Any], int, str]] = [
     ("rho out of range", {**GOOD, "method": "random", "rho": "1.5"}, _files(png(3)), 422, "(0, 1]"),
     ("max_steps zero", {**GOOD, "max_steps": "0"}, _files(png(3)), 422, "max_steps"),
     ("max_steps too many", {**GOOD, "max_steps": "100000"}, _files(png(3)), 422, "max_steps"),
-    ("negative lr", {**GOOD, "lr": "-1"}, _files(png(3)), 422, "must be > 0"),
+    ("negative lr", {**GOOD, "lr": "-1"}, _files(png(3)), 422, "must be a number in (0, 1]"),
     ("not a number", {**GOOD, "lr": "fast"}, _files(png(3)), 422, "lr"),
     ("options not JSON", {**GOOD, "options": "{c: 1}"}, _files(png(3)), 422, "JSON object"),
     (

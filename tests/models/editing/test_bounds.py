@@ -1,0 +1,82 @@
+"""Every numeric option of every editor is bounded, and one spec (the config's field bounds) is what
+both the worker's configs and the API's checks read."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+import pytest
+
+from models.bounds import SEED_MAX, Bound
+from models.editing import EDITORS, make_config
+from models.errors import EditConfigError
+
+REFUSED: list[tuple[str, str, Any]] = [
+    ("ft", "lr", 1e30),
+    ("ft", "lr", 0.0),
+    ("ft", "lr", math.nan),
+    ("ft", "lr", "inf"),
+    ("ft", "lr", True),
+    ("ft", "max_steps", 0),
+    ("ft", "max_steps", 10_001),
+    ("ft", "max_steps", 2.5),
+    ("ft", "stop_loss", -0.1),
+    ("ft", "stop_loss", math.inf),
+    ("ft", "seed", -1),
+    ("ft", "seed", 2**63),
+    ("ft", "seed", 2**64),
+    ("ft-l1", "c", 1e300),
+    ("ft-l2", "c", -1e-9),
+    ("lora", "rank", 0),
+    ("lora", "rank", 1025),
+    ("random", "rho", 0.0),
+    ("where2edit", "rho", 1.5),
+]
+ACCEPTED: list[tuple[str, str, Any]] = [
+    ("ft", "lr", 1.0),
+    ("ft", "seed", SEED_MAX),
+    ("ft", "max_steps", "7"),
+    ("ft-l1", "c", 0.0),
+    ("ft-l2", "c", 10.0),
+    ("lora", "rank", 1024),
+    ("saliency", "rho", 1.0),
+]
+
+
+@pytest.mark.parametrize(("method", "key", "value"), REFUSED)
+def test_configs_refuse_values_outside_their_bounds(method: str, key: str, value: Any) -> None:
+    with pytest.raises(EditConfigError, match=f"option {key}=.* must be"):
+        make_config(method, **{key: value})
+
+
+@pytest.mark.parametrize(("method", "key", "value"), ACCEPTED)
+def test_configs_accept_the_edges_of_their_bounds(method: str, key: str, value: Any) -> None:
+    config = make_config(method, **{key: value})
+    assert getattr(config, key) == type(getattr(config, key))(value)
+
+
+def test_every_numeric_option_of_every_editor_is_bounded() -> None:
+    for name, editor in EDITORS.items():
+        numeric = {
+            f.name
+            for f in dataclasses.fields(editor.config_cls)
+            if isinstance(f.default, int | float) and not isinstance(f.default, bool)
+        }
+        assert numeric == set(editor.config_cls.bounds()), name
+
+
+def test_a_config_built_directly_is_checked_too() -> None:
+    from models.editing.lora import LoRAConfig
+
+    with pytest.raises(EditConfigError, match="rank"):
+        LoRAConfig(rank=5000).validate()
+
+
+def test_bounds_survive_a_json_round_trip() -> None:
+    for editor in EDITORS.values():
+        for key, b in editor.config_cls.bounds().items():
+            again = Bound.from_json(json.loads(json.dumps(b.to_json())))
+            assert again == b, key

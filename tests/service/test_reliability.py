@@ -1,0 +1,72 @@
+"""What issue 12 found, each as a test of the API with a real redis-server (no worker: anything
+enqueued stays visible): the API refuses what the worker would refuse, odd ids and unknown models
+are 4xx, never 5xx."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from models.editing import EDITORS, make_config
+from models.errors import EditConfigError
+from tests.models.editing.test_bounds import ACCEPTED, REFUSED
+from tests.redis_server import png
+from tests.service.conftest import Served
+
+pytestmark = pytest.mark.redis
+
+
+def _edit(idle: Served, headers: dict[str, str] | None = None, **form: Any) -> Any:
+    files = [("images", ("x.png", png(3), "image/png"))]
+    data = {"label": "3", "model": "tiny", **form}
+    return idle.client.post("/v1/edits", data=data, files=files, headers=headers or {})
+
+
+def _cancel_all(idle: Served) -> None:
+    for job_id in idle.jobs.edits.job_ids:
+        idle.client.post(f"/v1/edits/{job_id}/cancel")
+    assert idle.jobs.edits.count == 0
+
+
+def test_the_registry_entry_carries_each_editors_bounds(idle: Served) -> None:
+    methods = idle.client.get("/v1/models/tiny").json()["methods"]
+    for name, editor in EDITORS.items():
+        expected = {k: b.to_json() for k, b in editor.config_cls.bounds().items()}
+        assert methods[name]["bounds"] == expected, name
+
+
+def _as_form(method: str, key: str, value: Any) -> dict[str, str]:
+    return {"method": method, "options": json.dumps({key: value})}  # NaN, Infinity pass as such
+
+
+@pytest.mark.parametrize(("method", "key", "value"), REFUSED)
+def test_api_refuses_what_the_worker_would_refuse(
+    idle: Served, method: str, key: str, value: Any
+) -> None:
+    with pytest.raises(EditConfigError):
+        make_config(method, **{key: value})
+    if method == "where2edit":
+        pytest.skip("the tiny model has no hypernetwork")
+    r = _edit(idle, **_as_form(method, key, value))
+    assert r.status_code == 422, r.text
+    assert key in r.json()["detail"] and "must be" in r.json()["detail"]
+    assert idle.jobs.edits.count == 0
+
+
+@pytest.mark.parametrize(("method", "key", "value"), ACCEPTED)
+def test_api_accepts_what_the_worker_accepts(
+    idle: Served, method: str, key: str, value: Any
+) -> None:
+    make_config(method, **{key: value})
+    r = _edit(idle, **_as_form(method, key, value))
+    assert r.status_code == 202, r.text
+    _cancel_all(idle)
+
+
+def test_api_refuses_a_huge_seed_and_lr_sent_as_form_fields(idle: Served) -> None:
+    for form in ({"seed": str(2**64)}, {"lr": "1e30"}, {"method": "lora", "max_steps": "0"}):
+        r = _edit(idle, **form)
+        assert r.status_code == 422 and "must be" in r.json()["detail"], r.text
+    assert idle.jobs.edits.count == 0
