@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from models.editing import get_editor, make_config, run_edit
 from models.editing.registry import EditConfig, EditOutcome, EditTask
-from models.errors import EditCanceled
+from models.errors import EditCanceled, EditDiverged
 from models.reports import ReportSets, TokenSet, build_report, peak_memory, predict_sets
 from models.sites import Patch
 from models.store.manifest import ImageRecord, VersionManifest, utc_now
@@ -102,8 +102,10 @@ def _edit(rt: Runtime, payload: EditPayload, job: Job | None, progress: Progress
         needs_mask = get_editor(payload.method).needs_hypernetwork
         progress.phase("masking" if needs_mask else "optimizing")
         outcome = run_edit(payload.method, task, config, on_step=progress.on_step)
+        require_finite_patch(outcome.patch, "the edit")  # never score a non-finite model
         progress.phase("evaluating")
         after, cumulative = _evaluate_new(loaded, outcome.patch, sets)
+    require_finite_patch(cumulative, "the new version")  # never store one either
     progress.phase("saving")  # closes "evaluating" in progress.seconds
     facts = _edit_facts(payload, loaded, config, outcome, cumulative)
     report = build_report(
@@ -111,6 +113,16 @@ def _edit(rt: Runtime, payload: EditPayload, job: Job | None, progress: Progress
     )
     manifest = _save_version(rt, payload, job, loaded, config, cumulative, images, report)
     return {"version": manifest.version, "model": payload.model}
+
+
+def require_finite_patch(patch: Patch, what: str) -> None:
+    """EditDiverged if any new weight of ``patch`` is NaN or inf."""
+    bad = [k for k, (_, values) in patch.entries.items() if not bool(torch.isfinite(values).all())]
+    if bad:
+        raise EditDiverged(
+            f"{what} holds non-finite weights (NaN or inf) in {bad}; nothing was stored. "
+            "Lower lr or the method's penalty"
+        )
 
 
 def _evaluate_new(

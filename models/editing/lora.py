@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 
 from models.bounds import bound
-from models.editing.optimize import frozen, optimise, site_logits
+from models.editing.optimize import frozen, optimise, require_finite, site_logits
 from models.editing.registry import EditConfig, EditOutcome, EditTask, StepCallback, register
 from models.sites import Patch
 
@@ -62,6 +62,7 @@ def lora(task: EditTask, config: LoRAConfig, on_step: StepCallback | None = None
         )
     with torch.no_grad():
         final = merged()
+    require_finite(final, steps, config, "the merged weights W0 + B @ A")
     n_params = sum(t.numel() for t in trainable)
     return EditOutcome(
         Patch.from_diff(task.sites, initial, final),

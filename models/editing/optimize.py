@@ -3,7 +3,8 @@
 RMSprop (torch defaults but the learning rate) on cross-entropy to the edit targets, through the
 cached suffix of the split forward pass, with the early stop rule: stop as soon as every edit image
 is predicted as its target and the cross-entropy is <= ``config.stop_loss``, else after
-``config.max_steps`` steps.
+``config.max_steps`` steps. A non-finite logit, loss or weight at any step ends the edit with
+:class:`~models.errors.EditDiverged` (the options are bounded, but a bound cannot promise that).
 
 The shared model's weights are never written. The trainable tensors are the selected neurons only
 (fc1 rows, fc2 columns): each step assembles ``W = W0`` with those rows/columns replaced and swaps
@@ -23,6 +24,7 @@ from torch import nn
 from torch.func import functional_call
 
 from models.editing.registry import EditConfig, EditOutcome, EditTask, StepCallback
+from models.errors import EditDiverged
 from models.forward import SplitForward
 from models.sites import Matrix, Patch
 
@@ -57,14 +59,29 @@ def optimise(
     while True:
         logits, extra = objective()
         ce = F.cross_entropy(logits, targets)
+        loss = ce if extra is None else ce + extra
+        require_finite([logits, loss], step, config, "the logits or the loss")
         if step == config.max_steps or edit_done(logits, targets, ce, config.stop_loss):
             return step, ce.item()
         opt.zero_grad(set_to_none=True)
-        (ce if extra is None else ce + extra).backward()
+        loss.backward()
         opt.step()
         step += 1
+        require_finite(trainable, step, config, "the edited weights")
         if on_step is not None:
             on_step(step, config.max_steps, ce.item())  # may raise EditCanceled
+
+
+def require_finite(tensors: list[torch.Tensor], step: int, config: EditConfig, what: str) -> None:
+    """Stop the edit as soon as a NaN or inf appears: a diverged edit must never be stored."""
+    with torch.no_grad():
+        finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+    if not bool(finite):
+        raise EditDiverged(
+            f"the edit diverged: {what} became non-finite (NaN or inf) at step {step} of "
+            f"{config.max_steps}; nothing was stored. Lower lr (it was {config.lr:g}) or the "
+            "method's penalty, or send fewer steps"
+        )
 
 
 class _Suffix(nn.Module):
@@ -145,6 +162,7 @@ def masked_finetune(
         steps, loss = optimise(config, [t for _, t in chosen], objective, task.targets, on_step)
     with torch.no_grad():
         final = weights()
+    require_finite(final, steps, config, "the edited weights")
     n_mask = task.sites.n_entries if masks is None else sum(int(m.sum()) for m in masks)
     return EditOutcome(
         Patch.from_diff(task.sites, initial, final),

@@ -1,5 +1,5 @@
 """Every numeric option of every editor is bounded, and one spec (the config's field bounds) is what
-both the worker's configs and the API's checks read."""
+both the worker's configs and the API's checks read; an edit that turns non-finite stops there."""
 
 from __future__ import annotations
 
@@ -9,10 +9,15 @@ import math
 from typing import Any
 
 import pytest
+import torch
 
 from models.bounds import SEED_MAX, Bound
-from models.editing import EDITORS, make_config
-from models.errors import EditConfigError
+from models.editing import EDITORS, EditConfig, EditTask, make_config, run_edit
+from models.editing.finetune import FTConfig, FTL1Config
+from models.editing.lora import LoRAConfig
+from models.errors import EditConfigError, EditDiverged
+from models.sites import Sites
+from tests.conftest import tiny_vit
 
 REFUSED: list[tuple[str, str, Any]] = [
     ("ft", "lr", 1e30),
@@ -69,8 +74,6 @@ def test_every_numeric_option_of_every_editor_is_bounded() -> None:
 
 
 def test_a_config_built_directly_is_checked_too() -> None:
-    from models.editing.lora import LoRAConfig
-
     with pytest.raises(EditConfigError, match="rank"):
         LoRAConfig(rank=5000).validate()
 
@@ -80,3 +83,34 @@ def test_bounds_survive_a_json_round_trip() -> None:
         for key, b in editor.config_cls.bounds().items():
             again = Bound.from_json(json.loads(json.dumps(b.to_json())))
             assert again == b, key
+
+
+# --------------------------------------------------------------------------- non-finite edits
+
+
+def _task() -> EditTask:
+    model = tiny_vit()
+    images = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        targets = (model(images).argmax(1) + 3) % 10
+    return EditTask.build(model, Sites.for_model(model), images, targets)
+
+
+@pytest.mark.parametrize(
+    ("name", "config"),
+    [
+        ("ft", FTConfig(lr=1e30, max_steps=3)),  # built directly: no bounds checked
+        ("ft-l1", FTL1Config(lr=1e-3, max_steps=3, c=1e300)),
+        ("lora", LoRAConfig(lr=1e30, max_steps=3)),
+    ],
+)
+def test_a_diverging_edit_stops_with_a_reason_and_leaves_the_model(
+    name: str, config: EditConfig
+) -> None:
+    task = _task()
+    before = {k: v.clone() for k, v in task.model.state_dict().items()}
+    steps: list[int] = []
+    with pytest.raises(EditDiverged, match=r"non-finite .* at step [0-3] of 3.*Lower lr"):
+        run_edit(name, task, config, on_step=lambda step, _n, _loss: steps.append(step))
+    assert len(steps) <= 1  # it stops at the step that diverged, not after max_steps
+    assert all(torch.equal(before[k], v) for k, v in task.model.state_dict().items())

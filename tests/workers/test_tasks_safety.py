@@ -1,0 +1,66 @@
+"""The worker's edit task in-process (no queue): whatever an editor returns, a version holding NaN
+or inf weights is never scored nor stored, and the job says why."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from redis import Redis
+
+from models.editing import EDITORS, EditOutcome, EditTask
+from models.editing.finetune import FTConfig
+from models.editing.optimize import masked_finetune
+from models.editing.registry import StepCallback, register
+from models.errors import EditDiverged
+from models.sites import Patch
+from tests.redis_server import png, tiny_store
+from workers import tasks
+from workers.payloads import EditPayload, JobImage
+from workers.runtime import Runtime
+from workers.settings import WorkerSettings
+
+BROKEN = "test-non-finite"
+
+
+@pytest.fixture
+def broken_editor() -> Iterator[str]:
+    """An editor that edits, then hands back a patch of NaNs (what lr=1e30 used to produce)."""
+
+    def edit(task: EditTask, config: FTConfig, on_step: StepCallback | None = None) -> EditOutcome:
+        outcome = masked_finetune(task, config, on_step=on_step)
+        nans = {
+            k: (i, torch.full_like(v, torch.nan)) for k, (i, v) in outcome.patch.entries.items()
+        }
+        return EditOutcome(Patch(task.sites, nans), outcome.steps, outcome.loss)
+
+    register(BROKEN, FTConfig, description="test only: NaN weights")(edit)
+    try:
+        yield BROKEN
+    finally:
+        EDITORS.pop(BROKEN)
+
+
+def test_a_non_finite_edit_is_neither_scored_nor_stored(tmp_path: Path, broken_editor: str) -> None:
+    store = tiny_store(tmp_path)
+    rt = Runtime(
+        WorkerSettings(store=store.root, device="cpu"), Redis.from_url("redis://127.0.0.1:1/0")
+    )
+    loaded = rt.load("tiny")
+    base = [p.detach().clone() for p in loaded.sites.params(loaded.model)]
+    upload, _ = store.new_upload()
+    payload = EditPayload(
+        model="tiny",
+        upload=upload,
+        images=[JobImage(path=store.write_upload(upload, "edit-000", png(5)), target=4)],
+        method=broken_editor,
+        options={"lr": 0.01, "max_steps": 5},
+    )
+    with pytest.raises(EditDiverged, match=r"non-finite weights .*nothing was stored"):
+        tasks.edit(rt, payload, job=None)
+    assert store.versions("tiny") == []
+    assert not list((store.root / "tmp").iterdir())
+    now = loaded.sites.params(loaded.model)
+    assert all(torch.equal(p, b) for p, b in zip(now, base, strict=True))
