@@ -6,7 +6,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 ARCH   := $(shell uname -m)
 
-# torch + torchvision pairs that install from this kind of machine's local wheels (machine-notes.md).
+# torch + torchvision pairs that install from this kind of machine's local wheels
+# (docs/development.md section 2).
 ifeq ($(ARCH),aarch64)
 TORCH_SPEC ?= torch==2.9.1 torchvision==0.24.1
 else

@@ -5,8 +5,8 @@
     vitedit hypernet train --world demo --init-from models/assets/demo/hypernet --locality 1000 \
         --out DIR                              # fine-tune it with the (optional) locality term
 
-Options left unset take the demo recipe for ``--world demo`` and method.md's reference defaults
-(``MetaTrainConfig``) otherwise.
+Options left unset take the demo recipe for ``--world demo`` and the paper's reference defaults
+(``MetaTrainConfig``) otherwise; docs/method.md section 3 lists both.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 DEMO_CHECKPOINTS = Path.home() / ".cache" / "vitedit" / "demo-hypernet-checkpoint"
 DEMO_RECIPE: dict[str, Any] = {
-    # measured on the demo backbone (see the hypernetwork manifest and the project notes):
+    # measured on the demo backbone (the hypernetwork manifest; docs/method.md section 3):
     "inner_lr": 0.1,  # 1e-3 (ViT-B's) leaves the KL unchanged and s ~0.5% dense here
     "regression_lr": 1e-3,  # the reference 1e-4 is tuned for 10k iterations; we run ~1.3k
     "iterations": 1257,  # what a 28-minute budget reached on 2 shared cores (6 episodes/s)
@@ -43,7 +43,9 @@ _CONFIG_OPTIONS = (
 def register(sub: argparse._SubParsersAction) -> None:
     hypernet = sub.add_parser("hypernet", help="meta-train where-to-edit hypernetworks")
     actions = hypernet.add_subparsers(dest="hypernet_command", required=True)
-    train = actions.add_parser("train", help="meta-train on CutMix pseudo-edits (method.md sec. 3)")
+    train = actions.add_parser(
+        "train", help="meta-train on CutMix pseudo-edits (docs/method.md section 3)"
+    )
     source = train.add_mutually_exclusive_group(required=True)
     source.add_argument("--world", choices=["demo"], help="the built-in demo backbone and its pool")
     source.add_argument("--backbone", type=Path, help="backbone manifest (JSON); needs --images")

@@ -1,4 +1,4 @@
-"""Edit metrics (method.md section 6): reliability, generalization, locality; aggregation; fronts.
+"""Edit metrics (docs/method.md section 6): SR, GR, LR, their aggregation, GR-vs-LR fronts.
 
 For an error group G of failure images with true label y, each edit starts from the same model and
 uses edit image(s) E of G (one image in the paper's protocol):

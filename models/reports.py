@@ -1,6 +1,6 @@
 """The report stored with every version: what the edit fixed, what it broke, and what it cost.
 
-The metrics are those of :mod:`models.evaluation` (method.md section 6) applied to one service
+The metrics are those of :mod:`models.evaluation` (docs/method.md section 6) applied to one
 edit: the evaluation sets are prepared once as prefix tokens (:class:`ReportSets`), predicted
 under the parent version and under the new one (:func:`predict_sets`), and compared
 (:func:`build_report`). Retention checks the edit images of every earlier version of the lineage.
@@ -22,7 +22,7 @@ REPORT_SCHEMA = 1
 
 DEFINITIONS = {
     "SR": "reliability: share of this request's edit images the new version predicts as their "
-    "target label (method.md section 6)",
+    "target label (docs/method.md section 6)",
     "GR": "generalization: accuracy of the new version on held-out failures of the same group: "
     "the request's 'holdout' images, else the registered benchmark groups of the target "
     "label(s); the edit images themselves are never counted",

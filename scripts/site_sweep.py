@@ -1,6 +1,6 @@
 """Site sweep: which group of consecutive FFN blocks gives the best GR-vs-LR front on the demo world?
 
-method.md section 1: the paper chose blocks 7-9 of ViT-B by sweeping groups of 3 consecutive FFNs
+docs/method.md section 1: the paper chose blocks 7-9 of ViT-B by sweeping groups of 3 consecutive FFNs
 (middle-to-late blocks gave the best front). Meta-training a hypernetwork per group is the full
 sweep; this is the cheap one: it runs mask-free baselines (default: the random mask at rho = 0.1 and
 FT-L1 at c = 0.005) on every window of ``--width`` consecutive blocks, with the backbone's shared

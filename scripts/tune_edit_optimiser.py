@@ -1,6 +1,6 @@
 """Measure the one optimiser setting (lr, max steps, stop loss) all editors share on the demo world.
 
-method.md section 4: the paper's lr 2e-5 and "stop at CE <= 0.01" were tuned for a pretrained
+docs/method.md section 4: the paper's lr 2e-5 and "stop at CE <= 0.01" were tuned for a pretrained
 ViT-B; on a small ViT trained from scratch the stop rule is rarely met and small learning rates flip
 few failures. This sweeps lr x max_steps x stop_loss on a small sample of the demo benchmark with
 the random-mask (rho = 0.1) and full fine-tuning baselines, prints SR / GR / LR per setting, and

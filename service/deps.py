@@ -37,6 +37,15 @@ def require_api_key(
     keys = settings.keys
     if not keys:
         return
-    scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip(), k) for k in keys):
+    if not authorized(keys, authorization):
         raise Unauthorized("this server needs an API key: send 'Authorization: Bearer <key>'")
+
+
+def authorized(keys: frozenset[str], authorization: str | None) -> bool:
+    """Whether an ``Authorization`` header carries one of ``keys`` (compared in constant time,
+    as bytes: a header may hold any character)."""
+    scheme, _, token = (authorization or "").partition(" ")
+    given = token.strip().encode("utf-8", "surrogatepass")
+    return scheme.lower() == "bearer" and any(
+        hmac.compare_digest(given, k.encode("utf-8")) for k in keys
+    )

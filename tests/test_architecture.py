@@ -1,4 +1,4 @@
-"""The import direction of architecture.md: service -> workers -> models, torch-free API."""
+"""The import contracts of docs/architecture.md section 2: cli -> service -> workers -> models."""
 
 import subprocess
 import sys

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -63,6 +64,10 @@ class JobState(StrEnum):
 
 
 TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELED})
+
+
+JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+"""What a job id may be: RQ's own id rule, bounded."""
 
 
 def cancel_key(job_id: str) -> str:
@@ -207,6 +212,11 @@ class JobClient:
     # ------------------------------------------------------------------ follow
 
     def fetch(self, job_id: str) -> Job:
+        if not JOB_ID.fullmatch(job_id):  # RQ raises ValueError on these: never a 500
+            raise JobNotFound(
+                f"no job {job_id!r}: job ids are 1-128 letters, digits, '_' or '-' (like "
+                f"{new_job_id()[:9]}...), as POST /v1/edits returned them"
+            )
         try:
             return Job.fetch(job_id, connection=self.redis, serializer=JSONSerializer)
         except NoSuchJobError:

@@ -1,4 +1,4 @@
-"""Fine-tuning baselines on the editable sites (method.md section 5).
+"""Fine-tuning baselines on the editable sites (docs/method.md section 5).
 
 - ``ft``: every neuron of the sites may change; plain cross-entropy.
 - ``ft-l1``: CE + c * ||W - W0||_1 over the site matrices.

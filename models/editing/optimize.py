@@ -1,4 +1,4 @@
-"""The one optimiser loop every fine-tuning editor runs (method.md section 4).
+"""The one optimiser loop every fine-tuning editor runs (docs/method.md section 4).
 
 RMSprop (torch defaults but the learning rate) on cross-entropy to the edit targets, through the
 cached suffix of the split forward pass, with the early stop rule: stop as soon as every edit image

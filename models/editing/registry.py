@@ -28,7 +28,7 @@ StepCallback = Callable[[int, int, float], None]
 
 @dataclass(frozen=True)
 class EditConfig:
-    """Options every editor shares: the optimiser and its stop rule (method.md section 4).
+    """Options every editor shares: the optimiser and its stop rule (docs/method.md section 4).
 
     Every numeric option is bounded (:mod:`models.bounds`): an lr or a penalty without a ceiling
     can drive the weights to inf/NaN within a few steps. The bounds are exported with the model's

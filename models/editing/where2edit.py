@@ -1,4 +1,4 @@
-"""Where-to-edit (method.md section 4): the hypernetwork picks the neurons, then masked fine-tuning.
+"""Where-to-edit (docs/method.md section 4): a hypernetwork picks the neurons to fine-tune.
 
 Scores = hypernetwork(cls features of the edit images), averaged over the images; one global
 ranking keeps the top ``rho`` of all entries (fc1 rows and fc2 columns of every site); the shared

@@ -1,4 +1,4 @@
-"""CutMix pseudo-edit episodes (method.md section 3): unlabeled images -> (x, x~, f(x)).
+"""CutMix pseudo-edit episodes (docs/method.md section 3): unlabeled images -> (x, x~, f(x)).
 
 An episode pastes a box of a second image x' into x at the same position. The box is aligned to
 the patch grid and lies fully inside the image; the target is the frozen backbone's own

@@ -1,4 +1,4 @@
-"""Meta-training the hypernetwork: the decoupled bi-level loop of method.md section 3.
+"""Meta-training the hypernetwork: the decoupled bi-level loop of docs/method.md section 3.
 
 Per iteration, on a batch of B CutMix episodes (x, x~, f(x)):
 
@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class MetaTrainConfig:
-    """Reference defaults (method.md section 3); ``inner_lr`` may need tuning on small models."""
+    """The paper's defaults; small backbones may need others (docs/method.md section 3)."""
 
     iterations: int = 10_000
     batch: int = 8  # B episodes per iteration

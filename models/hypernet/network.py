@@ -1,6 +1,6 @@
 """The hypernetwork: a failure image's CLS feature -> a score per editable mask entry.
 
-method.md section 2. The sequence is one zero-initialised learnable query token per editable
+docs/method.md section 2. The sequence is one zero-initialised learnable query token per editable
 matrix, followed by the (projected) CLS feature; no position embeddings. A small pre-LN
 transformer trunk mixes them, then each query token has its own head Linear(width -> H_i), and
 the scores are ``clamp(sigmoid(score_scale * z), clamp, 1 - clamp)``.

@@ -32,13 +32,19 @@ def _aliases_of(store: Store, model: str) -> dict[str, list[str]]:
 
 def _resolve(store: Store, model: str, version: str) -> str:
     """A version id from an id, alias or 'latest' (404 for 'base' or a model without versions)."""
-    resolved = store.resolve_version(model, version)
+    resolved = _resolve_any(store, model, version)
     if resolved is None:
         raise UnknownVersionError(
             f"{model}@{version} is the base backbone: it has no manifest or "
             "patch (its weights and predict work)"
         )
     return resolved
+
+
+def _resolve_any(store: Store, model: str, version: str) -> str | None:
+    """A version id, or None for 'base'; 404 for an unknown model before anything is queued."""
+    store.model(model)
+    return store.resolve_version(model, version)
 
 
 @router.get("", response_model=VersionListPublic, summary="Every version, with its parent")
@@ -102,7 +108,7 @@ def download_patch(model: str, version: str, store: StoreDep) -> FileResponse:
 def download_weights(
     model: str, version: str, store: StoreDep, jobs: JobsDep, settings: SettingsDep
 ) -> FileResponse:
-    resolved = store.resolve_version(model, version)
+    resolved = _resolve_any(store, model, version)
     cached = store.cached_weights(model, resolved)
     if cached is None:
         jobs.run_short(
@@ -134,7 +140,7 @@ def predict(
     images: Annotated[list[UploadFile], File(description="images to classify")],
     top_k: Annotated[int, Query(ge=1, le=100)] = 3,
 ) -> PredictPublic:
-    resolved = store.resolve_version(model, version)
+    resolved = _resolve_any(store, model, version)
     checked = V.check_images(images, settings, "predict")
     upload, _ = store.new_upload()
     try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 
@@ -13,7 +14,7 @@ from models.editing import EDITORS, make_config
 from models.errors import EditConfigError
 from tests.models.editing.test_bounds import ACCEPTED, REFUSED
 from tests.redis_server import png
-from tests.service.conftest import Served
+from tests.service.conftest import Served, api
 
 pytestmark = pytest.mark.redis
 
@@ -70,3 +71,29 @@ def test_api_refuses_a_huge_seed_and_lr_sent_as_form_fields(idle: Served) -> Non
         r = _edit(idle, **form)
         assert r.status_code == 422 and "must be" in r.json()["detail"], r.text
     assert idle.jobs.edits.count == 0
+
+
+@pytest.mark.parametrize("job_id", ["a.b", "*", " ", "\x00", "a:b", "é", "j" * 200])
+def test_odd_job_ids_are_404_json_on_read_and_cancel(idle: Served, job_id: str) -> None:
+    path = f"/v1/edits/{quote(job_id, safe='')}"
+    for r in (idle.client.get(path), idle.client.post(f"{path}/cancel")):
+        assert r.status_code == 404, r.text
+        assert r.json()["error"] == "JobNotFound" and "job ids are" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("what", ["weights", "predict", "patch"])
+def test_unknown_model_is_404_before_anything_is_queued(idle: Served, what: str) -> None:
+    path = f"/v1/models/nope/versions/base/{what}"
+    files = [("images", ("x.png", png(3), "image/png"))]
+    r = idle.client.post(path, files=files) if what == "predict" else idle.client.get(path)
+    assert r.status_code == 404 and r.json()["error"] == "UnknownModelError", r.text
+    assert idle.jobs.high.count == 0
+
+
+def test_a_non_ascii_bearer_token_is_401_not_500(idle: Served) -> None:
+    with api(idle.redis_url, idle.store.root, api_keys="s3cret") as client:
+        for token in ("sécret".encode(), b"\xff\xfe", "s3cret\u00a0".encode()):
+            r = client.get("/v1/models", headers={"Authorization": b"Bearer " + token})
+            assert r.status_code == 401 and r.json()["error"] == "Unauthorized", r.text
+        ok = client.get("/v1/models", headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
