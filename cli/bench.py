@@ -1,6 +1,7 @@
 """``vitedit bench``: compare edit methods on a benchmark (SR / GR / LR per knob value).
 
 vitedit bench --world demo --quick --out bench-out
+vitedit bench --world tiny-imagenet --split tuning --methods random,ft-l1 --out tuning/
 vitedit bench --backbone backbone.json --groups edit_groups/ --locality locality/ --out out/
 vitedit bench --backbone vit_base_patch16_224 --weights vit.safetensors --groups G --locality L
 """
@@ -25,7 +26,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     src = p.add_argument_group("backbone and benchmark")
-    src.add_argument("--world", choices=["demo"], help="the built-in demo backbone and benchmark")
+    src.add_argument(
+        "--world",
+        choices=["demo", "tiny-imagenet"],
+        help="a built-in backbone, benchmark and hypernetwork (vitedit world show NAME)",
+    )
+    src.add_argument(
+        "--split",
+        choices=["tuning", "test", "all"],
+        help="groups to run: choose knobs on 'tuning', report 'test' (default: the world's "
+        "report split, 'test' for tiny-imagenet; 'all' for a benchmark without halves)",
+    )
     src.add_argument("--backbone", help="a backbone manifest (.json) or a timm model name")
     src.add_argument("--weights", type=Path, help="safetensors weights for a timm name")
     src.add_argument(
@@ -60,13 +71,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     opt.add_argument("--lr", type=float)
     opt.add_argument("--max-steps", type=int)
     opt.add_argument("--stop-loss", type=float)
-    opt.add_argument("--seed", type=int, default=0)
+    opt.add_argument(
+        "--seeds",
+        default="0,1,2",
+        help="comma-separated seeds: each repeats the sampled edits and the mask draws (default 0,1,2)",
+    )
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument(
         "--threads",
         type=int,
-        help="torch CPU threads (default: 1 for --world demo, whose 17-token model "
-        "runs fastest on one thread; else torch's choice)",
+        help="torch CPU threads (default: 1 for a built-in world, whose 17-token models "
+        "run fastest on one thread; else torch's choice)",
     )
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="output folder")
     p.set_defaults(func=run_bench_command)
@@ -90,46 +105,46 @@ def _load_backbone(args: argparse.Namespace, device: Any) -> Any:
     from models.backbones import backbone_from_name, load_backbone
     from models.store.manifest import BackboneManifest
 
-    if args.world == "demo":
-        from models.worlds.demo import load_demo_backbone
+    if args.world:
+        from models.worlds.catalog import get_world
 
-        return load_demo_backbone(device)
+        return get_world(args.world).load_backbone(device)
     if not args.backbone:
-        raise SystemExit("give --world demo, or --backbone (a manifest .json or a timm name)")
+        raise SystemExit("give --world NAME, or --backbone (a manifest .json or a timm name)")
     if args.backbone.endswith(".json"):
         return load_backbone(BackboneManifest.read(args.backbone), device)
     return backbone_from_name(args.backbone, weights=args.weights, device=device)
 
 
 def _load_benchmark(args: argparse.Namespace) -> Any:
-    if args.world == "demo":
-        from models.worlds.demo import load_world
+    if args.world:
+        from models.worlds.catalog import get_world
 
-        return load_world().benchmark
+        world = get_world(args.world)
+        return world.load_world().benchmark.select(args.split or world.report_split)
     if args.groups is None or args.locality is None:
-        raise SystemExit("give --groups DIR and --locality DIR (paper layout), or --world demo")
+        raise SystemExit("give --groups DIR and --locality DIR (paper layout), or --world NAME")
     from models.worlds.layout import read_benchmark
 
-    return read_benchmark(args.groups, args.locality)
+    return read_benchmark(args.groups, args.locality).select(args.split or "all")
 
 
 def _load_hypernetwork(args: argparse.Namespace, backbone: Any) -> tuple[Any, Any]:
     """(hypernetwork, its sites) for where2edit, or (None, None) with a logged note."""
-    try:
-        from models import hypernetwork as hn
-    except ImportError:
-        log.info("models.hypernet.network is not available: %s is skipped", W2E)
-        return None, None
-    if args.hypernet is not None:
-        return hn.Hypernetwork.load(args.hypernet, backbone), hn.recorded_sites(args.hypernet)
-    if args.world == "demo":
-        found = hn.load_demo_hypernetwork(backbone)
-        if found is None:
-            log.info("no demo hypernetwork is shipped yet: %s is skipped", W2E)
+    from models.hypernet import network as hn
+
+    directory = args.hypernet
+    if directory is None and args.world:
+        from models.worlds.catalog import get_world
+
+        directory = get_world(args.world).hypernet_dir
+        if not (directory / hn.MANIFEST_FILE).is_file():
+            log.info("world %s ships no hypernetwork yet: %s is skipped", args.world, W2E)
             return None, None
-        return found, hn.recorded_sites(hn.DEMO_DIR)
-    log.info("no --hypernet given: %s is skipped", W2E)
-    return None, None
+    if directory is None:
+        log.info("no --hypernet given: %s is skipped", W2E)
+        return None, None
+    return hn.Hypernetwork.load(directory, backbone), hn.recorded_sites(directory)
 
 
 def _methods(args: argparse.Namespace, hypernet: Any) -> tuple[str, ...]:
@@ -153,7 +168,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     from models.worlds.bench import BenchConfig, edit_defaults, run_bench, write_results
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    threads = args.threads or (1 if args.world == "demo" and device.type == "cpu" else None)
+    threads = args.threads or (1 if args.world and device.type == "cpu" else None)
     if threads:
         torch.set_num_threads(threads)
     backbone = _load_backbone(args, device)
@@ -167,7 +182,11 @@ def run_bench_command(args: argparse.Namespace) -> int:
         k: getattr(args, k) if getattr(args, k) is not None else defaults[k]
         for k in ("lr", "max_steps", "stop_loss")
     }
-    options = dict(knobs=parse_knobs(args.knobs), seed=args.seed, **shared)
+    try:
+        seeds = tuple(int(v) for v in args.seeds.split(",") if v.strip())
+    except ValueError:
+        raise SystemExit(f"--seeds {args.seeds!r}: expected integers like 0,1,2") from None
+    options = dict(knobs=parse_knobs(args.knobs), seeds=seeds, **shared)
     if args.quick:
         config = BenchConfig.quick_run(methods, **options)
     else:
@@ -211,6 +230,15 @@ def _run_with_progress(fn: Any) -> Any:
         return fn(progress)
 
 
+def with_ci(point: dict[str, Any], metric: str) -> str:
+    """'45.4 [41.0, 49.9]': a metric in % with its 95% interval, when the results have one."""
+    text = f"{100 * point[metric]:.1f}"
+    if "ci95" in point:
+        lo, hi = point["ci95"][metric]
+        text += f" [{100 * lo:.1f}, {100 * hi:.1f}]"
+    return text
+
+
 def print_table(results: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -220,7 +248,16 @@ def print_table(results: dict[str, Any]) -> None:
         title=f"{results['backbone']['name']}: lr {s['lr']:g}, "
         f"max {s['max_steps']} steps, stop CE <= {s['stop_loss']:g}"
     )
-    for col in ("method", "knob", "SR %", "GR %", "LR %", "s / edit", "steps", "edits"):
+    for col in (
+        "method",
+        "knob",
+        "SR %",
+        "GR % [95% CI]",
+        "LR % [95% CI]",
+        "s / edit",
+        "steps",
+        "edits",
+    ):
         table.add_column(col, justify="left" if col in ("method", "knob") else "right")
     for method, entry in results["methods"].items():
         for p in entry["points"]:
@@ -229,8 +266,8 @@ def print_table(results: dict[str, Any]) -> None:
                 method,
                 knob,
                 f"{100 * p['sr']:.1f}",
-                f"{100 * p['gr']:.1f}",
-                f"{100 * p['lr']:.1f}",
+                with_ci(p, "gr"),
+                with_ci(p, "lr"),
                 f"{p['seconds_per_edit']:.2f}",
                 f"{p['steps_mean']:.1f}",
                 str(p["n_edits"]),

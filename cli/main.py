@@ -11,7 +11,7 @@ import importlib
 import logging
 import sys
 
-COMMAND_MODULES = ("demo", "bench", "hypernet", "serve", "api")
+COMMAND_MODULES = ("world", "demo", "bench", "hypernet", "serve", "api")
 
 
 def build_parser() -> argparse.ArgumentParser:

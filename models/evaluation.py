@@ -191,3 +191,35 @@ def best_gr_at_lr(points: Sequence[FrontPoint], min_lr: float = 0.9) -> FrontPoi
     """The point with the highest GR among those with LR >= ``min_lr`` (None if there is none)."""
     eligible = [p for p in points if p.lr >= min_lr and not math.isnan(p.gr)]
     return max(eligible, key=lambda p: (p.gr, p.lr), default=None)
+
+
+# --------------------------------------------------------------------------- intervals
+
+
+def bootstrap_ci(
+    values: Sequence[float], n_resamples: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (one value per group).
+
+    Groups are the unit the benchmark samples, so they are what is resampled (with replacement).
+    """
+    import numpy as np
+
+    x = np.asarray(values, dtype=np.float64)
+    if len(x) == 0:
+        raise ValueError("no values to bootstrap")
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, len(x), size=(n_resamples, len(x)))].mean(axis=1)
+    tail = 100 * (1 - level) / 2
+    lo, hi = np.percentile(means, [tail, 100 - tail])
+    return float(lo), float(hi)
+
+
+def paired_difference_ci(
+    a: Sequence[float], b: Sequence[float], n_resamples: int = 2000, seed: int = 0
+) -> tuple[float, tuple[float, float]]:
+    """Mean of a - b over the same groups, and its bootstrap interval (groups resampled in pairs)."""
+    if len(a) != len(b):
+        raise ValueError(f"paired values need the same groups: {len(a)} vs {len(b)}")
+    diff = [x - y for x, y in zip(a, b, strict=True)]
+    return sum(diff) / len(diff), bootstrap_ci(diff, n_resamples, seed)

@@ -61,7 +61,8 @@ class Sites:
         if not mlps:
             raise SiteError(f"{type(model).__name__} has no timm Mlp: it has no editable FFN sites")
         names = list(mlps)
-        blocks = default_blocks(len(names)) if blocks is None else tuple(blocks)
+        # sorted and de-duplicated: (6, 4, 5, 5) and (4, 5, 6) name the same sites, in one order
+        blocks = default_blocks(len(names)) if blocks is None else tuple(sorted(set(blocks)))
         bad = [b for b in blocks if not 0 <= b < len(names)]
         if bad or not blocks:
             raise SiteError(
@@ -76,7 +77,9 @@ class Sites:
         missing = [m for m in mlps if m not in found]
         if missing:
             raise SiteError(f"no timm Mlp at {missing}; available: {list(found)[:6]} ...")
-        return cls(tuple(mlps), tuple(found[m].fc1.out_features for m in mlps))
+        order = list(found)  # module order = block order; duplicates dropped
+        chosen = tuple(sorted(set(mlps), key=order.index))
+        return cls(chosen, tuple(found[m].fc1.out_features for m in chosen))
 
     @property
     def matrices(self) -> list[Matrix]:

@@ -54,7 +54,7 @@ def main() -> None:
         knobs=knobs,
         edits_per_group=args.edits,
         max_groups=args.groups,
-        seed=args.seed,
+        seeds=(args.seed,),
         **defaults,
     )
     n_blocks = len(find_mlps(backbone.model))

@@ -48,7 +48,7 @@ def sweep(args: argparse.Namespace) -> list[dict]:
             lr=lr,
             max_steps=max_steps,
             stop_loss=stop_loss,
-            seed=args.seed,
+            seeds=(args.seed,),
         )
         results = run_bench(backbone, benchmark, config)
         for method in METHODS:

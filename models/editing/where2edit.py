@@ -33,6 +33,7 @@ def learned_masks(hypernet: Hypernetwork, task: EditTask, rho: float) -> list[to
             f"the hypernetwork scores matrices of sizes {list(hypernet.config.hidden)}, but the "
             f"edit's sites {list(task.sites.mlps)} have {list(expected)}; use its sites"
         )
+    hypernet.check_sites(task.sites)
     scores = hypernet.mask_scores(task.model, task.images)  # (n_entries,)
     return task.sites.split(top_rho_mask(scores, rho))
 

@@ -110,6 +110,7 @@ class Hypernetwork(nn.Module):
         )
         self.norm = nn.LayerNorm(c.width)  # final norm of a pre-LN trunk
         self.heads = nn.ModuleList(nn.Linear(c.width, h) for h in c.hidden)
+        self.sites: Sites | None = None  # the sites it was trained for (set by save and load)
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """Pre-sigmoid scores z, (B, n_entries)."""
@@ -167,6 +168,7 @@ class Hypernetwork(nn.Module):
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         write_json_atomic(out_dir / MANIFEST_FILE, manifest)
+        self.sites = sites
         log.info("saved hypernetwork (%d parameters) to %s", manifest["n_parameters"], out_dir)
         return out_dir
 
@@ -187,7 +189,16 @@ class Hypernetwork(nn.Module):
         cfg = manifest["config"]
         net = cls(HypernetConfig(**{**cfg, "hidden": tuple(cfg["hidden"])}))
         net.load_state_dict(load_file(str(weights)))
+        net.sites = Sites.from_json(manifest["sites"])
         return net.eval().requires_grad_(False).to(backbone.device)
+
+    def check_sites(self, sites: Sites) -> None:
+        """Refuse to score other sites than its own, even of the same widths."""
+        if self.sites is not None and sites != self.sites:
+            raise HypernetworkMismatchError(
+                f"this hypernetwork scores the neurons of {list(self.sites.mlps)}, not of "
+                f"{list(sites.mlps)}: edit its sites, or meta-train one for yours"
+            )
 
 
 def read_manifest(in_dir: Path) -> dict[str, Any]:

@@ -7,6 +7,11 @@
 All methods share one optimiser setting (lr, max steps, stop rule) and the same sites. Each edit
 uses one failure image of a group and starts from the same model; GR is measured on the full group
 minus that image. Prefix tokens and base locality predictions are computed once per run.
+
+Every stochastic choice is repeated over ``config.seeds``: the sampled edit images, and each
+edit's own seed (a random mask is drawn afresh per edit, from the seed, the group and the image).
+A point's SR/GR/LR are means over groups of the per-group means over seeds and edits; each comes
+with a 95% percentile-bootstrap interval over groups (the unit the benchmark samples).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -31,6 +37,7 @@ from models.evaluation import (
     EvalSet,
     FrontPoint,
     best_gr_at_lr,
+    bootstrap_ci,
     group_result,
     overall,
     pareto_front,
@@ -42,7 +49,7 @@ from models.worlds.layout import EditBenchmark
 
 log = logging.getLogger(__name__)
 
-RESULTS_SCHEMA = 1
+RESULTS_SCHEMA = 2  # 2: seeds, per-edit seeds, bootstrap intervals
 QUICK_GROUPS = 4  # --quick: this many groups,
 QUICK_EDITS = 2  # this many edit images per group,
 QUICK_KNOBS = 2  # and this many knob values per method
@@ -60,8 +67,17 @@ class BenchConfig:
     lr: float = EditConfig.lr
     max_steps: int = EditConfig.max_steps
     stop_loss: float = EditConfig.stop_loss
-    seed: int = 0
+    seeds: tuple[int, ...] = (0, 1, 2)
     quick: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.seeds:
+            raise ValueError("the benchmark needs at least one seed")
+
+    @property
+    def seed(self) -> int:
+        """The first seed: the one that picks groups and seeds the bootstrap."""
+        return self.seeds[0]
 
     @classmethod
     def quick_run(cls, methods: tuple[str, ...], **options: Any) -> BenchConfig:
@@ -102,6 +118,12 @@ def sample_edits(sizes: Sequence[int], per_group: int | None, seed: int) -> list
     ]
 
 
+def edit_seed(seed: int, group: str, image: int) -> int:
+    """The seed of one edit: a stable function of the run seed, the group name and the image."""
+    state = np.random.SeedSequence([seed, zlib.crc32(group.encode()), image]).generate_state(1)
+    return int(state[0])
+
+
 def choose_groups(n_groups: int, max_groups: int | None, seed: int) -> list[int]:
     if max_groups is None or max_groups >= n_groups:
         return list(range(n_groups))
@@ -116,7 +138,7 @@ class _Prepared:
     evalset: EvalSet
     images: list[torch.Tensor]  # preprocessed images per chosen group
     names: list[str]
-    edits: list[list[int]]
+    edits: dict[int, list[list[int]]]  # seed -> edit image indices per group
 
 
 def _prepare(
@@ -128,7 +150,8 @@ def _prepare(
     images = [backbone.preprocess(g.images) for g in chosen]
     groups = [(g.name, g.label, x) for g, x in zip(chosen, images, strict=True)]
     evalset = EvalSet.prepare(split, groups, backbone.preprocess(benchmark.locality))
-    edits = sample_edits([len(g.images) for g in chosen], config.edits_per_group, config.seed)
+    sizes = [len(g.images) for g in chosen]
+    edits = {seed: sample_edits(sizes, config.edits_per_group, seed) for seed in config.seeds}
     return _Prepared(backbone, sites, evalset, images, [g.name for g in chosen], edits)
 
 
@@ -139,38 +162,58 @@ def _run_point(
     hypernetwork: Any,
     tick: Callable[[str], None],
 ) -> dict[str, Any]:
-    """Every sampled edit of every group with one method config; returns the point's numbers."""
+    """Every sampled edit of every group and seed with one method config: the point's numbers."""
     model, split = prep.backbone.model, prep.evalset.split
     groups, seconds, steps = [], 0.0, []
+    per_seed: dict[int, list[EditScore]] = {}
     for gi, g in enumerate(prep.evalset.groups):
         scores: list[EditScore] = []
-        for i in prep.edits[gi]:
-            task = EditTask(
-                model,
-                prep.sites,
-                split,
-                prep.images[gi][i : i + 1],
-                torch.tensor([g.label], device=prep.backbone.device),
-                g.tokens[i : i + 1],
-                hypernetwork,
-            )
-            start = time.perf_counter()
-            outcome = run_edit(method, task, edit_config)
-            seconds += time.perf_counter() - start
-            steps.append(outcome.steps)
-            scores.append(prep.evalset.score(outcome.patch, gi, [i]))
-            tick(f"{method} {g.name}")
+        for seed, edits in prep.edits.items():
+            seed_scores = []
+            for i in edits[gi]:
+                task = EditTask(
+                    model,
+                    prep.sites,
+                    split,
+                    prep.images[gi][i : i + 1],
+                    torch.tensor([g.label], device=prep.backbone.device),
+                    g.tokens[i : i + 1],
+                    hypernetwork,
+                )
+                config = dataclasses.replace(edit_config, seed=edit_seed(seed, g.name, i))
+                start = time.perf_counter()
+                outcome = run_edit(method, task, config)
+                seconds += time.perf_counter() - start
+                steps.append(outcome.steps)
+                seed_scores.append(prep.evalset.score(outcome.patch, gi, [i]))
+                tick(f"{method} {g.name}")
+            per_seed.setdefault(seed, []).append(_mean_scores(seed_scores))
+            scores += seed_scores
         groups.append(group_result(g.name, scores))
     total = overall(groups)
+    first_seed = next(iter(prep.edits))
+    ci = {
+        m: bootstrap_ci([getattr(g, m) for g in groups], seed=first_seed)
+        for m in ("sr", "gr", "lr")
+    }
     return {
         "sr": total.sr,
         "gr": total.gr,
         "lr": total.lr,
+        "ci95": ci,
+        "per_seed": {
+            str(seed): dataclasses.asdict(_mean_scores(scores)) for seed, scores in per_seed.items()
+        },
         "seconds_per_edit": seconds / len(steps),
         "steps_mean": float(np.mean(steps)),
         "n_edits": len(steps),
         "groups": [dataclasses.asdict(g) for g in groups],
     }
+
+
+def _mean_scores(scores: Sequence[EditScore]) -> EditScore:
+    n = len(scores)
+    return EditScore(*(sum(getattr(s, m) for s in scores) / n for m in ("sr", "gr", "lr")))
 
 
 def run_bench(
@@ -187,9 +230,12 @@ def run_bench(
     where2edit is among the methods, so that every method edits the same neurons.
     """
     sites = sites or Sites.for_model(backbone.model)
+    if hypernetwork is not None and any(get_editor(m).needs_hypernetwork for m in config.methods):
+        hypernetwork.check_sites(sites)  # every method edits the hypernetwork's own sites
     prep = _prepare(backbone, benchmark, config, sites)
     plan = [(m, v) for m in config.methods for v in knob_values(m, config)]
-    total, done = len(plan) * sum(len(e) for e in prep.edits), 0
+    per_point = sum(len(e) for edits in prep.edits.values() for e in edits)
+    total, done = len(plan) * per_point, 0
 
     def tick(label: str) -> None:
         nonlocal done
@@ -204,7 +250,6 @@ def run_bench(
             "lr": config.lr,
             "max_steps": config.max_steps,
             "stop_loss": config.stop_loss,
-            "seed": config.seed,
             **({knob: value} if knob else {}),
         }
         edit_config = make_config(method, **options)
@@ -246,6 +291,7 @@ def _results(
     methods: dict[str, Any],
 ) -> dict[str, Any]:
     settings = dataclasses.asdict(config)
+    settings["seeds"] = list(config.seeds)
     settings["knobs"] = {k: list(v) for k, v in config.knobs.items()}
     return {
         "schema": RESULTS_SCHEMA,
@@ -259,8 +305,8 @@ def _results(
         "settings": settings,
         "benchmark": {
             "groups": [
-                {"name": n, "size": len(x), "edits": e}
-                for n, x, e in zip(prep.names, prep.images, prep.edits, strict=True)
+                {"name": n, "size": len(x), "edits": {str(s): e[k] for s, e in prep.edits.items()}}
+                for k, (n, x) in enumerate(zip(prep.names, prep.images, strict=True))
             ],
             "locality_size": len(benchmark.locality),
         },
@@ -291,6 +337,26 @@ def plot_fronts(results: dict[str, Any], path: Path) -> None:
         pts = sorted(entry["points"], key=lambda p: p["lr"])
         xs, ys = [100 * p["lr"] for p in pts], [100 * p["gr"] for p in pts]
         (line,) = ax.plot(xs, ys, marker=MARKERS[k % len(MARKERS)], label=method)
+        if all("ci95" in p for p in pts):  # 95% bootstrap intervals over groups
+            xerr = [
+                [x - 100 * p["ci95"]["lr"][0] for p, x in zip(pts, xs, strict=True)],
+                [100 * p["ci95"]["lr"][1] - x for p, x in zip(pts, xs, strict=True)],
+            ]
+            yerr = [
+                [y - 100 * p["ci95"]["gr"][0] for p, y in zip(pts, ys, strict=True)],
+                [100 * p["ci95"]["gr"][1] - y for p, y in zip(pts, ys, strict=True)],
+            ]
+            ax.errorbar(
+                xs,
+                ys,
+                xerr=xerr,
+                yerr=yerr,
+                fmt="none",
+                ecolor=line.get_color(),
+                elinewidth=0.8,
+                alpha=0.6,
+                capsize=2,
+            )
         failed = [(x, y) for p, x, y in zip(pts, xs, ys, strict=True) if p["sr"] < 0.99]
         if failed:  # hollow ring: some edits did not succeed (SR < 99%)
             ax.scatter(
@@ -306,7 +372,14 @@ def plot_fronts(results: dict[str, Any], path: Path) -> None:
                     textcoords="offset points",
                 )
     ax.axvline(90, color="grey", linestyle=":", linewidth=1)
-    ax.text(0.01, 0.01, "ringed: SR < 99%", transform=ax.transAxes, fontsize=7, color="grey")
+    ax.text(
+        0.01,
+        0.01,
+        "ringed: SR < 99%; bars: 95% bootstrap intervals over groups",
+        transform=ax.transAxes,
+        fontsize=7,
+        color="grey",
+    )
     ax.set_xlabel("locality LR (%)")
     ax.set_ylabel("generalization GR (%)")
     settings = results["settings"]

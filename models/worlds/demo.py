@@ -29,7 +29,8 @@ from safetensors.torch import save_file
 from models.backbones import Backbone, create_model, load_backbone
 from models.errors import DataError
 from models.store.manifest import BackboneManifest, read_json, sha256_file, write_json_atomic
-from models.worlds.layout import EditBenchmark, EditGroup, to_pil
+from models.worlds.layout import EditBenchmark, EditGroup, World, to_pil
+from models.worlds.shifts import SHIFTS, apply_shift
 
 log = logging.getLogger(__name__)
 
@@ -198,37 +199,6 @@ def train_backbone(
     return {"test_accuracy": acc, "train_seconds": seconds}
 
 
-# --------------------------------------------------------------------------- shifts (never seen in training)
-
-
-def _spotlight(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Stage light: a bright Gaussian spot at a random place, the rest in the dark."""
-    yy, xx = np.mgrid[0:28, 0:28]
-    cy, cx = rng.uniform(6, 22, size=(2, len(x), 1, 1))
-    light = 0.12 + 0.88 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 7.0**2))
-    return x * light
-
-
-def _sketch(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Sketch style: the gradient magnitude of the image (outlines only, no fill)."""
-    gy, gx = np.gradient(x.astype(np.float32), axis=(1, 2))
-    mag = np.hypot(gx, gy)
-    return 255.0 * mag / np.maximum(mag.max(axis=(1, 2), keepdims=True), 1.0)
-
-
-SHIFTS: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] = {
-    "invert": lambda x, rng: 255.0 - x,  # negative film
-    "lowlight": lambda x, rng: x * 0.3,  # dim lighting
-    "spotlight": _spotlight,
-    "sketch": _sketch,
-}
-
-
-def apply_shift(name: str, x: np.ndarray, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return np.clip(SHIFTS[name](x.astype(np.float32), rng), 0, 255).round().astype(np.uint8)
-
-
 # --------------------------------------------------------------------------- deriving the benchmark
 
 
@@ -243,18 +213,6 @@ class DeriveConfig:
     locality_gap: float = 0.05
     heldout_size: int = 2000
     pool_size: int = 6000
-
-
-@dataclass
-class DemoWorld:
-    """The shipped demo benchmark, decoded."""
-
-    benchmark: EditBenchmark
-    heldout_images: np.ndarray  # uint8 (N, 28, 28), clean test images not used elsewhere
-    heldout_labels: np.ndarray  # int64 (N,)
-    pool: np.ndarray  # uint8 (M, 28, 28), unlabeled train images for CutMix meta-training
-    group_arrays: dict[str, np.ndarray]  # group name -> uint8 (n, 28, 28)
-    locality_array: np.ndarray  # uint8 (L, 28, 28)
 
 
 def _probs(backbone: Backbone, x: np.ndarray) -> torch.Tensor:
@@ -358,7 +316,7 @@ def derive_world(
     return summary
 
 
-def load_world(path: Path = WORLD_FILE) -> DemoWorld:
+def load_world(path: Path = WORLD_FILE) -> World:
     """Read the shipped demo benchmark (checks its sha256 against world.json)."""
     manifest = read_json(path.with_name("world.json"))
     manifest_sha = manifest.get("sha256")
@@ -377,7 +335,7 @@ def load_world(path: Path = WORLD_FILE) -> DemoWorld:
         for n, a, b in zip(arrays["group_names"], bounds[:-1], bounds[1:], strict=True)
     }
     groups = [EditGroup(n, int(n.split("-")[0]), to_pil(g)) for n, g in group_arrays.items()]
-    return DemoWorld(
+    return World(
         EditBenchmark(groups, to_pil(arrays["locality"])),
         arrays["heldout_images"],
         arrays["heldout_labels"],
@@ -387,7 +345,7 @@ def load_world(path: Path = WORLD_FILE) -> DemoWorld:
     )
 
 
-def export_world(world: DemoWorld, out_dir: Path) -> None:
+def export_world(world: World, out_dir: Path) -> None:
     """Write the benchmark in the paper's folder layout (PNG files) plus the licence notice."""
     for group in world.benchmark.groups:
         folder = out_dir / "edit_groups" / group.name

@@ -29,6 +29,7 @@ class EditGroup:
     name: str
     label: int
     images: list[Image.Image] = field(repr=False)
+    split: str = "all"  # "tuning" or "test" in a world whose groups are split in halves
 
 
 @dataclass
@@ -41,6 +42,31 @@ class EditBenchmark:
     def describe(self) -> str:
         sizes = ", ".join(f"{g.name}:{len(g.images)}" for g in self.groups)
         return f"{len(self.groups)} groups ({sizes}); locality {len(self.locality)} images"
+
+    @property
+    def splits(self) -> list[str]:
+        return sorted({g.split for g in self.groups})
+
+    def select(self, split: str) -> EditBenchmark:
+        """Only the groups of one half ("tuning" or "test"); "all" keeps every group."""
+        if split == "all":
+            return self
+        groups = [g for g in self.groups if g.split == split]
+        if not groups:
+            raise DataError(f"this benchmark has no {split!r} groups; its splits: {self.splits}")
+        return EditBenchmark(groups, self.locality)
+
+
+@dataclass
+class World:
+    """A built-in world's benchmark, decoded: groups, locality, held-out set and CutMix pool."""
+
+    benchmark: EditBenchmark
+    heldout_images: np.ndarray  # uint8 (N, H, W[, 3]), clean images not used elsewhere
+    heldout_labels: np.ndarray  # int64 (N,)
+    pool: np.ndarray  # uint8 (M, H, W[, 3]), unlabeled train images for CutMix meta-training
+    group_arrays: dict[str, np.ndarray]  # group name -> uint8 (n, H, W[, 3])
+    locality_array: np.ndarray  # uint8 (L, H, W[, 3])
 
 
 def read_edit_groups(root: Path, min_size: int = 2) -> list[EditGroup]:
@@ -77,5 +103,5 @@ def read_benchmark(groups_dir: Path, locality_dir: Path) -> EditBenchmark:
 
 
 def to_pil(images: np.ndarray) -> list[Image.Image]:
-    """uint8 (N, H, W) greyscale arrays -> PIL images."""
-    return [Image.fromarray(a, mode="L") for a in images]
+    """uint8 (N, H, W) grey or (N, H, W, 3) colour arrays -> PIL images."""
+    return [Image.fromarray(a, mode="L" if a.ndim == 2 else "RGB") for a in images]

@@ -75,6 +75,8 @@ def test_bench_command_reads_paper_layout_and_writes_json_and_plot(
             "2",
             "--threads",
             "1",
+            "--seeds",
+            "0",
             "--out",
             str(out),
         ]

@@ -1,0 +1,168 @@
+"""``vitedit world ...``: build the built-in worlds (backbone + benchmark) and look at them.
+
+    vitedit world build demo                                  # = vitedit demo train + derive
+    vitedit world build tiny-imagenet --root tiny-imagenet-200/ --work ~/.cache/vitedit/tin
+    vitedit world build tiny-imagenet --root data.tar.gz --stage backbone --time-budget 3600
+    vitedit world show tiny-imagenet
+
+Training checkpoints to ``--work`` and resumes from there: run the same command again after an
+interruption or a ``--time-budget`` stop. ``--stage benchmark`` derives the groups from the
+trained backbone. Both write into ``models/assets/<world>/`` unless ``--out`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tarfile
+from pathlib import Path
+
+DEFAULT_WORK = Path.home() / ".cache" / "vitedit" / "worlds"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    world = sub.add_parser("world", help="build the built-in worlds (backbone + benchmark)")
+    actions = world.add_subparsers(dest="world_command", required=True)
+    build = actions.add_parser(
+        "build",
+        help="train a world's backbone and derive its benchmark",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    build.add_argument("name", choices=["demo", "tiny-imagenet"])
+    build.add_argument(
+        "--root",
+        type=Path,
+        help="tiny-imagenet: the dataset folder (wnids.txt, train/, val/; 64 or 32 px) or a .tar.gz of it",
+    )
+    build.add_argument(
+        "--work", type=Path, help=f"cache and checkpoints (default {DEFAULT_WORK}/NAME)"
+    )
+    build.add_argument("--out", type=Path, help="output folder (default: the shipped assets)")
+    build.add_argument("--stage", choices=["backbone", "benchmark", "all"], default="all")
+    build.add_argument(
+        "--epochs", type=int, default=None, help="training epochs (tiny-imagenet: 12)"
+    )
+    build.add_argument(
+        "--time-budget", type=float, help="seconds of training in this run; resume later"
+    )
+    build.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument(
+        "--train-per-class",
+        type=int,
+        default=None,
+        help="tiny-imagenet: train images per class the backbone sees (default 400; the rest are "
+        "bench pool)",
+    )
+    build.add_argument("--batch-size", type=int, default=None, help="training batch (default 128)")
+    build.set_defaults(func=_build)
+
+    show = actions.add_parser("show", help="print a built world's summary (world.json)")
+    show.add_argument("name", choices=["demo", "tiny-imagenet"])
+    show.set_defaults(func=_show)
+
+
+def _dataset_root(root: Path | None, work: Path) -> Path:
+    """The folder holding wnids.txt: ``root`` itself, or ``root`` (a .tar.gz) extracted into work."""
+    if root is None:
+        raise SystemExit("tiny-imagenet needs --root: the dataset folder or its .tar.gz")
+    if root.is_file():
+        target = work / "dataset"
+        if not (target / ".extracted").exists():
+            target.mkdir(parents=True, exist_ok=True)
+            with tarfile.open(root) as tar:
+                tar.extractall(target, filter="data")  # refuses absolute paths and links out
+            (target / ".extracted").touch()
+        root = target
+    found = sorted(p.parent for p in root.rglob("wnids.txt"))
+    if not found:
+        raise SystemExit(f"{root} holds no wnids.txt: not a Tiny-ImageNet folder")
+    return found[0]
+
+
+def _build(args: argparse.Namespace) -> int:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.name == "demo":
+        return _build_demo(args)
+    from models.worlds import tiny_imagenet as tin
+    from models.worlds import tiny_imagenet_benchmark as bench
+    from models.worlds.training import TrainConfig
+
+    work = args.work or DEFAULT_WORK / args.name
+    root = _dataset_root(args.root, work)
+    out = args.out or tin.ASSETS
+    per_class = args.train_per_class or tin.TRAIN_PER_CLASS
+    if args.stage in ("backbone", "all"):
+        cfg = TrainConfig(
+            epochs=args.epochs or tin.EPOCHS,
+            batch_size=args.batch_size or TrainConfig.batch_size,
+            seed=args.seed,
+        )
+        result = tin.train_backbone(
+            root, work, cfg, per_class, out_dir=out, time_budget=args.time_budget
+        )
+        print(
+            json.dumps(
+                {
+                    "finished": result.finished,
+                    "steps": result.steps,
+                    "seconds": round(result.seconds),
+                    "history": result.history,
+                },
+                indent=1,
+            )
+        )
+        if not result.finished:
+            return 3  # stopped by the budget: run again to resume
+    if args.stage in ("benchmark", "all"):
+        from models.backbones import load_backbone
+        from models.store.manifest import BackboneManifest
+
+        backbone = load_backbone(BackboneManifest.read(out / "backbone.json"))
+        summary = bench.derive_world(
+            backbone,
+            root,
+            bench.DeriveConfig(seed=args.seed, train_per_class=per_class),
+            out / "world.npz",
+        )
+        print(json.dumps({k: v for k, v in summary.items() if k != "groups"}, indent=1))
+    return 0
+
+
+def _build_demo(args: argparse.Namespace) -> int:
+    from models.worlds import demo
+
+    out = args.out or demo.ASSETS
+    if args.stage in ("backbone", "all"):
+        cfg = demo.TrainConfig(epochs=args.epochs or demo.TrainConfig.epochs, seed=args.seed)
+        print(json.dumps(demo.train_backbone(cfg, out_dir=out, progress=print), indent=2))
+    if args.stage in ("benchmark", "all"):
+        backbone = demo.load_demo_backbone()
+        summary = demo.derive_world(backbone, demo.DeriveConfig(seed=args.seed), out / "world.npz")
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    from models.store.manifest import read_json
+    from models.worlds.catalog import get_world
+
+    world = get_world(args.name)
+    summary = read_json(world.assets / "world.json")
+    backbone = read_json(world.assets / "backbone.json")
+    print(
+        json.dumps(
+            {
+                "backbone": {k: backbone.get(k) for k in ("name", "timm_name", "overrides")},
+                "backbone_extra": {
+                    k: v for k, v in backbone.get("extra", {}).items() if k != "history"
+                },
+                **{k: v for k, v in summary.items() if k != "terms"},
+            },
+            indent=1,
+        )
+    )
+    return 0

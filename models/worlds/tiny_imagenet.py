@@ -1,0 +1,241 @@
+"""The Tiny-ImageNet world: a 200-class ViT trained here, and a benchmark shaped like the paper's.
+
+Tiny-ImageNet-200 holds 200 ImageNet-1k synsets, 500 train + 50 val images per class, in the
+official folder layout (``wnids.txt``, ``words.txt``, ``train/<wnid>/images/*.JPEG``,
+``val/images/*.JPEG`` + ``val/val_annotations.txt``). The reader takes the original 64x64 set or
+a 32x32 copy of it; the world is built at ``IMAGE_SIZE`` either way.
+
+Splits (fixed by the seed, stated in docs/worlds.md):
+- train: per class, a seeded choice of ``train_per_class`` train images: the backbone trains on
+  these and nothing else; the CutMix pool for meta-training is drawn from them too (unlabeled);
+- bench: the other train images of each class plus all 50 val images: never trained on; edit
+  groups, the sensitive locality set and the held-out clean set are disjoint parts of it;
+- val (10,000): the backbone's reported top-1 accuracy (val is also part of the bench pool).
+
+The images are ImageNet's: non-commercial research and education use only (``TERMS``).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import save_file
+
+from models.backbones import Backbone, create_model, load_backbone
+from models.errors import DataError
+from models.store.manifest import BackboneManifest, sha256_file
+from models.worlds.training import TrainConfig, Trainer, TrainResult
+
+log = logging.getLogger(__name__)
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets" / "tiny-imagenet"
+IMAGE_SIZE = 32
+EPOCHS = 12  # the shipped backbone's schedule
+TRAIN_PER_CLASS = 400  # train images per class the backbone sees; the other 100 are bench pool
+# per-channel statistics of the 100,000 train images at 32x32 (measured by ``channel_stats``)
+MEAN = (0.4806, 0.4486, 0.3983)
+STD = (0.2521, 0.2448, 0.259)
+TERMS = (
+    "Images derived from Tiny-ImageNet-200 (Stanford CS231n), a subset of ImageNet. ImageNet's "
+    "terms allow non-commercial research and educational use only; the images remain the "
+    "property of their owners. See https://image-net.org/download for the terms of access."
+)
+
+
+# --------------------------------------------------------------------------- reading the layout
+
+
+def decode(source: Path | bytes) -> np.ndarray:
+    """A JPEG file (or its bytes) -> uint8 (32, 32, 3); a 64-px original is resized (bicubic)."""
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+            im = im.convert("RGB")
+            if im.size != (IMAGE_SIZE, IMAGE_SIZE):
+                im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC)
+            return np.asarray(im, dtype=np.uint8)
+    except (OSError, ValueError) as exc:
+        name = source if isinstance(source, Path) else f"{len(source)} bytes"
+        raise DataError(f"{name}: not a readable image ({exc})") from exc
+
+
+def read_classes(root: Path) -> tuple[list[str], list[str]]:
+    """(wnids in ``wnids.txt`` order, a short readable name for each from ``words.txt``)."""
+    wnids_file = root / "wnids.txt"
+    if not wnids_file.exists():
+        raise DataError(
+            f"{root} is not a Tiny-ImageNet folder (no wnids.txt); pass the folder that holds "
+            "wnids.txt, words.txt, train/ and val/"
+        )
+    wnids = wnids_file.read_text().split()
+    words = {}
+    words_file = root / "words.txt"
+    if words_file.exists():
+        for line in words_file.read_text().splitlines():
+            wnid, _, text = line.partition("\t")
+            words[wnid] = text.split(",")[0].strip()
+    return wnids, [words.get(w, w) for w in wnids]
+
+
+def split_files(root: Path, split: str) -> tuple[list[Path], np.ndarray]:
+    """(image files, int64 labels) of 'train' (class-major, sorted) or 'val' (annotation order)."""
+    wnids, _ = read_classes(root)
+    index = {w: i for i, w in enumerate(wnids)}
+    if split == "train":
+        items = [
+            (p, index[w])
+            for w in wnids
+            for p in sorted((root / "train" / w / "images").glob("*.JPEG"))
+        ]
+    elif split == "val":
+        lines = (root / "val" / "val_annotations.txt").read_text().splitlines()
+        rows = (line.split("\t") for line in lines if line.strip())
+        items = [(root / "val" / "images" / f, index[w]) for f, w, *_ in rows]
+    else:
+        raise DataError(f"unknown split {split!r}: 'train' or 'val'")
+    if not items:
+        raise DataError(f"{root}/{split} holds no images")
+    return [p for p, _ in items], np.array([c for _, c in items], dtype=np.int64)
+
+
+def read_split(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 (N, 32, 32, 3), int64 labels) of a split, in :func:`split_files` order."""
+    files, labels = split_files(root, split)
+    return np.stack([decode(p) for p in files]), labels
+
+
+def load_cached(root: Path, work: Path) -> dict[str, np.ndarray]:
+    """Both splits decoded once into ``work/tiny-imagenet-32.npz`` (a build cache, not shipped)."""
+    cache = work / f"tiny-imagenet-{IMAGE_SIZE}.npz"
+    if not cache.exists():
+        work.mkdir(parents=True, exist_ok=True)
+        x_train, y_train = read_split(root, "train")
+        x_val, y_val = read_split(root, "val")
+        tmp = cache.with_suffix(".tmp.npz")
+        np.savez(tmp, x_train=x_train, y_train=y_train, x_val=x_val, y_val=y_val)
+        tmp.replace(cache)
+    with np.load(cache) as data:
+        return {k: data[k] for k in data.files}
+
+
+def channel_stats(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 (N, H, W, 3) images, in [0, 1] units."""
+    f = x.reshape(-1, 3).astype(np.float64) / 255.0
+    return tuple(f.mean(0).round(4).tolist()), tuple(f.std(0).round(4).tolist())
+
+
+def train_indices(y: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    """A seeded choice of ``per_class`` train images of each class (sorted indices)."""
+    rng = np.random.default_rng(seed)
+    picks = [rng.choice(np.flatnonzero(y == c), per_class, replace=False) for c in np.unique(y)]
+    return np.sort(np.concatenate(picks))
+
+
+# --------------------------------------------------------------------------- the backbone
+
+
+def manifest(
+    class_names: list[str], weights: str | None = "backbone.safetensors", sha: str | None = None
+) -> BackboneManifest:
+    """A timm VisionTransformer at 32 px RGB, patch 8 (17 tokens), width 128, depth 6."""
+    return BackboneManifest(
+        name="tiny-imagenet-vit",
+        timm_name="vit_tiny_patch16_224",
+        overrides=dict(
+            img_size=IMAGE_SIZE,
+            patch_size=8,
+            embed_dim=128,
+            depth=6,
+            num_heads=4,
+            mlp_ratio=4.0,
+            num_classes=200,
+        ),
+        pretrained_cfg_overlay=dict(
+            input_size=(3, IMAGE_SIZE, IMAGE_SIZE),
+            mean=MEAN,
+            std=STD,
+            crop_pct=1.0,
+            interpolation="bicubic",
+        ),
+        weights=weights,
+        weights_sha256=sha,
+        class_names=tuple(class_names),
+        base_dir=str(ASSETS),
+    )
+
+
+def load_tiny_imagenet_backbone(device: torch.device | str = "cpu") -> Backbone:
+    """The shipped Tiny-ImageNet backbone (``models/assets/tiny-imagenet``)."""
+    return load_backbone(BackboneManifest.read(ASSETS / "backbone.json"), device)
+
+
+def to_input(x: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> normalised float (N, 3, H, W)."""
+    x = x.permute(0, 3, 1, 2).float().div_(255.0)
+    return (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+
+
+def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Horizontal flip + a random 32-px crop of the 4-px reflect-padded image, per image.
+
+    Nothing photometric: the benchmark's shift groups stay shifts the backbone never saw.
+    """
+    n, _, h, w = x.shape
+    flip = torch.rand(n, generator=gen) < 0.5
+    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+    padded = F.pad(x, (4, 4, 4, 4), mode="reflect")
+    dy, dx = torch.randint(0, 9, (2, n), generator=gen)
+    rows = (dy.view(n, 1) + torch.arange(h)).view(n, 1, h, 1).expand(n, x.shape[1], h, w + 8)
+    cropped = padded.gather(2, rows)
+    cols = (dx.view(n, 1) + torch.arange(w)).view(n, 1, 1, w).expand(n, x.shape[1], h, w)
+    return cropped.gather(3, cols)
+
+
+def train_backbone(
+    root: Path,
+    work: Path,
+    cfg: TrainConfig,
+    train_per_class: int = TRAIN_PER_CLASS,
+    out_dir: Path = ASSETS,
+    time_budget: float | None = None,
+) -> TrainResult:
+    """Train (or resume) the backbone on the train split; write weights + manifest when finished."""
+    torch.manual_seed(cfg.seed)
+    data = load_cached(root, work)
+    _, names = read_classes(root)
+    idx = train_indices(data["y_train"], train_per_class, cfg.seed)
+    x, y = torch.from_numpy(data["x_train"][idx]), torch.from_numpy(data["y_train"][idx])
+    x_val, y_val = torch.from_numpy(data["x_val"]), torch.from_numpy(data["y_val"])
+    model = create_model(manifest(names, weights=None))
+    trainer = Trainer(model, cfg, to_input, augment)
+    ckpt = work / "backbone-checkpoint"
+    trainer.resume(ckpt)
+    result = trainer.fit(x, y, x_val, y_val, checkpoint=ckpt, time_budget=time_budget)
+    if not result.finished:
+        return result
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = out_dir / "backbone.safetensors"
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        str(weights),
+        metadata={
+            "trained_on": f"tiny-imagenet train, {train_per_class} per class",
+            "seed": str(cfg.seed),
+        },
+    )
+    extra = {
+        "train_config": cfg.__dict__,
+        "train_per_class": train_per_class,
+        "train_seconds": round(result.seconds, 1),
+        "val_accuracy": result.history[-1]["eval_accuracy"] if result.history else None,
+        "history": result.history,
+        "terms": TERMS,
+    }
+    m = manifest(names, sha=sha256_file(weights))
+    BackboneManifest(**{**m.__dict__, "extra": extra}).write(out_dir / "backbone.json")
+    return result

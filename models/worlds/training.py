@@ -1,0 +1,198 @@
+"""Training a backbone from scratch: one AdamW + warmup-cosine loop, resumable, with a time budget.
+
+The loop is plain (no trainer framework). It checkpoints the model, the optimiser state and the
+augmentation RNG to one safetensors file (no pickle) every ``checkpoint_every`` steps and when its
+wall-time budget runs out, so a run interrupted at any point resumes where it stopped and, given
+the same data and config, ends with the same weights. Each epoch's order is drawn from its own
+seeded generator, so a resume mid-epoch replays the same order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from models.errors import ManifestError
+from models.store.manifest import read_json, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    seed: int = 0
+
+
+@dataclass
+class TrainResult:
+    finished: bool  # False: stopped by the time budget (resume to go on)
+    steps: int
+    seconds: float  # wall time of this and all earlier (resumed) runs
+    history: list[dict[str, float]]  # per finished epoch: loss, eval accuracy, seconds
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: torch.Tensor, batch: int = 1000) -> torch.Tensor:
+    """Eval-mode logits of a float batch, in chunks."""
+    model.eval()
+    return torch.cat([model(x[i : i + batch]) for i in range(0, len(x), batch)])
+
+
+class Trainer:
+    """Trains ``model`` on (float or uint8 -> ``prepare``) tensors; see the module docstring."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: TrainConfig,
+        prepare: Callable[[torch.Tensor], torch.Tensor],
+        augment: Augment,
+    ) -> None:
+        self.model, self.cfg, self.prepare, self.augment = model, cfg, prepare, augment
+        self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.step, self.seconds, self.history = 0, 0.0, []
+
+    def lr_at(self, step: int, total: int, warmup: int) -> float:
+        if step < warmup:
+            return self.cfg.lr * (step + 1) / warmup
+        return (
+            0.5 * self.cfg.lr * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+        )
+
+    def fit(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        x_eval: torch.Tensor,
+        y_eval: torch.Tensor,
+        checkpoint: Path | None = None,
+        time_budget: float | None = None,
+        checkpoint_every: int = 500,
+        progress: Callable[[str], None] = log.info,
+    ) -> TrainResult:
+        """Train to the end of the schedule, or until ``time_budget`` seconds of this call."""
+        cfg = self.cfg
+        per_epoch = len(x) // cfg.batch_size
+        total, warmup = cfg.epochs * per_epoch, int(cfg.warmup_epochs * per_epoch)
+        start, seconds0 = time.perf_counter(), self.seconds
+        while self.step < total:
+            epoch, i = divmod(self.step, per_epoch)
+            order = torch.randperm(
+                len(x), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+            )
+            idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+            for group in self.opt.param_groups:
+                group["lr"] = self.lr_at(self.step, total, warmup)
+            self.model.train()
+            inputs = self.augment(self.prepare(x[idx]), self.gen)
+            loss = F.cross_entropy(self.model(inputs), y[idx], label_smoothing=cfg.label_smoothing)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            self.step += 1
+            self.seconds = seconds0 + time.perf_counter() - start
+            if self.step % per_epoch == 0:
+                acc = self.accuracy(x_eval, y_eval)
+                self.history.append(
+                    {
+                        "epoch": self.step // per_epoch,
+                        "loss": round(loss.item(), 4),
+                        "eval_accuracy": acc,
+                        "seconds": round(self.seconds, 1),
+                    }
+                )
+                progress(
+                    f"epoch {self.step // per_epoch}/{cfg.epochs}: loss {loss.item():.3f}, "
+                    f"eval acc {acc:.4f}, {self.seconds:.0f} s"
+                )
+            out_of_time = time_budget is not None and time.perf_counter() - start > time_budget
+            if checkpoint is not None and (self.step % checkpoint_every == 0 or out_of_time):
+                self.save(checkpoint)
+            if out_of_time and self.step < total:
+                progress(f"time budget reached at step {self.step}/{total}; resume to go on")
+                return TrainResult(False, self.step, self.seconds, self.history)
+        if checkpoint is not None:
+            self.save(checkpoint)
+        return TrainResult(True, self.step, self.seconds, self.history)
+
+    def accuracy(self, x: torch.Tensor, y: torch.Tensor, batch: int = 500) -> float:
+        preds = torch.cat(
+            [
+                predict_logits(self.model, self.prepare(x[i : i + batch])).argmax(1)
+                for i in range(0, len(x), batch)
+            ]
+        )
+        return float((preds == y).float().mean())
+
+    # ----------------------------------------------------------------------- checkpoints
+
+    def save(self, directory: Path) -> None:
+        """Model, optimiser and RNG state as safetensors; step, config, history as JSON."""
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            f"model.{k}": v.detach().contiguous() for k, v in self.model.state_dict().items()
+        }
+        opt_state = self.opt.state_dict()
+        for idx, state in opt_state["state"].items():
+            tensors |= {
+                f"optim.{idx}.{k}": torch.as_tensor(v).contiguous() for k, v in state.items()
+            }
+        tensors["rng.augment"] = self.gen.get_state()
+        tmp = directory / ".train.safetensors.tmp"
+        save_file(tensors, str(tmp))
+        os.replace(tmp, directory / "train.safetensors")
+        write_json_atomic(
+            directory / "train.json",
+            {
+                "step": self.step,
+                "seconds": self.seconds,
+                "config": dataclasses.asdict(self.cfg),
+                "param_groups": opt_state["param_groups"],
+                "history": self.history,
+            },
+        )
+
+    def resume(self, directory: Path) -> bool:
+        """Restore a checkpoint written by :meth:`save`; False if there is none."""
+        if not (directory / "train.json").exists():
+            return False
+        state = read_json(directory / "train.json")
+        if state["config"] != dataclasses.asdict(self.cfg):
+            raise ManifestError(
+                f"training checkpoint {directory} was written with another config "
+                f"({state['config']}); use another --work folder or the same settings"
+            )
+        tensors = load_file(str(directory / "train.safetensors"))
+        self.model.load_state_dict(
+            {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+        )
+        optim: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, idx, name = key.split(".", 2)
+                optim.setdefault(int(idx), {})[name] = value
+        self.opt.load_state_dict({"state": optim, "param_groups": state["param_groups"]})
+        self.gen.set_state(tensors["rng.augment"])
+        self.step, self.seconds, self.history = state["step"], state["seconds"], state["history"]
+        log.info("resumed training from %s at step %d", directory, self.step)
+        return True

@@ -1,0 +1,100 @@
+"""The fair harness: per-edit mask seeds, repeated seeds, bootstrap intervals, pinned sites."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.errors import DataError, HypernetworkMismatchError
+from models.evaluation import bootstrap_ci, paired_difference_ci
+from models.hypernet.network import HypernetConfig, Hypernetwork
+from models.sites import Sites
+from models.worlds.bench import BenchConfig, edit_seed, run_bench
+from models.worlds.layout import EditBenchmark, EditGroup, to_pil
+
+
+def _benchmark(seed: int = 0) -> EditBenchmark:
+    gen = torch.Generator().manual_seed(seed)
+
+    def images(n: int) -> list:
+        return to_pil(torch.randint(0, 256, (n, 28, 28), generator=gen, dtype=torch.uint8).numpy())
+
+    groups = [EditGroup("3-5", 3, images(4), "test"), EditGroup("7-1", 7, images(4), "tuning")]
+    return EditBenchmark(groups, images(12))
+
+
+def test_edit_seed_is_stable_and_differs_by_run_seed_group_and_image() -> None:
+    seeds = {edit_seed(s, g, i) for s in (0, 1) for g in ("3-5", "7-1") for i in (0, 1, 2)}
+    assert len(seeds) == 12
+    assert edit_seed(0, "3-5", 1) == edit_seed(0, "3-5", 1)
+
+
+def test_random_mask_is_redrawn_per_seed_while_deterministic_methods_repeat(tiny_backbone) -> None:
+    # every image of every group is edited under each seed, so only the mask draws can differ
+    config = BenchConfig(
+        ("ft", "random"),
+        knobs={"random": (0.05,)},
+        edits_per_group=None,
+        lr=0.05,
+        max_steps=3,
+        stop_loss=0.0,
+        seeds=(0, 1, 2),
+    )
+    results = run_bench(tiny_backbone, _benchmark(), config)
+    ft = results["methods"]["ft"]["points"][0]["per_seed"]
+    rnd = results["methods"]["random"]["points"][0]["per_seed"]
+    assert ft["0"] == ft["1"] == ft["2"]
+    assert len({tuple(v.values()) for v in rnd.values()}) > 1
+    assert results["methods"]["ft"]["points"][0]["n_edits"] == 2 * 4 * 3
+
+
+def test_points_carry_bootstrap_intervals_around_their_mean(tiny_backbone) -> None:
+    config = BenchConfig(("ft",), edits_per_group=2, lr=0.05, max_steps=2, seeds=(0, 1))
+    point = run_bench(tiny_backbone, _benchmark(), config)["methods"]["ft"]["points"][0]
+    for metric in ("sr", "gr", "lr"):
+        lo, hi = point["ci95"][metric]
+        assert lo <= point[metric] <= hi
+    groups = [g["gr"] for g in point["groups"]]
+    assert point["ci95"]["gr"][0] >= min(groups) and point["ci95"]["gr"][1] <= max(groups)
+
+
+def test_bootstrap_interval_of_constant_values_is_a_point_and_of_spread_values_covers_the_mean() -> (
+    None
+):
+    assert bootstrap_ci([0.4] * 8) == pytest.approx((0.4, 0.4))
+    lo, hi = bootstrap_ci([0.0, 1.0] * 20, seed=3)
+    assert 0.3 < lo < 0.5 < hi < 0.7
+    mean, (dlo, dhi) = paired_difference_ci([0.5, 0.7, 0.9], [0.4, 0.6, 0.8])
+    assert mean == pytest.approx(0.1) and dlo == pytest.approx(0.1) and dhi == pytest.approx(0.1)
+
+
+def test_sites_given_in_any_order_or_repeated_are_sorted_and_deduplicated(tiny_backbone) -> None:
+    model = tiny_backbone.model
+    assert Sites.for_model(model, (3, 1, 2, 2)) == Sites.for_model(model, (1, 2, 3))
+    assert Sites.from_names(model, ["blocks.2.mlp", "blocks.1.mlp", "blocks.2.mlp"]).mlps == (
+        "blocks.1.mlp",
+        "blocks.2.mlp",
+    )
+
+
+def test_hypernetwork_refuses_other_sites_of_the_same_widths(tiny_backbone, tmp_path) -> None:
+    own, other = (
+        Sites.for_model(tiny_backbone.model, (1, 2)),
+        Sites.for_model(tiny_backbone.model, (2, 3)),
+    )
+    hypernet = Hypernetwork(HypernetConfig.for_sites(32, own, width=16, heads=2, depth=1))
+    hypernet.save(tmp_path, tiny_backbone, own)
+    loaded = Hypernetwork.load(tmp_path, tiny_backbone)
+    config = BenchConfig(
+        ("where2edit",), knobs={"where2edit": (0.1,)}, edits_per_group=1, seeds=(0,)
+    )
+    with pytest.raises(HypernetworkMismatchError, match=r"blocks\.1\.mlp"):
+        run_bench(tiny_backbone, _benchmark(), config, loaded, other)
+
+
+def test_benchmark_selects_a_half_and_refuses_a_missing_one() -> None:
+    bench = _benchmark()
+    assert [g.name for g in bench.select("test").groups] == ["3-5"]
+    assert bench.select("all") is bench
+    with pytest.raises(DataError, match="no 'holdout' groups"):
+        bench.select("holdout")

@@ -1,0 +1,213 @@
+"""The Tiny-ImageNet world: reading the official layout, training that resumes, the derived benchmark."""
+
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models.backbones import create_model, load_backbone
+from models.errors import IntegrityError
+from models.store.manifest import BackboneManifest, read_json
+from models.worlds import tiny_imagenet as tin
+from models.worlds import tiny_imagenet_benchmark as tib
+from models.worlds.training import TrainConfig, Trainer
+
+WNIDS = ["n01443537", "n01629819", "n01641577", "n01644900"]
+
+
+def fake_tiny_imagenet(root: Path, size: int = 64, train: int = 20, val: int = 8) -> Path:
+    """The official layout with a few JPEGs per class: a colour per class plus noise."""
+    rng = np.random.default_rng(0)
+    (root / "wnids.txt").parent.mkdir(parents=True, exist_ok=True)
+    (root / "wnids.txt").write_text("\n".join(WNIDS) + "\n")
+    (root / "words.txt").write_text(
+        "".join(f"{w}\tclass {i}, other name\n" for i, w in enumerate(WNIDS))
+    )
+
+    def image(c: int) -> Image.Image:
+        base = np.array([60 * c, 255 - 60 * c, 128], dtype=np.int16)
+        pixels = np.clip(base + rng.integers(-40, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+        return Image.fromarray(pixels)
+
+    lines = []
+    for c, w in enumerate(WNIDS):
+        folder = root / "train" / w / "images"
+        folder.mkdir(parents=True)
+        for i in range(train):
+            image(c).save(folder / f"{w}_{i}.JPEG")
+        for i in range(val):
+            name = f"val_{c * val + i}.JPEG"
+            (root / "val" / "images").mkdir(parents=True, exist_ok=True)
+            image(c).save(root / "val" / "images" / name)
+            lines.append(f"{name}\t{w}\t0\t0\t{size}\t{size}")
+    (root / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def tiny_manifest() -> BackboneManifest:
+    m = tin.manifest([f"class {i}" for i in range(4)], weights=None)
+    overrides = {**m.overrides, "embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 4}
+    return BackboneManifest(**{**m.__dict__, "overrides": overrides})
+
+
+@pytest.mark.parametrize("size", [64, 32])
+def test_reader_takes_the_official_layout_at_64_or_32_px(tmp_path: Path, size: int) -> None:
+    root = fake_tiny_imagenet(tmp_path, size=size, train=3, val=2)
+    x, y = tin.read_split(root, "train")
+    assert x.shape == (12, 32, 32, 3) and x.dtype == np.uint8
+    assert y.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    xv, yv = tin.read_split(root, "val")
+    assert xv.shape == (8, 32, 32, 3) and yv.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert tin.read_classes(root)[1] == ["class 0", "class 1", "class 2", "class 3"]
+    files, _ = tin.split_files(root, "val")
+    assert np.array_equal(tin.decode(files[0].read_bytes()), xv[0])  # bytes decode like files
+
+
+def test_train_indices_pick_the_same_images_per_class_for_a_seed() -> None:
+    y = np.repeat(np.arange(4), 10)
+    a = tin.train_indices(y, 7, seed=0)
+    assert np.array_equal(a, tin.train_indices(y, 7, seed=0))
+    assert np.bincount(y[a]).tolist() == [7, 7, 7, 7]
+    assert not np.array_equal(a, tin.train_indices(y, 7, seed=1))
+
+
+def test_augment_crops_from_the_reflect_padded_image_and_keeps_shape() -> None:
+    x = torch.arange(2 * 3 * 32 * 32, dtype=torch.float32).view(2, 3, 32, 32)
+    gen = torch.Generator().manual_seed(0)
+    out = tin.augment(x, gen)
+    assert out.shape == x.shape
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4), mode="reflect")
+    found = [
+        any(
+            torch.equal(out[i], c[:, dy : dy + 32, dx : dx + 32])
+            for dy in range(9)
+            for dx in range(9)
+            for c in (padded[i], padded[i].flip(-1))
+        )
+        for i in range(2)
+    ]
+    assert all(found)
+
+
+def test_training_interrupted_by_its_budget_resumes_to_the_same_weights(tmp_path: Path) -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (64, 32, 32, 3), generator=gen, dtype=torch.uint8)
+    y = torch.randint(0, 4, (64,), generator=gen)
+    cfg = TrainConfig(epochs=2, batch_size=16, lr=1e-3, warmup_epochs=0.5)
+
+    def trainer() -> Trainer:
+        torch.manual_seed(0)
+        return Trainer(create_model(tiny_manifest()), cfg, tin.to_input, tin.augment)
+
+    straight = trainer()
+    assert straight.fit(x, y, x[:8], y[:8]).finished
+    first = trainer()
+    stopped = first.fit(x, y, x[:8], y[:8], checkpoint=tmp_path, time_budget=0.0)
+    assert not stopped.finished and stopped.steps == 1
+    resumed = trainer()
+    assert resumed.resume(tmp_path) and resumed.step == 1
+    assert resumed.fit(x, y, x[:8], y[:8], checkpoint=tmp_path).finished
+    for (name, a), b in zip(
+        straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b, msg=name)
+    other = Trainer(
+        create_model(tiny_manifest()), TrainConfig(epochs=3), tin.to_input, tin.augment
+    )
+    with pytest.raises(Exception, match="another config"):
+        other.resume(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def derived(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    root = fake_tiny_imagenet(tmp_path_factory.mktemp("tin"), size=32, train=20, val=10)
+    torch.manual_seed(0)
+    backbone = load_backbone(tiny_manifest())  # random init: most images are failures
+    cfg = tib.DeriveConfig(
+        train_per_class=12,
+        min_group=2,
+        max_group=5,
+        natural_groups=4,
+        shift_groups_per_shift=1,
+        locality_size=4,
+        locality_class_cap=0.5,
+        heldout_size=4,
+        pool_size=8,
+    )
+    out = tmp_path_factory.mktemp("world") / "world.npz"
+    return out, tib.derive_world(backbone, root, cfg, out)
+
+
+def test_derived_groups_are_dealt_into_tuning_and_test_halves(derived) -> None:
+    _, summary = derived
+    for kind in ("natural", "shift"):
+        splits = [g["split"] for g in summary["groups"].values() if g["kind"] == kind]
+        assert abs(splits.count("tuning") - splits.count("test")) <= 1
+    assert summary["bench_pool"] == {"images": 72, "train_held_out": 32, "val": 40}
+
+
+def test_locality_set_respects_the_class_cap(derived) -> None:
+    _, summary = derived
+    hist = summary["locality"]["histogram"]
+    assert sum(hist.values()) == 4 and max(hist.values()) <= 2  # cap 0.5 of 4
+    assert summary["locality"]["largest_class_share"] <= 0.5
+
+
+def test_world_file_round_trips_and_refuses_a_changed_file(derived) -> None:
+    out, summary = derived
+    world = tib.load_world(out)
+    assert world.pool.shape == (8, 32, 32, 3) and world.heldout_images.shape == (4, 32, 32, 3)
+    assert world.locality_array.shape == (4, 32, 32, 3)
+    assert {g.name: g.split for g in world.benchmark.groups} == {
+        n: g["split"] for n, g in summary["groups"].items()
+    }
+    assert read_json(out.with_name("world.json"))["sha256"] == summary["sha256"]
+    out.write_bytes(out.read_bytes() + b"x")
+    with pytest.raises(IntegrityError):
+        tib.load_world(out)
+
+
+def test_world_build_cli_extracts_a_tarball_and_trains_a_resumable_backbone(tmp_path: Path) -> None:
+    from cli.main import main
+
+    root = fake_tiny_imagenet(tmp_path / "src" / "tiny-imagenet-200", size=32, train=10, val=2)
+    archive = tmp_path / "tin.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(root, arcname="tiny-imagenet-200")
+    out, work = tmp_path / "out", tmp_path / "work"
+    threads = torch.get_num_threads()
+    try:
+        code = main(
+            [
+                "world",
+                "build",
+                "tiny-imagenet",
+                "--root",
+                str(archive),
+                "--work",
+                str(work),
+                "--out",
+                str(out),
+                "--stage",
+                "backbone",
+                "--epochs",
+                "1",
+                "--train-per-class",
+                "8",
+                "--batch-size",
+                "8",
+            ]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    manifest = BackboneManifest.read(out / "backbone.json")
+    assert manifest.extra["train_per_class"] == 8 and len(manifest.extra["history"]) == 1
+    assert load_backbone(manifest).weights_sha256 == manifest.weights_sha256
+    assert (work / "dataset" / "tiny-imagenet-200" / "wnids.txt").exists()
+    assert read_json(work / "backbone-checkpoint" / "train.json")["step"] == 4  # 32 images / 8
