@@ -59,6 +59,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     edit.add_argument("--max-steps", type=int)
     edit.add_argument("--seed", type=int)
     edit.add_argument("--lr", type=float)
+    edit.add_argument("--min-sr", type=float, help="acceptance gate: least SR (server default 1.0)")
+    edit.add_argument("--min-lr", type=float, help="acceptance gate: least LR_vs_parent")
+    edit.add_argument("--min-retention", type=float, help="acceptance gate: least retention")
     edit.add_argument(
         "--option",
         action="append",
@@ -93,6 +96,9 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         "max_steps": args.max_steps,
         "seed": args.seed,
         "lr": args.lr,
+        "min_sr": args.min_sr,
+        "min_lr": args.min_lr,
+        "min_retention": args.min_retention,
     }
     for item in args.option:
         key, sep, value = item.partition("=")

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
+JobStatus = Literal["queued", "running", "succeeded", "failed", "rejected", "canceled"]
 
 
 class ErrorPublic(BaseModel):
@@ -32,9 +32,11 @@ class EditPublic(BaseModel):
     step: int | None = None
     max_steps: int | None = None
     loss: float | None = None
-    version: str | None = Field(None, description="the new version, once succeeded")
+    version: str | None = Field(
+        None, description="the new version, once succeeded (or rejected: stored, no alias)"
+    )
     report: dict[str, Any] | None = None
-    error: str | None = Field(None, description="why it failed, and what to do")
+    error: str | None = Field(None, description="why it failed or was rejected, and what to do")
     cancel_requested: bool = False
     created_at: str | None = None
     started_at: str | None = None
@@ -74,6 +76,8 @@ class VersionPublic(BaseModel):
     created_at: str
     aliases: list[str]
     metrics: dict[str, Any]
+    status: Literal["accepted", "rejected"] = "accepted"
+    reason: str | None = Field(None, description="why a rejected version missed its gate")
 
 
 class VersionListPublic(BaseModel):

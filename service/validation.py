@@ -22,6 +22,7 @@ from models.errors import DataError, EditConfigError, TooLarge, UnknownMethodErr
 from models.store.manifest import ModelEntry
 from models.store.store import Store
 from service.settings import ApiSettings
+from workers.payloads import Acceptance
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,7 @@ def parse_options_json(text: str | None) -> dict[str, Any]:
 class CheckedEdit:
     """An edit request that passed every check: what the job will do, nothing written yet."""
 
+    requested: str  # the model reference as the client sent it (e.g. "demo-vit@latest")
     model: str
     parent: str | None
     method: str
@@ -157,10 +159,13 @@ class CheckedEdit:
     edits: list[CheckedImage]
     targets: list[int]
     holdouts: list[CheckedImage]
+    accept: Acceptance
 
     def sha256(self) -> str:
-        """What makes two requests 'the same' for Idempotency-Key: everything but file names."""
-        head = [self.model, self.parent, self.method, self.options, self.targets]
+        """What makes two requests 'the same' for Idempotency-Key: what the client sent (the
+        model reference as written, not what ``@latest`` resolves to now), but file names."""
+        head = [self.requested, self.method, self.options, self.targets]
+        head.append(self.accept.model_dump())
         digest = hashlib.sha256(json.dumps(head, sort_keys=True).encode())
         for im in [*self.edits, None, *self.holdouts]:
             digest.update(hashlib.sha256(im.data).digest() if im else b"|")
@@ -177,6 +182,7 @@ def check_edit(
     method: str | None,
     given: dict[str, Any],
     options_json: str | None,
+    accept: Acceptance,
 ) -> CheckedEdit:
     """Check a POST /v1/edits request (model, images, labels, method, options) as a whole."""
     ref = store.resolve(model)
@@ -190,4 +196,11 @@ def check_edit(
         raise DataError("holdout images need one target label shared by all edit images")
     chosen = check_method(entry, method)
     options = check_options(entry, chosen, {**parse_options_json(options_json), **given}, settings)
-    return CheckedEdit(ref.model, ref.version, chosen, options, edits, targets, holdouts)
+    if accept.min_lr is not None and not entry.benchmark:
+        raise EditConfigError(
+            f"min_lr needs a locality set, and model {entry.name!r} has none registered; "
+            "leave min_lr out"
+        )
+    return CheckedEdit(
+        model, ref.model, ref.version, chosen, options, edits, targets, holdouts, accept
+    )

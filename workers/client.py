@@ -60,10 +60,11 @@ class JobState(StrEnum):
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    REJECTED = "rejected"  # the edit ran; its version missed the acceptance gate (stored, no alias)
     CANCELED = "canceled"
 
 
-TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELED})
+TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.REJECTED, JobState.CANCELED})
 
 
 JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
@@ -249,6 +250,8 @@ class JobClient:
             view.position = self.edits.get_job_position(job.id) or 0
         elif state == JobState.FAILED:
             view.error = meta.get("error") or _last_line(job)
+        elif state == JobState.REJECTED:
+            view.error = result["rejected"]
         return view
 
     def wait(self, job_id: str, timeout_s: float, poll_s: float = 0.1) -> JobView:
@@ -283,11 +286,13 @@ class JobClient:
 
 
 def _state(status: JobStatus, meta: dict[str, Any], result: dict[str, Any]) -> JobState:
-    """RQ's status (+ our meta and result) -> the five states users see."""
+    """RQ's status (+ our meta and result) -> the six states users see."""
     if status == JobStatus.STARTED:
         return JobState.RUNNING
     if status == JobStatus.FINISHED:
-        return JobState.CANCELED if result.get("canceled") else JobState.SUCCEEDED
+        if result.get("canceled"):
+            return JobState.CANCELED
+        return JobState.REJECTED if result.get("rejected") else JobState.SUCCEEDED
     if status in (JobStatus.FAILED, JobStatus.STOPPED):
         return JobState.CANCELED if meta.get("canceled") else JobState.FAILED
     if status == JobStatus.CANCELED:

@@ -29,6 +29,19 @@ class JobImage(_Payload):
     role: Literal["edit", "holdout"] = "edit"
 
 
+class Acceptance(_Payload):
+    """The gate a new version must pass to be accepted (else it is stored as rejected).
+
+    ``min_sr``: share of the edit images fixed (SR); ``min_lr``: share of the locality set whose
+    prediction the edit left unchanged (LR_vs_parent); ``min_retention``: share of each earlier
+    version's edit images still right. None = not checked.
+    """
+
+    min_sr: float = Field(default=1.0, ge=0, le=1)
+    min_lr: float | None = Field(default=None, ge=0, le=1)
+    min_retention: float | None = Field(default=None, ge=0, le=1)
+
+
 class EditPayload(_Payload):
     """Edit ``images`` (role edit) towards their targets, starting from ``parent`` (None = base)."""
 
@@ -39,6 +52,7 @@ class EditPayload(_Payload):
     images: list[JobImage] = Field(min_length=1)
     method: str
     options: dict[str, float | int | str | bool] = Field(default_factory=dict)
+    accept: Acceptance = Field(default_factory=Acceptance)
 
     @model_validator(mode="after")
     def _has_edit_images(self) -> EditPayload:

@@ -2,7 +2,9 @@
 
 An edit: load the images, activate the parent version, run the editor (progress and cancel via
 :class:`~workers.runtime.Progress`), evaluate before/after, then store the new version (the
-cumulative patch over the base, the edit images, the report) atomically.
+cumulative patch over the base, the edit images, the report) atomically. A version that misses the
+request's acceptance gate (minimum SR, LR, retention) is stored as ``rejected``, with the reason:
+it never gets an alias, not even ``latest``, and its job ends ``rejected``.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ from models.errors import EditCanceled, EditDiverged
 from models.reports import ReportSets, TokenSet, build_report, peak_memory, predict_sets
 from models.sites import Patch
 from models.store.manifest import ImageRecord, VersionManifest, utc_now
-from models.store.store import PATCH_FILE, VersionDraft
-from workers.payloads import EditPayload, MaterialisePayload, PredictPayload
+from models.store.store import PATCH_FILE, REJECTED, VersionDraft
+from workers.payloads import Acceptance, EditPayload, MaterialisePayload, PredictPayload
 from workers.runtime import LoadedModel, Progress, Runtime, open_image, pixel_key
 
 log = logging.getLogger(__name__)
@@ -58,7 +60,8 @@ def code_version() -> str:
 
 
 def edit(rt: Runtime, payload: EditPayload, job: Job | None) -> dict[str, Any]:
-    """Run one edit job; returns ``{"version": ...}`` or ``{"canceled": True}``."""
+    """Run one edit job; returns ``{"version": ...}`` (with ``"rejected": reason`` when the
+    version missed its acceptance gate) or ``{"canceled": True}``."""
     progress = Progress(rt.redis, job)
     with rt.running(job, payload.upload):
         try:
@@ -111,8 +114,39 @@ def _edit(rt: Runtime, payload: EditPayload, job: Job | None, progress: Progress
     report = build_report(
         sets, before, after, facts, progress.seconds, peak_memory(loaded.backbone.device)
     )
+    report["acceptance"] = gate = check_acceptance(report, payload.accept)
     manifest = _save_version(rt, payload, job, loaded, config, cumulative, images, report)
+    if gate["reason"]:
+        log.info("version %s of %s rejected: %s", manifest.version, payload.model, gate["reason"])
+        return {"version": manifest.version, "model": payload.model, "rejected": gate["reason"]}
     return {"version": manifest.version, "model": payload.model}
+
+
+def check_acceptance(report: dict[str, Any], accept: Acceptance) -> dict[str, Any]:
+    """The request's gate against the report: the minima, ``passed`` and, if not, the reason."""
+    metrics = report["metrics"]
+    measured = {
+        "min_sr": ("SR", metrics.get("SR")),
+        "min_lr": ("LR_vs_parent", metrics.get("LR_vs_parent")),
+        "min_retention": ("retention", report["retention"]["min"]),
+    }
+    misses = []
+    for key, (name, value) in measured.items():
+        minimum = getattr(accept, key)
+        if minimum is None or (key == "min_retention" and value is None):  # nothing to retain
+            continue
+        if value is None:
+            misses.append(f"{name} cannot be measured for this model (it has no locality set)")
+        elif value < minimum:
+            misses.append(f"{name} {value:.3f} < {key} {minimum:g}")
+    reason = (
+        "the edit missed its acceptance gate: "
+        + "; ".join(misses)
+        + ". Raise max_steps or lr, choose another method, or lower the minima"
+        if misses
+        else None
+    )
+    return {**accept.model_dump(), "passed": not misses, "reason": reason}
 
 
 def require_finite_patch(patch: Patch, what: str) -> None:
@@ -209,6 +243,8 @@ def _save_version(
                 created_at=utc_now(),
                 code_version=code_version(),
                 job_id=job.id if job else None,
+                status=REJECTED if report["acceptance"]["reason"] else "accepted",
+                reason=report["acceptance"]["reason"],
             )
         )
 

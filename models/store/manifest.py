@@ -183,6 +183,10 @@ class VersionManifest:
     code_version: str
     job_id: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # "accepted", or "rejected": the edit missed the request's acceptance gate (``reason`` says
+    # how); a rejected version is kept for inspection but never gets an alias, not even latest
+    status: str = "accepted"
+    reason: str | None = None
 
     @property
     def edit_images(self) -> list[ImageRecord]:

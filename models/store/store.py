@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 BASE = "base"  # the version name of a model's root backbone (no patch)
 LATEST = "latest"  # the most recently created version (or base when there is none)
 RESERVED = frozenset({BASE, LATEST})
+REJECTED = "rejected"  # a version stored for inspection that missed its acceptance gate
 PATCH_FILE = "patch.safetensors"
 MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -250,7 +251,8 @@ class Store:
         return chain[::-1]
 
     def latest(self, model: str) -> str | None:
-        versions = self.versions(model)
+        """The newest accepted version (a rejected one never becomes ``latest``)."""
+        versions = [m for m in self.versions(model) if m.status != REJECTED]
         return versions[-1].version if versions else None
 
     def resolve(self, ref: str) -> ModelRef:
@@ -304,6 +306,12 @@ class Store:
         target = self.resolve_version(model, version)
         if target is None:
             raise StoreError("an alias must point at a version, not at the base backbone")
+        manifest = self.version(model, target)
+        if manifest.status == REJECTED:
+            raise StoreError(
+                f"version {target} was rejected by its acceptance gate ({manifest.reason}); "
+                "an alias may only point at an accepted version"
+            )
         self._update_aliases(model, lambda a: a.__setitem__(alias, target))
 
     def delete_alias(self, model: str, alias: str) -> None:

@@ -14,9 +14,13 @@ from service import validation as V
 from service.deps import JobsDep, SettingsDep, StoreDep
 from service.schemas import EditPublic
 from workers.client import TERMINAL, JobClient, JobNotFound, JobView
-from workers.payloads import EditPayload, JobImage
+from workers.payloads import Acceptance, EditPayload, JobImage
 
 router = APIRouter(prefix="/v1/edits", tags=["edits"])
+
+MIN_SR = "acceptance gate: least share of the edit images the new version must fix (SR)"
+MIN_LR = "acceptance gate: least share of the locality set left unchanged (LR_vs_parent)"
+MIN_RETENTION = "acceptance gate: least share of earlier versions' edit images still right"
 
 
 def edit_public(view: JobView, store: Store) -> EditPublic:
@@ -71,6 +75,9 @@ def create_edit(
     seed: Annotated[int | None, Form()] = None,
     lr: Annotated[float | None, Form()] = None,
     options: Annotated[str | None, Form(description="other method options (JSON object)")] = None,
+    min_sr: Annotated[float, Form(ge=0, le=1, description=MIN_SR)] = 1.0,
+    min_lr: Annotated[float | None, Form(ge=0, le=1, description=MIN_LR)] = None,
+    min_retention: Annotated[float | None, Form(ge=0, le=1, description=MIN_RETENTION)] = None,
     idempotency_key: Annotated[str | None, Header()] = None,
 ) -> EditPublic:
     given = {
@@ -78,8 +85,9 @@ def create_edit(
         for k, v in dict(rho=rho, max_steps=max_steps, seed=seed, lr=lr).items()
         if v is not None
     }
+    accept = Acceptance(min_sr=min_sr, min_lr=min_lr, min_retention=min_retention)
     checked = V.check_edit(
-        store, settings, images, holdout or [], label, model, method, given, options
+        store, settings, images, holdout or [], label, model, method, given, options, accept
     )
     job_id, new = (
         jobs.claim_idempotency_key(idempotency_key, checked.sha256())
@@ -121,6 +129,7 @@ def _enqueue(store: Store, jobs: JobClient, checked: V.CheckedEdit, job_id: str 
             images=files,
             method=checked.method,
             options=checked.options,
+            accept=checked.accept,
         )
         return jobs.submit_edit(payload, job_id=job_id)
     except BaseException:

@@ -58,6 +58,8 @@ def list_versions(model: str, store: StoreDep) -> VersionListPublic:
             created_at=m.created_at,
             aliases=aliases.get(m.version, []),
             metrics=m.report.get("metrics", {}),
+            status=m.status,
+            reason=m.reason,
         )
         for m in store.versions(model)
     ]

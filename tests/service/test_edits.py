@@ -44,7 +44,7 @@ def submit(
 
 def finished(client: TestClient, job_id: str, timeout_s: float = 60) -> dict[str, Any]:
     body = client.get(f"/v1/edits/{job_id}", params={"wait": timeout_s}).json()
-    assert body["status"] in ("succeeded", "failed", "canceled"), body
+    assert body["status"] in ("succeeded", "failed", "rejected", "canceled"), body
     return body
 
 
