@@ -13,12 +13,12 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 from redis import Redis
 
 from models.store.store import Store
 from service import errors
-from service.deps import require_api_key
+from service.guard import RequestGuard
 from service.routes import aliases, edits, health, registry, versions
 from service.settings import ApiSettings
 from workers import settings as S
@@ -67,10 +67,10 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         description="Repair the mistakes of a pretrained ViT: submit failure images and "
         "their labels, get back a versioned sparse patch and a report.",
     )
-    app.state.settings = settings or ApiSettings()
+    app.state.settings = settings = settings or ApiSettings()
     errors.install(app)
-    auth = [Depends(require_api_key)]
+    app.add_middleware(RequestGuard, settings=settings)  # API key and size, before the body
     for module in (edits, registry, versions, aliases):
-        app.include_router(module.router, dependencies=auth)
+        app.include_router(module.router, responses=errors.ERROR_RESPONSES)
     app.include_router(health.router)
     return app

@@ -9,9 +9,13 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
+from fastapi.testclient import TestClient
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from models.editing import EDITORS, make_config
 from models.errors import EditConfigError
+from service.main import create_app
+from service.settings import ApiSettings
 from tests.models.editing.test_bounds import ACCEPTED, REFUSED
 from tests.redis_server import png
 from tests.service.conftest import Served, api
@@ -97,3 +101,40 @@ def test_a_non_ascii_bearer_token_is_401_not_500(idle: Served) -> None:
             assert r.status_code == 401 and r.json()["error"] == "Unauthorized", r.text
         ok = client.get("/v1/models", headers={"Authorization": "Bearer s3cret"})
         assert ok.status_code == 200
+
+
+class _BodyReads:
+    """An ASGI wrapper that counts the request body bytes the app under it read."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app, self.read = app, 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def counted() -> Message:
+            message = await receive()
+            self.read += len(message.get("body", b""))
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def test_an_upload_is_refused_on_its_headers_before_its_body_is_read(idle: Served) -> None:
+    settings = ApiSettings(
+        redis_url=idle.redis_url, store=idle.store.root, api_keys="k", max_body_bytes=1 << 20
+    )
+    reads = _BodyReads(create_app(settings))
+    big = [("images", ("big.png", bytes(3 << 20), "image/png"))]
+    key = {"Authorization": "Bearer k"}
+    with TestClient(reads) as client:
+        r = client.post("/v1/edits", data={"label": "3", "model": "tiny"}, files=big)
+        assert r.status_code == 401 and r.json()["error"] == "Unauthorized"
+        r = client.post("/v1/edits", data={"label": "3", "model": "tiny"}, files=big, headers=key)
+        assert r.status_code == 413 and r.json()["error"] == "TooLarge", r.text
+        assert reads.read == 0
+        chunked = client.post(  # no Content-Length: stopped once past the limit
+            "/v1/edits",
+            content=iter([bytes(1 << 19)] * 6),
+            headers={**key, "content-type": "multipart/form-data; boundary=b"},
+        )
+        assert chunked.status_code == 413 and chunked.json()["error"] == "TooLarge"
+    assert idle.jobs.edits.count == 0
