@@ -50,12 +50,13 @@ REJECTED = "rejected"  # a version stored for inspection that missed its accepta
 PATCH_FILE = "patch.safetensors"
 MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "model.safetensors"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # model, version, alias, upload names
+_NAME = re.compile(NAME_PATTERN)
 
 
 def check_name(name: str, what: str) -> str:
     """Model, version, alias and upload names become paths: letters, digits, ``._-`` only."""
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):  # '$' alone allows a final '\n'
         raise StoreError(
             f"invalid {what} {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"

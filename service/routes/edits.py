@@ -12,6 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 from models.store.store import Store
 from service import validation as V
 from service.deps import JobsDep, SettingsDep, StoreDep
+from service.errors import responses
 from service.schemas import EditPublic
 from workers.client import TERMINAL, JobClient, JobNotFound, JobView
 from workers.payloads import Acceptance, EditPayload, JobImage
@@ -58,6 +59,7 @@ def edit_public(view: JobView, store: Store) -> EditPublic:
     "",
     status_code=202,
     response_model=EditPublic,
+    responses=responses(404, 409),
     summary="Submit failure images and their target label; returns the queued job",
 )
 def create_edit(
@@ -154,7 +156,12 @@ def _await_job(jobs: JobClient, job_id: str, timeout_s: float = 5.0) -> JobView:
             time.sleep(0.05)
 
 
-@router.get("/{job_id}", response_model=EditPublic, summary="Job status; ?wait=S long-polls")
+@router.get(
+    "/{job_id}",
+    response_model=EditPublic,
+    responses=responses(404),
+    summary="Job status; ?wait=S long-polls",
+)
 async def read_edit(
     job_id: str,
     settings: SettingsDep,
@@ -173,6 +180,7 @@ async def read_edit(
 @router.post(
     "/{job_id}/cancel",
     response_model=EditPublic,
+    responses=responses(404, 409),
     summary="Cancel a queued job, or stop a running one at its next optimiser step",
 )
 def cancel_edit(job_id: str, store: StoreDep, jobs: JobsDep) -> EditPublic:

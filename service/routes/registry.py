@@ -7,6 +7,7 @@ from fastapi import APIRouter
 from models.store.manifest import ModelEntry
 from models.store.store import Store
 from service.deps import StoreDep
+from service.errors import responses
 from service.schemas import MethodPublic, ModelPublic
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -45,6 +46,8 @@ def list_models(store: StoreDep) -> list[ModelPublic]:
     return [model_public(store, entry) for entry in store.models()]
 
 
-@router.get("/{model}", response_model=ModelPublic, summary="One registered model")
+@router.get(
+    "/{model}", response_model=ModelPublic, responses=responses(404), summary="One registered model"
+)
 def read_model(model: str, store: StoreDep) -> ModelPublic:
     return model_public(store, store.model(model))

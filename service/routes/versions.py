@@ -15,6 +15,7 @@ from models.errors import UnknownVersionError
 from models.store.store import BASE, PATCH_FILE, Store
 from service import validation as V
 from service.deps import JobsDep, SettingsDep, StoreDep
+from service.errors import responses
 from service.schemas import PredictPublic, VersionDetailPublic, VersionListPublic, VersionPublic
 from workers.payloads import MaterialisePayload, PredictPayload
 
@@ -47,7 +48,12 @@ def _resolve_any(store: Store, model: str, version: str) -> str | None:
     return store.resolve_version(model, version)
 
 
-@router.get("", response_model=VersionListPublic, summary="Every version, with its parent")
+@router.get(
+    "",
+    response_model=VersionListPublic,
+    responses=responses(404),
+    summary="Every version, with its parent",
+)
 def list_versions(model: str, store: StoreDep) -> VersionListPublic:
     aliases = _aliases_of(store, model)
     versions = [
@@ -69,6 +75,7 @@ def list_versions(model: str, store: StoreDep) -> VersionListPublic:
 @router.get(
     "/{version}",
     response_model=VersionDetailPublic,
+    responses=responses(404),
     summary="A version's manifest (with its report) and lineage",
 )
 def read_version(model: str, version: str, store: StoreDep) -> VersionDetailPublic:
@@ -88,6 +95,7 @@ def read_version(model: str, version: str, store: StoreDep) -> VersionDetailPubl
 @router.get(
     "/{version}/patch",
     response_class=FileResponse,
+    responses=responses(404),
     summary="The sparse patch (safetensors), cumulative over the base backbone",
 )
 def download_patch(model: str, version: str, store: StoreDep) -> FileResponse:
@@ -105,6 +113,7 @@ def download_patch(model: str, version: str, store: StoreDep) -> FileResponse:
 @router.get(
     "/{version}/weights",
     response_class=FileResponse,
+    responses=responses(404, 504),
     summary="Full merged weights (safetensors), materialised by a worker on first request",
 )
 def download_weights(
@@ -131,6 +140,7 @@ def download_weights(
 @router.post(
     "/{version}/predict",
     response_model=PredictPublic,
+    responses=responses(404, 504),
     summary="Classify uploaded images with this version",
 )
 def predict(

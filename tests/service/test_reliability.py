@@ -1,6 +1,7 @@
 """What issue 12 found, each as a test of the API with a real redis-server (no worker: anything
-enqueued stays visible): the API refuses what the worker would refuse, odd ids and unknown models
-are 4xx, never 5xx."""
+enqueued stays visible): the API refuses what the worker would refuse; odd ids, unknown models and
+odd tokens are 4xx, never 5xx; uploads are refused on their headers; alias names are checked; every
+error answer has the documented shape."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ from fastapi.testclient import TestClient
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from models.editing import EDITORS, make_config
-from models.errors import EditConfigError
+from models.errors import EditConfigError, StoreError
+from models.store.store import check_name
 from service.main import create_app
+from service.schemas import ErrorPublic
 from service.settings import ApiSettings
 from tests.models.editing.test_bounds import ACCEPTED, REFUSED
 from tests.redis_server import png
@@ -138,3 +141,35 @@ def test_an_upload_is_refused_on_its_headers_before_its_body_is_read(idle: Serve
         )
         assert chunked.status_code == 413 and chunked.json()["error"] == "TooLarge"
     assert idle.jobs.edits.count == 0
+
+
+@pytest.mark.parametrize("alias", ["evil%0A", "evil%0D%0Ax", "%00", "a%20b", "x" * 65])
+def test_alias_names_with_control_characters_are_refused(idle: Served, alias: str) -> None:
+    r = idle.client.put(f"/v1/models/tiny/aliases/{alias}", json={"version": "latest"})
+    assert r.status_code == 422 and r.json()["error"] == "Invalid", r.text
+    assert idle.store.aliases("tiny") == {}
+
+
+def test_the_store_refuses_a_name_with_a_trailing_newline() -> None:
+    with pytest.raises(StoreError, match="invalid alias"):
+        check_name("evil\n", "alias")
+
+
+def test_every_error_answer_has_the_shape_the_openapi_schema_declares(idle: Served) -> None:
+    spec = idle.client.get("/openapi.json").json()
+    declared = spec["components"]["schemas"]["ErrorPublic"]
+    assert declared["properties"]["detail"]["type"] == "string"
+    for path, operations in spec["paths"].items():
+        if not path.startswith("/v1/"):
+            continue
+        for method, op in operations.items():
+            for status in ("401", "422", "500", "503"):
+                schema = op["responses"][status]["content"]["application/json"]["schema"]
+                assert schema == {"$ref": "#/components/schemas/ErrorPublic"}, (method, path)
+            if "{" in path:
+                assert "404" in op["responses"], (method, path)
+    app_422 = _edit(idle, lr="-1")  # refused by our checks
+    fastapi_422 = idle.client.post("/v1/edits", data={"model": "tiny"})  # refused by FastAPI
+    for r in (app_422, fastapi_422):
+        assert r.status_code == 422
+        ErrorPublic.model_validate(r.json())
