@@ -7,6 +7,7 @@ this module never imports the worker code. Progress lives in the job meta, writt
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -18,6 +19,7 @@ from enum import StrEnum
 from typing import Any
 
 from redis import Redis
+from redis.exceptions import RedisError
 from rq import Queue
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
@@ -309,12 +311,28 @@ def _last_line(job: Job) -> str:
     return lines[-1] if lines else "the job failed"
 
 
+REAPER_LOCK = f"{S.KEY_PREFIX}:lock:reaper"
+
+
 def reap_dead_jobs(redis: Redis, grace_s: float = S.HEARTBEAT_TTL_S) -> list[str]:
     """Fail every running job whose heartbeat expired (its worker died); returns their ids.
 
     RQ would notice only after the job timeout; we mark the job (meta ``error``) and then let
-    RQ's own abandoned-job cleanup move it to the failed registry.
+    RQ's own abandoned-job cleanup move it to the failed registry. Every worker and the API call
+    this, but one at a time (a Redis lock with a TTL): a caller that finds it taken returns [].
     """
+    lock = redis.lock(REAPER_LOCK, timeout=S.HOUSEKEEPING_LOCK_TTL_S, blocking=False)
+    if not lock.acquire():
+        return []
+    try:
+        return _reap(redis, grace_s)
+    finally:
+        # expired after a very slow round, or Redis went away: the TTL frees it
+        with contextlib.suppress(RedisError):
+            lock.release()
+
+
+def _reap(redis: Redis, grace_s: float) -> list[str]:
     reaped = []
     for name in (S.QUEUE_EDITS, S.QUEUE_HIGH):
         registry = StartedJobRegistry(name, connection=redis, serializer=JSONSerializer)
@@ -356,8 +374,9 @@ def _mark_dead(redis: Redis, job_id: str) -> None:
         job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
     except NoSuchJobError:
         return
-    job.meta["error"] = (
+    job.meta.setdefault(  # a worker that lost Redis under the job has said why already
+        "error",
         "the worker running this job stopped (killed or crashed) before it "
-        "finished; nothing was stored. Submit the edit again."
+        "finished; nothing was stored. Submit the edit again.",
     )
     job.save_meta()

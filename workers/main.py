@@ -5,55 +5,131 @@
 RQ's default worker forks a work-horse per job; after torch has run (and always with CUDA) the
 child can deadlock, and reloading the models per job costs seconds. ``SimpleWorker`` runs jobs in
 this process, on the warm models. A daemon thread keeps this worker's and its running job's
-heartbeat keys fresh, and reaps the jobs of workers that died (see :func:`reap_dead_jobs`).
+heartbeat keys fresh, reaps the jobs of workers that died and keeps house (see
+:mod:`workers.housekeeping`).
+
+The worker outlives its Redis: when the connection drops (Redis restarted, network gone), RQ's
+loop ends; this one waits for Redis with a backoff, reports the job that was cut off as failed,
+and starts a fresh RQ worker on the same warm models. Only SIGTERM/SIGINT end it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
+import time
+from types import FrameType
 
 import torch
 from redis import Redis
+from redis.exceptions import RedisError
 from rq import Queue, SimpleWorker
+from rq.exceptions import NoSuchJobError
+from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from workers import settings as S
-from workers.client import heartbeat_key, reap_dead_jobs, worker_key
+from workers.client import heartbeat_key, worker_key
+from workers.housekeeping import Heartbeat, housekeeping
 from workers.runtime import Runtime, install
 from workers.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
+LOST_REDIS = (
+    "Redis became unreachable while this job ran, so its result could not be recorded; "
+    "nothing was stored. Submit the request again."
+)
 
-class Heartbeat(threading.Thread):
-    """Refresh the worker and job heartbeat keys; run the dead-job watchdog now and then."""
 
-    def __init__(self, redis: Redis, name: str, runtime: Runtime) -> None:
-        super().__init__(name="vitedit-heartbeat", daemon=True)
-        self.redis, self.worker, self.runtime = redis, name, runtime
-        self.stopped = threading.Event()
+class Worker(SimpleWorker):
+    """RQ's SimpleWorker that remembers a stop request (RQ's own flag misses an idle one)."""
 
-    def run(self) -> None:
-        beats_per_watch = max(1, round(S.WATCHDOG_INTERVAL_S / S.HEARTBEAT_INTERVAL_S))
-        beat = 0
-        while not self.stopped.wait(0 if beat == 0 else S.HEARTBEAT_INTERVAL_S):
-            try:
-                self._beat()
-                if beat % beats_per_watch == 0:
-                    reap_dead_jobs(self.redis)
-            except Exception:  # a Redis hiccup must not kill the heartbeat
-                log.exception("heartbeat failed; retrying")
-            beat += 1
+    max_connection_wait_time = S.REDIS_RECONNECT_MAX_S  # RQ's default backs off to 60 s
+    stopping = False
 
-    def _beat(self) -> None:
-        self.redis.set(worker_key(self.worker), str(os.getpid()), ex=S.HEARTBEAT_TTL_S)
-        job = self.runtime.current_job
-        if job is not None:
-            self.redis.set(heartbeat_key(job), self.worker, ex=S.HEARTBEAT_TTL_S)
+    def request_stop(self, signum: int, frame: FrameType | None) -> None:
+        self.stopping = True
+        super().request_stop(signum, frame)
+
+
+def rq_worker(redis: Redis, name: str) -> Worker:
+    queues = [
+        Queue(q, connection=redis, serializer=JSONSerializer) for q in (S.QUEUE_HIGH, S.QUEUE_EDITS)
+    ]  # order = priority
+    return Worker(queues, connection=redis, serializer=JSONSerializer, name=name)
+
+
+def wait_for_redis(redis: Redis, stop: threading.Event) -> bool:
+    """Ping with a doubling backoff until Redis answers (True) or a stop is requested (False)."""
+    delay = 0.25
+    while not stop.is_set():
+        try:
+            redis.ping()
+            return True
+        except RedisError as exc:
+            log.warning("Redis unavailable (%s); retrying in %.1f s", exc, delay)
+        stop.wait(delay)
+        delay = min(2 * delay, S.REDIS_RECONNECT_MAX_S)
+    return False
+
+
+def report_lost_jobs(redis: Redis, runtime: Runtime) -> None:
+    """Say why the jobs cut off by the outage failed; the reaper then moves them to failed."""
+    for job_id in list(runtime.lost_jobs):
+        with contextlib.suppress(NoSuchJobError):
+            job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
+            job.meta["error"] = LOST_REDIS
+            job.save_meta()
+        redis.delete(heartbeat_key(job_id))
+        runtime.lost_jobs.remove(job_id)
+        log.warning("job %s was cut off by the Redis outage: reported failed", job_id)
+
+
+def forget(worker: SimpleWorker) -> None:
+    """Mark an RQ worker that lost its connection dead (so its name can register again)."""
+    try:
+        worker.teardown()
+    except Exception:  # what is left expires with RQ's worker TTL
+        log.debug("teardown of %s failed", worker.name, exc_info=True)
+
+
+def serve(redis: Redis, rq_redis: Redis, name: str, runtime: Runtime) -> None:
+    """Run RQ workers until SIGTERM/SIGINT, reconnecting whenever Redis goes away."""
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    delay = 0.0
+    while True:
+        worker, started = rq_worker(rq_redis, name), time.monotonic()
+        try:
+            worker.work(with_scheduler=False)  # returns on a stop request or a lost connection
+        except RedisError as exc:  # raised by RQ's own clean-up when the connection is gone
+            log.warning("worker %s lost Redis: %s", name, exc)
+        except ValueError as exc:  # RQ found our name still registered by the last round
+            log.warning("worker %s could not register: %s", name, exc)
+        if worker.stopping:
+            return
+        for signum in (signal.SIGTERM, signal.SIGINT):  # RQ's handlers need Redis: ours don't
+            signal.signal(signum, request_stop)
+        # a round that ends at once again and again (not an outage) must not spin
+        quick = time.monotonic() - started < S.REDIS_RECONNECT_MAX_S
+        delay = min(2 * delay, S.REDIS_RECONNECT_MAX_S) if quick and delay else 0.1
+        if stop.wait(delay) or not wait_for_redis(rq_redis, stop):
+            return
+        forget(worker)
+        try:
+            report_lost_jobs(redis, runtime)
+        except RedisError:  # gone again: the next round waits for it
+            continue
+        log.info("worker %s reconnected to Redis", name)
 
 
 def main() -> int:
@@ -65,32 +141,27 @@ def main() -> int:
         torch.set_num_threads(settings.torch_threads)
     redis = Redis.from_url(settings.redis_url)
     runtime = Runtime(settings, redis)
-    runtime.store.sweep(S.UPLOAD_MAX_AGE_S)
     if settings.register_demo:
         from workers.registration import register_demo
 
         register_demo(runtime.store)
     runtime.preload()
     install(runtime)
+    with contextlib.suppress(RedisError):  # the heartbeat thread does it later otherwise
+        housekeeping(runtime)
     name = settings.name or f"vitedit-{socket.gethostname()}-{os.getpid()}"
     heartbeat = Heartbeat(redis, name, runtime)
     heartbeat.start()
     # RQ gives its own connection a socket timeout longer than its blocking dequeue; a pooled
     # connection made earlier (redis-py's default timeout is 5 s) would time the worker out.
     rq_redis = Redis.from_url(settings.redis_url)
-    queues = [
-        Queue(q, connection=rq_redis, serializer=JSONSerializer)
-        for q in (S.QUEUE_HIGH, S.QUEUE_EDITS)
-    ]  # order = priority
-    worker = SimpleWorker(queues, connection=rq_redis, serializer=JSONSerializer, name=name)
-    log.info(
-        "worker %s listening on %s (device %s)", name, [q.name for q in queues], runtime.device
-    )
+    log.info("worker %s listening (device %s)", name, runtime.device)
     try:
-        worker.work(with_scheduler=False)
+        serve(redis, rq_redis, name, runtime)
     finally:
         heartbeat.stopped.set()
-        redis.delete(worker_key(name))
+        with contextlib.suppress(RedisError):
+            redis.delete(worker_key(name))
     return 0
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from PIL import Image
 from redis import Redis
+from redis.exceptions import RedisError
 from rq.job import Job
 from rq.timeouts import JobTimeoutException
 
@@ -145,12 +146,17 @@ class Runtime:
 
     def __init__(self, settings: WorkerSettings, redis: Redis) -> None:
         self.settings, self.redis = settings, redis
-        self.store = Store(settings.store)
+        self.store = Store(
+            settings.store,
+            cache_max_bytes=settings.weights_cache_max_bytes,
+            cache_min_idle_s=settings.cache_min_idle_s,
+        )
         self.device = pick_device(settings.device)
         self.models: dict[str, LoadedModel] = {}
         self.versions: OrderedDict[tuple[str, str], list[torch.Tensor]] = OrderedDict()
-        self.retention_tokens: dict[tuple[str, str], TokenSet] = {}
+        self.retention_tokens: OrderedDict[tuple[str, str], TokenSet] = OrderedDict()
         self.current_job: str | None = None
+        self.lost_jobs: list[str] = []  # jobs that ended while Redis was unreachable
 
     # ------------------------------------------------------------------ models
 
@@ -165,6 +171,8 @@ class Runtime:
         if loaded is None or loaded.entry != entry:
             self.models[name] = loaded = self._load(entry)
             self.versions = OrderedDict((k, v) for k, v in self.versions.items() if k[0] != name)
+            for key in [k for k in self.retention_tokens if k[0] == name]:
+                del self.retention_tokens[key]
         return loaded
 
     def _load(self, entry: ModelEntry) -> LoadedModel:
@@ -280,13 +288,16 @@ class Runtime:
 
     def _retention_tokens(self, loaded: LoadedModel, manifest: VersionManifest) -> TokenSet:
         key = (manifest.model, manifest.version)
-        if key not in self.retention_tokens:
-            records = manifest.edit_images
-            images = [open_image(self.store.version_file(key[0], key[1], r.file)) for r in records]
-            self.retention_tokens[key] = TokenSet(
-                loaded.tokens(images), torch.tensor([r.target for r in records])
-            )
-        return self.retention_tokens[key]
+        if key in self.retention_tokens:
+            self.retention_tokens.move_to_end(key)
+            return self.retention_tokens[key]
+        records = manifest.edit_images
+        images = [open_image(self.store.version_file(key[0], key[1], r.file)) for r in records]
+        tokens = TokenSet(loaded.tokens(images), torch.tensor([r.target for r in records]))
+        self.retention_tokens[key] = tokens
+        while len(self.retention_tokens) > self.settings.retention_cache_size:
+            self.retention_tokens.popitem(last=False)
+        return tokens
 
     # ------------------------------------------------------------------ job bookkeeping
 
@@ -321,12 +332,15 @@ class Runtime:
             raise
         finally:
             self.current_job = None
-            if job is not None:
-                self.redis.delete(heartbeat_key(job.id))
             if upload:
                 self.store.remove_upload(upload)
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+            if job is not None:
+                try:
+                    self.redis.delete(heartbeat_key(job.id))
+                except RedisError:  # Redis went away under the job: reported once it is back
+                    self.lost_jobs.append(job.id)
 
 
 def _benchmark_holdout(

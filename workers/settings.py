@@ -52,8 +52,16 @@ CANCEL_FLAG_TTL_S = 24 * 3600
 IDEMPOTENCY_TTL_S = 24 * 3600
 """How long an ``Idempotency-Key`` maps to its job."""
 
-UPLOAD_MAX_AGE_S = 2 * 24 * 3600
-"""Uploads and abandoned drafts older than this are swept when a worker starts."""
+HOUSEKEEPING_INTERVAL_S = 300.0
+"""One worker at a time sweeps abandoned uploads and drafts and trims the weights cache this often
+(and each worker once at start)."""
+
+HOUSEKEEPING_LOCK_TTL_S = 120
+"""The Redis locks of the reaper and of the housekeeping expire after this long if their holder
+dies mid-round (a round takes milliseconds to seconds)."""
+
+REDIS_RECONNECT_MAX_S = 5.0
+"""A worker that lost Redis retries at least this often (RQ's own default backs off to 60 s)."""
 
 PROGRESS_MIN_INTERVAL_S = 0.2
 """Progress (step, loss) is written to the job meta at most this often, and at the last step."""
@@ -77,5 +85,13 @@ class WorkerSettings(CommonSettings):
     # Raise it on a dedicated many-core machine; 0 = torch's default.
     torch_threads: int = 1
     version_cache_size: int = 4  # merged site weights of this many versions stay in memory
+    retention_cache_size: int = 64  # versions whose edit-image tokens stay in memory (LRU)
+    # an upload that no queued or running job names is deleted once this old (canceled, expired
+    # or crashed jobs); young ones are kept: the API writes an upload before it enqueues its job
+    upload_grace_s: float = 15 * 60
+    # the merged-weights cache (GET .../weights) is trimmed to this size, least recently
+    # downloaded first; an entry downloaded in the last cache_min_idle_s is never removed
+    weights_cache_max_bytes: int = 2 * 1024**3
+    cache_min_idle_s: float = 60.0
     name: str | None = None  # RQ worker name; None = host + pid
     register_demo: bool = False  # register the shipped demo model at start (docker compose)
