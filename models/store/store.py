@@ -16,6 +16,7 @@ records. The torch side (patches, merged weights) lives in the workers; this mod
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -23,7 +24,7 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -50,6 +51,7 @@ REJECTED = "rejected"  # a version stored for inspection that missed its accepta
 PATCH_FILE = "patch.safetensors"
 MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "model.safetensors"
+CACHE_MIN_IDLE_S = 60.0  # merged weights used this recently are never evicted (being downloaded)
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # model, version, alias, upload names
 _NAME = re.compile(NAME_PATTERN)
 
@@ -142,8 +144,16 @@ class VersionDraft:
 class Store:
     """Local-filesystem store. Safe for several processes: writes are atomic, updates locked."""
 
-    def __init__(self, root: Path | str) -> None:
+    def __init__(
+        self,
+        root: Path | str,
+        cache_max_bytes: int | None = None,
+        cache_min_idle_s: float = CACHE_MIN_IDLE_S,
+    ) -> None:
+        """``cache_max_bytes``: bound of the merged-weights cache, enforced after each write
+        (see :meth:`evict_cached_weights`); None = unbounded (readers, such as the API)."""
         self.root = Path(root)
+        self.cache_max_bytes, self.cache_min_idle_s = cache_max_bytes, cache_min_idle_s
         for sub in ("models", "cache", "uploads", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
 
@@ -330,12 +340,19 @@ class Store:
     # ------------------------------------------------------------------ merged weights cache
 
     def cached_weights(self, model: str, version: str | None) -> tuple[Path, str] | None:
-        """(path, sha256) of the materialised merged weights, checked, or None if not cached."""
+        """(path, sha256) of the materialised merged weights, checked, or None if not cached.
+
+        Each call marks the entry used (the mtime of its ``model.json``): eviction goes by it.
+        """
         folder = self._cache_dir(model, version)
         path, info = folder / WEIGHTS_FILE, folder / "model.json"
         if not path.is_file():
             return None
-        expected = read_json(info)["sha256"]
+        try:
+            expected = read_json(info)["sha256"]
+            os.utime(info)
+        except FileNotFoundError:  # evicted between the two checks
+            return None
         if sha256_file(path) != expected:
             raise IntegrityError(
                 f"cached weights of {model}@{version or BASE} are damaged; delete "
@@ -363,7 +380,35 @@ class Store:
             _fsync_dir(folder)
         finally:
             tmp.unlink(missing_ok=True)
+        if self.cache_max_bytes is not None:
+            self.evict_cached_weights(self.cache_max_bytes, self.cache_min_idle_s)
         return folder / WEIGHTS_FILE, sha
+
+    def evict_cached_weights(self, max_bytes: int, min_idle_s: float = 0.0) -> list[str]:
+        """Remove merged weights, least recently used first, until the cache holds ``max_bytes``.
+
+        An entry used in the last ``min_idle_s`` seconds stays (it may be downloading right now),
+        even if the cache stays above the bound. Returns the ``model@version`` removed.
+        """
+        entries, total = [], 0
+        for info in (self.root / "cache").glob("*/*/model.json"):
+            weights = info.parent / WEIGHTS_FILE
+            with contextlib.suppress(FileNotFoundError):
+                size = weights.stat().st_size
+                entries.append((info.stat().st_mtime, size, info.parent))
+                total += size
+        removed, cutoff = [], time.time() - min_idle_s
+        for used_at, size, folder in sorted(entries):
+            if total <= max_bytes or used_at > cutoff:
+                break
+            trash = self.root / "tmp" / f"evict-{secrets.token_hex(6)}"
+            os.rename(folder, trash)  # atomic: a reader sees the entry whole or not at all
+            shutil.rmtree(trash, ignore_errors=True)
+            total -= size
+            removed.append(f"{folder.parent.name}@{folder.name}")
+        if removed:
+            log.info("weights cache: evicted %s (now %d bytes)", removed, total)
+        return removed
 
     def _cache_dir(self, model: str, version: str | None) -> Path:
         model, version = check_name(model, "model"), check_name(version or BASE, "version")
@@ -400,12 +445,19 @@ class Store:
     def remove_upload(self, upload: str) -> None:
         shutil.rmtree(self.root / "uploads" / check_name(upload, "upload"), ignore_errors=True)
 
-    def sweep(self, max_age_s: float) -> int:
-        """Delete uploads and abandoned drafts older than ``max_age_s``; returns how many."""
+    def sweep(self, max_age_s: float, keep: Collection[str] = ()) -> int:
+        """Delete uploads (but those named in ``keep``) and abandoned drafts older than
+        ``max_age_s``; returns how many."""
         cutoff, removed = time.time() - max_age_s, 0
         for area in ("uploads", "tmp"):
             for path in (self.root / area).iterdir():
-                if path.stat().st_mtime < cutoff:
+                if area == "uploads" and path.name in keep:
+                    continue
+                try:
+                    stale = path.stat().st_mtime < cutoff
+                except FileNotFoundError:  # another sweeper was faster
+                    continue
+                if stale:
                     shutil.rmtree(path, ignore_errors=True)
                     removed += 1
         return removed
