@@ -19,6 +19,7 @@ from PIL import Image
 
 from models.bounds import Bound
 from models.errors import DataError, EditConfigError, TooLarge, UnknownMethodError
+from models.images import check_size, decode_reduced
 from models.store.manifest import ModelEntry
 from models.store.store import Store
 from service.settings import ApiSettings
@@ -44,7 +45,8 @@ def check_image(upload: UploadFile, settings: ApiSettings) -> CheckedImage:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
+            with Image.open(io.BytesIO(data)) as im:  # the header only: nothing decoded yet
+                check_size(im.size, name)
                 pixels = im.size[0] * im.size[1]
                 if pixels > settings.max_image_pixels:
                     raise TooLarge(
@@ -53,7 +55,7 @@ def check_image(upload: UploadFile, settings: ApiSettings) -> CheckedImage:
                     )
                 im.verify()
             with Image.open(io.BytesIO(data)) as im:
-                im.load()
+                decode_reduced(im, name)  # decodes it all (a large JPEG at a reduced scale)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise TooLarge(f"{name}: {exc}") from exc
     except (OSError, ValueError, SyntaxError) as exc:

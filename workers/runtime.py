@@ -30,6 +30,7 @@ from models.backbones import Backbone, load_backbone
 from models.errors import DataError, EditCanceled, IntegrityError, VitEditError
 from models.evaluation import predictions
 from models.forward import SplitForward
+from models.images import check_size, decode_reduced
 from models.reports import ReportSets, TokenSet
 from models.sites import Patch, Sites
 from models.store.manifest import ModelEntry, VersionManifest
@@ -50,13 +51,14 @@ def pick_device(name: str) -> torch.device:
 
 
 def open_image(path: Path) -> Image.Image:
-    """Decode an uploaded image fully; a truncated or non-image file raises DataError."""
+    """Decode an uploaded image fully, its size checked from the header first and reduced when
+    large (``models.images.decode_reduced``); a truncated or non-image file raises DataError."""
     try:
         with Image.open(path) as im:
+            check_size(im.size, path.name)
             im.verify()
         with Image.open(path) as im:
-            im.load()
-            return im.copy()
+            return decode_reduced(im, path.name)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DataError(f"{path.name}: not a readable image ({exc})") from exc
 

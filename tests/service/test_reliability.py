@@ -5,12 +5,14 @@ error answer has the documented shape."""
 
 from __future__ import annotations
 
+import io
 import json
 from typing import Any
 from urllib.parse import quote
 
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from models.editing import EDITORS, make_config
@@ -173,3 +175,27 @@ def test_every_error_answer_has_the_shape_the_openapi_schema_declares(idle: Serv
     for r in (app_422, fastapi_422):
         assert r.status_code == 422
         ErrorPublic.model_validate(r.json())
+
+
+def _png_of(size: tuple[int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", size).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("size", "status", "message"),
+    [((1, 1_000_000), 413, "each side"), ((4000, 100), 422, "aspect ratio")],
+)
+def test_a_tiny_file_of_absurd_shape_is_refused_from_its_header(
+    idle: Served, size: tuple[int, int], status: int, message: str
+) -> None:
+    data = _png_of(size)
+    assert len(data) < 10_000  # the header says what decoding would cost
+    files = [("images", ("long.png", data, "image/png"))]
+    for r in (
+        idle.client.post("/v1/edits", data={"label": "3", "model": "tiny"}, files=files),
+        idle.client.post("/v1/models/tiny/versions/base/predict", files=files),
+    ):
+        assert r.status_code == status and message in r.json()["detail"], r.text
+    assert idle.jobs.edits.count == idle.jobs.high.count == 0

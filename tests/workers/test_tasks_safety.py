@@ -1,5 +1,6 @@
-"""The worker's edit task in-process (no queue): whatever an editor returns, a version holding NaN
-or inf weights is never scored nor stored, and the job says why."""
+"""The worker's side in-process (no queue): whatever an editor returns, a version holding NaN or inf
+weights is never scored nor stored; an image of absurd shape is refused from its header, a large
+one reduced before the model transform."""
 
 from __future__ import annotations
 
@@ -8,18 +9,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from redis import Redis
 
 from models.editing import EDITORS, EditOutcome, EditTask
 from models.editing.finetune import FTConfig
 from models.editing.optimize import masked_finetune
 from models.editing.registry import StepCallback, register
-from models.errors import EditDiverged
+from models.errors import EditDiverged, TooLarge
 from models.sites import Patch
 from tests.redis_server import png, tiny_store
 from workers import tasks
 from workers.payloads import EditPayload, JobImage
-from workers.runtime import Runtime
+from workers.runtime import Runtime, open_image
 from workers.settings import WorkerSettings
 
 BROKEN = "test-non-finite"
@@ -64,3 +66,18 @@ def test_a_non_finite_edit_is_neither_scored_nor_stored(tmp_path: Path, broken_e
     assert not list((store.root / "tmp").iterdir())
     now = loaded.sites.params(loaded.model)
     assert all(torch.equal(p, b) for p, b in zip(now, base, strict=True))
+
+
+def test_the_worker_refuses_an_absurd_shape_before_decoding_it(tmp_path: Path) -> None:
+    path = tmp_path / "long.png"
+    Image.new("L", (1, 16_000_000)).save(path)  # 16 MB of pixels, a few KB of file
+    with pytest.raises(TooLarge, match="each side"):
+        open_image(path)
+
+
+def test_the_worker_reduces_a_large_image_before_the_model_transform(tmp_path: Path) -> None:
+    path = tmp_path / "big.jpg"
+    Image.new("RGB", (4000, 3000), (200, 10, 10)).save(path, quality=90)
+    image = open_image(path)
+    assert 512 <= min(image.size) < 1024 and image.size[0] > image.size[1]
+    assert image.getpixel((10, 10))[0] > 150  # the same picture, smaller
