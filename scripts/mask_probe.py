@@ -17,6 +17,7 @@ at the same ``rho``, and scored like the benchmark (SR / GR / LR on the same sam
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -28,10 +29,9 @@ from models.editing.registry import EditTask, make_config, run_edit
 from models.editing.saliency import gradient_scores
 from models.evaluation import EvalSet
 from models.forward import SplitForward
-from models.hypernet.network import DEMO_DIR, load_demo_hypernetwork, recorded_sites
 from models.sites import top_rho_mask
-from models.worlds.bench import edit_defaults, sample_edits
-from models.worlds.demo import load_demo_backbone, load_world
+from models.worlds.bench import edit_defaults, edit_seed, sample_edits
+from models.worlds.catalog import open_world
 
 KINDS = ("random", "where2edit", "saliency", "oracle")
 
@@ -52,14 +52,14 @@ def main() -> None:
     parser.add_argument("--rhos", default="0.1,0.05")
     parser.add_argument("--kinds", default=",".join(KINDS))
     parser.add_argument("--edits", type=int, default=4, help="edit images per group")
-    parser.add_argument("--hypernet", type=Path, default=DEMO_DIR)
+    parser.add_argument("--hypernet", type=Path, help="hypernetwork folder (default: the world's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--world", default="demo", choices=["demo", "tiny-imagenet"])
+    parser.add_argument("--split", help="groups: tuning, test or all (default: the world's report split)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING)
-    backbone, bench = load_demo_backbone(), load_world().benchmark
-    hypernet = load_demo_hypernetwork(backbone, args.hypernet)
-    sites = recorded_sites(args.hypernet)
+    backbone, bench, hypernet, sites = open_world(args.world, args.split, args.hypernet)
     split = SplitForward(backbone.model, sites)
     groups = [(g.name, g.label, backbone.preprocess(g.images)) for g in bench.groups]
     evalset = EvalSet.prepare(split, groups, backbone.preprocess(bench.locality))
@@ -87,11 +87,12 @@ def main() -> None:
                         g.tokens[i : i + 1],
                         hypernet,
                     )
+                    seeded = dataclasses.replace(config, seed=edit_seed(args.seed, g.name, i))
                     if kind == "oracle":
                         masks = sites.split(top_rho_mask(oracle[gi], rho))
-                        outcome = masked_finetune(task, config, masks=masks)
-                    else:  # the registered editor itself
-                        outcome = run_edit(kind, task, config)
+                        outcome = masked_finetune(task, seeded, masks=masks)
+                    else:  # the registered editor itself (random: a fresh mask per edit)
+                        outcome = run_edit(kind, task, seeded)
                     steps.append(outcome.steps)
                     s = evalset.score(outcome.patch, gi, [i])
                     scores.append((s.sr, s.gr, s.lr))

@@ -17,8 +17,10 @@ import torch
 
 from models.backbones import Backbone
 from models.errors import DataError
+from models.hypernet.network import MANIFEST_FILE, Hypernetwork, recorded_sites
+from models.sites import Sites
 from models.worlds import demo, tiny_imagenet, tiny_imagenet_benchmark
-from models.worlds.layout import World
+from models.worlds.layout import EditBenchmark, World
 
 
 @dataclass(frozen=True)
@@ -64,3 +66,18 @@ def get_world(name: str) -> BuiltinWorld:
             f"build it with 'vitedit world build {name}'"
         )
     return world
+
+
+def open_world(
+    name: str, split: str | None = None, hypernet_dir: Path | None = None
+) -> tuple[Backbone, EditBenchmark, Hypernetwork | None, Sites]:
+    """(backbone, the benchmark's ``split`` groups, hypernetwork or None, the sites to edit) for
+    the probe scripts: the hypernetwork's sites when there is one, else the default sites."""
+    world = get_world(name)
+    backbone = world.load_backbone("cpu")
+    benchmark = world.load_world().benchmark.select(split or world.report_split)
+    directory = hypernet_dir or world.hypernet_dir
+    if not (directory / MANIFEST_FILE).is_file():
+        return backbone, benchmark, None, Sites.for_model(backbone.model)
+    hypernet = Hypernetwork.load(directory, backbone)
+    return backbone, benchmark, hypernet, recorded_sites(directory)
