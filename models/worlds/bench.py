@@ -45,6 +45,7 @@ from models.evaluation import (
 from models.forward import SplitForward
 from models.sites import Sites
 from models.store.manifest import write_json_atomic
+from models.worlds.headline import headline
 from models.worlds.layout import EditBenchmark
 
 log = logging.getLogger(__name__)
@@ -269,7 +270,9 @@ def run_bench(
         )
     for entry in methods.values():
         _add_summary(entry)
-    return _results(backbone, benchmark, config, prep, methods)
+    results = _results(backbone, benchmark, config, prep, methods)
+    results["headline"] = headline(results, seed=config.seed)
+    return results
 
 
 def front_points(entry: dict[str, Any]) -> list[FrontPoint]:

@@ -98,3 +98,46 @@ def test_benchmark_selects_a_half_and_refuses_a_missing_one() -> None:
     assert bench.select("all") is bench
     with pytest.raises(DataError, match="no 'holdout' groups"):
         bench.select("holdout")
+
+
+def _point(knob, sr, lr, grs):
+    return {
+        "knob_value": knob,
+        "sr": sr,
+        "lr": lr,
+        "gr": sum(grs) / len(grs),
+        "groups": [{"gr": g} for g in grs],
+    }
+
+
+def test_headline_compares_best_eligible_points_with_a_paired_interval() -> None:
+    from models.worlds.headline import headline
+
+    results = {
+        "methods": {
+            "where2edit": {
+                "knob": "rho",
+                "points": [
+                    _point(0.1, 1.0, 0.92, [0.5, 0.6, 0.7]),
+                    _point(0.5, 1.0, 0.85, [0.9, 0.9, 0.9]),
+                ],
+            },
+            "random": {
+                "knob": "rho",
+                "points": [
+                    _point(0.1, 1.0, 0.95, [0.4, 0.5, 0.6]),
+                    _point(0.05, 0.5, 0.99, [0.9, 0.9, 0.9]),
+                ],
+            },
+            "ft": {"knob": None, "points": [_point(None, 1.0, 0.80, [0.95, 0.95, 0.95])]},
+        }
+    }
+    out = headline(results)
+    bar = out["at_lr_bar"]
+    assert bar["best_baseline"] == "random"  # its SR-50% point and ft (LR 80%) do not qualify
+    assert bar["gr_difference"] == pytest.approx(0.1) and bar["separated"]
+    assert out["at_where2edit_rho_0.1"]["min_lr"] == 0.92
+    assert (
+        headline({"methods": {"random": results["methods"]["random"]}})["at_lr_bar"]["verdict"]
+        == "no where2edit point qualifies"
+    )
