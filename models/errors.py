@@ -147,6 +147,10 @@ class StoreError(Invalid):
     """The store refused an operation (an existing version, a reserved alias, a bad name)."""
 
 
+class ModelUnavailable(Unavailable):
+    """A registered model failed to load on the workers (damaged or missing files)."""
+
+
 def by_name(name: str | None) -> type[VitEditError] | None:
     """The error class of this module named ``name`` (what an API answer's ``error`` holds)."""
     found = globals().get(name or "")

@@ -112,8 +112,9 @@ def patched_logits(
 ) -> list[torch.Tensor]:
     """Logits of the patched model on each token set; the model is restored bit-exactly."""
     model: nn.Module = split.model
-    backup = patch.apply(model)
-    try:
+    backup: dict[str, torch.Tensor] = {}
+    try:  # restored even if apply is cut off midway
+        patch.apply(model, backup)
         return [split.logits(tokens) for tokens in token_sets]
     finally:
         patch.revert(model, backup)

@@ -19,6 +19,7 @@ from torch import nn
 from models.errors import PatchError, SiteError
 
 PATCH_FORMAT = "vitedit.patch/1"
+_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 @dataclass(frozen=True)
@@ -163,27 +164,58 @@ class Patch:
                 )
         return cls(sites, entries)
 
-    def apply(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """Write the patch into ``model`` in place; returns the old values, for :meth:`revert`."""
+    def apply(
+        self, model: nn.Module, backup: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Write the patch into ``model`` in place; returns the old values, for :meth:`revert`.
+
+        Every entry is checked before any is written, so a patch that does not fit leaves the
+        model untouched. ``backup`` (the caller's dict) receives each old value *before* its
+        write: a caller that reverts it in ``finally`` restores the model even when apply is cut
+        off midway (a job timeout arrives as an exception at any line).
+        """
         named = dict(model.named_parameters())
-        backup = {}
+        writes = [
+            self._checked(param, idx, values, named)
+            for param, (idx, values) in self.entries.items()
+        ]
+        backup = {} if backup is None else backup
         with torch.no_grad():
-            for param, (idx, values) in self.entries.items():
-                m = self._matrix(param)
-                if param not in named:
-                    raise PatchError(f"model has no parameter {param!r}")
-                w = named[param]
-                expect = list(w.shape)
-                expect[m.dim] = idx.numel()
-                if list(values.shape) != expect or (idx.numel() and int(idx.max()) >= m.hidden):
-                    raise PatchError(
-                        f"patch for {param} has values {tuple(values.shape)}, expected "
-                        f"{tuple(expect)} with indices < {m.hidden}: it was made for another model"
-                    )
-                idx_d = idx.to(w.device)
-                backup[param] = w.index_select(m.dim, idx_d).clone()
-                w.index_copy_(m.dim, idx_d, values.to(w.device, w.dtype))
+            for param, w, dim, idx, values in writes:
+                backup[param] = w.index_select(dim, idx).clone()
+                w.index_copy_(dim, idx, values)
         return backup
+
+    def _checked(
+        self,
+        param: str,
+        idx: torch.Tensor,
+        values: torch.Tensor,
+        named: dict[str, nn.Parameter],
+    ) -> tuple[str, nn.Parameter, int, torch.Tensor, torch.Tensor]:
+        """(param, weight, dim, indices, values) ready to write, or PatchError saying why not."""
+        m = self._matrix(param)
+        if param not in named:
+            raise PatchError(f"model has no parameter {param!r}")
+        w = named[param]
+        expect = list(w.shape)
+        expect[m.dim] = idx.numel()
+        fits = (
+            idx.dim() == 1
+            and idx.dtype in _INDEX_DTYPES
+            and values.is_floating_point()
+            and list(values.shape) == expect
+            and (idx.numel() == 0 or (int(idx.min()) >= 0 and int(idx.max()) < m.hidden))
+            and idx.unique().numel() == idx.numel()
+        )
+        if not fits:
+            raise PatchError(
+                f"patch for {param} has indices {tuple(idx.shape)} {idx.dtype} and values "
+                f"{tuple(values.shape)} {values.dtype}; expected distinct integer indices in "
+                f"[0, {m.hidden}) and float values of shape {tuple(expect)}: it was made for "
+                "another model or is damaged"
+            )
+        return param, w, m.dim, idx.to(w.device, torch.int64), values.to(w.device, w.dtype)
 
     def revert(self, model: nn.Module, backup: dict[str, torch.Tensor]) -> None:
         """Undo :meth:`apply` with the values it returned."""

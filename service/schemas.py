@@ -124,4 +124,6 @@ class HealthPublic(BaseModel):
     status: Literal["ok", "unavailable"]
     redis: bool | None = None
     workers: list[str] | None = None
+    # models a live worker failed to load -> why (their jobs fail until they are fixed)
+    unavailable_models: dict[str, str] | None = None
     detail: str | None = None

@@ -85,6 +85,11 @@ def worker_key(name: str) -> str:
     return f"{S.KEY_PREFIX}:heartbeat:worker:{name}"
 
 
+def unavailable_key(model: str) -> str:
+    """A model that failed to load on a worker: its reason, refreshed by that worker's heartbeat."""
+    return f"{S.KEY_PREFIX}:unavailable:model:{model}"
+
+
 def _idempotency_key(key: str) -> str:
     return f"{S.KEY_PREFIX}:idempotency:{key}"
 
@@ -280,6 +285,15 @@ class JobClient:
 
     def ping(self) -> bool:
         return bool(self.redis.ping())
+
+    def unavailable_models(self) -> dict[str, str]:
+        """Models that a live worker failed to load, with the reason (see :mod:`workers.runtime`)."""
+        prefix = unavailable_key("")
+        keys = sorted(self.redis.scan_iter(f"{prefix}*"))
+        values = self.redis.mget(keys) if keys else []
+        return {
+            k.decode()[len(prefix) :]: v.decode() for k, v in zip(keys, values, strict=True) if v
+        }
 
     def live_workers(self) -> list[str]:
         """Workers whose heartbeat key is fresh (written by :mod:`workers.main`)."""

@@ -1,6 +1,7 @@
 """A worker's background thread: heartbeats, the dead-job reaper, and the store's housekeeping.
 
-Every worker refreshes its own heartbeat key and its running job's; the reaper
+Every worker refreshes its own heartbeat key, its running job's, and one key per model it failed
+to load (``GET /readyz`` lists them; they expire once no live worker refreshes them). The reaper
 (:func:`~workers.client.reap_dead_jobs`) and the housekeeping (sweep the uploads of jobs that will
 never run: canceled, expired or crashed; trim the merged-weights cache) run in one process at a
 time across the whole service, under Redis locks with a TTL, so a holder that dies frees its lock.
@@ -22,7 +23,7 @@ from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
 from workers import settings as S
-from workers.client import heartbeat_key, reap_dead_jobs, worker_key
+from workers.client import heartbeat_key, reap_dead_jobs, unavailable_key, worker_key
 from workers.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -100,3 +101,5 @@ class Heartbeat(threading.Thread):
         job = self.runtime.current_job
         if job is not None:
             self.redis.set(heartbeat_key(job), self.worker, ex=S.HEARTBEAT_TTL_S)
+        for model, failed in list(self.runtime.unavailable.items()):  # read by GET /readyz
+            self.redis.set(unavailable_key(model), failed.reason, ex=S.HEARTBEAT_TTL_S)

@@ -1,21 +1,21 @@
 """The worker's warm state and the work behind each job kind.
 
-A worker process loads each registered model once (backbone, sites, hypernetwork, the prefix
-tokens of its locality set and benchmark groups) and keeps the merged site weights of a few
-recent versions (an LRU). A version is "activated" by copying its site weights into the shared
-model and restored to the base afterwards, so every job starts from the same state. Progress goes
-to the RQ job meta; the cancel flag is read at every optimiser step.
+A worker process loads each registered model once (:mod:`workers.warm`) and keeps the merged
+site weights of a few recent versions (an LRU). A version is "activated" by copying its site
+weights into the shared model and restored to the base afterwards, so every job starts from the
+same state; each job start checks that it does (and restores the base if not). A model that fails
+to load is marked unavailable instead of stopping the worker. Progress goes to the RQ job meta;
+the cancel flag is read at every optimiser step.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import logging
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,22 +26,24 @@ from redis.exceptions import RedisError
 from rq.job import Job
 from rq.timeouts import JobTimeoutException
 
-from models.backbones import Backbone, load_backbone
-from models.errors import DataError, EditCanceled, IntegrityError, VitEditError
-from models.evaluation import predictions
-from models.forward import SplitForward
+from models.errors import (
+    DataError,
+    EditCanceled,
+    IntegrityError,
+    ModelUnavailable,
+    VitEditError,
+)
 from models.images import check_size, decode_reduced
 from models.reports import ReportSets, TokenSet
-from models.sites import Patch, Sites
-from models.store.manifest import ModelEntry, VersionManifest
+from models.sites import Patch
+from models.store.manifest import VersionManifest
 from models.store.store import PATCH_FILE, Store
 from workers import settings as S
 from workers.client import cancel_key, heartbeat_key
 from workers.settings import WorkerSettings
+from workers.warm import LoadedModel, Unloadable, benchmark_holdout, load_model, restore_base
 
 log = logging.getLogger(__name__)
-
-MAX_BENCHMARK_HOLDOUT = 512  # benchmark images used for GR when the request brings none
 
 
 def pick_device(name: str) -> torch.device:
@@ -61,49 +63,6 @@ def open_image(path: Path) -> Image.Image:
             return decode_reduced(im, path.name)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DataError(f"{path.name}: not a readable image ({exc})") from exc
-
-
-def pixel_key(image: Image.Image) -> str:
-    """Identity of an image's pixels: finds a benchmark image that a user submits for editing."""
-    digest = hashlib.sha256(f"{image.mode}{image.size}".encode())
-    digest.update(image.tobytes())
-    return digest.hexdigest()
-
-
-@dataclass(frozen=True)
-class BenchmarkGroup:
-    """One registered benchmark group, ready for GR: label, prefix tokens, pixel keys."""
-
-    label: int
-    tokens: torch.Tensor  # (N, T, D)
-    keys: tuple[str, ...]  # pixel_key of each image
-
-
-@dataclass
-class LoadedModel:
-    """One registered model, loaded once per worker and shared by all its jobs."""
-
-    entry: ModelEntry
-    backbone: Backbone
-    sites: Sites
-    split: SplitForward
-    hypernetwork: Any
-    base_weights: list[torch.Tensor]  # the site matrices of the base backbone
-    locality: TokenSet | None
-    locality_root_preds: torch.Tensor | None
-    groups: list[BenchmarkGroup]
-
-    @property
-    def model(self) -> torch.nn.Module:
-        return self.backbone.model
-
-    def tokens(self, images: list[Image.Image], batch: int = 256) -> torch.Tensor:
-        """Prefix tokens (N, T, D) of PIL images, preprocessed in batches."""
-        chunks = [
-            self.split.prefix(self.backbone.preprocess(images[i : i + batch]))
-            for i in range(0, len(images), batch)
-        ]
-        return torch.cat(chunks)
 
 
 class Progress:
@@ -159,75 +118,49 @@ class Runtime:
         self.retention_tokens: OrderedDict[tuple[str, str], TokenSet] = OrderedDict()
         self.current_job: str | None = None
         self.lost_jobs: list[str] = []  # jobs that ended while Redis was unreachable
+        self.unavailable: dict[str, Unloadable] = {}  # models that failed to load
 
     # ------------------------------------------------------------------ models
 
     def preload(self) -> None:
+        """Load every registered model; one that fails is marked unavailable, the rest serve."""
         for entry in self.store.models():
-            self.load(entry.name)
+            with contextlib.suppress(ModelUnavailable):  # logged and published by load()
+                self.load(entry.name)
 
     def load(self, name: str) -> LoadedModel:
-        """The loaded model (re-loaded if its registry entry changed since)."""
+        """The loaded model, checked intact (call at job start, outside :meth:`activate`).
+
+        Re-loaded if its registry entry changed since. A model that fails to load is marked
+        unavailable (see ``self.unavailable``, published by the heartbeat) and raises
+        :class:`ModelUnavailable` until its entry changes or ``MODEL_RETRY_S`` passed.
+        """
         entry = self.store.model(name)
+        failed = self.unavailable.get(name)
+        if failed and failed.entry == entry and time.monotonic() - failed.at < S.MODEL_RETRY_S:
+            raise ModelUnavailable(failed.reason)
         loaded = self.models.get(name)
-        if loaded is None or loaded.entry != entry:
-            self.models[name] = loaded = self._load(entry)
-            self.versions = OrderedDict((k, v) for k, v in self.versions.items() if k[0] != name)
-            for key in [k for k in self.retention_tokens if k[0] == name]:
-                del self.retention_tokens[key]
-        return loaded
-
-    def _load(self, entry: ModelEntry) -> LoadedModel:
-        start = time.perf_counter()
-        backbone = load_backbone(entry.backbone_manifest(), self.device)
-        if backbone.weights_sha256 != entry.weights_sha256:
-            raise IntegrityError(
-                f"backbone of {entry.name} has sha256 "
-                f"{backbone.weights_sha256[:16]}..., the registry says "
-                f"{entry.weights_sha256[:16]}..."
+        if loaded is not None and loaded.entry == entry:
+            restore_base(loaded)
+            return loaded
+        self.models.pop(name, None)
+        self.versions = OrderedDict((k, v) for k, v in self.versions.items() if k[0] != name)
+        for key in [k for k in self.retention_tokens if k[0] == name]:
+            del self.retention_tokens[key]
+        try:
+            self.models[name] = loaded = load_model(entry, self.device)
+        except JobTimeoutException:
+            raise
+        except Exception as exc:
+            reason = (
+                f"model {name!r} failed to load on the workers ({type(exc).__name__}: {exc}); "
+                "its other requests fail the same way until it is fixed and registered again"
             )
-        hypernetwork = None
-        if entry.hypernetwork:
-            from models.hypernet.network import Hypernetwork, recorded_sites
-
-            hypernetwork = Hypernetwork.load(entry.hypernetwork, backbone)
-            sites = recorded_sites(entry.hypernetwork)
-        else:
-            sites = Sites.for_model(backbone.model, entry.blocks)
-        split = SplitForward(backbone.model, sites)
-        base = [p.detach().clone() for p in sites.params(backbone.model)]
-        loaded = LoadedModel(entry, backbone, sites, split, hypernetwork, base, None, None, [])
-        self._load_benchmark(loaded)
-        log.info(
-            "model %s ready in %.1f s on %s (sites %s, hypernetwork %s)",
-            entry.name,
-            time.perf_counter() - start,
-            self.device,
-            list(sites.mlps),
-            bool(hypernetwork),
-        )
+            log.error("%s", reason, exc_info=True)
+            self.unavailable[name] = Unloadable(entry, reason, time.monotonic())
+            raise ModelUnavailable(reason) from exc
+        self.unavailable.pop(name, None)
         return loaded
-
-    def _load_benchmark(self, loaded: LoadedModel) -> None:
-        bench = loaded.entry.benchmark
-        if bench.get("kind") == "demo":
-            from models.worlds.demo import load_world
-
-            benchmark = load_world().benchmark
-        elif bench.get("kind") == "folders":
-            from models.worlds.layout import read_benchmark
-
-            benchmark = read_benchmark(bench["groups"], bench["locality"])
-        else:
-            return
-        loaded.locality = TokenSet(loaded.tokens(benchmark.locality))
-        loaded.locality_root_preds = predictions(loaded.split, loaded.locality.tokens).cpu()
-        loaded.groups = [
-            BenchmarkGroup(
-                g.label, loaded.tokens(g.images), tuple(pixel_key(im) for im in g.images)
-            )
-            for g in benchmark.groups
-        ]
 
     # ------------------------------------------------------------------ versions
 
@@ -260,8 +193,9 @@ class Runtime:
                 f"{key[0]}@{version} was made for other base weights "
                 f"({str(meta.get('backbone_sha256'))[:16]}...)"
             )
-        backup = patch.apply(loaded.model)
-        try:
+        backup: dict[str, torch.Tensor] = {}
+        try:  # the shared model is restored even if apply is cut off (a job timeout)
+            patch.apply(loaded.model, backup)
             weights = [p.detach().clone() for p in loaded.sites.params(loaded.model)]
         finally:
             patch.revert(loaded.model, backup)
@@ -281,7 +215,7 @@ class Runtime:
         """Edit, GR, locality and retention sets of one edit (see :mod:`models.reports`)."""
         source = "request" if holdout is not None else None
         if holdout is None:
-            holdout = _benchmark_holdout(loaded.groups, set(edit.targets.tolist()), edit_keys)
+            holdout = benchmark_holdout(loaded.groups, set(edit.targets.tolist()), edit_keys)
             source = "benchmark" if holdout is not None else None
         retention = {m.version: self._retention_tokens(loaded, m) for m in lineage}
         return ReportSets(
@@ -343,23 +277,6 @@ class Runtime:
                     self.redis.delete(heartbeat_key(job.id))
                 except RedisError:  # Redis went away under the job: reported once it is back
                     self.lost_jobs.append(job.id)
-
-
-def _benchmark_holdout(
-    groups: list[BenchmarkGroup], labels: set[int], exclude: set[str]
-) -> TokenSet | None:
-    """The registered groups of these labels, without the edit images themselves (capped)."""
-    tokens, targets = [], []
-    for group in groups:
-        if group.label in labels:
-            keep = torch.tensor([k not in exclude for k in group.keys], dtype=torch.bool)
-            tokens.append(group.tokens[keep.to(group.tokens.device)])
-            targets.append(torch.full((int(keep.sum()),), group.label))
-    if not tokens or not sum(len(t) for t in tokens):
-        return None
-    return TokenSet(
-        torch.cat(tokens)[:MAX_BENCHMARK_HOLDOUT], torch.cat(targets)[:MAX_BENCHMARK_HOLDOUT]
-    )
 
 
 def _fail(job: Job | None, reason: str) -> None:

@@ -60,6 +60,10 @@ HOUSEKEEPING_LOCK_TTL_S = 120
 """The Redis locks of the reaper and of the housekeeping expire after this long if their holder
 dies mid-round (a round takes milliseconds to seconds)."""
 
+MODEL_RETRY_S = 300.0
+"""A model that failed to load on a worker is tried again after this long (or at once when its
+registry entry changes); meanwhile its jobs fail at once with the reason."""
+
 REDIS_RECONNECT_MAX_S = 5.0
 """A worker that lost Redis retries at least this often (RQ's own default backs off to 60 s)."""
 

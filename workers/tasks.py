@@ -31,7 +31,8 @@ from models.sites import Patch
 from models.store.manifest import ImageRecord, VersionManifest, utc_now
 from models.store.store import PATCH_FILE, REJECTED, VersionDraft
 from workers.payloads import Acceptance, EditPayload, MaterialisePayload, PredictPayload
-from workers.runtime import LoadedModel, Progress, Runtime, open_image, pixel_key
+from workers.runtime import Progress, Runtime, open_image
+from workers.warm import LoadedModel, pixel_key
 
 log = logging.getLogger(__name__)
 
@@ -163,8 +164,9 @@ def _evaluate_new(
     loaded: LoadedModel, patch: Patch, sets: ReportSets
 ) -> tuple[dict[str, torch.Tensor], Patch]:
     """Predictions of the new version and its patch over the base (cumulative over the lineage)."""
-    backup = patch.apply(loaded.model)
-    try:
+    backup: dict[str, torch.Tensor] = {}
+    try:  # the shared model is restored even if apply is cut off (a job timeout)
+        patch.apply(loaded.model, backup)
         after = predict_sets(loaded.split, sets)
         current = [p.detach() for p in loaded.sites.params(loaded.model)]
         return after, Patch.from_diff(loaded.sites, loaded.base_weights, current)

@@ -1,4 +1,5 @@
-"""``/healthz`` (the process answers) and ``/readyz`` (Redis reachable, a worker alive)."""
+"""``/healthz`` (the process answers) and ``/readyz`` (Redis reachable, a worker alive; the
+models a worker failed to load are listed, but do not make the service unready)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ def readyz(jobs: JobsDep) -> HealthPublic | JSONResponse:
     try:
         jobs.ping()
         workers = jobs.live_workers()
+        broken = jobs.unavailable_models()
     except RedisError as exc:
         body = HealthPublic(status="unavailable", redis=False, detail=f"Redis unreachable: {exc}")
         return JSONResponse(body.model_dump(), status_code=503)
@@ -33,4 +35,11 @@ def readyz(jobs: JobsDep) -> HealthPublic | JSONResponse:
             detail="no worker alive: start one with `python -m workers.main`",
         )
         return JSONResponse(body.model_dump(), status_code=503)
-    return HealthPublic(status="ok", redis=True, workers=workers)
+    detail = (
+        "models that failed to load: " + "; ".join(f"{m}: {why}" for m, why in broken.items())
+        if broken
+        else None
+    )
+    return HealthPublic(
+        status="ok", redis=True, workers=workers, unavailable_models=broken, detail=detail
+    )
