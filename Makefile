@@ -19,7 +19,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install run test lint demo-world hypernet bench clean
+.PHONY: install run test lint demo-world hypernet bench tin-world tin-hypernet tin-bench clean
 
 install: $(STAMP)
 
@@ -53,6 +53,19 @@ hypernet: install
 
 bench: install
 	$(BIN)/vitedit bench --world demo --out bench-results
+
+# The Tiny-ImageNet world (200 classes): TIN_ROOT is the dataset folder (official layout, 64 or 32
+# px) or its .tar.gz. Training resumes from ~/.cache/vitedit/worlds/tiny-imagenet after a stop.
+TIN_ROOT ?= tiny-imagenet-200
+tin-world: install
+	$(BIN)/vitedit world build tiny-imagenet --root $(TIN_ROOT) --threads 1
+
+tin-hypernet: install
+	$(BIN)/vitedit hypernet train --world tiny-imagenet --threads 1
+
+# Figures are reported on the test half; knobs and the optimiser setting come from the tuning half.
+tin-bench: install
+	$(BIN)/vitedit bench --world tiny-imagenet --split test --out bench-tiny-imagenet
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
