@@ -151,3 +151,95 @@ def test_no_child_outlives_a_launcher_killed_two_seconds_after_sigterm(tmp_path:
         for pid in pids:  # only ours, by their own PIDs
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def kids(pid: int) -> dict[str, int]:
+    """The launcher's live children by role: redis-server, worker, api."""
+    out = subprocess.run(
+        ["ps", "-o", "pid=,args=", "--ppid", str(pid)], capture_output=True, text=True
+    ).stdout
+    roles = {}
+    for line in out.splitlines():
+        child, args = line.strip().split(" ", 1)
+        role = "redis" if "redis-server" in args else "worker" if "workers.main" in args else "api"
+        if alive(int(child)):
+            roles[role] = int(child)
+    return roles
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+def test_serve_survives_a_killed_worker_and_a_killed_redis(tmp_path: Path) -> None:
+    """Under `vitedit serve`: kill -9 the worker mid-edit (job failed, worker back), kill -9
+    redis-server (restarted, no accepted job lost, the worker runs the next job), then stop the
+    launcher as a process manager does (SIGTERM, SIGKILL 2 s later): nothing is left running."""
+    import httpx
+
+    from tests.redis_server import WORKER_START_S, png, tiny_store
+
+    store = tiny_store(tmp_path)
+    port = launcher.free_port()
+    env = {**os.environ, "VITEDIT_TORCH_THREADS": "1", "VITEDIT_MAX_STEPS_LIMIT": "10000"}
+    argv = ["--port", str(port), "--store", str(store.root), "--no-demo"]
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", *argv], env=env)
+    url = f"http://127.0.0.1:{port}"
+    seen: set[int] = set()
+    http = httpx.Client(base_url=url, timeout=30)
+
+    def submit(key: str, **form: str) -> str:
+        files = [("images", ("a.png", png(1), "image/png"))]
+        data = {"label": "1", "model": "tiny", "min_sr": "0", **form}
+        answer = http.post("/v1/edits", data=data, files=files, headers={"Idempotency-Key": key})
+        assert answer.status_code == 202, answer.text
+        return answer.json()["id"]
+
+    def status(job: str) -> str:
+        return http.get(f"/v1/edits/{job}").json()["status"]
+
+    def ready() -> bool:
+        seen.update(kids(proc.pid).values())
+        return launcher.http_ready(f"{url}/readyz")
+
+    try:
+        assert wait_for(ready, WORKER_START_S, poll_s=1)
+        slow = submit("slow", lr="1e-9", max_steps="10000", options='{"stop_loss": 0}')
+        assert wait_for(lambda: (http.get(f"/v1/edits/{slow}").json()["step"] or 0) > 0, 60)
+        worker = kids(proc.pid)["worker"]
+        os.kill(worker, signal.SIGKILL)
+        killed = time.monotonic()
+        quick = submit("quick", lr="0.01", max_steps="40")  # waits for the restarted worker
+        assert wait_for(lambda: status(quick) == "succeeded", 120, poll_s=0.2)
+        worker_back = time.monotonic() - killed
+        assert kids(proc.pid)["worker"] != worker
+        assert wait_for(lambda: status(slow) == "failed", 90 - worker_back, poll_s=0.5)
+        failed_after = time.monotonic() - killed
+
+        os.kill(kids(proc.pid)["redis"], signal.SIGKILL)
+        killed = time.monotonic()
+        assert wait_for(ready, 60, poll_s=0.2)
+        redis_back = time.monotonic() - killed
+        assert (status(slow), status(quick)) == ("failed", "succeeded")  # nothing lost
+        assert submit("quick", lr="0.01", max_steps="40") == quick  # idempotency key kept
+        after = submit("after", lr="0.01", max_steps="40")
+        assert wait_for(lambda: status(after) == "succeeded", 60, poll_s=0.5)
+        job_after_redis = time.monotonic() - killed
+
+        seen.update(kids(proc.pid).values())
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(2)
+        proc.kill()
+        proc.wait()
+        assert wait_for(lambda: not any(alive(p) for p in seen), 5), [p for p in seen if alive(p)]
+        print(
+            f"\nkilled worker: its job failed after {failed_after:.1f} s, the next edit done by "
+            f"the restarted worker after {worker_back:.1f} s; killed redis: ready after "
+            f"{redis_back:.1f} s, the next edit done {job_after_redis:.1f} s after the kill"
+        )
+    finally:
+        http.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in seen:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
