@@ -57,6 +57,10 @@ class QueueUnavailable(Unavailable):
     """Redis cannot be reached."""
 
 
+class WorkersBusy(Unavailable):
+    """No live worker is free for a short job: each one is running an edit (or none is alive)."""
+
+
 class JobState(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
@@ -190,7 +194,22 @@ class JobClient:
         self.redis.delete(_idempotency_key(key))
 
     def run_short(self, payload: Payload, timeout_s: float) -> Any:
-        """Run a predict/materialise job ahead of the edits and wait for its result."""
+        """Run a predict/materialise job ahead of the edits and wait for its result.
+
+        Refused at once (:class:`WorkersBusy`, 503 + Retry-After) when every live worker is
+        running an edit: it would wait behind minutes of optimisation and hold an API thread.
+        """
+        states = self.worker_states()
+        if not any(state.get("kind") != "edit" for state in states.values()):
+            raise WorkersBusy(
+                f"no worker is free for a {payload.kind} job: "
+                + (
+                    f"all {len(states)} are running edits, which take minutes"
+                    if states
+                    else "none is alive (see GET /readyz)"
+                )
+                + "; retry after the Retry-After seconds, or start more workers"
+            )
         job = self.high.enqueue_call(
             JOB_FUNCS[payload.kind],
             args=(payload.model_dump(mode="json"),),
@@ -294,6 +313,21 @@ class JobClient:
         return {
             k.decode()[len(prefix) :]: v.decode() for k, v in zip(keys, values, strict=True) if v
         }
+
+    def worker_states(self) -> dict[str, dict[str, Any]]:
+        """Live workers and what each announced it runs: ``{"kind": "edit" | ... | None}``."""
+        prefix = worker_key("")
+        keys = sorted(self.redis.scan_iter(f"{prefix}*"))
+        states = {}
+        for key, value in zip(keys, self.redis.mget(keys) if keys else [], strict=True):
+            if value is None:  # expired between the scan and the read
+                continue
+            try:
+                state = json.loads(value)
+            except ValueError:
+                state = None
+            states[key.decode()[len(prefix) :]] = state if isinstance(state, dict) else {}
+        return states
 
     def live_workers(self) -> list[str]:
         """Workers whose heartbeat key is fresh (written by :mod:`workers.main`)."""

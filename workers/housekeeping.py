@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 import time
 
@@ -23,7 +22,7 @@ from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
 from workers import settings as S
-from workers.client import heartbeat_key, reap_dead_jobs, unavailable_key, worker_key
+from workers.client import heartbeat_key, reap_dead_jobs, unavailable_key
 from workers.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -97,7 +96,7 @@ class Heartbeat(threading.Thread):
             self.stopped.wait(S.HEARTBEAT_INTERVAL_S)
 
     def _beat(self) -> None:
-        self.redis.set(worker_key(self.worker), str(os.getpid()), ex=S.HEARTBEAT_TTL_S)
+        self.runtime.announce()
         job = self.runtime.current_job
         if job is not None:
             self.redis.set(heartbeat_key(job), self.worker, ex=S.HEARTBEAT_TTL_S)

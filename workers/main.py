@@ -127,6 +127,7 @@ def serve(redis: Redis, rq_redis: Redis, name: str, runtime: Runtime) -> None:
         forget(worker)
         try:
             report_lost_jobs(redis, runtime)
+            runtime.announce()  # free again (Redis may hold the state from before the outage)
         except RedisError:  # gone again: the next round waits for it
             continue
         log.info("worker %s reconnected to Redis", name)
@@ -150,6 +151,7 @@ def main() -> int:
     with contextlib.suppress(RedisError):  # the heartbeat thread does it later otherwise
         housekeeping(runtime)
     name = settings.name or f"vitedit-{socket.gethostname()}-{os.getpid()}"
+    runtime.worker_name = name
     heartbeat = Heartbeat(redis, name, runtime)
     heartbeat.start()
     # RQ gives its own connection a socket timeout longer than its blocking dequeue; a pooled

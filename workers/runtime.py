@@ -11,7 +11,9 @@ the cancel flag is read at every optimiser step.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -39,7 +41,7 @@ from models.sites import Patch
 from models.store.manifest import VersionManifest
 from models.store.store import PATCH_FILE, Store
 from workers import settings as S
-from workers.client import cancel_key, heartbeat_key
+from workers.client import cancel_key, heartbeat_key, worker_key
 from workers.settings import WorkerSettings
 from workers.warm import LoadedModel, Unloadable, benchmark_holdout, load_model, restore_base
 
@@ -119,6 +121,18 @@ class Runtime:
         self.current_job: str | None = None
         self.lost_jobs: list[str] = []  # jobs that ended while Redis was unreachable
         self.unavailable: dict[str, Unloadable] = {}  # models that failed to load
+        self.worker_name: str | None = None  # set by the worker's main: who announces
+        self.current_kind: str | None = None
+
+    def announce(self) -> None:
+        """Write this worker's heartbeat key: alive, and which kind of job it runs (if any).
+
+        The API reads it (``JobClient.worker_states``) to answer a predict at once with 503
+        when every worker is busy with an edit, instead of queueing it behind minutes of work.
+        """
+        if self.worker_name is not None:
+            state = {"pid": os.getpid(), "job": self.current_job, "kind": self.current_kind}
+            self.redis.set(worker_key(self.worker_name), json.dumps(state), ex=S.HEARTBEAT_TTL_S)
 
     # ------------------------------------------------------------------ models
 
@@ -241,8 +255,10 @@ class Runtime:
     def running(self, job: Job | None, upload: str | None) -> Iterator[None]:
         """Heartbeat key, user-facing failure reasons, upload clean-up, GPU memory release."""
         self.current_job = job.id if job else None
+        self.current_kind = str(job.meta.get("kind", "edit")) if job else None
         if job is not None:
             self.redis.set(heartbeat_key(job.id), "1", ex=S.HEARTBEAT_TTL_S)
+            self.announce()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         try:
@@ -267,7 +283,7 @@ class Runtime:
             )
             raise
         finally:
-            self.current_job = None
+            self.current_job = self.current_kind = None
             if upload:
                 self.store.remove_upload(upload)
             if self.device.type == "cuda":
@@ -275,6 +291,7 @@ class Runtime:
             if job is not None:
                 try:
                     self.redis.delete(heartbeat_key(job.id))
+                    self.announce()  # free again
                 except RedisError:  # Redis went away under the job: reported once it is back
                     self.lost_jobs.append(job.id)
 

@@ -21,7 +21,7 @@ from tests.redis_server import (
     wait_for,
     worker_process,
 )
-from workers.client import JobClient
+from workers.client import JobClient, WorkersBusy
 from workers.main import LOST_REDIS
 from workers.payloads import EditPayload, JobImage, PredictPayload
 
@@ -29,10 +29,18 @@ pytestmark = pytest.mark.redis
 
 
 def predict(jobs: JobClient, store: Store, seed: int, timeout_s: float = 60) -> dict:
+    """A predict, retried while the API would answer 503 (the worker not back yet)."""
     upload, _ = store.new_upload()
     path = store.write_upload(upload, "p-000", png(seed))
     payload = PredictPayload(model="tiny", upload=upload, images=[path])
-    return jobs.run_short(payload, timeout_s=timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return jobs.run_short(payload, timeout_s=timeout_s)
+        except WorkersBusy:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def edit_payload(store: Store, seed: int, steps: int = 10_000) -> EditPayload:
