@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.resources
 import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
 from redis import Redis
 
 from models.store.store import Store
@@ -25,6 +29,9 @@ from workers import settings as S
 from workers.client import JobClient, reap_dead_jobs
 
 log = logging.getLogger(__name__)
+
+DOCS_STATIC = "/docs-static"
+"""Swagger UI and ReDoc files, served from the ``fastapi-offline`` package: /docs works offline."""
 
 
 async def _watchdog(redis: Redis) -> None:
@@ -64,6 +71,8 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         title="vitedit",
         version="1",
         lifespan=lifespan,
+        docs_url=None,  # FastAPI's own pages load Swagger UI and ReDoc from a CDN
+        redoc_url=None,
         description="Repair the mistakes of a pretrained ViT: submit failure images and "
         "their labels, get back a versioned sparse patch and a report.",
     )
@@ -73,4 +82,32 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     for module in (edits, registry, versions, aliases):
         app.include_router(module.router, responses=errors.ERROR_RESPONSES)
     app.include_router(health.router)
+    _install_docs(app)
     return app
+
+
+def _install_docs(app: FastAPI) -> None:
+    """/docs (Swagger UI) and /redoc from files this package serves itself, no outside host."""
+    static = importlib.resources.files("fastapi_offline") / "static"
+    app.mount(DOCS_STATIC, StaticFiles(directory=str(static)), name="docs-static")
+    openapi_url = app.openapi_url or "/openapi.json"
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=openapi_url,
+            title="vitedit API",
+            swagger_js_url=f"{DOCS_STATIC}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_STATIC}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_STATIC}/favicon.png",
+        )
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc() -> HTMLResponse:
+        return get_redoc_html(
+            openapi_url=openapi_url,
+            title="vitedit API",
+            redoc_js_url=f"{DOCS_STATIC}/redoc.standalone.js",
+            redoc_favicon_url=f"{DOCS_STATIC}/favicon.png",
+            with_google_fonts=False,
+        )
