@@ -5,7 +5,8 @@
     vitedit download demo-vit latest --weights --out model.safetensors
 
 The server is ``--server`` or ``$VITEDIT_SERVER`` (default http://127.0.0.1:8000); an API key is
-``--api-key`` or ``$VITEDIT_API_KEY``.
+``--api-key`` or ``$VITEDIT_API_KEY`` (one key: the server accepts those of its
+``$VITEDIT_API_KEYS``). Errors are one line on stderr, saying what to do, and a non-zero exit.
 """
 
 from __future__ import annotations
@@ -18,23 +19,48 @@ import os
 from pathlib import Path
 from typing import Any
 
+import httpx
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from cli.http_client import Job, ViteditClient
-from models.errors import VitEditError
+from cli.http_client import Job, VersionList, ViteditClient
+from models.errors import Unauthorized, Unavailable, VitEditError
 
 console = Console()
+errors = Console(stderr=True, soft_wrap=True)  # one line per error, whatever the terminal width
+
+DEFAULT_SERVER = "http://127.0.0.1:8000"
+SERVER_EPILOG = (
+    f"The server is --server or $VITEDIT_SERVER (default {DEFAULT_SERVER}). If it needs an API "
+    "key, pass it as --api-key KEY or $VITEDIT_API_KEY (one key; the server reads the keys it "
+    "accepts from $VITEDIT_API_KEYS, comma-separated)."
+)
 
 
 def _server_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--server", default=os.environ.get("VITEDIT_SERVER", "http://127.0.0.1:8000"))
-    p.add_argument("--api-key", default=os.environ.get("VITEDIT_API_KEY"))
+    p.add_argument(
+        "--server",
+        default=os.environ.get("VITEDIT_SERVER", DEFAULT_SERVER),
+        help="URL of the vitedit API (default: $VITEDIT_SERVER, else %(default)s)",
+    )
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("VITEDIT_API_KEY"),
+        help="API key sent as a Bearer token (default: $VITEDIT_API_KEY); "
+        "the server accepts the keys listed in its $VITEDIT_API_KEYS",
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    edit = sub.add_parser("edit", help="submit failure images to a vitedit server and wait")
+    edit = sub.add_parser(
+        "edit",
+        help="submit failure images to a vitedit server and wait",
+        description="Submit images the model gets wrong and their true label; follow the job, "
+        "then print the report, the new version's id and its URL.",
+        epilog=SERVER_EPILOG,
+    )
     edit.add_argument("images", type=Path, nargs="+")
     edit.add_argument(
         "--label",
@@ -75,12 +101,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     _server_args(edit)
     edit.set_defaults(func=run_edit)
 
-    versions = sub.add_parser("versions", help="list a model's versions (lineage) on a server")
+    versions = sub.add_parser(
+        "versions", help="list a model's versions (lineage) on a server", epilog=SERVER_EPILOG
+    )
     versions.add_argument("model")
     _server_args(versions)
     versions.set_defaults(func=run_versions)
 
-    download = sub.add_parser("download", help="download a version's patch (or merged weights)")
+    download = sub.add_parser(
+        "download", help="download a version's patch (or merged weights)", epilog=SERVER_EPILOG
+    )
     download.add_argument("model")
     download.add_argument("version", help="version id, alias, latest or base")
     download.add_argument("--weights", action="store_true", help="full merged weights")
@@ -114,10 +144,33 @@ def _with_client(args: argparse.Namespace, fn: Any) -> int:
     try:
         return fn(client)
     except VitEditError as exc:
-        console.print(f"[red]error[/red] {exc}")
+        errors.print(f"[red]error:[/red] {explain(exc, args.server, args.api_key)}", markup=True)
         return 2
     finally:
         client.close()
+
+
+def explain(exc: VitEditError, server: str, api_key: str | None) -> str:
+    """What a CLI user should do about an error (the HTTP client's message speaks HTTP)."""
+    if isinstance(exc, Unauthorized):
+        if not api_key:
+            return (
+                f"the server at {server} needs an API key: pass --api-key KEY or set "
+                "VITEDIT_API_KEY (a key from the server's VITEDIT_API_KEYS)"
+            )
+        return (
+            f"the server at {server} refused the API key given by --api-key or VITEDIT_API_KEY: "
+            "it is not one of the server's VITEDIT_API_KEYS"
+        )
+    if isinstance(exc, Unavailable) and isinstance(
+        exc.__cause__, httpx.ConnectError | httpx.ConnectTimeout
+    ):
+        return (
+            f"no vitedit server answers at {server}: start one with `make run` (or "
+            "`.venv/bin/vitedit serve`) in another terminal, or point --server or "
+            "VITEDIT_SERVER at one"
+        )
+    return str(exc)
 
 
 def run_edit(args: argparse.Namespace) -> int:
@@ -137,6 +190,8 @@ def run_edit(args: argparse.Namespace) -> int:
             console.print_json(json.dumps(dataclasses.asdict(job)))
         else:
             _print_result(job)
+            for line in key_figures(job, args.server):
+                console.print(line, soft_wrap=True, highlight=False)
         return 0 if job.status in ("succeeded", "queued", "running") else 1
 
     return _with_client(args, go)
@@ -193,27 +248,57 @@ def _print_result(job: Job) -> None:
     console.print(f"patch: {job.links.get('patch')}")
 
 
+def key_figures(job: Job, server: str) -> list[str]:
+    """The last lines of ``vitedit edit``: the version, its URL and SR / GR / LR, unwrapped."""
+    if not job.version:
+        return []
+    url = server.rstrip("/") + job.links.get(
+        "version", f"/v1/models/{job.model}/versions/{job.version}"
+    )
+    lines = [f"version {job.version} ({job.status})", f"url     {url}"]
+    if job.report:
+        m = job.report.get("metrics", {})
+        lines.append(
+            f"SR {_fmt(m.get('SR'))}  GR {_fmt(m.get('GR'))}  "
+            f"LR {_fmt(m.get('LR_vs_parent'))} (vs parent; {_fmt(m.get('LR_vs_root'))} vs base)"
+        )
+    return lines
+
+
 def run_versions(args: argparse.Namespace) -> int:
     def go(client: ViteditClient) -> int:
-        listing = client.versions(args.model)
-        table = Table(title=f"{args.model}: {len(listing.versions)} version(s)")
-        columns = ("version", "parent", "method", "created", "status", "aliases", "SR", "GR")
-        for col in (*columns, "LR root"):
-            table.add_column(col)
-        for v in listing.versions:
-            table.add_row(
-                v.version,
-                v.parent or "base",
-                v.method,
-                v.created_at[:19],
-                v.status,
-                ",".join(v.aliases),
-                *(_fmt(v.metrics.get(k)) for k in ("SR", "GR", "LR_vs_root")),
-            )
-        console.print(table)
+        console.print(versions_table(client.versions(args.model)))
         return 0
 
     return _with_client(args, go)
+
+
+def versions_table(listing: VersionList) -> Table:
+    """One row per version, ids never cut: an id (which tells its creation time, UTC) and its
+    parent's share the first column, one above the other, so the table fits 80 columns."""
+    table = Table(
+        title=f"{listing.model}: {len(listing.versions)} version(s)",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        collapse_padding=True,
+    )
+    ids = [v.version for v in listing.versions] + [v.parent or "" for v in listing.versions]
+    table.add_column("version\n  parent", no_wrap=True, min_width=max(map(len, ids), default=0) + 2)
+    table.add_column("method", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    table.add_column("aliases", overflow="fold", min_width=len("aliases"))
+    for col in ("SR", "GR", "LR root"):
+        table.add_column(col, no_wrap=True)
+    for v in listing.versions:
+        table.add_row(
+            f"{v.version}\n  {v.parent or 'base'}",
+            v.method,
+            v.status,
+            "\n".join(v.aliases),
+            *(_fmt(v.metrics.get(k)) for k in ("SR", "GR", "LR_vs_root")),
+        )
+    return table
 
 
 def _fmt(value: float | None) -> str:

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+
+DEMO_ASSETS = Path(__file__).resolve().parents[1] / "models" / "assets" / "demo"
+"""The shipped demo world (models.worlds.demo.ASSETS, without importing torch to find it)."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -76,25 +80,35 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _failure(args: argparse.Namespace) -> int:
-    from models.worlds import demo as demo_world
+    """Torch-free: reads one group out of the shipped world.npz (importing the demo world's
+    module would import torch, timm and torchvision, seconds for one PNG)."""
+    import numpy as np
+    from PIL import Image
 
-    world = demo_world.load_world()
-    groups = {g.name: g for g in world.benchmark.groups}
-    group = groups.get(args.group) if args.group else world.benchmark.groups[0]
-    if group is None:
-        print(f"unknown group {args.group!r}; groups: {sorted(groups)}")
-        return 2
+    from models.errors import IntegrityError
+    from models.store.manifest import read_json, sha256_file
+
+    world_file = DEMO_ASSETS / "world.npz"
+    expected = read_json(DEMO_ASSETS / "world.json").get("sha256")
+    if sha256_file(world_file) != expected:
+        raise IntegrityError(f"{world_file} does not match the sha256 in world.json: reinstall")
+    with np.load(world_file) as data:
+        names = [str(n) for n in data["group_names"]]
+        starts = np.cumsum([0, *data["group_sizes"]])
+        name = args.group or names[0]
+        if name not in names:
+            print(f"unknown group {name!r}; groups: {sorted(names)}", file=sys.stderr)
+            return 2
+        i = names.index(name)
+        size = int(starts[i + 1] - starts[i])
+        if not 0 <= args.index < size:
+            print(f"--index {args.index}: group {name} has images 0 to {size - 1}", file=sys.stderr)
+            return 2
+        pixels = data["group_images"][starts[i] + args.index]
+    label = int(name.split("-")[0])
+    class_names = read_json(DEMO_ASSETS / "backbone.json")["class_names"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    group.images[args.index].save(args.out)
-    names = demo_world.FASHION_MNIST_CLASSES
-    print(
-        json.dumps(
-            {
-                "file": str(args.out),
-                "group": group.name,
-                "label": group.label,
-                "label_name": names[group.label],
-            }
-        )
-    )
+    Image.fromarray(pixels, mode="L" if pixels.ndim == 2 else "RGB").save(args.out)
+    result = {"file": str(args.out), "group": name, "label": label}
+    print(json.dumps({**result, "label_name": class_names[label]}))
     return 0

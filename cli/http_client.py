@@ -262,19 +262,23 @@ class ViteditClient:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.part")
         digest = hashlib.sha256()
-        with self.http.stream("GET", path) as response:
-            if response.status_code >= 400:
-                response.read()
-                try:
-                    body = response.json()
-                except ValueError:
-                    body = None
-                raise api_error(response.status_code, body, response.text)
-            with open(tmp, "wb") as fh:
-                for chunk in _chunks(response):
-                    digest.update(chunk)
-                    fh.write(chunk)
-            expected = response.headers.get("x-content-sha256")
+        try:
+            with self.http.stream("GET", path) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    try:
+                        body = response.json()
+                    except ValueError:
+                        body = None
+                    raise api_error(response.status_code, body, response.text)
+                with open(tmp, "wb") as fh:
+                    for chunk in _chunks(response):
+                        digest.update(chunk)
+                        fh.write(chunk)
+                expected = response.headers.get("x-content-sha256")
+        except httpx.TransportError as exc:
+            tmp.unlink(missing_ok=True)
+            raise Unavailable(f"cannot reach the server at {self.http.base_url} ({exc})") from exc
         if expected and expected != digest.hexdigest():
             tmp.unlink(missing_ok=True)
             raise IntegrityError(

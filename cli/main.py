@@ -13,9 +13,31 @@ import sys
 
 COMMAND_MODULES = ("world", "demo", "bench", "hypernet", "serve", "api")
 
+DESCRIPTION = """\
+Repair the mistakes of a pretrained vision transformer: send the images it gets wrong and
+their labels, get back a new, versioned checkpoint (a sparse patch) and a report.
+
+  vitedit serve                                  run the service here (what `make run` does)
+  vitedit demo failure --out shirt.png           a failure image of the demo model
+  vitedit edit shirt.png --label T-shirt/top     edit the served model, print the report
+  vitedit versions demo-vit                      the model's versions
+"""
+
+EPILOG = """\
+server commands (edit, versions, download) talk to --server or $VITEDIT_SERVER
+(default http://127.0.0.1:8000) and send --api-key or $VITEDIT_API_KEY, one key;
+the server takes its accepted keys from $VITEDIT_API_KEYS (comma-separated).
+'vitedit COMMAND --help' for a command's options.
+"""
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vitedit", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="vitedit",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:

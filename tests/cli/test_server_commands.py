@@ -1,0 +1,135 @@
+"""``vitedit edit`` / ``versions`` as a user runs them: real processes (``python -m cli.main``,
+80 columns) against a real API process (uvicorn, as ``vitedit serve`` starts it) that needs an
+API key, a real worker and redis-server, on the tests' tiny model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from cli import launcher
+from tests.redis_server import db_url, png, tiny_store, worker_process
+
+pytestmark = pytest.mark.redis
+
+KEY = "k-cli-test"
+
+
+@dataclass
+class Live:
+    url: str
+    images: Path
+
+
+@pytest.fixture(scope="module")
+def live(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    url = db_url(redis_url, 9)
+    root = tmp_path_factory.mktemp("cli-live")
+    store = tiny_store(root)
+    group = launcher.ProcessGroup()
+    env = {
+        "VITEDIT_REDIS_URL": url,
+        "VITEDIT_STORE": str(store.root),
+        "VITEDIT_API_KEYS": f"other,{KEY}",
+    }
+    images = root / "images"
+    images.mkdir()
+    for name, seed in (("edit", 61), ("holdout", 62)):
+        (images / f"{name}.png").write_bytes(png(seed))
+    try:
+        with worker_process(url, store.root):
+            api = launcher.start_api(group, env, "127.0.0.1", launcher.free_port())
+            yield Live(api, images)
+    finally:
+        group.stop()
+
+
+def vitedit(*argv: str, key: str | None = KEY) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VITEDIT_")}
+    env.update(COLUMNS="80", LINES="50", **({"VITEDIT_API_KEY": key} if key else {}))
+    return subprocess.run(
+        [sys.executable, "-m", "cli.main", *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def edit(live: Live, model: str) -> subprocess.CompletedProcess[str]:
+    return vitedit(
+        "edit",
+        str(live.images / "edit.png"),
+        "--label",
+        "seven",
+        "--model",
+        model,
+        "--holdout",
+        str(live.images / "holdout.png"),
+        "--lr",
+        "0.01",
+        "--max-steps",
+        "30",
+        "--option",
+        "stop_loss=0.5",
+        "--server",
+        live.url,
+    )
+
+
+@pytest.fixture(scope="module")
+def chain(live: Live) -> list[subprocess.CompletedProcess[str]]:
+    """Two edits through the CLI, the second on the first's version (a parent with a full id)."""
+    return [edit(live, "tiny"), edit(live, "tiny@latest")]
+
+
+def test_edit_ends_with_the_version_its_url_and_key_figures(live: Live, chain: list) -> None:
+    first = chain[0]
+    assert first.returncode == 0, first.stdout + first.stderr
+    version_line, url_line, figures = first.stdout.splitlines()[-3:]
+    assert version_line.startswith("version v") and version_line.endswith("(succeeded)")
+    version = version_line.split()[1]
+    url = url_line.split()[1]
+    assert url == f"{live.url}/v1/models/tiny/versions/{version}"  # whole, not wrapped
+    assert figures.startswith("SR 1.000  GR ") and " LR " in figures and "vs base" in figures
+    answer = httpx.get(url, headers={"Authorization": f"Bearer {KEY}"})
+    assert answer.status_code == 200 and answer.json()["version"] == version
+    report = answer.json()["manifest"]["report"]["metrics"]
+    assert f"LR {report['LR_vs_parent']:.3f} (vs parent" in figures
+
+
+def test_versions_shows_whole_ids_at_80_columns(live: Live, chain: list) -> None:
+    ids = [run.stdout.splitlines()[-3].split()[1] for run in chain]
+    listing = vitedit("versions", "tiny", "--server", live.url)
+    assert listing.returncode == 0, listing.stderr
+    assert max(map(len, listing.stdout.splitlines())) <= 80
+    assert "…" not in listing.stdout and "LR root" in listing.stdout  # no column cut
+    words = listing.stdout.split()
+    assert ids[1] in words  # the newest version, in full
+    assert words.count(ids[0]) == 2  # the first version's row, and as the second's parent
+
+
+@pytest.mark.parametrize(
+    ("key", "says"),
+    [
+        (None, "needs an API key: pass --api-key KEY or set VITEDIT_API_KEY"),
+        ("wrong", "refused the API key given by --api-key or VITEDIT_API_KEY"),
+    ],
+)
+def test_401_tells_a_cli_user_about_api_key_not_headers(
+    live: Live, key: str | None, says: str
+) -> None:
+    run = vitedit("versions", "tiny", "--server", live.url, key=key)
+    assert run.returncode == 2
+    (line,) = run.stderr.splitlines()
+    assert says in line and "VITEDIT_API_KEYS" in line
+    assert "Bearer" not in line and "Authorization" not in line
+    ok = vitedit("versions", "tiny", "--server", live.url, "--api-key", KEY, key=None)
+    assert ok.returncode == 0, ok.stderr
