@@ -314,7 +314,7 @@ def run_download(args: argparse.Namespace) -> int:
         suffix = "safetensors" if args.weights else "patch.safetensors"
         out = args.out or Path(f"{args.model}-{version}.{suffix}")
         sha = client.download(f"/v1/models/{args.model}/versions/{version}/{kind}", out)
-        console.print(f"wrote {out} (sha256 {sha})")
+        console.print(f"wrote {out} (sha256 {sha})", soft_wrap=True)
         return 0
 
     return _with_client(args, go)
