@@ -35,7 +35,7 @@ def model_public(store: Store, entry: ModelEntry) -> ModelPublic:
             for k, v in entry.methods.items()
         },
         hypernetwork_id=entry.hypernetwork_id,
-        latest_version=versions[-1].version if versions else None,
+        latest_version=store.latest(entry.name),  # accepted versions only
         aliases=store.aliases(entry.name),
         n_versions=len(versions),
     )

@@ -32,6 +32,7 @@ def test_an_edit_that_fixes_nothing_is_rejected_and_gets_no_alias(served: Served
     manifest = served.store.version("tiny", rejected)
     assert manifest.status == "rejected" and manifest.reason == body["error"]
     assert served.client.get("/v1/models/tiny/versions/latest").json()["version"] == good["version"]
+    assert served.client.get("/v1/models/tiny").json()["latest_version"] == good["version"]
     listing = {
         v["version"]: v for v in served.client.get("/v1/models/tiny/versions").json()["versions"]
     }
