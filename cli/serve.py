@@ -49,10 +49,10 @@ def run_serve(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # readiness polls are not news
     store = Store(args.store)
     if not args.no_demo:
-        from workers.registration import register_demo
+        from workers.registration import register_builtin
 
-        entry = register_demo(store)
-        log.info("model %s: default method %s", entry.name, entry.default_method)
+        for entry in register_builtin(store):
+            log.info("model %s: default method %s", entry.name, entry.default_method)
     # SIGINT too: a shell starts background jobs with SIGINT ignored, and Python keeps that
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _stop)

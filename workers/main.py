@@ -143,9 +143,9 @@ def main() -> int:
     redis = Redis.from_url(settings.redis_url)
     runtime = Runtime(settings, redis)
     if settings.register_demo:
-        from workers.registration import register_demo
+        from workers.registration import register_builtin
 
-        register_demo(runtime.store)
+        register_builtin(runtime.store)
     runtime.preload()
     install(runtime)
     with contextlib.suppress(RedisError):  # the heartbeat thread does it later otherwise

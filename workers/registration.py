@@ -184,3 +184,32 @@ def _random_demo_backbone(folder: Path) -> Path:
     manifest = demo_manifest(weights=weights.name, sha=sha256_file(weights))
     BackboneManifest(**{**manifest.__dict__, "base_dir": None}).write(path)
     return path
+
+
+WORLD_MODELS = {"tiny-imagenet": "tiny-imagenet-vit"}  # built-in worlds served next to demo-vit
+
+
+def register_world(store: Store, world: str) -> ModelEntry:
+    """Register a built-in world's shipped backbone (+ hypernetwork when shipped, + benchmark)."""
+    from models.hypernet.network import MANIFEST_FILE
+    from models.worlds.catalog import get_world
+
+    found = get_world(world)
+    hypernetwork = found.hypernet_dir if (found.hypernet_dir / MANIFEST_FILE).is_file() else None
+    return register_model(
+        store,
+        WORLD_MODELS[world],
+        found.assets / "backbone.json",
+        hypernetwork=hypernetwork,
+        benchmark={"kind": "world", "world": world},
+    )
+
+
+def register_builtin(store: Store) -> list[ModelEntry]:
+    """demo-vit, and every other built-in world whose assets are shipped."""
+    from models.worlds.catalog import WORLDS
+
+    entries = [register_demo(store)]
+    entries += [register_world(store, w) for w in WORLD_MODELS if WORLDS[w].available]
+    return entries
+

@@ -140,6 +140,10 @@ def _load_benchmark(loaded: LoadedModel) -> None:
         from models.worlds.demo import load_world
 
         benchmark = load_world().benchmark
+    elif bench.get("kind") == "world":
+        from models.worlds.catalog import get_world
+
+        benchmark = get_world(bench["world"]).load_world().benchmark
     elif bench.get("kind") == "folders":
         from models.worlds.layout import read_benchmark
 
