@@ -214,6 +214,7 @@ def derive_world(
             "histogram": {str(c): n for c, n in sorted(hist.items())},
         },
         "heldout": len(heldout),
+        "heldout_accuracy": float((pred[heldout] == y[heldout]).mean()),
         "pool": len(pool),
     }
     write_json_atomic(out.with_name("world.json"), summary)
