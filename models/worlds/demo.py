@@ -28,9 +28,17 @@ from safetensors.torch import save_file
 
 from models.backbones import Backbone, create_model, load_backbone
 from models.errors import DataError
-from models.store.manifest import BackboneManifest, read_json, sha256_file, write_json_atomic
-from models.worlds.layout import EditBenchmark, EditGroup, World, to_pil
+from models.store.manifest import BackboneManifest, sha256_file, write_json_atomic
+from models.worlds.layout import (
+    EditBenchmark,
+    EditGroup,
+    World,
+    read_world_arrays,
+    split_groups,
+    to_pil,
+)
 from models.worlds.shifts import SHIFTS, apply_shift
+from models.worlds.training import TrainConfig, predict_logits
 
 log = logging.getLogger(__name__)
 
@@ -119,17 +127,6 @@ def normalise(x: np.ndarray) -> torch.Tensor:
 # --------------------------------------------------------------------------- training
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 2e-3
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.1
-    seed: int = 0
-
-
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Random horizontal flip + random crop with 2 px padding; nothing photometric (shifts stay unseen)."""
     flip = torch.rand(x.shape[0], generator=gen) < 0.5
@@ -137,12 +134,6 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     padded = F.pad(x, (2, 2, 2, 2), value=float(-MEAN / STD))
     dx, dy = torch.randint(0, 5, (2,), generator=gen).tolist()
     return padded[..., dy : dy + 28, dx : dx + 28]
-
-
-@torch.no_grad()
-def predict_logits(model: torch.nn.Module, x: torch.Tensor, batch: int = 1000) -> torch.Tensor:
-    model.eval()
-    return torch.cat([model(x[i : i + batch]) for i in range(0, len(x), batch)])
 
 
 def train_backbone(
@@ -318,22 +309,8 @@ def derive_world(
 
 def load_world(path: Path = WORLD_FILE) -> World:
     """Read the shipped demo benchmark (checks its sha256 against world.json)."""
-    manifest = read_json(path.with_name("world.json"))
-    manifest_sha = manifest.get("sha256")
-    actual = sha256_file(path)
-    if manifest_sha != actual:
-        from models.errors import IntegrityError
-
-        raise IntegrityError(
-            f"{path} has sha256 {actual[:16]}..., world.json says {str(manifest_sha)[:16]}..."
-        )
-    with np.load(path) as data:
-        arrays = {k: data[k] for k in data.files}
-    bounds = np.cumsum([0, *arrays["group_sizes"]])
-    group_arrays = {
-        str(n): arrays["group_images"][a:b]
-        for n, a, b in zip(arrays["group_names"], bounds[:-1], bounds[1:], strict=True)
-    }
+    arrays = read_world_arrays(path)
+    group_arrays = split_groups(arrays)
     groups = [EditGroup(n, int(n.split("-")[0]), to_pil(g)) for n, g in group_arrays.items()]
     return World(
         EditBenchmark(groups, to_pil(arrays["locality"])),

@@ -105,3 +105,27 @@ def read_benchmark(groups_dir: Path, locality_dir: Path) -> EditBenchmark:
 def to_pil(images: np.ndarray) -> list[Image.Image]:
     """uint8 (N, H, W) grey or (N, H, W, 3) colour arrays -> PIL images."""
     return [Image.fromarray(a, mode="L" if a.ndim == 2 else "RGB") for a in images]
+
+
+def read_world_arrays(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of a world's ``world.npz``, after checking its sha256 against ``world.json``."""
+    from models.errors import IntegrityError
+    from models.store.manifest import read_json, sha256_file
+
+    recorded = read_json(path.with_name("world.json")).get("sha256")
+    actual = sha256_file(path)
+    if recorded != actual:
+        raise IntegrityError(
+            f"{path} has sha256 {actual[:16]}..., world.json says {str(recorded)[:16]}..."
+        )
+    with np.load(path) as data:
+        return {k: data[k] for k in data.files}
+
+
+def split_groups(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Group name -> its images, from the concatenated ``group_images`` and ``group_sizes``."""
+    bounds = np.cumsum([0, *arrays["group_sizes"]])
+    return {
+        str(n): arrays["group_images"][a:b]
+        for n, a, b in zip(arrays["group_names"], bounds[:-1], bounds[1:], strict=True)
+    }

@@ -29,10 +29,17 @@ import numpy as np
 import torch
 
 from models.backbones import Backbone
-from models.errors import DataError, IntegrityError
-from models.store.manifest import read_json, sha256_file, write_json_atomic
+from models.errors import DataError
+from models.store.manifest import sha256_file, write_json_atomic
 from models.worlds import tiny_imagenet as tin
-from models.worlds.layout import EditBenchmark, EditGroup, World, to_pil
+from models.worlds.layout import (
+    EditBenchmark,
+    EditGroup,
+    World,
+    read_world_arrays,
+    split_groups,
+    to_pil,
+)
 from models.worlds.shifts import SHIFTS, apply_shift
 from models.worlds.training import predict_logits
 
@@ -224,19 +231,8 @@ def derive_world(
 
 def load_world(path: Path = WORLD_FILE) -> World:
     """Read the shipped Tiny-ImageNet benchmark (its sha256 checked against world.json)."""
-    manifest = read_json(path.with_name("world.json"))
-    actual = sha256_file(path)
-    if manifest.get("sha256") != actual:
-        raise IntegrityError(
-            f"{path} has sha256 {actual[:16]}..., world.json says {str(manifest.get('sha256'))[:16]}..."
-        )
-    with np.load(path) as data:
-        arrays = {k: data[k] for k in data.files}
-    bounds = np.cumsum([0, *arrays["group_sizes"]])
-    group_arrays = {
-        str(n): arrays["group_images"][a:b]
-        for n, a, b in zip(arrays["group_names"], bounds[:-1], bounds[1:], strict=True)
-    }
+    arrays = read_world_arrays(path)
+    group_arrays = split_groups(arrays)
     groups = [
         EditGroup(n, int(n.split("-")[0]), to_pil(g), str(split))
         for (n, g), split in zip(group_arrays.items(), arrays["group_splits"], strict=True)
