@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from models.errors import VitEditError, status_of
 from service.schemas import ErrorPublic
@@ -24,7 +25,16 @@ log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 5  # what a 503 or 429 answer suggests to wait
 
-HTTP_NAMES = {404: "NotFound", 405: "MethodNotAllowed", 413: "TooLarge", 401: "Unauthorized"}
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+"""The methods a 405 answer's ``Allow`` header may list."""
+
+HTTP_NAMES = {
+    400: "BadRequest",
+    404: "NotFound",
+    405: "MethodNotAllowed",
+    413: "TooLarge",
+    401: "Unauthorized",
+}
 """The ``error`` of FastAPI's and Starlette's own HTTP errors (else ``HTTPError``)."""
 
 
@@ -82,12 +92,28 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
     detail = str(exc.detail)
-    if exc.status_code == 404 and detail == "Not Found":
+    if exc.status_code == 400:  # FastAPI: a JSON or multipart body it cannot parse
+        detail = f"{detail}: send the body /docs describes for {request.url.path!r}"
+    elif exc.status_code == 404 and detail == "Not Found":
         detail = f"no route {request.url.path!r}; the API is described at /docs"
-    elif exc.status_code == 405:
-        detail = f"{request.method} is not allowed on {request.url.path!r}; see /docs"
+    headers = exc.headers
+    if exc.status_code == 405:
+        allowed = _allowed_methods(request)
+        detail = f"{request.method} is not allowed on {request.url.path!r} (allowed: {allowed})"
+        headers = {**(headers or {}), "Allow": allowed}
     name = HTTP_NAMES.get(exc.status_code, "HTTPError")
-    return error_response(exc.status_code, detail, name, headers=exc.headers)
+    return error_response(exc.status_code, detail, name, headers=headers)
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route serves at this path: Starlette's 405 names only the first
+    matching route's (``Allow: PUT`` where DELETE is served too)."""
+    allowed = []
+    for method in METHODS:
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] == Match.FULL for route in request.app.router.routes):
+            allowed.append(method)
+    return ", ".join(allowed)
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -111,6 +137,7 @@ def install(app: FastAPI) -> None:
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorPublic, "description": text}
     for status, text in {
+        400: "the body cannot be parsed (not UTF-8 JSON, or broken multipart)",
         401: "no valid API key (when the server has keys)",
         413: "too many bytes, pixels or images",
         422: "a field, an option or a file is invalid; `detail` says which and how to fix it",

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from models.store.store import NAME_PATTERN
+
 JobStatus = Literal["queued", "running", "succeeded", "failed", "rejected", "canceled"]
 
 
@@ -98,7 +100,9 @@ class VersionDetailPublic(BaseModel):
 
 
 class AliasCreate(BaseModel):
-    version: str = Field(description="a version id, another alias, or 'latest'")
+    version: str = Field(
+        pattern=NAME_PATTERN, description="a version id, another alias, or 'latest'"
+    )
 
 
 class AliasPublic(BaseModel):

@@ -10,6 +10,7 @@ from fastapi import Path as PathParam
 from models.store.store import NAME_PATTERN
 from service.deps import StoreDep
 from service.errors import responses
+from service.params import ModelName
 from service.schemas import AliasCreate, AliasPublic
 
 router = APIRouter(prefix="/v1/models/{model}/aliases", tags=["aliases"])
@@ -26,7 +27,9 @@ AliasName = Annotated[
     responses=responses(404),
     summary="Point an alias at a version",
 )
-def put_alias(model: str, alias: AliasName, body: AliasCreate, store: StoreDep) -> AliasPublic:
+def put_alias(
+    model: ModelName, alias: AliasName, body: AliasCreate, store: StoreDep
+) -> AliasPublic:
     store.set_alias(model, alias, body.version)
     return AliasPublic(model=model, alias=alias, version=store.aliases(model)[alias])
 
@@ -38,6 +41,6 @@ def put_alias(model: str, alias: AliasName, body: AliasCreate, store: StoreDep) 
     responses=responses(404),
     summary="Remove an alias",
 )
-def delete_alias(model: str, alias: AliasName, store: StoreDep) -> Response:
+def delete_alias(model: ModelName, alias: AliasName, store: StoreDep) -> Response:
     store.delete_alias(model, alias)
     return Response(status_code=204)

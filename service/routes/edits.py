@@ -67,8 +67,10 @@ def create_edit(
     settings: SettingsDep,
     store: StoreDep,
     jobs: JobsDep,
-    images: Annotated[list[UploadFile], File(description="failure image(s) to edit")],
-    label: Annotated[list[str], Form(description="target class index or name (one, or per image)")],
+    images: Annotated[list[UploadFile], File(min_length=1, description="failure image(s) to edit")],
+    label: Annotated[
+        list[str], Form(min_length=1, description="target class index or name (one, or per image)")
+    ],
     model: Annotated[str, Form(description="model, model@version, model@alias or model@latest")],
     holdout: Annotated[list[UploadFile] | None, File(description="held-out failures (GR)")] = None,
     method: Annotated[str | None, Form()] = None,

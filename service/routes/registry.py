@@ -8,6 +8,7 @@ from models.store.manifest import ModelEntry
 from models.store.store import Store
 from service.deps import StoreDep
 from service.errors import responses
+from service.params import ModelName
 from service.schemas import MethodPublic, ModelPublic
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -49,5 +50,5 @@ def list_models(store: StoreDep) -> list[ModelPublic]:
 @router.get(
     "/{model}", response_model=ModelPublic, responses=responses(404), summary="One registered model"
 )
-def read_model(model: str, store: StoreDep) -> ModelPublic:
+def read_model(model: ModelName, store: StoreDep) -> ModelPublic:
     return model_public(store, store.model(model))

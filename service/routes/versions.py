@@ -16,6 +16,7 @@ from models.store.store import BASE, PATCH_FILE, Store
 from service import validation as V
 from service.deps import JobsDep, SettingsDep, StoreDep
 from service.errors import responses
+from service.params import ModelName, VersionRef
 from service.schemas import PredictPublic, VersionDetailPublic, VersionListPublic, VersionPublic
 from workers.payloads import MaterialisePayload, PredictPayload
 
@@ -54,7 +55,7 @@ def _resolve_any(store: Store, model: str, version: str) -> str | None:
     responses=responses(404),
     summary="Every version, with its parent",
 )
-def list_versions(model: str, store: StoreDep) -> VersionListPublic:
+def list_versions(model: ModelName, store: StoreDep) -> VersionListPublic:
     aliases = _aliases_of(store, model)
     versions = [
         VersionPublic(
@@ -78,7 +79,7 @@ def list_versions(model: str, store: StoreDep) -> VersionListPublic:
     responses=responses(404),
     summary="A version's manifest (with its report) and lineage",
 )
-def read_version(model: str, version: str, store: StoreDep) -> VersionDetailPublic:
+def read_version(model: ModelName, version: VersionRef, store: StoreDep) -> VersionDetailPublic:
     resolved = _resolve(store, model, version)
     manifest = store.version(model, resolved)
     base = f"/v1/models/{model}/versions/{resolved}"
@@ -92,13 +93,14 @@ def read_version(model: str, version: str, store: StoreDep) -> VersionDetailPubl
     )
 
 
+@router.head("/{version}/patch", include_in_schema=False)  # size and sha256, no body
 @router.get(
     "/{version}/patch",
     response_class=FileResponse,
     responses=responses(404),
     summary="The sparse patch (safetensors), cumulative over the base backbone",
 )
-def download_patch(model: str, version: str, store: StoreDep) -> FileResponse:
+def download_patch(model: ModelName, version: VersionRef, store: StoreDep) -> FileResponse:
     resolved = _resolve(store, model, version)
     path = store.version_file(model, resolved, PATCH_FILE)  # sha256 checked
     sha = store.version(model, resolved).files[PATCH_FILE]
@@ -110,6 +112,7 @@ def download_patch(model: str, version: str, store: StoreDep) -> FileResponse:
     )
 
 
+@router.head("/{version}/weights", include_in_schema=False)  # size and sha256, no body
 @router.get(
     "/{version}/weights",
     response_class=FileResponse,
@@ -117,7 +120,7 @@ def download_patch(model: str, version: str, store: StoreDep) -> FileResponse:
     summary="Full merged weights (safetensors), materialised by a worker on first request",
 )
 def download_weights(
-    model: str, version: str, store: StoreDep, jobs: JobsDep, settings: SettingsDep
+    model: ModelName, version: VersionRef, store: StoreDep, jobs: JobsDep, settings: SettingsDep
 ) -> FileResponse:
     resolved = _resolve_any(store, model, version)
     cached = store.cached_weights(model, resolved)
@@ -144,12 +147,12 @@ def download_weights(
     summary="Classify uploaded images with this version",
 )
 def predict(
-    model: str,
-    version: str,
+    model: ModelName,
+    version: VersionRef,
     store: StoreDep,
     jobs: JobsDep,
     settings: SettingsDep,
-    images: Annotated[list[UploadFile], File(description="images to classify")],
+    images: Annotated[list[UploadFile], File(min_length=1, description="images to classify")],
     top_k: Annotated[int, Query(ge=1, le=100)] = 3,
 ) -> PredictPublic:
     resolved = _resolve_any(store, model, version)
