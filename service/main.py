@@ -21,7 +21,7 @@ from fastapi.staticfiles import StaticFiles
 from redis import Redis
 
 from models.store.store import Store
-from service import errors
+from service import errors, metrics
 from service.guard import RequestGuard
 from service.routes import aliases, edits, health, registry, versions
 from service.settings import ApiSettings
@@ -79,6 +79,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.state.settings = settings = settings or ApiSettings()
     errors.install(app)
     app.add_middleware(RequestGuard, settings=settings)  # API key and size, before the body
+    metrics.install(app)  # /metrics; counts every request, the guard's answers too
     for module in (edits, registry, versions, aliases):
         app.include_router(module.router, responses=errors.ERROR_RESPONSES)
     app.include_router(health.router)

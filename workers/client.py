@@ -27,6 +27,7 @@ from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
 from models.errors import Conflict, NotFound, Timeout, Unavailable, VitEditError
+from workers import metrics
 from workers import settings as S
 from workers.payloads import JOB_FUNCS, EditPayload, Payload
 
@@ -231,6 +232,7 @@ class JobClient:
             time.sleep(0.02)
         if job.get_status(refresh=True) == JobStatus.QUEUED:
             job.cancel()
+            metrics.count_job(self.redis, payload.kind, "canceled")
         raise JobTimeout(
             f"no worker finished the {payload.kind} job within {timeout_s:.0f} s; "
             "the workers are busy or down (see GET /readyz); retry later"
@@ -298,6 +300,7 @@ class JobClient:
         job = self.fetch(job_id)
         if job.get_status() == JobStatus.QUEUED:
             job.cancel()
+            metrics.count_job(self.redis, view.kind, "canceled")  # no worker will count it
         return self.view(job_id)
 
     # ------------------------------------------------------------------ health
@@ -428,3 +431,4 @@ def _mark_dead(redis: Redis, job_id: str) -> None:
         "finished; nothing was stored. Submit the edit again.",
     )
     job.save_meta()
+    metrics.count_job(redis, str(job.meta.get("kind", "edit")), "failed")  # its worker could not

@@ -33,6 +33,7 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from workers import metrics
 from workers import settings as S
 from workers.client import heartbeat_key, worker_key
 from workers.housekeeping import Heartbeat, housekeeping
@@ -135,9 +136,8 @@ def serve(redis: Redis, rq_redis: Redis, name: str, runtime: Runtime) -> None:
 
 def main() -> int:
     settings = WorkerSettings()
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    metrics.log_with_job_ids()  # every log line carries the running job's id
+    metrics.serve_metrics(settings.metrics_port, settings.metrics_addr)  # answers while loading
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     redis = Redis.from_url(settings.redis_url)

@@ -40,6 +40,7 @@ from models.reports import ReportSets, TokenSet
 from models.sites import Patch
 from models.store.manifest import VersionManifest
 from models.store.store import PATCH_FILE, Store
+from workers import metrics
 from workers import settings as S
 from workers.client import cancel_key, heartbeat_key, worker_key
 from workers.settings import WorkerSettings
@@ -78,11 +79,21 @@ class Progress:
         self._saved_at = 0.0
 
     def phase(self, name: str) -> None:
+        self._close_current()
+        self.current = name
+        self._save(phase=name)
+
+    def close(self) -> None:
+        """End the last phase (its seconds go to the metrics); call once the job is over."""
+        self._close_current()
+        self.current = None
+
+    def _close_current(self) -> None:
         now = time.perf_counter()
         if self.current is not None:
             self.seconds[self.current] = self.seconds.get(self.current, 0.0) + now - self._t0
-        self.current, self._t0 = name, now
-        self._save(phase=name)
+            metrics.count_phase(self.redis, self.current, now - self._t0)
+        self._t0 = now
 
     def on_step(self, step: int, max_steps: int, loss: float) -> None:
         """The editors' StepCallback: progress, and EditCanceled when a cancel was requested."""
@@ -133,6 +144,7 @@ class Runtime:
         if self.worker_name is not None:
             state = {"pid": os.getpid(), "job": self.current_job, "kind": self.current_kind}
             self.redis.set(worker_key(self.worker_name), json.dumps(state), ex=S.HEARTBEAT_TTL_S)
+            metrics.HEARTBEAT.set_to_current_time()  # read by the health check
 
     # ------------------------------------------------------------------ models
 

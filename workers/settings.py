@@ -99,3 +99,7 @@ class WorkerSettings(CommonSettings):
     cache_min_idle_s: float = 60.0
     name: str | None = None  # RQ worker name; None = host + pid
     register_demo: bool = False  # register the shipped demo model at start (docker compose)
+    # Prometheus metrics of this worker at http://<metrics_addr>:<metrics_port>/metrics (see
+    # workers/metrics.py); None = off. One port per worker process (docker compose: 9101 each).
+    metrics_port: int | None = None
+    metrics_addr: str = "127.0.0.1"  # 0.0.0.0 in a container, for the scraper

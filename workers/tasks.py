@@ -73,6 +73,8 @@ def edit(rt: Runtime, payload: EditPayload, job: Job | None) -> dict[str, Any]:
                 job.meta.update(canceled=True, phase="canceled")
                 job.save_meta()
             return {"canceled": True}
+        finally:
+            progress.close()  # the last phase's seconds go to the metrics
 
 
 def _edit(rt: Runtime, payload: EditPayload, job: Job | None, progress: Progress) -> dict[str, Any]:
