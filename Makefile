@@ -19,7 +19,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install run test lint demo-world hypernet bench tin-world tin-hypernet tin-bench clean
+.PHONY: install run test test-slow lint demo-world hypernet bench tin-world tin-hypernet tin-bench clean
 
 install: $(STAMP)
 
@@ -33,10 +33,14 @@ $(STAMP): pyproject.toml Makefile
 run: install
 	$(BIN)/vitedit serve
 
+# the fast suite (minutes); the long checks (faults under serve, fuzzing, packaging) are marked slow
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not slow"
+
+test-slow: install
+	$(BIN)/python -m pytest -m slow
 
 lint: install
 	$(BIN)/ruff check .
