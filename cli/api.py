@@ -249,7 +249,8 @@ def _print_result(job: Job) -> None:
 
 
 def key_figures(job: Job, server: str) -> list[str]:
-    """The last lines of ``vitedit edit``: the version, its URL and SR / GR / LR, unwrapped."""
+    """The last lines of ``vitedit edit``: the version, its URL, SR / GR / LR and the URL of its
+    review page, unwrapped."""
     if not job.version:
         return []
     url = server.rstrip("/") + job.links.get(
@@ -262,7 +263,7 @@ def key_figures(job: Job, server: str) -> list[str]:
             f"SR {_fmt(m.get('SR'))}  GR {_fmt(m.get('GR'))}  "
             f"LR {_fmt(m.get('LR_vs_parent'))} (vs parent; {_fmt(m.get('LR_vs_root'))} vs base)"
         )
-    return lines
+    return [*lines, f"review  {url}/review"]  # the review page (HTML) of the version
 
 
 def run_versions(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from PIL import Image
 
 from models.evaluation import METRIC_DEFINITIONS, predictions
 from models.forward import SplitForward
@@ -44,6 +45,7 @@ class TokenSet:
 
     tokens: torch.Tensor  # (N, T, D)
     targets: torch.Tensor | None = None  # (N,) long
+    images: list[Image.Image] | None = None  # thumbnails for the review figures (models.review)
 
 
 @dataclass

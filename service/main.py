@@ -23,7 +23,7 @@ from redis import Redis
 from models.store.store import Store
 from service import errors, metrics
 from service.guard import RequestGuard
-from service.routes import aliases, edits, health, registry, versions
+from service.routes import aliases, edits, health, registry, review, versions
 from service.settings import ApiSettings
 from workers import settings as S
 from workers.client import JobClient, reap_dead_jobs
@@ -80,7 +80,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     errors.install(app)
     app.add_middleware(RequestGuard, settings=settings)  # API key and size, before the body
     metrics.install(app)  # /metrics; counts every request, the guard's answers too
-    for module in (edits, registry, versions, aliases):
+    for module in (edits, registry, versions, review, aliases):
         app.include_router(module.router, responses=errors.ERROR_RESPONSES)
     app.include_router(health.router)
     _install_docs(app)

@@ -27,6 +27,14 @@ from models.editing import get_editor, make_config, run_edit
 from models.editing.registry import EditConfig, EditOutcome, EditTask
 from models.errors import EditCanceled, EditDiverged
 from models.reports import ReportSets, TokenSet, build_report, peak_memory, predict_sets
+from models.review import (
+    MAX_RETENTION_VERSIONS,
+    ReviewInputs,
+    neuron_changes,
+    read_front,
+    thumbnail,
+    write_review,
+)
 from models.sites import Patch
 from models.store.manifest import ImageRecord, VersionManifest, utc_now
 from models.store.store import PATCH_FILE, REJECTED, VersionDraft
@@ -93,14 +101,16 @@ def _edit(rt: Runtime, payload: EditPayload, job: Job | None, progress: Progress
         TokenSet(
             loaded.tokens([images[im.path] for im in holdouts]),
             torch.tensor([im.target for im in holdouts]),
+            [thumbnail(images[im.path]) for im in holdouts],
         )
         if holdouts
         else None
     )
     lineage = rt.store.lineage(payload.model, payload.parent)
     edit_keys = {pixel_key(images[im.path]) for im in edits}
+    thumbs = [thumbnail(images[im.path]) for im in edits]
     sets = rt.report_sets(
-        loaded, TokenSet(loaded.split.prefix(x), y.cpu()), edit_keys, holdout, lineage
+        loaded, TokenSet(loaded.split.prefix(x), y.cpu(), thumbs), edit_keys, holdout, lineage
     )
     with rt.activate(loaded, payload.parent):
         task = EditTask.build(loaded.model, loaded.sites, x, y, loaded.hypernetwork, loaded.split)
@@ -109,6 +119,7 @@ def _edit(rt: Runtime, payload: EditPayload, job: Job | None, progress: Progress
         progress.phase("masking" if needs_mask else "optimizing")
         outcome = run_edit(payload.method, task, config, on_step=progress.on_step)
         require_finite_patch(outcome.patch, "the edit")  # never score a non-finite model
+        changes = neuron_changes(loaded.sites, loaded.sites.params(loaded.model), outcome.patch)
         progress.phase("evaluating")
         after, cumulative = _evaluate_new(loaded, outcome.patch, sets)
     require_finite_patch(cumulative, "the new version")  # never store one either
@@ -118,7 +129,12 @@ def _edit(rt: Runtime, payload: EditPayload, job: Job | None, progress: Progress
         sets, before, after, facts, progress.seconds, peak_memory(loaded.backbone.device)
     )
     report["acceptance"] = gate = check_acceptance(report, payload.accept)
-    manifest = _save_version(rt, payload, job, loaded, config, cumulative, images, report)
+    front, note = read_front(loaded.entry.benchmark.get("results"), loaded.entry.weights_sha256)
+    names, retained = loaded.entry.class_names, _retention_images(rt, lineage)
+    review = ReviewInputs(
+        sets, before, after, report["metrics"], names, changes, retained, front, note
+    )
+    manifest = _save_version(rt, payload, job, loaded, config, cumulative, images, report, review)
     if gate["reason"]:
         log.info("version %s of %s rejected: %s", manifest.version, payload.model, gate["reason"])
         return {"version": manifest.version, "model": payload.model, "rejected": gate["reason"]}
@@ -208,10 +224,12 @@ def _save_version(
     patch: Patch,
     images: dict[str, Image.Image],
     report: dict[str, Any],
+    review: ReviewInputs,
 ) -> VersionManifest:
     entry, manifest = loaded.entry, loaded.backbone.manifest
     with rt.store.begin_version(payload.model) as draft:
         records = _write_images(draft, payload, images)
+        figures = write_review(draft.dir, review)  # in the folder: listed with their sha256
         provenance = {
             "model": payload.model,
             "version": draft.version,
@@ -249,8 +267,20 @@ def _save_version(
                 job_id=job.id if job else None,
                 status=REJECTED if report["acceptance"]["reason"] else "accepted",
                 reason=report["acceptance"]["reason"],
+                review=figures,
             )
         )
+
+
+def _retention_images(rt: Runtime, lineage: list[VersionManifest]) -> dict[str, list[Image.Image]]:
+    """Thumbnails of the edit images of the last earlier versions (those the review draws)."""
+    return {
+        m.version: [
+            thumbnail(open_image(rt.store.version_file(m.model, m.version, r.file)))
+            for r in m.edit_images
+        ]
+        for m in lineage[-MAX_RETENTION_VERSIONS:]
+    }
 
 
 def _write_images(

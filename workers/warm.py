@@ -18,6 +18,7 @@ from models.errors import IntegrityError
 from models.evaluation import predictions
 from models.forward import SplitForward
 from models.reports import TokenSet
+from models.review import thumbnail
 from models.sites import Sites
 from models.store.manifest import ModelEntry
 
@@ -40,6 +41,7 @@ class BenchmarkGroup:
     label: int
     tokens: torch.Tensor  # (N, T, D)
     keys: tuple[str, ...]  # pixel_key of each image
+    thumbs: tuple[Image.Image, ...] = ()  # for the review figures (models.review.thumbnail)
 
 
 @dataclass
@@ -150,10 +152,17 @@ def _load_benchmark(loaded: LoadedModel) -> None:
         benchmark = read_benchmark(bench["groups"], bench["locality"])
     else:
         return
-    loaded.locality = TokenSet(loaded.tokens(benchmark.locality))
+    loaded.locality = TokenSet(
+        loaded.tokens(benchmark.locality), images=[thumbnail(im) for im in benchmark.locality]
+    )
     loaded.locality_root_preds = predictions(loaded.split, loaded.locality.tokens).cpu()
     loaded.groups = [
-        BenchmarkGroup(g.label, loaded.tokens(g.images), tuple(pixel_key(im) for im in g.images))
+        BenchmarkGroup(
+            g.label,
+            loaded.tokens(g.images),
+            tuple(pixel_key(im) for im in g.images),
+            tuple(thumbnail(im) for im in g.images),
+        )
         for g in benchmark.groups
     ]
 
@@ -162,14 +171,17 @@ def benchmark_holdout(
     groups: list[BenchmarkGroup], labels: set[int], exclude: set[str]
 ) -> TokenSet | None:
     """The registered groups of these labels, without the edit images themselves (capped)."""
-    tokens, targets = [], []
+    tokens, targets, thumbs = [], [], []
     for group in groups:
         if group.label in labels:
             keep = torch.tensor([k not in exclude for k in group.keys], dtype=torch.bool)
             tokens.append(group.tokens[keep.to(group.tokens.device)])
             targets.append(torch.full((int(keep.sum()),), group.label))
+            thumbs += [im for im, kept in zip(group.thumbs, keep.tolist(), strict=False) if kept]
     if not tokens or not sum(len(t) for t in tokens):
         return None
     return TokenSet(
-        torch.cat(tokens)[:MAX_BENCHMARK_HOLDOUT], torch.cat(targets)[:MAX_BENCHMARK_HOLDOUT]
+        torch.cat(tokens)[:MAX_BENCHMARK_HOLDOUT],
+        torch.cat(targets)[:MAX_BENCHMARK_HOLDOUT],
+        thumbs[:MAX_BENCHMARK_HOLDOUT],
     )

@@ -187,6 +187,9 @@ class VersionManifest:
     # how); a rejected version is kept for inspection but never gets an alias, not even latest
     status: str = "accepted"
     reason: str | None = None
+    # the review page's figures (files under review/, in ``files`` with their sha256) and the
+    # numbers it shows (models.review.write_review); {} for versions stored before it existed
+    review: dict[str, Any] = field(default_factory=dict)
 
     @property
     def edit_images(self) -> list[ImageRecord]:
@@ -227,6 +230,8 @@ class ModelEntry:
     ``benchmark`` says where the report's locality set and benchmark groups come from:
     ``{"kind": "demo"}`` (the shipped demo world), ``{"kind": "folders", "groups": DIR,
     "locality": DIR}`` (the paper's layout) or ``{}`` (none: the report leaves LR and GR out).
+    An optional ``"results"``: a ``vitedit bench`` results.json measured on these base weights,
+    whose fronts the review page draws each edit against (models.review.read_front).
     """
 
     name: str

@@ -90,10 +90,12 @@ def chain(live: Live) -> list[subprocess.CompletedProcess[str]]:
     return [edit(live, "tiny"), edit(live, "tiny@latest")]
 
 
-def test_edit_ends_with_the_version_its_url_and_key_figures(live: Live, chain: list) -> None:
+def test_edit_ends_with_the_version_its_url_key_figures_and_review_page(
+    live: Live, chain: list
+) -> None:
     first = chain[0]
     assert first.returncode == 0, first.stdout + first.stderr
-    version_line, url_line, figures = first.stdout.splitlines()[-3:]
+    version_line, url_line, figures, review_line = first.stdout.splitlines()[-4:]
     assert version_line.startswith("version v") and version_line.endswith("(succeeded)")
     version = version_line.split()[1]
     url = url_line.split()[1]
@@ -103,10 +105,13 @@ def test_edit_ends_with_the_version_its_url_and_key_figures(live: Live, chain: l
     assert answer.status_code == 200 and answer.json()["version"] == version
     report = answer.json()["manifest"]["report"]["metrics"]
     assert f"LR {report['LR_vs_parent']:.3f} (vs parent" in figures
+    assert review_line == f"review  {url}/review"
+    page = httpx.get(review_line.split()[1], headers={"Authorization": f"Bearer {KEY}"})
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
 
 
 def test_versions_shows_whole_ids_at_80_columns(live: Live, chain: list) -> None:
-    ids = [run.stdout.splitlines()[-3].split()[1] for run in chain]
+    ids = [run.stdout.splitlines()[-4].split()[1] for run in chain]  # the "version v..." line
     listing = vitedit("versions", "tiny", "--server", live.url)
     assert listing.returncode == 0, listing.stderr
     assert max(map(len, listing.stdout.splitlines())) <= 80

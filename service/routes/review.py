@@ -1,0 +1,87 @@
+"""``/v1/models/{model}/versions/{version}/review``: a version's review page and its figures.
+
+The page is HTML rendered from the manifest (:mod:`service.review_page`); each figure is a PNG the
+worker wrote into the version folder before publishing it, served after its sha256 is checked
+against the manifest, like the patch. ``base`` has no edit to review: 404, saying so.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter
+from fastapi import Path as PathParam
+from fastapi.responses import FileResponse, HTMLResponse
+
+from models.errors import UnknownVersionError
+from models.store.store import Store
+from service.deps import StoreDep
+from service.errors import responses
+from service.review_page import ReviewPage
+
+router = APIRouter(prefix="/v1/models/{model}/versions", tags=["versions"])
+
+FIGURE_PATTERN = r"^[a-z][a-z_]{0,63}\.png$"
+
+
+def _resolve(store: Store, model: str, version: str) -> str:
+    """A version id from an id, alias or 'latest'; 404 for 'base', which has no edit."""
+    store.model(model)
+    resolved = store.resolve_version(model, version)
+    if resolved is None:
+        raise UnknownVersionError(
+            f"{model}@{version} is the base backbone: it has no edit to review. Open the review "
+            f"of one of its versions (GET /v1/models/{model}/versions lists them)"
+        )
+    return resolved
+
+
+@router.get(
+    "/{version}/review",
+    response_class=HTMLResponse,
+    responses=responses(404),
+    summary="The version's review page (HTML): edits, held-out failures, locality flips, "
+    "retention, mask heatmaps, its point on the benchmark front",
+)
+def review_page(model: str, version: str, store: StoreDep) -> HTMLResponse:
+    resolved = _resolve(store, model, version)
+    manifest = store.version(model, resolved)
+    base = f"/v1/models/{model}/versions"
+    page = ReviewPage(
+        manifest,
+        store.model(model).class_names,
+        base,
+        lambda name: f"{base}/{resolved}/review/{name}.png",  # the resolved id: immutable
+    )
+    return HTMLResponse(page.render())
+
+
+@router.get(
+    "/{version}/review/{figure}",
+    response_class=FileResponse,
+    responses=responses(404),
+    summary="One figure of the review page (PNG, sha256 checked)",
+)
+def review_figure(
+    model: str,
+    version: str,
+    figure: Annotated[str, PathParam(pattern=FIGURE_PATTERN, description="e.g. edits.png")],
+    store: StoreDep,
+) -> FileResponse:
+    resolved = _resolve(store, model, version)
+    manifest = store.version(model, resolved)
+    file = manifest.review.get("figures", {}).get(figure.removesuffix(".png"))
+    if file is None:
+        raise UnknownVersionError(
+            f"{model}@{resolved} has no review figure {figure!r}; it has "
+            f"{sorted(manifest.review.get('figures', {}))}"
+        )
+    path = store.version_file(model, resolved, file)  # sha256 checked
+    return FileResponse(
+        path,
+        media_type="image/png",
+        headers={
+            "X-Content-SHA256": manifest.files[file],
+            "Cache-Control": "private, max-age=86400",
+        },
+    )
