@@ -56,6 +56,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "bench pool)",
     )
     build.add_argument("--batch-size", type=int, default=None, help="training batch (default 128)")
+    build.add_argument(
+        "--stop-at-step", type=int, help="stop training (and checkpoint) at this step; resume later"
+    )
     build.set_defaults(func=_build)
 
     show = actions.add_parser("show", help="print a built world's summary (world.json)")
@@ -102,7 +105,13 @@ def _build(args: argparse.Namespace) -> int:
             seed=args.seed,
         )
         result = tin.train_backbone(
-            root, work, cfg, per_class, out_dir=out, time_budget=args.time_budget
+            root,
+            work,
+            cfg,
+            per_class,
+            out_dir=out,
+            time_budget=args.time_budget,
+            stop_at_step=args.stop_at_step,
         )
         print(
             json.dumps(

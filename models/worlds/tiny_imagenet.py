@@ -203,6 +203,7 @@ def train_backbone(
     train_per_class: int = TRAIN_PER_CLASS,
     out_dir: Path = ASSETS,
     time_budget: float | None = None,
+    stop_at_step: int | None = None,
 ) -> TrainResult:
     """Train (or resume) the backbone on the train split; write weights + manifest when finished."""
     torch.manual_seed(cfg.seed)
@@ -215,7 +216,9 @@ def train_backbone(
     trainer = Trainer(model, cfg, to_input, augment)
     ckpt = work / "backbone-checkpoint"
     trainer.resume(ckpt)
-    result = trainer.fit(x, y, x_val, y_val, checkpoint=ckpt, time_budget=time_budget)
+    result = trainer.fit(
+        x, y, x_val, y_val, checkpoint=ckpt, time_budget=time_budget, stop_at_step=stop_at_step
+    )
     if not result.finished:
         return result
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -234,6 +237,7 @@ def train_backbone(
         "train_seconds": round(result.seconds, 1),
         "val_accuracy": result.history[-1]["eval_accuracy"] if result.history else None,
         "history": result.history,
+        "schedule": trainer.schedule,  # epochs of the cosine schedule from each step on
         "terms": TERMS,
     }
     m = manifest(names, sha=sha256_file(weights))

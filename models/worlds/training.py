@@ -71,6 +71,8 @@ class Trainer:
         self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.step, self.seconds, self.history = 0, 0.0, []
+        # the schedule's length by step: a resume may shorten or lengthen it (epochs only)
+        self.schedule: list[dict[str, int]] = [{"from_step": 0, "epochs": cfg.epochs}]
 
     def lr_at(self, step: int, total: int, warmup: int) -> float:
         if step < warmup:
@@ -89,8 +91,10 @@ class Trainer:
         time_budget: float | None = None,
         checkpoint_every: int = 500,
         progress: Callable[[str], None] = log.info,
+        stop_at_step: int | None = None,
     ) -> TrainResult:
-        """Train to the end of the schedule, or until ``time_budget`` seconds of this call."""
+        """Train to the end of the schedule, or until ``time_budget`` seconds of this call, or
+        until ``stop_at_step`` (a checkpoint is written at each stop)."""
         cfg = self.cfg
         per_epoch = len(x) // cfg.batch_size
         total, warmup = cfg.epochs * per_epoch, int(cfg.warmup_epochs * per_epoch)
@@ -125,11 +129,13 @@ class Trainer:
                     f"epoch {self.step // per_epoch}/{cfg.epochs}: loss {loss.item():.3f}, "
                     f"eval acc {acc:.4f}, {self.seconds:.0f} s"
                 )
-            out_of_time = time_budget is not None and time.perf_counter() - start > time_budget
+            out_of_time = (
+                time_budget is not None and time.perf_counter() - start > time_budget
+            ) or (stop_at_step is not None and self.step >= stop_at_step)
             if checkpoint is not None and (self.step % checkpoint_every == 0 or out_of_time):
                 self.save(checkpoint)
             if out_of_time and self.step < total:
-                progress(f"time budget reached at step {self.step}/{total}; resume to go on")
+                progress(f"stopped at step {self.step}/{total} (budget); resume to go on")
                 return TrainResult(False, self.step, self.seconds, self.history)
         if checkpoint is not None:
             self.save(checkpoint)
@@ -169,6 +175,7 @@ class Trainer:
                 "config": dataclasses.asdict(self.cfg),
                 "param_groups": opt_state["param_groups"],
                 "history": self.history,
+                "schedule": self.schedule,
             },
         )
 
@@ -177,10 +184,12 @@ class Trainer:
         if not (directory / "train.json").exists():
             return False
         state = read_json(directory / "train.json")
-        if state["config"] != dataclasses.asdict(self.cfg):
+        saved, now = dict(state["config"]), dataclasses.asdict(self.cfg)
+        if {**saved, "epochs": 0} != {**now, "epochs": 0}:
             raise ManifestError(
                 f"training checkpoint {directory} was written with another config "
-                f"({state['config']}); use another --work folder or the same settings"
+                f"({state['config']}); use another --work folder or the same settings "
+                "(only the number of epochs may change on a resume)"
             )
         tensors = load_file(str(directory / "train.safetensors"))
         self.model.load_state_dict(
@@ -194,5 +203,8 @@ class Trainer:
         self.opt.load_state_dict({"state": optim, "param_groups": state["param_groups"]})
         self.gen.set_state(tensors["rng.augment"])
         self.step, self.seconds, self.history = state["step"], state["seconds"], state["history"]
+        self.schedule = state.get("schedule", [{"from_step": 0, "epochs": saved["epochs"]}])
+        if self.schedule[-1]["epochs"] != self.cfg.epochs:  # the schedule changes from here
+            self.schedule.append({"from_step": self.step, "epochs": self.cfg.epochs})
         log.info("resumed training from %s at step %d", directory, self.step)
         return True

@@ -117,10 +117,34 @@ def test_training_interrupted_by_its_budget_resumes_to_the_same_weights(tmp_path
     ):
         torch.testing.assert_close(a, b, msg=name)
     other = Trainer(
-        create_model(tiny_manifest()), TrainConfig(epochs=3), tin.to_input, tin.augment
+        create_model(tiny_manifest()), TrainConfig(epochs=2, lr=5e-3), tin.to_input, tin.augment
     )
     with pytest.raises(Exception, match="another config"):
         other.resume(tmp_path)
+
+
+def test_a_resume_may_change_the_schedule_length_and_records_where(tmp_path: Path) -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (64, 32, 32, 3), generator=gen, dtype=torch.uint8)
+    y = torch.randint(0, 4, (64,), generator=gen)
+    first = Trainer(
+        create_model(tiny_manifest()),
+        TrainConfig(epochs=3, batch_size=16),
+        tin.to_input,
+        tin.augment,
+    )
+    stopped = first.fit(x, y, x[:8], y[:8], checkpoint=tmp_path, stop_at_step=5)
+    assert not stopped.finished and stopped.steps == 5
+    shorter = Trainer(
+        create_model(tiny_manifest()),
+        TrainConfig(epochs=2, batch_size=16),
+        tin.to_input,
+        tin.augment,
+    )
+    assert shorter.resume(tmp_path)
+    assert shorter.fit(x, y, x[:8], y[:8], checkpoint=tmp_path).steps == 8  # 2 epochs x 4 steps
+    assert shorter.schedule == [{"from_step": 0, "epochs": 3}, {"from_step": 5, "epochs": 2}]
+    assert read_json(tmp_path / "train.json")["schedule"] == shorter.schedule
 
 
 @pytest.fixture(scope="module")
