@@ -6,8 +6,8 @@ the manifest like the patch, and the returned summary (counts, flips, the benchm
 into the manifest's ``review``. The API only serves the files and renders its page from that.
 
 This module chooses and counts what each section shows; :mod:`models.review_figures` draws it
-(matplotlib's object API, Agg canvas, no pyplot). Images are kept as small copies
-(:func:`thumbnail`).
+(Pillow grids; matplotlib's object API on the Agg canvas, no pyplot). Images are kept as small
+copies (:func:`thumbnail`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from models.reports import ReportSets, TokenSet
-from models.review_figures import BAD, GOOD, Tile, front_figure, mask_figure, tiles_figure
+from models.review_figures import BAD, GOOD, Tile, front_figure, mask_image, tiles_image
 from models.sites import Patch, Sites
 
 REVIEW_DIR = "review"  # the figures' folder inside a version folder
@@ -147,15 +147,18 @@ def write_review(version_dir: Path, inputs: ReviewInputs) -> dict[str, Any]:
     return summary
 
 
-def _save(fig: Figure, path: Path) -> None:
+def _save(drawing: Figure | Image.Image, path: Path) -> None:
     try:
-        fig.savefig(path, format="png", dpi=100)
+        if isinstance(drawing, Image.Image):
+            drawing.save(path, format="PNG")
+        else:
+            drawing.savefig(path, format="png", dpi=100)
     except BaseException:
         path.unlink(missing_ok=True)  # no half figure in the version folder
         raise
 
 
-Part = tuple[Any, dict[str, Figure | None]]  # (numbers, figures by name)
+Part = tuple[Any, dict[str, Figure | Image.Image | None]]  # (numbers, drawings by name)
 
 
 def _name(names: tuple[str, ...], label: int | torch.Tensor) -> str:
@@ -183,7 +186,7 @@ def _edits(inputs: ReviewInputs) -> Part:
         lambda i: f"target {name(t[i])}\nbefore {name(b[i])}\nafter {name(a[i])}",
         a == t,
     )
-    return {"images": len(t)}, {"edits": tiles_figure(tiles, "Edit images")}
+    return {"images": len(t)}, {"edits": tiles_image(tiles, "Edit images")}
 
 
 def _holdout(inputs: ReviewInputs) -> Part:
@@ -207,7 +210,7 @@ def _holdout(inputs: ReviewInputs) -> Part:
     for key, title in (("fixed", "fixed"), ("not_fixed", "not fixed")):
         chosen = groups[key].nonzero().flatten().tolist()
         tiles = _pick(ts, chosen, lambda i: f"{name(t[i])}\n{name(b[i])} → {name(a[i])}", a == t)
-        figures[f"holdout_{key}"] = tiles_figure(
+        figures[f"holdout_{key}"] = tiles_image(
             tiles, f"Held-out failures {title} (label, then before → after)"
         )
     return numbers, figures
@@ -224,7 +227,7 @@ def _locality(inputs: ReviewInputs) -> Part:
     tiles = _pick(ts, flipped, lambda i: f"{name(old[i])}\n→ {name(new[i])}", old == new)
     title = "Locality images that flipped (old → new class)"
     numbers = {"images": len(old), "flipped": len(flipped), "flips": flips}
-    return numbers, {"locality": tiles_figure(tiles, title)}
+    return numbers, {"locality": tiles_image(tiles, title)}
 
 
 def _retention(inputs: ReviewInputs) -> Part:
@@ -240,7 +243,7 @@ def _retention(inputs: ReviewInputs) -> Part:
             ]
             tiles += _pick(shown, list(range(len(t))), captions.__getitem__, now == t)
     title = "Edit images of earlier versions, under this one"
-    return numbers, {"retention": tiles_figure(tiles, title)}
+    return numbers, {"retention": tiles_image(tiles, title)}
 
 
 def _mask(inputs: ReviewInputs) -> Part:
@@ -252,7 +255,7 @@ def _mask(inputs: ReviewInputs) -> Part:
         }
         for mlp, grid in inputs.changes.items()
     }
-    return numbers, {"mask": mask_figure(inputs.changes)}
+    return numbers, {"mask": mask_image(inputs.changes)}
 
 
 def _front(inputs: ReviewInputs) -> Part:
