@@ -1,6 +1,8 @@
 """Request dependencies as ``Annotated`` aliases: settings, store, job client.
 
-The API key is checked before the body is read, by :mod:`service.guard`.
+The API key is checked before the body is read, by :mod:`service.guard`, which records the
+caller; the store and the job client a route gets are scoped to the caller's tenant (its own
+versions, aliases, jobs and Idempotency-Keys: another tenant's read as unknown, 404).
 """
 
 from __future__ import annotations
@@ -9,8 +11,11 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from models.errors import Unauthorized
 from models.store.store import Store
+from service.guard import caller_of
 from service.settings import ApiSettings
+from service.tenants import Caller
 from workers.client import JobClient
 
 
@@ -18,14 +23,22 @@ def get_settings(request: Request) -> ApiSettings:
     return request.app.state.settings
 
 
+def get_caller(request: Request) -> Caller:
+    caller = caller_of(request.scope)
+    if caller is None:  # the guard refused it on /v1; an open route must not ask for it
+        raise Unauthorized("this server needs an API key: send 'Authorization: Bearer <key>'")
+    return caller
+
+
 def get_store(request: Request) -> Store:
-    return request.app.state.store
+    return request.app.state.store.scoped(get_caller(request).tenant)
 
 
 def get_jobs(request: Request) -> JobClient:
-    return request.app.state.jobs
+    return request.app.state.jobs.scoped(get_caller(request).tenant)
 
 
 SettingsDep = Annotated[ApiSettings, Depends(get_settings)]
+CallerDep = Annotated[Caller, Depends(get_caller)]
 StoreDep = Annotated[Store, Depends(get_store)]
 JobsDep = Annotated[JobClient, Depends(get_jobs)]

@@ -58,7 +58,9 @@ async def _named_error(request: Request, exc: Exception) -> JSONResponse:
     status = status_of(type(exc))
     if status >= 500:
         log.error("%s %s -> %d: %s", request.method, request.url.path, status, exc)
-    return error_response(status, str(exc), type(exc).__name__)
+    retry = getattr(exc, "retry_after_s", None)  # e.g. a tenant's job limit (workers/quotas.py)
+    headers = {"Retry-After": str(retry)} if retry is not None else None
+    return error_response(status, str(exc), type(exc).__name__, headers=headers)
 
 
 async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
@@ -140,6 +142,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         400: "the body cannot be parsed (not UTF-8 JSON, or broken multipart)",
         401: "no valid API key (when the server has keys)",
         413: "too many bytes, pixels or images",
+        429: "this API key's request rate, or its tenant's queued + running jobs, is at its "
+        "limit; retry after `Retry-After` seconds",
         422: "a field, an option or a file is invalid; `detail` says which and how to fix it",
         500: "an internal fault",
         503: "the queue or the workers are unavailable; retry after `Retry-After` seconds",

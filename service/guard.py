@@ -1,49 +1,61 @@
-"""Checks that run before a request's body is read: the API key and the body size.
+"""Checks that run before a request's body is read: the API key, its rate, the body size.
 
 FastAPI parses a multipart body before it runs a route's dependencies, so an API-key dependency
 would answer 401 only after a 60 MB upload had been read (and spooled to disk). This plain ASGI
-middleware answers 401 (no valid key on a ``/v1`` route) and 413 (``Content-Length`` above the
-limit) from the headers alone, and stops a body sent without a length once it passes the limit.
+middleware answers 401 (no valid key on a ``/v1`` route), 429 (the key's request rate, with
+Retry-After) and 413 (``Content-Length`` above the limit) from the headers alone, and stops a body
+sent without a length once it passes the limit. It records the caller (tenant, key, limits) in the
+request scope for the routes (:func:`caller_of`); ``/readyz`` and the docs stay open, and see the
+caller only if a valid key is sent.
 """
 
 from __future__ import annotations
 
-import hmac
+import math
 
+from redis.exceptions import RedisError
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import error_response
+from service.ratelimit import RateLimiter
 from service.settings import ApiSettings
+from service.tenants import ANONYMOUS, Caller, Keyring
 
 PROTECTED_PREFIX = "/v1/"  # /healthz, /readyz and the docs stay open
+CALLER = "vitedit.caller"
+"""The scope entry the guard writes: the request's :class:`Caller`, or None (no valid key)."""
 
 
-def authorized(keys: frozenset[str], authorization: str | None) -> bool:
-    """Whether an ``Authorization`` header carries one of ``keys`` (compared in constant time,
-    as bytes: a header may hold any character)."""
-    scheme, _, token = (authorization or "").partition(" ")
-    given = token.strip().encode("utf-8", "surrogatepass")
-    return scheme.lower() == "bearer" and any(
-        hmac.compare_digest(given, k.encode("utf-8")) for k in keys
-    )
+def caller_of(scope: Scope) -> Caller | None:
+    """Who sent the request (set by the guard); None on an open route without a valid key."""
+    return scope.get(CALLER)
 
 
 class RequestGuard:
-    """API key and body size, checked before the app reads the body."""
+    """API key, rate and body size, checked before the app reads the body."""
 
-    def __init__(self, app: ASGIApp, settings: ApiSettings) -> None:
-        self.app, self.keys, self.limit = app, settings.keys, settings.max_body_bytes
+    def __init__(
+        self, app: ASGIApp, settings: ApiSettings, keyring: Keyring, limiter: RateLimiter
+    ) -> None:
+        self.app, self.limit = app, settings.max_body_bytes
+        self.keyring, self.limiter = keyring, limiter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
-        protected = self.keys and scope["path"].startswith(PROTECTED_PREFIX)
-        if protected and not authorized(self.keys, headers.get("authorization")):
+        caller = (
+            self.keyring.authenticate(headers.get("authorization"))
+            if self.keyring.on
+            else ANONYMOUS
+        )
+        scope[CALLER] = caller
+        protected = scope["path"].startswith(PROTECTED_PREFIX)
+        if protected and caller is None:
             response = error_response(
                 401,
                 "this server needs an API key: send 'Authorization: Bearer <key>'",
@@ -51,11 +63,38 @@ class RequestGuard:
             )
             await response(scope, receive, send)
             return
+        if protected and caller is not None and caller.key_id is not None:
+            refused = await self._rate(caller)
+            if refused is not None:
+                await refused(scope, receive, send)
+                return
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > self.limit:
             await self._too_large(int(length))(scope, receive, send)
             return
         await self.app(scope, receive if length else self._counted(receive), send)
+
+    async def _rate(self, caller: Caller) -> JSONResponse | None:
+        """None if the key may send this request; else its 429 (or 503: Redis is down)."""
+        assert caller.key_id is not None
+        limits = caller.limits
+        try:
+            wait = await self.limiter.take(caller.key_id, limits.rate_per_s, limits.rate_burst)
+        except RedisError as exc:
+            return error_response(
+                503,
+                f"the rate limiter's Redis is unavailable ({type(exc).__name__}); retry later",
+                "QueueUnavailable",
+            )
+        if wait <= 0:
+            return None
+        return error_response(
+            429,
+            f"this API key sent more than {limits.rate_burst} requests at once or "
+            f"{limits.rate_per_s:g} per second on average; retry after the Retry-After seconds",
+            "RateLimited",
+            headers={"Retry-After": str(max(1, math.ceil(wait)))},
+        )
 
     def _too_large(self, size: int) -> JSONResponse:
         return error_response(

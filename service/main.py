@@ -23,8 +23,10 @@ from redis import Redis
 from models.store.store import Store
 from service import errors, metrics
 from service.guard import RequestGuard
+from service.ratelimit import RateLimiter
 from service.routes import aliases, edits, health, registry, review, versions
 from service.settings import ApiSettings
+from service.tenants import Keyring
 from workers import settings as S
 from workers.client import JobClient, reap_dead_jobs
 
@@ -50,12 +52,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     redis = Redis.from_url(settings.redis_url)
     app.state.store = Store(settings.store)
     app.state.jobs = JobClient(redis)
+    limiter: RateLimiter = app.state.limiter
+    await limiter.open()
     watchdog = asyncio.create_task(_watchdog(redis))
     log.info(
         "API ready: store %s, redis %s, auth %s",
         settings.store,
         settings.redis_url,
-        "on" if settings.keys else "off",
+        f"on (tenants {', '.join(app.state.keyring.tenants)})" if app.state.keyring.on else "off",
     )
     try:
         yield
@@ -63,6 +67,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         watchdog.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watchdog
+        await limiter.close()
         redis.close()
 
 
@@ -78,7 +83,10 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     )
     app.state.settings = settings = settings or ApiSettings()
     errors.install(app)
-    app.add_middleware(RequestGuard, settings=settings)  # API key and size, before the body
+    app.state.keyring = keyring = Keyring.from_settings(settings)  # ValueError: bad keys
+    app.state.limiter = limiter = RateLimiter(settings.redis_url)
+    # API key, its rate and the body size, before the body is read
+    app.add_middleware(RequestGuard, settings=settings, keyring=keyring, limiter=limiter)
     metrics.install(app)  # /metrics; counts every request, the guard's answers too
     for module in (edits, registry, versions, review, aliases):
         app.include_router(module.router, responses=errors.ERROR_RESPONSES)

@@ -3,11 +3,15 @@
 Jobs are RQ jobs with the JSON serializer, referenced by dotted path (``workers.jobs.edit``), so
 this module never imports the worker code. Progress lives in the job meta, written by the worker
 (:mod:`workers.runtime`); the heartbeat and cancel keys live next to it in Redis.
+
+A job belongs to a tenant (``tenant`` in its meta); a client :meth:`JobClient.scoped` to a tenant
+sees, cancels and replays (Idempotency-Key) only that tenant's jobs: another's read as unknown.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import re
@@ -27,6 +31,7 @@ from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
 from models.errors import Conflict, NotFound, Timeout, Unavailable, VitEditError
+from models.store.manifest import DEFAULT_TENANT
 from workers import metrics
 from workers import settings as S
 from workers.payloads import JOB_FUNCS, EditPayload, Payload
@@ -95,8 +100,11 @@ def unavailable_key(model: str) -> str:
     return f"{S.KEY_PREFIX}:unavailable:model:{model}"
 
 
-def _idempotency_key(key: str) -> str:
-    return f"{S.KEY_PREFIX}:idempotency:{key}"
+def _idempotency_key(key: str, tenant: str | None) -> str:
+    """Per tenant: two tenants may send the same key. The default tenant's keep their old name."""
+    if tenant is None or tenant == DEFAULT_TENANT:
+        return f"{S.KEY_PREFIX}:idempotency:{key}"
+    return f"{S.KEY_PREFIX}:idempotency@{tenant}:{key}"  # tenant names hold no ':'
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -136,6 +144,13 @@ class JobClient:
         self.redis = redis
         self.edits = Queue(S.QUEUE_EDITS, connection=redis, serializer=JSONSerializer)
         self.high = Queue(S.QUEUE_HIGH, connection=redis, serializer=JSONSerializer)
+        self.tenant: str | None = None  # None: every tenant's jobs (tests, the reaper)
+
+    def scoped(self, tenant: str) -> JobClient:
+        """This client as ``tenant`` uses it: its own jobs and Idempotency-Keys only."""
+        view = copy.copy(self)
+        view.tenant = tenant
+        return view
 
     # ------------------------------------------------------------------ submit
 
@@ -147,6 +162,7 @@ class JobClient:
             "method": payload.method,
             "max_steps": payload.max_steps,
             "phase": None,
+            "tenant": payload.owner,
         }
         job = self.edits.enqueue_call(
             JOB_FUNCS["edit"],
@@ -179,10 +195,11 @@ class JobClient:
         The same key with the same body gets the same job id back; another body raises
         :class:`IdempotencyConflict`. Claiming is atomic (SET NX), so two racing requests agree.
         """
+        name = _idempotency_key(key, self.tenant)
         record = json.dumps({"job": new_job_id(), "body": body_sha256})
-        if self.redis.set(_idempotency_key(key), record, nx=True, ex=S.IDEMPOTENCY_TTL_S):
+        if self.redis.set(name, record, nx=True, ex=S.IDEMPOTENCY_TTL_S):
             return json.loads(record)["job"], True
-        stored = json.loads(self.redis.get(_idempotency_key(key)) or "{}")
+        stored = json.loads(self.redis.get(name) or "{}")
         if stored.get("body") != body_sha256:
             raise IdempotencyConflict(
                 f"Idempotency-Key {key!r} was already used with a different request body; "
@@ -192,7 +209,7 @@ class JobClient:
 
     def release_idempotency_key(self, key: str) -> None:
         """Forget a claim whose job could not be enqueued (so a retry can enqueue it)."""
-        self.redis.delete(_idempotency_key(key))
+        self.redis.delete(_idempotency_key(key, self.tenant))
 
     def run_short(self, payload: Payload, timeout_s: float) -> Any:
         """Run a predict/materialise job ahead of the edits and wait for its result.
@@ -215,7 +232,7 @@ class JobClient:
             JOB_FUNCS[payload.kind],
             args=(payload.model_dump(mode="json"),),
             job_id=new_job_id(),
-            meta={"kind": payload.kind},
+            meta={"kind": payload.kind, "tenant": self.tenant or DEFAULT_TENANT},
             timeout=S.SHORT_JOB_TIMEOUT_S,
             ttl=max(1, int(timeout_s)),
             result_ttl=S.SHORT_RESULT_TTL_S,
@@ -247,9 +264,13 @@ class JobClient:
                 f"{new_job_id()[:9]}...), as POST /v1/edits returned them"
             )
         try:
-            return Job.fetch(job_id, connection=self.redis, serializer=JSONSerializer)
+            job = Job.fetch(job_id, connection=self.redis, serializer=JSONSerializer)
         except NoSuchJobError:
-            raise JobNotFound(f"no job {job_id!r} (unknown id, or its record expired)") from None
+            job = None
+        if job is None or (self.tenant and job.meta.get("tenant", DEFAULT_TENANT) != self.tenant):
+            # another tenant's job reads as unknown: its existence is not revealed
+            raise JobNotFound(f"no job {job_id!r} (unknown id, or its record expired)")
+        return job
 
     def view(self, job_id: str) -> JobView:
         job = self.fetch(job_id)  # one HGETALL: status, meta, timestamps

@@ -11,6 +11,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from models.store.manifest import DEFAULT_TENANT
+from models.store.store import NAME_PATTERN
+
 JOB_FUNCS = {
     "edit": "workers.jobs.edit",
     "predict": "workers.jobs.predict",
@@ -53,6 +56,7 @@ class EditPayload(_Payload):
     method: str
     options: dict[str, float | int | str | bool] = Field(default_factory=dict)
     accept: Acceptance = Field(default_factory=Acceptance)
+    owner: str = Field(default=DEFAULT_TENANT, pattern=NAME_PATTERN)  # the tenant: version's owner
 
     @model_validator(mode="after")
     def _has_edit_images(self) -> EditPayload:

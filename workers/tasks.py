@@ -268,6 +268,7 @@ def _save_version(
                 status=REJECTED if report["acceptance"]["reason"] else "accepted",
                 reason=report["acceptance"]["reason"],
                 review=figures,
+                owner=payload.owner,
             )
         )
 

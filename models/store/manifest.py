@@ -18,6 +18,10 @@ from models.errors import DataError, IntegrityError, ManifestError
 
 BACKBONE_SCHEMA = 1
 
+DEFAULT_TENANT = "default"
+"""The tenant of a server without API keys, of plain keys (no ``tenant:`` prefix), and the owner
+of versions stored before tenants existed (their manifests name no owner)."""
+
 
 def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file, read in chunks."""
@@ -187,6 +191,8 @@ class VersionManifest:
     # how); a rejected version is kept for inspection but never gets an alias, not even latest
     status: str = "accepted"
     reason: str | None = None
+    # the tenant whose job made this version: only that tenant sees it (service/tenants.py)
+    owner: str = DEFAULT_TENANT
     # the review page's figures (files under review/, in ``files`` with their sha256) and the
     # numbers it shows (models.review.write_review); {} for versions stored before it existed
     review: dict[str, Any] = field(default_factory=dict)

@@ -5,18 +5,26 @@ Layout under ``root`` (a local folder; every write is a temp file or folder, fsy
     models.json                               registered models {name: ModelEntry}
     models/<model>/versions/<version>/        one immutable folder per version:
         manifest.json  patch.safetensors  images/edit-000.png ...
-    models/<model>/aliases.json               {alias: version}
+    models/<model>/aliases.json               {alias: version} of the default tenant
+    models/<model>/aliases/<tenant>.json      {alias: version} of another tenant
     cache/<model>/<version>/model.safetensors merged weights, materialised on demand (+ model.json)
     uploads/<upload>/                         images of queued jobs
     tmp/                                      versions being written: invisible until renamed
 
 Reading never trusts a file blindly: :meth:`Store.version_file` checks the sha256 its manifest
 records. The torch side (patches, merged weights) lives in the workers; this module moves bytes.
+
+Tenants: registered models are shared; a version belongs to the tenant whose job made it (its
+manifest's ``owner``), and aliases are kept per tenant. ``Store(root).scoped(tenant)`` is what that
+tenant sees: another tenant's version reads as unknown (404, its existence is not revealed), and
+``latest``, listings and aliases are the tenant's own. An unscoped store (the workers) sees every
+version and the default tenant's aliases.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import logging
 import os
@@ -33,6 +41,7 @@ from typing import Any
 
 from models.errors import IntegrityError, StoreError, UnknownModelError, UnknownVersionError
 from models.store.manifest import (
+    DEFAULT_TENANT,
     ModelEntry,
     VersionManifest,
     read_json,
@@ -108,8 +117,12 @@ class VersionDraft:
         """Hash every file, write the manifest, fsync, rename into place. Never overwrites."""
         if manifest.version != self.version or manifest.model != self.model:
             raise StoreError("the manifest names another version than the draft")
-        if manifest.parent is not None:
-            self.store.version(self.model, manifest.parent)  # the parent must exist
+        if manifest.parent is not None:  # the parent must exist, and be the same tenant's
+            parent = self.store.version(self.model, manifest.parent)
+            if parent.owner != manifest.owner:
+                raise StoreError(
+                    f"version {manifest.parent} belongs to another tenant: it cannot be a parent"
+                )
         files = {
             p.relative_to(self.dir).as_posix(): sha256_file(p)
             for p in sorted(self.dir.rglob("*"))
@@ -154,8 +167,15 @@ class Store:
         (see :meth:`evict_cached_weights`); None = unbounded (readers, such as the API)."""
         self.root = Path(root)
         self.cache_max_bytes, self.cache_min_idle_s = cache_max_bytes, cache_min_idle_s
+        self.tenant: str | None = None  # None: every tenant's versions (see :meth:`scoped`)
         for sub in ("models", "cache", "uploads", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+    def scoped(self, tenant: str) -> Store:
+        """This store as ``tenant`` sees it: its own versions, aliases and ``latest`` only."""
+        view = copy.copy(self)
+        view.tenant = check_name(tenant, "tenant")
+        return view
 
     # ------------------------------------------------------------------ paths and locking
 
@@ -228,13 +248,20 @@ class Store:
                 draft.discard()
 
     def version(self, model: str, version: str) -> VersionManifest:
-        folder = self.version_dir(model, version)
-        if not (folder / MANIFEST_FILE).is_file():
+        """A version's manifest; unknown (404) if it is missing or another tenant's."""
+        manifest = self._manifest(model, version)
+        if manifest is None or not self._visible(manifest):
             self.model(model)
             raise UnknownVersionError(
                 f"model {model!r} has no version {version!r}; list them with "
                 f"GET /v1/models/{model}/versions"
             )
+        return manifest
+
+    def _manifest(self, model: str, version: str) -> VersionManifest | None:
+        folder = self.version_dir(model, version)
+        if not (folder / MANIFEST_FILE).is_file():
+            return None
         manifest = VersionManifest.read(folder / MANIFEST_FILE)
         if manifest.version != version or manifest.model != model:
             raise IntegrityError(
@@ -242,12 +269,15 @@ class Store:
             )
         return manifest
 
+    def _visible(self, manifest: VersionManifest) -> bool:
+        return self.tenant is None or manifest.owner == self.tenant
+
     def versions(self, model: str) -> list[VersionManifest]:
-        """Every version of a model, oldest first."""
+        """Every version of a model (the scope's tenant's only), oldest first."""
         self.model(model)
         folder = self.root / "models" / model / "versions"
         names = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-        found = [self.version(model, n) for n in names if (folder / n / MANIFEST_FILE).is_file()]
+        found = [m for n in names if (m := self._manifest(model, n)) and self._visible(m)]
         return sorted(found, key=lambda m: (m.created_at, m.version))
 
     def lineage(self, model: str, version: str | None) -> list[VersionManifest]:
@@ -272,8 +302,8 @@ class Store:
         model, _, name = ref.partition("@")
         if not name and model not in self._registry():
             for entry in self.models():
-                folder = self.version_dir(entry.name, check_name(model, "version"))
-                if (folder / MANIFEST_FILE).is_file():
+                found = self._manifest(entry.name, check_name(model, "version"))
+                if found is not None and self._visible(found):
                     return ModelRef(entry.name, model)
         self.model(model)
         return ModelRef(model, self.resolve_version(model, name or BASE))
@@ -305,8 +335,18 @@ class Store:
 
     # ------------------------------------------------------------------ aliases
 
+    def _aliases_file(self, model: str) -> Path:
+        folder = self.root / "models" / check_name(model, "model")
+        tenant = self.tenant or DEFAULT_TENANT
+        return (
+            folder / "aliases.json"
+            if tenant == DEFAULT_TENANT
+            else folder / "aliases" / f"{tenant}.json"
+        )
+
     def aliases(self, model: str) -> dict[str, str]:
-        path = self.root / "models" / check_name(model, "model") / "aliases.json"
+        """The scope's tenant's aliases of a model (an unscoped store: the default tenant's)."""
+        path = self._aliases_file(model)
         return {k: str(v) for k, v in read_json(path).items()} if path.exists() else {}
 
     def set_alias(self, model: str, alias: str, version: str) -> None:
@@ -335,7 +375,7 @@ class Store:
         with self._locked():
             aliases = self.aliases(model)
             change(aliases)
-            write_json_atomic(self.root / "models" / model / "aliases.json", aliases)
+            write_json_atomic(self._aliases_file(model), aliases)
 
     # ------------------------------------------------------------------ merged weights cache
 

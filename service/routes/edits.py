@@ -11,11 +11,12 @@ from fastapi.concurrency import run_in_threadpool
 
 from models.store.store import Store
 from service import validation as V
-from service.deps import JobsDep, SettingsDep, StoreDep
+from service.deps import CallerDep, JobsDep, SettingsDep, StoreDep
 from service.errors import responses
 from service.schemas import EditPublic
-from workers.client import TERMINAL, JobClient, JobNotFound, JobView
+from workers.client import TERMINAL, JobClient, JobNotFound, JobView, new_job_id
 from workers.payloads import Acceptance, EditPayload, JobImage
+from workers.quotas import ActiveJobs
 
 router = APIRouter(prefix="/v1/edits", tags=["edits"])
 
@@ -64,6 +65,7 @@ def edit_public(view: JobView, store: Store) -> EditPublic:
 )
 def create_edit(
     response: Response,
+    caller: CallerDep,
     settings: SettingsDep,
     store: StoreDep,
     jobs: JobsDep,
@@ -96,21 +98,26 @@ def create_edit(
     job_id, new = (
         jobs.claim_idempotency_key(idempotency_key, checked.sha256())
         if idempotency_key
-        else (None, True)
+        else (new_job_id(), True)
     )
     if not new:
         response.headers["Idempotent-Replayed"] = "true"
         return _located(response, edit_public(_await_job(jobs, job_id), store))
-    try:
-        view = _enqueue(store, jobs, checked, job_id)
+    active = ActiveJobs(jobs.redis)
+    try:  # the tenant's queued + running jobs: 429 at its limit
+        active.reserve(caller.tenant, job_id, caller.limits.max_active_jobs)
+        view = _enqueue(store, jobs, checked, job_id, caller.tenant)
     except BaseException:
+        active.release(caller.tenant, job_id)
         if idempotency_key:
             jobs.release_idempotency_key(idempotency_key)
         raise
     return _located(response, edit_public(view, store))
 
 
-def _enqueue(store: Store, jobs: JobClient, checked: V.CheckedEdit, job_id: str | None) -> JobView:
+def _enqueue(
+    store: Store, jobs: JobClient, checked: V.CheckedEdit, job_id: str, owner: str
+) -> JobView:
     """Write the images to the upload area, then queue the job (no upload left if that fails)."""
     upload, _ = store.new_upload()
     try:
@@ -134,6 +141,7 @@ def _enqueue(store: Store, jobs: JobClient, checked: V.CheckedEdit, job_id: str 
             method=checked.method,
             options=checked.options,
             accept=checked.accept,
+            owner=owner,
         )
         return jobs.submit_edit(payload, job_id=job_id)
     except BaseException:

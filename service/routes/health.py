@@ -1,14 +1,18 @@
 """``/healthz`` (the process answers) and ``/readyz`` (Redis reachable, a worker alive; the
-models a worker failed to load are listed, but do not make the service unready)."""
+models a worker failed to load are listed, but do not make the service unready).
+
+When the server has API keys, ``/readyz`` answers everyone (a probe sends no key) but names workers,
+models and the Redis error only to a caller with a valid key; others get the status alone."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 
-from service.deps import JobsDep
+from service.guard import caller_of
 from service.schemas import HealthPublic
+from workers.client import JobClient
 
 router = APIRouter(tags=["health"])
 
@@ -19,22 +23,34 @@ def healthz() -> HealthPublic:
 
 
 @router.get("/readyz", response_model=HealthPublic, responses={503: {"model": HealthPublic}})
-def readyz(jobs: JobsDep) -> HealthPublic | JSONResponse:
+def readyz(request: Request) -> HealthPublic | JSONResponse:
+    jobs: JobClient = request.app.state.jobs
+    body = _readiness(jobs)
+    if caller_of(request.scope) is None:  # keys configured, none valid sent: the status only
+        body = HealthPublic(
+            status=body.status,
+            redis=body.redis,
+            detail="send 'Authorization: Bearer <key>' to see the workers and models",
+        )
+    if body.status != "ok":
+        return JSONResponse(body.model_dump(), status_code=503)
+    return body
+
+
+def _readiness(jobs: JobClient) -> HealthPublic:
     try:
         jobs.ping()
         workers = jobs.live_workers()
         broken = jobs.unavailable_models()
     except RedisError as exc:
-        body = HealthPublic(status="unavailable", redis=False, detail=f"Redis unreachable: {exc}")
-        return JSONResponse(body.model_dump(), status_code=503)
+        return HealthPublic(status="unavailable", redis=False, detail=f"Redis unreachable: {exc}")
     if not workers:
-        body = HealthPublic(
+        return HealthPublic(
             status="unavailable",
             redis=True,
             workers=[],
             detail="no worker alive: start one with `python -m workers.main`",
         )
-        return JSONResponse(body.model_dump(), status_code=503)
     detail = (
         "models that failed to load: " + "; ".join(f"{m}: {why}" for m, why in broken.items())
         if broken

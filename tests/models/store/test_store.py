@@ -14,7 +14,14 @@ from safetensors.numpy import save_file
 
 from models.errors import IntegrityError, StoreError, UnknownModelError, UnknownVersionError
 from models.store import store as store_module
-from models.store.manifest import ImageRecord, MethodInfo, ModelEntry, VersionManifest, utc_now
+from models.store.manifest import (
+    DEFAULT_TENANT,
+    ImageRecord,
+    MethodInfo,
+    ModelEntry,
+    VersionManifest,
+    utc_now,
+)
 from models.store.store import PATCH_FILE, Store, VersionDraft, check_name
 
 
@@ -56,7 +63,9 @@ def draft_manifest(draft: VersionDraft, parent: str | None = None) -> VersionMan
     )
 
 
-def write_version(store: Store, parent: str | None = None) -> VersionManifest:
+def write_version(
+    store: Store, parent: str | None = None, owner: str = DEFAULT_TENANT
+) -> VersionManifest:
     with store.begin_version("m") as draft:
         save_file(
             {
@@ -68,7 +77,7 @@ def write_version(store: Store, parent: str | None = None) -> VersionManifest:
         )
         (draft.dir / "images").mkdir()
         (draft.dir / "images" / "edit-000.png").write_bytes(b"png bytes")
-        return draft.commit(draft_manifest(draft, parent))
+        return draft.commit(replace(draft_manifest(draft, parent), owner=owner))
 
 
 def test_commit_makes_a_version_visible_in_one_step(store: Store) -> None:
@@ -179,6 +188,33 @@ def test_lineage_aliases_latest_and_base_resolve(store: Store) -> None:
     store.delete_alias("m", "prod")
     with pytest.raises(UnknownVersionError):
         store.resolve("m@prod")
+
+
+def test_a_scoped_store_shows_its_tenant_only_its_own_versions_and_aliases(store: Store) -> None:
+    old = write_version(store).version  # before tenants: no owner, the default tenant's
+    store.set_alias("m", "prod", old)
+    alice, bob = store.scoped("alice"), store.scoped("bob")
+    mine = write_version(alice, owner="alice").version
+    child = write_version(alice, parent=mine, owner="alice").version
+    alice.set_alias("m", "prod", child)
+    assert [m.version for m in alice.versions("m")] == [mine, child]
+    assert alice.resolve("m@prod").version == child and alice.latest("m") == child
+    assert store.scoped(DEFAULT_TENANT).resolve("m@prod").version == old  # aliases.json kept
+    assert store.aliases("m") == {"prod": old} and alice.aliases("m") == {"prod": child}
+    assert bob.versions("m") == [] and bob.latest("m") is None and bob.aliases("m") == {}
+    assert bob.resolve("m@latest").version is None  # Bob's latest is the base
+    for ref in (f"m@{mine}", "m@prod"):
+        with pytest.raises(UnknownVersionError):
+            bob.resolve(ref)
+    with pytest.raises(UnknownVersionError):
+        bob.set_alias("m", "prod", mine)
+    with pytest.raises(UnknownVersionError):
+        bob.delete_alias("m", "prod")
+    with pytest.raises(UnknownModelError):
+        bob.resolve(mine)  # a bare version id of another tenant's: unknown
+    assert {m.version for m in store.versions("m")} == {old, mine, child}  # unscoped: all
+    with pytest.raises(StoreError, match="another tenant"):  # what a worker (unscoped) saves
+        write_version(store, parent=mine, owner="bob")
 
 
 def test_reserved_or_malformed_names_are_refused(store: Store) -> None:
