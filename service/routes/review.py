@@ -17,6 +17,7 @@ from models.errors import UnknownVersionError
 from models.store.store import Store
 from service.deps import StoreDep
 from service.errors import responses
+from service.params import ModelName, VersionRef
 from service.review_page import ReviewPage
 
 router = APIRouter(prefix="/v1/models/{model}/versions", tags=["versions"])
@@ -36,14 +37,17 @@ def _resolve(store: Store, model: str, version: str) -> str:
     return resolved
 
 
+PAGE_RESPONSE = {200: {"description": "the page", "content": {"text/html": {"schema": {}}}}}
+"""The page is HTML; its errors stay JSON (so the route keeps the default response class)."""
+
+
 @router.get(
     "/{version}/review",
-    response_class=HTMLResponse,
-    responses=responses(404),
+    responses={**PAGE_RESPONSE, **responses(404)},
     summary="The version's review page (HTML): edits, held-out failures, locality flips, "
     "retention, mask heatmaps, its point on the benchmark front",
 )
-def review_page(model: str, version: str, store: StoreDep) -> HTMLResponse:
+def review_page(model: ModelName, version: VersionRef, store: StoreDep) -> HTMLResponse:
     resolved = _resolve(store, model, version)
     manifest = store.version(model, resolved)
     base = f"/v1/models/{model}/versions"
@@ -59,12 +63,12 @@ def review_page(model: str, version: str, store: StoreDep) -> HTMLResponse:
 @router.get(
     "/{version}/review/{figure}",
     response_class=FileResponse,
-    responses=responses(404),
+    responses={200: {"description": "the figure", "content": {"image/png": {}}}, **responses(404)},
     summary="One figure of the review page (PNG, sha256 checked)",
 )
 def review_figure(
-    model: str,
-    version: str,
+    model: ModelName,
+    version: VersionRef,
     figure: Annotated[str, PathParam(pattern=FIGURE_PATTERN, description="e.g. edits.png")],
     store: StoreDep,
 ) -> FileResponse:
