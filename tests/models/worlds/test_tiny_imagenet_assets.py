@@ -1,0 +1,63 @@
+"""The shipped Tiny-ImageNet world: backbone, benchmark file and their recorded figures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models.store.manifest import BackboneManifest, read_json, sha256_file
+from models.worlds import tiny_imagenet as tin
+from models.worlds import tiny_imagenet_benchmark as tib
+from models.worlds.catalog import get_world
+
+
+@pytest.fixture(scope="module")
+def world():
+    return tib.load_world()
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return tin.load_tiny_imagenet_backbone()
+
+
+def _predict(backbone, images: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return backbone.model(tin.to_input(torch.from_numpy(images))).argmax(-1).numpy()
+
+
+def test_backbone_is_the_recorded_timm_vit_with_200_classes(backbone) -> None:
+    manifest = BackboneManifest.read(tin.ASSETS / "backbone.json")
+    assert sha256_file(tin.ASSETS / "backbone.safetensors") == manifest.weights_sha256
+    assert backbone.weights_sha256 == manifest.weights_sha256
+    assert manifest.timm_name == "vit_tiny_patch16_224" and backbone.num_classes == 200
+    assert len(backbone.model.blocks) == 6 and backbone.model.embed_dim == 128
+    assert len(backbone.class_names) == 200 and manifest.extra["val_accuracy"] > 0.05
+
+
+def test_every_group_image_is_a_failure_of_the_shipped_backbone(world, backbone) -> None:
+    labels = {g.name: g.label for g in world.benchmark.groups}
+    wrong = [
+        (_predict(backbone, images) != labels[name]).mean()
+        for name, images in world.group_arrays.items()
+    ]
+    assert np.mean(wrong) >= 0.98  # failures by construction (float noise may flip a rare tie)
+
+
+def test_heldout_accuracy_matches_the_recorded_figure(world, backbone) -> None:
+    summary = read_json(tib.WORLD_MANIFEST)
+    accuracy = float((_predict(backbone, world.heldout_images) == world.heldout_labels).mean())
+    assert abs(accuracy - summary["heldout_accuracy"]) <= 0.005
+
+
+def test_benchmark_has_the_paper_shape_and_halves(world) -> None:
+    summary = read_json(tib.WORLD_MANIFEST)
+    groups = summary["groups"].values()
+    natural = [g for g in groups if g["kind"] == "natural"]
+    assert len(natural) >= 16 and all(g["size"] >= 10 for g in groups)
+    assert {g["split"] for g in groups} == {"tuning", "test"}
+    assert summary["locality"]["size"] == len(world.benchmark.locality) >= 500
+    assert summary["locality"]["largest_class_share"] <= 0.05
+    assert (tib.WORLD_FILE.stat().st_size) < 10_000_000
+    assert get_world("tiny-imagenet").report_split == "test"
