@@ -61,3 +61,35 @@ def test_benchmark_has_the_paper_shape_and_halves(world) -> None:
     assert summary["locality"]["largest_class_share"] <= 0.05
     assert (tib.WORLD_FILE.stat().st_size) < 10_000_000
     assert get_world("tiny-imagenet").report_split == "test"
+
+
+def test_shipped_hypernetwork_fits_the_backbone_and_edits_a_failure(world, backbone) -> None:
+    from models.editing.registry import EditTask, make_config, run_edit
+    from models.forward import SplitForward
+    from models.hypernet.network import Hypernetwork
+    from models.sites import Sites
+    from models.worlds.bench import edit_defaults
+
+    hypernet = Hypernetwork.load(tin.ASSETS / "hypernet", backbone)
+    sites = Sites.for_model(backbone.model)  # the default: blocks 2-4, what it was trained for
+    assert hypernet.sites == sites
+    group = world.benchmark.groups[0]
+    images = backbone.preprocess(group.images[:1])
+    split = SplitForward(backbone.model, sites)
+    task = EditTask(
+        backbone.model,
+        sites,
+        split,
+        images,
+        torch.tensor([group.label]),
+        split.prefix(images),
+        hypernet,
+    )
+    outcome = run_edit(
+        "where2edit", task, make_config("where2edit", rho=0.1, **edit_defaults(backbone))
+    )
+    from models.evaluation import patched_predictions
+
+    (after,) = patched_predictions(split, outcome.patch, [task.tokens])
+    before = _predict(backbone, world.group_arrays[group.name][:1])
+    assert before[0] != group.label and int(after[0]) == group.label  # the failure is fixed
