@@ -19,23 +19,30 @@ from service.tenants import Caller
 from workers.client import JobClient
 
 
-def get_settings(request: Request) -> ApiSettings:
+# async: FastAPI runs a plain ``def`` dependency in the threadpool, one thread hop each (three
+# per request here); these only read app state, so they run on the event loop.
+async def get_settings(request: Request) -> ApiSettings:
     return request.app.state.settings
 
 
-def get_caller(request: Request) -> Caller:
-    caller = caller_of(request.scope)
-    if caller is None:  # the guard refused it on /v1; an open route must not ask for it
+def caller(request: Request) -> Caller:
+    """The caller the guard recorded (401 if none: an open route must not ask for it)."""
+    found = caller_of(request.scope)
+    if found is None:  # the guard refused it on /v1
         raise Unauthorized("this server needs an API key: send 'Authorization: Bearer <key>'")
-    return caller
+    return found
 
 
-def get_store(request: Request) -> Store:
-    return request.app.state.store.scoped(get_caller(request).tenant)
+async def get_caller(request: Request) -> Caller:
+    return caller(request)
 
 
-def get_jobs(request: Request) -> JobClient:
-    return request.app.state.jobs.scoped(get_caller(request).tenant)
+async def get_store(request: Request) -> Store:
+    return request.app.state.store.scoped(caller(request).tenant)
+
+
+async def get_jobs(request: Request) -> JobClient:
+    return request.app.state.jobs.scoped(caller(request).tenant)
 
 
 SettingsDep = Annotated[ApiSettings, Depends(get_settings)]

@@ -164,16 +164,22 @@ class JobClient:
             "phase": None,
             "tenant": payload.owner,
         }
-        job = self.edits.enqueue_call(
-            JOB_FUNCS["edit"],
-            args=(payload.model_dump(mode="json"),),
-            job_id=job_id or new_job_id(),
-            meta=meta,
-            timeout=S.EDIT_JOB_TIMEOUT_S,
-            ttl=S.QUEUED_TTL_S,
-            result_ttl=S.RESULT_TTL_S,
-            failure_ttl=S.FAILURE_TTL_S,
-        )
+        # One MULTI/EXEC: RQ's own enqueue takes two, and LPOS (a scan of the queue) a third
+        # round trip for the position; LLEN in the same transaction gives it.
+        with self.redis.pipeline() as pipe:
+            job = self.edits.enqueue_call(
+                JOB_FUNCS["edit"],
+                args=(payload.model_dump(mode="json"),),
+                job_id=job_id or new_job_id(),
+                meta=meta,
+                timeout=S.EDIT_JOB_TIMEOUT_S,
+                ttl=S.QUEUED_TTL_S,
+                result_ttl=S.RESULT_TTL_S,
+                failure_ttl=S.FAILURE_TTL_S,
+                pipeline=pipe,
+            )
+            pipe.llen(self.edits.key)
+            queued = pipe.execute()[-1]
         log.info(
             "queued edit %s of %s@%s (%s)", job.id, payload.model, payload.parent, payload.method
         )
@@ -185,7 +191,7 @@ class JobClient:
             parent=payload.parent,
             method=payload.method,
             max_steps=payload.max_steps,
-            position=self.edits.get_job_position(job.id) or 0,
+            position=queued - 1,  # jobs ahead of this one, pushed last
             created_at=_iso(job.enqueued_at or job.created_at),
         )
 

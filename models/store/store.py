@@ -168,6 +168,7 @@ class Store:
         self.root = Path(root)
         self.cache_max_bytes, self.cache_min_idle_s = cache_max_bytes, cache_min_idle_s
         self.tenant: str | None = None  # None: every tenant's versions (see :meth:`scoped`)
+        self._parsed: dict[str, Any] = {}  # models.json parsed, by its stat (shared by scoped())
         for sub in ("models", "cache", "uploads", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
 
@@ -214,17 +215,32 @@ class Store:
             registry[entry.name] = entry.to_json()
             write_json_atomic(self.root / "models.json", registry)
 
+    def _entries(self) -> dict[str, ModelEntry]:
+        """The registered models, parsed again only when models.json changed (a new file, as
+        it is replaced by a rename): every edit request reads it two or three times."""
+        path = self.root / "models.json"
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            return {}
+        key = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        cached = self._parsed.get("models")
+        if cached is None or cached[0] != key:
+            entries = {k: ModelEntry.from_json(v) for k, v in read_json(path).items()}
+            cached = self._parsed["models"] = (key, entries)
+        return cached[1]
+
     def models(self) -> list[ModelEntry]:
-        return [ModelEntry.from_json(v) for _, v in sorted(self._registry().items())]
+        return [entry for _, entry in sorted(self._entries().items())]
 
     def model(self, name: str) -> ModelEntry:
-        data = self._registry().get(name)
-        if data is None:
-            known = sorted(self._registry())
+        entry = self._entries().get(name)
+        if entry is None:
+            known = sorted(self._entries())
             raise UnknownModelError(
                 f"no model named {name!r}; registered models: {known or 'none'}"
             )
-        return ModelEntry.from_json(data)
+        return entry
 
     def _has_versions(self, model: str) -> bool:
         folder = self.root / "models" / model / "versions"
@@ -300,7 +316,7 @@ class Store:
         """``model`` (its base), ``model@latest``, ``model@<alias>``, ``model@<version>``, or a
         bare version id of any model."""
         model, _, name = ref.partition("@")
-        if not name and model not in self._registry():
+        if not name and model not in self._entries():
             for entry in self.models():
                 found = self._manifest(entry.name, check_name(model, "version"))
                 if found is not None and self._visible(found):
