@@ -1,11 +1,11 @@
 """Schemathesis against the running API: a real redis-server, a real worker process and the API
 served by uvicorn on a free port; the app's own OpenAPI document drives the requests.
 
-Besides the random and boundary values schemathesis draws from the schema, half of its valid
-("positive") cases are grounded by a hook: real PNGs in the multipart bodies, the tiny model, its
-versions, an alias and a job that exist, a label it knows. So the valid paths (an edit queued and
-run by the worker, predict, patch and weights downloads, alias moves, cancel) are exercised too,
-not only the refusals; the tally at the end checks that they were.
+Besides the random and boundary values schemathesis draws from the schema, the valid paths are
+exercised too (an edit queued and run by the worker, predict, patch and weights downloads, the
+review page, alias moves, cancel): each operation gets one valid example (real PNGs, the tiny
+model, the version and job the fixture made), and a hook grounds half of the drawn valid
+("positive") cases the same way. The tally at the end checks that they were reached.
 
 Every answer must pass schemathesis' checks: no 5xx, status code, content type, headers and body
 as the schema declares them, invalid data refused, valid data accepted (but for the uploads: see
@@ -50,6 +50,8 @@ VALID_PATHS = {  # answers the grounded cases must have produced at least once
     ("GET /v1/models/{model}/versions/{version}/weights", 200),
     ("GET /v1/models/{model}/versions/{version}", 200),
     ("PUT /v1/models/{model}/aliases/{alias}", 200),
+    ("DELETE /v1/models/{model}/aliases/{alias}", 204),
+    ("GET /v1/models/{model}/versions/{version}/review", 200),
 }
 
 
@@ -175,6 +177,54 @@ def _apply(case: Any, pick: dict[str, Any]) -> Any:
     return case
 
 
+JSON, MULTIPART = "application/json", "multipart/form-data"
+VERSION, JOB = "the-version", "the-job"  # placeholders in the examples, filled in by call()
+EXAMPLE_PARAMS = {
+    "model": "tiny",
+    "version": VERSION,
+    "job_id": JOB,
+    "alias": "staging",
+    "figure": "edits.png",
+}
+EXAMPLE_BODIES = {
+    "POST /v1/edits": {
+        "images": [IMAGES[1]],
+        "label": ["3"],
+        "model": "tiny",
+        "max_steps": 3,
+        "min_sr": 0.0,
+    },
+    "POST /v1/models/{model}/versions/{version}/predict": {"images": [IMAGES[2]]},
+    "PUT /v1/models/{model}/aliases/{alias}": {"version": VERSION},
+}
+
+
+@schema.hook
+def before_add_examples(ctx: Any, examples: list[Any]) -> None:
+    """One valid request per operation, always sent (the examples phase): a real edit, predict,
+    downloads and an alias move on the version the fixture made."""
+    operation = ctx.operation
+    params = {p.name: EXAMPLE_PARAMS[p.name] for p in operation.path_parameters}
+    body = EXAMPLE_BODIES.get(operation.label)
+    kwargs: dict[str, Any] = {"path_parameters": params or None}
+    if body is not None:
+        json_body = operation.method.upper() == "PUT"
+        kwargs |= {"body": dict(body), "media_type": JSON if json_body else MULTIPART}
+    examples.append(operation.Case(**kwargs))
+
+
+def _fill(case: Any) -> None:
+    """The examples' placeholders -> the version and job the fixture made."""
+    names = {VERSION: TARGET.version, JOB: TARGET.job_id}
+    params = case.path_parameters or {}
+    for key, value in params.items():
+        if isinstance(value, str):
+            params[key] = names.get(value, value)
+    body = case.body
+    if isinstance(body, dict) and isinstance(body.get("version"), str):
+        body["version"] = names.get(body["version"], body["version"])
+
+
 @schema.hook
 def after_call(ctx: Any, case: Any, response: Any) -> None:
     TARGET.tallies[TARGET.run].answers[(case.operation.label, response.status_code)] += 1
@@ -189,6 +239,7 @@ def call(case: Any) -> None:
     Those refusals are 422 by design, so positive_data_acceptance is off for the two upload
     operations; their grounded cases must still be accepted (the tally checks 202 and 200).
     """
+    _fill(case)
     excluded = [checks.positive_data_acceptance] if case.path in UPLOADS else []
     case.call_and_validate(base_url=TARGET.url, excluded_checks=excluded)
 
