@@ -19,7 +19,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install run test test-slow lint demo-world hypernet bench tin-world tin-hypernet tin-bench clean
+.PHONY: install run test test-slow reliability lint demo-world hypernet bench tin-world tin-hypernet tin-bench clean
 
 install: $(STAMP)
 
@@ -41,6 +41,15 @@ test: install
 
 test-slow: install
 	$(BIN)/python -m pytest -m slow
+
+# docs/reliability.md: fuzzing (1,000+ requests), faults (kill -9 of a worker and of Redis, a full or
+# read-only store, a corrupted patch, busy workers), slow ones included; then 200 edits on 2 workers
+RELIABILITY_TESTS := tests/service/test_fuzz.py tests/service/test_faults.py \
+	tests/service/test_busy_workers.py tests/workers/test_watchdog.py \
+	tests/workers/test_resilience.py tests/cli/test_supervision.py
+reliability: install
+	$(BIN)/python -m pytest -s $(RELIABILITY_TESTS)
+	$(BIN)/python scripts/load_test.py
 
 lint: install
 	$(BIN)/ruff check .
