@@ -12,7 +12,7 @@ thread alive: the kernel watches the thread that forked, not the process.
 Supervision: :meth:`ProcessGroup.supervise`, called in the launcher's loop, restarts a child that
 exited with the same command line, after a backoff that doubles with each quick crash (1 s up to
 30 s) and starts over once the child has run for a minute. redis-server runs with append-only
-persistence (``appendfsync everysec``) in its own folder, so a restarted one reloads every job,
+persistence (``appendfsync always``) in its own folder, so a restarted one reloads every job,
 queue and idempotency key it had acknowledged (a killed process loses nothing: every write reaches
 the kernel before its reply; only a machine crash can lose the last second).
 """
@@ -259,7 +259,7 @@ def redis_argv(port: int, workdir: Path, persist: bool = True) -> list[str]:
         "--appendonly",
         "yes" if persist else "no",
         "--appendfsync",
-        "everysec",
+        "always",  # fsync before answering: everysec lost an acknowledged job under kill -9
         "--dir",
         str(workdir),
     ]
