@@ -147,6 +147,10 @@ class StoreError(Invalid):
     """The store refused an operation (an existing version, a reserved alias, a bad name)."""
 
 
+class StoreWriteError(Unavailable):
+    """The store's disk refused a write (full, read-only, permissions): nothing was published."""
+
+
 class ModelUnavailable(Unavailable):
     """A registered model failed to load on the workers (damaged or missing files)."""
 

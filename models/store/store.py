@@ -39,7 +39,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from models.errors import IntegrityError, StoreError, UnknownModelError, UnknownVersionError
+from safetensors import SafetensorError
+
+from models.errors import (
+    IntegrityError,
+    StoreError,
+    StoreWriteError,
+    UnknownModelError,
+    UnknownVersionError,
+)
 from models.store.manifest import (
     DEFAULT_TENANT,
     ModelEntry,
@@ -102,6 +110,15 @@ class ModelRef:
 
     def __str__(self) -> str:
         return f"{self.model}@{self.version or BASE}"
+
+
+def _write_failed(exc: Exception) -> StoreWriteError:
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    where = f": {exc.filename}" if isinstance(exc, OSError) and exc.filename else ""
+    return StoreWriteError(
+        f"the model store could not be written ({reason}{where}); nothing was published. "
+        "Free disk space or fix the store's permissions, then resend the edit"
+    )
 
 
 class VersionDraft:
@@ -256,9 +273,14 @@ class Store:
     def begin_version(self, model: str) -> Iterator[VersionDraft]:
         """Write files into ``draft.dir``, then ``draft.commit(manifest)``; else it is discarded."""
         self.model(model)
-        draft = VersionDraft(self, model, self.new_version_id())
+        try:
+            draft = VersionDraft(self, model, self.new_version_id())
+        except OSError as exc:
+            raise _write_failed(exc) from exc
         try:
             yield draft
+        except (OSError, SafetensorError) as exc:  # the disk, not the caller: say what to fix
+            raise _write_failed(exc) from exc
         finally:
             if draft.committed is None:
                 draft.discard()

@@ -101,7 +101,12 @@ def test_a_full_disk_during_save_fails_the_job_and_publishes_nothing(service: Se
     before = published(service)
     with file_size_limit(service.worker.pid, FULL_DISK_BYTES):
         job = edit(service, seed=2)
-    assert_failed_cleanly(service, job, before, "File too large")
+    assert_failed_cleanly(
+        service,
+        job,
+        before,
+        "the model store could not be written (Error while serializing: I/O error: File too large",
+    )
     again = edit(service, seed=3)  # the same worker, the disk free again
     assert again["status"] == "succeeded", again
     assert service.store.latest("tiny") == again["version"]
@@ -138,7 +143,8 @@ def test_a_read_only_store_fails_the_job_and_publishes_nothing(
     before = published(service)
     with read_only(service.store.root / folder):
         job = edit(service, seed=4)
-    assert_failed_cleanly(service, job, before, "Errno")
+    assert_failed_cleanly(service, job, before, "the model store could not be written")
+    assert "fix the store's permissions" in job["error"]
     assert edit(service, seed=5)["status"] == "succeeded"
 
 
