@@ -57,6 +57,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     build.add_argument("--batch-size", type=int, default=None, help="training batch (default 128)")
     build.add_argument(
+        "--stem",
+        choices=["patch", "conv"],
+        default="patch",
+        help="tiny-imagenet: linear 8x8 patches or timm's convolutional (R+ViT hybrid) stem",
+    )
+    build.add_argument(
         "--stop-at-step", type=int, help="stop training (and checkpoint) at this step; resume later"
     )
     build.set_defaults(func=_build)
@@ -112,6 +118,7 @@ def _build(args: argparse.Namespace) -> int:
             out_dir=out,
             time_budget=args.time_budget,
             stop_at_step=args.stop_at_step,
+            stem=args.stem,
         )
         print(
             json.dumps(

@@ -40,12 +40,18 @@ def box_range(grid: int, reference: tuple[int, int] = REFERENCE_RANGE) -> tuple[
 
 
 def patch_grid(model: nn.Module) -> tuple[int, int]:
-    """(patch side in px, grid side in patches) of a timm ViT with square patches and images."""
+    """(patch side in px, grid side in patches) of a timm ViT with square patches and images.
+
+    A token's side in pixels is the image side over the grid side: for a plain ViT that is its
+    ``patch_size``; for a hybrid (convolutional stem) ``patch_size`` counts feature-map cells.
+    """
     embed = model.patch_embed
-    patch, grid = embed.patch_size, embed.grid_size
-    if patch[0] != patch[1] or grid[0] != grid[1]:
-        raise ValueError(f"CutMix boxes need square patches and grids, got {patch} and {grid}")
-    return int(patch[0]), int(grid[0])
+    image, grid = embed.img_size, embed.grid_size
+    if image[0] != image[1] or grid[0] != grid[1] or image[0] % grid[0]:
+        raise ValueError(
+            f"CutMix boxes need a square image split into square patches, got {image} and {grid}"
+        )
+    return int(image[0]) // int(grid[0]), int(grid[0])
 
 
 def sample_boxes(

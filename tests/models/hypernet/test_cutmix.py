@@ -46,6 +46,19 @@ def test_paste_copies_exactly_the_patch_aligned_box_at_the_same_position():
     assert len(changed) == 14 * 7 and torch.count_nonzero(x) == 0
 
 
+def test_patch_grid_counts_pixels_for_plain_and_convolutional_stems():
+    import timm
+
+    plain = timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2
+    )
+    hybrid = timm.create_model(  # 7x7/2 conv + 2x max-pool, then 2x2 cells of the 8x8 map
+        "vit_tiny_r_s16_p8_224", img_size=32, patch_size=2, embed_dim=32, depth=1, num_heads=2
+    )
+    assert patch_grid(plain) == (8, 4)
+    assert patch_grid(hybrid) == (8, 4)  # its patch_size (2) counts feature cells, not pixels
+
+
 def test_sampler_targets_are_the_backbones_predictions_on_the_clean_images(tiny_backbone: Backbone):
     pool = TensorPool(torch.randn(20, 1, 28, 28, generator=torch.Generator().manual_seed(0)))
     episodes = CutMixSampler(tiny_backbone.model, pool, seed=3).sample(5)

@@ -55,6 +55,27 @@ def tiny_manifest() -> BackboneManifest:
     return BackboneManifest(**{**m.__dict__, "overrides": overrides})
 
 
+def test_both_stems_give_the_same_token_grid_and_ffn_sites() -> None:
+    from models.hypernet.cutmix import patch_grid
+
+    names = [f"class {i}" for i in range(4)]
+    small = {"embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 4}
+    models = {}
+    for stem in ("patch", "conv"):
+        m = tin.manifest(names, weights=None, stem=stem)
+        models[stem] = create_model(
+            BackboneManifest(**{**m.__dict__, "overrides": {**m.overrides, **small}})
+        )
+    assert models["conv"].patch_embed.backbone is not None  # the convolutional stem is there
+    for model in models.values():
+        assert patch_grid(model) == (8, 4)
+        assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 4)
+    fc1 = {n: p.shape for n, p in models["patch"].named_parameters() if ".mlp." in n}
+    assert fc1 == {n: p.shape for n, p in models["conv"].named_parameters() if ".mlp." in n}
+    with pytest.raises(ValueError, match="stem must be one of"):
+        tin.manifest(names, stem="resnet")
+
+
 @pytest.mark.parametrize("size", [64, 32])
 def test_reader_takes_the_official_layout_at_64_or_32_px(tmp_path: Path, size: int) -> None:
     root = fake_tiny_imagenet(tmp_path, size=size, train=3, val=2)
