@@ -12,6 +12,10 @@ one thread: other jobs share the cores.
     .venv/bin/python scripts/tune_edit_optimiser.py [--world demo] [--groups 6] [--edits 2]
     .venv/bin/python scripts/tune_edit_optimiser.py --world tiny-imagenet   # its tuning half only
 
+``--write`` records the chosen setting in the world's ``backbone.json`` (``extra.edit_defaults``,
+with the command and its figures as ``extra.edit_defaults_evidence``): every editor, the bench and
+the service then use it as the backbone's default.
+
 A world whose groups are split in halves is tuned on its "tuning" half: the "test" half, on which
 figures are reported, never informs the setting.
 """
@@ -21,10 +25,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
+import shlex
+import sys
 import time
 
 import torch
 
+from models.store.manifest import BackboneManifest
 from models.worlds.bench import BenchConfig, run_bench
 from models.worlds.catalog import get_world
 
@@ -116,6 +123,9 @@ def main() -> None:
     parser.add_argument("--edits", type=int, default=2, help="edit images per group")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--write", action="store_true", help="record the chosen setting in the backbone manifest"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
@@ -130,6 +140,30 @@ def main() -> None:
         print(f"no setting reached SR >= {MIN_SR:.0%} for every method: widen the grid")
     else:
         print(f"chosen: lr={best[0]:g} max_steps={best[1]} stop_loss={best[2]:g}")
+        if args.write:
+            seconds = time.perf_counter() - start
+            write_defaults(args.world, best, rows, seconds)
+
+
+def write_defaults(
+    world_name: str, best: tuple[float, int, float], rows: list[dict], seconds: float
+) -> None:
+    """Record the setting and what it measured in the world's ``backbone.json``."""
+    path = get_world(world_name).assets / "backbone.json"
+    manifest = BackboneManifest.read(path)
+    chosen = [r for r in rows if (r["lr"], r["max_steps"], r["stop_loss"]) == best]
+    figures = "; ".join(
+        f"{r['method']} SR {100 * r['sr']:.1f}% GR {100 * r['gr']:.1f}% LR {100 * r['locality']:.1f}%"
+        for r in chosen
+    )
+    command = shlex.join(["scripts/tune_edit_optimiser.py", *sys.argv[1:]])
+    extra = {
+        **manifest.extra,
+        "edit_defaults": {"lr": best[0], "max_steps": best[1], "stop_loss": best[2]},
+        "edit_defaults_evidence": f"{command} (tuning half only): {figures}; {seconds:.0f} s",
+    }
+    BackboneManifest(**{**manifest.__dict__, "extra": extra}).write(path)
+    print(f"wrote extra.edit_defaults to {path}")
 
 
 if __name__ == "__main__":
