@@ -136,10 +136,13 @@ def tiny_store(root: Path) -> Store:
 
 
 @contextmanager
-def worker_process(redis_url: str, store_root: Path, **env_vars: str) -> Iterator[subprocess.Popen]:
+def worker_process(
+    redis_url: str, store_root: Path, log_file: Path | None = None, **env_vars: str
+) -> Iterator[subprocess.Popen]:
     """A real ``python -m workers.main`` process, ready (heartbeat seen) when the block starts.
 
-    ``env_vars`` add settings (``VITEDIT_...``) of that worker.
+    ``env_vars`` add settings (``VITEDIT_...``) of that worker; its output goes to ``log_file``
+    when given (else to the test's).
     """
     env = {
         **os.environ,
@@ -149,11 +152,19 @@ def worker_process(redis_url: str, store_root: Path, **env_vars: str) -> Iterato
         "HF_HUB_OFFLINE": "1",
         **env_vars,
     }
-    proc = subprocess.Popen([sys.executable, "-m", "workers.main"], env=env, start_new_session=True)
+    out = open(log_file, "ab") if log_file else None  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "workers.main"],
+        env=env,
+        start_new_session=True,
+        stdout=out,
+        stderr=subprocess.STDOUT if out else None,
+    )
     try:
         jobs = JobClient(Redis.from_url(redis_url))
+        before = set(jobs.live_workers())  # a second worker waits for its own heartbeat
         launcher.wait_until(
-            lambda: bool(jobs.live_workers()),
+            lambda: bool(set(jobs.live_workers()) - before),
             WORKER_START_S,
             "the worker",
             alive=lambda: proc.poll() is None,
@@ -167,6 +178,8 @@ def worker_process(redis_url: str, store_root: Path, **env_vars: str) -> Iterato
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        if out:
+            out.close()
 
 
 def wait_for(predicate: object, timeout_s: float, poll_s: float = 0.1) -> bool:
