@@ -118,6 +118,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "to keep checkpoints out of the shipped assets)",
     )
     train.add_argument("--log-every", type=int, default=25)
+    train.add_argument(
+        "--no-health-check",
+        action="store_true",
+        help="do not stop when the masks collapse or the mask search does not learn",
+    )
     train.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     train.add_argument("--device", default="cpu")
     train.set_defaults(func=_train)
@@ -126,7 +131,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _train(args: argparse.Namespace) -> int:
     import torch
 
-    from models.hypernet.metatrain import MetaTrainConfig, build_hypernetwork, meta_train
+    from models.hypernet.metatrain import (
+        HEALTH_AFTER,
+        MetaTrainConfig,
+        build_hypernetwork,
+        meta_train,
+    )
     from models.sites import Sites
 
     if args.threads:
@@ -161,6 +171,7 @@ def _train(args: argparse.Namespace) -> int:
             "init_from": str(args.init_from) if args.init_from else None,
         },
         checkpoint_dir=checkpoints,
+        health_after=None if args.no_health_check else HEALTH_AFTER,
         time_budget_s=budget,
     )
     print(json.dumps({"out": str(out), "final": history[-1] if history else {}}, indent=2))

@@ -147,6 +147,10 @@ class StoreError(Invalid):
     """The store refused an operation (an existing version, a reserved alias, a bad name)."""
 
 
+class MetaTrainingUnhealthy(Invalid):
+    """Meta-training stopped itself: its masks collapsed or its mask search does not learn."""
+
+
 class StoreWriteError(Unavailable):
     """The store's disk refused a write (full, read-only, permissions): nothing was published."""
 

@@ -45,6 +45,7 @@ from torch import nn
 from torch.func import functional_call
 
 from models.backbones import Backbone
+from models.errors import MetaTrainingUnhealthy
 from models.forward import SplitForward
 from models.hypernet.checkpoint import CHECKPOINT_DIR, load_checkpoint, save_checkpoint
 from models.hypernet.cutmix import CutMixSampler, Episodes, ImagePool
@@ -97,6 +98,48 @@ class MetaTrainConfig:
     def regression_lr_at(self, iteration: int) -> float:
         length = self.schedule_iterations or 2 * self.iterations
         return 0.5 * self.regression_lr * (1 + math.cos(math.pi * min(iteration, length) / length))
+
+
+# ------------------------------------------------------------------------ health checks
+
+HEALTH_AFTER = 50  # iterations before the first check: the regression needs a few to start
+MIN_DENSITY, MAX_DENSITY = 0.002, 0.998  # a mask this empty or this full selects nothing
+MIN_KL_DROP = 0.01  # the outer steps must lower the pseudo-edit's KL by at least 1% (relative)
+
+
+def health_problem(entry: dict[str, float], cfg: MetaTrainConfig) -> str | None:
+    """What is wrong with a logged window of meta-training (None: nothing), and what to change.
+
+    The failure it catches (docs/method.md section 3, the inner rate): with the paper's inner lr
+    1e-3 on a small ViT trained from scratch the outer KL does not move and the masks end empty.
+    """
+    s, h = entry["s_density"], entry["h_density"]
+    first, last = entry["kl_first"], entry["kl_last"]
+    drop = (first - last) / first if first > 0 else 0.0
+    if s < MIN_DENSITY:
+        return (
+            f"the mask search ends with empty masks (density {s:.4f}): inner steps of lr "
+            f"{cfg.inner_lr:g} barely move this backbone, so no neuron is worth selecting. "
+            f"Raise --inner-lr (try {cfg.inner_lr * 10:g} or {cfg.inner_lr * 100:g})"
+        )
+    if s > MAX_DENSITY:
+        return (
+            f"the mask search ends with full masks (density {s:.4f}): the sparsity term "
+            f"(lambda {cfg.sparsity:g}) is too weak for this backbone. Raise --sparsity"
+        )
+    if drop < MIN_KL_DROP:
+        return (
+            f"the mask search lowers the pseudo-edits' KL by only {drop:.1%} over its "
+            f"{cfg.outer_steps} steps ({first:.4f} -> {last:.4f}): the masked inner steps (lr "
+            f"{cfg.inner_lr:g}) change too little to tell good masks from bad. Raise --inner-lr"
+        )
+    if h < MIN_DENSITY or h > MAX_DENSITY:
+        return (
+            f"the hypernetwork's masks collapsed (density {h:.4f}) while the searched ones have "
+            f"{s:.3f}: its regression is unstable. Lower --regression-lr "
+            f"(now {cfg.regression_lr:g})"
+        )
+    return None
 
 
 @dataclass
@@ -309,9 +352,12 @@ class MetaTrainer:
         log_every: int = 10,
         show_progress: bool = False,
         time_budget_s: float | None = None,
+        health_after: int | None = HEALTH_AFTER,
     ) -> list[dict[str, float]]:
         """Run to ``cfg.iterations`` (or until ``time_budget_s`` is spent), logging window means
-        and checkpointing to ``checkpoint_dir``."""
+        and checkpointing to ``checkpoint_dir``. From iteration ``health_after`` on (None: never)
+        each logged window is checked by :func:`health_problem`; a problem stops the run with
+        :class:`MetaTrainingUnhealthy` (a checkpoint is written first)."""
         window: list[dict[str, float]] = []
         start, first = time.perf_counter(), self.iteration
         deadline = math.inf if time_budget_s is None else start + time_budget_s
@@ -330,6 +376,8 @@ class MetaTrainer:
                 if len(window) == log_every or self.iteration == self.cfg.iterations or out_of_time:
                     self._log(window, (self.iteration - first) / (time.perf_counter() - start))
                     window = []
+                    if health_after is not None and self.iteration >= health_after:
+                        self._check_health(checkpoint_dir if checkpoint_every else None)
                 if checkpoint_every and (self.iteration % checkpoint_every == 0 or out_of_time):
                     save_checkpoint(self, Path(checkpoint_dir))
                 if out_of_time:
@@ -340,6 +388,17 @@ class MetaTrainer:
                     )
                     break
         return self.history
+
+    def _check_health(self, checkpoint_dir: Path | None) -> None:
+        problem = health_problem(self.history[-1], self.cfg)
+        if problem is None:
+            return
+        if checkpoint_dir is not None:
+            save_checkpoint(self, Path(checkpoint_dir))
+        raise MetaTrainingUnhealthy(
+            f"meta-training stopped at iteration {self.iteration}: {problem} "
+            "(or pass --no-health-check to go on)"
+        )
 
     def _log(self, window: list[dict[str, float]], iterations_per_s: float) -> None:
         entry = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
@@ -394,6 +453,7 @@ def meta_train(
     extra: dict[str, Any] | None = None,
     checkpoint_dir: Path | None = None,
     time_budget_s: float | None = None,
+    health_after: int | None = HEALTH_AFTER,
 ) -> tuple[Hypernetwork, list[dict[str, float]]]:
     """Meta-train (or resume) a hypernetwork, then save it to ``out_dir`` with its manifest.
 
@@ -409,7 +469,7 @@ def meta_train(
         load_checkpoint(trainer, checkpoint_dir)
     start = time.perf_counter()
     history = trainer.train(
-        checkpoint_dir, checkpoint_every, log_every, show_progress, time_budget_s
+        checkpoint_dir, checkpoint_every, log_every, show_progress, time_budget_s, health_after
     )
     seconds = time.perf_counter() - start
     summary = {
