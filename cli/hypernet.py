@@ -141,8 +141,8 @@ def _train(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    options = _options(args)
     backbone, pool, out = _source(args)
+    options = _options(args, backbone.manifest.extra.get("meta_defaults") or {})
     sites = Sites.for_model(backbone.model, tuple(args.blocks) if args.blocks else None)
     cfg = MetaTrainConfig(**{k: options[k] for k in _CONFIG_OPTIONS if k in options})
     if args.init_from is not None:
@@ -178,13 +178,15 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _options(args: argparse.Namespace) -> dict[str, Any]:
-    """Explicit options win; then the world's recipe (--world); the rest: config defaults."""
+def _options(args: argparse.Namespace, calibrated: dict[str, Any]) -> dict[str, Any]:
+    """Explicit options win; then what `vitedit calibrate` measured for this backbone (the
+    manifest's ``extra.meta_defaults``); then the world's recipe (--world); then config defaults."""
     base = dict(RECIPES[args.world]) if args.world else {}
+    measured = {k: v for k, v in calibrated.items() if k in _CONFIG_OPTIONS}
     given = {
         k: getattr(args, k) for k in (*_CONFIG_OPTIONS, "width") if getattr(args, k) is not None
     }
-    return {**base, **given}
+    return {**base, **measured, **given}
 
 
 def _source(args: argparse.Namespace) -> tuple[Any, Any, Path]:

@@ -23,7 +23,6 @@ figures are reported, never informs the setting.
 from __future__ import annotations
 
 import argparse
-import itertools
 import logging
 import shlex
 import sys
@@ -31,86 +30,14 @@ import time
 
 import torch
 
+from cli.calibrate import print_edit_row
+from models.calibration import search_edit_setting
 from models.store.manifest import BackboneManifest
-from models.worlds.bench import BenchConfig, run_bench
 from models.worlds.catalog import get_world
-
-METHODS = ("random", "ft")
-KNOBS = {"random": (0.1,)}
-MIN_SR = 0.99
 
 
 def floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",")]
-
-
-def sweep(args: argparse.Namespace) -> list[dict]:
-    world = get_world(args.world)
-    split = "tuning" if world.report_split == "test" else "all"
-    backbone, benchmark = world.load_backbone("cpu"), world.load_world().benchmark.select(split)
-    rows = []
-    grid = itertools.product(
-        floats(args.lrs), [int(s) for s in floats(args.steps)], floats(args.stop_losses)
-    )
-    for lr, max_steps, stop_loss in grid:
-        config = BenchConfig(
-            METHODS,
-            knobs=KNOBS,
-            edits_per_group=args.edits,
-            max_groups=args.groups,
-            lr=lr,
-            max_steps=max_steps,
-            stop_loss=stop_loss,
-            seeds=(args.seed,),
-        )
-        results = run_bench(backbone, benchmark, config)
-        for method in METHODS:
-            p = results["methods"][method]["points"][0]
-            rows.append(
-                {
-                    "lr": lr,
-                    "max_steps": max_steps,
-                    "stop_loss": stop_loss,
-                    "method": method,
-                    "sr": p["sr"],
-                    "gr": p["gr"],
-                    "locality": p["lr"],
-                    "steps_mean": p["steps_mean"],
-                    "seconds_per_edit": p["seconds_per_edit"],
-                }
-            )
-        print_row_pair(rows[-len(METHODS) :])
-    return rows
-
-
-def print_row_pair(rows: list[dict]) -> None:
-    for r in rows:
-        print(
-            f"| {r['lr']:g} | {r['max_steps']} | {r['stop_loss']:g} | {r['method']} | "
-            f"{100 * r['sr']:.1f} | {100 * r['gr']:.1f} | {100 * r['locality']:.1f} | "
-            f"{r['steps_mean']:.1f} | {r['seconds_per_edit']:.2f} |",
-            flush=True,
-        )
-
-
-def choose(rows: list[dict]) -> tuple[float, int, float] | None:
-    """The setting whose methods all reach SR >= MIN_SR with the highest mean LR, then GR."""
-    by_setting: dict[tuple[float, int, float], list[dict]] = {}
-    for r in rows:
-        by_setting.setdefault((r["lr"], r["max_steps"], r["stop_loss"]), []).append(r)
-    ok = {k: v for k, v in by_setting.items() if all(r["sr"] >= MIN_SR for r in v)}
-    if not ok:
-        return None
-
-    def key(k: tuple[float, int, float]) -> tuple[float, float, float]:
-        v = ok[k]
-        return (
-            sum(r["locality"] for r in v) / len(v),
-            sum(r["gr"] for r in v) / len(v),
-            -sum(r["steps_mean"] for r in v),
-        )
-
-    return max(ok, key=key)
 
 
 def main() -> None:
@@ -133,11 +60,24 @@ def main() -> None:
     print(f"{args.world} world, {args.groups} groups x {args.edits} edits; random (rho=0.1), ft\n")
     print("| lr | max steps | stop CE | method | SR % | GR % | LR % | steps | s/edit |")
     print("|---:|---:|---:|---|---:|---:|---:|---:|---:|")
-    rows = sweep(args)
-    best = choose(rows)
+    world = get_world(args.world)
+    split = "tuning" if world.report_split == "test" else "all"
+    backbone, benchmark = world.load_backbone("cpu"), world.load_world().benchmark.select(split)
+    search = search_edit_setting(
+        backbone,
+        benchmark,
+        floats(args.lrs),
+        [int(v) for v in floats(args.steps)],
+        floats(args.stop_losses),
+        groups=args.groups,
+        edits=args.edits,
+        seed=args.seed,
+        progress=print_edit_row,
+    )
+    rows, best = search.rows, search.chosen
     print(f"\n{time.perf_counter() - start:.0f} s")
     if best is None:
-        print(f"no setting reached SR >= {MIN_SR:.0%} for every method: widen the grid")
+        print("no setting reached SR >= 99% for every method: widen the grid")
     else:
         print(f"chosen: lr={best[0]:g} max_steps={best[1]} stop_loss={best[2]:g}")
         if args.write:
