@@ -84,6 +84,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "run fastest on one thread; else torch's choice)",
     )
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="output folder")
+    p.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        metavar="RESULTS",
+        help="merge results.json files of runs that differ only in their methods (same backbone, "
+        "sites, groups, edits, settings) into --out; runs nothing",
+    )
     p.set_defaults(func=run_bench_command)
 
 
@@ -161,7 +169,20 @@ def _methods(args: argparse.Namespace, hypernet: Any) -> tuple[str, ...]:
     return tuple(m for m, e in EDITORS.items() if hypernet is not None or not e.needs_hypernetwork)
 
 
+def merge_command(args: argparse.Namespace) -> int:
+    from models.store.manifest import read_json
+    from models.worlds.bench import merge_results, write_results
+
+    results = merge_results([read_json(path) for path in args.merge])
+    json_path, png_path = write_results(results, args.out)
+    print_table(results)
+    print(f"wrote {json_path} and {png_path}")
+    return 0
+
+
 def run_bench_command(args: argparse.Namespace) -> int:
+    if args.merge:
+        return merge_command(args)
     import torch
 
     from models.sites import Sites

@@ -31,6 +31,7 @@ import torch
 
 from models.backbones import Backbone
 from models.editing.registry import EditConfig, EditTask, get_editor, make_config, run_edit
+from models.errors import DataError
 from models.evaluation import (
     METRIC_DEFINITIONS,
     EditScore,
@@ -273,6 +274,52 @@ def run_bench(
     results = _results(backbone, benchmark, config, prep, methods)
     results["headline"] = headline(results, seed=config.seed)
     return results
+
+
+MERGE_SAME = ("backbone", "sites", "benchmark")  # what runs must share to be merged
+MERGE_SETTINGS_FREE = ("methods", "knobs")  # settings that may differ between them
+
+
+def merge_results(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One results dict from runs that differ only in their methods (and knob lists).
+
+    Each point depends only on the shared setting, the seeds and the edits (seeded per group
+    and image), never on which other methods ran: runs on the same backbone, sites, groups and
+    edits, with the same settings, merge into what one run of all their methods would give.
+    Refuses anything else, and a method present in two runs.
+    """
+    if not runs:
+        raise DataError("nothing to merge")
+    first = runs[0]
+
+    def shared_settings(run: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in run["settings"].items() if k not in MERGE_SETTINGS_FREE}
+
+    methods: dict[str, Any] = {}
+    for k, run in enumerate(runs):
+        for key in MERGE_SAME:
+            if run[key] != first[key]:
+                raise DataError(f"run {k + 1} has another {key} than run 1: cannot merge")
+        if shared_settings(run) != shared_settings(first):
+            raise DataError(f"run {k + 1} has other settings than run 1: cannot merge")
+        for method, entry in run["methods"].items():
+            if method in methods:
+                raise DataError(f"{method} is in two runs: keep it in one")
+            methods[method] = entry
+    settings = {
+        **first["settings"],
+        "methods": list(methods),
+        "knobs": {k: v for run in runs for k, v in run["settings"]["knobs"].items()},
+    }
+    merged = {
+        **first,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "settings": settings,
+        "methods": methods,
+        "merged_from": [run["created_at"] for run in runs],
+    }
+    merged["headline"] = headline(merged, seed=settings["seeds"][0])
+    return merged
 
 
 def front_points(entry: dict[str, Any]) -> list[FrontPoint]:

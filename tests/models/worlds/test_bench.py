@@ -154,3 +154,33 @@ def test_default_methods_skip_where2edit_without_a_hypernetwork() -> None:
     assert {"ft", "ft-l1", "ft-l2", "random", "lora"} <= set(methods)
     with pytest.raises(SystemExit, match="needs a hypernetwork"):
         bench_command._methods(bench_args(["--methods", "where2edit"]), hypernet=None)
+
+
+def test_two_runs_merge_into_what_one_run_of_their_methods_gives(paper_layout) -> None:
+    from models.errors import DataError
+    from models.worlds.bench import merge_results
+
+    groups, locality, _ = paper_layout
+    backbone = load_backbone(tiny_manifest())
+    benchmark = read_benchmark(groups, locality)
+    shared = dict(edits_per_group=2, lr=1e-3, max_steps=2, seeds=(0, 1))
+    knobs = {"random": (0.5,)}
+    both = run_bench(backbone, benchmark, BenchConfig(("ft", "random"), knobs=knobs, **shared))
+    ft = run_bench(backbone, benchmark, BenchConfig(("ft",), **shared))
+    rand = run_bench(backbone, benchmark, BenchConfig(("random",), knobs=knobs, **shared))
+    merged = merge_results([ft, rand])
+
+    def scores(results: dict) -> dict:
+        return {
+            m: [(p["knob_value"], p["sr"], p["gr"], p["lr"], p["groups"]) for p in e["points"]]
+            for m, e in results["methods"].items()
+        }
+
+    assert scores(merged) == scores(both)
+    assert merged["settings"]["methods"] == ["ft", "random"]
+    assert merged["headline"].keys() == both["headline"].keys()
+    with pytest.raises(DataError, match="ft is in two runs"):
+        merge_results([ft, ft])
+    other = run_bench(backbone, benchmark, BenchConfig(("random",), **{**shared, "lr": 1e-2}))
+    with pytest.raises(DataError, match="other settings"):
+        merge_results([ft, other])
