@@ -124,7 +124,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="do not stop when the masks collapse or the mask search does not learn",
     )
     train.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    train.add_argument("--device", default="cpu")
+    train.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     train.set_defaults(func=_train)
 
 
@@ -141,6 +141,7 @@ def _train(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     backbone, pool, out = _source(args)
     options = _options(args, backbone.manifest.extra.get("meta_defaults") or {})
     sites = Sites.for_model(backbone.model, tuple(args.blocks) if args.blocks else None)
