@@ -11,7 +11,7 @@ import importlib
 import logging
 import sys
 
-COMMAND_MODULES = ("world", "demo", "bench", "calibrate", "hypernet", "serve", "api")
+COMMAND_MODULES = ("world", "demo", "bench", "calibrate", "hypernet", "models", "serve", "api")
 
 DESCRIPTION = """\
 Repair the mistakes of a pretrained vision transformer: send the images it gets wrong and

@@ -75,8 +75,12 @@ def register_model(
     benchmark: dict[str, Any] | None = None,
     default_method: str | None = None,
     blocks: tuple[int, ...] | None = None,
+    relative_to: Path | None = None,
 ) -> ModelEntry:
-    """Write (or replace) the entry of model ``name`` in the store's registry."""
+    """Write (or replace) the entry of model ``name`` in the store's registry.
+
+    With ``relative_to`` (the store root) the files are recorded as keys relative to it, which
+    every host resolves against its own mount of the store (:meth:`Store._resolve`)."""
     manifest = BackboneManifest.read(backbone)
     sha, num_classes = _backbone_identity(manifest)
     hypernetwork_id = None
@@ -98,15 +102,20 @@ def register_model(
     if methods[default].needs_hypernetwork and hypernetwork is None:
         raise EditConfigError(f"default method {default!r} needs a hypernetwork")
     classes = manifest.class_names or tuple(str(i) for i in range(num_classes))
+
+    def key(path: Path) -> str:
+        full = Path(path).resolve()
+        return full.relative_to(relative_to.resolve()).as_posix() if relative_to else str(full)
+
     entry = ModelEntry(
         name=name,
-        backbone=str(Path(backbone).resolve()),
+        backbone=key(backbone),
         weights_sha256=sha,
         num_classes=num_classes,
         class_names=tuple(classes),
         default_method=default,
         methods=methods,
-        hypernetwork=str(Path(hypernetwork).resolve()) if hypernetwork else None,
+        hypernetwork=key(hypernetwork) if hypernetwork else None,
         hypernetwork_id=hypernetwork_id,
         benchmark=benchmark or {},
         blocks=blocks,

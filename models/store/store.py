@@ -243,9 +243,54 @@ class Store:
         key = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
         cached = self._parsed.get("models")
         if cached is None or cached[0] != key:
-            entries = {k: ModelEntry.from_json(v) for k, v in read_json(path).items()}
+            entries = {
+                k: self._resolve(ModelEntry.from_json(v)) for k, v in read_json(path).items()
+            }
             cached = self._parsed["models"] = (key, entries)
         return cached[1]
+
+    def _resolve(self, entry: ModelEntry) -> ModelEntry:
+        """Files registered by ``vitedit models add`` are store-relative keys
+        (``models/<name>/base/...``): every host resolves them against its own store root."""
+
+        def at(path: Any) -> Any:
+            return (
+                path
+                if not isinstance(path, str) or Path(path).is_absolute()
+                else str(self.root / path)
+            )
+
+        bench = {
+            k: at(v) if k in ("groups", "locality", "results") else v
+            for k, v in entry.benchmark.items()
+        }
+        return replace(
+            entry, backbone=at(entry.backbone), hypernetwork=at(entry.hypernetwork), benchmark=bench
+        )
+
+    def model_files(self, name: str) -> Path:
+        """Where ``vitedit models add`` keeps a model's base files: ``models/<name>/base``."""
+        return self.root / "models" / check_name(name, "model") / "base"
+
+    def unregister_model(self, name: str, purge: bool = False) -> None:
+        """Remove a model's entry and its base files; with versions only when ``purge`` (then
+        they go too: their patches are useless without the base)."""
+        check_name(name, "model")
+        with self._locked():
+            registry = self._registry()
+            if name not in registry:
+                raise UnknownModelError(f"no model named {name!r}")
+            if self._has_versions(name) and not purge:
+                raise StoreError(
+                    f"model {name!r} has versions: remove them with it (purge) or keep the model"
+                )
+            del registry[name]
+            write_json_atomic(self.root / "models.json", registry)
+        folder = self.root / "models" / name
+        if folder.exists():
+            trash = self.root / "tmp" / f"removed-{name}-{secrets.token_hex(4)}"
+            os.rename(folder, trash)  # gone for readers at once, deleted after
+            shutil.rmtree(trash, ignore_errors=True)
 
     def models(self) -> list[ModelEntry]:
         return [entry for _, entry in sorted(self._entries().items())]

@@ -1,0 +1,86 @@
+"""``vitedit models``: add, list and remove the models of a store (run where the store is mounted).
+
+    vitedit models add my-vit --backbone my-vit.json [--hypernet my-hypernet/] \\
+        [--groups edit_groups/ --locality locality/] [--default-method saliency]
+    vitedit models list
+    vitedit models remove my-vit [--purge]
+
+``add`` loads the model as a worker would and refuses it, with the reason, if it does not load;
+then it copies the files into the store (``models/<name>/base/``) and registers them by
+store-relative keys, which every worker on every host resolves against its own mount of the store.
+Running workers and the API see the new entry with their next request. The store is ``--store``,
+else ``$VITEDIT_STORE``, else ``var/store`` (what ``vitedit serve`` uses).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from models.store.store import Store
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "models",
+        help="add, list and remove the models of a store",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    actions = p.add_subparsers(dest="models_command", required=True)
+    add = actions.add_parser("add", help="check a model, copy its files into the store, register")
+    add.add_argument("name", help="the model's name in the API (letters, digits, . _ -)")
+    add.add_argument("--backbone", type=Path, required=True, help="backbone manifest (.json)")
+    add.add_argument("--hypernet", type=Path, help="a hypernetwork folder meta-trained for it")
+    add.add_argument("--groups", type=Path, help="benchmark edit groups (paper layout)")
+    add.add_argument("--locality", type=Path, help="benchmark locality images")
+    add.add_argument("--default-method", help="default editor (where2edit with a hypernetwork)")
+    add.add_argument("--replace", action="store_true", help="replace a registered model's files")
+    lst = actions.add_parser("list", help="the registered models")
+    rm = actions.add_parser("remove", help="unregister a model and delete its files")
+    rm.add_argument("name")
+    rm.add_argument("--purge", action="store_true", help="also delete the model's versions")
+    for action in (add, lst, rm):
+        action.add_argument("--store", type=Path, help="the store folder")
+    p.set_defaults(func=run_models)
+
+
+def _store(args: argparse.Namespace) -> Store:
+    from models.store.store import Store
+    from workers.settings import WorkerSettings
+
+    return Store(args.store or WorkerSettings().store)
+
+
+def run_models(args: argparse.Namespace) -> int:
+    store = _store(args)
+    if args.models_command == "add":
+        from workers.model_files import add_model
+
+        entry = add_model(
+            store,
+            args.name,
+            args.backbone,
+            hypernetwork=args.hypernet,
+            groups=args.groups,
+            locality=args.locality,
+            default_method=args.default_method,
+            replace=args.replace,
+        )
+        print(
+            f"added {entry.name}: {entry.timm_name}, {entry.num_classes} classes, default method "
+            f"{entry.default_method}, weights sha256 {entry.weights_sha256[:12]}..., "
+            f"files in {store.model_files(entry.name)}"
+        )
+    elif args.models_command == "list":
+        for entry in store.models():
+            print(
+                f"{entry.name}\t{entry.timm_name}\t{entry.num_classes} classes\t"
+                f"default {entry.default_method}\t{len(store.versions(entry.name))} versions"
+            )
+    else:
+        store.unregister_model(args.name, purge=args.purge)
+        print(f"removed {args.name}")
+    return 0

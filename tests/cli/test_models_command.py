@@ -1,0 +1,132 @@
+"""`vitedit models add/list/remove`: a model's files copied into the store under store-relative
+keys (resolved on any mount of the store), refused with the reason when it would not load."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from cli.main import main
+from models.backbones import load_backbone
+from models.errors import DataError, HypernetworkMismatchError, StoreError, UnknownBackboneError
+from models.store.manifest import BackboneManifest, read_json, sha256_file
+from models.store.store import Store
+from tests.redis_server import make_benchmark, make_tiny_backbone
+from workers.model_files import add_model
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> Path:
+    return make_tiny_backbone(tmp_path / "mine")
+
+
+def test_add_copies_the_files_and_registers_store_relative_keys(tiny, tmp_path, capsys) -> None:
+    bench = make_benchmark(tmp_path / "bench")
+    root = tmp_path / "store"
+    argv = ["models", "add", "my-vit", "--backbone", str(tiny), "--store", str(root)]
+    argv += ["--groups", bench["groups"], "--locality", bench["locality"]]
+    assert main(argv) == 0
+    assert "added my-vit" in capsys.readouterr().out
+
+    raw = read_json(root / "models.json")["my-vit"]
+    assert raw["backbone"] == "models/my-vit/base/backbone.json"  # a key, not this host's path
+    assert raw["benchmark"]["groups"] == "models/my-vit/base/benchmark/edit_groups"
+    assert raw["default_method"] == "saliency"  # no hypernetwork
+
+    # another host mounts the store elsewhere: the same registry resolves there
+    moved = tmp_path / "elsewhere" / "store"
+    shutil.copytree(root, moved)
+    shutil.rmtree(tiny.parent)  # the user's own copy is not needed any more
+    entry = Store(moved).model("my-vit")
+    assert entry.backbone == str(moved / "models/my-vit/base/backbone.json")
+    backbone = load_backbone(BackboneManifest.read(entry.backbone))
+    assert backbone.weights_sha256 == entry.weights_sha256
+    assert Path(entry.benchmark["locality"]).is_dir()
+
+    assert main(["models", "list", "--store", str(moved)]) == 0
+    assert "my-vit" in capsys.readouterr().out
+    assert main(["models", "remove", "my-vit", "--store", str(moved)]) == 0
+    assert Store(moved).models() == [] and not (moved / "models" / "my-vit").exists()
+
+
+def _with(tiny: Path, change) -> Path:
+    """A copy of the tiny backbone whose weights or manifest ``change`` altered."""
+    folder = tiny.parent / "changed"
+    folder.mkdir()
+    weights = load_file(str(tiny.parent / "tiny.safetensors"))
+    manifest = BackboneManifest.read(tiny)
+    weights, fields = change(weights, dict(manifest.__dict__))
+    save_file(weights, str(folder / "w.safetensors"))
+    fields.update(weights="w.safetensors", base_dir=None)
+    fields.setdefault("weights_sha256", sha256_file(folder / "w.safetensors"))
+    BackboneManifest(**fields).write(folder / "b.json")
+    return folder / "b.json"
+
+
+def _nan(weights, fields):
+    key = next(k for k in weights if k.endswith("mlp.fc1.weight"))
+    weights[key][0, 0] = float("nan")
+    return weights, {k: v for k, v in fields.items() if k != "weights_sha256"}
+
+
+def _unknown_timm(weights, fields):
+    return weights, {**fields, "timm_name": "vit_nonexistent_patch3"}
+
+
+def _wrong_sha(weights, fields):
+    return weights, {**fields, "weights_sha256": "0" * 64}
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "says"),
+    [
+        (_nan, DataError, "NaN or inf"),
+        (_unknown_timm, UnknownBackboneError, "vit_nonexistent_patch3"),
+        (_wrong_sha, Exception, "sha256"),
+    ],
+)
+def test_a_model_that_would_not_load_is_refused_and_nothing_is_stored(
+    tiny, tmp_path, change, error, says
+) -> None:
+    store = Store(tmp_path / "store")
+    with pytest.raises(error, match=says):
+        add_model(store, "bad", _with(tiny, change))
+    assert store.models() == []
+    assert not (store.root / "models" / "bad").exists()
+    assert list((store.root / "tmp").iterdir()) == []
+
+
+def test_a_hypernetwork_of_another_backbone_is_refused(tiny, tmp_path) -> None:
+    from models.hypernet.metatrain import build_hypernetwork
+    from models.sites import Sites
+
+    other = load_backbone(BackboneManifest.read(_with(tiny, _shifted)))
+    sites = Sites.for_model(other.model)
+    build_hypernetwork(other.model, sites).save(tmp_path / "hn", other, sites)
+    store = Store(tmp_path / "store")
+    with pytest.raises(HypernetworkMismatchError):
+        add_model(store, "mine", tiny, hypernetwork=tmp_path / "hn")
+    assert store.models() == []
+
+
+def _shifted(weights, fields):
+    key = next(k for k in weights if k.endswith("mlp.fc1.weight"))
+    weights[key] = weights[key] + 1.0
+    return weights, {k: v for k, v in fields.items() if k != "weights_sha256"}
+
+
+def test_replace_and_remove_respect_versions(tiny, tmp_path) -> None:
+    store = Store(tmp_path / "store")
+    add_model(store, "mine", tiny)
+    with pytest.raises(StoreError, match="--replace"):
+        add_model(store, "mine", tiny)
+    (store.root / "models" / "mine" / "versions" / "v1").mkdir(parents=True)  # a version exists
+    with pytest.raises(StoreError, match="other base weights"):
+        add_model(store, "mine", _with(tiny, _shifted), replace=True)
+    with pytest.raises(StoreError, match="has versions"):
+        store.unregister_model("mine")
+    store.unregister_model("mine", purge=True)
+    assert store.models() == []

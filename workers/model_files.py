@@ -1,0 +1,139 @@
+"""``vitedit models add``: copy a model's files into the store and register them there.
+
+The files land in ``models/<name>/base/`` of the store (backbone manifest + safetensors, an
+optional hypernetwork, optional benchmark folders in the paper's layout) and the registry records
+them by store-relative keys, so every worker on every host that mounts the store resolves them.
+Before anything is copied the model is loaded as a worker would load it (timm name, overrides,
+weights' shapes and sha256, finite weights; the hypernetwork against this backbone; the benchmark
+folders readable): a model that does not load is refused here, with the reason, never later in a
+worker. Only safetensors weights are accepted: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+from pathlib import Path
+
+from models.errors import DataError, StoreError, VitEditError
+from models.store.manifest import BackboneManifest, ModelEntry, sha256_file
+from models.store.store import Store, check_name
+from workers.registration import register_model
+
+log = logging.getLogger(__name__)
+
+BACKBONE_MANIFEST = "backbone.json"
+BACKBONE_WEIGHTS = "backbone.safetensors"
+
+
+def _check_loads(
+    manifest: BackboneManifest,
+    hypernetwork: Path | None,
+    groups: Path | None,
+    locality: Path | None,
+) -> None:
+    import torch
+
+    from models.backbones import load_backbone
+
+    if manifest.weights_path is None:
+        raise DataError(
+            "the backbone manifest names no weights file: store its safetensors next to it and "
+            'set "weights" (hub weights are not copied into the store)'
+        )
+    try:
+        backbone = load_backbone(manifest)
+    except VitEditError:
+        raise
+    except Exception as exc:  # timm, safetensors: say which file and why
+        raise DataError(f"the backbone does not load: {type(exc).__name__}: {exc}") from exc
+    bad = [k for k, v in backbone.model.state_dict().items() if not torch.isfinite(v).all()]
+    if bad:
+        raise DataError(f"the backbone's weights hold NaN or inf in {bad[:5]}")
+    if hypernetwork is not None:
+        from models.hypernet.network import Hypernetwork
+
+        Hypernetwork.load(hypernetwork, backbone)  # refuses another backbone's
+    if groups is not None and locality is not None:
+        from models.worlds.layout import read_benchmark
+
+        read_benchmark(groups, locality)
+
+
+def add_model(
+    store: Store,
+    name: str,
+    backbone: Path,
+    *,
+    hypernetwork: Path | None = None,
+    groups: Path | None = None,
+    locality: Path | None = None,
+    default_method: str | None = None,
+    replace: bool = False,
+) -> ModelEntry:
+    """Check, copy and register model ``name``; returns its entry (paths resolved)."""
+    check_name(name, "model")
+    if (groups is None) != (locality is None):
+        raise DataError("give the benchmark's --groups and --locality together (paper layout)")
+    if not replace and any(m.name == name for m in store.models()):
+        raise StoreError(f"model {name!r} is registered: pass --replace to replace its files")
+    manifest = BackboneManifest.read(backbone)
+    _check_loads(manifest, hypernetwork, groups, locality)
+    registered = any(m.name == name for m in store.models())  # and so --replace was given
+    new_weights = (
+        registered and sha256_file(manifest.weights_path) != store.model(name).weights_sha256
+    )
+    if new_weights and store.versions(name):
+        raise StoreError(
+            f"model {name!r} has versions over other base weights: add this backbone under "
+            "a new name"
+        )
+
+    staging = store.root / "tmp" / f"add-{name}-{secrets.token_hex(4)}"
+    staging.mkdir(parents=True)
+    try:
+        shutil.copyfile(manifest.weights_path, staging / BACKBONE_WEIGHTS)
+        copied = {**manifest.__dict__, "weights": BACKBONE_WEIGHTS, "base_dir": None}
+        BackboneManifest(**copied).write(staging / BACKBONE_MANIFEST)
+        if hypernetwork is not None:
+            from models.hypernet.network import MANIFEST_FILE, WEIGHTS_FILE
+
+            (staging / "hypernet").mkdir()
+            for file in (MANIFEST_FILE, WEIGHTS_FILE):
+                shutil.copyfile(Path(hypernetwork) / file, staging / "hypernet" / file)
+        if groups is not None and locality is not None:
+            shutil.copytree(groups, staging / "benchmark" / "edit_groups")
+            shutil.copytree(locality, staging / "benchmark" / "locality")
+        final = store.model_files(name)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if final.exists():
+            old = store.root / "tmp" / f"replaced-{name}-{secrets.token_hex(4)}"
+            os.rename(final, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.rename(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    key = final.relative_to(store.root).as_posix()
+    benchmark = (
+        {
+            "kind": "folders",
+            "groups": f"{key}/benchmark/edit_groups",
+            "locality": f"{key}/benchmark/locality",
+        }
+        if groups is not None
+        else None
+    )
+    register_model(
+        store,
+        name,
+        final / BACKBONE_MANIFEST,
+        hypernetwork=final / "hypernet" if hypernetwork is not None else None,
+        benchmark=benchmark,
+        default_method=default_method,
+        relative_to=store.root,
+    )
+    log.info("added model %s: files in %s", name, final)
+    return store.model(name)
