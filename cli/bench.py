@@ -78,6 +78,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="forward passes in fp32 or under bf16 autocast (GPU)",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         help="torch CPU threads (default: 1 for a built-in world, whose 17-token models "
@@ -207,7 +213,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
         seeds = tuple(int(v) for v in args.seeds.split(",") if v.strip())
     except ValueError:
         raise SystemExit(f"--seeds {args.seeds!r}: expected integers like 0,1,2") from None
-    options = dict(knobs=parse_knobs(args.knobs), seeds=seeds, **shared)
+    options = dict(knobs=parse_knobs(args.knobs), seeds=seeds, precision=args.precision, **shared)
     if args.quick:
         config = BenchConfig.quick_run(methods, **options)
     else:

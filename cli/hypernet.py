@@ -125,6 +125,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     train.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     train.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    train.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="forward passes in fp32 or under bf16 autocast (GPU)",
+    )
     train.set_defaults(func=_train)
 
 
@@ -137,6 +143,7 @@ def _train(args: argparse.Namespace) -> int:
         build_hypernetwork,
         meta_train,
     )
+    from models.precision import autocast
     from models.sites import Sites
 
     if args.threads:
@@ -155,26 +162,28 @@ def _train(args: argparse.Namespace) -> int:
         hypernet = build_hypernetwork(backbone.model, sites, cfg.seed, width=options.get("width"))
     checkpoints = args.checkpoint_dir or (WORLD_CHECKPOINTS / args.world if args.world else None)
     budget = None if args.time_budget is None else 60 * args.time_budget
-    _, history = meta_train(
-        backbone,
-        sites,
-        pool,
-        cfg,
-        out,
-        hypernet=hypernet,
-        resume=args.resume,
-        checkpoint_every=args.checkpoint_every,
-        log_every=args.log_every,
-        show_progress=True,
-        extra={
-            "source": _describe(args),
-            "time_budget_s": budget,
-            "init_from": str(args.init_from) if args.init_from else None,
-        },
-        checkpoint_dir=checkpoints,
-        health_after=None if args.no_health_check else HEALTH_AFTER,
-        time_budget_s=budget,
-    )
+    with autocast(backbone.device, args.precision):
+        _, history = meta_train(
+            backbone,
+            sites,
+            pool,
+            cfg,
+            out,
+            hypernet=hypernet,
+            resume=args.resume,
+            checkpoint_every=args.checkpoint_every,
+            log_every=args.log_every,
+            show_progress=True,
+            extra={
+                "source": _describe(args),
+                "time_budget_s": budget,
+                "init_from": str(args.init_from) if args.init_from else None,
+                "precision": args.precision,
+            },
+            checkpoint_dir=checkpoints,
+            health_after=None if args.no_health_check else HEALTH_AFTER,
+            time_budget_s=budget,
+        )
     print(json.dumps({"out": str(out), "final": history[-1] if history else {}}, indent=2))
     return 0
 

@@ -33,6 +33,7 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from models.precision import use_tf32
 from workers import metrics
 from workers import settings as S
 from workers.client import heartbeat_key, worker_key
@@ -140,6 +141,7 @@ def main() -> int:
     metrics.serve_metrics(settings.metrics_port, settings.metrics_addr)  # answers while loading
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
+    use_tf32(settings.tf32)
     redis = Redis.from_url(settings.redis_url)
     runtime = Runtime(settings, redis)
     if settings.register_demo:

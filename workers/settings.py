@@ -7,6 +7,7 @@ Settings come from environment variables with the prefix ``VITEDIT_`` (``VITEDIT
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -84,6 +85,10 @@ class WorkerSettings(CommonSettings):
     """Settings of ``python -m workers.main``."""
 
     device: str = "auto"  # "auto" = cuda when available, else cpu
+    # forward passes of edits and their evaluation: fp32, or bf16 autocast (GPU; weights and
+    # patches stay fp32). README, "Precision": bf16 leaves masked edits unchanged, not plain ft.
+    precision: Literal["fp32", "bf16"] = "fp32"
+    tf32: bool = False  # TF32 tensor cores for fp32 matmuls (Ampere+ GPUs)
     # 1 by default: on a shared small CPU, OpenMP threads spin-wait for each other; measured on
     # the demo backbone with a loaded 2-core machine, 50 steps took 0.5 s on 1 thread, 38 s on 2.
     # Raise it on a dedicated many-core machine; 0 = torch's default.

@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from models.editing import get_editor, make_config, run_edit
 from models.editing.registry import EditConfig, EditOutcome, EditTask
 from models.errors import EditCanceled, EditDiverged
+from models.precision import autocast
 from models.reports import ReportSets, TokenSet, build_report, peak_memory, predict_sets
 from models.review import (
     MAX_RETENTION_VERSIONS,
@@ -112,7 +113,10 @@ def _edit(rt: Runtime, payload: EditPayload, job: Job | None, progress: Progress
     sets = rt.report_sets(
         loaded, TokenSet(loaded.split.prefix(x), y.cpu(), thumbs), edit_keys, holdout, lineage
     )
-    with rt.activate(loaded, payload.parent):
+    with (
+        rt.activate(loaded, payload.parent),
+        autocast(loaded.backbone.device, rt.settings.precision),
+    ):
         task = EditTask.build(loaded.model, loaded.sites, x, y, loaded.hypernetwork, loaded.split)
         before = predict_sets(loaded.split, sets)
         needs_mask = get_editor(payload.method).needs_hypernetwork
@@ -125,6 +129,7 @@ def _edit(rt: Runtime, payload: EditPayload, job: Job | None, progress: Progress
     require_finite_patch(cumulative, "the new version")  # never store one either
     progress.phase("saving")  # closes "evaluating" in progress.seconds
     facts = _edit_facts(payload, loaded, config, outcome, cumulative)
+    facts["precision"] = rt.settings.precision
     report = build_report(
         sets, before, after, facts, progress.seconds, peak_memory(loaded.backbone.device)
     )

@@ -44,6 +44,7 @@ from models.evaluation import (
     pareto_front,
 )
 from models.forward import SplitForward
+from models.precision import autocast
 from models.sites import Sites
 from models.store.manifest import write_json_atomic
 from models.worlds.headline import headline
@@ -71,6 +72,7 @@ class BenchConfig:
     stop_loss: float = EditConfig.stop_loss
     seeds: tuple[int, ...] = (0, 1, 2)
     quick: bool = False
+    precision: str = "fp32"  # forward passes in fp32 or under bf16 autocast (models/precision.py)
 
     def __post_init__(self) -> None:
         if not self.seeds:
@@ -234,7 +236,8 @@ def run_bench(
     sites = sites or Sites.for_model(backbone.model)
     if hypernetwork is not None and any(get_editor(m).needs_hypernetwork for m in config.methods):
         hypernetwork.check_sites(sites)  # every method edits the hypernetwork's own sites
-    prep = _prepare(backbone, benchmark, config, sites)
+    with autocast(backbone.device, config.precision):  # base predictions at the same precision
+        prep = _prepare(backbone, benchmark, config, sites)
     plan = [(m, v) for m in config.methods for v in knob_values(m, config)]
     per_point = sum(len(e) for edits in prep.edits.values() for e in edits)
     total, done = len(plan) * per_point, 0
@@ -255,7 +258,8 @@ def run_bench(
             **({knob: value} if knob else {}),
         }
         edit_config = make_config(method, **options)
-        point = _run_point(prep, method, edit_config, hypernetwork, tick)
+        with autocast(backbone.device, config.precision):
+            point = _run_point(prep, method, edit_config, hypernetwork, tick)
         entry = methods.setdefault(method, {"knob": knob, "points": []})
         entry["points"].append(
             {"knob_value": value, "config": dataclasses.asdict(edit_config), **point}

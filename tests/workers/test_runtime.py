@@ -134,3 +134,23 @@ def test_benchmark_gr_leaves_out_the_edit_image_itself(tmp_path: Path) -> None:
     after = share_of_threes()
     assert report["before"]["GR"] == pytest.approx(before) and before == 0.0
     assert report["metrics"]["GR"] == pytest.approx(after) and after == 1.0  # 2 / 2, not 2 / 3
+
+
+def test_a_bf16_worker_edits_under_autocast_and_says_so_in_the_report(tmp_path: Path) -> None:
+    store = tiny_store(tmp_path)
+    settings = WorkerSettings(store=store.root, device="cpu", precision="bf16")
+    rt = Runtime(settings, Redis.from_url("redis://127.0.0.1:1/0"))
+    seen: list[torch.dtype] = []
+    model = rt.load("tiny").model
+    hook = model.blocks[-1].mlp.fc1.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    try:
+        version = edit_once(rt, seed=3)
+    finally:
+        hook.remove()
+    assert seen and set(seen) == {torch.bfloat16}  # every forward pass of the job ran in bf16
+    manifest = store.version("tiny", version)
+    assert manifest.report["edit"]["precision"] == "bf16"
+    patch, _ = Patch.load(store.version_dir("tiny", version) / PATCH_FILE)
+    assert all(v.dtype == torch.float32 for _, v in patch.entries.values())  # the patch: fp32
+    with pytest.raises(ValueError, match="precision"):
+        WorkerSettings(store=store.root, precision="fp16")
