@@ -1,0 +1,67 @@
+"""Mask against mask at the same rho, from one or more ``vitedit bench`` results.json files.
+
+For every rho two methods share (say where2edit and saliency), the paired difference of GR and of
+LR over the same groups (and the same edits: same seeds), with a 95% bootstrap interval over
+groups. The results must come from runs of the same edits (``vitedit bench --merge`` checks that).
+
+    .venv/bin/python scripts/compare_masks.py RESULTS.json [--a where2edit] [--b saliency,random]
+    .venv/bin/python scripts/compare_masks.py A/results.json --other B/results.json --a where2edit
+        # where2edit of A (one hypernetwork) against where2edit of B (another), same edits
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from models.evaluation import paired_difference_ci
+from models.store.manifest import read_json
+
+
+def by_knob(entry: dict[str, Any]) -> dict[float, dict[str, Any]]:
+    return {p["knob_value"]: p for p in entry["points"]}
+
+
+def compare(a: dict[str, Any], b: dict[str, Any], label: str) -> list[str]:
+    rows = []
+    pa, pb = by_knob(a), by_knob(b)
+    for knob in sorted(set(pa) & set(pb), reverse=True):
+        x, y = pa[knob], pb[knob]
+        if [g["name"] for g in x["groups"]] != [g["name"] for g in y["groups"]]:
+            raise SystemExit(f"{label}: the runs did not edit the same groups")
+        cells = []
+        for metric in ("gr", "lr"):
+            diff, (lo, hi) = paired_difference_ci(
+                [g[metric] for g in x["groups"]], [g[metric] for g in y["groups"]]
+            )
+            mark = " *" if lo > 0 or hi < 0 else ""
+            cells.append(f"{100 * diff:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]{mark}")
+        rows.append(
+            f"| {label} | {knob:g} | {100 * x['gr']:.1f} / {100 * x['lr']:.1f} | "
+            f"{100 * y['gr']:.1f} / {100 * y['lr']:.1f} | {cells[0]} | {cells[1]} |"
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path)
+    parser.add_argument("--other", type=Path, help="take the --b methods from this results file")
+    parser.add_argument("--a", default="where2edit")
+    parser.add_argument("--b", default="saliency,random")
+    args = parser.parse_args()
+    first = read_json(args.results)
+    second = read_json(args.other) if args.other else first
+    if args.other and first["benchmark"] != second["benchmark"]:
+        raise SystemExit("the two runs did not make the same edits: compare runs of one setting")
+    print("| a - b | rho | a GR / LR % | b GR / LR % | GR difference [95% CI] | LR difference |")
+    print("|---|---:|---|---|---|---|")
+    for b in (m.strip() for m in args.b.split(",") if m.strip()):
+        rows = compare(first["methods"][args.a], second["methods"][b], f"{args.a} - {b}")
+        print("\n".join(rows))
+    print("(* : the 95% interval excludes 0; intervals resample groups, paired)")
+
+
+if __name__ == "__main__":
+    main()
