@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--out", type=Path, help="output folder (default: the shipped assets)")
     build.add_argument("--stage", choices=["backbone", "benchmark", "all"], default="all")
     build.add_argument(
-        "--epochs", type=int, default=None, help="training epochs (tiny-imagenet: 12)"
+        "--epochs", type=int, default=None, help="training epochs (tiny-imagenet: 11)"
     )
     build.add_argument(
         "--time-budget", type=float, help="seconds of training in this run; resume later"
@@ -59,8 +59,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     build.add_argument(
         "--stem",
         choices=["patch", "conv"],
-        default="patch",
-        help="tiny-imagenet: linear 8x8 patches or timm's convolutional (R+ViT hybrid) stem",
+        default="conv",
+        help="tiny-imagenet: timm's convolutional (R+ViT hybrid) stem (default), or linear 8x8 "
+        "patches",
     )
     build.add_argument(
         "--stop-at-step", type=int, help="stop training (and checkpoint) at this step; resume later"

@@ -209,12 +209,16 @@ def register_world(store: Store, world: str) -> ModelEntry:
 
     found = get_world(world)
     hypernetwork = found.hypernet_dir if (found.hypernet_dir / MANIFEST_FILE).is_file() else None
+    benchmark: dict[str, Any] = {"kind": "world", "world": world}
+    results = DEMO_BENCH_RESULTS.parent / world / "results.json"  # its measured front, if any
+    if results.is_file():
+        benchmark["results"] = str(results)  # checked against the weights' sha256 when read
     return register_model(
         store,
         WORLD_MODELS[world],
         found.assets / "backbone.json",
         hypernetwork=hypernetwork,
-        benchmark={"kind": "world", "world": world},
+        benchmark=benchmark,
     )
 
 

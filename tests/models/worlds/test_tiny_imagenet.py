@@ -50,7 +50,7 @@ def fake_tiny_imagenet(root: Path, size: int = 64, train: int = 20, val: int = 8
 
 
 def tiny_manifest() -> BackboneManifest:
-    m = tin.manifest([f"class {i}" for i in range(4)], weights=None)
+    m = tin.manifest([f"class {i}" for i in range(4)], weights=None, stem="patch")
     overrides = {**m.overrides, "embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 4}
     return BackboneManifest(**{**m.__dict__, "overrides": overrides})
 

@@ -31,9 +31,11 @@ def test_backbone_is_the_recorded_timm_vit_with_200_classes(backbone) -> None:
     manifest = BackboneManifest.read(tin.ASSETS / "backbone.json")
     assert sha256_file(tin.ASSETS / "backbone.safetensors") == manifest.weights_sha256
     assert backbone.weights_sha256 == manifest.weights_sha256
-    assert manifest.timm_name == "vit_tiny_patch16_224" and backbone.num_classes == 200
+    timm_name, patch = tin.STEMS[tin.DEFAULT_STEM]  # the conv-stem hybrid, 4x4 tokens
+    assert manifest.timm_name == timm_name and manifest.overrides["patch_size"] == patch
+    assert backbone.num_classes == 200 and backbone.model.patch_embed.grid_size == (4, 4)
     assert len(backbone.model.blocks) == 6 and backbone.model.embed_dim == 128
-    assert len(backbone.class_names) == 200 and manifest.extra["val_accuracy"] > 0.05
+    assert len(backbone.class_names) == 200 and manifest.extra["val_accuracy"] > 0.2
 
 
 def test_every_group_image_is_a_failure_of_the_shipped_backbone(world, backbone) -> None:
