@@ -38,7 +38,9 @@ def main() -> None:
     parser.add_argument("--hypernet", type=Path, help="hypernetwork folder (default: the world's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--world", default="demo", choices=["demo", "tiny-imagenet"])
-    parser.add_argument("--split", help="groups: tuning, test or all (default: the world's report split)")
+    parser.add_argument(
+        "--split", help="groups: tuning, test or all (default: the world's report split)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING)
@@ -87,7 +89,9 @@ def main() -> None:
                 by_bucket += np.bincount(bucket[flipped], minlength=3)
                 n += 1
         total, counts = n * len(margin), np.bincount(bucket, minlength=3) * n
-        rates = " / ".join(f"{100 * b / c:.1f}" for b, c in zip(by_bucket, counts, strict=True))
+        rates = " / ".join(
+            f"{100 * b / c:.1f}" if c else "-" for b, c in zip(by_bucket, counts, strict=True)
+        )
         print(
             f"| {method} | {100 * flips / total:.1f} | {100 * to_target / max(flips, 1):.1f} | "
             f"{100 * in_top2 / max(flips, 1):.1f} | "

@@ -11,7 +11,13 @@ from safetensors.torch import load_file, save_file
 
 from cli.main import main
 from models.backbones import load_backbone
-from models.errors import DataError, HypernetworkMismatchError, StoreError, UnknownBackboneError
+from models.errors import (
+    DataError,
+    HypernetworkMismatchError,
+    IntegrityError,
+    StoreError,
+    UnknownBackboneError,
+)
 from models.store.manifest import BackboneManifest, read_json, sha256_file
 from models.store.store import Store
 from tests.redis_server import make_benchmark, make_tiny_backbone
@@ -85,7 +91,7 @@ def _wrong_sha(weights, fields):
     [
         (_nan, DataError, "NaN or inf"),
         (_unknown_timm, UnknownBackboneError, "vit_nonexistent_patch3"),
-        (_wrong_sha, Exception, "sha256"),
+        (_wrong_sha, IntegrityError, "sha256"),
     ],
 )
 def test_a_model_that_would_not_load_is_refused_and_nothing_is_stored(
