@@ -42,7 +42,9 @@ class EditScore:
     lr: float
 
 
-def predictions(split: SplitForward, tokens: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+def predictions(
+    split: SplitForward, tokens: torch.Tensor, batch_size: int | None = None
+) -> torch.Tensor:
     """Top-1 predictions (N,) of the model from cached prefix tokens."""
     return split.logits(tokens, batch_size).argmax(dim=-1)
 

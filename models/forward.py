@@ -31,8 +31,11 @@ _VIT_PARTS = (
 class SplitForward:
     """``model(x) == suffix(prefix(x))``; ``prefix`` holds no editable parameter."""
 
-    def __init__(self, model: nn.Module, sites: Sites) -> None:
+    def __init__(self, model: nn.Module, sites: Sites, batch_size: int = 256) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, not {batch_size}")
         self.model = model
+        self.batch_size = batch_size  # images per forward of prefix() and logits()
         match = _VIT_BLOCK.match(sites.mlps[0])
         vit_like = all(hasattr(model, p) for p in _VIT_PARTS) and isinstance(
             model.blocks, nn.Sequential
@@ -44,10 +47,11 @@ class SplitForward:
         return self.first_block is not None
 
     @torch.no_grad()
-    def prefix(self, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    def prefix(self, x: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
         """(N, C, H, W) images -> cached tokens (N, T, D) after the frozen blocks (or x itself)."""
         if self.first_block is None:
             return x
+        batch_size = batch_size or self.batch_size
         return torch.cat(
             [self._prefix(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
         )
@@ -66,8 +70,9 @@ class SplitForward:
         return m.forward_head(x)
 
     @torch.no_grad()
-    def logits(self, tokens: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    def logits(self, tokens: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
         """Batched, gradient-free :meth:`suffix` for evaluation sets."""
+        batch_size = batch_size or self.batch_size
         return torch.cat(
             [self.suffix(tokens[i : i + batch_size]) for i in range(0, len(tokens), batch_size)]
         )

@@ -57,6 +57,7 @@ def main() -> None:
     parser.add_argument("--locality", type=int, default=500, help="images a report evaluates")
     parser.add_argument("--batch", type=int, default=8, help="meta-training episodes (B)")
     parser.add_argument("--tf32", action="store_true")
+    parser.add_argument("--no-meta", action="store_true", help="skip the meta-training rows")
     args = parser.parse_args()
     device = torch.device(args.device)
     use_tf32(args.tf32)
@@ -80,18 +81,24 @@ def main() -> None:
     for precision in ("fp32", "bf16"):
         with autocast(device, precision):
             task = EditTask.build(model, sites, image, target)
-            trainer = MetaTrainer(
-                backbone,
-                sites,
-                pool,
-                build_hypernetwork(model, sites),
-                MetaTrainConfig(iterations=1_000, batch=args.batch, inner_lr=0.1),
-            )
-            phases = (
+            phases = [
                 (f"edit, {args.steps} steps, rho 0.1", partial(run_edit, "random", task, config)),
                 (f"report: {args.locality} images", partial(evaluate, task, report_set)),
-                (f"meta-training iteration, B={args.batch}", trainer.step),
-            )
+            ]
+            # per-episode weight changes: auto = dense where the factors are larger (ViT-B);
+            # the factors row shows what that choice saves, side by side
+            forms = ("auto", "factors") if precision == "fp32" else ("auto",)
+            for form in () if args.no_meta else forms:
+                trainer = MetaTrainer(
+                    backbone,
+                    sites,
+                    pool,
+                    build_hypernetwork(model, sites),
+                    MetaTrainConfig(iterations=1_000, batch=args.batch, inner_lr=0.1),
+                    delta_form=form,
+                )
+                name = f"meta-training iteration, B={args.batch}, deltas {form}"
+                phases.append((name, trainer.step))
             for name, fn in phases:
                 seconds, peak = timed(fn, device, args.repeats)
                 print(f"| {name} | {precision} | {seconds:.3f} | {peak:.0f} |", flush=True)

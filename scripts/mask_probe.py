@@ -55,7 +55,9 @@ def main() -> None:
     parser.add_argument("--hypernet", type=Path, help="hypernetwork folder (default: the world's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--world", default="demo", choices=["demo", "tiny-imagenet"])
-    parser.add_argument("--split", help="groups: tuning, test or all (default: the world's report split)")
+    parser.add_argument(
+        "--split", help="groups: tuning, test or all (default: the world's report split)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING)

@@ -126,6 +126,8 @@ class Runtime:
             cache_min_idle_s=settings.cache_min_idle_s,
         )
         self.device = pick_device(settings.device)
+        if self.device.type == "cuda" and settings.gpu_memory_fraction is not None:
+            torch.cuda.set_per_process_memory_fraction(settings.gpu_memory_fraction, self.device)
         self.models: dict[str, LoadedModel] = {}
         self.versions: OrderedDict[tuple[str, str], list[torch.Tensor]] = OrderedDict()
         self.retention_tokens: OrderedDict[tuple[str, str], TokenSet] = OrderedDict()
@@ -174,7 +176,9 @@ class Runtime:
         for key in [k for k in self.retention_tokens if k[0] == name]:
             del self.retention_tokens[key]
         try:
-            self.models[name] = loaded = load_model(entry, self.device)
+            self.models[name] = loaded = load_model(
+                entry, self.device, self.settings.eval_batch_size
+            )
         except JobTimeoutException:
             raise
         except Exception as exc:
@@ -257,9 +261,20 @@ class Runtime:
         images = [open_image(self.store.version_file(key[0], key[1], r.file)) for r in records]
         tokens = TokenSet(loaded.tokens(images), torch.tensor([r.target for r in records]))
         self.retention_tokens[key] = tokens
-        while len(self.retention_tokens) > self.settings.retention_cache_size:
-            self.retention_tokens.popitem(last=False)
+        self._trim_retention_tokens()
         return tokens
+
+    def retention_cache_bytes(self) -> int:
+        return sum(t.tokens.nbytes for t in self.retention_tokens.values())
+
+    def _trim_retention_tokens(self) -> None:
+        """Least recently used first, down to the count and byte bounds; the newest stays."""
+        s = self.settings
+        while len(self.retention_tokens) > 1 and (
+            len(self.retention_tokens) > s.retention_cache_size
+            or self.retention_cache_bytes() > s.retention_cache_max_bytes
+        ):
+            self.retention_tokens.popitem(last=False)
 
     # ------------------------------------------------------------------ job bookkeeping
 
@@ -288,6 +303,9 @@ class Runtime:
             _fail(job, str(exc))
             raise
         except Exception as exc:
+            if out_of_memory(exc):
+                _fail(job, self._out_of_memory())
+                raise
             _fail(
                 job,
                 f"internal error ({type(exc).__name__}: {exc}); nothing was stored. "
@@ -306,6 +324,25 @@ class Runtime:
                     self.announce()  # free again
                 except RedisError:  # Redis went away under the job: reported once it is back
                     self.lost_jobs.append(job.id)
+
+    def _out_of_memory(self) -> str:
+        limit = ""
+        if self.device.type == "cuda":
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            share = self.settings.gpu_memory_fraction or 1.0
+            limit = f" (this worker may use {share * total / 2**30:.1f} GiB)"
+        return (
+            f"the job ran out of memory on {self.device}{limit}; nothing was stored. Send fewer "
+            "images, or have the operator lower VITEDIT_EVAL_BATCH_SIZE or raise "
+            "VITEDIT_GPU_MEMORY_FRACTION"
+        )
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """CUDA's allocator raises OutOfMemoryError; torch's CPU allocator a RuntimeError."""
+    return isinstance(exc, torch.OutOfMemoryError | MemoryError) or (
+        isinstance(exc, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(exc)
+    )
 
 
 def _fail(job: Job | None, reason: str) -> None:

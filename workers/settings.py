@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 KEY_PREFIX = "vitedit"
@@ -93,8 +94,17 @@ class WorkerSettings(CommonSettings):
     # the demo backbone with a loaded 2-core machine, 50 steps took 0.5 s on 1 thread, 38 s on 2.
     # Raise it on a dedicated many-core machine; 0 = torch's default.
     torch_threads: int = 1
+    # images per forward pass when the worker evaluates (locality, held-out, retention sets) and
+    # computes prefix tokens; lower it if a large backbone's reports run out of GPU memory
+    eval_batch_size: int = Field(256, ge=1)
     version_cache_size: int = 4  # merged site weights of this many versions stay in memory
     retention_cache_size: int = 64  # versions whose edit-image tokens stay in memory (LRU)
+    # ... and at most this many bytes of them (ViT-B: 197 x 768 floats = 0.6 MB per image); the
+    # tokens of the edit being evaluated are always kept, even when they alone exceed it
+    retention_cache_max_bytes: int = Field(512 * 1024**2, ge=0)
+    # CUDA: the share of the GPU's memory this worker's allocator may use (None = no cap). A job
+    # that needs more fails with a message saying what to lower, and the worker carries on.
+    gpu_memory_fraction: float | None = Field(None, gt=0, le=1)
     # an upload that no queued or running job names is deleted once this old (canceled, expired
     # or crashed jobs); young ones are kept: the API writes an upload before it enqueues its job
     upload_grace_s: float = 15 * 60

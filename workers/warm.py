@@ -62,8 +62,9 @@ class LoadedModel:
     def model(self) -> torch.nn.Module:
         return self.backbone.model
 
-    def tokens(self, images: list[Image.Image], batch: int = 256) -> torch.Tensor:
-        """Prefix tokens (N, T, D) of PIL images, preprocessed in batches."""
+    def tokens(self, images: list[Image.Image]) -> torch.Tensor:
+        """Prefix tokens (N, T, D) of PIL images, preprocessed in batches of the split's size."""
+        batch = self.split.batch_size
         chunks = [
             self.split.prefix(self.backbone.preprocess(images[i : i + batch]))
             for i in range(0, len(images), batch)
@@ -103,8 +104,9 @@ def restore_base(loaded: LoadedModel) -> bool:
     return True
 
 
-def load_model(entry: ModelEntry, device: torch.device) -> LoadedModel:
-    """Backbone (sha256 checked), sites, hypernetwork and benchmark tokens of one model."""
+def load_model(entry: ModelEntry, device: torch.device, batch_size: int = 256) -> LoadedModel:
+    """Backbone (sha256 checked), sites, hypernetwork and benchmark tokens of one model;
+    ``batch_size`` images per forward pass of its evaluation and token sets."""
     start = time.perf_counter()
     backbone = load_backbone(entry.backbone_manifest(), device)
     if backbone.weights_sha256 != entry.weights_sha256:
@@ -121,7 +123,7 @@ def load_model(entry: ModelEntry, device: torch.device) -> LoadedModel:
         sites = recorded_sites(entry.hypernetwork)
     else:
         sites = Sites.for_model(backbone.model, entry.blocks)
-    split = SplitForward(backbone.model, sites)
+    split = SplitForward(backbone.model, sites, batch_size)
     base = [p.detach().clone() for p in sites.params(backbone.model)]
     loaded = LoadedModel(entry, backbone, sites, split, hypernetwork, base, None, None, [])
     _load_benchmark(loaded)

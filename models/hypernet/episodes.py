@@ -2,8 +2,11 @@
 
 The change D_e is kept as the sum of its per-token gradient terms (:class:`Factors`) and added
 to the frozen layer's output (:class:`DeltaLinear`), so no dense per-episode copy of a matrix
-is ever formed; one backward to the site layers' outputs gives every episode's weight gradient.
-Used by :mod:`models.hypernet.metatrain`.
+is formed where the factors are smaller than the matrix (tokens x inner steps below the widths:
+the built-in backbones). Where they would be larger (ViT-B/16: 197 tokens x 5 steps = 985 terms
+against widths 768/3072), the change is kept dense instead (:class:`DenseDelta`, same interface;
+:func:`zero_delta` picks). Either way one backward to the site layers' outputs gives every
+episode's weight gradient. Used by :mod:`models.hypernet.metatrain`.
 """
 
 from __future__ import annotations
@@ -97,6 +100,56 @@ class Factors:
         return d * (self.mask.unsqueeze(-1) if self.dim == 0 else self.mask.unsqueeze(-2))
 
 
+@dataclass
+class DenseDelta:
+    """A per-episode change of one matrix held as (B, out, in): :class:`Factors`' interface, for
+    when the factors' ``capacity * (out + in)`` would exceed ``out * in``."""
+
+    d: torch.Tensor  # (B, out, in)
+    mask: torch.Tensor | None = None
+    dim: int = 0
+    r: int = 0  # rank-one terms added so far (for the capacity bookkeeping of the caller)
+
+    def plus(self, other: Factors | DenseDelta, scale: float) -> DenseDelta:
+        """self + scale * other (both unmasked)."""
+        assert self.mask is None and other.mask is None
+        return DenseDelta(self.d + scale * other.dense(), r=self.r + other.r)
+
+    def masked(self, mask: torch.Tensor, matrix: Matrix) -> DenseDelta:
+        return DenseDelta(self.d, mask, matrix.dim, self.r)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, N, in) -> x (m * D)^T per sample: (B, N, out)."""
+        if self.mask is not None and self.dim == 1:
+            x = x * self.mask.unsqueeze(1)
+        y = x @ self.d.transpose(1, 2)
+        if self.mask is not None and self.dim == 0:
+            y = y * self.mask.unsqueeze(1)
+        return y
+
+    def dense(self) -> torch.Tensor:
+        """m * D as (B, out, in)."""
+        if self.mask is None:
+            return self.d
+        return self.d * (self.mask.unsqueeze(-1) if self.dim == 0 else self.mask.unsqueeze(-2))
+
+
+Delta = Factors | DenseDelta
+
+DELTA_FORMS = ("auto", "factors", "dense")
+
+
+def zero_delta(batch: int, weight: torch.Tensor, capacity: int, form: str = "auto") -> Delta:
+    """D = 0 for ``batch`` episodes: factors with room for ``capacity`` rank-one terms, or a dense
+    (B, out, in) tensor when ``form`` says so or (``auto``) when it is the smaller of the two."""
+    if form not in DELTA_FORMS:
+        raise ValueError(f"delta form must be one of {DELTA_FORMS}, not {form!r}")
+    out, inp = weight.shape
+    if form == "dense" or (form == "auto" and capacity * (out + inp) > out * inp):
+        return DenseDelta(weight.new_zeros(batch, out, inp))
+    return Factors.zeros(batch, weight, capacity)
+
+
 class DeltaLinear(nn.Module):
     """``linear`` plus a per-sample low-rank change: y_b = linear(x_b) + x_b D_b^T.
 
@@ -104,7 +157,7 @@ class DeltaLinear(nn.Module):
     off as factors after ``autograd.grad(loss, output)``.
     """
 
-    def __init__(self, linear: nn.Linear, delta: Factors) -> None:
+    def __init__(self, linear: nn.Linear, delta: Delta) -> None:
         super().__init__()
         self.linear, self.delta = linear, delta
         self.input: torch.Tensor | None = None
@@ -121,7 +174,7 @@ class DeltaLinear(nn.Module):
 
 @contextmanager
 def episode_deltas(
-    model: nn.Module, sites: Sites, deltas: list[Factors]
+    model: nn.Module, sites: Sites, deltas: list[Delta]
 ) -> Iterator[list[DeltaLinear]]:
     """Within the block, sample b of a batch sees site matrices W0 + deltas[i][b]."""
     modules = dict(model.named_modules())
@@ -163,24 +216,33 @@ class BatchedEpisodes:
     """The B episodes of one batch on shared prefix tokens, each with its own site weights."""
 
     def __init__(
-        self, split: SplitForward, sites: Sites, episodes: Episodes, temperature: float
+        self,
+        split: SplitForward,
+        sites: Sites,
+        episodes: Episodes,
+        temperature: float,
+        delta_form: str = "auto",
     ) -> None:
         self.split, self.sites, self.temperature = split, sites, temperature
+        self.delta_form = delta_form  # see zero_delta
         self.tokens = split.prefix(episodes.mixed)  # (B, T, D), once per batch
         self.clean_logits = episodes.clean_logits  # (B, C)
         self.w0 = [p.detach() for p in sites.params(split.model)]
 
-    def zeros(self, capacity: list[int] | None = None) -> list[Factors]:
-        pairs = zip(self.w0, capacity or [0] * len(self.w0), strict=True)
-        return [Factors.zeros(len(self.tokens), w, c) for w, c in pairs]
+    def zeros(self, capacity: list[int] | None = None) -> list[Delta]:
+        """D = 0 per site matrix; with ``capacity`` (rank-one terms to come), in the smaller form."""
+        if capacity is None:  # only read, never added to: empty factors cost nothing
+            return [Factors.zeros(len(self.tokens), w) for w in self.w0]
+        pairs = zip(self.w0, capacity, strict=True)
+        return [zero_delta(len(self.tokens), w, c, self.delta_form) for w, c in pairs]
 
-    def losses(self, deltas: list[Factors]) -> torch.Tensor:
+    def losses(self, deltas: list[Delta]) -> torch.Tensor:
         """Per-episode loss (B,) at weights W0 + deltas."""
         with episode_deltas(self.split.model, self.sites, deltas):
             logits = self.split.suffix(self.tokens)
         return episode_kl(logits, self.clean_logits, self.temperature)
 
-    def anchor_losses(self, deltas: list[Factors], anchors: Anchors) -> torch.Tensor:
+    def anchor_losses(self, deltas: list[Delta], anchors: Anchors) -> torch.Tensor:
         """Per-episode mean KL (B,) on the episode's anchor images at weights W0 + deltas."""
         total = anchors.tokens.new_zeros(len(self.tokens))
         with episode_deltas(self.split.model, self.sites, deltas):
@@ -188,7 +250,7 @@ class BatchedEpisodes:
                 total = total + episode_kl(self.split.suffix(tokens), clean, self.temperature)
         return total / len(anchors.tokens)
 
-    def grads(self, deltas: list[Factors]) -> list[Factors]:
+    def grads(self, deltas: list[Delta]) -> list[Factors]:
         """Per-episode weight gradients of L at W0 + deltas, as factors (output grads, inputs).
 
         The loss is a sum over episodes and sample b only sees episode b's weights, so one

@@ -13,7 +13,7 @@ Per iteration, on a batch of B CutMix episodes (x, x~, f(x)):
 Speed without changing the maths: the frozen prefix runs once per batch (SplitForward); the B
 episodes run together in one batch, each with its own site weights W0 + m_e * D_e, where D_e is
 kept as the low-rank sum of its per-token gradient terms (:class:`Factors`, :class:`DeltaLinear`)
-instead of B dense copies; the first inner gradient (at W0, independent of m) is computed once
+instead of B dense copies (or dense, :class:`DenseDelta`, where that is smaller: ViT-B); the first inner gradient (at W0, independent of m) is computed once
 per batch and reused by the S outer steps. :func:`search_masks_reference` is the straightforward
 loop (one deep copy per episode, full forward passes), kept for the benchmark and the tests.
 """
@@ -49,7 +49,7 @@ from models.errors import MetaTrainingUnhealthy
 from models.forward import SplitForward
 from models.hypernet.checkpoint import CHECKPOINT_DIR, load_checkpoint, save_checkpoint
 from models.hypernet.cutmix import CutMixSampler, Episodes, ImagePool
-from models.hypernet.episodes import Anchors, BatchedEpisodes, Factors, episode_kl
+from models.hypernet.episodes import Anchors, BatchedEpisodes, Delta, episode_kl
 from models.hypernet.network import HypernetConfig, Hypernetwork, cls_features, feature_dim
 from models.sites import Sites
 
@@ -183,7 +183,7 @@ def search_masks(
     return MaskSearch(s.detach(), kls, losses, anchor_kls)
 
 
-def _masked(sites: Sites, m: torch.Tensor, steps: list[Factors]) -> list[Factors]:
+def _masked(sites: Sites, m: torch.Tensor, steps: list[Delta]) -> list[Delta]:
     """m * D per matrix, from the flat (B, n_entries) mask."""
     parts = zip(sites.split(m), steps, sites.matrices, strict=True)
     return [d.masked(mk, matrix) for mk, d, matrix in parts]
@@ -291,6 +291,7 @@ class MetaTrainer:
         hypernet: Hypernetwork,
         cfg: MetaTrainConfig,
         impl: str = "batched",
+        delta_form: str = "auto",
     ) -> None:
         if impl not in ("batched", "reference"):
             raise ValueError(f"impl must be 'batched' or 'reference', got {impl!r}")
@@ -299,7 +300,7 @@ class MetaTrainer:
                 "the reference loop implements the paper's objective only (locality 0)"
             )
         self.backbone, self.sites, self.hypernet, self.cfg = backbone, sites, hypernet, cfg
-        self.impl = impl
+        self.impl, self.delta_form = impl, delta_form  # delta_form: episodes.zero_delta
         self.model = backbone.model
         self.split = SplitForward(self.model, sites)
         self.sampler = CutMixSampler(self.model, pool, seed=cfg.seed, device=backbone.device)
@@ -313,7 +314,9 @@ class MetaTrainer:
         s0 = torch.rand(cfg.batch, self.sites.n_entries, generator=gen) * 2 - 1  # U(-1, 1)
         s0 = s0.to(self.backbone.device)
         if self.impl == "batched":
-            batch = BatchedEpisodes(self.split, self.sites, episodes, cfg.temperature)
+            batch = BatchedEpisodes(
+                self.split, self.sites, episodes, cfg.temperature, self.delta_form
+            )
             search = search_masks(batch, s0, cfg, self._anchors() if cfg.locality > 0 else None)
         else:
             search = search_masks_reference(self.model, self.sites, episodes, s0, cfg)

@@ -154,3 +154,49 @@ def test_a_bf16_worker_edits_under_autocast_and_says_so_in_the_report(tmp_path: 
     assert all(v.dtype == torch.float32 for _, v in patch.entries.values())  # the patch: fp32
     with pytest.raises(ValueError, match="precision"):
         WorkerSettings(store=store.root, precision="fp16")
+
+
+def test_retention_tokens_are_bounded_by_bytes_too(tmp_path: Path) -> None:
+    store = tiny_store(tmp_path)
+    settings = WorkerSettings(store=store.root, device="cpu", retention_cache_max_bytes=1)
+    rt = Runtime(settings, Redis.from_url("redis://127.0.0.1:1/0"))  # never contacted here
+    parent = None
+    for seed in (61, 62, 63):  # the 3rd edit evaluates the retention of the first two
+        parent = edit_once(rt, seed, parent=parent)
+    assert len(rt.retention_tokens) == 1  # the newest is kept even when it alone is over
+    assert rt.retention_cache_bytes() > 1
+
+
+def test_eval_batch_size_reaches_the_loaded_model(tmp_path: Path) -> None:
+    store = tiny_store(tmp_path)
+    settings = WorkerSettings(store=store.root, device="cpu", eval_batch_size=3)
+    rt = Runtime(settings, Redis.from_url("redis://127.0.0.1:1/0"))  # never contacted here
+    loaded = rt.load("tiny")
+    assert loaded.split.batch_size == 3
+    images = [Image.open(io.BytesIO(png(seed))) for seed in range(7)]  # 3 + 3 + 1
+    torch.testing.assert_close(
+        loaded.tokens(images), loaded.split.prefix(loaded.backbone.preprocess(images), 7)
+    )
+    with pytest.raises(ValueError, match="eval_batch_size"):
+        WorkerSettings(eval_batch_size=0)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 7 bytes"),
+    ],
+)
+def test_running_out_of_memory_fails_the_job_with_what_to_lower(
+    tmp_path: Path, exc: Exception, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = tiny_store(tmp_path)
+    rt = Runtime(
+        WorkerSettings(store=store.root, device="cpu"), Redis.from_url("redis://127.0.0.1:1/0")
+    )
+    with pytest.raises(type(exc)), rt.running(None, None):
+        raise exc
+    assert "ran out of memory on cpu; nothing was stored" in caplog.text
+    assert "VITEDIT_EVAL_BATCH_SIZE" in caplog.text
+    assert "internal error" not in caplog.text

@@ -17,9 +17,11 @@ from models.hypernet.cutmix import CutMixSampler, TensorPool
 from models.hypernet.episodes import (
     Anchors,
     BatchedEpisodes,
+    DenseDelta,
     Factors,
     episode_deltas,
     episode_kl,
+    zero_delta,
 )
 from models.hypernet.metatrain import (
     MetaTrainConfig,
@@ -123,6 +125,39 @@ def test_batched_mask_search_matches_the_per_episode_reference(tiny_backbone, si
     close(torch.tensor(fast.loss), torch.tensor(slow.loss), rtol=1e-3, atol=1e-5)
     close(torch.tensor(fast.kl), torch.tensor(slow.kl), rtol=1e-3, atol=1e-5)
     assert (fast.s - slow.s).abs().mean() < 1e-3
+
+
+def test_dense_deltas_give_the_same_mask_search_as_factors(demo_backbone, demo_pool):
+    cfg = MetaTrainConfig(**{**FAST, "inner_lr": 0.1})  # the trained demo ViT: KLs ~ 0.1, not 1e-5
+    sites = Sites.for_model(demo_backbone.model)
+    episodes = CutMixSampler(demo_backbone.model, demo_pool, seed=1).sample(cfg.batch)
+    s0 = torch.rand(cfg.batch, sites.n_entries, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    split = SplitForward(demo_backbone.model, sites)
+    runs = {}
+    for form in ("factors", "dense"):
+        batch = BatchedEpisodes(split, sites, episodes, cfg.temperature, delta_form=form)
+        kinds = {type(d) for d in batch.zeros([4] * len(sites.matrices))}
+        assert kinds == {DenseDelta if form == "dense" else Factors}
+        runs[form] = search_masks(batch, s0, cfg)
+    close = torch.testing.assert_close
+    close(torch.tensor(runs["dense"].kl), torch.tensor(runs["factors"].kl), rtol=1e-4, atol=1e-7)
+    close(runs["dense"].s, runs["factors"].s, rtol=1e-4, atol=1e-5)
+
+
+def test_the_smaller_form_is_chosen_vit_b_shapes_go_dense():
+    fc1 = torch.empty(3072, 768)  # ViT-B/16: 197 tokens x 5 inner steps = 985 rank-one terms
+    assert isinstance(zero_delta(2, fc1, 985), DenseDelta)
+    assert isinstance(zero_delta(2, torch.empty(512, 128), 17 * 5), Factors)  # the built-ins
+    dense = zero_delta(1, torch.zeros(4, 3), 10, "dense")
+    step = Factors(torch.ones(1, 2, 4), torch.ones(1, 2, 3), 2)
+    torch.testing.assert_close(dense.plus(step, -0.5).dense()[0], torch.full((4, 3), -1.0))
+    rows = Matrix("fc1.weight", 0, 4)
+    masked = dense.plus(step, 1.0).masked(torch.tensor([[1.0, 0, 1, 0]]), rows)
+    torch.testing.assert_close(
+        masked.apply(torch.ones(1, 5, 3))[0, 0], torch.tensor([6.0, 0, 6, 0])
+    )
+    with pytest.raises(ValueError, match="delta form"):
+        zero_delta(1, dense.d[0], 1, "sparse")
 
 
 def test_short_meta_training_lowers_the_outer_loss_and_the_regression_loss(
