@@ -33,6 +33,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--images", type=Path, help="unlabeled images for the inner-lr search (else it is skipped)"
     )
+    add_search_options(p)
+    p.add_argument("--write", action="store_true", help="record the choices in the manifest")
+    p.set_defaults(func=run_calibrate)
+
+
+def add_search_options(p: argparse.ArgumentParser) -> None:
+    """What the calibration tries (shared by ``vitedit models add --calibrate``)."""
     p.add_argument("--lrs", default="1e-4,1e-3,1e-2", help="edit learning rates to try")
     p.add_argument("--max-steps", default="50", help="edit step limits to try")
     p.add_argument("--stop-losses", default="0.1,0.5", help="edit stop losses (CE) to try")
@@ -42,8 +49,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
-    p.add_argument("--write", action="store_true", help="record the choices in the manifest")
-    p.set_defaults(func=run_calibrate)
 
 
 def _floats(text: str, what: str) -> list[float]:
@@ -138,7 +143,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         print("\nno --images: the meta-training inner lr was not measured")
 
     if args.write:
-        command = shlex.join(["vitedit", *sys.argv[1:]])
+        command = shlex.join(["vitedit", *getattr(args, "argv", sys.argv[1:])])
         cal.write_calibration(manifest_path, edit, inner, command, names)
         print(f"\nwrote extra.edit_defaults / meta_defaults / calibration to {manifest_path}")
     return 0 if edit.chosen is not None else 1

@@ -1,14 +1,17 @@
 """``vitedit models``: add, list and remove the models of a store (run where the store is mounted).
 
     vitedit models add my-vit --backbone my-vit.json [--hypernet my-hypernet/] \\
-        [--groups edit_groups/ --locality locality/] [--default-method saliency]
+        [--groups edit_groups/ --locality locality/ [--calibrate [--images train/]]] \\
+        [--default-method saliency]
     vitedit models list
     vitedit models remove my-vit [--purge]
 
 ``add`` loads the model as a worker would and refuses it, with the reason, if it does not load;
 then it copies the files into the store (``models/<name>/base/``) and registers them by
 store-relative keys, which every worker on every host resolves against its own mount of the store.
-Running workers and the API see the new entry with their next request. The store is ``--store``,
+Running workers and the API see the new entry with their next request. ``--calibrate`` runs
+``vitedit calibrate`` on the stored copy (the benchmark's tuning half; ``--images`` for the
+meta-training inner lr) before the model is published, so its edits use the measured setting. The store is ``--store``,
 else ``$VITEDIT_STORE``, else ``var/store`` (what ``vitedit serve`` uses).
 """
 
@@ -17,6 +20,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from cli.calibrate import add_search_options
 
 if TYPE_CHECKING:
     from models.store.store import Store
@@ -38,6 +43,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     add.add_argument("--locality", type=Path, help="benchmark locality images")
     add.add_argument("--default-method", help="default editor (where2edit with a hypernetwork)")
     add.add_argument("--replace", action="store_true", help="replace a registered model's files")
+    add.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="measure the edit setting (and, with --images, the inner lr) on the benchmark's "
+        "tuning half and record it (vitedit calibrate --help)",
+    )
+    add.add_argument("--images", type=Path, help="unlabeled images for --calibrate's inner lr")
+    add_search_options(add.add_argument_group("calibration (with --calibrate)"))
     lst = actions.add_parser("list", help="the registered models")
     rm = actions.add_parser("remove", help="unregister a model and delete its files")
     rm.add_argument("name")
@@ -54,6 +67,19 @@ def _store(args: argparse.Namespace) -> Store:
     return Store(args.store or WorkerSettings().store)
 
 
+def _calibrate(args: argparse.Namespace, manifest: Path, groups: Path, locality: Path) -> None:
+    """``vitedit calibrate --write`` on the staged copy of the model."""
+    from cli.calibrate import run_calibrate
+
+    staged = {"backbone": manifest, "groups": groups, "locality": locality}
+    calibration = argparse.Namespace(**{**vars(args), **staged, "world": None, "write": True})
+    if run_calibrate(calibration) != 0:
+        print(
+            "calibration found no setting that fixes every tuning edit: the model keeps the "
+            "default edit setting (try larger --lrs or --max-steps, then --replace)"
+        )
+
+
 def run_models(args: argparse.Namespace) -> int:
     store = _store(args)
     if args.models_command == "add":
@@ -68,6 +94,7 @@ def run_models(args: argparse.Namespace) -> int:
             locality=args.locality,
             default_method=args.default_method,
             replace=args.replace,
+            calibrate=(lambda *paths: _calibrate(args, *paths)) if args.calibrate else None,
         )
         print(
             f"added {entry.name}: {entry.timm_name}, {entry.num_classes} classes, default method "

@@ -15,6 +15,7 @@ import logging
 import os
 import secrets
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from models.errors import DataError, StoreError, VitEditError
@@ -72,11 +73,21 @@ def add_model(
     locality: Path | None = None,
     default_method: str | None = None,
     replace: bool = False,
+    calibrate: Callable[[Path, Path, Path], None] | None = None,
 ) -> ModelEntry:
-    """Check, copy and register model ``name``; returns its entry (paths resolved)."""
+    """Check, copy and register model ``name``; returns its entry (paths resolved).
+
+    ``calibrate(manifest, groups, locality)`` runs on the staged copies before anything is
+    published, and may write the measured settings into the staged manifest.
+    """
     check_name(name, "model")
     if (groups is None) != (locality is None):
         raise DataError("give the benchmark's --groups and --locality together (paper layout)")
+    if calibrate is not None and groups is None:
+        raise DataError(
+            "calibration needs the benchmark (--groups and --locality): it is "
+            "measured on their tuning half"
+        )
     if not replace and any(m.name == name for m in store.models()):
         raise StoreError(f"model {name!r} is registered: pass --replace to replace its files")
     manifest = BackboneManifest.read(backbone)
@@ -106,6 +117,9 @@ def add_model(
         if groups is not None and locality is not None:
             shutil.copytree(groups, staging / "benchmark" / "edit_groups")
             shutil.copytree(locality, staging / "benchmark" / "locality")
+        if calibrate is not None:
+            bench = staging / "benchmark"
+            calibrate(staging / BACKBONE_MANIFEST, bench / "edit_groups", bench / "locality")
         final = store.model_files(name)
         final.parent.mkdir(parents=True, exist_ok=True)
         if final.exists():

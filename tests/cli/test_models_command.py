@@ -136,3 +136,45 @@ def test_replace_and_remove_respect_versions(tiny, tmp_path) -> None:
         store.unregister_model("mine")
     store.unregister_model("mine", purge=True)
     assert store.models() == []
+
+
+def test_add_with_calibrate_records_the_measured_setting_in_the_stored_manifest(
+    tmp_path, capsys
+) -> None:
+    from PIL import Image
+
+    from models.worlds import demo
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for name in ("backbone.json", "backbone.safetensors"):
+        shutil.copy(demo.ASSETS / name, folder / name)
+    world = demo.load_world()
+    demo.export_world(world, tmp_path / "bench")
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, array in enumerate(world.pool[:16]):
+        Image.fromarray(array).save(images / f"{i:03d}.png")
+    root = tmp_path / "store"
+    argv = ["models", "add", "my-vit", "--backbone", str(folder / "backbone.json")]
+    argv += ["--store", str(root), "--calibrate", "--images", str(images)]
+    argv += ["--groups", str(tmp_path / "bench" / "edit_groups")]
+    argv += ["--locality", str(tmp_path / "bench" / "locality")]
+    argv += ["--lrs", "1e-3", "--stop-losses", "0.5", "--inner-lrs", "0.1"]
+    argv += ["--max-groups", "2", "--edits", "1"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "chosen: lr 0.001, max steps 50, stop CE 0.5" in out and "added my-vit" in out
+
+    stored = BackboneManifest.read(Store(root).model("my-vit").backbone)
+    assert stored.extra["edit_defaults"] == {"lr": 1e-3, "max_steps": 50, "stop_loss": 0.5}
+    assert stored.extra["meta_defaults"] == {"inner_lr": 0.1}
+    assert "--calibrate" in stored.extra["calibration"]["command"]
+    assert "calibration" not in BackboneManifest.read(folder / "backbone.json").extra  # untouched
+
+
+def test_calibrate_without_a_benchmark_is_refused_before_anything_is_stored(tiny, tmp_path):
+    root = tmp_path / "store"
+    with pytest.raises(DataError, match="calibration needs the benchmark"):
+        add_model(Store(root), "my-vit", tiny, calibrate=lambda *paths: None)
+    assert Store(root).models() == []
