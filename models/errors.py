@@ -62,6 +62,10 @@ class Unauthorized(VitEditError):
     """The server needs an API key and the request has no valid one."""
 
 
+class Forbidden(VitEditError):
+    """The API key is valid but may not do this (e.g. register models: an admin tenant's)."""
+
+
 STATUS: dict[type[VitEditError], int] = {
     VitEditError: 500,
     NotFound: 404,
@@ -72,6 +76,7 @@ STATUS: dict[type[VitEditError], int] = {
     Timeout: 504,
     RateLimited: 429,
     Unauthorized: 401,
+    Forbidden: 403,
 }
 """The HTTP status of each kind; an error takes the status of its nearest kind."""
 

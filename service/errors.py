@@ -149,12 +149,13 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         503: "the queue or the workers are unavailable; retry after `Retry-After` seconds",
     }.items()
 }
-"""Responses every ``/v1`` route may give (routes add their own 404, 409, 504)."""
+"""Responses every ``/v1`` route may give (routes add their own 403, 404, 409, 504)."""
 
 
 def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI entries for a route's own error statuses, with their meaning."""
     text = {
+        403: "this API key's tenant may not do this (registering models: VITEDIT_ADMIN_TENANTS)",
         404: "no such model, version, alias or job",
         409: "the request clashes with the current state (reused key, job already ended)",
         504: "no worker finished the short job in time; retry later",

@@ -41,6 +41,7 @@ class RequestGuard:
         self, app: ASGIApp, settings: ApiSettings, keyring: Keyring, limiter: RateLimiter
     ) -> None:
         self.app, self.limit = app, settings.max_body_bytes
+        self.model_limit = settings.max_model_bytes  # POST /v1/models: a model's files
         self.keyring, self.limiter = keyring, limiter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -68,11 +69,14 @@ class RequestGuard:
             if refused is not None:
                 await refused(scope, receive, send)
                 return
+        limit = self.limit
+        if scope["path"].rstrip("/") == "/v1/models" and scope["method"] == "POST":
+            limit = self.model_limit
         length = headers.get("content-length", "")
-        if length.isdigit() and int(length) > self.limit:
-            await self._too_large(int(length))(scope, receive, send)
+        if length.isdigit() and int(length) > limit:
+            await self._too_large(int(length), limit)(scope, receive, send)
             return
-        await self.app(scope, receive if length else self._counted(receive), send)
+        await self.app(scope, receive if length else self._counted(receive, limit), send)
 
     async def _rate(self, caller: Caller) -> JSONResponse | None:
         """None if the key may send this request; else its 429 (or 503: Redis is down)."""
@@ -96,15 +100,15 @@ class RequestGuard:
             headers={"Retry-After": str(max(1, math.ceil(wait)))},
         )
 
-    def _too_large(self, size: int) -> JSONResponse:
+    def _too_large(self, size: int, limit: int) -> JSONResponse:
         return error_response(
             413,
-            f"the request body has {size} bytes, more than the {self.limit} this server "
-            "accepts; send fewer or smaller images",
+            f"the request body has {size} bytes, more than the {limit} this server "
+            "accepts; send fewer or smaller files",
             "TooLarge",
         )
 
-    def _counted(self, receive: Receive) -> Receive:
+    def _counted(self, receive: Receive, limit: int) -> Receive:
         """``receive`` for a body of unknown length: 413 once it passes the limit."""
         seen = 0
 
@@ -112,11 +116,11 @@ class RequestGuard:
             nonlocal seen
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > self.limit:
+            if seen > limit:
                 raise HTTPException(
                     413,
-                    f"the request body is larger than the {self.limit} bytes this "
-                    "server accepts; send fewer or smaller images",
+                    f"the request body is larger than the {limit} bytes this "
+                    "server accepts; send fewer or smaller files",
                 )
             return message
 

@@ -26,6 +26,12 @@ class ApiSettings(CommonSettings):
     # a whole request body (checked from Content-Length before it is read); 32 MiB holds
     # e.g. 8 images at the per-file limit, or 64 of 512 KB
     max_body_bytes: int = 32 << 20
+    # POST /v1/models: the whole body (weights, hypernetwork, benchmark zip) and, with API keys,
+    # the tenants allowed to register and remove models ("ops,ml-platform"); without API keys
+    # the server is open and anyone may
+    max_model_bytes: int = Field(2 << 30, ge=1)
+    admin_tenants: str = ""
+    register_timeout_s: float = Field(300.0, gt=0)
     max_steps_limit: int = 2000
     max_wait_s: float = 60.0  # longest long-poll of GET /v1/edits/{id}?wait=
     predict_timeout_s: float = 120.0

@@ -30,7 +30,7 @@ from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from models.errors import Conflict, NotFound, Timeout, Unavailable, VitEditError
+from models.errors import Conflict, NotFound, Timeout, Unavailable, VitEditError, by_name
 from models.store.manifest import DEFAULT_TENANT
 from workers import metrics
 from workers import settings as S
@@ -251,7 +251,9 @@ class JobClient:
             if status == JobStatus.FINISHED:
                 return job.return_value()
             if status in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED):
-                raise JobFailed(job.get_meta(refresh=True).get("error") or _last_line(job))
+                meta = job.get_meta(refresh=True)
+                error = by_name(meta.get("error_kind")) or JobFailed
+                raise error(meta.get("error") or _last_line(job))
             time.sleep(0.02)
         if job.get_status(refresh=True) == JobStatus.QUEUED:
             job.cancel()

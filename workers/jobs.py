@@ -12,7 +12,7 @@ from typing import Any
 from rq import get_current_job
 
 from workers import metrics, runtime, tasks
-from workers.payloads import EditPayload, MaterialisePayload, PredictPayload
+from workers.payloads import EditPayload, MaterialisePayload, PredictPayload, RegisterPayload
 
 
 def edit(payload: dict[str, Any]) -> dict[str, Any]:
@@ -41,4 +41,13 @@ def materialise(payload: dict[str, Any]) -> dict[str, Any]:
         lambda: tasks.materialise(
             rt, MaterialisePayload.model_validate(payload), get_current_job()
         ),
+    )
+
+
+def register(payload: dict[str, Any]) -> dict[str, Any]:
+    rt = runtime.current()
+    return metrics.run_job(
+        "register",
+        rt.redis,
+        lambda: tasks.register(rt, RegisterPayload.model_validate(payload), get_current_job()),
     )

@@ -18,7 +18,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from models.errors import DataError, StoreError, VitEditError
+from models.errors import DataError, IntegrityError, StoreError, VitEditError
 from models.store.manifest import BackboneManifest, ModelEntry, sha256_file
 from models.store.store import Store, check_name
 from workers.registration import register_model
@@ -46,6 +46,10 @@ def _check_loads(
         )
     try:
         backbone = load_backbone(manifest)
+    except IntegrityError as exc:  # the user's files disagree with each other: a bad request
+        raise DataError(
+            f"{exc}; send the weights the manifest was written for, or drop its weights_sha256"
+        ) from exc
     except VitEditError:
         raise
     except Exception as exc:  # timm, safetensors: say which file and why

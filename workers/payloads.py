@@ -18,6 +18,7 @@ JOB_FUNCS = {
     "edit": "workers.jobs.edit",
     "predict": "workers.jobs.predict",
     "materialise": "workers.jobs.materialise",
+    "register": "workers.jobs.register",
 }
 """Job kind -> the dotted path RQ imports in the worker (the API never imports it)."""
 
@@ -89,4 +90,20 @@ class MaterialisePayload(_Payload):
     version: str | None = None
 
 
-Payload = EditPayload | PredictPayload | MaterialisePayload
+class RegisterPayload(_Payload):
+    """Check and register the model whose files the API wrote to upload ``upload``: a worker
+    loads it (``workers.model_files.add_model``) and refuses it with the reason if it fails.
+    Paths are relative to the store root."""
+
+    kind: Literal["register"] = "register"
+    model: str = Field(pattern=NAME_PATTERN)
+    upload: str
+    backbone: str  # the manifest, its weights beside it
+    hypernetwork: str | None = None  # a folder: hypernet.json + hypernet.safetensors
+    groups: str | None = None  # benchmark folders in the paper's layout
+    locality: str | None = None
+    default_method: str | None = None
+    replace: bool = False
+
+
+Payload = EditPayload | PredictPayload | MaterialisePayload | RegisterPayload

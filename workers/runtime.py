@@ -300,7 +300,7 @@ class Runtime:
             )
             raise
         except VitEditError as exc:
-            _fail(job, str(exc))
+            _fail(job, str(exc), type(exc).__name__)
             raise
         except Exception as exc:
             if out_of_memory(exc):
@@ -345,10 +345,13 @@ def out_of_memory(exc: BaseException) -> bool:
     )
 
 
-def _fail(job: Job | None, reason: str) -> None:
+def _fail(job: Job | None, reason: str, kind: str | None = None) -> None:
+    """Record why the job failed (and, for a vitedit error, its class: the API's status)."""
     log.warning("job %s failed: %s", job.id if job else "-", reason)
     if job is not None:
         job.meta["error"] = reason
+        if kind is not None:
+            job.meta["error_kind"] = kind
         job.save_meta()
 
 

@@ -39,7 +39,13 @@ from models.review import (
 from models.sites import Patch
 from models.store.manifest import ImageRecord, VersionManifest, utc_now
 from models.store.store import PATCH_FILE, REJECTED, VersionDraft
-from workers.payloads import Acceptance, EditPayload, MaterialisePayload, PredictPayload
+from workers.payloads import (
+    Acceptance,
+    EditPayload,
+    MaterialisePayload,
+    PredictPayload,
+    RegisterPayload,
+)
 from workers.runtime import Progress, Runtime, open_image
 from workers.warm import LoadedModel, pixel_key
 
@@ -357,3 +363,28 @@ def materialise(rt: Runtime, payload: MaterialisePayload, job: Job | None) -> di
             "sha256": sha,
             "size": path.stat().st_size,
         }
+
+
+# --------------------------------------------------------------------------- register
+
+
+def register(rt: Runtime, payload: RegisterPayload, job: Job | None) -> dict[str, Any]:
+    """Load the uploaded model as a worker would, then copy it into the store and register it
+    (``workers.model_files.add_model``: a model that does not load is refused with the reason)."""
+    from workers.model_files import add_model
+
+    def path(key: str | None) -> Path | None:
+        return rt.store.upload_path(key) if key is not None else None
+
+    with rt.running(job, payload.upload):
+        entry = add_model(
+            rt.store,
+            payload.model,
+            rt.store.upload_path(payload.backbone),
+            hypernetwork=path(payload.hypernetwork),
+            groups=path(payload.groups),
+            locality=path(payload.locality),
+            default_method=payload.default_method,
+            replace=payload.replace,
+        )
+        return {"model": entry.name, "weights_sha256": entry.weights_sha256}

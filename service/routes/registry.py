@@ -1,15 +1,30 @@
-"""``/v1/models``: the registered models, their editors and options, aliases and latest version."""
+"""``/v1/models``: the registered models, their editors and options, aliases and latest version;
+registering a model (``POST``, its files in the body) and removing one (``DELETE``).
+
+A registration is checked in two places: here, torch-free, what can be read without loading
+(:mod:`service.model_upload`), then by a worker, which loads the model as it would for an edit
+and refuses it with the reason (``workers.model_files.add_model``); the API waits for that
+answer, so ``201`` means every worker can serve the model and ``422`` says why none could.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
 
+from fastapi import APIRouter, File, Form, Query, Response, UploadFile
+
+from models.errors import Forbidden
 from models.store.manifest import ModelEntry
-from models.store.store import Store
-from service.deps import StoreDep
+from models.store.store import Store, check_name
+from service.deps import CallerDep, JobsDep, SettingsDep, StoreDep
 from service.errors import responses
+from service.model_upload import write_model_files
 from service.params import ModelName
 from service.schemas import MethodPublic, ModelPublic
+from service.settings import ApiSettings
+from service.tenants import Caller
+from workers.client import WorkersBusy
+from workers.payloads import RegisterPayload
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -52,3 +67,91 @@ def list_models(store: StoreDep) -> list[ModelPublic]:
 )
 def read_model(model: ModelName, store: StoreDep) -> ModelPublic:
     return model_public(store, store.model(model))
+
+
+def require_admin(caller: Caller, settings: ApiSettings) -> None:
+    """With API keys, only the tenants of ``VITEDIT_ADMIN_TENANTS`` change the registry."""
+    admins = {t.strip() for t in settings.admin_tenants.split(",") if t.strip()}
+    if caller.key_id is not None and caller.tenant not in admins:
+        raise Forbidden(
+            f"tenant {caller.tenant!r} may not register or remove models: the server's "
+            "VITEDIT_ADMIN_TENANTS names who may"
+        )
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=ModelPublic,
+    responses=responses(403, 504),
+    summary="Register a model: backbone manifest + safetensors, optional hypernetwork, benchmark",
+)
+def create_model(
+    response: Response,
+    caller: CallerDep,
+    settings: SettingsDep,
+    store: StoreDep,
+    jobs: JobsDep,
+    name: Annotated[str, Form(description="the model's name (letters, digits, . _ -)")],
+    backbone: Annotated[UploadFile, File(description="backbone manifest (.json: timm_name, ...)")],
+    weights: Annotated[UploadFile, File(description="the backbone's weights (.safetensors)")],
+    hypernet: Annotated[UploadFile | None, File(description="hypernetwork manifest")] = None,
+    hypernet_weights: Annotated[UploadFile | None, File(description="its .safetensors")] = None,
+    benchmark: Annotated[
+        UploadFile | None, File(description="zip of edit_groups/ and locality/ (paper layout)")
+    ] = None,
+    default_method: Annotated[str | None, Form()] = None,
+    replace: Annotated[bool, Form(description="replace a registered model's files")] = False,
+) -> ModelPublic:
+    require_admin(caller, settings)
+    check_name(name, "model")
+    upload, folder = store.new_upload()
+    try:
+        files = write_model_files(
+            folder,
+            store.root,
+            settings.max_model_bytes,
+            backbone,
+            weights,
+            hypernet,
+            hypernet_weights,
+            benchmark,
+        )
+    except BaseException:
+        store.remove_upload(upload)
+        raise
+    payload = RegisterPayload(
+        model=name,
+        upload=upload,
+        backbone=files.backbone,
+        hypernetwork=files.hypernetwork,
+        groups=files.groups,
+        locality=files.locality,
+        default_method=default_method,
+        replace=replace,
+    )
+    try:  # the job's worker removes the upload when it ends (the housekeeping, if none ran it)
+        jobs.run_short(payload, settings.register_timeout_s)
+    except WorkersBusy:  # never enqueued
+        store.remove_upload(upload)
+        raise
+    response.headers["Location"] = f"/v1/models/{name}"
+    return model_public(store, store.model(name))
+
+
+@router.delete(
+    "/{model}",
+    status_code=204,
+    responses=responses(403, 404),
+    summary="Remove a model (and, with purge, its versions)",
+)
+def delete_model(
+    model: ModelName,
+    caller: CallerDep,
+    settings: SettingsDep,
+    store: StoreDep,
+    purge: Annotated[bool, Query(description="also delete the model's versions")] = False,
+) -> Response:
+    require_admin(caller, settings)
+    store.unregister_model(model, purge=purge)
+    return Response(status_code=204)

@@ -14,7 +14,6 @@ from models.backbones import load_backbone
 from models.errors import (
     DataError,
     HypernetworkMismatchError,
-    IntegrityError,
     StoreError,
     UnknownBackboneError,
 )
@@ -91,7 +90,7 @@ def _wrong_sha(weights, fields):
     [
         (_nan, DataError, "NaN or inf"),
         (_unknown_timm, UnknownBackboneError, "vit_nonexistent_patch3"),
-        (_wrong_sha, IntegrityError, "sha256"),
+        (_wrong_sha, DataError, "drop its weights_sha256"),
     ],
 )
 def test_a_model_that_would_not_load_is_refused_and_nothing_is_stored(

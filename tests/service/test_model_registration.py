@@ -1,0 +1,166 @@
+"""``POST /v1/models`` and ``DELETE /v1/models/{m}`` against a real redis-server and a real
+worker process: a model registered over HTTP is loaded by the worker first (refused with the
+reason if it does not load), then served; what cannot be read as safetensors, JSON or a safe zip
+is refused by the API before any worker sees it; with API keys only admin tenants may register."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from safetensors.torch import load, save
+
+from models.store.store import Store
+from tests.redis_server import db_url, make_benchmark, make_tiny_backbone, png, worker_process
+from tests.service.conftest import api
+
+pytestmark = pytest.mark.redis
+
+
+@pytest.fixture(scope="module")
+def served(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
+    url = db_url(redis_url, 12)
+    store = Store(tmp_path_factory.mktemp("registration") / "store")
+    with (
+        worker_process(url, store.root),
+        api(url, store.root) as open_client,
+        api(url, store.root, api_keys="ops:k-admin,team:k-user", admin_tenants="ops") as keyed,
+    ):
+        yield open_client, keyed, store
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    folder = tmp_path_factory.mktemp("files")
+    manifest_path = make_tiny_backbone(folder / "backbone")
+    manifest = json.loads(manifest_path.read_text())
+    weights = Path(manifest_path.parent / manifest["weights"]).read_bytes()
+    bench = make_benchmark(folder / "bench")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for kind, arc in (("groups", "edit_groups"), ("locality", "locality")):
+            for path in sorted(Path(bench[kind]).rglob("*.png")):
+                zf.write(path, f"{arc}/{path.relative_to(bench[kind])}")
+    return {"manifest": json.dumps(manifest).encode(), "weights": weights, "zip": buf.getvalue()}
+
+
+def post(
+    client: TestClient, name: str, files: dict[str, bytes], key: str | None = None, **extra
+) -> tuple[int, dict]:
+    parts = [
+        ("backbone", ("my.json", files["manifest"], "application/json")),
+        ("weights", ("my.safetensors", files["weights"], "application/octet-stream")),
+    ]
+    if "zip" in files:
+        parts.append(("benchmark", ("bench.zip", files["zip"], "application/zip")))
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    r = client.post("/v1/models", files=parts, data={"name": name, **extra}, headers=headers)
+    return r.status_code, r.json() if r.content else {}
+
+
+def assert_nothing_left(store: Store, name: str) -> None:
+    assert name not in [m.name for m in store.models()]
+    assert not (store.root / "models" / name).exists()
+    assert not any((store.root / "uploads").iterdir())
+
+
+def test_a_model_registered_over_http_is_served_and_removable(served, files) -> None:
+    client, _, store = served
+    status, body = post(client, "mine", files)
+    assert status == 201, body
+    assert body["name"] == "mine" and body["n_versions"] == 0
+    assert body["backbone"]["weights_sha256"] == store.model("mine").weights_sha256
+    assert json.loads((store.root / "models.json").read_text())["mine"]["backbone"] == (
+        "models/mine/base/backbone.json"  # a store-relative key
+    )
+    assert not any((store.root / "uploads").iterdir())  # the worker cleaned its upload
+    assert client.get("/v1/models/mine").status_code == 200
+
+    # the worker that registered it now edits it
+    r = client.post(
+        "/v1/edits",
+        files=[("images", ("x.png", png(5), "image/png"))],
+        data={"label": "3", "model": "mine", "method": "ft", "max_steps": "20", "min_sr": "0"},
+    )
+    assert r.status_code == 202, r.text
+    job = client.get(f"/v1/edits/{r.json()['id']}", params={"wait": 60}).json()
+    assert job["status"] == "succeeded", job
+
+    assert post(client, "mine", files)[0] == 422  # registered: needs replace
+    r = client.delete("/v1/models/mine")
+    assert r.status_code == 422 and "versions" in r.json()["detail"]  # it has a version
+    assert client.delete("/v1/models/mine", params={"purge": True}).status_code == 204
+    assert client.get("/v1/models/mine").status_code == 404
+    assert_nothing_left(store, "mine")
+
+
+@pytest.mark.parametrize("keep_sha", [True, False])
+def test_weights_that_do_not_load_are_refused_by_the_worker_with_the_reason(
+    served, files, keep_sha
+) -> None:
+    client, _, store = served
+    state = load(files["weights"])  # safetensors bytes: nothing unpickled
+    first = next(k for k, v in state.items() if v.is_floating_point())
+    state[first] = state[first].clone().fill_(float("nan"))
+    manifest = json.loads(files["manifest"])
+    if not keep_sha:
+        del manifest["weights_sha256"]
+    changed = {"weights": save(state), "manifest": json.dumps(manifest).encode()}
+    status, body = post(client, "broken", {**files, **changed})
+    assert status == 422, body
+    assert ("drop its weights_sha256" if keep_sha else "NaN or inf") in body["detail"]
+    assert_nothing_left(store, "broken")
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        ({"weights": b"\x80\x02}q\x00(X\x06\x00\x00\x00weightq"}, "not a safetensors file"),
+        ({"manifest": b"{not json"}, "not JSON"),
+        ({"manifest": json.dumps({"name": "x"}).encode()}, "timm_name"),
+        (
+            {
+                "manifest": json.dumps(
+                    {"name": "x", "timm_name": "vit", "pretrained": True}
+                ).encode()
+            },
+            "pretrained",
+        ),
+        ({"zip": b"PK\x03\x04 not really"}, "not a zip file"),
+    ],
+)
+def test_files_the_api_cannot_read_are_refused_before_any_worker(served, files, change, why):
+    client, _, store = served
+    status, body = post(client, "bad", {**files, **change})
+    assert status == 422, body
+    assert why in body["detail"]
+    assert_nothing_left(store, "bad")
+
+
+def test_a_zip_member_outside_its_folder_is_refused(served, files) -> None:
+    client, _, store = served
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("edit_groups/3-a/0.png", png(1))
+        zf.writestr("../../escaped.png", png(2))
+    status, body = post(client, "slip", {**files, "zip": buf.getvalue()})
+    assert status == 422 and "outside" in body["detail"], body
+    assert not (store.root.parent / "escaped.png").exists()
+    assert_nothing_left(store, "slip")
+
+
+def test_with_api_keys_only_admin_tenants_register_or_remove(served, files) -> None:
+    _, keyed, store = served
+    status, body = post(keyed, "team-model", files, key="k-user")
+    assert status == 403 and "VITEDIT_ADMIN_TENANTS" in body["detail"], body
+    assert_nothing_left(store, "team-model")
+    assert post(keyed, "ops-model", files, key="k-admin")[0] == 201
+    refused = keyed.delete("/v1/models/ops-model", headers={"Authorization": "Bearer k-user"})
+    assert refused.status_code == 403
+    gone = keyed.delete("/v1/models/ops-model", headers={"Authorization": "Bearer k-admin"})
+    assert gone.status_code == 204
