@@ -1,0 +1,82 @@
+"""Does the hypernetwork read the failure? How much its masks change from one edit image to
+another, against the gradient-saliency masks of the same images.
+
+For every image of every group (a world's report split by default), the top-``rho`` mask of
+``where2edit`` (the hypernetwork's scores for that image alone) and of ``saliency`` (per-neuron
+gradient norms of that image's CE to its group's label). Prints, per kind, the mean IoU of two
+masks of the same group, of two different groups, and the share of entries every mask holds;
+then the IoU of the two kinds' masks on the same image. A hypernetwork whose masks are nearly the
+same for every failure ranks neurons once for all (a static mask), whatever image it is shown.
+
+    .venv/bin/python scripts/mask_diversity.py --world tiny-imagenet [--hypernet DIR] [--rho 0.1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+
+from models.editing.registry import EditTask
+from models.editing.saliency import gradient_scores
+from models.forward import SplitForward
+from models.sites import top_rho_mask
+from models.worlds.catalog import open_world
+
+
+def pairwise_iou(masks: torch.Tensor, groups: torch.Tensor) -> tuple[float, float]:
+    """Mean IoU over pairs of (N, E) boolean masks: (same group, different groups)."""
+    m = masks.float()
+    inter = m @ m.T
+    union = m.sum(1, keepdim=True) + m.sum(1) - inter
+    iou = inter / union.clamp(min=1)
+    same = groups[:, None] == groups[None, :]
+    off_diagonal = ~torch.eye(len(m), dtype=torch.bool)
+    return iou[same & off_diagonal].mean().item(), iou[~same].mean().item()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--world", default="tiny-imagenet", choices=["demo", "tiny-imagenet"])
+    parser.add_argument("--hypernet", type=Path, help="hypernetwork folder (default: the world's)")
+    parser.add_argument("--split", help="tuning, test or all (default: the world's report split)")
+    parser.add_argument("--rho", type=float, default=0.1)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.WARNING)
+    backbone, bench, hypernet, sites = open_world(args.world, args.split, args.hypernet)
+    split = SplitForward(backbone.model, sites)
+    masks: dict[str, list[torch.Tensor]] = {"where2edit": [], "saliency": []}
+    group_of = []
+    for gi, group in enumerate(bench.groups):
+        images = backbone.preprocess(group.images)
+        tokens = split.prefix(images)
+        for i in range(len(images)):
+            x = images[i : i + 1]
+            with torch.no_grad():
+                scores = hypernet.mask_scores(backbone.model, x)
+            masks["where2edit"].append(top_rho_mask(scores, args.rho))
+            task = EditTask(
+                backbone.model, sites, split, x, torch.tensor([group.label]), tokens[i : i + 1]
+            )
+            masks["saliency"].append(top_rho_mask(gradient_scores(task), args.rho))
+            group_of.append(gi)
+    groups = torch.tensor(group_of)
+    print(f"{len(bench.groups)} groups, {len(groups)} images, rho {args.rho}\n")
+    print("| mask | IoU same group | IoU other groups | entries in every mask | in none |")
+    print("|---|---:|---:|---:|---:|")
+    stacked = {k: torch.stack(v) for k, v in masks.items()}
+    for kind, m in stacked.items():
+        same, other = pairwise_iou(m, groups)
+        every = m.all(0).float().mean().item() / args.rho
+        none = (~m.any(0)).float().mean().item()
+        print(f"| {kind} | {same:.3f} | {other:.3f} | {every:.1%} of a mask | {none:.1%} |")
+    a, b = stacked["where2edit"].float(), stacked["saliency"].float()
+    inter, union = (a * b).sum(1), ((a + b) > 0).float().sum(1)
+    print(f"\nwhere2edit vs saliency on the same image: mean IoU {(inter / union).mean():.3f}")
+
+
+if __name__ == "__main__":
+    main()
