@@ -113,7 +113,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     download.add_argument("model")
     download.add_argument("version", help="version id, alias, latest or base")
-    download.add_argument("--weights", action="store_true", help="full merged weights")
+    kind = download.add_mutually_exclusive_group()
+    kind.add_argument("--weights", action="store_true", help="full merged weights")
+    kind.add_argument(
+        "--review",
+        action="store_true",
+        help="the review page as one HTML file, figures inside (open it in a browser: for a "
+        "server with API keys, whose page a browser cannot fetch)",
+    )
     download.add_argument("--out", type=Path, help="file to write (default: from the names)")
     _server_args(download)
     download.set_defaults(func=run_download)
@@ -192,6 +199,13 @@ def run_edit(args: argparse.Namespace) -> int:
             _print_result(job)
             for line in key_figures(job, args.server):
                 console.print(line, soft_wrap=True, highlight=False)
+            if args.api_key and job.version:  # a browser cannot send the key: save the page
+                console.print(
+                    f"        (API keys: `vitedit download {job.model} {job.version} --review` "
+                    "saves it with its figures)",
+                    soft_wrap=True,
+                    highlight=False,
+                )
         return 0 if job.status in ("succeeded", "queued", "running") else 1
 
     return _with_client(args, go)
@@ -308,11 +322,11 @@ def _fmt(value: float | None) -> str:
 
 def run_download(args: argparse.Namespace) -> int:
     def go(client: ViteditClient) -> int:
-        kind = "weights" if args.weights else "patch"
+        kind = "weights" if args.weights else "review?inline=true" if args.review else "patch"
         version = args.version
         if version != "base":  # resolve an alias or 'latest' to the id, for the file name
             version = client.version(args.model, version).version
-        suffix = "safetensors" if args.weights else "patch.safetensors"
+        suffix = {"weights": "safetensors", "patch": "patch.safetensors"}.get(kind, "review.html")
         out = args.out or Path(f"{args.model}-{version}.{suffix}")
         sha = client.download(f"/v1/models/{args.model}/versions/{version}/{kind}", out)
         console.print(f"wrote {out} (sha256 {sha})", soft_wrap=True)

@@ -3,13 +3,18 @@
 The page is HTML rendered from the manifest (:mod:`service.review_page`); each figure is a PNG the
 worker wrote into the version folder before publishing it, served after its sha256 is checked
 against the manifest, like the patch. ``base`` has no edit to review: 404, saying so.
+
+With API keys a browser cannot send the key for the page's images, so ``?inline=true`` embeds
+them (``data:`` URIs, each sha256-checked): one authenticated request, one self-contained file,
+e.g. ``vitedit review my-vit@prod --out review.html``.
 """
 
 from __future__ import annotations
 
+import base64
 from typing import Annotated
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, HTMLResponse
 
@@ -21,6 +26,8 @@ from service.params import ModelName, VersionRef
 from service.review_page import ReviewPage
 
 router = APIRouter(prefix="/v1/models/{model}/versions", tags=["versions"])
+
+INLINE = "embed the figures in the page (one self-contained file: for servers with API keys)"
 
 FIGURE_PATTERN = r"^[a-z][a-z_]{0,63}\.png$"
 
@@ -47,16 +54,23 @@ PAGE_RESPONSE = {200: {"description": "the page", "content": {"text/html": {"sch
     summary="The version's review page (HTML): edits, held-out failures, locality flips, "
     "retention, mask heatmaps, its point on the benchmark front",
 )
-def review_page(model: ModelName, version: VersionRef, store: StoreDep) -> HTMLResponse:
+def review_page(
+    model: ModelName,
+    version: VersionRef,
+    store: StoreDep,
+    inline: Annotated[bool, Query(description=INLINE)] = False,
+) -> HTMLResponse:
     resolved = _resolve(store, model, version)
     manifest = store.version(model, resolved)
     base = f"/v1/models/{model}/versions"
-    page = ReviewPage(
-        manifest,
-        store.model(model).class_names,
-        base,
-        lambda name: f"{base}/{resolved}/review/{name}.png",  # the resolved id: immutable
-    )
+
+    def url(name: str) -> str:
+        if not inline:
+            return f"{base}/{resolved}/review/{name}.png"  # the resolved id: immutable
+        data = store.version_file(model, resolved, manifest.review["figures"][name]).read_bytes()
+        return "data:image/png;base64," + base64.b64encode(data).decode()
+
+    page = ReviewPage(manifest, store.model(model).class_names, base, url)
     return HTMLResponse(page.render())
 
 

@@ -95,7 +95,7 @@ def test_edit_ends_with_the_version_its_url_key_figures_and_review_page(
 ) -> None:
     first = chain[0]
     assert first.returncode == 0, first.stdout + first.stderr
-    version_line, url_line, figures, review_line = first.stdout.splitlines()[-4:]
+    *_, version_line, url_line, figures, review_line, hint = first.stdout.splitlines()
     assert version_line.startswith("version v") and version_line.endswith("(succeeded)")
     version = version_line.split()[1]
     url = url_line.split()[1]
@@ -108,10 +108,21 @@ def test_edit_ends_with_the_version_its_url_key_figures_and_review_page(
     assert review_line == f"review  {url}/review"
     page = httpx.get(review_line.split()[1], headers={"Authorization": f"Bearer {KEY}"})
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    # with API keys a browser cannot fetch the page: the CLI saves it, figures inside
+    assert f"vitedit download tiny {version} --review" in hint
+    out = live.images.parent / "review.html"
+    saved = vitedit(
+        "download", "tiny", "latest", "--review", "--out", str(out), "--server", live.url
+    )
+    assert saved.returncode == 0, saved.stderr
+    html = out.read_text()
+    assert (
+        html.count('src="data:image/png;base64,') >= 3 and "/review/" not in html.split("<img")[1]
+    )
 
 
 def test_versions_shows_whole_ids_at_80_columns(live: Live, chain: list) -> None:
-    ids = [run.stdout.splitlines()[-4].split()[1] for run in chain]  # the "version v..." line
+    ids = [run.stdout.splitlines()[-5].split()[1] for run in chain]  # the "version v..." line
     listing = vitedit("versions", "tiny", "--server", live.url)
     assert listing.returncode == 0, listing.stderr
     assert max(map(len, listing.stdout.splitlines())) <= 80

@@ -8,6 +8,7 @@ Fast: the route's 404s and a version stored before review figures existed.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import shutil
@@ -205,6 +206,20 @@ def test_review_of_an_alias_draws_the_resolved_versions_figures(live: Live) -> N
     assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/html")
     srcs = _parse(answer.text).images
     assert srcs and all(f"/versions/{live.versions[-1]}/review/" in s for s in srcs)
+
+
+def test_the_inline_page_carries_its_figures_with_their_sha256(live: Live) -> None:
+    version = live.versions[-1]
+    answer = httpx.get(
+        f"{live.url}/v1/models/tiny/versions/{version}/review", params={"inline": True}, timeout=30
+    )
+    assert answer.status_code == 200
+    srcs = _parse(answer.text).images
+    manifest = live.store.version("tiny", version)
+    prefix = "data:image/png;base64,"
+    assert len(srcs) == len(manifest.review["figures"]) and all(s.startswith(prefix) for s in srcs)
+    embedded = {hashlib.sha256(base64.b64decode(s.removeprefix(prefix))).hexdigest() for s in srcs}
+    assert embedded == {manifest.files[f] for f in manifest.review["figures"].values()}
 
 
 def test_a_damaged_figure_is_refused_not_served(live: Live) -> None:
