@@ -4,10 +4,6 @@ benchmark exported in the paper's layout, unlabeled images for the inner-lr sear
 from __future__ import annotations
 
 import argparse
-import shutil
-from pathlib import Path
-
-from PIL import Image
 
 from cli.hypernet import _CONFIG_OPTIONS, _options
 from cli.main import main
@@ -16,40 +12,30 @@ from models.worlds import demo
 
 
 def test_calibrate_writes_the_measured_choices_that_hypernet_train_then_uses(
-    tmp_path: Path, capsys
+    demo_as_user, capsys
 ) -> None:
-    folder = tmp_path / "my-vit"
-    folder.mkdir()
-    for name in ("backbone.json", "backbone.safetensors"):
-        shutil.copy(demo.ASSETS / name, folder / name)
-    world = demo.load_world()
-    demo.export_world(world, tmp_path / "bench")
-    images = tmp_path / "images"
-    images.mkdir()
-    for i, array in enumerate(world.pool[:32]):
-        Image.fromarray(array).save(images / f"{i:03d}.png")
-
+    user = demo_as_user
     code = main(
         [
             "calibrate",
-            *("--backbone", str(folder / "backbone.json")),
-            *("--groups", str(tmp_path / "bench" / "edit_groups")),
-            *("--locality", str(tmp_path / "bench" / "locality")),
-            *("--images", str(images)),
+            *("--backbone", str(user.manifest)),
+            *("--groups", str(user.groups)),
+            *("--locality", str(user.locality)),
+            *("--images", str(user.images)),
             *("--lrs", "1e-3", "--stop-losses", "0.5", "--inner-lrs", "1e-3,0.1"),
             *("--max-groups", "2", "--edits", "1", "--write"),
         ]
     )
     out = capsys.readouterr().out
     assert code == 0, out
-    extra = BackboneManifest.read(folder / "backbone.json").extra
+    extra = BackboneManifest.read(user.manifest).extra
     assert extra["edit_defaults"] == {"lr": 1e-3, "max_steps": 50, "stop_loss": 0.5}
     assert extra["meta_defaults"] == {"inner_lr": 0.1}  # the paper's 1e-3 leaves masks empty
     evidence = extra["calibration"]
     assert len(evidence["edit"]["rows"]) == 2 and len(evidence["inner_lr"]["rows"]) == 2
     paper = evidence["inner_lr"]["rows"][0]
     assert paper["inner_lr"] == 1e-3 and paper["kl_drop"] < 0.01
-    assert len(evidence["tuning_groups"]) == len(world.benchmark.groups) // 2
+    assert len(evidence["tuning_groups"]) == len(demo.load_world().benchmark.groups) // 2
     assert "chosen: inner lr 0.1" in out
 
     args = argparse.Namespace(world=None, width=None, **dict.fromkeys(_CONFIG_OPTIONS))

@@ -138,27 +138,13 @@ def test_replace_and_remove_respect_versions(tiny, tmp_path) -> None:
 
 
 def test_add_with_calibrate_records_the_measured_setting_in_the_stored_manifest(
-    tmp_path, capsys
+    demo_as_user, tmp_path, capsys
 ) -> None:
-    from PIL import Image
-
-    from models.worlds import demo
-
-    folder = tmp_path / "mine"
-    folder.mkdir()
-    for name in ("backbone.json", "backbone.safetensors"):
-        shutil.copy(demo.ASSETS / name, folder / name)
-    world = demo.load_world()
-    demo.export_world(world, tmp_path / "bench")
-    images = tmp_path / "images"
-    images.mkdir()
-    for i, array in enumerate(world.pool[:16]):
-        Image.fromarray(array).save(images / f"{i:03d}.png")
+    user = demo_as_user
     root = tmp_path / "store"
-    argv = ["models", "add", "my-vit", "--backbone", str(folder / "backbone.json")]
-    argv += ["--store", str(root), "--calibrate", "--images", str(images)]
-    argv += ["--groups", str(tmp_path / "bench" / "edit_groups")]
-    argv += ["--locality", str(tmp_path / "bench" / "locality")]
+    argv = ["models", "add", "my-vit", "--backbone", str(user.manifest), "--store", str(root)]
+    argv += ["--calibrate", "--images", str(user.images)]
+    argv += ["--groups", str(user.groups), "--locality", str(user.locality)]
     argv += ["--lrs", "1e-3", "--stop-losses", "0.5", "--inner-lrs", "0.1"]
     argv += ["--max-groups", "2", "--edits", "1"]
     assert main(argv) == 0
@@ -169,7 +155,7 @@ def test_add_with_calibrate_records_the_measured_setting_in_the_stored_manifest(
     assert stored.extra["edit_defaults"] == {"lr": 1e-3, "max_steps": 50, "stop_loss": 0.5}
     assert stored.extra["meta_defaults"] == {"inner_lr": 0.1}
     assert "--calibrate" in stored.extra["calibration"]["command"]
-    assert "calibration" not in BackboneManifest.read(folder / "backbone.json").extra  # untouched
+    assert "calibration" not in BackboneManifest.read(user.manifest).extra  # untouched
 
 
 def test_calibrate_without_a_benchmark_is_refused_before_anything_is_stored(tiny, tmp_path):
