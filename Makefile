@@ -60,6 +60,7 @@ demo-world: install
 	test -d /usr/share/datasets/fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
 	$(BIN)/vitedit demo train
 	$(BIN)/vitedit demo derive
+	$(BIN)/python scripts/tune_edit_optimiser.py --world demo --write  # extra.edit_defaults again
 
 hypernet: install
 	$(BIN)/vitedit hypernet train --world demo
