@@ -10,12 +10,14 @@ import pytest
 import torch
 from PIL import Image
 from redis import Redis
+from rq.job import Job
+from rq.serializers import JSONSerializer
 
 from models.backbones import load_backbone
 from models.sites import Patch
 from models.store.manifest import BackboneManifest
 from models.store.store import PATCH_FILE
-from tests.redis_server import png, tiny_store
+from tests.redis_server import db_url, png, tiny_store
 from workers import tasks
 from workers.payloads import EditPayload, JobImage, PredictPayload
 from workers.runtime import Runtime
@@ -189,14 +191,15 @@ def test_eval_batch_size_reaches_the_loaded_model(tmp_path: Path) -> None:
     ],
 )
 def test_running_out_of_memory_fails_the_job_with_what_to_lower(
-    tmp_path: Path, exc: Exception, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, exc: Exception, redis_url: str
 ) -> None:
+    redis = Redis.from_url(db_url(redis_url, 12))
+    job = Job.create(func="builtins.print", connection=redis, serializer=JSONSerializer)
+    job.save()
     store = tiny_store(tmp_path)
-    rt = Runtime(
-        WorkerSettings(store=store.root, device="cpu"), Redis.from_url("redis://127.0.0.1:1/0")
-    )
-    with pytest.raises(type(exc)), rt.running(None, None):
+    rt = Runtime(WorkerSettings(store=store.root, device="cpu"), redis)
+    with pytest.raises(type(exc)), rt.running(job, None):
         raise exc
-    assert "ran out of memory on cpu; nothing was stored" in caplog.text
-    assert "VITEDIT_EVAL_BATCH_SIZE" in caplog.text
-    assert "internal error" not in caplog.text
+    error = Job.fetch(job.id, connection=redis, serializer=JSONSerializer).meta["error"]
+    assert error.startswith("the job ran out of memory on cpu; nothing was stored")
+    assert "VITEDIT_EVAL_BATCH_SIZE" in error and "internal error" not in error
