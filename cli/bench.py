@@ -95,8 +95,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=Path,
         nargs="+",
         metavar="RESULTS",
-        help="merge results.json files of runs that differ only in their methods (same backbone, "
-        "sites, groups, edits, settings) into --out; runs nothing",
+        help="merge results.json files of runs that differ only in their methods or knob values "
+        "(same backbone, sites, groups, edits, settings, hypernetwork) into --out; runs nothing",
+    )
+    p.add_argument(
+        "--drop",
+        default="",
+        help="with --merge: methods to leave out of every input (e.g. --merge A.json --drop "
+        "where2edit --out A2, then --merge A2/results.json B.json: B's where2edit in their place)",
     )
     p.set_defaults(func=run_bench_command)
 
@@ -179,7 +185,8 @@ def merge_command(args: argparse.Namespace) -> int:
     from models.store.manifest import read_json
     from models.worlds.bench import merge_results, write_results
 
-    results = merge_results([read_json(path) for path in args.merge])
+    drop = [m.strip() for m in args.drop.split(",") if m.strip()]
+    results = merge_results([read_json(path) for path in args.merge], drop=drop)
     json_path, png_path = write_results(results, args.out)
     print_table(results)
     print(f"wrote {json_path} and {png_path}")

@@ -190,6 +190,8 @@ class Hypernetwork(nn.Module):
         net = cls(HypernetConfig(**{**cfg, "hidden": tuple(cfg["hidden"])}))
         net.load_state_dict(load_file(str(weights)))
         net.sites = Sites.from_json(manifest["sites"])
+        net.weights_sha256 = manifest["weights_sha256"]  # its identity, for the results it makes
+        net.training_episodes = manifest.get("training", {}).get("episodes")
         return net.eval().requires_grad_(False).to(backbone.device)
 
     def check_sites(self, sites: Sites) -> None:

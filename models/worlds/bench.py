@@ -17,6 +17,7 @@ with a 95% percentile-bootstrap interval over groups (the unit the benchmark sam
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 import zlib
@@ -30,7 +31,14 @@ import numpy as np
 import torch
 
 from models.backbones import Backbone
-from models.editing.registry import EditConfig, EditTask, get_editor, make_config, run_edit
+from models.editing.registry import (
+    EDITORS,
+    EditConfig,
+    EditTask,
+    get_editor,
+    make_config,
+    run_edit,
+)
 from models.errors import DataError
 from models.evaluation import (
     METRIC_DEFINITIONS,
@@ -276,6 +284,11 @@ def run_bench(
     for entry in methods.values():
         _add_summary(entry)
     results = _results(backbone, benchmark, config, prep, methods)
+    if hypernetwork is not None and any(_needs_hypernetwork(m) for m in methods):
+        results["hypernetwork"] = {  # which one made the where2edit points
+            "weights_sha256": getattr(hypernetwork, "weights_sha256", None),
+            "episodes": getattr(hypernetwork, "training_episodes", None),
+        }
     results["headline"] = headline(results, seed=config.seed)
     return results
 
@@ -284,17 +297,34 @@ MERGE_SAME = ("backbone", "sites", "benchmark")  # what runs must share to be me
 MERGE_SETTINGS_FREE = ("methods", "knobs")  # settings that may differ between them
 
 
-def merge_results(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """One results dict from runs that differ only in their methods (and knob lists).
+def merge_results(runs: Sequence[dict[str, Any]], drop: Sequence[str] = ()) -> dict[str, Any]:
+    """One results dict from runs that differ only in their methods and knob values.
 
     Each point depends only on the shared setting, the seeds and the edits (seeded per group
     and image), never on which other methods ran: runs on the same backbone, sites, groups and
-    edits, with the same settings, merge into what one run of all their methods would give.
-    Refuses anything else, and a method present in two runs.
+    edits, with the same settings, merge into what one run of all their points would give. A
+    method may come from several runs with other knob values; the points of a method that needs
+    a hypernetwork must all come from the same one (``hypernetwork`` of the results). Refuses
+    anything else, and a point (method, knob value) present twice. ``drop``: methods left out of
+    every run first (e.g. to put another hypernetwork's where2edit points in their place).
     """
     if not runs:
         raise DataError("nothing to merge")
+    runs = [
+        {**run, "methods": {m: e for m, e in run["methods"].items() if m not in drop}}
+        for run in runs
+    ]
     first = runs[0]
+    hypernets = {
+        json.dumps(run.get("hypernetwork"), sort_keys=True)
+        for run in runs
+        if any(_needs_hypernetwork(m) for m in run["methods"])
+    }
+    if len(hypernets) > 1:
+        raise DataError(
+            "the runs' where2edit points come from different hypernetworks (or one run does not "
+            "record its own): merge one hypernetwork's points, --drop where2edit from the others"
+        )
 
     def shared_settings(run: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in run["settings"].items() if k not in MERGE_SETTINGS_FREE}
@@ -307,16 +337,26 @@ def merge_results(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if shared_settings(run) != shared_settings(first):
             raise DataError(f"run {k + 1} has other settings than run 1: cannot merge")
         for method, entry in run["methods"].items():
-            if method in methods:
-                raise DataError(f"{method} is in two runs: keep it in one")
-            methods[method] = entry
-    settings = {
-        **first["settings"],
-        "methods": list(methods),
-        "knobs": {k: v for run in runs for k, v in run["settings"]["knobs"].items()},
+            if method not in methods:
+                methods[method] = {"knob": entry["knob"], "points": []}
+            have = {p["knob_value"] for p in methods[method]["points"]}
+            for point in entry["points"]:
+                if point["knob_value"] in have:
+                    knob = f" {entry['knob']}={point['knob_value']}" if entry["knob"] else ""
+                    raise DataError(f"{method}{knob} is in two runs: keep it in one")
+                methods[method]["points"].append(point)
+    for entry in methods.values():
+        entry["points"].sort(key=lambda p: -1 if p["knob_value"] is None else -p["knob_value"])
+        _add_summary(entry)
+    knobs = {
+        m: [p["knob_value"] for p in e["points"]]
+        for m, e in methods.items()
+        if e["knob"] is not None
     }
+    settings = {**first["settings"], "methods": list(methods), "knobs": knobs}
     merged = {
-        **first,
+        **{k: v for k, v in first.items() if k != "hypernetwork"},
+        **next(({"hypernetwork": r["hypernetwork"]} for r in runs if r.get("hypernetwork")), {}),
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "settings": settings,
         "methods": methods,
@@ -324,6 +364,10 @@ def merge_results(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
     merged["headline"] = headline(merged, seed=settings["seeds"][0])
     return merged
+
+
+def _needs_hypernetwork(method: str) -> bool:
+    return method in EDITORS and get_editor(method).needs_hypernetwork
 
 
 def front_points(entry: dict[str, Any]) -> list[FrontPoint]:

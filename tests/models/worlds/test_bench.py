@@ -181,6 +181,31 @@ def test_two_runs_merge_into_what_one_run_of_their_methods_gives(paper_layout) -
     assert merged["headline"].keys() == both["headline"].keys()
     with pytest.raises(DataError, match="ft is in two runs"):
         merge_results([ft, ft])
+    # one method from two runs with other knob values: the points of one run of both
+    other_knob = run_bench(
+        backbone, benchmark, BenchConfig(("random",), knobs={"random": (0.2,)}, **shared)
+    )
+    two = run_bench(
+        backbone, benchmark, BenchConfig(("random",), knobs={"random": (0.5, 0.2)}, **shared)
+    )
+    assert scores(merge_results([rand, other_knob])) == scores(two)
+    without = merge_results([both], drop=["random"])  # then another run's random in its place
+    assert without["settings"]["methods"] == ["ft"]
+    swapped = merge_results([without, other_knob])
+    assert [p["knob_value"] for p in swapped["methods"]["random"]["points"]] == [0.2]
+    # where2edit points of two hypernetworks never mix (the results record which one made them)
+    point = {**rand["methods"]["random"]["points"][0]}
+    learned = [
+        {
+            **ft,
+            "hypernetwork": {"weights_sha256": sha, "episodes": 8},
+            "methods": {"where2edit": {"knob": "rho", "points": [{**point, "knob_value": rho}]}},
+        }
+        for sha, rho in (("a" * 64, 0.1), ("b" * 64, 0.05))
+    ]
+    with pytest.raises(DataError, match="different hypernetworks"):
+        merge_results(learned)
+    assert merge_results([learned[0], rand])["hypernetwork"]["weights_sha256"] == "a" * 64
     other = run_bench(backbone, benchmark, BenchConfig(("random",), **{**shared, "lr": 1e-2}))
     with pytest.raises(DataError, match="other settings"):
         merge_results([ft, other])

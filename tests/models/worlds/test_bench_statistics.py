@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -90,6 +92,9 @@ def test_hypernetwork_refuses_other_sites_of_the_same_widths(tiny_backbone, tmp_
     )
     with pytest.raises(HypernetworkMismatchError, match=r"blocks\.1\.mlp"):
         run_bench(tiny_backbone, _benchmark(), config, loaded, other)
+    results = run_bench(tiny_backbone, _benchmark(), config, loaded, own)
+    manifest = json.loads((tmp_path / "hypernet.json").read_text())
+    assert results["hypernetwork"]["weights_sha256"] == manifest["weights_sha256"]  # provenance
 
 
 def test_benchmark_selects_a_half_and_refuses_a_missing_one() -> None:
