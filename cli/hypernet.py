@@ -177,7 +177,7 @@ def _train(args: argparse.Namespace) -> int:
             extra={
                 "source": _describe(args),
                 "time_budget_s": budget,
-                "init_from": str(args.init_from) if args.init_from else None,
+                "init_from": _init_record(args.init_from, hypernet),
                 "precision": args.precision,
             },
             checkpoint_dir=checkpoints,
@@ -186,6 +186,18 @@ def _train(args: argparse.Namespace) -> int:
         )
     print(json.dumps({"out": str(out), "final": history[-1] if history else {}}, indent=2))
     return 0
+
+
+def _init_record(path: Path | None, hypernet: Any) -> dict[str, Any] | None:
+    """Where a continued training started: the folder named, and what was in it then (the
+    folder may be overwritten by this very run, as for a built-in world's)."""
+    if path is None:
+        return None
+    return {
+        "path": str(path),
+        "weights_sha256": hypernet.weights_sha256,
+        "episodes": hypernet.training_episodes,
+    }
 
 
 def _options(args: argparse.Namespace, calibrated: dict[str, Any]) -> dict[str, Any]:

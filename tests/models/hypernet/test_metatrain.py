@@ -361,7 +361,12 @@ def test_cli_trains_a_hypernetwork_from_a_manifest_and_an_image_folder(tiny_back
     assert main(_cli_train(tmp_path, *more, "--locality", "2", "--anchors", "1")) == 0
     training = read_manifest(tmp_path / "more")["training"]
     assert training["config"]["locality"] == 2.0 and training["config"]["anchors"] == 1
-    assert training["init_from"] == str(tmp_path / "out")
+    first = read_manifest(tmp_path / "out")
+    assert training["init_from"] == {
+        "path": str(tmp_path / "out"),
+        "weights_sha256": first["weights_sha256"],  # what the folder held when training began
+        "episodes": first["training"]["episodes"],
+    }
     assert "anchor_kl_last" in training["final"]
     tuned = Hypernetwork.load(tmp_path / "more", tiny_backbone)
     assert any(
