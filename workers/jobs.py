@@ -15,39 +15,25 @@ from workers import metrics, runtime, tasks
 from workers.payloads import EditPayload, MaterialisePayload, PredictPayload, RegisterPayload
 
 
-def edit(payload: dict[str, Any]) -> dict[str, Any]:
+def _run(kind: str, payload_type: Any, task: Any, payload: dict[str, Any]) -> dict[str, Any]:
     rt = runtime.current()
+    job = get_current_job()
     return metrics.run_job(
-        "edit",
-        rt.redis,
-        lambda: tasks.edit(rt, EditPayload.model_validate(payload), get_current_job()),
+        kind, rt.redis, lambda: task(rt, payload_type.model_validate(payload), job)
     )
+
+
+def edit(payload: dict[str, Any]) -> dict[str, Any]:
+    return _run("edit", EditPayload, tasks.edit, payload)
 
 
 def predict(payload: dict[str, Any]) -> dict[str, Any]:
-    rt = runtime.current()
-    return metrics.run_job(
-        "predict",
-        rt.redis,
-        lambda: tasks.predict(rt, PredictPayload.model_validate(payload), get_current_job()),
-    )
+    return _run("predict", PredictPayload, tasks.predict, payload)
 
 
 def materialise(payload: dict[str, Any]) -> dict[str, Any]:
-    rt = runtime.current()
-    return metrics.run_job(
-        "materialise",
-        rt.redis,
-        lambda: tasks.materialise(
-            rt, MaterialisePayload.model_validate(payload), get_current_job()
-        ),
-    )
+    return _run("materialise", MaterialisePayload, tasks.materialise, payload)
 
 
 def register(payload: dict[str, Any]) -> dict[str, Any]:
-    rt = runtime.current()
-    return metrics.run_job(
-        "register",
-        rt.redis,
-        lambda: tasks.register(rt, RegisterPayload.model_validate(payload), get_current_job()),
-    )
+    return _run("register", RegisterPayload, tasks.register, payload)
