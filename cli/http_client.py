@@ -16,7 +16,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import tempfile
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -177,7 +179,7 @@ class ViteditClient:
             except ValueError:
                 body = None
             raise api_error(response.status_code, body, response.text)
-        return response.json()
+        return response.json() if response.content else None  # 204: nothing
 
     # ------------------------------------------------------------------ edits
 
@@ -240,6 +242,47 @@ class ViteditClient:
     def models(self) -> list[Model]:
         return [_model(m) for m in self._call("GET", "/v1/models")]
 
+    def register_model(
+        self,
+        name: str,
+        backbone: Path,
+        *,
+        hypernetwork: Path | None = None,
+        groups: Path | None = None,
+        locality: Path | None = None,
+        default_method: str | None = None,
+        replace: bool = False,
+        timeout_s: float = 600.0,
+    ) -> Model:
+        """POST /v1/models: the manifest and the weights it names, a hypernetwork folder, the
+        benchmark folders (zipped here, in the paper's layout); the server loads it first."""
+        manifest = json.loads(Path(backbone).read_text())
+        if not manifest.get("weights"):
+            raise Invalid(f"{backbone} names no weights file: register local safetensors weights")
+        weights = Path(backbone).parent / manifest["weights"]
+        form = {"name": name, "replace": "true" if replace else "false"}
+        if default_method:
+            form["default_method"] = default_method
+        with ExitStack() as stack:
+
+            def part(field: str, path: Path) -> tuple[str, tuple[str, Any]]:
+                return field, (path.name, stack.enter_context(open(path, "rb")))
+
+            files = [part("backbone", Path(backbone)), part("weights", weights)]
+            if hypernetwork is not None:
+                files += [
+                    part("hypernet", Path(hypernetwork) / "hypernet.json"),
+                    part("hypernet_weights", Path(hypernetwork) / "hypernet.safetensors"),
+                ]
+            if groups is not None and locality is not None:
+                tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+                files.append(part("benchmark", _zip_benchmark(groups, locality, tmp / "b.zip")))
+            data = self._call("POST", "/v1/models", files=files, data=form, timeout=timeout_s)
+        return _model(data)
+
+    def remove_model(self, name: str, purge: bool = False) -> None:
+        self._call("DELETE", f"/v1/models/{name}", params={"purge": purge})
+
     def versions(self, model: str) -> VersionList:
         data = self._call("GET", f"/v1/models/{model}/versions")
         versions = [_from_json(VersionSummary, v) for v in data["versions"]]
@@ -287,6 +330,15 @@ class ViteditClient:
             )
         tmp.replace(out)
         return digest.hexdigest()
+
+
+def _zip_benchmark(groups: Path, locality: Path, out: Path) -> Path:
+    """edit_groups/ and locality/ of the paper's layout, in one zip (stored: PNGs are compressed)."""
+    with zipfile.ZipFile(out, "w") as zf:
+        for folder, arc in ((Path(groups), "edit_groups"), (Path(locality), "locality")):
+            for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+                zf.write(path, f"{arc}/{path.relative_to(folder).as_posix()}")
+    return out
 
 
 def _model(data: dict[str, Any]) -> Model:

@@ -5,6 +5,7 @@
         [--default-method saliency]
     vitedit models list
     vitedit models remove my-vit [--purge]
+    vitedit models add my-vit --backbone my-vit.json --server http://api:8000   # over HTTP
 
 ``add`` loads the model as a worker would and refuses it, with the reason, if it does not load;
 then it copies the files into the store (``models/<name>/base/``) and registers them by
@@ -18,8 +19,9 @@ else ``$VITEDIT_STORE``, else ``var/store`` (what ``vitedit serve`` uses).
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cli.calibrate import add_search_options
 
@@ -56,7 +58,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     rm.add_argument("name")
     rm.add_argument("--purge", action="store_true", help="also delete the model's versions")
     for action in (add, lst, rm):
-        action.add_argument("--store", type=Path, help="the store folder")
+        where = action.add_mutually_exclusive_group()
+        where.add_argument("--store", type=Path, help="the store folder (this host's mount)")
+        where.add_argument(
+            "--server",
+            help="a vitedit API instead of a store mount: POST/DELETE /v1/models (registering "
+            "needs an admin tenant's key where the server has keys)",
+        )
+        action.add_argument(
+            "--api-key",
+            default=os.environ.get("VITEDIT_API_KEY"),
+            help="with --server: the Bearer key (default: $VITEDIT_API_KEY)",
+        )
     p.set_defaults(func=run_models)
 
 
@@ -81,6 +94,8 @@ def _calibrate(args: argparse.Namespace, manifest: Path, groups: Path, locality:
 
 
 def run_models(args: argparse.Namespace) -> int:
+    if args.server:
+        return _over_http(args)
     store = _store(args)
     if args.models_command == "add":
         from workers.model_files import add_model
@@ -111,3 +126,42 @@ def run_models(args: argparse.Namespace) -> int:
         store.unregister_model(args.name, purge=args.purge)
         print(f"removed {args.name}")
     return 0
+
+
+def _over_http(args: argparse.Namespace) -> int:
+    """The same three commands against a server (any host): the worker there loads the model."""
+    from cli.api import _with_client
+
+    if args.models_command == "add" and args.calibrate:
+        raise SystemExit(
+            "--calibrate runs here, on this host's CPU or GPU: run `vitedit calibrate --backbone "
+            "... --write` first, then send the manifest it wrote with --server"
+        )
+
+    def go(client: Any) -> int:
+        if args.models_command == "add":
+            model = client.register_model(
+                args.name,
+                args.backbone,
+                hypernetwork=args.hypernet,
+                groups=args.groups,
+                locality=args.locality,
+                default_method=args.default_method,
+                replace=args.replace,
+            )
+            print(
+                f"added {model.name} on {args.server}: {model.backbone['timm_name']}, "
+                f"{model.num_classes} classes, default method {model.default_method}"
+            )
+        elif args.models_command == "list":
+            for model in client.models():
+                print(
+                    f"{model.name}\t{model.backbone['timm_name']}\t{model.num_classes} classes\t"
+                    f"default {model.default_method}"
+                )
+        else:
+            client.remove_model(args.name, purge=args.purge)
+            print(f"removed {args.name} from {args.server}")
+        return 0
+
+    return _with_client(args, go)

@@ -163,3 +163,44 @@ def test_calibrate_without_a_benchmark_is_refused_before_anything_is_stored(tiny
     with pytest.raises(DataError, match="calibration needs the benchmark"):
         add_model(Store(root), "my-vit", tiny, calibrate=lambda *paths: None)
     assert Store(root).models() == []
+
+
+@pytest.fixture(scope="module")
+def remote(redis_url: str, tmp_path_factory: pytest.TempPathFactory):
+    """A real API process (uvicorn) with keys, an admin tenant, and a worker, on an empty store."""
+    from cli import launcher
+    from tests.redis_server import db_url, worker_process
+
+    url = db_url(redis_url, 12)
+    store = Store(tmp_path_factory.mktemp("remote") / "store")
+    env = {
+        "VITEDIT_REDIS_URL": url,
+        "VITEDIT_STORE": str(store.root),
+        "VITEDIT_API_KEYS": "ops:k-ops,team:k-team",
+        "VITEDIT_ADMIN_TENANTS": "ops",
+    }
+    group = launcher.ProcessGroup()
+    try:
+        with worker_process(url, store.root):
+            yield launcher.start_api(group, env, "127.0.0.1", launcher.free_port()), store
+    finally:
+        group.stop()
+
+
+def test_models_add_list_remove_over_http(remote, tiny, tmp_path, capsys) -> None:
+    server, store = remote
+    bench = make_benchmark(tmp_path / "bench")
+    add = ["models", "add", "far-vit", "--backbone", str(tiny), "--server", server]
+    add += ["--groups", bench["groups"], "--locality", bench["locality"]]
+    assert main([*add, "--api-key", "k-team"]) == 2  # not an admin tenant
+    assert "VITEDIT_ADMIN_TENANTS" in capsys.readouterr().err
+    assert store.models() == []
+
+    assert main([*add, "--api-key", "k-ops"]) == 0
+    assert "added far-vit on" in capsys.readouterr().out
+    entry = store.model("far-vit")  # the worker copied it into the store, by store keys
+    assert Path(entry.benchmark["locality"]).is_dir() and entry.default_method == "saliency"
+    assert main(["models", "list", "--server", server, "--api-key", "k-team"]) == 0
+    assert "far-vit" in capsys.readouterr().out
+    assert main(["models", "remove", "far-vit", "--server", server, "--api-key", "k-ops"]) == 0
+    assert store.models() == []
