@@ -310,10 +310,7 @@ def merge_results(runs: Sequence[dict[str, Any]], drop: Sequence[str] = ()) -> d
     """
     if not runs:
         raise DataError("nothing to merge")
-    runs = [
-        {**run, "methods": {m: e for m, e in run["methods"].items() if m not in drop}}
-        for run in runs
-    ]
+    runs = [_without(run, drop) for run in runs]
     first = runs[0]
     hypernets = {
         json.dumps(run.get("hypernetwork"), sort_keys=True)
@@ -364,6 +361,16 @@ def merge_results(runs: Sequence[dict[str, Any]], drop: Sequence[str] = ()) -> d
     }
     merged["headline"] = headline(merged, seed=settings["seeds"][0])
     return merged
+
+
+def _without(run: dict[str, Any], drop: Sequence[str]) -> dict[str, Any]:
+    """The run without the ``drop`` methods, and without its hypernetwork record once no method
+    that needs one is left (the record says which hypernetwork made those points)."""
+    methods = {m: e for m, e in run["methods"].items() if m not in drop}
+    kept = {k: v for k, v in run.items() if k != "hypernetwork"}
+    if any(_needs_hypernetwork(m) for m in methods) and run.get("hypernetwork"):
+        kept["hypernetwork"] = run["hypernetwork"]
+    return {**kept, "methods": methods}
 
 
 def _needs_hypernetwork(method: str) -> bool:

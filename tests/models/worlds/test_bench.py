@@ -206,6 +206,10 @@ def test_two_runs_merge_into_what_one_run_of_their_methods_gives(paper_layout) -
     with pytest.raises(DataError, match="different hypernetworks"):
         merge_results(learned)
     assert merge_results([learned[0], rand])["hypernetwork"]["weights_sha256"] == "a" * 64
+    # dropping the where2edit points drops the record of their hypernetwork too
+    assert "hypernetwork" not in merge_results([learned[0]], drop=["where2edit"])
+    relabelled = merge_results([merge_results([learned[0], rand], drop=["where2edit"]), learned[1]])
+    assert relabelled["hypernetwork"]["weights_sha256"] == "b" * 64
     other = run_bench(backbone, benchmark, BenchConfig(("random",), **{**shared, "lr": 1e-2}))
     with pytest.raises(DataError, match="other settings"):
         merge_results([ft, other])
