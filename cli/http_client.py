@@ -256,10 +256,20 @@ class ViteditClient:
     ) -> Model:
         """POST /v1/models: the manifest and the weights it names, a hypernetwork folder, the
         benchmark folders (zipped here, in the paper's layout); the server loads it first."""
-        manifest = json.loads(Path(backbone).read_text())
-        if not manifest.get("weights"):
+        try:
+            manifest = json.loads(Path(backbone).read_text())
+        except (OSError, ValueError) as exc:
+            raise Invalid(f"cannot read the backbone manifest {backbone}: {exc}") from None
+        if not isinstance(manifest, dict) or not manifest.get("weights"):
             raise Invalid(f"{backbone} names no weights file: register local safetensors weights")
         weights = Path(backbone).parent / manifest["weights"]
+        for path in (
+            weights,
+            *([hypernetwork] if hypernetwork else []),
+            *([groups, locality] if groups is not None and locality is not None else []),
+        ):
+            if not Path(path).exists():
+                raise Invalid(f"{path} does not exist")
         form = {"name": name, "replace": "true" if replace else "false"}
         if default_method:
             form["default_method"] = default_method

@@ -104,11 +104,7 @@ def run_models(args: argparse.Namespace) -> int:
             store,
             args.name,
             args.backbone,
-            hypernetwork=args.hypernet,
-            groups=args.groups,
-            locality=args.locality,
-            default_method=args.default_method,
-            replace=args.replace,
+            **_model_files(args),
             calibrate=(lambda *paths: _calibrate(args, *paths)) if args.calibrate else None,
         )
         print(
@@ -128,6 +124,17 @@ def run_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_files(args: argparse.Namespace) -> dict[str, Any]:
+    """What ``add`` passes on, to the store here or to a server."""
+    return {
+        "hypernetwork": args.hypernet,
+        "groups": args.groups,
+        "locality": args.locality,
+        "default_method": args.default_method,
+        "replace": args.replace,
+    }
+
+
 def _over_http(args: argparse.Namespace) -> int:
     """The same three commands against a server (any host): the worker there loads the model."""
     from cli.api import _with_client
@@ -140,15 +147,7 @@ def _over_http(args: argparse.Namespace) -> int:
 
     def go(client: Any) -> int:
         if args.models_command == "add":
-            model = client.register_model(
-                args.name,
-                args.backbone,
-                hypernetwork=args.hypernet,
-                groups=args.groups,
-                locality=args.locality,
-                default_method=args.default_method,
-                replace=args.replace,
-            )
+            model = client.register_model(args.name, args.backbone, **_model_files(args))
             print(
                 f"added {model.name} on {args.server}: {model.backbone['timm_name']}, "
                 f"{model.num_classes} classes, default method {model.default_method}"

@@ -192,6 +192,8 @@ def test_models_add_list_remove_over_http(remote, tiny, tmp_path, capsys) -> Non
     bench = make_benchmark(tmp_path / "bench")
     add = ["models", "add", "far-vit", "--backbone", str(tiny), "--server", server]
     add += ["--groups", bench["groups"], "--locality", bench["locality"]]
+    missing = ["models", "add", "x", "--backbone", str(tmp_path / "none.json"), "--server", server]
+    assert main(missing) == 2 and "cannot read the backbone manifest" in capsys.readouterr().err
     assert main([*add, "--api-key", "k-team"]) == 2  # not an admin tenant
     assert "VITEDIT_ADMIN_TENANTS" in capsys.readouterr().err
     assert store.models() == []
