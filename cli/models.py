@@ -74,10 +74,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _store(args: argparse.Namespace) -> Store:
-    from models.store.store import Store
     from workers.settings import WorkerSettings
 
-    return Store(args.store or WorkerSettings().store)
+    settings = WorkerSettings()  # VITEDIT_STORE_URL: the bucket, with --store as its cache
+    return settings.model_copy(update={"store": args.store or settings.store}).open_store()
 
 
 def _calibrate(args: argparse.Namespace, manifest: Path, groups: Path, locality: Path) -> None:

@@ -44,10 +44,11 @@ def _stop(signum: int, frame: FrameType | None) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     from cli import launcher
-    from models.store.store import Store
+    from workers.settings import WorkerSettings
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # readiness polls are not news
-    store = Store(args.store)
+    # VITEDIT_STORE_URL (the children inherit it): the bucket, with --store as this host's cache
+    store = WorkerSettings().model_copy(update={"store": args.store}).open_store()
     if not args.no_demo:
         from workers.registration import register_builtin
 

@@ -1,4 +1,4 @@
-# The API process: FastAPI + the queue client, torch-free (`pip install .[api]`): it checks images
+# The API process: FastAPI + the queue client, torch-free (`pip install .[api,s3]`): it checks images
 # with Pillow, reads manifests, enqueues JSON jobs and streams files from the store.
 #
 #   docker build -f docker/api.Dockerfile -t vitedit-api .
@@ -25,7 +25,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
 COPY --from=wheel /wheels /wheels
 # the local wheel by its path (a name could resolve to another package on the index)
 # hadolint ignore=DL3013
-RUN pip install "$(echo /wheels/vitedit-*.whl)[api]" && rm -rf /wheels \
+RUN pip install "$(echo /wheels/vitedit-*.whl)[api,s3]" && rm -rf /wheels \
     && groupadd --system --gid 10001 vitedit \
     && useradd --system --create-home --uid 10001 --gid 10001 vitedit \
     && mkdir -p /data/store && chown vitedit /data/store

@@ -1,4 +1,4 @@
-# A GPU worker: torch (CUDA build) + timm + the project (`pip install .[worker]`), running
+# A GPU worker: torch (CUDA build) + timm + the project (`pip install .[worker,s3]`), running
 # `python -m workers.main` (RQ SimpleWorker: no fork after CUDA). Needs the NVIDIA container
 # toolkit on the host (docker-compose.yml reserves a GPU for it).
 #
@@ -41,7 +41,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends python3 python3
 RUN pip install --index-url "$TORCH_INDEX" $TORCH_SPEC
 COPY --from=wheel /wheels /wheels
 # hadolint ignore=DL3013
-RUN pip install "$(echo /wheels/vitedit-*.whl)[worker]" && rm -rf /wheels \
+RUN pip install "$(echo /wheels/vitedit-*.whl)[worker,s3]" && rm -rf /wheels \
     && groupadd --system --gid 10001 vitedit \
     && useradd --system --create-home --uid 10001 --gid 10001 vitedit \
     && mkdir -p /data/store && chown vitedit /data/store

@@ -160,6 +160,10 @@ class StoreWriteError(Unavailable):
     """The store's disk refused a write (full, read-only, permissions): nothing was published."""
 
 
+class StoreUnavailable(Unavailable):
+    """The remote store (S3) could not be reached or refused our credentials."""
+
+
 class ModelUnavailable(Unavailable):
     """A registered model failed to load on the workers (damaged or missing files)."""
 

@@ -20,7 +20,6 @@ from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from redis import Redis
 
-from models.store.store import Store
 from service import errors, metrics
 from service.guard import RequestGuard
 from service.ratelimit import RateLimiter
@@ -50,7 +49,7 @@ async def _watchdog(redis: Redis) -> None:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: ApiSettings = app.state.settings
     redis = Redis.from_url(settings.redis_url)
-    app.state.store = Store(settings.store)
+    app.state.store = settings.open_store()
     app.state.jobs = JobClient(redis)
     limiter: RateLimiter = app.state.limiter
     await limiter.open()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import secrets
+from collections.abc import Iterator
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on the hub in tests
 
@@ -66,3 +68,32 @@ def demo_backbone() -> Backbone:
     from models.worlds.demo import load_demo_backbone
 
     return load_demo_backbone()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """An S3 emulator (moto's server mode, tests/s3_server.py) on loopback for the session; the
+    AWS_* variables its clients and child processes sign with are set for the session."""
+    from tests.s3_server import CREDENTIALS, s3_server
+
+    saved = {k: os.environ.get(k) for k in CREDENTIALS}
+    os.environ.update(CREDENTIALS)
+    try:
+        with s3_server() as endpoint:
+            yield endpoint
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def s3_url(s3_endpoint: str) -> str:
+    """A fresh bucket of the session's S3 emulator, as a store URL (with a key prefix)."""
+    from tests.s3_server import new_bucket
+
+    bucket = f"vitedit-{secrets.token_hex(6)}"
+    new_bucket(s3_endpoint, bucket)
+    return f"s3://{bucket}/store"

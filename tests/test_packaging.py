@@ -171,17 +171,18 @@ def test_image_runs_as_a_non_root_user_with_a_health_check(dockerfile: Path) -> 
 
 def test_api_image_installs_the_api_extra_and_the_worker_image_python_3_11_or_newer() -> None:
     api = dict(instructions(ROOT / "docker/api.Dockerfile"))
-    assert "[api]" in " ".join(a for op, a in instructions(ROOT / "docker/api.Dockerfile"))
+    assert "[api,s3]" in " ".join(a for op, a in instructions(ROOT / "docker/api.Dockerfile"))
     assert "torch" not in (ROOT / "docker/api.Dockerfile").read_text().replace("torch-free", "")
     assert api["FROM"].startswith("python:3.11")
     worker = instructions(ROOT / "docker/worker.Dockerfile")
     base = next(a for op, a in worker if op == "ARG" and a.startswith("CUDA_IMAGE="))
     # Ubuntu 24.04's python3 is 3.12 (22.04's, 3.10, is too old for the project)
     assert base.endswith("-ubuntu24.04"), base
-    assert any(op == "RUN" and "[worker]" in a for op, a in worker)
+    assert any(op == "RUN" and "[worker,s3]" in a for op, a in worker)
 
 
-def test_compose_file_is_valid_and_wires_redis_api_and_gpu_workers() -> None:
+def compose_services() -> dict:
+    """``docker compose config`` of docker-compose.yml with .env.example, as JSON."""
     argv = compose()
     if argv is None:
         pytest.skip(
@@ -190,11 +191,22 @@ def test_compose_file_is_valid_and_wires_redis_api_and_gpu_workers() -> None:
     config = run(
         [*argv, "--env-file", ".env.example", "config", "--format", "json"],
         cwd=ROOT,
-        env={k: v for k, v in os.environ.items() if not k.startswith(("VITEDIT_", "REDIS_"))},
+        env={
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("VITEDIT_", "REDIS_", "S3_", "AWS_"))
+        },
     )
     assert config.returncode == 0, config.stderr
-    services = json.loads(config.stdout)["services"]
-    assert set(services) == {"redis", "api", "worker"}
+    return json.loads(config.stdout)["services"]
+
+
+def test_compose_file_is_valid_and_wires_redis_s3_api_and_gpu_workers() -> None:
+    services = compose_services()
+    assert set(services) == {"redis", "s3", "store-init", "api", "worker"}
+    s3 = services["s3"]
+    assert s3["healthcheck"]["test"] and s3["volumes"][0]["type"] == "volume"
+    assert services["store-init"]["depends_on"]["s3"]["condition"] == "service_healthy"
     redis = services["redis"]
     assert "--appendonly yes" in " ".join(redis["command"])
     assert redis["healthcheck"]["test"] and redis["volumes"][0]["type"] == "volume"
@@ -203,6 +215,11 @@ def test_compose_file_is_valid_and_wires_redis_api_and_gpu_workers() -> None:
         assert service["depends_on"]["redis"]["condition"] == "service_healthy"
         assert service["volumes"][0]["source"] == "store"
         assert service["environment"]["VITEDIT_REDIS_URL"].startswith("redis://:")  # password
+        assert service["environment"]["VITEDIT_STORE_URL"] == "s3://vitedit/store"
+        assert service["environment"]["VITEDIT_S3_ENDPOINT_URL"] == "http://s3:9000"
+        assert service["environment"]["AWS_ACCESS_KEY_ID"] == s3["environment"]["MINIO_ROOT_USER"]
+        init = service["depends_on"]["store-init"]["condition"]
+        assert init == "service_completed_successfully"
     assert services["api"]["build"]["dockerfile"] == "docker/api.Dockerfile"
     assert services["api"]["environment"]["VITEDIT_API_KEYS"]
     worker = services["worker"]
@@ -210,6 +227,21 @@ def test_compose_file_is_valid_and_wires_redis_api_and_gpu_workers() -> None:
     assert worker["environment"]["VITEDIT_METRICS_PORT"] == "9101"
     devices = worker["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"capabilities": ["gpu"], "driver": "nvidia", "count": 1}]
+
+
+def test_compose_store_init_creates_the_bucket_once(s3_endpoint: str) -> None:
+    """store-init's own command, run against the S3 emulator with the compose environment:
+    it creates the bucket, and a second run (a restart) leaves it be."""
+    import boto3
+
+    init = compose_services()["store-init"]
+    env = {**os.environ, **init["environment"], "VITEDIT_S3_ENDPOINT_URL": s3_endpoint}
+    env.update({k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")})
+    for _ in range(2):
+        result = run([sys.executable, *init["command"][1:]], env=env)
+        assert result.returncode == 0, result.stderr
+    buckets = boto3.client("s3", endpoint_url=s3_endpoint).list_buckets()["Buckets"]
+    assert "vitedit" in [b["Name"] for b in buckets]
 
 
 def test_compose_refuses_to_start_without_the_secrets() -> None:
@@ -221,7 +253,9 @@ def test_compose_refuses_to_start_without_the_secrets() -> None:
     result = run(  # an empty env file: no secrets
         [*argv, "--env-file", os.devnull, "config", "--quiet"],
         cwd=ROOT,
-        env={k: v for k, v in os.environ.items() if not k.startswith(("VITEDIT_", "REDIS_"))},
+        env={
+            k: v for k, v in os.environ.items() if not k.startswith(("VITEDIT_", "REDIS_", "S3_"))
+        },
     )
     assert result.returncode != 0
     assert "is missing a value" in result.stderr and "(see .env.example)" in result.stderr

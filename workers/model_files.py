@@ -134,6 +134,7 @@ def add_model(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    store.publish_model_files(name)  # an S3 store: the files go up before the entry
     key = final.relative_to(store.root).as_posix()
     benchmark = (
         {

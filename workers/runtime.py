@@ -39,7 +39,7 @@ from models.images import check_size, decode_reduced
 from models.reports import ReportSets, TokenSet
 from models.sites import Patch
 from models.store.manifest import VersionManifest
-from models.store.store import PATCH_FILE, Store
+from models.store.store import PATCH_FILE
 from workers import metrics
 from workers import settings as S
 from workers.client import cancel_key, heartbeat_key, worker_key
@@ -120,8 +120,7 @@ class Runtime:
 
     def __init__(self, settings: WorkerSettings, redis: Redis) -> None:
         self.settings, self.redis = settings, redis
-        self.store = Store(
-            settings.store,
+        self.store = settings.open_store(
             cache_max_bytes=settings.weights_cache_max_bytes,
             cache_min_idle_s=settings.cache_min_idle_s,
         )
@@ -176,6 +175,7 @@ class Runtime:
         for key in [k for k in self.retention_tokens if k[0] == name]:
             del self.retention_tokens[key]
         try:
+            self.store.fetch_model_files(name)  # an S3 store: its files, into the local cache
             self.models[name] = loaded = load_model(
                 entry, self.device, self.settings.eval_batch_size
             )

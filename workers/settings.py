@@ -7,10 +7,13 @@ Settings come from environment variables with the prefix ``VITEDIT_`` (``VITEDIT
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from models.store.remote import S3Remote
+from models.store.store import Store
 
 KEY_PREFIX = "vitedit"
 """Prefix of every Redis key vitedit writes itself (RQ keeps its own ``rq:`` keys)."""
@@ -79,7 +82,21 @@ class CommonSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VITEDIT_", extra="ignore")
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # the store: this folder, or with store_url (s3://bucket/prefix) the bucket, of which the
+    # folder is then this process's local cache (README, "Scaling out"); credentials from the
+    # standard AWS_* variables, a non-AWS server (MinIO, ...) by s3_endpoint_url
     store: Path = Path("var/store")
+    store_url: str | None = None
+    s3_endpoint_url: str | None = None
+
+    def open_store(self, **options: Any) -> Store:
+        """The store these settings name (``options``: Store's cache bounds); an S3 bucket is
+        checked now, so a wrong URL or credentials stop the process at start with the reason."""
+        remote = None
+        if self.store_url:
+            remote = S3Remote(self.store_url, endpoint_url=self.s3_endpoint_url)
+            remote.check()
+        return Store(self.store, remote=remote, **options)
 
 
 class WorkerSettings(CommonSettings):

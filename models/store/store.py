@@ -11,6 +11,11 @@ Layout under ``root`` (a local folder; every write is a temp file or folder, fsy
     uploads/<upload>/                         images of queued jobs
     tmp/                                      versions being written: invisible until renamed
 
+Shared by hosts: with an :class:`models.store.remote.S3Remote` (``VITEDIT_STORE_URL=s3://...``) the
+bucket holds this same layout (but ``tmp/``) and is the truth; ``root`` becomes this process's read
+cache and draft area. Reads fetch what is missing into it, writes go through to the bucket
+(publish last, conditional writes for the JSON indexes: see that module).
+
 Reading never trusts a file blindly: :meth:`Store.version_file` checks the sha256 its manifest
 records. The torch side (patches, merged weights) lives in the workers; this module moves bytes.
 
@@ -58,6 +63,7 @@ from models.store.manifest import (
     utc_now,
     write_json_atomic,
 )
+from models.store.remote import S3Remote
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +75,7 @@ PATCH_FILE = "patch.safetensors"
 MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "model.safetensors"
 CACHE_MIN_IDLE_S = 60.0  # merged weights used this recently are never evicted (being downloaded)
+REGISTRY = "models.json"  # the registered models' index (its store key)
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # model, version, alias, upload names
 _NAME = re.compile(NAME_PATTERN)
 
@@ -156,6 +163,12 @@ class VersionDraft:
         write_json_atomic(self.dir / MANIFEST_FILE, manifest.to_json())
         _fsync_tree(self.dir)
         final = self.store.version_dir(self.model, self.version)
+        if self.store.remote is not None:  # the bucket decides; the folder is only a cache
+            self._publish(final, files)
+            if final.exists():  # a stale cached copy (never of a published version)
+                trash = self.store.root / "tmp" / f"stale-{secrets.token_hex(4)}"
+                os.rename(final, trash)
+                shutil.rmtree(trash, ignore_errors=True)
         final.parent.mkdir(parents=True, exist_ok=True)
         if final.exists():
             raise StoreError(
@@ -166,6 +179,21 @@ class VersionDraft:
         self.committed = manifest
         log.info("stored version %s of %s (%d files)", self.version, self.model, len(files))
         return manifest
+
+    def _publish(self, final: Path, files: dict[str, str]) -> None:
+        """Upload the files, then the manifest only if no such version exists: publish last."""
+        remote, prefix = self.store.remote, self.store.key(final)
+        assert remote is not None
+        immutable = StoreError(
+            f"version {self.version} of {self.model} exists: versions are immutable"
+        )
+        if remote.exists(f"{prefix}/{MANIFEST_FILE}"):
+            raise immutable
+        for name in files:
+            remote.upload_file(self.dir / name, f"{prefix}/{name}")
+        manifest = (self.dir / MANIFEST_FILE).read_bytes()
+        if remote.put_bytes(f"{prefix}/{MANIFEST_FILE}", manifest, if_absent=True) is None:
+            raise immutable
 
     def discard(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -179,10 +207,13 @@ class Store:
         root: Path | str,
         cache_max_bytes: int | None = None,
         cache_min_idle_s: float = CACHE_MIN_IDLE_S,
+        remote: S3Remote | None = None,
     ) -> None:
         """``cache_max_bytes``: bound of the merged-weights cache, enforced after each write
-        (see :meth:`evict_cached_weights`); None = unbounded (readers, such as the API)."""
+        (see :meth:`evict_cached_weights`); None = unbounded (readers, such as the API).
+        ``remote``: the bucket that holds the store (``root`` is then a local cache of it)."""
         self.root = Path(root)
+        self.remote = remote
         self.cache_max_bytes, self.cache_min_idle_s = cache_max_bytes, cache_min_idle_s
         self.tenant: str | None = None  # None: every tenant's versions (see :meth:`scoped`)
         self._parsed: dict[str, Any] = {}  # models.json parsed, by its stat (shared by scoped())
@@ -201,9 +232,20 @@ class Store:
         model, version = check_name(model, "model"), check_name(version, "version")
         return self.root / "models" / model / "versions" / version
 
+    def key(self, path: Path) -> str:
+        """A path under ``root`` as its store key (``models/m/versions/v``): the same on every
+        host and in the bucket."""
+        return path.relative_to(self.root).as_posix()
+
+    def _fetch(self, path: Path) -> bool:
+        """Bring a file of the bucket into the local cache if it is not there; True if it is."""
+        if path.is_file():
+            return True
+        return self.remote is not None and self.remote.download_file(self.key(path), path)
+
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        """An exclusive lock for read-modify-write of the small JSON indexes."""
+        """An exclusive lock for read-modify-write of the small JSON indexes (local store)."""
         with open(self.root / ".lock", "a") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
             try:
@@ -211,17 +253,31 @@ class Store:
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
-    # ------------------------------------------------------------------ registered models
-
-    def _registry(self) -> dict[str, Any]:
-        path = self.root / "models.json"
+    def _read_index(self, key: str) -> dict[str, Any]:
+        """A small JSON index (models.json, an alias file) by its store key; {} if none yet."""
+        if self.remote is not None:
+            return self.remote.read_json(key)[1]
+        path = self.root / key
         return read_json(path) if path.exists() else {}
+
+    def _update_index(self, key: str, change: Callable[[dict[str, Any]], object]) -> None:
+        """Read-modify-write an index: under the folder's lock, or a conditional write to the
+        bucket redone on conflict. ``change`` may raise to refuse (nothing is written)."""
+        if self.remote is not None:
+            self.remote.update_json(key, change)
+            return
+        with self._locked():
+            data = self._read_index(key)
+            change(data)
+            write_json_atomic(self.root / key, data)
+
+    # ------------------------------------------------------------------ registered models
 
     def register_model(self, entry: ModelEntry) -> None:
         """Add or replace a model entry (its versions stay: they pin the base weights' sha256)."""
         check_name(entry.name, "model")
-        with self._locked():
-            registry = self._registry()
+
+        def add(registry: dict[str, Any]) -> None:
             old = registry.get(entry.name)
             changed = old is not None and old["weights_sha256"] != entry.weights_sha256
             if changed and self._has_versions(entry.name):
@@ -230,22 +286,26 @@ class Store:
                     f"({old['weights_sha256'][:12]}...): register the new backbone under a new name"
                 )
             registry[entry.name] = entry.to_json()
-            write_json_atomic(self.root / "models.json", registry)
+
+        self._update_index(REGISTRY, add)
 
     def _entries(self) -> dict[str, ModelEntry]:
         """The registered models, parsed again only when models.json changed (a new file, as
         it is replaced by a rename): every edit request reads it two or three times."""
-        path = self.root / "models.json"
-        try:
-            stat = path.stat()
-        except FileNotFoundError:
-            return {}
-        key = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        path = self.root / REGISTRY
+        if self.remote is not None:  # a conditional GET: the parsed copy while it is current
+            etag, raw = self.remote.read_json(REGISTRY)
+            key: tuple[Any, ...] = ("s3", etag)
+        else:
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                return {}
+            key, raw = (stat.st_ino, stat.st_mtime_ns, stat.st_size), None
         cached = self._parsed.get("models")
         if cached is None or cached[0] != key:
-            entries = {
-                k: self._resolve(ModelEntry.from_json(v)) for k, v in read_json(path).items()
-            }
+            raw = read_json(path) if raw is None else raw
+            entries = {k: self._resolve(ModelEntry.from_json(v)) for k, v in raw.items()}
             cached = self._parsed["models"] = (key, entries)
         return cached[1]
 
@@ -276,8 +336,8 @@ class Store:
         """Remove a model's entry and its base files; with versions only when ``purge`` (then
         they go too: their patches are useless without the base)."""
         check_name(name, "model")
-        with self._locked():
-            registry = self._registry()
+
+        def remove(registry: dict[str, Any]) -> None:
             if name not in registry:
                 raise UnknownModelError(f"no model named {name!r}")
             if self._has_versions(name) and not purge:
@@ -285,7 +345,10 @@ class Store:
                     f"model {name!r} has versions: remove them with it (purge) or keep the model"
                 )
             del registry[name]
-            write_json_atomic(self.root / "models.json", registry)
+
+        self._update_index(REGISTRY, remove)
+        if self.remote is not None:
+            self.remote.delete_prefix(f"models/{name}/")
         folder = self.root / "models" / name
         if folder.exists():
             trash = self.root / "tmp" / f"removed-{name}-{secrets.token_hex(4)}"
@@ -305,8 +368,46 @@ class Store:
         return entry
 
     def _has_versions(self, model: str) -> bool:
+        if self.remote is not None:
+            return bool(self._remote_versions(model))
         folder = self.root / "models" / model / "versions"
         return folder.is_dir() and any(folder.iterdir())
+
+    def _remote_versions(self, model: str) -> list[str]:
+        """The published versions of a model in the bucket: those with a manifest."""
+        assert self.remote is not None
+        prefix = f"models/{check_name(model, 'model')}/versions/"
+        ends = f"/{MANIFEST_FILE}"
+        return sorted(
+            b.key[len(prefix) : -len(ends)]
+            for b in self.remote.list(prefix)
+            if b.key.endswith(ends) and "/" not in b.key[len(prefix) : -len(ends)]
+        )
+
+    # ------------------------------------------------------------------ model files (S3)
+
+    def publish_model_files(self, name: str) -> None:
+        """Upload ``models/<name>/base/`` (written by ``vitedit models add``) to the bucket,
+        replacing what was there; register the model after this (its entry publishes it)."""
+        if self.remote is None:
+            return
+        folder = self.model_files(name)
+        self.remote.delete_prefix(f"{self.key(folder)}/")
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                self.remote.upload_file(path, self.key(path))
+
+    def fetch_model_files(self, name: str) -> None:
+        """Bring a model's base files from the bucket into the local cache (what is missing or
+        of another size); a no-op for a local store and for files registered by absolute path.
+        Their content is checked where it is read (the backbone's sha256, the hypernetwork's)."""
+        if self.remote is None:
+            return
+        prefix = f"{self.key(self.model_files(name))}/"
+        for blob in self.remote.list(prefix):
+            path = self.root / blob.key
+            if not path.is_file() or path.stat().st_size != blob.size:
+                self.remote.download_file(blob.key, path)
 
     # ------------------------------------------------------------------ versions
 
@@ -341,9 +442,15 @@ class Store:
             )
         return manifest
 
-    def _manifest(self, model: str, version: str) -> VersionManifest | None:
+    def _manifest(self, model: str, version: str, listed: bool = False) -> VersionManifest | None:
+        """A version's manifest, or None. With a bucket, the bucket says whether the version
+        exists (a purged one is gone even where it is cached; ``listed``: it was just listed)
+        and a manifest not cached yet is fetched; manifests never change once published."""
         folder = self.version_dir(model, version)
-        if not (folder / MANIFEST_FILE).is_file():
+        path = folder / MANIFEST_FILE
+        if self.remote is not None and not listed and not self.remote.exists(self.key(path)):
+            return None
+        if not self._fetch(path):
             return None
         manifest = VersionManifest.read(folder / MANIFEST_FILE)
         if manifest.version != version or manifest.model != model:
@@ -358,9 +465,12 @@ class Store:
     def versions(self, model: str) -> list[VersionManifest]:
         """Every version of a model (the scope's tenant's only), oldest first."""
         self.model(model)
-        folder = self.root / "models" / model / "versions"
-        names = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-        found = [m for n in names if (m := self._manifest(model, n)) and self._visible(m)]
+        if self.remote is not None:
+            names = self._remote_versions(model)
+        else:
+            folder = self.root / "models" / model / "versions"
+            names = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+        found = [m for n in names if (m := self._manifest(model, n, True)) and self._visible(m)]
         return sorted(found, key=lambda m: (m.created_at, m.version))
 
     def lineage(self, model: str, version: str | None) -> list[VersionManifest]:
@@ -408,7 +518,10 @@ class Store:
         if name not in manifest.files:
             raise UnknownVersionError(f"version {version} of {model} has no file {name!r}")
         path = self.version_dir(model, version) / name
-        actual = sha256_file(path) if path.is_file() else "missing"
+        actual = sha256_file(path) if self._fetch(path) else "missing"
+        if actual != manifest.files[name] and self.remote is not None:  # a damaged local copy?
+            self.remote.download_file(self.key(path), path)
+            actual = sha256_file(path) if path.is_file() else "missing"
         if actual != manifest.files[name]:
             raise IntegrityError(
                 f"{model}@{version}/{name} has sha256 {actual[:16]}..., its manifest says "
@@ -418,19 +531,18 @@ class Store:
 
     # ------------------------------------------------------------------ aliases
 
-    def _aliases_file(self, model: str) -> Path:
-        folder = self.root / "models" / check_name(model, "model")
+    def _aliases_key(self, model: str) -> str:
+        folder = f"models/{check_name(model, 'model')}"
         tenant = self.tenant or DEFAULT_TENANT
         return (
-            folder / "aliases.json"
+            f"{folder}/aliases.json"
             if tenant == DEFAULT_TENANT
-            else folder / "aliases" / f"{tenant}.json"
+            else f"{folder}/aliases/{tenant}.json"
         )
 
     def aliases(self, model: str) -> dict[str, str]:
         """The scope's tenant's aliases of a model (an unscoped store: the default tenant's)."""
-        path = self._aliases_file(model)
-        return {k: str(v) for k, v in read_json(path).items()} if path.exists() else {}
+        return {k: str(v) for k, v in self._read_index(self._aliases_key(model)).items()}
 
     def set_alias(self, model: str, alias: str, version: str) -> None:
         """Point ``alias`` at a version (moving it if it exists); ``latest``, ``base`` reserved."""
@@ -455,10 +567,7 @@ class Store:
 
     def _update_aliases(self, model: str, change: Callable[[dict[str, str]], object]) -> None:
         self.model(model)
-        with self._locked():
-            aliases = self.aliases(model)
-            change(aliases)
-            write_json_atomic(self._aliases_file(model), aliases)
+        self._update_index(self._aliases_key(model), change)
 
     # ------------------------------------------------------------------ merged weights cache
 
@@ -469,7 +578,7 @@ class Store:
         """
         folder = self._cache_dir(model, version)
         path, info = folder / WEIGHTS_FILE, folder / "model.json"
-        if not path.is_file():
+        if not path.is_file() and not (self._fetch(info) and self._fetch(path)):
             return None
         try:
             expected = read_json(info)["sha256"]
@@ -501,6 +610,9 @@ class Store:
             )
             os.rename(tmp, folder / WEIGHTS_FILE)  # same content if another worker won the race
             _fsync_dir(folder)
+            if self.remote is not None:  # the weights first: model.json makes them visible
+                for name in (WEIGHTS_FILE, "model.json"):
+                    self.remote.upload_file(folder / name, self.key(folder / name))
         finally:
             tmp.unlink(missing_ok=True)
         if self.cache_max_bytes is not None:
@@ -556,17 +668,36 @@ class Store:
         tmp = folder / f".{name}.tmp"
         tmp.write_bytes(data)
         os.rename(tmp, folder / name)
+        if self.remote is not None:
+            self.remote.put_bytes(f"uploads/{upload}/{name}", data)
         return f"uploads/{upload}/{name}"
+
+    def push_upload(self, upload: str) -> None:
+        """Upload a folder written in place (a model's files) to the bucket, for workers on
+        other hosts; a no-op for a local store."""
+        if self.remote is None:
+            return
+        folder = self.root / "uploads" / check_name(upload, "upload")
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                self.remote.upload_file(path, self.key(path))
 
     def upload_path(self, relative: str) -> Path:
         """Resolve a path written by :meth:`write_upload`, refusing anything outside uploads/."""
         path = (self.root / relative).resolve()
-        if not path.is_relative_to((self.root / "uploads").resolve()):
+        area = (self.root / "uploads").resolve()
+        if not path.is_relative_to(area) or path == area:
             raise StoreError(f"{relative!r} is not in the store's upload area")
+        if self.remote is not None and not path.exists():  # written on another host
+            upload = path.relative_to(area).parts[0]
+            for blob in self.remote.list(f"uploads/{upload}/"):
+                self._fetch(self.root / blob.key)
         return path
 
     def remove_upload(self, upload: str) -> None:
         shutil.rmtree(self.root / "uploads" / check_name(upload, "upload"), ignore_errors=True)
+        if self.remote is not None:
+            self.remote.delete_prefix(f"uploads/{upload}/")
 
     def sweep(self, max_age_s: float, keep: Collection[str] = ()) -> int:
         """Delete uploads (but those named in ``keep``) and abandoned drafts older than
@@ -582,5 +713,14 @@ class Store:
                     continue
                 if stale:
                     shutil.rmtree(path, ignore_errors=True)
+                    removed += 1
+        if self.remote is not None:  # uploads of every host: by their newest object
+            newest: dict[str, float] = {}
+            for blob in self.remote.list("uploads/"):
+                upload = blob.key.split("/")[1]
+                newest[upload] = max(newest.get(upload, 0.0), blob.modified)
+            for upload, modified in sorted(newest.items()):
+                if upload not in keep and modified < cutoff:
+                    self.remote.delete_prefix(f"uploads/{upload}/")
                     removed += 1
         return removed

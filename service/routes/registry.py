@@ -117,6 +117,7 @@ def create_model(
             hypernet_weights,
             benchmark,
         )
+        store.push_upload(upload)  # an S3 store: for a worker on another host
     except BaseException:
         store.remove_upload(upload)
         raise

@@ -22,6 +22,7 @@ from models.store.manifest import (
     VersionManifest,
     utc_now,
 )
+from models.store.remote import S3Remote
 from models.store.store import PATCH_FILE, Store, VersionDraft, check_name
 
 
@@ -37,11 +38,26 @@ def entry(name: str = "m", sha: str = "a" * 64) -> ModelEntry:
     )
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Store:
-    s = Store(tmp_path / "store")
+@pytest.fixture(params=["local", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    """Every test runs on both backends: a folder, and an S3 bucket (tests/s3_server.py) with
+    the folder as its local cache; the guarantees are the same."""
+    remote = None
+    if request.param == "s3":
+        url = request.getfixturevalue("s3_url")
+        remote = S3Remote(url, endpoint_url=request.getfixturevalue("s3_endpoint"))
+    s = Store(tmp_path / "store", remote=remote)
     s.register_model(entry())
     return s
+
+
+def tamper(store: Store, path: Path) -> None:
+    """Flip the last byte of a stored file: in the folder, and in the bucket if there is one."""
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    if store.remote is not None:
+        store.remote.put_bytes(store.key(path), bytes(data))
 
 
 def draft_manifest(draft: VersionDraft, parent: str | None = None) -> VersionManifest:
@@ -142,11 +158,21 @@ def test_check_name_accepts_version_ids_aliases_and_dotted_names(store: Store) -
 def test_commit_never_overwrites_an_existing_version(store: Store) -> None:
     with store.begin_version("m") as draft:
         save_file({"x.indices": np.arange(1)}, str(draft.dir / PATCH_FILE))
-        store.version_dir("m", draft.version).mkdir(parents=True)
-        (store.version_dir("m", draft.version) / "keep").write_text("old")
+        final = store.version_dir("m", draft.version)
+        if store.remote is None:  # another writer got there first
+            final.mkdir(parents=True)
+            (final / "keep").write_text("old")
+        else:
+            store.remote.put_bytes(f"{store.key(final)}/manifest.json", b"old")
         with pytest.raises(StoreError, match="immutable"):
             draft.commit(draft_manifest(draft))
-    assert (store.version_dir("m", draft.version) / "keep").read_text() == "old"
+    if store.remote is None:
+        assert (final / "keep").read_text() == "old"
+    else:
+        assert store.remote.get_bytes(f"{store.key(final)}/manifest.json")[0] == b"old"
+        assert [b.key for b in store.remote.list(f"{store.key(final)}/")] == [
+            f"{store.key(final)}/manifest.json"  # and no file of the refused draft went up
+        ]
 
 
 def test_commit_requires_an_existing_parent(store: Store) -> None:
@@ -166,10 +192,7 @@ def test_manifest_records_every_file_and_the_patch_tensors(store: Store) -> None
 
 def test_tampered_file_fails_the_sha256_check_on_read(store: Store) -> None:
     version = write_version(store).version
-    path = store.version_file("m", version, PATCH_FILE)
-    data = bytearray(path.read_bytes())
-    data[-1] ^= 0xFF
-    path.write_bytes(bytes(data))
+    tamper(store, store.version_file("m", version, PATCH_FILE))
     with pytest.raises(IntegrityError, match="sha256"):
         store.version_file("m", version, PATCH_FILE)
 

@@ -1,0 +1,113 @@
+"""Scaling out on an S3 store: the API and two worker processes, each with its own local cache
+folder (as on three hosts), share one bucket (an S3 emulator, tests/s3_server.py) and one Redis.
+
+A model registered over HTTP goes up through the API's cache and comes down into each worker's;
+a burst of edits is shared by the workers; the API serves their versions, patches and merged
+weights from the bucket; an alias set through the API is what a fourth host reads; a purge
+leaves nothing in the bucket.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+from redis import Redis
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+from models.store.remote import S3Remote
+from models.store.store import Store
+from tests.redis_server import (
+    db_url,
+    make_benchmark,
+    make_tiny_backbone,
+    png,
+    wait_for,
+    worker_process,
+)
+from tests.service.conftest import api
+
+pytestmark = pytest.mark.redis
+
+BURST = 4
+
+
+def model_parts(folder: Path) -> list[tuple[str, tuple[str, bytes, str]]]:
+    """The multipart files of POST /v1/models for the tiny backbone and its benchmark."""
+    manifest_path = make_tiny_backbone(folder / "backbone")
+    manifest = json.loads(manifest_path.read_text())
+    bench = make_benchmark(folder / "bench")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for kind, arc in (("groups", "edit_groups"), ("locality", "locality")):
+            for path in sorted(Path(bench[kind]).rglob("*.png")):
+                zf.write(path, f"{arc}/{path.relative_to(bench[kind])}")
+    weights = (manifest_path.parent / manifest["weights"]).read_bytes()
+    return [
+        ("backbone", ("b.json", manifest_path.read_bytes(), "application/json")),
+        ("weights", ("b.safetensors", weights, "application/octet-stream")),
+        ("benchmark", ("bench.zip", buf.getvalue(), "application/zip")),
+    ]
+
+
+def test_api_and_two_workers_share_an_s3_store_through_their_own_caches(
+    redis_url: str, s3_url: str, s3_endpoint: str, tmp_path: Path
+) -> None:
+    url = db_url(redis_url, 0)
+    redis = Redis.from_url(url)
+    s3 = {"VITEDIT_STORE_URL": s3_url, "VITEDIT_S3_ENDPOINT_URL": s3_endpoint}
+    caches = {name: tmp_path / name for name in ("api", "worker-a", "worker-b", "other")}
+    logs = [tmp_path / "worker-a.log", tmp_path / "worker-b.log"]
+    with (
+        worker_process(url, caches["worker-a"], logs[0], **s3),
+        worker_process(url, caches["worker-b"], logs[1], **s3),
+        api(url, caches["api"], store_url=s3_url, s3_endpoint_url=s3_endpoint) as client,
+    ):
+        r = client.post("/v1/models", files=model_parts(tmp_path), data={"name": "mine"})
+        assert r.status_code == 201, r.text
+
+        ids = []
+        for seed in range(BURST):
+            files = [("images", ("x.png", png(seed), "image/png"))]
+            data = {"label": "3", "model": "mine", "method": "ft", "max_steps": "20"}
+            r = client.post("/v1/edits", files=files, data={**data, "min_sr": "0"})
+            assert r.status_code == 202, r.text
+            ids.append(r.json()["id"])
+
+        def ended() -> bool:
+            states = [client.get(f"/v1/edits/{i}").json()["status"] for i in ids]
+            return all(s not in ("queued", "running") for s in states)
+
+        assert wait_for(ended, 180, poll_s=0.5)
+        views = [client.get(f"/v1/edits/{i}").json() for i in ids]
+        assert all(v["status"] == "succeeded" for v in views), views
+        workers = {
+            Job.fetch(i, connection=redis, serializer=JSONSerializer).worker_name for i in ids
+        }
+        assert len(workers) == 2, workers  # the burst was shared
+        for cache in ("worker-a", "worker-b"):  # each worker fetched the model into its cache
+            assert (caches[cache] / "models/mine/base/backbone.json").is_file()
+
+        # the API host reads what the workers published: versions, patches, merged weights
+        version = views[0]["version"]
+        listed = client.get("/v1/models/mine/versions").json()
+        assert {v["version"] for v in listed["versions"]} == {v["version"] for v in views}
+        patch = client.get(f"/v1/models/mine/versions/{version}/patch")
+        assert patch.status_code == 200
+        other = Store(caches["other"], remote=S3Remote(s3_url, endpoint_url=s3_endpoint))
+        manifest = other.version("mine", version)  # a fourth host, reading the bucket
+        assert patch.headers["X-Content-SHA256"] == manifest.files["patch.safetensors"]
+        weights = client.get(f"/v1/models/mine/versions/{version}/weights")
+        assert weights.status_code == 200 and len(weights.content) > 0
+
+        r = client.put("/v1/models/mine/aliases/prod", json={"version": version})
+        assert r.status_code == 200, r.text
+        assert other.resolve("mine@prod").version == version
+        assert other.remote is not None and other.remote.list("uploads/") == []
+
+        assert client.delete("/v1/models/mine", params={"purge": True}).status_code == 204
+        assert other.models() == [] and other.remote.list("models/") == []
