@@ -2,6 +2,7 @@
 
 vitedit bench --world demo --quick --out bench-out
 vitedit bench --world tiny-imagenet --split tuning --methods random,ft-l1 --out tuning/
+vitedit bench --world tiny-imagenet --methods where2edit-sal --set where2edit-sal.mix=0.25 --out m/
 vitedit bench --backbone backbone.json --groups edit_groups/ --locality locality/ --out out/
 vitedit bench --backbone vit_base_patch16_224 --weights vit.safetensors --groups G --locality L
 """
@@ -57,6 +58,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=[],
         metavar="METHOD=V1,V2",
         help="knob values for a method, e.g. random=0.1,0.05 (repeatable)",
+    )
+    run.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="METHOD.OPTION=V",
+        help="a method's option, fixed at every knob value, e.g. where2edit-sal.mix=0.25 "
+        "(repeatable, or ';'-separated; not the knob, which --knobs sweeps, nor the shared "
+        "optimiser setting below)",
     )
     run.add_argument(
         "--edits-per-group", type=int, default=10, help="edit images sampled per group (0 = all)"
@@ -119,6 +130,21 @@ def parse_knobs(items: list[str]) -> dict[str, tuple[float, ...]]:
         except ValueError:
             raise SystemExit(f"--knobs {item!r}: values must be numbers") from None
     return knobs
+
+
+def parse_sets(items: list[str]) -> dict[str, dict[str, float]]:
+    """["where2edit-sal.mix=0.25"] -> {"where2edit-sal": {"mix": 0.25}} (checked by BenchConfig)."""
+    options: dict[str, dict[str, float]] = {}
+    for item in (part.strip() for raw in items for part in raw.split(";") if part.strip()):
+        target, sep, value = item.partition("=")
+        method, dot, key = target.strip().rpartition(".")
+        if not sep or not dot or not method or not key or not value.strip():
+            raise SystemExit(f"--set {item!r}: expected METHOD.OPTION=VALUE")
+        try:
+            options.setdefault(method, {})[key.strip()] = float(value)
+        except ValueError:
+            raise SystemExit(f"--set {item!r}: the value must be a number") from None
+    return options
 
 
 def _load_backbone(args: argparse.Namespace, device: Any) -> Any:
@@ -220,7 +246,13 @@ def run_bench_command(args: argparse.Namespace) -> int:
         seeds = tuple(int(v) for v in args.seeds.split(",") if v.strip())
     except ValueError:
         raise SystemExit(f"--seeds {args.seeds!r}: expected integers like 0,1,2") from None
-    options = dict(knobs=parse_knobs(args.knobs), seeds=seeds, precision=args.precision, **shared)
+    options = dict(
+        knobs=parse_knobs(args.knobs),
+        options=parse_sets(args.sets),
+        seeds=seeds,
+        precision=args.precision,
+        **shared,
+    )
     if args.quick:
         config = BenchConfig.quick_run(methods, **options)
     else:

@@ -6,6 +6,7 @@ from models.editing import (  # noqa: F401  (registration)
     random_mask,
     saliency,
     where2edit,
+    where2edit_saliency,
 )
 from models.editing.registry import (
     EDITORS,

@@ -27,6 +27,12 @@ class Where2EditConfig(MaskConfig):
 
 def learned_masks(hypernet: Hypernetwork, task: EditTask, rho: float) -> list[torch.Tensor]:
     """One bool (hidden,) mask per matrix in Sites order: the top ``rho`` of the mean scores."""
+    return task.sites.split(top_rho_mask(learned_scores(hypernet, task), rho))
+
+
+def learned_scores(hypernet: Hypernetwork, task: EditTask) -> torch.Tensor:
+    """(n_entries,) the hypernetwork's scores averaged over the edit images, once it is checked
+    to fit the edit's sites (HypernetworkMismatchError otherwise)."""
     expected = tuple(m.hidden for m in task.sites.matrices)
     if hypernet.config.hidden != expected:
         raise HypernetworkMismatchError(
@@ -34,8 +40,7 @@ def learned_masks(hypernet: Hypernetwork, task: EditTask, rho: float) -> list[to
             f"edit's sites {list(task.sites.mlps)} have {list(expected)}; use its sites"
         )
     hypernet.check_sites(task.sites)
-    scores = hypernet.mask_scores(task.model, task.images)  # (n_entries,)
-    return task.sites.split(top_rho_mask(scores, rho))
+    return hypernet.mask_scores(task.model, task.images)  # (n_entries,)
 
 
 def mask_counts(sites: Sites, masks: list[torch.Tensor]) -> dict[str, int]:

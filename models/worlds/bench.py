@@ -39,7 +39,7 @@ from models.editing.registry import (
     make_config,
     run_edit,
 )
-from models.errors import DataError
+from models.errors import DataError, EditConfigError
 from models.evaluation import (
     METRIC_DEFINITIONS,
     EditScore,
@@ -60,6 +60,7 @@ from models.worlds.layout import EditBenchmark
 
 log = logging.getLogger(__name__)
 
+SHARED_OPTIONS = ("lr", "max_steps", "stop_loss")  # one setting for every method of a run
 RESULTS_SCHEMA = 2  # 2: seeds, per-edit seeds, bootstrap intervals
 QUICK_GROUPS = 4  # --quick: this many groups,
 QUICK_EDITS = 2  # this many edit images per group,
@@ -73,6 +74,8 @@ Progress = Callable[[int, int, str], None]
 class BenchConfig:
     methods: tuple[str, ...]
     knobs: dict[str, tuple[float, ...]] = field(default_factory=dict)  # overrides per method
+    # fixed options per method, the same at every knob value (e.g. {"where2edit-sal": {"mix": 0.25}})
+    options: dict[str, dict[str, float]] = field(default_factory=dict)
     edits_per_group: int | None = 10  # None = every image of every group
     max_groups: int | None = None  # None = every group
     lr: float = EditConfig.lr
@@ -85,6 +88,17 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if not self.seeds:
             raise ValueError("the benchmark needs at least one seed")
+        for method, given in self.options.items():
+            if method not in self.methods:
+                raise EditConfigError(f"options for {method!r}, which is not among the methods")
+            knob = get_editor(method).config_cls.knob
+            fixed = sorted(set(given) & {*SHARED_OPTIONS, "seed", knob})
+            if fixed:
+                raise EditConfigError(
+                    f"{method}: {fixed} cannot be set per method (the knob is swept with knobs, "
+                    "lr / max_steps / stop_loss are shared, seeds are the run's)"
+                )
+            make_config(method, **given)  # an unknown option or one out of bounds fails here
 
     @property
     def seed(self) -> int:
@@ -263,6 +277,7 @@ def run_bench(
             "lr": config.lr,
             "max_steps": config.max_steps,
             "stop_loss": config.stop_loss,
+            **config.options.get(method, {}),
             **({knob: value} if knob else {}),
         }
         edit_config = make_config(method, **options)
@@ -294,18 +309,20 @@ def run_bench(
 
 
 MERGE_SAME = ("backbone", "sites", "benchmark")  # what runs must share to be merged
-MERGE_SETTINGS_FREE = ("methods", "knobs")  # settings that may differ between them
+MERGE_SETTINGS_FREE = ("methods", "knobs", "options")  # settings that may differ between them
 
 
 def merge_results(runs: Sequence[dict[str, Any]], drop: Sequence[str] = ()) -> dict[str, Any]:
-    """One results dict from runs that differ only in their methods and knob values.
+    """One results dict from runs that differ only in their methods, knob values and options.
 
     Each point depends only on the shared setting, the seeds and the edits (seeded per group
     and image), never on which other methods ran: runs on the same backbone, sites, groups and
     edits, with the same settings, merge into what one run of all their points would give. A
     method may come from several runs with other knob values; the points of a method that needs
     a hypernetwork must all come from the same one (``hypernetwork`` of the results). Refuses
-    anything else, and a point (method, knob value) present twice. ``drop``: methods left out of
+    anything else, a point (method, knob value) present twice, and a method whose points differ
+    in another option than the knob (``options``: one run's where2edit-sal at mix 0.25 never joins
+    another's at 0.5). ``drop``: methods left out of
     every run first (e.g. to put another hypernetwork's where2edit points in their place).
     """
     if not runs:
@@ -341,6 +358,13 @@ def merge_results(runs: Sequence[dict[str, Any]], drop: Sequence[str] = ()) -> d
                 if point["knob_value"] in have:
                     knob = f" {entry['knob']}={point['knob_value']}" if entry["knob"] else ""
                     raise DataError(f"{method}{knob} is in two runs: keep it in one")
+                fixed = _fixed_options(point, entry["knob"])
+                reference = next(iter(methods[method]["points"]), point)
+                if fixed != _fixed_options(reference, entry["knob"]):
+                    raise DataError(
+                        f"{method} has other options in run {k + 1} ({fixed}) than in an "
+                        "earlier run: cannot merge"
+                    )
                 methods[method]["points"].append(point)
     for entry in methods.values():
         entry["points"].sort(key=lambda p: -1 if p["knob_value"] is None else -p["knob_value"])
@@ -350,7 +374,10 @@ def merge_results(runs: Sequence[dict[str, Any]], drop: Sequence[str] = ()) -> d
         for m, e in methods.items()
         if e["knob"] is not None
     }
-    settings = {**first["settings"], "methods": list(methods), "knobs": knobs}
+    options = {
+        m: o for run in runs for m, o in run["settings"].get("options", {}).items() if m in methods
+    }
+    settings = {**first["settings"], "methods": list(methods), "knobs": knobs, "options": options}
     merged = {
         **{k: v for k, v in first.items() if k != "hypernetwork"},
         **next(({"hypernetwork": r["hypernetwork"]} for r in runs if r.get("hypernetwork")), {}),
@@ -361,6 +388,11 @@ def merge_results(runs: Sequence[dict[str, Any]], drop: Sequence[str] = ()) -> d
     }
     merged["headline"] = headline(merged, seed=settings["seeds"][0])
     return merged
+
+
+def _fixed_options(point: dict[str, Any], knob: str | None) -> dict[str, Any]:
+    """A point's config but its knob and its per-edit seed: what must agree to merge points."""
+    return {k: v for k, v in point.get("config", {}).items() if k not in (knob, "seed")}
 
 
 def _without(run: dict[str, Any], drop: Sequence[str]) -> dict[str, Any]:
@@ -398,6 +430,7 @@ def _results(
     settings = dataclasses.asdict(config)
     settings["seeds"] = list(config.seeds)
     settings["knobs"] = {k: list(v) for k, v in config.knobs.items()}
+    settings["options"] = {k: dict(v) for k, v in config.options.items()}
     return {
         "schema": RESULTS_SCHEMA,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),

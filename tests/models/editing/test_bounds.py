@@ -39,6 +39,8 @@ REFUSED: list[tuple[str, str, Any]] = [
     ("lora", "rank", 1025),
     ("random", "rho", 0.0),
     ("where2edit", "rho", 1.5),
+    ("where2edit-sal", "mix", 1.5),
+    ("where2edit-sal", "mix", -0.1),
 ]
 ACCEPTED: list[tuple[str, str, Any]] = [
     ("ft", "lr", 1.0),

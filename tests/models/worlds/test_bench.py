@@ -213,3 +213,65 @@ def test_two_runs_merge_into_what_one_run_of_their_methods_gives(paper_layout) -
     other = run_bench(backbone, benchmark, BenchConfig(("random",), **{**shared, "lr": 1e-2}))
     with pytest.raises(DataError, match="other settings"):
         merge_results([ft, other])
+
+
+def test_parse_sets_reads_method_option_values() -> None:
+    sets = bench_command.parse_sets(["where2edit-sal.mix=0.25", "ft-l1.c=0.1;where2edit-sal.rho=1"])
+    assert sets == {"where2edit-sal": {"mix": 0.25, "rho": 1.0}, "ft-l1": {"c": 0.1}}
+    for bad in ("where2edit-sal=0.25", "mix=0.25", "where2edit-sal.mix=", "where2edit-sal.mix=x"):
+        with pytest.raises(SystemExit, match="--set"):
+            bench_command.parse_sets([bad])
+
+
+def test_a_fixed_option_reaches_every_point_and_never_merges_with_another(paper_layout) -> None:
+    from models.errors import DataError, EditConfigError
+    from models.hypernet.network import HypernetConfig, Hypernetwork, feature_dim
+    from models.sites import Sites
+    from models.worlds.bench import merge_results
+
+    groups, locality, _ = paper_layout
+    backbone = load_backbone(tiny_manifest())
+    benchmark = read_benchmark(groups, locality)
+    sites = Sites.for_model(backbone.model)
+    torch.manual_seed(0)
+    hypernet = Hypernetwork(HypernetConfig.for_sites(feature_dim(backbone.model), sites)).eval()
+    shared = dict(edits_per_group=1, lr=1e-3, max_steps=2, seeds=(0,))
+    knobs = {"where2edit-sal": (0.25, 0.1)}
+
+    def run(mix: float, rhos: tuple[float, ...] = (0.25, 0.1)) -> dict:
+        config = BenchConfig(
+            ("where2edit-sal",),
+            knobs={"where2edit-sal": rhos},
+            options={"where2edit-sal": {"mix": mix}},
+            **shared,
+        )
+        return run_bench(backbone, benchmark, config, hypernet, sites)
+
+    quarter = run(0.25)
+    points = quarter["methods"]["where2edit-sal"]["points"]
+    assert [(p["knob_value"], p["config"]["mix"]) for p in points] == [(0.25, 0.25), (0.1, 0.25)]
+    assert quarter["settings"]["options"] == {"where2edit-sal": {"mix": 0.25}}
+    default = run_bench(
+        backbone,
+        benchmark,
+        BenchConfig(("where2edit-sal",), knobs=knobs, **shared),
+        hypernet,
+        sites,
+    )
+    assert default["methods"]["where2edit-sal"]["points"][0]["config"]["mix"] == 0.5
+    # points of one mix from two runs merge; two mixes never do
+    merged = merge_results([run(0.25, (0.25,)), run(0.25, (0.1,))])
+    assert merged["settings"]["options"] == {"where2edit-sal": {"mix": 0.25}}
+    assert [p["knob_value"] for p in merged["methods"]["where2edit-sal"]["points"]] == [0.25, 0.1]
+    with pytest.raises(DataError, match="other options"):
+        merge_results([run(0.25, (0.25,)), run(0.75, (0.1,))])
+    refused = [
+        ({"where2edit-sal": {"rho": 0.1}}, "cannot be set per method"),
+        ({"where2edit-sal": {"lr": 0.1}}, "cannot be set per method"),
+        ({"where2edit-sal": {"mix": 2.0}}, "option mix="),
+        ({"where2edit-sal": {"width": 2.0}}, "has no option"),
+        ({"random": {"rho": 0.1}}, "not among the methods"),
+    ]
+    for options, match in refused:
+        with pytest.raises(EditConfigError, match=match):
+            BenchConfig(("where2edit-sal",), options=options)
