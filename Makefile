@@ -109,6 +109,7 @@ tin-hypernet: install
 TIN_KNOBS := where2edit=0.25,0.1,0.05,0.02,0.01;where2edit-sal=0.25,0.1,0.05,0.02,0.01;random=0.25,0.1,0.05,0.02,0.01;saliency=0.25,0.1,0.05,0.02,0.01;ft-l1=0.1,0.01,0.001;ft-l2=0.1,0.01,0.001;lora=1,4
 tin-bench: install
 	$(BIN)/vitedit bench --world tiny-imagenet --split test --knobs "$(TIN_KNOBS)" \
+		--methods where2edit,where2edit-sal,random,saliency,ft,ft-l1,ft-l2,lora \
 		--set where2edit-sal.mix=0.25 --edits-per-group 1 --seeds 0,1,2 --threads 1 --out bench-tiny-imagenet
 
 clean:

@@ -204,7 +204,13 @@ def _methods(args: argparse.Namespace, hypernet: Any) -> tuple[str, ...]:
             if EDITORS[m].needs_hypernetwork and hypernet is None:
                 raise SystemExit(f"{m} needs a hypernetwork: give --hypernet DIR")
         return methods
-    return tuple(m for m, e in EDITORS.items() if hypernet is not None or not e.needs_hypernetwork)
+    from models.worlds.headline import VARIANTS
+
+    return tuple(
+        m
+        for m, e in EDITORS.items()
+        if (hypernet is not None or not e.needs_hypernetwork) and m not in VARIANTS
+    )
 
 
 def merge_command(args: argparse.Namespace) -> int:

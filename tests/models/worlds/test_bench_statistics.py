@@ -146,3 +146,27 @@ def test_headline_compares_best_eligible_points_with_a_paired_interval() -> None
         headline({"methods": {"random": results["methods"]["random"]}})["at_lr_bar"]["verdict"]
         == "no where2edit point qualifies"
     )
+
+
+def test_a_variant_of_the_learned_mask_is_not_a_baseline_nor_run_by_default() -> None:
+    """where2edit-sal mixes the learned ranking with saliency's: the headline does not count it
+    as a baseline to beat, and `vitedit bench` runs it only when it is named."""
+    import argparse
+
+    from cli.bench import _methods
+    from models.worlds.headline import VARIANTS, headline
+
+    hybrid = {"knob": "rho", "points": [_point(0.1, 1.0, 0.95, [0.9, 0.9, 0.9])]}
+    results = {
+        "methods": {
+            "where2edit": {"knob": "rho", "points": [_point(0.1, 1.0, 0.92, [0.5, 0.6, 0.7])]},
+            "random": {"knob": "rho", "points": [_point(0.1, 1.0, 0.95, [0.4, 0.5, 0.6])]},
+            "where2edit-sal": hybrid,
+        }
+    }
+    assert headline(results)["at_lr_bar"]["best_baseline"] == "random"
+    assert "where2edit-sal" in VARIANTS
+    default = _methods(argparse.Namespace(methods=None), hypernet=object())
+    assert "where2edit" in default and "where2edit-sal" not in default
+    named = _methods(argparse.Namespace(methods="where2edit-sal"), hypernet=object())
+    assert named == ("where2edit-sal",)
