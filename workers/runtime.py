@@ -120,10 +120,7 @@ class Runtime:
 
     def __init__(self, settings: WorkerSettings, redis: Redis) -> None:
         self.settings, self.redis = settings, redis
-        self.store = settings.open_store(
-            cache_max_bytes=settings.weights_cache_max_bytes,
-            cache_min_idle_s=settings.cache_min_idle_s,
-        )
+        self.store = settings.open_store()
         self.device = pick_device(settings.device)
         if self.device.type == "cuda" and settings.gpu_memory_fraction is not None:
             torch.cuda.set_per_process_memory_fraction(settings.gpu_memory_fraction, self.device)

@@ -7,7 +7,7 @@ Settings come from environment variables with the prefix ``VITEDIT_`` (``VITEDIT
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -88,15 +88,25 @@ class CommonSettings(BaseSettings):
     store: Path = Path("var/store")
     store_url: str | None = None
     s3_endpoint_url: str | None = None
+    # the merged-weights cache (GET .../weights) is trimmed to this size, least recently
+    # downloaded first; an entry downloaded in the last cache_min_idle_s is never removed. With
+    # an S3 store each process bounds its own local copy (the API's too: it downloads them)
+    weights_cache_max_bytes: int = 2 * 1024**3
+    cache_min_idle_s: float = 60.0
 
-    def open_store(self, **options: Any) -> Store:
-        """The store these settings name (``options``: Store's cache bounds); an S3 bucket is
-        checked now, so a wrong URL or credentials stop the process at start with the reason."""
+    def open_store(self) -> Store:
+        """The store these settings name, its weights cache bounded; an S3 bucket is checked
+        now, so a wrong URL or credentials stop the process at start with the reason."""
         remote = None
         if self.store_url:
             remote = S3Remote(self.store_url, endpoint_url=self.s3_endpoint_url)
             remote.check()
-        return Store(self.store, remote=remote, **options)
+        return Store(
+            self.store,
+            cache_max_bytes=self.weights_cache_max_bytes,
+            cache_min_idle_s=self.cache_min_idle_s,
+            remote=remote,
+        )
 
 
 class WorkerSettings(CommonSettings):
@@ -125,10 +135,6 @@ class WorkerSettings(CommonSettings):
     # an upload that no queued or running job names is deleted once this old (canceled, expired
     # or crashed jobs); young ones are kept: the API writes an upload before it enqueues its job
     upload_grace_s: float = 15 * 60
-    # the merged-weights cache (GET .../weights) is trimmed to this size, least recently
-    # downloaded first; an entry downloaded in the last cache_min_idle_s is never removed
-    weights_cache_max_bytes: int = 2 * 1024**3
-    cache_min_idle_s: float = 60.0
     name: str | None = None  # RQ worker name; None = host + pid
     register_demo: bool = False  # register the shipped demo model at start (docker compose)
     # Prometheus metrics of this worker at http://<metrics_addr>:<metrics_port>/metrics (see

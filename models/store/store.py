@@ -578,8 +578,11 @@ class Store:
         """
         folder = self._cache_dir(model, version)
         path, info = folder / WEIGHTS_FILE, folder / "model.json"
-        if not path.is_file() and not (self._fetch(info) and self._fetch(path)):
-            return None
+        if not path.is_file():
+            if not (self._fetch(info) and self._fetch(path)):
+                return None
+            if self.cache_max_bytes is not None:  # downloaded from the bucket: bound the cache
+                self.evict_cached_weights(self.cache_max_bytes, self.cache_min_idle_s)
         try:
             expected = read_json(info)["sha256"]
             os.utime(info)
@@ -665,11 +668,14 @@ class Store:
         """
         folder = self.root / "uploads" / check_name(upload, "upload")
         check_name(name, "file name")
+        if self.remote is not None:  # straight to the bucket: the worker may be on another host
+            self.remote.put_bytes(f"uploads/{upload}/{name}", data)
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # the local folder of new_upload, if empty: nothing stays here
+            return f"uploads/{upload}/{name}"
         tmp = folder / f".{name}.tmp"
         tmp.write_bytes(data)
         os.rename(tmp, folder / name)
-        if self.remote is not None:
-            self.remote.put_bytes(f"uploads/{upload}/{name}", data)
         return f"uploads/{upload}/{name}"
 
     def push_upload(self, upload: str) -> None:
@@ -681,6 +687,7 @@ class Store:
         for path in sorted(folder.rglob("*")):
             if path.is_file():
                 self.remote.upload_file(path, self.key(path))
+        shutil.rmtree(folder, ignore_errors=True)  # the bucket's copy is the one jobs read
 
     def upload_path(self, relative: str) -> Path:
         """Resolve a path written by :meth:`write_upload`, refusing anything outside uploads/."""

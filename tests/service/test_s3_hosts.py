@@ -108,6 +108,7 @@ def test_api_and_two_workers_share_an_s3_store_through_their_own_caches(
         assert r.status_code == 200, r.text
         assert other.resolve("mine@prod").version == version
         assert other.remote is not None and other.remote.list("uploads/") == []
+        assert not any((caches["api"] / "uploads").iterdir())  # no upload stays on the API host
 
         assert client.delete("/v1/models/mine", params={"purge": True}).status_code == 204
         assert other.models() == [] and other.remote.list("models/") == []

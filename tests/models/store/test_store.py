@@ -276,6 +276,18 @@ def test_labels_resolve_by_index_or_case_insensitive_name(store: Store) -> None:
 
 
 def test_sweep_removes_only_old_uploads(store: Store) -> None:
+    old, _ = store.new_upload()
+    store.write_upload(old, "a", b"x")
+    new, _ = store.new_upload()
+    store.write_upload(new, "a", b"y")
+    assert store.sweep(max_age_s=3600) == 0  # young: a job may be about to read them
+    assert store.sweep(max_age_s=-60, keep={new}) == 1  # all "old" now, but a live job's
+    assert store.upload_path(f"uploads/{new}/a").read_bytes() == b"y"
+    assert not store.upload_path(f"uploads/{old}/a").exists()
+
+
+def test_sweep_goes_by_the_age_of_an_upload(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
     old, old_path = store.new_upload()
     store.write_upload(old, "a", b"x")
     os.utime(old_path, (0, 0))
