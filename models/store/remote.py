@@ -76,7 +76,10 @@ class S3Remote:
                 connect_timeout=5,
                 read_timeout=60,
             )
-            client = boto3.client("s3", endpoint_url=endpoint_url, config=config)
+            # a session of its own: credentials are read now (boto3's default session keeps
+            # the first ones it found), and creating clients on it is safe from any thread
+            session = boto3.session.Session()
+            client = session.client("s3", endpoint_url=endpoint_url, config=config)
         self.client = client
         self._json: dict[str, tuple[str, dict[str, Any]]] = {}  # key -> (etag, data) last read
 
@@ -95,10 +98,15 @@ class S3Remote:
     def _call(self, what: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
         """Run one client call; a network, credential or bucket failure becomes StoreUnavailable
         (HTTP 503 at the API) naming the bucket and what to check."""
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
         try:
             return fn(Bucket=self.bucket, **kwargs)
+        except NoCredentialsError as exc:
+            raise StoreUnavailable(
+                f"the S3 store {self!r} has no credentials to {what}: set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY (or another boto3 credential source)"
+            ) from exc
         except ClientError as exc:
             code = _code(exc)
             if code in _CONFLICT or code in _MISSING or code in ("304", "NotModified"):

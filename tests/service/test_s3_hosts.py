@@ -9,6 +9,7 @@ leaves nothing in the bucket.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import zipfile
@@ -112,3 +113,25 @@ def test_api_and_two_workers_share_an_s3_store_through_their_own_caches(
 
         assert client.delete("/v1/models/mine", params={"purge": True}).status_code == 204
         assert other.models() == [] and other.remote.list("models/") == []
+
+
+def test_an_unreachable_s3_store_answers_503_with_the_reason(
+    redis_url: str, s3_endpoint: str, tmp_path: Path
+) -> None:
+    """(``s3_endpoint``: for the session's credentials; this test stops its own server.)"""
+    from tests.s3_server import new_bucket, s3_server
+
+    url = db_url(redis_url, 0)
+    server = contextlib.ExitStack()
+    endpoint = server.enter_context(s3_server())
+    new_bucket(endpoint, "gone-soon")
+    settings = {"store_url": "s3://gone-soon/store", "s3_endpoint_url": endpoint}
+    with api(url, tmp_path / "api", **settings) as client:
+        assert client.get("/v1/models").json() == []
+        server.close()  # the S3 server goes away under the running API
+        r = client.get("/v1/models")
+        assert r.status_code == 503, r.text
+        assert "could not be reached" in r.json()["detail"]
+        assert "VITEDIT_S3_ENDPOINT_URL" in r.json()["detail"]
+    with pytest.raises(Exception, match="could not be reached"), api(url, tmp_path / "b", **settings):
+        pass  # and an API started without it stops at start, saying why

@@ -183,7 +183,7 @@ def test_model_files_go_up_before_the_entry_and_come_down_where_needed(
 
 
 def test_a_wrong_store_url_or_bucket_stops_the_process_with_the_reason(
-    tmp_path: Path, s3_endpoint: str
+    tmp_path: Path, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     for url in ("http://bucket/x", "s3://", "s3:///x", "s3://b/p?x=1"):
         with pytest.raises(StoreError, match="s3://BUCKET"):
@@ -195,4 +195,12 @@ def test_a_wrong_store_url_or_bucket_stops_the_process_with_the_reason(
         settings.open_store()
     settings = settings.model_copy(update={"s3_endpoint_url": "http://127.0.0.1:9"})
     with pytest.raises(StoreUnavailable, match="could not be reached"):
+        settings.open_store()
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    settings = settings.model_copy(update={"s3_endpoint_url": s3_endpoint})
+    with pytest.raises(StoreUnavailable, match="no credentials.*AWS_ACCESS_KEY_ID"):
         settings.open_store()
