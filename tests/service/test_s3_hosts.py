@@ -133,5 +133,8 @@ def test_an_unreachable_s3_store_answers_503_with_the_reason(
         assert r.status_code == 503, r.text
         assert "could not be reached" in r.json()["detail"]
         assert "VITEDIT_S3_ENDPOINT_URL" in r.json()["detail"]
-    with pytest.raises(Exception, match="could not be reached"), api(url, tmp_path / "b", **settings):
+    with (
+        pytest.raises(Exception, match="could not be reached"),
+        api(url, tmp_path / "b", **settings),
+    ):
         pass  # and an API started without it stops at start, saying why

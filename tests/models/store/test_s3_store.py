@@ -202,5 +202,5 @@ def test_a_wrong_store_url_or_bucket_stops_the_process_with_the_reason(
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     settings = settings.model_copy(update={"s3_endpoint_url": s3_endpoint})
-    with pytest.raises(StoreUnavailable, match="no credentials.*AWS_ACCESS_KEY_ID"):
+    with pytest.raises(StoreUnavailable, match=r"no credentials.*AWS_ACCESS_KEY_ID"):
         settings.open_store()
