@@ -290,6 +290,23 @@ class ViteditClient:
             data = self._call("POST", "/v1/models", files=files, data=form, timeout=timeout_s)
         return _model(data)
 
+    def register_model_from_store(
+        self,
+        name: str,
+        source: str,
+        *,
+        default_method: str | None = None,
+        replace: bool = False,
+        timeout_s: float = 600.0,
+    ) -> Model:
+        """POST /v1/models naming a folder of the server's store (``incoming/...``) that holds
+        the model's files: nothing but the form goes over HTTP."""
+        form = {"name": name, "source": source, "replace": "true" if replace else "false"}
+        if default_method:
+            form["default_method"] = default_method
+        data = self._call("POST", "/v1/models", data=form, timeout=timeout_s)
+        return _model(data)
+
     def remove_model(self, name: str, purge: bool = False) -> None:
         self._call("DELETE", f"/v1/models/{name}", params={"purge": purge})
 

@@ -39,7 +39,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     actions = p.add_subparsers(dest="models_command", required=True)
     add = actions.add_parser("add", help="check a model, copy its files into the store, register")
     add.add_argument("name", help="the model's name in the API (letters, digits, . _ -)")
-    add.add_argument("--backbone", type=Path, required=True, help="backbone manifest (.json)")
+    what = add.add_mutually_exclusive_group(required=True)
+    what.add_argument("--backbone", type=Path, help="backbone manifest (.json)")
+    what.add_argument(
+        "--source",
+        help="instead of local files: a folder of the store under incoming/ (e.g. incoming/my-vit,"
+        " put there with `aws s3 cp` or a copy) holding backbone.json and its weights, "
+        "optionally hypernet/ and benchmark/{edit_groups,locality}/",
+    )
     add.add_argument("--hypernet", type=Path, help="a hypernetwork folder meta-trained for it")
     add.add_argument("--groups", type=Path, help="benchmark edit groups (paper layout)")
     add.add_argument("--locality", type=Path, help="benchmark locality images")
@@ -98,15 +105,17 @@ def run_models(args: argparse.Namespace) -> int:
         return _over_http(args)
     store = _store(args)
     if args.models_command == "add":
-        from workers.model_files import add_model
+        from workers.model_files import add_model, source_files
 
-        entry = add_model(
-            store,
-            args.name,
-            args.backbone,
-            **_model_files(args),
-            calibrate=(lambda *paths: _calibrate(args, *paths)) if args.calibrate else None,
-        )
+        calibrate = (lambda *paths: _calibrate(args, *paths)) if args.calibrate else None
+        if args.source:
+            options = {"default_method": args.default_method, "replace": args.replace}
+            files = source_files(store, args.source)
+            entry = add_model(store, args.name, **files, **options, calibrate=calibrate)
+        else:
+            entry = add_model(
+                store, args.name, args.backbone, **_model_files(args), calibrate=calibrate
+            )
         print(
             f"added {entry.name}: {entry.timm_name}, {entry.num_classes} classes, default method "
             f"{entry.default_method}, weights sha256 {entry.weights_sha256[:12]}..., "
@@ -146,7 +155,12 @@ def _over_http(args: argparse.Namespace) -> int:
         )
 
     def go(client: Any) -> int:
-        if args.models_command == "add":
+        if args.models_command == "add" and args.source:
+            model = client.register_model_from_store(
+                args.name, args.source, default_method=args.default_method, replace=args.replace
+            )
+            print(f"added {model.name} on {args.server} from {args.source}")
+        elif args.models_command == "add":
             model = client.register_model(args.name, args.backbone, **_model_files(args))
             print(
                 f"added {model.name} on {args.server}: {model.backbone['timm_name']}, "

@@ -156,3 +156,42 @@ def add_model(
     )
     log.info("added model %s: files in %s", name, final)
     return store.model(name)
+
+
+def source_files(store: Store, source: str) -> dict[str, Path | None]:
+    """The files of a store folder under ``incoming/`` in the layout of an upload (backbone.json
+    and its weights, optional hypernet/ and benchmark/{edit_groups,locality}/), brought into the
+    local folder, as :func:`add_model`'s arguments. Refused: weights named outside the folder
+    (another model's, or out of the store), hub weights, half a benchmark."""
+    folder = store.source_folder(source)
+    manifest_path = folder / BACKBONE_MANIFEST
+    if not manifest_path.is_file():
+        raise DataError(f"the store has no {store.source_key(source)}/{BACKBONE_MANIFEST}")
+    manifest = BackboneManifest.read(manifest_path)
+    if manifest.pretrained:
+        raise DataError(
+            "the backbone manifest asks for pretrained (hub) weights: workers never download; "
+            "put the weights in the source folder and name them in 'weights'"
+        )
+    weights = manifest.weights_path
+    if weights is None or not weights.resolve().is_relative_to(folder.resolve()):
+        raise DataError(
+            f"the backbone manifest of {source} names weights {manifest.weights!r}: put them in "
+            "the source folder and name them by a path relative to the manifest"
+        )
+
+    def present(path: Path) -> Path | None:
+        return path if path.exists() else None
+
+    groups = present(folder / "benchmark" / "edit_groups")
+    locality = present(folder / "benchmark" / "locality")
+    if (groups is None) != (locality is None):
+        raise DataError(
+            "a source's benchmark needs both benchmark/edit_groups/ and benchmark/locality/"
+        )
+    return {
+        "backbone": manifest_path,
+        "hypernetwork": present(folder / "hypernet"),
+        "groups": groups,
+        "locality": locality,
+    }

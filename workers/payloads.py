@@ -91,14 +91,17 @@ class MaterialisePayload(_Payload):
 
 
 class RegisterPayload(_Payload):
-    """Check and register the model whose files the API wrote to upload ``upload``: a worker
-    loads it (``workers.model_files.add_model``) and refuses it with the reason if it fails.
-    Paths are relative to the store root."""
+    """Check and register the model whose files the API wrote to upload ``upload``, or that a
+    user put in the store folder ``source`` (``incoming/...``: backbone.json and its weights,
+    optional hypernet/ and benchmark/{edit_groups,locality}/): a worker loads it
+    (``workers.model_files.add_model``) and refuses it with the reason if it fails. Paths are
+    relative to the store root."""
 
     kind: Literal["register"] = "register"
     model: str = Field(pattern=NAME_PATTERN)
-    upload: str
-    backbone: str  # the manifest, its weights beside it
+    upload: str | None = None
+    source: str | None = None
+    backbone: str | None = None  # the manifest, its weights beside it (with upload)
     hypernetwork: str | None = None  # a folder: hypernet.json + hypernet.safetensors
     groups: str | None = None  # benchmark folders in the paper's layout
     locality: str | None = None

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from models.editing import get_editor, make_config, run_edit
 from models.editing.registry import EditConfig, EditOutcome, EditTask
-from models.errors import EditCanceled, EditDiverged
+from models.errors import DataError, EditCanceled, EditDiverged
 from models.precision import autocast
 from models.reports import ReportSets, TokenSet, build_report, peak_memory, predict_sets
 from models.review import (
@@ -371,20 +371,28 @@ def materialise(rt: Runtime, payload: MaterialisePayload, job: Job | None) -> di
 def register(rt: Runtime, payload: RegisterPayload, job: Job | None) -> dict[str, Any]:
     """Load the uploaded model as a worker would, then copy it into the store and register it
     (``workers.model_files.add_model``: a model that does not load is refused with the reason)."""
-    from workers.model_files import add_model
+    from workers.model_files import add_model, source_files
 
     def path(key: str | None) -> Path | None:
         return rt.store.upload_path(key) if key is not None else None
 
     with rt.running(job, payload.upload):
+        if payload.source is not None:  # the layout of an upload, in a folder of the store
+            files = source_files(rt.store, payload.source)
+        elif payload.backbone is not None:
+            files = {
+                "backbone": rt.store.upload_path(payload.backbone),
+                "hypernetwork": path(payload.hypernetwork),
+                "groups": path(payload.groups),
+                "locality": path(payload.locality),
+            }
+        else:
+            raise DataError("a registration names its files: an upload or a source folder")
         entry = add_model(
             rt.store,
             payload.model,
-            rt.store.upload_path(payload.backbone),
-            hypernetwork=path(payload.hypernetwork),
-            groups=path(payload.groups),
-            locality=path(payload.locality),
             default_method=payload.default_method,
             replace=payload.replace,
+            **files,
         )
         return {"model": entry.name, "weights_sha256": entry.weights_sha256}

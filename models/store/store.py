@@ -9,6 +9,7 @@ Layout under ``root`` (a local folder; every write is a temp file or folder, fsy
     models/<model>/aliases/<tenant>.json      {alias: version} of another tenant
     cache/<model>/<version>/model.safetensors merged weights, materialised on demand (+ model.json)
     uploads/<upload>/                         images of queued jobs
+    incoming/<folder>/                        a model's files put there by a user, to register
     tmp/                                      versions being written: invisible until renamed
 
 Shared by hosts: with an :class:`models.store.remote.S3Remote` (``VITEDIT_STORE_URL=s3://...``) the
@@ -76,6 +77,7 @@ MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "model.safetensors"
 CACHE_MIN_IDLE_S = 60.0  # merged weights used this recently are never evicted (being downloaded)
 REGISTRY = "models.json"  # the registered models' index (its store key)
+INCOMING = "incoming"  # where users put a model's files to register it from the store
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # model, version, alias, upload names
 _NAME = re.compile(NAME_PATTERN)
 
@@ -700,6 +702,38 @@ class Store:
             for blob in self.remote.list(f"uploads/{upload}/"):
                 self._fetch(self.root / blob.key)
         return path
+
+    # ------------------------------------------------------------------ incoming (sources)
+
+    def source_key(self, source: str) -> str:
+        """A folder of the ``incoming/`` area as a store key, checked: where a team puts a
+        model's files itself (``aws s3 cp``, or a copy into the folder) to register it from there
+        (``POST /v1/models`` with ``source``) instead of sending them over HTTP."""
+        parts = source.strip("/").split("/") if isinstance(source, str) else []
+        if len(parts) < 2 or parts[0] != INCOMING:
+            raise StoreError(
+                f"source {source!r} is not a folder of the store's {INCOMING}/ area: put the "
+                f"model's files under e.g. {INCOMING}/my-vit/ and name that folder"
+            )
+        for part in parts[1:]:
+            check_name(part, "source folder name")
+        return "/".join(parts)
+
+    def source_has(self, source: str, name: str) -> bool:
+        """Whether a source folder holds the file ``name`` (in the bucket, with one)."""
+        key = f"{self.source_key(source)}/{name}"
+        return self.remote.exists(key) if self.remote is not None else (self.root / key).is_file()
+
+    def source_folder(self, source: str) -> Path:
+        """A source folder in the local folder, brought from the bucket (what is missing or of
+        another size) when there is one."""
+        key = self.source_key(source)
+        if self.remote is not None:
+            for blob in self.remote.list(f"{key}/"):
+                path = self.root / blob.key
+                if not path.is_file() or path.stat().st_size != blob.size:
+                    self.remote.download_file(blob.key, path)
+        return self.root / key
 
     def remove_upload(self, upload: str) -> None:
         shutil.rmtree(self.root / "uploads" / check_name(upload, "upload"), ignore_errors=True)

@@ -1,5 +1,6 @@
 """``/v1/models``: the registered models, their editors and options, aliases and latest version;
-registering a model (``POST``, its files in the body) and removing one (``DELETE``).
+registering a model (``POST``, its files in the body or in a store folder) and removing one
+(``DELETE``).
 
 A registration is checked in two places: here, torch-free, what can be read without loading
 (:mod:`service.model_upload`), then by a worker, which loads the model as it would for an edit
@@ -13,12 +14,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 
-from models.errors import Forbidden
+from models.errors import DataError, Forbidden
 from models.store.manifest import ModelEntry
 from models.store.store import Store, check_name
 from service.deps import CallerDep, JobsDep, SettingsDep, StoreDep
 from service.errors import responses
-from service.model_upload import write_model_files
+from service.model_upload import BACKBONE_MANIFEST, write_model_files
 from service.params import ModelName
 from service.schemas import MethodPublic, ModelPublic
 from service.settings import ApiSettings
@@ -93,18 +94,49 @@ def create_model(
     store: StoreDep,
     jobs: JobsDep,
     name: Annotated[str, Form(description="the model's name (letters, digits, . _ -)")],
-    backbone: Annotated[UploadFile, File(description="backbone manifest (.json: timm_name, ...)")],
-    weights: Annotated[UploadFile, File(description="the backbone's weights (.safetensors)")],
+    backbone: Annotated[
+        UploadFile | None, File(description="backbone manifest (.json: timm_name, ...)")
+    ] = None,
+    weights: Annotated[
+        UploadFile | None, File(description="the backbone's weights (.safetensors)")
+    ] = None,
     hypernet: Annotated[UploadFile | None, File(description="hypernetwork manifest")] = None,
     hypernet_weights: Annotated[UploadFile | None, File(description="its .safetensors")] = None,
     benchmark: Annotated[
         UploadFile | None, File(description="zip of edit_groups/ and locality/ (paper layout)")
+    ] = None,
+    source: Annotated[
+        str | None,
+        Form(
+            description="instead of files: a folder of the store under incoming/ (e.g. "
+            "incoming/my-vit, put there with `aws s3 cp` or a copy) holding backbone.json and "
+            "its weights, optionally hypernet/ and benchmark/{edit_groups,locality}/",
+            max_length=300,
+        ),
     ] = None,
     default_method: Annotated[str | None, Form()] = None,
     replace: Annotated[bool, Form(description="replace a registered model's files")] = False,
 ) -> ModelPublic:
     require_admin(caller, settings)
     check_name(name, "model")
+    options = {"default_method": default_method, "replace": replace}
+    if source is not None:
+        if any(f is not None for f in (backbone, weights, hypernet, hypernet_weights, benchmark)):
+            raise DataError("send the model's files or name a source folder, not both")
+        if not store.source_has(source, BACKBONE_MANIFEST):
+            raise DataError(
+                f"the store has no {store.source_key(source)}/{BACKBONE_MANIFEST}: put the "
+                "backbone manifest there, its weights beside it"
+            )
+        payload = RegisterPayload(model=name, source=store.source_key(source), **options)
+        jobs.run_short(payload, settings.register_timeout_s)
+        response.headers["Location"] = f"/v1/models/{name}"
+        return model_public(store, store.model(name))
+    if backbone is None or weights is None:
+        raise DataError(
+            "send the backbone manifest ('backbone') and its weights ('weights'), or name a "
+            "store folder with 'source'"
+        )
     upload, folder = store.new_upload()
     try:
         files = write_model_files(
@@ -128,8 +160,7 @@ def create_model(
         hypernetwork=files.hypernetwork,
         groups=files.groups,
         locality=files.locality,
-        default_method=default_method,
-        replace=replace,
+        **options,
     )
     try:  # the job's worker removes the upload when it ends (the housekeeping, if none ran it)
         jobs.run_short(payload, settings.register_timeout_s)

@@ -206,3 +206,28 @@ def test_models_add_list_remove_over_http(remote, tiny, tmp_path, capsys) -> Non
     assert "far-vit" in capsys.readouterr().out
     assert main(["models", "remove", "far-vit", "--server", server, "--api-key", "k-ops"]) == 0
     assert store.models() == []
+
+
+def put_in_incoming(store: Store, tiny: Path, folder: str) -> None:
+    """What a team does instead of sending files: copy them into the store's incoming/."""
+    target = store.root / folder
+    target.mkdir(parents=True)
+    manifest = BackboneManifest.read(tiny)
+    shutil.copyfile(manifest.weights_path, target / "w.safetensors")
+    fields = {**manifest.__dict__, "weights": "w.safetensors", "base_dir": None}
+    BackboneManifest(**fields).write(target / "backbone.json")
+
+
+def test_add_from_a_store_folder_here_and_over_http(remote, tiny, tmp_path, capsys) -> None:
+    server, store = remote
+    put_in_incoming(store, tiny, "incoming/far")
+    add = ["models", "add", "from-far", "--source", "incoming/far"]
+    assert main([*add, "--server", server, "--api-key", "k-ops"]) == 0
+    assert "added from-far on" in capsys.readouterr().out
+    assert store.model("from-far").backbone.endswith("models/from-far/base/backbone.json")
+    assert main(["models", "remove", "from-far", "--server", server, "--api-key", "k-ops"]) == 0
+
+    assert main([*add, "--store", str(store.root)]) == 0  # the same, on this host's mount
+    assert "added from-far" in capsys.readouterr().out
+    assert main(["models", "add", "x", "--source", "models/x", "--store", str(store.root)]) == 2
+    assert "incoming/" in capsys.readouterr().err

@@ -164,3 +164,60 @@ def test_with_api_keys_only_admin_tenants_register_or_remove(served, files) -> N
     assert refused.status_code == 403
     gone = keyed.delete("/v1/models/ops-model", headers={"Authorization": "Bearer k-admin"})
     assert gone.status_code == 204
+
+
+def put_source(store: Store, folder: str, files: dict[str, bytes], **manifest_changes) -> None:
+    """What a team does before registering from the store: copy the files into incoming/."""
+    target = store.root / folder
+    (target / "benchmark").mkdir(parents=True)
+    manifest = {**json.loads(files["manifest"]), "weights": "w.safetensors", **manifest_changes}
+    (target / "backbone.json").write_text(json.dumps(manifest))
+    (target / "w.safetensors").write_bytes(files["weights"])
+    with zipfile.ZipFile(io.BytesIO(files["zip"])) as zf:
+        zf.extractall(target / "benchmark")
+
+
+def test_a_model_is_registered_from_a_folder_of_the_store(served, files) -> None:
+    client, _, store = served
+    put_source(store, "incoming/team/big-vit", files)
+    r = client.post("/v1/models", data={"name": "from-store", "source": "incoming/team/big-vit"})
+    assert r.status_code == 201, r.text
+    entry = store.model("from-store")
+    assert entry.backbone == str(store.root / "models/from-store/base/backbone.json")
+    assert entry.benchmark["kind"] == "folders"  # its benchmark came along
+    assert client.delete("/v1/models/from-store").status_code == 204
+
+
+@pytest.mark.parametrize(
+    ("source", "changes", "status", "why"),
+    [
+        ("models/other/base", {}, 422, "not a folder of the store's incoming/ area"),
+        ("incoming/../models", {}, 422, "invalid source folder name"),
+        ("incoming", {}, 422, "not a folder of the store's incoming/ area"),
+        ("incoming/nothing-here", {}, 422, "has no incoming/nothing-here/backbone.json"),
+        ("incoming/escape", {"weights": "../../models.json"}, 422, "relative to the manifest"),
+        ("incoming/hub", {"pretrained": True}, 422, "workers never download"),
+    ],
+)
+def test_a_source_folder_outside_incoming_or_unsafe_is_refused(
+    served, files, source, changes, status, why
+) -> None:
+    client, _, store = served
+    if source in ("incoming/escape", "incoming/hub"):
+        put_source(store, source, files, **changes)
+    r = client.post("/v1/models", data={"name": "nope", "source": source})
+    assert r.status_code == status, r.text
+    assert why in r.json()["detail"]
+    assert "nope" not in [m.name for m in store.models()]
+
+
+def test_files_and_a_source_together_or_neither_are_refused(served, files) -> None:
+    client, _, _ = served
+    both = client.post(
+        "/v1/models",
+        files=[("backbone", ("b.json", files["manifest"], "application/json"))],
+        data={"name": "nope", "source": "incoming/x"},
+    )
+    assert both.status_code == 422 and "not both" in both.json()["detail"]
+    neither = client.post("/v1/models", data={"name": "nope"})
+    assert neither.status_code == 422 and "'source'" in neither.json()["detail"]

@@ -111,6 +111,24 @@ def test_api_and_two_workers_share_an_s3_store_through_their_own_caches(
         assert other.remote is not None and other.remote.list("uploads/") == []
         assert not any((caches["api"] / "uploads").iterdir())  # no upload stays on the API host
 
+        # a model put into the bucket by the team itself (as `aws s3 cp` would), registered
+        # from there: the worker that loads it downloads the folder into its cache
+        manifest = json.loads(dict(model_parts(tmp_path / "again"))["backbone"][1])
+        weights = dict(model_parts(tmp_path / "again"))["weights"][1]
+        put = other.remote.put_bytes
+        put(
+            "incoming/big/backbone.json",
+            json.dumps({**manifest, "weights": "w.safetensors"}).encode(),
+        )
+        put("incoming/big/w.safetensors", weights)
+        r = client.post("/v1/models", data={"name": "big", "source": "incoming/big"})
+        assert r.status_code == 201, r.text
+        assert [b.key for b in other.remote.list("models/big/base/")] == [
+            "models/big/base/backbone.json",
+            "models/big/base/backbone.safetensors",
+        ]
+        assert client.delete("/v1/models/big").status_code == 204
+
         assert client.delete("/v1/models/mine", params={"purge": True}).status_code == 204
         assert other.models() == [] and other.remote.list("models/") == []
 
