@@ -29,16 +29,13 @@ version and the default tenant's aliases.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import fcntl
 import logging
 import os
-import re
 import secrets
 import shutil
-import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -50,64 +47,49 @@ from safetensors import SafetensorError
 from models.errors import (
     IntegrityError,
     StoreError,
-    StoreWriteError,
     UnknownModelError,
     UnknownVersionError,
+)
+from models.store.drafts import MANIFEST_FILE, PATCH_FILE, VersionDraft, write_failed
+from models.store.files import (
+    BASE,
+    CACHE_MIN_IDLE_S,
+    INCOMING,
+    NAME_PATTERN,
+    WEIGHTS_FILE,
+    StoreFiles,
+    check_name,
 )
 from models.store.manifest import (
     DEFAULT_TENANT,
     ModelEntry,
     VersionManifest,
     read_json,
-    read_safetensors_header,
     sha256_file,
-    utc_now,
     write_json_atomic,
 )
 from models.store.remote import S3Remote
 
+__all__ = [  # what the rest of the code imports from here
+    "BASE",
+    "INCOMING",
+    "MANIFEST_FILE",
+    "NAME_PATTERN",
+    "PATCH_FILE",
+    "REJECTED",
+    "WEIGHTS_FILE",
+    "ModelRef",
+    "Store",
+    "VersionDraft",
+    "check_name",
+]
+
 log = logging.getLogger(__name__)
 
-BASE = "base"  # the version name of a model's root backbone (no patch)
 LATEST = "latest"  # the most recently created version (or base when there is none)
 RESERVED = frozenset({BASE, LATEST})
 REJECTED = "rejected"  # a version stored for inspection that missed its acceptance gate
-PATCH_FILE = "patch.safetensors"
-MANIFEST_FILE = "manifest.json"
-WEIGHTS_FILE = "model.safetensors"
-CACHE_MIN_IDLE_S = 60.0  # merged weights used this recently are never evicted (being downloaded)
 REGISTRY = "models.json"  # the registered models' index (its store key)
-INCOMING = "incoming"  # where users put a model's files to register it from the store
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # model, version, alias, upload names
-_NAME = re.compile(NAME_PATTERN)
-
-
-def check_name(name: str, what: str) -> str:
-    """Model, version, alias and upload names become paths: letters, digits, ``._-`` only."""
-    if not isinstance(name, str) or not _NAME.fullmatch(name):  # '$' alone allows a final '\n'
-        raise StoreError(
-            f"invalid {what} {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
-        )
-    return name
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*"), reverse=True):  # files before their folders
-        if path.is_file():
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
-        else:
-            _fsync_dir(path)
-    _fsync_dir(root)
 
 
 @dataclass(frozen=True)
@@ -121,87 +103,7 @@ class ModelRef:
         return f"{self.model}@{self.version or BASE}"
 
 
-def _write_failed(exc: Exception) -> StoreWriteError:
-    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-    where = f": {exc.filename}" if isinstance(exc, OSError) and exc.filename else ""
-    return StoreWriteError(
-        f"the model store could not be written ({reason}{where}); nothing was published. "
-        "Free disk space or fix the store's permissions, then resend the edit"
-    )
-
-
-class VersionDraft:
-    """A version being written in ``tmp/``; :meth:`commit` makes it visible in one rename."""
-
-    def __init__(self, store: Store, model: str, version: str) -> None:
-        self.store, self.model, self.version = store, model, version
-        self.dir = store.root / "tmp" / f"{version}.{secrets.token_hex(4)}"
-        self.dir.mkdir(parents=True)
-        self.committed: VersionManifest | None = None
-
-    def commit(self, manifest: VersionManifest) -> VersionManifest:
-        """Hash every file, write the manifest, fsync, rename into place. Never overwrites."""
-        if manifest.version != self.version or manifest.model != self.model:
-            raise StoreError("the manifest names another version than the draft")
-        if manifest.parent is not None:  # the parent must exist, and be the same tenant's
-            parent = self.store.version(self.model, manifest.parent)
-            if parent.owner != manifest.owner:
-                raise StoreError(
-                    f"version {manifest.parent} belongs to another tenant: it cannot be a parent"
-                )
-        files = {
-            p.relative_to(self.dir).as_posix(): sha256_file(p)
-            for p in sorted(self.dir.rglob("*"))
-            if p.is_file()
-        }
-        if PATCH_FILE not in files:
-            raise StoreError(f"a version needs a {PATCH_FILE}")
-        tensors, _ = read_safetensors_header(self.dir / PATCH_FILE)
-        patch = [
-            {"name": k, "shape": v["shape"], "dtype": v["dtype"]}
-            for k, v in sorted(tensors.items())
-        ]
-        manifest = replace(manifest, files=files, patch=patch)
-        write_json_atomic(self.dir / MANIFEST_FILE, manifest.to_json())
-        _fsync_tree(self.dir)
-        final = self.store.version_dir(self.model, self.version)
-        if self.store.remote is not None:  # the bucket decides; the folder is only a cache
-            self._publish(final, files)
-            if final.exists():  # a stale cached copy (never of a published version)
-                trash = self.store.root / "tmp" / f"stale-{secrets.token_hex(4)}"
-                os.rename(final, trash)
-                shutil.rmtree(trash, ignore_errors=True)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        if final.exists():
-            raise StoreError(
-                f"version {self.version} of {self.model} exists: versions are immutable"
-            )
-        os.rename(self.dir, final)
-        _fsync_dir(final.parent)
-        self.committed = manifest
-        log.info("stored version %s of %s (%d files)", self.version, self.model, len(files))
-        return manifest
-
-    def _publish(self, final: Path, files: dict[str, str]) -> None:
-        """Upload the files, then the manifest only if no such version exists: publish last."""
-        remote, prefix = self.store.remote, self.store.key(final)
-        assert remote is not None
-        immutable = StoreError(
-            f"version {self.version} of {self.model} exists: versions are immutable"
-        )
-        if remote.exists(f"{prefix}/{MANIFEST_FILE}"):
-            raise immutable
-        for name in files:
-            remote.upload_file(self.dir / name, f"{prefix}/{name}")
-        manifest = (self.dir / MANIFEST_FILE).read_bytes()
-        if remote.put_bytes(f"{prefix}/{MANIFEST_FILE}", manifest, if_absent=True) is None:
-            raise immutable
-
-    def discard(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-class Store:
+class Store(StoreFiles):
     """Local-filesystem store. Safe for several processes: writes are atomic, updates locked."""
 
     def __init__(
@@ -233,17 +135,6 @@ class Store:
     def version_dir(self, model: str, version: str) -> Path:
         model, version = check_name(model, "model"), check_name(version, "version")
         return self.root / "models" / model / "versions" / version
-
-    def key(self, path: Path) -> str:
-        """A path under ``root`` as its store key (``models/m/versions/v``): the same on every
-        host and in the bucket."""
-        return path.relative_to(self.root).as_posix()
-
-    def _fetch(self, path: Path) -> bool:
-        """Bring a file of the bucket into the local cache if it is not there; True if it is."""
-        if path.is_file():
-            return True
-        return self.remote is not None and self.remote.download_file(self.key(path), path)
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -386,31 +277,6 @@ class Store:
             if b.key.endswith(ends) and "/" not in b.key[len(prefix) : -len(ends)]
         )
 
-    # ------------------------------------------------------------------ model files (S3)
-
-    def publish_model_files(self, name: str) -> None:
-        """Upload ``models/<name>/base/`` (written by ``vitedit models add``) to the bucket,
-        replacing what was there; register the model after this (its entry publishes it)."""
-        if self.remote is None:
-            return
-        folder = self.model_files(name)
-        self.remote.delete_prefix(f"{self.key(folder)}/")
-        for path in sorted(folder.rglob("*")):
-            if path.is_file():
-                self.remote.upload_file(path, self.key(path))
-
-    def fetch_model_files(self, name: str) -> None:
-        """Bring a model's base files from the bucket into the local cache (what is missing or
-        of another size); a no-op for a local store and for files registered by absolute path.
-        Their content is checked where it is read (the backbone's sha256, the hypernetwork's)."""
-        if self.remote is None:
-            return
-        prefix = f"{self.key(self.model_files(name))}/"
-        for blob in self.remote.list(prefix):
-            path = self.root / blob.key
-            if not path.is_file() or path.stat().st_size != blob.size:
-                self.remote.download_file(blob.key, path)
-
     # ------------------------------------------------------------------ versions
 
     def new_version_id(self) -> str:
@@ -424,11 +290,11 @@ class Store:
         try:
             draft = VersionDraft(self, model, self.new_version_id())
         except OSError as exc:
-            raise _write_failed(exc) from exc
+            raise write_failed(exc) from exc
         try:
             yield draft
         except (OSError, SafetensorError) as exc:  # the disk, not the caller: say what to fix
-            raise _write_failed(exc) from exc
+            raise write_failed(exc) from exc
         finally:
             if draft.committed is None:
                 draft.discard()
@@ -570,198 +436,3 @@ class Store:
     def _update_aliases(self, model: str, change: Callable[[dict[str, str]], object]) -> None:
         self.model(model)
         self._update_index(self._aliases_key(model), change)
-
-    # ------------------------------------------------------------------ merged weights cache
-
-    def cached_weights(self, model: str, version: str | None) -> tuple[Path, str] | None:
-        """(path, sha256) of the materialised merged weights, checked, or None if not cached.
-
-        Each call marks the entry used (the mtime of its ``model.json``): eviction goes by it.
-        """
-        folder = self._cache_dir(model, version)
-        path, info = folder / WEIGHTS_FILE, folder / "model.json"
-        if not path.is_file():
-            if not (self._fetch(info) and self._fetch(path)):
-                return None
-            if self.cache_max_bytes is not None:  # downloaded from the bucket: bound the cache
-                self.evict_cached_weights(self.cache_max_bytes, self.cache_min_idle_s)
-        try:
-            expected = read_json(info)["sha256"]
-            os.utime(info)
-        except FileNotFoundError:  # evicted between the two checks
-            return None
-        if sha256_file(path) != expected:
-            raise IntegrityError(
-                f"cached weights of {model}@{version or BASE} are damaged; delete "
-                f"{folder} and download again to rebuild them"
-            )
-        return path, expected
-
-    def put_cached_weights(
-        self, model: str, version: str | None, write: Callable[[Path], None]
-    ) -> tuple[Path, str]:
-        """Materialise once: ``write(tmp_path)`` writes the file; it appears atomically."""
-        folder = self._cache_dir(model, version)
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{WEIGHTS_FILE}.{secrets.token_hex(4)}.tmp"
-        try:
-            write(tmp)
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            sha = sha256_file(tmp)
-            write_json_atomic(
-                folder / "model.json",
-                {"sha256": sha, "size": tmp.stat().st_size, "created_at": utc_now()},
-            )
-            os.rename(tmp, folder / WEIGHTS_FILE)  # same content if another worker won the race
-            _fsync_dir(folder)
-            if self.remote is not None:  # the weights first: model.json makes them visible
-                for name in (WEIGHTS_FILE, "model.json"):
-                    self.remote.upload_file(folder / name, self.key(folder / name))
-        finally:
-            tmp.unlink(missing_ok=True)
-        if self.cache_max_bytes is not None:
-            self.evict_cached_weights(self.cache_max_bytes, self.cache_min_idle_s)
-        return folder / WEIGHTS_FILE, sha
-
-    def evict_cached_weights(self, max_bytes: int, min_idle_s: float = 0.0) -> list[str]:
-        """Remove merged weights, least recently used first, until the cache holds ``max_bytes``.
-
-        An entry used in the last ``min_idle_s`` seconds stays (it may be downloading right now),
-        even if the cache stays above the bound. Returns the ``model@version`` removed.
-        """
-        entries, total = [], 0
-        for info in (self.root / "cache").glob("*/*/model.json"):
-            weights = info.parent / WEIGHTS_FILE
-            with contextlib.suppress(FileNotFoundError):
-                size = weights.stat().st_size
-                entries.append((info.stat().st_mtime, size, info.parent))
-                total += size
-        removed, cutoff = [], time.time() - min_idle_s
-        for used_at, size, folder in sorted(entries):
-            if total <= max_bytes or used_at > cutoff:
-                break
-            trash = self.root / "tmp" / f"evict-{secrets.token_hex(6)}"
-            os.rename(folder, trash)  # atomic: a reader sees the entry whole or not at all
-            shutil.rmtree(trash, ignore_errors=True)
-            total -= size
-            removed.append(f"{folder.parent.name}@{folder.name}")
-        if removed:
-            log.info("weights cache: evicted %s (now %d bytes)", removed, total)
-        return removed
-
-    def _cache_dir(self, model: str, version: str | None) -> Path:
-        model, version = check_name(model, "model"), check_name(version or BASE, "version")
-        return self.root / "cache" / model / version
-
-    # ------------------------------------------------------------------ uploads
-
-    def new_upload(self) -> tuple[str, Path]:
-        """A fresh folder for a job's images: (upload id, path)."""
-        upload = f"u{secrets.token_hex(8)}"
-        path = self.root / "uploads" / upload
-        path.mkdir(parents=True)
-        return upload, path
-
-    def write_upload(self, upload: str, name: str, data: bytes) -> str:
-        """Write one uploaded file atomically; returns its path relative to the store root.
-
-        No fsync: an upload lives only as long as its queued job, which a crash loses anyway.
-        """
-        folder = self.root / "uploads" / check_name(upload, "upload")
-        check_name(name, "file name")
-        if self.remote is not None:  # straight to the bucket: the worker may be on another host
-            self.remote.put_bytes(f"uploads/{upload}/{name}", data)
-            with contextlib.suppress(OSError):
-                folder.rmdir()  # the local folder of new_upload, if empty: nothing stays here
-            return f"uploads/{upload}/{name}"
-        tmp = folder / f".{name}.tmp"
-        tmp.write_bytes(data)
-        os.rename(tmp, folder / name)
-        return f"uploads/{upload}/{name}"
-
-    def push_upload(self, upload: str) -> None:
-        """Upload a folder written in place (a model's files) to the bucket, for workers on
-        other hosts; a no-op for a local store."""
-        if self.remote is None:
-            return
-        folder = self.root / "uploads" / check_name(upload, "upload")
-        for path in sorted(folder.rglob("*")):
-            if path.is_file():
-                self.remote.upload_file(path, self.key(path))
-        shutil.rmtree(folder, ignore_errors=True)  # the bucket's copy is the one jobs read
-
-    def upload_path(self, relative: str) -> Path:
-        """Resolve a path written by :meth:`write_upload`, refusing anything outside uploads/."""
-        path = (self.root / relative).resolve()
-        area = (self.root / "uploads").resolve()
-        if not path.is_relative_to(area) or path == area:
-            raise StoreError(f"{relative!r} is not in the store's upload area")
-        if self.remote is not None and not path.exists():  # written on another host
-            upload = path.relative_to(area).parts[0]
-            for blob in self.remote.list(f"uploads/{upload}/"):
-                self._fetch(self.root / blob.key)
-        return path
-
-    # ------------------------------------------------------------------ incoming (sources)
-
-    def source_key(self, source: str) -> str:
-        """A folder of the ``incoming/`` area as a store key, checked: where a team puts a
-        model's files itself (``aws s3 cp``, or a copy into the folder) to register it from there
-        (``POST /v1/models`` with ``source``) instead of sending them over HTTP."""
-        parts = source.strip("/").split("/") if isinstance(source, str) else []
-        if len(parts) < 2 or parts[0] != INCOMING:
-            raise StoreError(
-                f"source {source!r} is not a folder of the store's {INCOMING}/ area: put the "
-                f"model's files under e.g. {INCOMING}/my-vit/ and name that folder"
-            )
-        for part in parts[1:]:
-            check_name(part, "source folder name")
-        return "/".join(parts)
-
-    def source_has(self, source: str, name: str) -> bool:
-        """Whether a source folder holds the file ``name`` (in the bucket, with one)."""
-        key = f"{self.source_key(source)}/{name}"
-        return self.remote.exists(key) if self.remote is not None else (self.root / key).is_file()
-
-    def source_folder(self, source: str) -> Path:
-        """A source folder in the local folder, brought from the bucket (what is missing or of
-        another size) when there is one."""
-        key = self.source_key(source)
-        if self.remote is not None:
-            for blob in self.remote.list(f"{key}/"):
-                path = self.root / blob.key
-                if not path.is_file() or path.stat().st_size != blob.size:
-                    self.remote.download_file(blob.key, path)
-        return self.root / key
-
-    def remove_upload(self, upload: str) -> None:
-        shutil.rmtree(self.root / "uploads" / check_name(upload, "upload"), ignore_errors=True)
-        if self.remote is not None:
-            self.remote.delete_prefix(f"uploads/{upload}/")
-
-    def sweep(self, max_age_s: float, keep: Collection[str] = ()) -> int:
-        """Delete uploads (but those named in ``keep``) and abandoned drafts older than
-        ``max_age_s``; returns how many."""
-        cutoff, removed = time.time() - max_age_s, 0
-        for area in ("uploads", "tmp"):
-            for path in (self.root / area).iterdir():
-                if area == "uploads" and path.name in keep:
-                    continue
-                try:
-                    stale = path.stat().st_mtime < cutoff
-                except FileNotFoundError:  # another sweeper was faster
-                    continue
-                if stale:
-                    shutil.rmtree(path, ignore_errors=True)
-                    removed += 1
-        if self.remote is not None:  # uploads of every host: by their newest object
-            newest: dict[str, float] = {}
-            for blob in self.remote.list("uploads/"):
-                upload = blob.key.split("/")[1]
-                newest[upload] = max(newest.get(upload, 0.0), blob.modified)
-            for upload, modified in sorted(newest.items()):
-                if upload not in keep and modified < cutoff:
-                    self.remote.delete_prefix(f"uploads/{upload}/")
-                    removed += 1
-        return removed
