@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -118,6 +119,16 @@ def make_benchmark(folder: Path) -> dict[str, str]:
         "groups": str(folder / "groups"),
         "locality": str(folder / "locality"),
     }
+
+
+def benchmark_zip(bench: dict[str, str]) -> bytes:
+    """A benchmark of :func:`make_benchmark` as POST /v1/models takes it: edit_groups/, locality/."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for kind, arc in (("groups", "edit_groups"), ("locality", "locality")):
+            for path in sorted(Path(bench[kind]).rglob("*.png")):
+                zf.write(path, f"{arc}/{path.relative_to(bench[kind])}")
+    return buf.getvalue()
 
 
 def tiny_store(root: Path) -> Store:

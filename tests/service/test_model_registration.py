@@ -16,7 +16,14 @@ from fastapi.testclient import TestClient
 from safetensors.torch import load, save
 
 from models.store.store import Store
-from tests.redis_server import db_url, make_benchmark, make_tiny_backbone, png, worker_process
+from tests.redis_server import (
+    benchmark_zip,
+    db_url,
+    make_benchmark,
+    make_tiny_backbone,
+    png,
+    worker_process,
+)
 from tests.service.conftest import api
 
 pytestmark = pytest.mark.redis
@@ -41,12 +48,11 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     manifest = json.loads(manifest_path.read_text())
     weights = Path(manifest_path.parent / manifest["weights"]).read_bytes()
     bench = make_benchmark(folder / "bench")
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for kind, arc in (("groups", "edit_groups"), ("locality", "locality")):
-            for path in sorted(Path(bench[kind]).rglob("*.png")):
-                zf.write(path, f"{arc}/{path.relative_to(bench[kind])}")
-    return {"manifest": json.dumps(manifest).encode(), "weights": weights, "zip": buf.getvalue()}
+    return {
+        "manifest": json.dumps(manifest).encode(),
+        "weights": weights,
+        "zip": benchmark_zip(bench),
+    }
 
 
 def post(

@@ -10,9 +10,7 @@ leaves nothing in the bucket.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -23,6 +21,7 @@ from rq.serializers import JSONSerializer
 from models.store.remote import S3Remote
 from models.store.store import Store
 from tests.redis_server import (
+    benchmark_zip,
     db_url,
     make_benchmark,
     make_tiny_backbone,
@@ -42,16 +41,11 @@ def model_parts(folder: Path) -> list[tuple[str, tuple[str, bytes, str]]]:
     manifest_path = make_tiny_backbone(folder / "backbone")
     manifest = json.loads(manifest_path.read_text())
     bench = make_benchmark(folder / "bench")
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for kind, arc in (("groups", "edit_groups"), ("locality", "locality")):
-            for path in sorted(Path(bench[kind]).rglob("*.png")):
-                zf.write(path, f"{arc}/{path.relative_to(bench[kind])}")
     weights = (manifest_path.parent / manifest["weights"]).read_bytes()
     return [
         ("backbone", ("b.json", manifest_path.read_bytes(), "application/json")),
         ("weights", ("b.safetensors", weights, "application/octet-stream")),
-        ("benchmark", ("bench.zip", buf.getvalue(), "application/zip")),
+        ("benchmark", ("bench.zip", benchmark_zip(bench), "application/zip")),
     ]
 
 

@@ -7,24 +7,11 @@ import copy
 import pytest
 import torch
 
-from models.backbones import Backbone
-from models.editing import EditTask, make_config, run_edit
+from models.editing import make_config, run_edit
 from models.editing.where2edit import learned_masks
 from models.errors import EditConfigError, HypernetworkMismatchError
 from models.hypernet.network import HypernetConfig, Hypernetwork, cls_features, feature_dim
 from models.sites import Sites
-
-
-@pytest.fixture
-def task(tiny_backbone: Backbone) -> EditTask:
-    model = tiny_backbone.model
-    sites = Sites.for_model(model)
-    images = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        targets = (model(images).argmax(1) + 3) % 10
-    torch.manual_seed(0)
-    hypernet = Hypernetwork(HypernetConfig.for_sites(feature_dim(model), sites)).eval()
-    return EditTask.build(model, sites, images, targets, hypernetwork=hypernet)
 
 
 def test_where2edit_needs_a_hypernetwork(task):
