@@ -127,6 +127,7 @@ class PredictPublic(BaseModel):
 class HealthPublic(BaseModel):
     status: Literal["ok", "unavailable"]
     redis: bool | None = None
+    store: bool | None = None  # False: the store's S3 bucket is unreachable (detail says why)
     workers: list[str] | None = None
     # models a live worker failed to load -> why (their jobs fail until they are fixed)
     unavailable_models: dict[str, str] | None = None

@@ -1,5 +1,6 @@
-"""``/healthz`` (the process answers) and ``/readyz`` (Redis reachable, a worker alive; the
-models a worker failed to load are listed, but do not make the service unready).
+"""``/healthz`` (the process answers) and ``/readyz`` (Redis reachable, the store's S3 bucket
+reachable when it has one, a worker alive; the models a worker failed to load are listed, but do
+not make the service unready).
 
 When the server has API keys, ``/readyz`` answers everyone (a probe sends no key) but names workers,
 models and the Redis error only to a caller with a valid key; others get the status alone."""
@@ -10,6 +11,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 
+from models.errors import StoreUnavailable
+from models.store.store import Store
 from service.guard import caller_of
 from service.schemas import HealthPublic
 from workers.client import JobClient
@@ -25,11 +28,12 @@ def healthz() -> HealthPublic:
 @router.get("/readyz", response_model=HealthPublic, responses={503: {"model": HealthPublic}})
 def readyz(request: Request) -> HealthPublic | JSONResponse:
     jobs: JobClient = request.app.state.jobs
-    body = _readiness(jobs)
+    body = _readiness(jobs, request.app.state.store)
     if caller_of(request.scope) is None:  # keys configured, none valid sent: the status only
         body = HealthPublic(
             status=body.status,
             redis=body.redis,
+            store=body.store,
             detail="send 'Authorization: Bearer <key>' to see the workers and models",
         )
     if body.status != "ok":
@@ -37,13 +41,18 @@ def readyz(request: Request) -> HealthPublic | JSONResponse:
     return body
 
 
-def _readiness(jobs: JobClient) -> HealthPublic:
+def _readiness(jobs: JobClient, store: Store) -> HealthPublic:
     try:
         jobs.ping()
         workers = jobs.live_workers()
         broken = jobs.unavailable_models()
     except RedisError as exc:
         return HealthPublic(status="unavailable", redis=False, detail=f"Redis unreachable: {exc}")
+    if store.remote is not None:
+        try:
+            store.remote.check()
+        except StoreUnavailable as exc:
+            return HealthPublic(status="unavailable", redis=True, store=False, detail=str(exc))
     if not workers:
         return HealthPublic(
             status="unavailable",

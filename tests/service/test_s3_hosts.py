@@ -145,6 +145,8 @@ def test_an_unreachable_s3_store_answers_503_with_the_reason(
         assert r.status_code == 503, r.text
         assert "could not be reached" in r.json()["detail"]
         assert "VITEDIT_S3_ENDPOINT_URL" in r.json()["detail"]
+        ready = client.get("/readyz")  # a load balancer stops sending it requests
+        assert ready.status_code == 503 and ready.json()["store"] is False
     with (
         pytest.raises(Exception, match="could not be reached"),
         api(url, tmp_path / "b", **settings),
