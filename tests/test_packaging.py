@@ -63,12 +63,13 @@ def test_api_install_pulls_no_torch_and_serves_without_it(
     redis_url: str,  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    """A fresh venv with `pip install .[api]`: no torch in pip's report nor in the venv, and the
+    """A fresh venv with `pip install .[api,s3]`: no torch in pip's report nor in the venv, and the
     API (uvicorn) and `vitedit versions` work from it against a real Redis and store."""
     venv = tmp_path / "venv"
     assert run([sys.executable, "-m", "venv", str(venv)]).returncode == 0
     report = tmp_path / "report.json"
-    pip = run([str(venv / "bin/pip"), "install", "--report", str(report), f"{ROOT}[api]"])
+    # the API image's extras: the S3 store's boto3 must not bring the ML stack either
+    pip = run([str(venv / "bin/pip"), "install", "--report", str(report), f"{ROOT}[api,s3]"])
     assert pip.returncode == 0, pip.stderr[-3000:]
     installed = {
         re.sub(r"[-_.]+", "-", i["metadata"]["name"]).lower()  # PEP 503 names
@@ -76,7 +77,7 @@ def test_api_install_pulls_no_torch_and_serves_without_it(
     }
     assert not installed & HEAVY, installed & HEAVY
     assert not {n for n in installed if n.startswith("nvidia-")}
-    assert {"vitedit", "fastapi", "uvicorn", "prometheus-client"} <= installed
+    assert {"vitedit", "fastapi", "uvicorn", "prometheus-client", "boto3"} <= installed
     python = str(venv / "bin/python")
     assert run([python, "-c", "import torch"], cwd=tmp_path).returncode != 0
 

@@ -42,8 +42,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorError
-
 from models.errors import (
     IntegrityError,
     StoreError,
@@ -90,6 +88,16 @@ LATEST = "latest"  # the most recently created version (or base when there is no
 RESERVED = frozenset({BASE, LATEST})
 REJECTED = "rejected"  # a version stored for inspection that missed its acceptance gate
 REGISTRY = "models.json"  # the registered models' index (its store key)
+
+
+def _write_errors() -> tuple[type[Exception], ...]:
+    """What a full or read-only disk raises while a version is written: OSError, or safetensors'
+    own error (a worker saving a patch). The torch-free API installs no safetensors."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:
+        return (OSError,)
+    return (OSError, SafetensorError)
 
 
 @dataclass(frozen=True)
@@ -293,7 +301,7 @@ class Store(StoreFiles):
             raise write_failed(exc) from exc
         try:
             yield draft
-        except (OSError, SafetensorError) as exc:  # the disk, not the caller: say what to fix
+        except _write_errors() as exc:  # the disk, not the caller: say what to fix
             raise write_failed(exc) from exc
         finally:
             if draft.committed is None:
