@@ -4,6 +4,9 @@
     vitedit hypernet train --backbone backbone.json --images DIR --out DIR
     vitedit hypernet train --world demo --init-from models/assets/demo/hypernet --locality 1000 \
         --out DIR                              # fine-tune it with the (optional) locality term
+    vitedit hypernet failures --world tiny-imagenet --root DATA.tar.gz --out failures.npz
+    vitedit hypernet train --world tiny-imagenet --episodes failures --failures failures.npz \
+        --out DIR                              # natural failures instead of CutMix episodes
 
 Options left unset take the demo recipe for ``--world demo`` and the paper's reference defaults
 (``MetaTrainConfig``) otherwise; docs/method.md section 3 lists both.
@@ -92,6 +95,26 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="start from this saved hypernetwork's weights (same backbone and sites)",
     )
+    train.add_argument(
+        "--episodes",
+        choices=["cutmix", "failures"],
+        default="cutmix",
+        help="episode source: the paper's CutMix pseudo-edits (default), or natural failures "
+        "(--failures: images the backbone gets wrong, fixed toward their true label)",
+    )
+    train.add_argument(
+        "--failures",
+        type=Path,
+        default=None,
+        help="failure set (.npz) for --episodes failures (vitedit hypernet failures)",
+    )
+    train.add_argument(
+        "--failure-target",
+        choices=["raise", "uniform"],
+        default="raise",
+        help="failures: the target distribution; raise = the backbone's own logits with the "
+        "label's raised to CE 0.5 at T=1 (the edit's stop), uniform = 0.9 on the label at T",
+    )
     train.add_argument("--width", type=int, default=None, help="hypernetwork width")
     train.add_argument(
         "--blocks",
@@ -133,6 +156,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     train.set_defaults(func=_train)
 
+    failures = actions.add_parser(
+        "failures",
+        help="the backbone's mistakes on its own train split (episodes for --episodes failures)",
+    )
+    failures.add_argument("--world", choices=["tiny-imagenet"], required=True)
+    failures.add_argument(
+        "--root", type=Path, required=True, help="the dataset folder or its .tar.gz"
+    )
+    failures.add_argument("--out", type=Path, required=True, help="output .npz")
+    failures.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="where a .tar.gz is extracted (default: beside --out)",
+    )
+    failures.add_argument("--seed", type=int, default=0, help="the train split's seed (0)")
+    failures.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    failures.set_defaults(func=_failures)
+
 
 def _train(args: argparse.Namespace) -> int:
     import torch
@@ -150,6 +192,7 @@ def _train(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     backbone, pool, out = _source(args)
+    sampler, episode_source = _episode_source(args, backbone)
     options = _options(args, backbone.manifest.extra.get("meta_defaults") or {})
     sites = Sites.for_model(backbone.model, tuple(args.blocks) if args.blocks else None)
     cfg = MetaTrainConfig(**{k: options[k] for k in _CONFIG_OPTIONS if k in options})
@@ -174,8 +217,10 @@ def _train(args: argparse.Namespace) -> int:
             checkpoint_every=args.checkpoint_every,
             log_every=args.log_every,
             show_progress=True,
+            sampler=None if sampler is None else sampler(cfg),
             extra={
                 "source": _describe(args),
+                "episode_source": episode_source,
                 "time_budget_s": budget,
                 "init_from": _init_record(args.init_from, hypernet),
                 "precision": args.precision,
@@ -185,6 +230,79 @@ def _train(args: argparse.Namespace) -> int:
             time_budget_s=budget,
         )
     print(json.dumps({"out": str(out), "final": history[-1] if history else {}}, indent=2))
+    return 0
+
+
+def _episode_source(args: argparse.Namespace, backbone: Any) -> tuple[Any, dict[str, Any]]:
+    """(a sampler factory of the config, or None for CutMix; the manifest's record of it)."""
+    if args.episodes == "cutmix":
+        if args.failures is not None:
+            raise SystemExit("--failures needs --episodes failures")
+        return None, {"kind": "cutmix"}
+    if args.failures is None:
+        raise SystemExit("--episodes failures needs --failures FILE (vitedit hypernet failures)")
+    import torch
+
+    from models.hypernet.failures import CONFIDENCE, STOP_CE, FailureSampler, FailureSet
+    from models.store.manifest import sha256_file
+
+    data = FailureSet.load(args.failures)
+    record = {
+        "kind": "failures",
+        "file": str(args.failures),
+        "sha256": sha256_file(args.failures),
+        "size": len(data),
+        "target": args.failure_target,
+        **({"stop_ce": STOP_CE} if args.failure_target == "raise" else {"confidence": CONFIDENCE}),
+        "built": data.meta,
+    }
+    images = torch.from_numpy(data.images)
+    labels = torch.from_numpy(data.labels)
+    transform = _world_transform(args, backbone)
+
+    def make(cfg: Any) -> FailureSampler:
+        return FailureSampler(
+            backbone.model,
+            images,
+            labels,
+            cfg.temperature,
+            seed=cfg.seed,
+            target=args.failure_target,
+            transform=transform,
+            device=backbone.device,
+        )
+
+    return make, record
+
+
+def _world_transform(args: argparse.Namespace, backbone: Any) -> Any:
+    """uint8 (N, H, W, 3) -> the backbone's input: the world's own, else its normalisation."""
+    if args.world:
+        from models.worlds.catalog import get_world
+
+        to_input = get_world(args.world).to_input  # takes numpy
+        return lambda x: to_input(x.numpy())
+    import torch
+
+    cfg = backbone.model.pretrained_cfg
+    mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+    return lambda x: (x.permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+
+
+def _failures(args: argparse.Namespace) -> int:
+    import torch
+
+    from cli.world import _dataset_root
+    from models.worlds import tiny_imagenet as tin
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    root = _dataset_root(args.root, args.work or args.out.parent / "tiny-imagenet-work")
+    backbone = tin.load_tiny_imagenet_backbone()
+    failures = tin.train_failures(backbone, root, seed=args.seed)
+    failures.save(args.out)
+    print(json.dumps({"out": str(args.out), "bytes": args.out.stat().st_size, **failures.meta}))
     return 0
 
 

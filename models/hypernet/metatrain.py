@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +54,16 @@ from models.hypernet.network import HypernetConfig, Hypernetwork, cls_features, 
 from models.sites import Sites
 
 log = logging.getLogger(__name__)
+
+
+class EpisodeSampler(Protocol):
+    """Where episodes come from: :class:`CutMixSampler` (the paper's) or another source with
+    the same interface (a seeded ``generator`` saved in checkpoints, a ``pool`` of images)."""
+
+    generator: torch.Generator
+    pool: ImagePool
+
+    def sample(self, batch: int) -> Episodes: ...
 
 
 @dataclass(frozen=True)
@@ -292,6 +302,7 @@ class MetaTrainer:
         cfg: MetaTrainConfig,
         impl: str = "batched",
         delta_form: str = "auto",
+        sampler: EpisodeSampler | None = None,
     ) -> None:
         if impl not in ("batched", "reference"):
             raise ValueError(f"impl must be 'batched' or 'reference', got {impl!r}")
@@ -303,7 +314,10 @@ class MetaTrainer:
         self.impl, self.delta_form = impl, delta_form  # delta_form: episodes.zero_delta
         self.model = backbone.model
         self.split = SplitForward(self.model, sites)
-        self.sampler = CutMixSampler(self.model, pool, seed=cfg.seed, device=backbone.device)
+        # the paper's CutMix episodes unless another source is given (e.g. natural failures)
+        self.sampler = sampler or CutMixSampler(
+            self.model, pool, seed=cfg.seed, device=backbone.device
+        )
         self.opt = torch.optim.RMSprop(hypernet.parameters(), lr=cfg.regression_lr)
         self.iteration = 0
         self.history: list[dict[str, float]] = []
@@ -457,17 +471,19 @@ def meta_train(
     checkpoint_dir: Path | None = None,
     time_budget_s: float | None = None,
     health_after: int | None = HEALTH_AFTER,
+    sampler: EpisodeSampler | None = None,
 ) -> tuple[Hypernetwork, list[dict[str, float]]]:
     """Meta-train (or resume) a hypernetwork, then save it to ``out_dir`` with its manifest.
 
     Checkpoints go to ``checkpoint_dir`` (default ``out_dir / "checkpoint"``). With
     ``time_budget_s`` the run stops early once that much wall time is spent (the schedule is
-    still the one of ``cfg.iterations``; resume continues it).
+    still the one of ``cfg.iterations``; resume continues it). ``sampler`` replaces the CutMix
+    episodes drawn from ``pool`` (e.g. :class:`models.hypernet.failures.FailureSampler`).
     """
     out_dir = Path(out_dir)
     checkpoint_dir = Path(checkpoint_dir or out_dir / CHECKPOINT_DIR)
     hypernet = hypernet or build_hypernetwork(backbone.model, sites, cfg.seed)
-    trainer = MetaTrainer(backbone, sites, pool, hypernet, cfg)
+    trainer = MetaTrainer(backbone, sites, pool, hypernet, cfg, sampler=sampler)
     if resume and (checkpoint_dir / "state.json").is_file():
         load_checkpoint(trainer, checkpoint_dir)
     start = time.perf_counter()
@@ -481,7 +497,7 @@ def meta_train(
         "episodes": trainer.iteration * cfg.batch,
         "seconds_this_run": round(seconds, 1),
         "final": history[-1] if history else {},
-        "pool_size": len(pool),
+        "pool_size": len(trainer.sampler.pool),
         **(extra or {}),
     }
     hypernet.eval().save(out_dir, backbone, sites, training=summary)

@@ -192,6 +192,9 @@ class Hypernetwork(nn.Module):
         net.sites = Sites.from_json(manifest["sites"])
         net.weights_sha256 = manifest["weights_sha256"]  # its identity, for the results it makes
         net.training_episodes = manifest.get("training", {}).get("episodes")
+        # how its episodes were made; None = the paper's CutMix (manifests before the option)
+        source = manifest.get("training", {}).get("episode_source")
+        net.episode_source = None if not source or source.get("kind") == "cutmix" else source
         return net.eval().requires_grad_(False).to(backbone.device)
 
     def check_sites(self, sites: Sites) -> None:

@@ -304,6 +304,9 @@ def run_bench(
             "weights_sha256": getattr(hypernetwork, "weights_sha256", None),
             "episodes": getattr(hypernetwork, "training_episodes", None),
         }
+        source = getattr(hypernetwork, "episode_source", None)
+        if source:  # not the paper's CutMix episodes (e.g. natural failures): say which
+            results["hypernetwork"]["episode_source"] = source
     results["headline"] = headline(results, seed=config.seed)
     return results
 

@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 
 from models.backbones import Backbone, create_model, load_backbone
 from models.errors import DataError
+from models.hypernet.failures import FailureSet, failures_of
 from models.store.manifest import BackboneManifest, sha256_file
 from models.worlds.training import TrainConfig, Trainer, TrainResult
 
@@ -262,3 +263,40 @@ def train_backbone(
     m = manifest(names, sha=sha256_file(weights), stem=stem)
     BackboneManifest(**{**m.__dict__, "extra": extra}).write(out_dir / "backbone.json")
     return result
+
+
+# --------------------------------------------------------------------------- natural failures
+
+
+def train_failures(
+    backbone: Backbone,
+    root: Path,
+    seed: int = 0,
+    train_per_class: int = TRAIN_PER_CLASS,
+    batch: int = 1000,
+) -> FailureSet:
+    """The backbone's mistakes on its own train split (the seeded ``train_per_class`` images per
+    class it was trained on, never the bench pool), with their true labels: the episodes of
+    ``vitedit hypernet train --episodes failures``."""
+    files, labels = split_files(root, "train")
+    trained = train_indices(labels, train_per_class, seed)
+    images = np.stack([decode(files[i]) for i in trained])
+    y = labels[trained]
+    model = backbone.model.eval()
+
+    def logits(x: np.ndarray) -> torch.Tensor:
+        with torch.no_grad():
+            return model(to_input(torch.from_numpy(x)).to(backbone.device))
+
+    wrong, preds = failures_of(logits, images, y, batch)
+    meta = {
+        "world": "tiny-imagenet",
+        "split": f"backbone train ({train_per_class} per class, seed {seed})",
+        "split_images": len(trained),
+        "train_accuracy": round(1.0 - len(wrong) / len(trained), 5),
+        "failures": len(wrong),
+        "backbone_sha256": backbone.weights_sha256,
+        "seed": seed,
+        "train_per_class": train_per_class,
+    }
+    return FailureSet(images[wrong], y[wrong], preds, trained[wrong].astype(np.int64), meta)

@@ -1,0 +1,36 @@
+"""`vitedit hypernet train --episodes`: CutMix stays the default; failures need their file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cli.hypernet import _episode_source
+from cli.main import build_parser
+
+
+def parse(*argv: str):
+    return build_parser().parse_args(["hypernet", "train", "--world", "tiny-imagenet", *argv])
+
+
+def test_cutmix_is_the_default_episode_source_and_is_recorded() -> None:
+    args = parse()
+    assert args.episodes == "cutmix" and args.failures is None
+    assert _episode_source(args, backbone=None) == (None, {"kind": "cutmix"})
+
+
+def test_failures_need_their_file_and_a_file_needs_failures() -> None:
+    with pytest.raises(SystemExit, match="needs --failures"):
+        _episode_source(parse("--episodes", "failures"), backbone=None)
+    with pytest.raises(SystemExit, match="needs --episodes failures"):
+        _episode_source(parse("--failures", "f.npz"), backbone=None)
+
+
+def test_the_failure_options_parse() -> None:
+    args = parse("--episodes", "failures", "--failures", "f.npz", "--failure-target", "uniform")
+    assert args.failures == Path("f.npz") and args.failure_target == "uniform"
+    build = build_parser().parse_args(
+        ["hypernet", "failures", "--world", "tiny-imagenet", "--root", "d.tar.gz", "--out", "f.npz"]
+    )
+    assert build.seed == 0 and build.out == Path("f.npz")
