@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from models.errors import DataError
-from models.hypernet.cutmix import Episodes
+from models.hypernet.cutmix import Episodes, patch_grid
 
 TARGETS = ("raise", "uniform")
 STOP_CE = 0.5  # the edit setting's stop criterion on the built-in worlds (CE at T = 1)
@@ -160,7 +160,7 @@ class FailureSampler:
         self.confidence, self.transform = confidence, transform
         self.device = torch.device(device)
         self.generator = torch.Generator().manual_seed(seed)
-        self.pool = _Pool(self)  # what the locality term's anchors draw from
+        self.pool = self  # what the locality term's anchors draw from (an ImagePool too)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -181,22 +181,6 @@ class FailureSampler:
                 labels.cpu(), logits.shape[-1], self.temperature, self.confidence
             )
             target = target.to(logits)
-        grid = _grid(self.model)
+        grid = patch_grid(self.model)[1]
         boxes = torch.tensor([[0, 0, grid, grid]]).expand(batch, 4).clone()
         return Episodes(x, x, target, boxes)
-
-
-@dataclass
-class _Pool:
-    sampler: FailureSampler
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def get(self, indices: torch.Tensor) -> torch.Tensor:
-        return self.sampler.get(indices)
-
-
-def _grid(model: nn.Module) -> int:
-    embed = getattr(model, "patch_embed", None)
-    return int(embed.grid_size[0]) if embed is not None else 1

@@ -95,10 +95,14 @@ class StoreFiles:
         """Bring a model's base files from the bucket into the local cache (what is missing or
         of another size); a no-op for a local store and for files registered by absolute path.
         Their content is checked where it is read (the backbone's sha256, the hypernetwork's)."""
+        self._sync_down(self.model_files(name))
+
+    def _sync_down(self, folder: Path) -> None:
+        """Bring a folder of the bucket into the local cache: each file that is missing here or
+        of another size; a no-op without a bucket."""
         if self.remote is None:
             return
-        prefix = f"{self.key(self.model_files(name))}/"
-        for blob in self.remote.list(prefix):
+        for blob in self.remote.list(f"{self.key(folder)}/"):
             path = self.root / blob.key
             if not path.is_file() or path.stat().st_size != blob.size:
                 self.remote.download_file(blob.key, path)
@@ -229,10 +233,8 @@ class StoreFiles:
         area = (self.root / "uploads").resolve()
         if not path.is_relative_to(area) or path == area:
             raise StoreError(f"{relative!r} is not in the store's upload area")
-        if self.remote is not None and not path.exists():  # written on another host
-            upload = path.relative_to(area).parts[0]
-            for blob in self.remote.list(f"uploads/{upload}/"):
-                self._fetch(self.root / blob.key)
+        if not path.exists():  # written on another host: the whole upload, from the bucket
+            self._sync_down(self.root / "uploads" / path.relative_to(area).parts[0])
         return path
 
     # ------------------------------------------------------------------ incoming (sources)
@@ -259,13 +261,9 @@ class StoreFiles:
     def source_folder(self, source: str) -> Path:
         """A source folder in the local folder, brought from the bucket (what is missing or of
         another size) when there is one."""
-        key = self.source_key(source)
-        if self.remote is not None:
-            for blob in self.remote.list(f"{key}/"):
-                path = self.root / blob.key
-                if not path.is_file() or path.stat().st_size != blob.size:
-                    self.remote.download_file(blob.key, path)
-        return self.root / key
+        folder = self.root / self.source_key(source)
+        self._sync_down(folder)
+        return folder
 
     def remove_upload(self, upload: str) -> None:
         shutil.rmtree(self.root / "uploads" / check_name(upload, "upload"), ignore_errors=True)

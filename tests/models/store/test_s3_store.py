@@ -204,3 +204,18 @@ def test_a_wrong_store_url_or_bucket_stops_the_process_with_the_reason(
     settings = settings.model_copy(update={"s3_endpoint_url": s3_endpoint})
     with pytest.raises(StoreUnavailable, match=r"no credentials.*AWS_ACCESS_KEY_ID"):
         settings.open_store()
+
+
+def test_a_relative_cache_folder_reads_what_another_host_wrote(
+    tmp_path: Path, s3_url: str, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default VITEDIT_STORE is relative (var/store): fetches must work from it too."""
+    a = host(tmp_path, "a", s3_url, s3_endpoint)
+    a.register_model(entry())
+    version = write_version(a).version
+    upload, _ = a.new_upload()
+    key = a.write_upload(upload, "edit-000", b"image bytes")
+    monkeypatch.chdir(tmp_path)
+    b = Store(Path("var/store"), remote=S3Remote(s3_url, endpoint_url=s3_endpoint))
+    assert b.upload_path(key).read_bytes() == b"image bytes"
+    assert b.version_file("m", version, PATCH_FILE).is_file()
