@@ -18,7 +18,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from models.errors import DataError, IntegrityError, StoreError, VitEditError
+from models.errors import DataError, IntegrityError, ManifestError, StoreError, VitEditError
 from models.store.manifest import BackboneManifest, ModelEntry, sha256_file
 from models.store.store import Store, check_name
 from workers.registration import register_model
@@ -27,6 +27,14 @@ log = logging.getLogger(__name__)
 
 BACKBONE_MANIFEST = "backbone.json"
 BACKBONE_WEIGHTS = "backbone.safetensors"
+
+
+def _their_manifest(path: Path) -> BackboneManifest:
+    """A backbone manifest the user sent: what is wrong with it is theirs to fix (422)."""
+    try:
+        return BackboneManifest.read(path)
+    except ManifestError as exc:
+        raise DataError(str(exc)) from exc
 
 
 def _check_loads(
@@ -60,7 +68,14 @@ def _check_loads(
     if hypernetwork is not None:
         from models.hypernet.network import Hypernetwork
 
-        Hypernetwork.load(hypernetwork, backbone)  # refuses another backbone's
+        try:
+            Hypernetwork.load(hypernetwork, backbone)  # refuses another backbone's
+        except (ManifestError, OSError) as exc:
+            raise DataError(f"the hypernetwork does not load: {exc}") from exc
+        except VitEditError:
+            raise  # already says what to fix, with its status (another backbone's: 422)
+        except Exception as exc:  # safetensors: say which file and why
+            raise DataError(f"the hypernetwork does not load: {type(exc).__name__}: {exc}") from exc
     if groups is not None and locality is not None:
         from models.worlds.layout import read_benchmark
 
@@ -94,7 +109,7 @@ def add_model(
         )
     if not replace and any(m.name == name for m in store.models()):
         raise StoreError(f"model {name!r} is registered: pass --replace to replace its files")
-    manifest = BackboneManifest.read(backbone)
+    manifest = _their_manifest(backbone)
     _check_loads(manifest, hypernetwork, groups, locality)
     registered = any(m.name == name for m in store.models())  # and so --replace was given
     new_weights = (
@@ -167,7 +182,7 @@ def source_files(store: Store, source: str) -> dict[str, Path | None]:
     manifest_path = folder / BACKBONE_MANIFEST
     if not manifest_path.is_file():
         raise DataError(f"the store has no {store.source_key(source)}/{BACKBONE_MANIFEST}")
-    manifest = BackboneManifest.read(manifest_path)
+    manifest = _their_manifest(manifest_path)
     if manifest.pretrained:
         raise DataError(
             "the backbone manifest asks for pretrained (hub) weights: workers never download; "

@@ -203,14 +203,22 @@ def test_a_model_is_registered_from_a_folder_of_the_store(served, files) -> None
         ("incoming/nothing-here", {}, 422, "has no incoming/nothing-here/backbone.json"),
         ("incoming/escape", {"weights": "../../models.json"}, 422, "relative to the manifest"),
         ("incoming/hub", {"pretrained": True}, 422, "workers never download"),
+        ("incoming/garbled", {}, 422, "is not valid JSON"),
+        ("incoming/bad-hypernet", {}, 422, "the hypernetwork does not load"),
     ],
 )
 def test_a_source_folder_outside_incoming_or_unsafe_is_refused(
     served, files, source, changes, status, why
 ) -> None:
     client, _, store = served
-    if source in ("incoming/escape", "incoming/hub"):
+    if source in ("incoming/escape", "incoming/hub", "incoming/garbled", "incoming/bad-hypernet"):
         put_source(store, source, files, **changes)
+    if source == "incoming/garbled":
+        (store.root / source / "backbone.json").write_text("not json")
+    if source == "incoming/bad-hypernet":
+        (store.root / source / "hypernet").mkdir()
+        (store.root / source / "hypernet" / "hypernet.json").write_text("not json")
+        (store.root / source / "hypernet" / "hypernet.safetensors").write_bytes(b"x")
     r = client.post("/v1/models", data={"name": "nope", "source": source})
     assert r.status_code == status, r.text
     assert why in r.json()["detail"]
