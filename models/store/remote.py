@@ -79,7 +79,13 @@ class S3Remote:
             # a session of its own: credentials are read now (boto3's default session keeps
             # the first ones it found), and creating clients on it is safe from any thread
             session = boto3.session.Session()
-            client = session.client("s3", endpoint_url=endpoint_url, config=config)
+            try:
+                client = session.client("s3", endpoint_url=endpoint_url, config=config)
+            except ValueError as exc:  # botocore: "Invalid endpoint: ..."
+                raise StoreError(
+                    f"VITEDIT_S3_ENDPOINT_URL {endpoint_url!r} is not a URL ({exc}); use e.g. "
+                    "http://minio:9000, or leave it unset for AWS S3"
+                ) from exc
         self.client = client
         self._json: dict[str, tuple[str, dict[str, Any]]] = {}  # key -> (etag, data) last read
 

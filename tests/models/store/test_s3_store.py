@@ -188,6 +188,8 @@ def test_a_wrong_store_url_or_bucket_stops_the_process_with_the_reason(
     for url in ("http://bucket/x", "s3://", "s3:///x", "s3://b/p?x=1"):
         with pytest.raises(StoreError, match="s3://BUCKET"):
             parse_store_url(url)
+    with pytest.raises(StoreError, match="is not a URL"):
+        WorkerSettings(store=tmp_path, store_url="s3://b", s3_endpoint_url="notaurl").open_store()
     settings = WorkerSettings(
         store=tmp_path, store_url="s3://no-such-bucket", s3_endpoint_url=s3_endpoint
     )
