@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from models.store.store import NAME_PATTERN
 
@@ -100,6 +100,8 @@ class VersionDetailPublic(BaseModel):
 
 
 class AliasCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt key is a 422, not an alias to nothing
+
     version: str = Field(
         pattern=NAME_PATTERN, description="a version id, another alias, or 'latest'"
     )

@@ -13,6 +13,7 @@ from models.store.store import Store
 from service import validation as V
 from service.deps import CallerDep, JobsDep, SettingsDep, StoreDep
 from service.errors import responses
+from service.params import KnownFormFields
 from service.schemas import EditPublic
 from workers.client import TERMINAL, JobClient, JobNotFound, JobView, new_job_id
 from workers.payloads import Acceptance, EditPayload, JobImage
@@ -60,6 +61,7 @@ def edit_public(view: JobView, store: Store) -> EditPublic:
     "",
     status_code=202,
     response_model=EditPublic,
+    dependencies=[KnownFormFields],
     responses=responses(404, 409),
     summary="Submit failure images and their target label; returns the queued job",
 )

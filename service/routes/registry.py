@@ -20,7 +20,7 @@ from models.store.store import Store, check_name
 from service.deps import CallerDep, JobsDep, SettingsDep, StoreDep
 from service.errors import responses
 from service.model_upload import BACKBONE_MANIFEST, write_model_files
-from service.params import ModelName
+from service.params import KnownFormFields, ModelName
 from service.schemas import MethodPublic, ModelPublic
 from service.settings import ApiSettings
 from service.tenants import Caller
@@ -84,6 +84,7 @@ def require_admin(caller: Caller, settings: ApiSettings) -> None:
     "",
     status_code=201,
     response_model=ModelPublic,
+    dependencies=[KnownFormFields],
     responses=responses(403, 504),
     summary="Register a model: backbone manifest + safetensors, optional hypernetwork, benchmark",
 )

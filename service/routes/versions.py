@@ -16,7 +16,7 @@ from models.store.store import BASE, PATCH_FILE, Store
 from service import validation as V
 from service.deps import JobsDep, SettingsDep, StoreDep
 from service.errors import responses
-from service.params import ModelName, VersionRef
+from service.params import KnownFormFields, ModelName, VersionRef
 from service.schemas import PredictPublic, VersionDetailPublic, VersionListPublic, VersionPublic
 from workers.payloads import MaterialisePayload, PredictPayload
 
@@ -143,6 +143,7 @@ def download_weights(
 @router.post(
     "/{version}/predict",
     response_model=PredictPublic,
+    dependencies=[KnownFormFields],
     responses=responses(404, 504),
     summary="Classify uploaded images with this version",
 )

@@ -64,6 +64,7 @@ CASES: list[tuple[str, dict[str, Any], list[Any], int, str]] = [
     ("max_steps too many", {**GOOD, "max_steps": "100000"}, _files(png(3)), 422, "max_steps"),
     ("negative lr", {**GOOD, "lr": "-1"}, _files(png(3)), 422, "must be a number in (0, 1]"),
     ("not a number", {**GOOD, "lr": "fast"}, _files(png(3)), 422, "lr"),
+    ("misspelt field", {**GOOD, "max_step": "5"}, _files(png(3)), 422, "'max_step': unknown field"),
     ("options not JSON", {**GOOD, "options": "{c: 1}"}, _files(png(3)), 422, "JSON object"),
     (
         "holdout with mixed labels",
@@ -130,8 +131,27 @@ def test_bad_predict_image_is_rejected_before_queueing(idle: Served) -> None:
     _nothing_left(idle)
 
 
+def test_unknown_form_field_names_what_the_endpoint_takes(idle: Served) -> None:
+    """A typo would otherwise run on defaults: each multipart route refuses fields it does not
+    take, listing the ones it does."""
+    r = idle.client.post("/v1/edits", data={**GOOD, "mix": "7", "rh0": "0.1"}, files=_files(png(3)))
+    assert r.status_code == 422, r.text
+    assert [e["loc"] for e in r.json()["errors"]] == [["body", "mix"], ["body", "rh0"]]
+    assert "label, lr, max_steps" in r.json()["detail"]
+    r = idle.client.post(
+        "/v1/models/tiny/versions/base/predict", data={"topk": "5"}, files=_files(png(3))
+    )
+    assert r.status_code == 422 and "'topk': unknown field" in r.text, r.text
+    assert idle.jobs.high.count == 0
+    r = idle.client.post("/v1/models", data={"name": "m2", "sorce": "incoming/x"})
+    assert r.status_code == 422 and "'sorce': unknown field" in r.text, r.text
+    _nothing_left(idle)
+
+
 def test_reserved_and_dangling_aliases_are_rejected(idle: Served) -> None:
     aliases = "/v1/models/tiny/aliases"
+    r = idle.client.put(f"{aliases}/prod", json={"version": "v-no", "verison": "x"})
+    assert r.status_code == 422 and "verison" in r.text, r.text
     assert idle.client.put(f"{aliases}/latest", json={"version": "x"}).status_code == 422
     assert idle.client.put(f"{aliases}/prod", json={"version": "v-no"}).status_code == 404
     assert idle.client.delete(f"{aliases}/prod").status_code == 404
