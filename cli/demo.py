@@ -82,29 +82,21 @@ def _export(args: argparse.Namespace) -> int:
 def _failure(args: argparse.Namespace) -> int:
     """Torch-free: reads one group out of the shipped world.npz (importing the demo world's
     module would import torch, timm and torchvision, seconds for one PNG)."""
-    import numpy as np
     from PIL import Image
 
-    from models.errors import IntegrityError
-    from models.store.manifest import read_json, sha256_file
+    from models.store.manifest import read_json
+    from models.worlds.layout import read_world_arrays, split_groups
 
-    world_file = DEMO_ASSETS / "world.npz"
-    expected = read_json(DEMO_ASSETS / "world.json").get("sha256")
-    if sha256_file(world_file) != expected:
-        raise IntegrityError(f"{world_file} does not match the sha256 in world.json: reinstall")
-    with np.load(world_file) as data:
-        names = [str(n) for n in data["group_names"]]
-        starts = np.cumsum([0, *data["group_sizes"]])
-        name = args.group or names[0]
-        if name not in names:
-            print(f"unknown group {name!r}; groups: {sorted(names)}", file=sys.stderr)
-            return 2
-        i = names.index(name)
-        size = int(starts[i + 1] - starts[i])
-        if not 0 <= args.index < size:
-            print(f"--index {args.index}: group {name} has images 0 to {size - 1}", file=sys.stderr)
-            return 2
-        pixels = data["group_images"][starts[i] + args.index]
+    groups = split_groups(read_world_arrays(DEMO_ASSETS / "world.npz"))
+    name = args.group or next(iter(groups))
+    if name not in groups:
+        print(f"unknown group {name!r}; groups: {sorted(groups)}", file=sys.stderr)
+        return 2
+    size = len(groups[name])
+    if not 0 <= args.index < size:
+        print(f"--index {args.index}: group {name} has images 0 to {size - 1}", file=sys.stderr)
+        return 2
+    pixels = groups[name][args.index]
     label = int(name.split("-")[0])
     class_names = read_json(DEMO_ASSETS / "backbone.json")["class_names"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
