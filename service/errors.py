@@ -70,8 +70,9 @@ async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
 
 
 def describe(errors: list[dict[str, Any]]) -> str:
-    """FastAPI's per-field errors as one sentence: ``form field 'label': Field required; ...``."""
-    where = {"body": "form field", "query": "query parameter", "path": "path parameter"}
+    """FastAPI's per-field errors as one sentence: ``field 'label': Field required; ...``
+    (a body field: a form field or a JSON key, by the route)."""
+    where = {"body": "field", "query": "query parameter", "path": "path parameter"}
     parts = []
     for e in errors:
         loc = [str(x) for x in e.get("loc", ())]

@@ -40,11 +40,14 @@ async def reject_unknown_form_fields(request: Request) -> None:
     known = {field.alias for field in route.dependant.body_params}
     unknown = sorted(set((await request.form()).keys()) - known)
     if unknown:
+        takes = f"this endpoint takes the form fields {', '.join(sorted(known))}"
+        if query := sorted(field.alias for field in route.dependant.query_params):
+            takes += f" and the query parameters {', '.join(query)}"
         raise RequestValidationError(
             [
                 {
                     "loc": ("body", name),
-                    "msg": f"unknown field; this endpoint takes {', '.join(sorted(known))}",
+                    "msg": f"unknown field; {takes}",
                     "type": "extra_forbidden",
                 }
                 for name in unknown

@@ -142,6 +142,7 @@ def test_unknown_form_field_names_what_the_endpoint_takes(idle: Served) -> None:
         "/v1/models/tiny/versions/base/predict", data={"topk": "5"}, files=_files(png(3))
     )
     assert r.status_code == 422 and "'topk': unknown field" in r.text, r.text
+    assert "form fields images and the query parameters top_k" in r.text
     assert idle.jobs.high.count == 0
     r = idle.client.post("/v1/models", data={"name": "m2", "sorce": "incoming/x"})
     assert r.status_code == 422 and "'sorce': unknown field" in r.text, r.text
