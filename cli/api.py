@@ -254,11 +254,17 @@ def _print_result(job: Job) -> None:
         )
     console.print(table)
     edit = report["edit"]
-    console.print(
-        f"method {edit['method']}: {edit['steps']} steps, loss {edit['final_loss']}, "
-        f"{edit['edit_neurons']} neurons changed; retention min "
-        f"{report['retention']['min']}; seconds {report['seconds']}"
+    loss = edit.get("final_loss")
+    line = (
+        f"method {edit['method']}: {edit['steps']} steps, "
+        f"loss {'-' if loss is None else format(loss, '.4g')}, "
+        f"{edit['edit_neurons']} neurons changed"
     )
+    if (retention := report.get("retention", {}).get("min")) is not None:
+        line += f"; earlier fixes kept: {retention:.3f} (least)"
+    if seconds := report.get("seconds"):
+        line += "; seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in seconds.items())
+    console.print(line)
     console.print(f"patch: {job.links.get('patch')}")
 
 
