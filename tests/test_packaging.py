@@ -232,7 +232,8 @@ def test_compose_file_is_valid_and_wires_redis_s3_api_and_gpu_workers() -> None:
 
 def test_compose_store_init_creates_the_bucket_once(s3_endpoint: str) -> None:
     """store-init's own command, run against the S3 emulator with the compose environment:
-    it creates the bucket, and a second run (a restart) leaves it be."""
+    it creates the bucket and the rule that expires its merged weights, and a second run (a
+    restart) leaves them be."""
     import boto3
 
     init = compose_services()["store-init"]
@@ -241,8 +242,10 @@ def test_compose_store_init_creates_the_bucket_once(s3_endpoint: str) -> None:
     for _ in range(2):
         result = run([sys.executable, *init["command"][1:]], env=env)
         assert result.returncode == 0, result.stderr
-    buckets = boto3.client("s3", endpoint_url=s3_endpoint).list_buckets()["Buckets"]
-    assert "vitedit" in [b["Name"] for b in buckets]
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    assert "vitedit" in [b["Name"] for b in s3.list_buckets()["Buckets"]]
+    (rule,) = s3.get_bucket_lifecycle_configuration(Bucket="vitedit")["Rules"]
+    assert rule["Filter"] == {"Prefix": "store/cache/"} and rule["Expiration"]["Days"] == 7
 
 
 def test_compose_refuses_to_start_without_the_secrets() -> None:
