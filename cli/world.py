@@ -64,6 +64,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         "patches",
     )
     build.add_argument(
+        "--width",
+        type=int,
+        default=None,
+        help="tiny-imagenet: the ViT's width (default 128; a multiple of its 4 heads)",
+    )
+    build.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="training under bf16 autocast (weights stay fp32): faster on a GPU or a CPU with "
+        "bf16 instructions for wider models",
+    )
+    build.add_argument(
         "--stop-at-step", type=int, help="stop training (and checkpoint) at this step; resume later"
     )
     build.set_defaults(func=_build)
@@ -110,6 +123,7 @@ def _build(args: argparse.Namespace) -> int:
             epochs=args.epochs or tin.EPOCHS,
             batch_size=args.batch_size or TrainConfig.batch_size,
             seed=args.seed,
+            precision=args.precision,
         )
         result = tin.train_backbone(
             root,
@@ -120,6 +134,7 @@ def _build(args: argparse.Namespace) -> int:
             time_budget=args.time_budget,
             stop_at_step=args.stop_at_step,
             stem=args.stem,
+            width=args.width or tin.WIDTH,
         )
         print(
             json.dumps(

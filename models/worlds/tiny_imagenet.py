@@ -149,6 +149,7 @@ STEMS = {
     "patch": ("vit_tiny_patch16_224", 8),
     "conv": ("vit_tiny_r_s16_p8_224", 2),
 }
+WIDTH = 128  # the shipped backbone's; FFN sites are 4 x the width
 DEFAULT_STEM = "conv"  # the shipped backbone's (docs/worlds.md: it led 9.2% to 7.4% after 2 epochs)
 
 
@@ -157,10 +158,14 @@ def manifest(
     weights: str | None = "backbone.safetensors",
     sha: str | None = None,
     stem: str = DEFAULT_STEM,
+    width: int = WIDTH,
 ) -> BackboneManifest:
-    """A timm VisionTransformer at 32 px RGB, a 4x4 token grid (17 tokens), width 128, depth 6."""
+    """A timm VisionTransformer at 32 px RGB, a 4x4 token grid (17 tokens), width 128 (or
+    ``width``: a multiple of the 4 heads), depth 6."""
     if stem not in STEMS:
         raise ValueError(f"stem must be one of {sorted(STEMS)}, got {stem!r}")
+    if width <= 0 or width % 4:
+        raise ValueError(f"width must be a positive multiple of the 4 heads, got {width}")
     timm_name, patch = STEMS[stem]
     return BackboneManifest(
         name="tiny-imagenet-vit",
@@ -168,7 +173,7 @@ def manifest(
         overrides=dict(
             img_size=IMAGE_SIZE,
             patch_size=patch,
-            embed_dim=128,
+            embed_dim=width,
             depth=6,
             num_heads=4,
             mlp_ratio=4.0,
@@ -224,6 +229,7 @@ def train_backbone(
     time_budget: float | None = None,
     stop_at_step: int | None = None,
     stem: str = DEFAULT_STEM,
+    width: int = WIDTH,
 ) -> TrainResult:
     """Train (or resume) the backbone on the train split; write weights + manifest when finished."""
     torch.manual_seed(cfg.seed)
@@ -232,7 +238,7 @@ def train_backbone(
     idx = train_indices(data["y_train"], train_per_class, cfg.seed)
     x, y = torch.from_numpy(data["x_train"][idx]), torch.from_numpy(data["y_train"][idx])
     x_val, y_val = torch.from_numpy(data["x_val"]), torch.from_numpy(data["y_val"])
-    model = create_model(manifest(names, weights=None, stem=stem))
+    model = create_model(manifest(names, weights=None, stem=stem, width=width))
     trainer = Trainer(model, cfg, to_input, augment)
     ckpt = work / "backbone-checkpoint"
     trainer.resume(ckpt)
@@ -260,7 +266,7 @@ def train_backbone(
         "schedule": trainer.schedule,  # epochs of the cosine schedule from each step on
         "terms": TERMS,
     }
-    m = manifest(names, sha=sha256_file(weights), stem=stem)
+    m = manifest(names, sha=sha256_file(weights), stem=stem, width=width)
     BackboneManifest(**{**m.__dict__, "extra": extra}).write(out_dir / "backbone.json")
     return result
 

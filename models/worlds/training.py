@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from models.errors import ManifestError
+from models.precision import autocast
 from models.store.manifest import read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
     seed: int = 0
+    precision: str = "fp32"  # "bf16": forward and backward under bf16 autocast (weights stay fp32)
 
 
 @dataclass
@@ -109,7 +111,9 @@ class Trainer:
                 group["lr"] = self.lr_at(self.step, total, warmup)
             self.model.train()
             inputs = self.augment(self.prepare(x[idx]), self.gen)
-            loss = F.cross_entropy(self.model(inputs), y[idx], label_smoothing=cfg.label_smoothing)
+            with autocast(inputs.device, cfg.precision):
+                logits = self.model(inputs)
+            loss = F.cross_entropy(logits.float(), y[idx], label_smoothing=cfg.label_smoothing)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
@@ -184,7 +188,9 @@ class Trainer:
         if not (directory / "train.json").exists():
             return False
         state = read_json(directory / "train.json")
-        saved, now = dict(state["config"]), dataclasses.asdict(self.cfg)
+        # a field added to TrainConfig after the checkpoint was written has its default there
+        defaults = dataclasses.asdict(TrainConfig())
+        saved, now = {**defaults, **state["config"]}, dataclasses.asdict(self.cfg)
         if {**saved, "epochs": 0} != {**now, "epochs": 0}:
             raise ManifestError(
                 f"training checkpoint {directory} was written with another config "

@@ -12,7 +12,7 @@ from PIL import Image
 
 from models.backbones import create_model, load_backbone
 from models.errors import IntegrityError
-from models.store.manifest import BackboneManifest, read_json
+from models.store.manifest import BackboneManifest, read_json, write_json_atomic
 from models.worlds import tiny_imagenet as tin
 from models.worlds import tiny_imagenet_benchmark as tib
 from models.worlds.training import TrainConfig, Trainer
@@ -166,6 +166,62 @@ def test_a_resume_may_change_the_schedule_length_and_records_where(tmp_path: Pat
     assert shorter.fit(x, y, x[:8], y[:8], checkpoint=tmp_path).steps == 8  # 2 epochs x 4 steps
     assert shorter.schedule == [{"from_step": 0, "epochs": 3}, {"from_step": 5, "epochs": 2}]
     assert read_json(tmp_path / "train.json")["schedule"] == shorter.schedule
+
+
+def test_width_sets_the_ffn_sites_and_must_fit_the_heads() -> None:
+    names = [f"class {i}" for i in range(4)]
+    m = tin.manifest(names, weights=None, width=192)
+    assert m.overrides["embed_dim"] == 192 and m.overrides["num_heads"] == 4
+    with pytest.raises(ValueError, match="multiple of the 4 heads"):
+        tin.manifest(names, width=130)
+
+
+def test_bf16_training_learns_and_resumes_a_checkpoint_older_than_the_option(
+    tmp_path: Path,
+) -> None:
+    """bf16 autocast trains (the weights stay fp32); a checkpoint written before TrainConfig had
+    ``precision`` resumes as fp32, its value then."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (64, 32, 32, 3), generator=gen, dtype=torch.uint8)
+    y = torch.randint(0, 4, (64,), generator=gen)
+    torch.manual_seed(0)
+    bf16 = Trainer(
+        create_model(tiny_manifest()),
+        TrainConfig(epochs=1, batch_size=16, precision="bf16"),
+        tin.to_input,
+        tin.augment,
+    )
+    before = {k: v.clone() for k, v in bf16.model.state_dict().items()}
+    assert bf16.fit(x, y, x[:8], y[:8]).finished
+    after = bf16.model.state_dict()
+    assert all(v.dtype == torch.float32 for v in after.values())
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+    old = Trainer(
+        create_model(tiny_manifest()),
+        TrainConfig(epochs=2, batch_size=16),
+        tin.to_input,
+        tin.augment,
+    )
+    old.fit(x, y, x[:8], y[:8], checkpoint=tmp_path, stop_at_step=2)
+    state = read_json(tmp_path / "train.json")
+    del state["config"]["precision"]  # as written before the option existed
+    write_json_atomic(tmp_path / "train.json", state)
+    again = Trainer(
+        create_model(tiny_manifest()),
+        TrainConfig(epochs=2, batch_size=16),
+        tin.to_input,
+        tin.augment,
+    )
+    assert again.resume(tmp_path) and again.step == 2
+    bf = Trainer(
+        create_model(tiny_manifest()),
+        TrainConfig(epochs=2, batch_size=16, precision="bf16"),
+        tin.to_input,
+        tin.augment,
+    )
+    with pytest.raises(Exception, match="another config"):
+        bf.resume(tmp_path)
 
 
 @pytest.fixture(scope="module")
