@@ -77,6 +77,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "bf16 instructions for wider models",
     )
     build.add_argument(
+        "--cutmix",
+        type=float,
+        default=0.0,
+        help="share of training batches mixed with CutMix (a regulariser against overfitting; "
+        "default 0)",
+    )
+    build.add_argument(
         "--stop-at-step", type=int, help="stop training (and checkpoint) at this step; resume later"
     )
     build.set_defaults(func=_build)
@@ -124,6 +131,7 @@ def _build(args: argparse.Namespace) -> int:
             batch_size=args.batch_size or TrainConfig.batch_size,
             seed=args.seed,
             precision=args.precision,
+            cutmix=args.cutmix,
         )
         result = tin.train_backbone(
             root,

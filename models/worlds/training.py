@@ -42,6 +42,7 @@ class TrainConfig:
     label_smoothing: float = 0.1
     seed: int = 0
     precision: str = "fp32"  # "bf16": forward and backward under bf16 autocast (weights stay fp32)
+    cutmix: float = 0.0  # share of batches trained on CutMix (Yun et al. 2019), a regulariser
 
 
 @dataclass
@@ -57,6 +58,21 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch: int = 1000) -> torc
     """Eval-mode logits of a float batch, in chunks."""
     model.eval()
     return torch.cat([model(x[i : i + batch]) for i in range(0, len(x), batch)])
+
+
+def cutmix_batch(x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, float]:
+    """CutMix (Yun et al. 2019) on a batch: one box, its area a uniform share of the image, is
+    pasted from the next image of the batch (``x.roll(1, 0)``) into each. Returns the mixed batch
+    and the share of each image left its own (the weight of its own label)."""
+    h, w = x.shape[-2:]
+    lam = float(torch.rand((), generator=gen))
+    cut_h, cut_w = round(h * math.sqrt(1 - lam)), round(w * math.sqrt(1 - lam))
+    cy, cx = (int(torch.randint(0, size, (), generator=gen)) for size in (h, w))
+    top, bottom = max(cy - cut_h // 2, 0), min(cy + cut_h - cut_h // 2, h)
+    left, right = max(cx - cut_w // 2, 0), min(cx + cut_w - cut_w // 2, w)
+    out = x.clone()
+    out[:, :, top:bottom, left:right] = x.roll(1, 0)[:, :, top:bottom, left:right]
+    return out, 1 - (bottom - top) * (right - left) / (h * w)
 
 
 class Trainer:
@@ -110,10 +126,23 @@ class Trainer:
             for group in self.opt.param_groups:
                 group["lr"] = self.lr_at(self.step, total, warmup)
             self.model.train()
-            inputs = self.augment(self.prepare(x[idx]), self.gen)
+            inputs, targets = self.augment(self.prepare(x[idx]), self.gen), y[idx]
+            mixed = (
+                cutmix_batch(inputs, self.gen)
+                if cfg.cutmix and torch.rand((), generator=self.gen) < cfg.cutmix
+                else None
+            )
+            if mixed is not None:
+                inputs = mixed[0]
             with autocast(inputs.device, cfg.precision):
-                logits = self.model(inputs)
-            loss = F.cross_entropy(logits.float(), y[idx], label_smoothing=cfg.label_smoothing)
+                logits = self.model(inputs).float()
+            loss = F.cross_entropy(logits, targets, label_smoothing=cfg.label_smoothing)
+            if mixed is not None:  # the box's share of the loss goes to the pasted image's label
+                lam = mixed[1]
+                pasted = F.cross_entropy(
+                    logits, targets.roll(1, 0), label_smoothing=cfg.label_smoothing
+                )
+                loss = lam * loss + (1 - lam) * pasted
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()

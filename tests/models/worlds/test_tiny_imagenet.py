@@ -15,7 +15,7 @@ from models.errors import IntegrityError
 from models.store.manifest import BackboneManifest, read_json, write_json_atomic
 from models.worlds import tiny_imagenet as tin
 from models.worlds import tiny_imagenet_benchmark as tib
-from models.worlds.training import TrainConfig, Trainer
+from models.worlds.training import TrainConfig, Trainer, cutmix_batch
 
 WNIDS = ["n01443537", "n01629819", "n01641577", "n01644900"]
 
@@ -222,6 +222,36 @@ def test_bf16_training_learns_and_resumes_a_checkpoint_older_than_the_option(
     )
     with pytest.raises(Exception, match="another config"):
         bf.resume(tmp_path)
+
+
+def test_cutmix_pastes_one_box_of_the_next_image_and_weighs_labels_by_area() -> None:
+    gen = torch.Generator().manual_seed(3)
+    x = torch.arange(4, dtype=torch.float32).view(4, 1, 1, 1).expand(4, 3, 32, 32).contiguous()
+    for _ in range(20):
+        mixed, own = cutmix_batch(x, gen)
+        pasted = mixed != x  # every image differs from the next, so the box shows everywhere
+        assert torch.equal(mixed[pasted], x.roll(1, 0)[pasted])
+        area = pasted[0, 0].float().mean().item()
+        assert own == pytest.approx(1 - area) and torch.equal(pasted[0], pasted[3])
+
+
+def test_training_with_cutmix_resumes_to_the_same_weights(tmp_path: Path) -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (64, 32, 32, 3), generator=gen, dtype=torch.uint8)
+    y = torch.randint(0, 4, (64,), generator=gen)
+    cfg = TrainConfig(epochs=1, batch_size=16, cutmix=0.5)
+
+    def trainer() -> Trainer:
+        torch.manual_seed(0)
+        return Trainer(create_model(tiny_manifest()), cfg, tin.to_input, tin.augment)
+
+    straight = trainer()
+    assert straight.fit(x, y, x[:8], y[:8]).finished
+    trainer().fit(x, y, x[:8], y[:8], checkpoint=tmp_path, stop_at_step=2)
+    resumed = trainer()
+    assert resumed.resume(tmp_path) and resumed.fit(x, y, x[:8], y[:8]).finished
+    for a, b in zip(straight.model.parameters(), resumed.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.fixture(scope="module")
