@@ -111,7 +111,16 @@ def _dataset_root(root: Path | None, work: Path) -> Path:
     return found[0]
 
 
+def _check_options(args: argparse.Namespace) -> None:
+    """Refuse values the trainer cannot use, before any data is read."""
+    if not 0.0 <= args.cutmix <= 1.0:
+        raise SystemExit(f"--cutmix is a share of batches in [0, 1], got {args.cutmix}")
+    if args.width is not None and (args.width <= 0 or args.width % 4):
+        raise SystemExit(f"--width must be a positive multiple of the 4 heads, got {args.width}")
+
+
 def _build(args: argparse.Namespace) -> int:
+    _check_options(args)
     import torch
 
     torch.set_num_threads(args.threads)

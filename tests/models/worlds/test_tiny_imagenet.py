@@ -342,3 +342,17 @@ def test_world_build_cli_extracts_a_tarball_and_trains_a_resumable_backbone(tmp_
     assert load_backbone(manifest).weights_sha256 == manifest.weights_sha256
     assert (work / "dataset" / "tiny-imagenet-200" / "wnids.txt").exists()
     assert read_json(work / "backbone-checkpoint" / "train.json")["step"] == 4  # 32 images / 8
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [(["--cutmix", "5"], "--cutmix is a share"), (["--width", "-4"], "multiple of the 4 heads")],
+)
+def test_world_build_refuses_unusable_training_options(
+    tmp_path: Path, option: list[str], message: str
+) -> None:
+    from cli.main import main
+
+    with pytest.raises(SystemExit, match=message):
+        main(["world", "build", "tiny-imagenet", "--root", str(tmp_path), *option])
+    assert list(tmp_path.iterdir()) == []  # refused before anything was read or written
