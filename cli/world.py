@@ -70,6 +70,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="tiny-imagenet: the ViT's width (default 128; a multiple of its 4 heads)",
     )
     build.add_argument(
+        "--tokens",
+        type=int,
+        choices=[16, 64],
+        default=None,
+        help="tiny-imagenet: the token grid, 16 (4x4, default) or 64 (8x8: 4x the tokens per block)",
+    )
+    build.add_argument(
         "--precision",
         choices=["fp32", "bf16"],
         default="fp32",
@@ -152,6 +159,7 @@ def _build(args: argparse.Namespace) -> int:
             stop_at_step=args.stop_at_step,
             stem=args.stem,
             width=args.width or tin.WIDTH,
+            tokens=args.tokens or tin.TOKENS,
         )
         print(
             json.dumps(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -140,16 +141,18 @@ def train_indices(y: np.ndarray, per_class: int, seed: int) -> np.ndarray:
 # --------------------------------------------------------------------------- the backbone
 
 
-# How pixels become the 4x4 grid of tokens. "patch": one linear projection of each 8x8 patch
-# (timm's plain ViT). "conv": timm's R+ViT hybrid, a 7x7 stride-2 convolution (64 channels) and a
-# stride-2 max-pool, then a linear projection of each 2x2 cell of that 8x8 map; convolutional stems
-# train faster and reach higher accuracy from scratch on small data (Xiao et al. 2021, "Early
-# Convolutions Help Transformers See Better"). Both have the same blocks, FFN sites and tokens.
+# How pixels become the grid of tokens (4x4 by default). "patch": one linear projection of each
+# 8x8 patch (timm's plain ViT). "conv": timm's R+ViT hybrid, a 7x7 stride-2 convolution (64
+# channels) and a stride-2 max-pool, then a linear projection of each 2x2 cell of that 8x8 map;
+# convolutional stems train faster and reach higher accuracy from scratch on small data (Xiao et al.
+# 2021, "Early Convolutions Help Transformers See Better"). Both have the same blocks, FFN sites and
+# tokens. Each stem's entry: its timm model and the side (px or cells) of the map it patches.
 STEMS = {
-    "patch": ("vit_tiny_patch16_224", 8),
-    "conv": ("vit_tiny_r_s16_p8_224", 2),
+    "patch": ("vit_tiny_patch16_224", IMAGE_SIZE),
+    "conv": ("vit_tiny_r_s16_p8_224", IMAGE_SIZE // 4),
 }
 WIDTH = 128  # the shipped backbone's; FFN sites are 4 x the width
+TOKENS = 16  # the shipped backbone's 4x4 grid (+ the class token); 64 = an 8x8 grid
 DEFAULT_STEM = "conv"  # the shipped backbone's (docs/worlds.md: it led 9.2% to 7.4% after 2 epochs)
 
 
@@ -159,14 +162,18 @@ def manifest(
     sha: str | None = None,
     stem: str = DEFAULT_STEM,
     width: int = WIDTH,
+    tokens: int = TOKENS,
 ) -> BackboneManifest:
-    """A timm VisionTransformer at 32 px RGB, a 4x4 token grid (17 tokens), width 128 (or
-    ``width``: a multiple of the 4 heads), depth 6."""
+    """A timm VisionTransformer at 32 px RGB, a 4x4 token grid (17 tokens with the class token;
+    ``tokens=64``: 8x8), width 128 (or ``width``: a multiple of the 4 heads), depth 6."""
     if stem not in STEMS:
         raise ValueError(f"stem must be one of {sorted(STEMS)}, got {stem!r}")
     if width <= 0 or width % 4:
         raise ValueError(f"width must be a positive multiple of the 4 heads, got {width}")
-    timm_name, patch = STEMS[stem]
+    if tokens not in (16, 64):
+        raise ValueError(f"tokens must be 16 (a 4x4 grid) or 64 (8x8), got {tokens}")
+    timm_name, side = STEMS[stem]
+    patch = side // math.isqrt(tokens)
     return BackboneManifest(
         name="tiny-imagenet-vit",
         timm_name=timm_name,
@@ -230,6 +237,7 @@ def train_backbone(
     stop_at_step: int | None = None,
     stem: str = DEFAULT_STEM,
     width: int = WIDTH,
+    tokens: int = TOKENS,
 ) -> TrainResult:
     """Train (or resume) the backbone on the train split; write weights + manifest when finished."""
     torch.manual_seed(cfg.seed)
@@ -238,7 +246,7 @@ def train_backbone(
     idx = train_indices(data["y_train"], train_per_class, cfg.seed)
     x, y = torch.from_numpy(data["x_train"][idx]), torch.from_numpy(data["y_train"][idx])
     x_val, y_val = torch.from_numpy(data["x_val"]), torch.from_numpy(data["y_val"])
-    model = create_model(manifest(names, weights=None, stem=stem, width=width))
+    model = create_model(manifest(names, weights=None, stem=stem, width=width, tokens=tokens))
     trainer = Trainer(model, cfg, to_input, augment)
     ckpt = work / "backbone-checkpoint"
     trainer.resume(ckpt)
@@ -266,7 +274,7 @@ def train_backbone(
         "schedule": trainer.schedule,  # epochs of the cosine schedule from each step on
         "terms": TERMS,
     }
-    m = manifest(names, sha=sha256_file(weights), stem=stem, width=width)
+    m = manifest(names, sha=sha256_file(weights), stem=stem, width=width, tokens=tokens)
     BackboneManifest(**{**m.__dict__, "extra": extra}).write(out_dir / "backbone.json")
     return result
 

@@ -176,6 +176,20 @@ def test_width_sets_the_ffn_sites_and_must_fit_the_heads() -> None:
         tin.manifest(names, width=130)
 
 
+@pytest.mark.parametrize("stem", ["conv", "patch"])
+def test_tokens_set_the_grid_of_either_stem_and_leave_the_sites(stem: str) -> None:
+    names = [f"class {i}" for i in range(4)]
+    grids = {}
+    for tokens in (16, 64):
+        model = create_model(tin.manifest(names, weights=None, stem=stem, tokens=tokens))
+        grids[tokens] = model.patch_embed.grid_size
+        out = model(torch.zeros(2, 3, 32, 32))
+        assert out.shape == (2, 200) and model.blocks[2].mlp.fc1.out_features == 512
+    assert grids == {16: (4, 4), 64: (8, 8)}
+    with pytest.raises(ValueError, match="tokens must be 16"):
+        tin.manifest(names, tokens=32)
+
+
 def test_bf16_training_learns_and_resumes_a_checkpoint_older_than_the_option(
     tmp_path: Path,
 ) -> None:

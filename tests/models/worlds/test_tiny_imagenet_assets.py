@@ -31,8 +31,8 @@ def test_backbone_is_the_recorded_timm_vit_with_200_classes(backbone) -> None:
     manifest = BackboneManifest.read(tin.ASSETS / "backbone.json")
     assert sha256_file(tin.ASSETS / "backbone.safetensors") == manifest.weights_sha256
     assert backbone.weights_sha256 == manifest.weights_sha256
-    timm_name, patch = tin.STEMS[tin.DEFAULT_STEM]  # the conv-stem hybrid, 4x4 tokens
-    assert manifest.timm_name == timm_name and manifest.overrides["patch_size"] == patch
+    timm_name, side = tin.STEMS[tin.DEFAULT_STEM]  # the conv-stem hybrid, 4x4 tokens
+    assert manifest.timm_name == timm_name and manifest.overrides["patch_size"] == side // 4
     assert backbone.num_classes == 200 and backbone.model.patch_embed.grid_size == (4, 4)
     assert len(backbone.model.blocks) == 6 and backbone.model.embed_dim == 128
     assert len(backbone.class_names) == 200 and manifest.extra["val_accuracy"] > 0.2

@@ -1,0 +1,93 @@
+"""Training throughput of Tiny-ImageNet backbone candidates, side by side in one run (issue 11).
+
+Each candidate is the world's backbone (``models/worlds/tiny_imagenet.py``: depth 6, 4 heads, 32 px)
+at a stem, width, token count and precision (``vitedit world build tiny-imagenet --stem --width
+--tokens --precision``); one training step is the
+trainer's (augmentation, forward, label-smoothed cross-entropy, backward, AdamW step) on a batch of
+random images (time does not depend on the pixels). Prints a table of img/s and s/epoch (80,000
+training images) for each candidate; the ratio column is against the first one.
+
+    .venv/bin/python scripts/bench_backbone_train.py --threads 1 \
+        --candidates conv:128:16:fp32,conv:128:64:fp32,conv:192:16:bf16
+
+A candidate is ``stem:width:tokens:precision`` (tokens 16: a 4x4 grid, 64: 8x8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from models.backbones import create_model
+from models.precision import autocast
+from models.worlds.tiny_imagenet import augment, manifest, to_input
+from models.worlds.training import TrainConfig, Trainer
+
+EPOCH_IMAGES = 80_000  # 400 per class x 200: the backbone's training split
+
+
+def parse_candidate(text: str) -> tuple[str, int, int, str]:
+    try:
+        stem, width, tokens, precision = text.split(":")
+        return stem, int(width), int(tokens), precision
+    except ValueError:
+        raise SystemExit(f"candidate {text!r} is not stem:width:tokens:precision") from None
+
+
+def step_seconds(candidate: tuple[str, int, int, str], batch: int, warmup: int, steps: int):
+    stem, width, tokens, precision = candidate
+    names = [str(i) for i in range(200)]
+    model = create_model(manifest(names, weights=None, stem=stem, width=width, tokens=tokens))
+    cfg = TrainConfig(batch_size=batch, precision=precision)
+    trainer = Trainer(model, cfg, to_input, augment)
+    x = torch.randint(0, 256, (batch, 32, 32, 3), dtype=torch.uint8)
+    y = torch.randint(0, 200, (batch,))
+    params = sum(p.numel() for p in model.parameters())
+    times = []
+    model.train()
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        inputs = augment(to_input(x), trainer.gen)
+        with autocast("cpu", precision):
+            logits = model(inputs).float()
+        loss = torch.nn.functional.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+        trainer.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        trainer.opt.step()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return params, statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--candidates", default="conv:128:16:fp32,conv:128:64:fp32,conv:192:16:bf16"
+    )
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    candidates = [parse_candidate(c) for c in args.candidates.split(",")]
+    print(f"threads {args.threads}, batch {args.batch}, median of {args.steps} steps")
+    print("| stem | width | tokens | precision | params | img/s | s/epoch | ratio |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|")
+    first = None
+    for c in candidates:
+        params, sec = step_seconds(c, args.batch, args.warmup, args.steps)
+        rate = args.batch / sec
+        first = first or rate
+        print(
+            f"| {c[0]} | {c[1]} | {c[2]} | {c[3]} | {params / 1e6:.2f} M | "
+            f"{rate:.0f} | {EPOCH_IMAGES / rate:.0f} | {rate / first:.2f} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
