@@ -74,6 +74,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     candidates = [parse_candidate(c) for c in args.candidates.split(",")]
+    for stem, width, tokens, precision in candidates:  # refuse a bad one before timing any
+        try:
+            manifest(["0"], weights=None, stem=stem, width=width, tokens=tokens)
+            autocast("cpu", precision)
+        except ValueError as exc:
+            raise SystemExit(f"candidate {stem}:{width}:{tokens}:{precision}: {exc}") from None
     print(f"threads {args.threads}, batch {args.batch}, median of {args.steps} steps")
     print("| stem | width | tokens | precision | params | img/s | s/epoch | ratio |")
     print("|---|---:|---:|---|---:|---:|---:|---:|")
