@@ -7,6 +7,8 @@ groups. The results must come from runs of the same edits (``vitedit bench --mer
     .venv/bin/python scripts/compare_masks.py RESULTS.json [--a where2edit] [--b saliency,random]
     .venv/bin/python scripts/compare_masks.py A/results.json --other B/results.json --a where2edit
         # where2edit of A (one hypernetwork) against where2edit of B (another), same edits
+    .venv/bin/python scripts/compare_masks.py RESULTS.json --front [--a where2edit] [--b saliency]
+        # front against front: both methods' best GR at every LR a --b point reaches (SR 100%)
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 from models.evaluation import paired_difference_ci
 from models.store.manifest import read_json
+from models.worlds.headline import front_comparison
 
 
 def by_knob(entry: dict[str, Any]) -> dict[float, dict[str, Any]]:
@@ -44,20 +47,51 @@ def compare(a: dict[str, Any], b: dict[str, Any], label: str) -> list[str]:
     return rows
 
 
+def front_rows(results: dict[str, Any], a: str, b: str) -> list[str]:
+    rows = []
+    for row in front_comparison(results, rival=b, learned=a):
+        cells = []
+        for method in (a, b):
+            p = row[method]
+            cells.append("-" if p is None else f"{100 * p['gr']:.1f} / {100 * p['lr']:.1f}")
+        if "gr_difference" in row:
+            lo, hi = row["ci95"]
+            mark = " *" if row["separated"] else ""
+            diff = f"{100 * row['gr_difference']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]{mark}"
+        else:
+            diff = f"no {a} point reaches this LR"
+        rows.append(f"| {100 * row['min_lr']:.1f} | {cells[0]} | {cells[1]} | {diff} |")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", type=Path)
     parser.add_argument("--other", type=Path, help="take the --b methods from this results file")
     parser.add_argument("--a", default="where2edit")
     parser.add_argument("--b", default="saliency,random")
+    parser.add_argument(
+        "--front", action="store_true", help="compare fronts at matched LR instead of rho to rho"
+    )
     args = parser.parse_args()
     first = read_json(args.results)
+    rivals = [m.strip() for m in args.b.split(",") if m.strip()]
+    if args.front:
+        for b in rivals:
+            print(
+                f"| LR >= % | {args.a}: best GR / its LR % | {b}: best GR / its LR % | GR difference [95% CI] |"
+            )
+            print("|---:|---|---|---|")
+            print("\n".join(front_rows(first, args.a, b)))
+        print("(best: the highest GR among points with SR 100% and LR at or above the bar; * : the")
+        print(" 95% interval excludes 0; intervals resample groups, paired)")
+        return
     second = read_json(args.other) if args.other else first
     if args.other and first["benchmark"] != second["benchmark"]:
         raise SystemExit("the two runs did not make the same edits: compare runs of one setting")
     print("| a - b | rho | a GR / LR % | b GR / LR % | GR difference [95% CI] | LR difference |")
     print("|---|---:|---|---|---|---|")
-    for b in (m.strip() for m in args.b.split(",") if m.strip()):
+    for b in rivals:
         rows = compare(first["methods"][args.a], second["methods"][b], f"{args.a} - {b}")
         print("\n".join(rows))
     print("(* : the 95% interval excludes 0; intervals resample groups, paired)")

@@ -77,3 +77,35 @@ def headline(results: dict[str, Any], min_lr: float = 0.9, seed: int = 0) -> dic
     if at_rho is not None:
         out["at_where2edit_rho_0.1"] = _compare(results, at_rho["lr"], seed)
     return out
+
+
+def front_comparison(
+    results: dict[str, Any], rival: str, learned: str = LEARNED, seed: int = 0
+) -> list[dict[str, Any]]:
+    """The learned mask's front against a rival's, at every locality the rival reaches.
+
+    For each LR of a rival point with SR 100% (its bars, highest first), both methods' best GR
+    among their points with SR 100% and LR at or above the bar, and the paired difference with
+    its 95% interval. Comparing at matched LR rather than at the same rho asks whether one front
+    lies above the other; a bar the learned mask never reaches is reported as such (the rival's
+    front extends further there).
+    """
+    methods = results["methods"]
+    if learned not in methods or rival not in methods:
+        missing = [m for m in (learned, rival) if m not in methods]
+        raise KeyError(f"no {', '.join(missing)} in these results")
+    bars = sorted({p["lr"] for p in methods[rival]["points"] if p["sr"] >= FULL_SR}, reverse=True)
+    rows = []
+    for bar in bars:
+        theirs = eligible_best(methods[rival], bar)
+        ours = eligible_best(methods[learned], bar)
+        row: dict[str, Any] = {
+            "min_lr": bar,
+            rival: _brief(methods[rival], theirs),
+            learned: _brief(methods[learned], ours),
+        }
+        if ours is not None and theirs is not None:
+            diff, (lo, hi) = paired_difference_ci(_groups(ours), _groups(theirs), seed=seed)
+            row |= {"gr_difference": diff, "ci95": [lo, hi], "separated": lo > 0 or hi < 0}
+        rows.append(row)
+    return rows

@@ -170,3 +170,37 @@ def test_a_variant_of_the_learned_mask_is_not_a_baseline_nor_run_by_default() ->
     assert "where2edit" in default and "where2edit-sal" not in default
     named = _methods(argparse.Namespace(methods="where2edit-sal"), hypernet=object())
     assert named == ("where2edit-sal",)
+
+
+def test_front_comparison_matches_locality_not_rho_and_names_unreached_bars() -> None:
+    """Front against front: at each LR the rival reaches, both methods' best GR at or above it;
+    a bar the learned mask never reaches carries no difference."""
+    from models.worlds.headline import front_comparison
+
+    results = {
+        "methods": {
+            "where2edit": {
+                "knob": "rho",
+                "points": [
+                    _point(0.1, 1.0, 0.80, [0.6, 0.7, 0.8]),
+                    _point(0.05, 1.0, 0.85, [0.5, 0.6, 0.7]),
+                ],
+            },
+            "saliency": {
+                "knob": "rho",
+                "points": [
+                    _point(0.1, 1.0, 0.78, [0.5, 0.5, 0.5]),
+                    _point(0.05, 1.0, 0.90, [0.3, 0.3, 0.3]),
+                    _point(0.01, 0.5, 0.99, [0.1, 0.1, 0.1]),  # SR 50%: sets no bar
+                ],
+            },
+        }
+    }
+    rows = front_comparison(results, rival="saliency")
+    assert [r["min_lr"] for r in rows] == [0.90, 0.78]
+    assert rows[0]["where2edit"] is None and "gr_difference" not in rows[0]
+    # at LR >= 78%: where2edit's rho 0.1 (GR 0.7, LR 0.80) against saliency's rho 0.1 (GR 0.5)
+    assert rows[1]["where2edit"]["knob_value"] == 0.1
+    assert rows[1]["gr_difference"] == pytest.approx(0.2) and rows[1]["separated"]
+    with pytest.raises(KeyError, match="ft"):
+        front_comparison(results, rival="ft")
