@@ -74,21 +74,30 @@ def main() -> None:
         "--front", action="store_true", help="compare fronts at matched LR instead of rho to rho"
     )
     args = parser.parse_args()
+    if args.front and args.other:
+        parser.error("--front compares two methods of one results file; drop --other")
     first = read_json(args.results)
-    rivals = [m.strip() for m in args.b.split(",") if m.strip()]
-    if args.front:
-        for b in rivals:
-            print(
-                f"| LR >= % | {args.a}: best GR / its LR % | {b}: best GR / its LR % | GR difference [95% CI] |"
-            )
-            print("|---:|---|---|---|")
-            print("\n".join(front_rows(first, args.a, b)))
-        print("(best: the highest GR among points with SR 100% and LR at or above the bar; * : the")
-        print(" 95% interval excludes 0; intervals resample groups, paired)")
-        return
     second = read_json(args.other) if args.other else first
     if args.other and first["benchmark"] != second["benchmark"]:
         raise SystemExit("the two runs did not make the same edits: compare runs of one setting")
+    rivals = [m.strip() for m in args.b.split(",") if m.strip()]
+    for name, results in ((args.a, first), *((b, second) for b in rivals)):
+        if name not in results["methods"]:
+            raise SystemExit(
+                f"no method {name!r} in these results; they hold {', '.join(results['methods'])}"
+            )
+    if args.front:
+        for b in rivals:
+            print(
+                f"| LR >= % | {args.a}: best GR / its LR % | {b}: best GR / its LR % | GR diff. |"
+            )
+            print("|---:|---|---|---|")
+            print("\n".join(front_rows(first, args.a, b)))
+        print(
+            "(best: the highest GR among points with SR 100% and LR at or above the bar; GR diff."
+        )
+        print(" with its paired 95% interval over groups; * : it excludes 0)")
+        return
     print("| a - b | rho | a GR / LR % | b GR / LR % | GR difference [95% CI] | LR difference |")
     print("|---|---:|---|---|---|---|")
     for b in rivals:
