@@ -40,6 +40,7 @@ _CONFIG_OPTIONS = (
     "inner_lr",
     "inner_steps",
     "outer_steps",
+    "outer_lr",
     "sparsity",
     "regression_lr",
     "schedule_iterations",
@@ -74,6 +75,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--inner-lr", type=float, default=None, help="inner SGD step, eta")
     train.add_argument("--inner-steps", type=int, default=None, help="K (5)")
     train.add_argument("--outer-steps", type=int, default=None, help="S (10)")
+    train.add_argument(
+        "--outer-lr", type=float, default=None, help="RMSprop step on the mask logits s (0.1)"
+    )
     train.add_argument("--sparsity", type=float, default=None, help="lambda (1.0)")
     train.add_argument("--regression-lr", type=float, default=None, help="hypernetwork RMSprop lr")
     train.add_argument(
@@ -195,7 +199,10 @@ def _train(args: argparse.Namespace) -> int:
     sampler, episode_source = _episode_source(args, backbone)
     options = _options(args, backbone.manifest.extra.get("meta_defaults") or {})
     sites = Sites.for_model(backbone.model, tuple(args.blocks) if args.blocks else None)
-    cfg = MetaTrainConfig(**{k: options[k] for k in _CONFIG_OPTIONS if k in options})
+    try:
+        cfg = MetaTrainConfig(**{k: options[k] for k in _CONFIG_OPTIONS if k in options})
+    except ValueError as exc:
+        raise SystemExit(f"vitedit hypernet train: {exc}") from None
     if args.init_from is not None:
         from models.hypernet.network import Hypernetwork
 

@@ -100,10 +100,14 @@ class MetaTrainConfig:
             "anchors",
             "anchor_draws",
         )
-        bad = [name for name in positive if getattr(self, name) < 1]
-        rates = (self.outer_lr, self.inner_lr, self.regression_lr, self.temperature)
-        if bad or min(rates) <= 0 or self.locality < 0:
-            raise ValueError(f"invalid meta-training config {self}: {bad or 'non-positive rate'}")
+        problems = [f"{name} must be at least 1" for name in positive if getattr(self, name) < 1]
+        rates = ("outer_lr", "inner_lr", "regression_lr", "temperature")
+        problems += [f"{name} must be positive" for name in rates if not getattr(self, name) > 0]
+        if not self.locality >= 0:
+            problems.append("locality must be 0 or more")
+        if problems:
+            got = ", ".join(f"{p.split()[0]}={getattr(self, p.split()[0])!r}" for p in problems)
+            raise ValueError(f"invalid meta-training config: {'; '.join(problems)} (got {got})")
 
     def regression_lr_at(self, iteration: int) -> float:
         length = self.schedule_iterations or 2 * self.iterations

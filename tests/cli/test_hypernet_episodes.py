@@ -34,3 +34,16 @@ def test_the_failure_options_parse() -> None:
         ["hypernet", "failures", "--world", "tiny-imagenet", "--root", "d.tar.gz", "--out", "f.npz"]
     )
     assert build.seed == 0 and build.out == Path("f.npz")
+
+
+def test_the_outer_lr_reaches_the_config_and_a_bad_rate_says_which() -> None:
+    from cli.hypernet import _CONFIG_OPTIONS, _options
+    from models.hypernet.metatrain import MetaTrainConfig
+
+    options = _options(parse("--outer-lr", "0.03"), {})
+    cfg = MetaTrainConfig(**{k: options[k] for k in _CONFIG_OPTIONS if k in options})
+    assert cfg.outer_lr == 0.03 and cfg.inner_lr == 0.1  # the world's recipe keeps the rest
+    with pytest.raises(ValueError, match=r"outer_lr must be positive.*outer_lr=nan"):
+        MetaTrainConfig(outer_lr=float("nan"))
+    with pytest.raises(ValueError, match="batch must be at least 1; inner_lr must be positive"):
+        MetaTrainConfig(batch=0, inner_lr=-1.0)
