@@ -183,12 +183,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _train(args: argparse.Namespace) -> int:
     import torch
 
-    from models.hypernet.metatrain import (
-        HEALTH_AFTER,
-        MetaTrainConfig,
-        build_hypernetwork,
-        meta_train,
-    )
+    from models.hypernet.metatrain import HEALTH_AFTER, build_hypernetwork, meta_train
     from models.precision import autocast
     from models.sites import Sites
 
@@ -199,10 +194,7 @@ def _train(args: argparse.Namespace) -> int:
     sampler, episode_source = _episode_source(args, backbone)
     options = _options(args, backbone.manifest.extra.get("meta_defaults") or {})
     sites = Sites.for_model(backbone.model, tuple(args.blocks) if args.blocks else None)
-    try:
-        cfg = MetaTrainConfig(**{k: options[k] for k in _CONFIG_OPTIONS if k in options})
-    except ValueError as exc:
-        raise SystemExit(f"vitedit hypernet train: {exc}") from None
+    cfg = _config(options)
     if args.init_from is not None:
         from models.hypernet.network import Hypernetwork
 
@@ -323,6 +315,16 @@ def _init_record(path: Path | None, hypernet: Any) -> dict[str, Any] | None:
         "weights_sha256": hypernet.weights_sha256,
         "episodes": hypernet.training_episodes,
     }
+
+
+def _config(options: dict[str, Any]) -> Any:
+    """The meta-training config of the resolved options; a bad value exits saying which."""
+    from models.hypernet.metatrain import MetaTrainConfig
+
+    try:
+        return MetaTrainConfig(**{k: options[k] for k in _CONFIG_OPTIONS if k in options})
+    except ValueError as exc:
+        raise SystemExit(f"vitedit hypernet train: {exc}") from None
 
 
 def _options(args: argparse.Namespace, calibrated: dict[str, Any]) -> dict[str, Any]:

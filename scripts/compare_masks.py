@@ -22,6 +22,12 @@ from models.store.manifest import read_json
 from models.worlds.headline import front_comparison
 
 
+def ci_cell(diff: float, lo: float, hi: float) -> str:
+    """A difference and its interval in points, starred when the interval excludes 0."""
+    mark = " *" if lo > 0 or hi < 0 else ""
+    return f"{100 * diff:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]{mark}"
+
+
 def by_knob(entry: dict[str, Any]) -> dict[float, dict[str, Any]]:
     return {p["knob_value"]: p for p in entry["points"]}
 
@@ -38,8 +44,7 @@ def compare(a: dict[str, Any], b: dict[str, Any], label: str) -> list[str]:
             diff, (lo, hi) = paired_difference_ci(
                 [g[metric] for g in x["groups"]], [g[metric] for g in y["groups"]]
             )
-            mark = " *" if lo > 0 or hi < 0 else ""
-            cells.append(f"{100 * diff:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]{mark}")
+            cells.append(ci_cell(diff, lo, hi))
         rows.append(
             f"| {label} | {knob:g} | {100 * x['gr']:.1f} / {100 * x['lr']:.1f} | "
             f"{100 * y['gr']:.1f} / {100 * y['lr']:.1f} | {cells[0]} | {cells[1]} |"
@@ -55,9 +60,7 @@ def front_rows(results: dict[str, Any], a: str, b: str) -> list[str]:
             p = row[method]
             cells.append("-" if p is None else f"{100 * p['gr']:.1f} / {100 * p['lr']:.1f}")
         if "gr_difference" in row:
-            lo, hi = row["ci95"]
-            mark = " *" if row["separated"] else ""
-            diff = f"{100 * row['gr_difference']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]{mark}"
+            diff = ci_cell(row["gr_difference"], *row["ci95"])
         else:
             diff = f"no {a} point reaches this LR"
         rows.append(f"| {100 * row['min_lr']:.1f} | {cells[0]} | {cells[1]} | {diff} |")

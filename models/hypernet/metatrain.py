@@ -100,14 +100,14 @@ class MetaTrainConfig:
             "anchors",
             "anchor_draws",
         )
-        problems = [f"{name} must be at least 1" for name in positive if getattr(self, name) < 1]
         rates = ("outer_lr", "inner_lr", "regression_lr", "temperature")
-        problems += [f"{name} must be positive" for name in rates if not getattr(self, name) > 0]
-        if not self.locality >= 0:
-            problems.append("locality must be 0 or more")
+        problems = [(n, "must be at least 1") for n in positive if getattr(self, n) < 1]
+        problems += [(n, "must be positive") for n in rates if not getattr(self, n) > 0]  # NaN too
+        problems += [("locality", "must be 0 or more")] if not self.locality >= 0 else []
         if problems:
-            got = ", ".join(f"{p.split()[0]}={getattr(self, p.split()[0])!r}" for p in problems)
-            raise ValueError(f"invalid meta-training config: {'; '.join(problems)} (got {got})")
+            what = "; ".join(f"{n} {why}" for n, why in problems)
+            got = ", ".join(f"{n}={getattr(self, n)!r}" for n, _ in problems)
+            raise ValueError(f"invalid meta-training config: {what} (got {got})")
 
     def regression_lr_at(self, iteration: int) -> float:
         length = self.schedule_iterations or 2 * self.iterations

@@ -48,18 +48,15 @@ def _compare(results: dict[str, Any], min_lr: float, seed: int) -> dict[str, Any
         )
         return out
     rival_name, rival = max(baselines.items(), key=lambda kv: kv[1]["gr"])
-    diff, (lo, hi) = paired_difference_ci(_groups(ours), _groups(rival), seed=seed)
-    out |= {
-        "best_baseline": rival_name,
-        "gr_difference": diff,
-        "ci95": [lo, hi],
-        "separated": lo > 0 or hi < 0,
-    }
-    return out
+    return out | {"best_baseline": rival_name, **_gr_difference(ours, rival, seed)}
 
 
-def _groups(point: dict[str, Any]) -> list[float]:
-    return [g["gr"] for g in point["groups"]]
+def _gr_difference(ours: dict[str, Any], theirs: dict[str, Any], seed: int) -> dict[str, Any]:
+    """GR of ``ours`` minus ``theirs`` with its paired 95% interval over the same groups."""
+    diff, (lo, hi) = paired_difference_ci(
+        [g["gr"] for g in ours["groups"]], [g["gr"] for g in theirs["groups"]], seed=seed
+    )
+    return {"gr_difference": diff, "ci95": [lo, hi], "separated": lo > 0 or hi < 0}
 
 
 def _brief(entry: dict[str, Any], point: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -105,7 +102,6 @@ def front_comparison(
             learned: _brief(methods[learned], ours),
         }
         if ours is not None and theirs is not None:
-            diff, (lo, hi) = paired_difference_ci(_groups(ours), _groups(theirs), seed=seed)
-            row |= {"gr_difference": diff, "ci95": [lo, hi], "separated": lo > 0 or hi < 0}
+            row |= _gr_difference(ours, theirs, seed)
         rows.append(row)
     return rows

@@ -37,12 +37,13 @@ def test_the_failure_options_parse() -> None:
 
 
 def test_the_outer_lr_reaches_the_config_and_a_bad_rate_says_which() -> None:
-    from cli.hypernet import _CONFIG_OPTIONS, _options
+    from cli.hypernet import _config, _options
     from models.hypernet.metatrain import MetaTrainConfig
 
-    options = _options(parse("--outer-lr", "0.03"), {})
-    cfg = MetaTrainConfig(**{k: options[k] for k in _CONFIG_OPTIONS if k in options})
+    cfg = _config(_options(parse("--outer-lr", "0.03"), {}))
     assert cfg.outer_lr == 0.03 and cfg.inner_lr == 0.1  # the world's recipe keeps the rest
+    with pytest.raises(SystemExit, match=r"vitedit hypernet train: .*outer_lr must be positive"):
+        _config(_options(parse("--outer-lr", "0"), {}))
     with pytest.raises(ValueError, match=r"outer_lr must be positive.*outer_lr=nan"):
         MetaTrainConfig(outer_lr=float("nan"))
     with pytest.raises(ValueError, match="batch must be at least 1; inner_lr must be positive"):
