@@ -17,6 +17,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from models.errors import ManifestError
 from models.evaluation import paired_difference_ci
 from models.store.manifest import read_json
 from models.worlds.headline import front_comparison
@@ -67,6 +68,17 @@ def front_rows(results: dict[str, Any], a: str, b: str) -> list[str]:
     return rows
 
 
+def load_results(path: Path) -> dict[str, Any]:
+    """A ``vitedit bench`` results.json, or exit saying what is wrong with the file."""
+    try:
+        results = read_json(path)
+    except ManifestError as exc:
+        raise SystemExit(f"{exc}; pass a results.json written by vitedit bench") from None
+    if not isinstance(results.get("methods"), dict):
+        raise SystemExit(f"{path} has no 'methods': pass a results.json written by vitedit bench")
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", type=Path)
@@ -79,11 +91,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.front and args.other:
         parser.error("--front compares two methods of one results file; drop --other")
-    first = read_json(args.results)
-    second = read_json(args.other) if args.other else first
+    first = load_results(args.results)
+    second = load_results(args.other) if args.other else first
     if args.other and first["benchmark"] != second["benchmark"]:
         raise SystemExit("the two runs did not make the same edits: compare runs of one setting")
     rivals = [m.strip() for m in args.b.split(",") if m.strip()]
+    if not rivals:
+        parser.error("--b names no method; give one or more, comma-separated (e.g. saliency)")
     for name, results in ((args.a, first), *((b, second) for b in rivals)):
         if name not in results["methods"]:
             raise SystemExit(

@@ -102,7 +102,10 @@ class MetaTrainConfig:
         )
         rates = ("outer_lr", "inner_lr", "regression_lr", "temperature")
         problems = [(n, "must be at least 1") for n in positive if getattr(self, n) < 1]
-        problems += [(n, "must be positive") for n in rates if not getattr(self, n) > 0]  # NaN too
+        top = torch.finfo(torch.float32).max  # torch's optimisers take rates as float32
+        problems += [
+            (n, "must be positive and finite") for n in rates if not 0 < getattr(self, n) < top
+        ]
         problems += [("locality", "must be 0 or more")] if not self.locality >= 0 else []
         if problems:
             what = "; ".join(f"{n} {why}" for n, why in problems)
@@ -338,11 +341,22 @@ class MetaTrainer:
             search = search_masks(batch, s0, cfg, self._anchors() if cfg.locality > 0 else None)
         else:
             search = search_masks_reference(self.model, self.sites, episodes, s0, cfg)
+        if not (math.isfinite(search.kl[-1]) and torch.isfinite(search.s).all()):
+            raise MetaTrainingUnhealthy(
+                f"meta-training diverged at iteration {self.iteration}: the mask search's KL or "
+                f"mask logits are not finite (inner lr {cfg.inner_lr:g}, outer lr "
+                f"{cfg.outer_lr:g}). Lower --inner-lr or --outer-lr"
+            )
         for group in self.opt.param_groups:
             group["lr"] = cfg.regression_lr_at(self.iteration)
         self.hypernet.train()
         features = cls_features(self.model, episodes.mixed)  # (B, feature_dim)
         bce, scores = regress(self.hypernet, self.opt, features, search.s, cfg)
+        if not math.isfinite(bce):
+            raise MetaTrainingUnhealthy(
+                f"meta-training diverged at iteration {self.iteration}: the regression loss is "
+                f"not finite. Lower --regression-lr (now {cfg.regression_lr:g})"
+            )
         self.iteration += 1
         return {
             "outer_loss_first": search.loss[0],

@@ -146,6 +146,11 @@ class Hypernetwork(nn.Module):
         weights = out_dir / WEIGHTS_FILE
         tmp = out_dir / f".{WEIGHTS_FILE}.tmp"
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        broken = [k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()]
+        if broken:
+            raise IntegrityError(
+                f"refusing to save a hypernetwork with non-finite weights ({', '.join(broken[:3])})"
+            )
         save_file(
             state,
             str(tmp),

@@ -55,7 +55,7 @@ def read_json(path: Path) -> dict[str, Any]:
         data = json.loads(Path(path).read_text())
     except FileNotFoundError as exc:
         raise ManifestError(f"manifest {path} does not exist") from exc
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:  # binary: not UTF-8
         raise ManifestError(f"manifest {path} is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise ManifestError(f"manifest {path} must hold a JSON object")

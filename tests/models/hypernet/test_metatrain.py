@@ -289,6 +289,22 @@ def test_config_rejects_non_positive_steps():
         MetaTrainConfig(inner_steps=0)
 
 
+@pytest.mark.parametrize("rate", [0.0, -1.0, float("nan"), float("inf"), 1e308])
+def test_config_rejects_a_rate_torch_cannot_take(rate):
+    with pytest.raises(ValueError, match="outer_lr must be positive and finite"):
+        MetaTrainConfig(outer_lr=rate)
+
+
+def test_a_diverging_mask_search_stops_before_anything_is_saved(
+    tiny_backbone, sites, pool, tmp_path
+):
+    """An inner step so large the episodes' KL overflows: stopped with the setting to lower."""
+    cfg = MetaTrainConfig(iterations=3, batch=2, inner_lr=1e30, regression_lr=1e-3)
+    with pytest.raises(MetaTrainingUnhealthy, match=r"diverged at iteration 0: .*Lower --inner-lr"):
+        meta_train(tiny_backbone, sites, pool, cfg, tmp_path, log_every=1)
+    assert not (tmp_path / "hypernet.json").exists()
+
+
 def test_regression_lr_follows_a_cosine_over_twice_the_iterations():
     cfg = MetaTrainConfig(iterations=100, regression_lr=1e-4)
     assert cfg.regression_lr_at(0) == pytest.approx(1e-4)

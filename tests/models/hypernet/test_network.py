@@ -87,6 +87,15 @@ def test_cls_features_are_the_pre_logits_the_head_reads(tiny_backbone, images):
     torch.testing.assert_close(model.head(feats), model(images))
 
 
+def test_non_finite_weights_are_never_saved(tiny_backbone, sites, tmp_path):
+    net = make_hypernet(tiny_backbone, sites)
+    with torch.no_grad():
+        next(net.parameters()).view(-1)[0] = float("nan")
+    with pytest.raises(IntegrityError, match="non-finite weights"):
+        net.save(tmp_path, tiny_backbone, sites)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_save_load_round_trip_gives_identical_scores(tiny_backbone, sites, images, tmp_path):
     net = make_hypernet(tiny_backbone, sites).eval()
     net.save(tmp_path, tiny_backbone, sites, training={"iterations": 3})
