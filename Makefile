@@ -114,7 +114,7 @@ tin-hypernet: install
 # Figures are reported on the test half; knobs and the optimiser setting come from the tuning half.
 # Every method on the same edits (1 per group, seeds 0,1,2), the front of docs/worlds.md; where2edit-sal
 # at the mix chosen on the tuning half (docs/worlds.md, "The two signals mixed").
-TIN_KNOBS := where2edit=0.25,0.1,0.05,0.02,0.01,0.005;where2edit-sal=0.25,0.1,0.05,0.02,0.01;random=0.25,0.1,0.05,0.02,0.01,0.005;saliency=0.25,0.1,0.05,0.02,0.01,0.005;ft-l1=0.1,0.01,0.001;ft-l2=0.1,0.01,0.001;lora=1,4
+TIN_KNOBS := where2edit=0.25,0.1,0.05,0.02,0.01,0.0075,0.006,0.005;where2edit-sal=0.25,0.1,0.05,0.02,0.01;random=0.25,0.1,0.05,0.02,0.01,0.0075,0.006,0.005;saliency=0.25,0.1,0.05,0.02,0.01,0.0075,0.006,0.005;ft-l1=0.1,0.01,0.001;ft-l2=0.1,0.01,0.001;lora=1,4
 tin-bench: install
 	$(BIN)/vitedit bench --world tiny-imagenet --split test --knobs "$(TIN_KNOBS)" \
 		--methods where2edit,where2edit-sal,random,saliency,ft,ft-l1,ft-l2,lora \
