@@ -3,6 +3,7 @@
     vitedit world build demo                                  # = vitedit demo train + derive
     vitedit world build tiny-imagenet --root tiny-imagenet-200/ --work ~/.cache/vitedit/tin
     vitedit world build tiny-imagenet --root data.tar.gz --stage backbone --time-budget 3600
+    vitedit world build tiny-imagenet --root data.tar.gz --stage backbone --device cuda --epochs 100
     vitedit world show tiny-imagenet
 
 Training checkpoints to ``--work`` and resumes from there: run the same command again after an
@@ -16,6 +17,10 @@ import argparse
 import json
 import tarfile
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_WORK = Path.home() / ".cache" / "vitedit" / "worlds"
 
@@ -56,6 +61,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         "bench pool)",
     )
     build.add_argument("--batch-size", type=int, default=None, help="training batch (default 128)")
+    build.add_argument(
+        "--lr", type=float, default=None, help="AdamW's peak learning rate (default 2e-3)"
+    )
+    build.add_argument(
+        "--device",
+        default=None,
+        help="tiny-imagenet: torch device for training and the benchmark, e.g. cuda (default "
+        "cpu: the shipped recipe; a GPU draws the same batches but its arithmetic differs in the "
+        "last bits); the demo trains on the CPU",
+    )
     build.add_argument(
         "--stem",
         choices=["patch", "conv"],
@@ -124,6 +139,14 @@ def _check_options(args: argparse.Namespace) -> None:
         raise SystemExit(f"--cutmix is a share of batches in [0, 1], got {args.cutmix}")
     if args.width is not None and (args.width <= 0 or args.width % 4):
         raise SystemExit(f"--width must be a positive multiple of the 4 heads, got {args.width}")
+    if args.lr is not None and not 0.0 < args.lr < 1.0:  # also refuses nan and inf
+        raise SystemExit(f"--lr must be in (0, 1), got {args.lr}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise SystemExit(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.name == "demo" and args.device not in (None, "cpu"):
+        raise SystemExit(
+            f"the demo world trains on the CPU; --device {args.device} is for tiny-imagenet"
+        )
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -133,6 +156,7 @@ def _build(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     if args.name == "demo":
         return _build_demo(args)
+    device = _device(args.device)
     from models.worlds import tiny_imagenet as tin
     from models.worlds import tiny_imagenet_benchmark as bench
     from models.worlds.training import TrainConfig
@@ -145,6 +169,7 @@ def _build(args: argparse.Namespace) -> int:
         cfg = TrainConfig(
             epochs=args.epochs or tin.EPOCHS,
             batch_size=args.batch_size or TrainConfig.batch_size,
+            lr=args.lr or TrainConfig.lr,
             seed=args.seed,
             precision=args.precision,
             cutmix=args.cutmix,
@@ -160,6 +185,7 @@ def _build(args: argparse.Namespace) -> int:
             stem=args.stem,
             width=args.width or tin.WIDTH,
             tokens=args.tokens or tin.TOKENS,
+            device=device,
         )
         print(
             json.dumps(
@@ -178,7 +204,7 @@ def _build(args: argparse.Namespace) -> int:
         from models.backbones import load_backbone
         from models.store.manifest import BackboneManifest
 
-        backbone = load_backbone(BackboneManifest.read(out / "backbone.json"))
+        backbone = load_backbone(BackboneManifest.read(out / "backbone.json"), device)
         summary = bench.derive_world(
             backbone,
             root,
@@ -189,12 +215,36 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _device(name: str | None) -> torch.device:
+    """The torch device to train on (default cpu, where the shipped backbone was trained); one
+    torch does not know or cannot reach is refused by name."""
+    import torch
+
+    if name is None:
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise SystemExit(
+            f"--device {name!r} is not a torch device (e.g. cpu, cuda, cuda:1)"
+        ) from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: torch sees no CUDA device on this machine")
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"--device {name}: only cpu and cuda are supported")
+    return device
+
+
 def _build_demo(args: argparse.Namespace) -> int:
     from models.worlds import demo
 
     out = args.out or demo.ASSETS
     if args.stage in ("backbone", "all"):
-        cfg = demo.TrainConfig(epochs=args.epochs or demo.TrainConfig.epochs, seed=args.seed)
+        cfg = demo.TrainConfig(
+            epochs=args.epochs or demo.TrainConfig.epochs,
+            lr=args.lr or demo.TrainConfig.lr,
+            seed=args.seed,
+        )
         print(json.dumps(demo.train_backbone(cfg, out_dir=out, progress=print), indent=2))
     if args.stage in ("benchmark", "all"):
         backbone = demo.load_demo_backbone()

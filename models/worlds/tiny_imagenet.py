@@ -208,22 +208,26 @@ def load_tiny_imagenet_backbone(device: torch.device | str = "cpu") -> Backbone:
 def to_input(x: torch.Tensor) -> torch.Tensor:
     """uint8 (N, H, W, 3) -> normalised float (N, 3, H, W)."""
     x = x.permute(0, 3, 1, 2).float().div_(255.0)
-    return (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (MEAN, STD))
+    return (x - mean) / std
 
 
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Horizontal flip + a random 32-px crop of the 4-px reflect-padded image, per image.
 
-    Nothing photometric: the benchmark's shift groups stay shifts the backbone never saw.
+    Nothing photometric: the benchmark's shift groups stay shifts the backbone never saw. The
+    draws come from ``gen`` (a CPU generator) whatever the device of ``x``, so a GPU run draws the
+    same crops and flips as a CPU run.
     """
     n, _, h, w = x.shape
-    flip = torch.rand(n, generator=gen) < 0.5
+    flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)
     x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
     padded = F.pad(x, (4, 4, 4, 4), mode="reflect")
-    dy, dx = torch.randint(0, 9, (2, n), generator=gen)
-    rows = (dy.view(n, 1) + torch.arange(h)).view(n, 1, h, 1).expand(n, x.shape[1], h, w + 8)
+    dy, dx = torch.randint(0, 9, (2, n), generator=gen).to(x.device)
+    ar_h, ar_w = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+    rows = (dy.view(n, 1) + ar_h).view(n, 1, h, 1).expand(n, x.shape[1], h, w + 8)
     cropped = padded.gather(2, rows)
-    cols = (dx.view(n, 1) + torch.arange(w)).view(n, 1, 1, w).expand(n, x.shape[1], h, w)
+    cols = (dx.view(n, 1) + ar_w).view(n, 1, 1, w).expand(n, x.shape[1], h, w)
     return cropped.gather(3, cols)
 
 
@@ -238,8 +242,10 @@ def train_backbone(
     stem: str = DEFAULT_STEM,
     width: int = WIDTH,
     tokens: int = TOKENS,
+    device: torch.device | str = "cpu",
 ) -> TrainResult:
-    """Train (or resume) the backbone on the train split; write weights + manifest when finished."""
+    """Train (or resume) the backbone on the train split, on ``device`` (the data stays on the CPU,
+    each batch moves there); write weights + manifest when finished."""
     torch.manual_seed(cfg.seed)
     data = load_cached(root, work)
     _, names = read_classes(root)
@@ -247,7 +253,7 @@ def train_backbone(
     x, y = torch.from_numpy(data["x_train"][idx]), torch.from_numpy(data["y_train"][idx])
     x_val, y_val = torch.from_numpy(data["x_val"]), torch.from_numpy(data["y_val"])
     model = create_model(manifest(names, weights=None, stem=stem, width=width, tokens=tokens))
-    trainer = Trainer(model, cfg, to_input, augment)
+    trainer = Trainer(model, cfg, to_input, augment, device=device)
     ckpt = work / "backbone-checkpoint"
     trainer.resume(ckpt)
     result = trainer.fit(
@@ -258,7 +264,7 @@ def train_backbone(
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / "backbone.safetensors"
     save_file(
-        {k: v.contiguous() for k, v in model.state_dict().items()},
+        {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
         str(weights),
         metadata={
             "trained_on": f"tiny-imagenet train, {train_per_class} per class",
@@ -268,6 +274,9 @@ def train_backbone(
     extra = {
         "train_config": cfg.__dict__,
         "train_per_class": train_per_class,
+        "train_device": torch.cuda.get_device_name(trainer.device)
+        if trainer.device.type == "cuda"
+        else "cpu",
         "train_seconds": round(result.seconds, 1),
         "val_accuracy": result.history[-1]["eval_accuracy"] if result.history else None,
         "history": result.history,

@@ -5,6 +5,11 @@ augmentation RNG to one safetensors file (no pickle) every ``checkpoint_every`` 
 wall-time budget runs out, so a run interrupted at any point resumes where it stopped and, given
 the same data and config, ends with the same weights. Each epoch's order is drawn from its own
 seeded generator, so a resume mid-epoch replays the same order.
+
+The data stays where it is given (uint8 on the CPU); each batch moves to the model's ``device``
+before ``prepare`` and ``augment``, whose random draws come from a CPU generator, so a GPU run
+draws the same crops and flips as a CPU run (its arithmetic still differs in the last bits).
+Checkpoints hold CPU tensors and resume on either device.
 """
 
 from __future__ import annotations
@@ -84,8 +89,15 @@ class Trainer:
         cfg: TrainConfig,
         prepare: Callable[[torch.Tensor], torch.Tensor],
         augment: Augment,
+        device: torch.device | str = "cpu",
     ) -> None:
-        self.model, self.cfg, self.prepare, self.augment = model, cfg, prepare, augment
+        self.device = torch.device(device)
+        self.model, self.cfg, self.prepare, self.augment = (
+            model.to(self.device),
+            cfg,
+            prepare,
+            augment,
+        )
         self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.step, self.seconds, self.history = 0, 0.0, []
@@ -126,7 +138,8 @@ class Trainer:
             for group in self.opt.param_groups:
                 group["lr"] = self.lr_at(self.step, total, warmup)
             self.model.train()
-            inputs, targets = self.augment(self.prepare(x[idx]), self.gen), y[idx]
+            batch, targets = x[idx].to(self.device), y[idx].to(self.device)
+            inputs = self.augment(self.prepare(batch), self.gen)
             mixed = (
                 cutmix_batch(inputs, self.gen)
                 if cfg.cutmix and torch.rand((), generator=self.gen) < cfg.cutmix
@@ -177,11 +190,13 @@ class Trainer:
     def accuracy(self, x: torch.Tensor, y: torch.Tensor, batch: int = 500) -> float:
         preds = torch.cat(
             [
-                predict_logits(self.model, self.prepare(x[i : i + batch])).argmax(1)
+                predict_logits(self.model, self.prepare(x[i : i + batch].to(self.device)))
+                .argmax(1)
+                .cpu()
                 for i in range(0, len(x), batch)
             ]
         )
-        return float((preds == y).float().mean())
+        return float((preds == y.cpu()).float().mean())
 
     # ----------------------------------------------------------------------- checkpoints
 
@@ -189,12 +204,12 @@ class Trainer:
         """Model, optimiser and RNG state as safetensors; step, config, history as JSON."""
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {
-            f"model.{k}": v.detach().contiguous() for k, v in self.model.state_dict().items()
+            f"model.{k}": v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()
         }
         opt_state = self.opt.state_dict()
         for idx, state in opt_state["state"].items():
             tensors |= {
-                f"optim.{idx}.{k}": torch.as_tensor(v).contiguous() for k, v in state.items()
+                f"optim.{idx}.{k}": torch.as_tensor(v).cpu().contiguous() for k, v in state.items()
             }
         tensors["rng.augment"] = self.gen.get_state()
         tmp = directory / ".train.safetensors.tmp"

@@ -53,3 +53,31 @@ def test_a_gpu_worker_stores_a_version_and_reports_its_gpu_memory(
     report = store.version("tiny", version).report
     assert report["peak_memory_mib"]["cuda_allocated"] > 0
     assert report["edit"]["precision"] == precision
+
+
+def test_a_backbone_trains_on_the_gpu_with_the_cpu_draws_and_resumes_on_the_cpu(
+    tmp_path: Path,
+) -> None:
+    from models.backbones import create_model
+    from models.worlds import tiny_imagenet as tin
+    from models.worlds.training import TrainConfig, Trainer
+    from tests.models.worlds.test_tiny_imagenet import tiny_manifest
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (64, 32, 32, 3), generator=gen, dtype=torch.uint8)
+    y = torch.randint(0, 4, (64,), generator=gen)
+    # the same crops and flips on either device: the draws come from the CPU generator
+    on_cpu = tin.augment(tin.to_input(x), torch.Generator().manual_seed(1))
+    on_gpu = tin.augment(tin.to_input(x.cuda()), torch.Generator().manual_seed(1))
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu)
+    cfg = TrainConfig(epochs=2, batch_size=16, lr=1e-3, warmup_epochs=0.5)
+    gpu = Trainer(create_model(tiny_manifest()), cfg, tin.to_input, tin.augment, device="cuda")
+    stopped = gpu.fit(x, y, x[:8], y[:8], checkpoint=tmp_path, stop_at_step=4)
+    assert not stopped.finished and next(gpu.model.parameters()).is_cuda
+    cpu = Trainer(create_model(tiny_manifest()), cfg, tin.to_input, tin.augment, device="cpu")
+    assert cpu.resume(tmp_path) and cpu.step == 4  # the checkpoint holds CPU tensors
+    for (name, a), b in zip(
+        gpu.model.state_dict().items(), cpu.model.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a.cpu(), b, msg=name)
+    assert cpu.fit(x, y, x[:8], y[:8], checkpoint=tmp_path).finished

@@ -115,6 +115,14 @@ def test_augment_crops_from_the_reflect_padded_image_and_keeps_shape() -> None:
     assert all(found)
 
 
+def test_prepare_and_augment_work_on_the_device_of_their_batch() -> None:
+    # the meta device holds shapes only: any CPU constant or index mixed into a batch of another
+    # device (a GPU's, in training) raises there, as it would on cuda
+    x = torch.zeros(4, 32, 32, 3, dtype=torch.uint8, device="meta")
+    out = tin.augment(tin.to_input(x), torch.Generator().manual_seed(0))
+    assert out.device.type == "meta" and out.shape == (4, 3, 32, 32)
+
+
 def test_training_interrupted_by_its_budget_resumes_to_the_same_weights(tmp_path: Path) -> None:
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (64, 32, 32, 3), generator=gen, dtype=torch.uint8)
@@ -346,12 +354,17 @@ def test_world_build_cli_extracts_a_tarball_and_trains_a_resumable_backbone(tmp_
                 "8",
                 "--batch-size",
                 "8",
+                "--lr",
+                "1e-3",
+                "--device",
+                "cpu",
             ]
         )
     finally:
         torch.set_num_threads(threads)
     assert code == 0
     manifest = BackboneManifest.read(out / "backbone.json")
+    assert manifest.extra["train_config"]["lr"] == 1e-3 and manifest.extra["train_device"] == "cpu"
     assert manifest.extra["train_per_class"] == 8 and len(manifest.extra["history"]) == 1
     assert load_backbone(manifest).weights_sha256 == manifest.weights_sha256
     assert (work / "dataset" / "tiny-imagenet-200" / "wnids.txt").exists()
@@ -360,7 +373,15 @@ def test_world_build_cli_extracts_a_tarball_and_trains_a_resumable_backbone(tmp_
 
 @pytest.mark.parametrize(
     ("option", "message"),
-    [(["--cutmix", "5"], "--cutmix is a share"), (["--width", "-4"], "multiple of the 4 heads")],
+    [
+        (["--cutmix", "5"], "--cutmix is a share"),
+        (["--width", "-4"], "multiple of the 4 heads"),
+        (["--lr", "nan"], "--lr must be in"),
+        (["--lr", "0"], "--lr must be in"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--device", "gpu0"], "not a torch device"),
+        (["--device", "mps"], "only cpu and cuda"),
+    ],
 )
 def test_world_build_refuses_unusable_training_options(
     tmp_path: Path, option: list[str], message: str
@@ -370,3 +391,20 @@ def test_world_build_refuses_unusable_training_options(
     with pytest.raises(SystemExit, match=message):
         main(["world", "build", "tiny-imagenet", "--root", str(tmp_path), *option])
     assert list(tmp_path.iterdir()) == []  # refused before anything was read or written
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_world_build_refuses_a_cuda_device_it_cannot_see(tmp_path: Path) -> None:
+    from cli.main import main
+
+    with pytest.raises(SystemExit, match="torch sees no CUDA device"):
+        main(["world", "build", "tiny-imagenet", "--root", str(tmp_path), "--device", "cuda"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_demo_world_refuses_a_device_it_does_not_train_on(tmp_path: Path) -> None:
+    from cli.main import main
+
+    with pytest.raises(SystemExit, match="the demo world trains on the CPU"):
+        main(["world", "build", "demo", "--out", str(tmp_path), "--device", "cuda"])
+    assert list(tmp_path.iterdir()) == []
