@@ -2,9 +2,9 @@
 
 Each candidate is the world's backbone (``models/worlds/tiny_imagenet.py``: depth 6, 4 heads, 32 px)
 at a stem, width, token count and precision (``vitedit world build tiny-imagenet --stem --width
---tokens --precision``); one training step is the
-trainer's (augmentation, forward, label-smoothed cross-entropy, backward, AdamW step) on a batch of
-random images (time does not depend on the pixels). Prints a table of img/s and s/epoch (80,000
+--tokens --precision``); one training step is the trainer's own (``Trainer.train_step``:
+augmentation, forward, label-smoothed cross-entropy, backward, AdamW step) on a batch of random
+images (time does not depend on the pixels), on ``--device`` (default cpu). Prints a table of img/s and s/epoch (80,000
 training images) for each candidate; the ratio column is against the first one.
 
     .venv/bin/python scripts/bench_backbone_train.py --threads 1 \
@@ -37,26 +37,21 @@ def parse_candidate(text: str) -> tuple[str, int, int, str]:
         raise SystemExit(f"candidate {text!r} is not stem:width:tokens:precision") from None
 
 
-def step_seconds(candidate: tuple[str, int, int, str], batch: int, warmup: int, steps: int):
+def step_seconds(
+    candidate: tuple[str, int, int, str], batch: int, warmup: int, steps: int, device: str
+):
     stem, width, tokens, precision = candidate
     names = [str(i) for i in range(200)]
     model = create_model(manifest(names, weights=None, stem=stem, width=width, tokens=tokens))
     cfg = TrainConfig(batch_size=batch, precision=precision)
-    trainer = Trainer(model, cfg, to_input, augment)
+    trainer = Trainer(model, cfg, to_input, augment, device=device)
     x = torch.randint(0, 256, (batch, 32, 32, 3), dtype=torch.uint8)
     y = torch.randint(0, 200, (batch,))
     params = sum(p.numel() for p in model.parameters())
     times = []
-    model.train()
     for i in range(warmup + steps):
         t0 = time.perf_counter()
-        inputs = augment(to_input(x), trainer.gen)
-        with autocast("cpu", precision):
-            logits = model(inputs).float()
-        loss = torch.nn.functional.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-        trainer.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        trainer.opt.step()
+        trainer.train_step(x, y).item()  # .item() waits for a GPU to finish the step
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return params, statistics.median(times)
@@ -71,6 +66,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     candidates = [parse_candidate(c) for c in args.candidates.split(",")]
@@ -80,12 +76,15 @@ def main() -> None:
             autocast("cpu", precision)
         except ValueError as exc:
             raise SystemExit(f"candidate {stem}:{width}:{tokens}:{precision}: {exc}") from None
-    print(f"threads {args.threads}, batch {args.batch}, median of {args.steps} steps")
+    print(
+        f"device {args.device}, threads {args.threads}, batch {args.batch}, "
+        f"median of {args.steps} steps"
+    )
     print("| stem | width | tokens | precision | params | img/s | s/epoch | ratio |")
     print("|---|---:|---:|---|---:|---:|---:|---:|")
     first = None
     for c in candidates:
-        params, sec = step_seconds(c, args.batch, args.warmup, args.steps)
+        params, sec = step_seconds(c, args.batch, args.warmup, args.steps, args.device)
         rate = args.batch / sec
         first = first or rate
         print(

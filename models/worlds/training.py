@@ -137,28 +137,7 @@ class Trainer:
             idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
             for group in self.opt.param_groups:
                 group["lr"] = self.lr_at(self.step, total, warmup)
-            self.model.train()
-            batch, targets = x[idx].to(self.device), y[idx].to(self.device)
-            inputs = self.augment(self.prepare(batch), self.gen)
-            mixed = (
-                cutmix_batch(inputs, self.gen)
-                if cfg.cutmix and torch.rand((), generator=self.gen) < cfg.cutmix
-                else None
-            )
-            if mixed is not None:
-                inputs = mixed[0]
-            with autocast(inputs.device, cfg.precision):
-                logits = self.model(inputs).float()
-            loss = F.cross_entropy(logits, targets, label_smoothing=cfg.label_smoothing)
-            if mixed is not None:  # the box's share of the loss goes to the pasted image's label
-                lam = mixed[1]
-                pasted = F.cross_entropy(
-                    logits, targets.roll(1, 0), label_smoothing=cfg.label_smoothing
-                )
-                loss = lam * loss + (1 - lam) * pasted
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
+            loss = self.train_step(x[idx], y[idx])
             self.step += 1
             self.seconds = seconds0 + time.perf_counter() - start
             if self.step % per_epoch == 0:
@@ -186,6 +165,35 @@ class Trainer:
         if checkpoint is not None:
             self.save(checkpoint)
         return TrainResult(True, self.step, self.seconds, self.history)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One optimiser step on a batch as stored (e.g. uint8 on the CPU): to the device,
+        ``prepare``, ``augment``, CutMix for a ``cfg.cutmix`` share of batches, label-smoothed
+        cross-entropy, backward, AdamW at the learning rate already set. Returns the loss."""
+        cfg = self.cfg
+        self.model.train()
+        batch, targets = x.to(self.device), y.to(self.device)
+        inputs = self.augment(self.prepare(batch), self.gen)
+        mixed = (
+            cutmix_batch(inputs, self.gen)
+            if cfg.cutmix and torch.rand((), generator=self.gen) < cfg.cutmix
+            else None
+        )
+        if mixed is not None:
+            inputs = mixed[0]
+        with autocast(inputs.device, cfg.precision):
+            logits = self.model(inputs).float()
+        loss = F.cross_entropy(logits, targets, label_smoothing=cfg.label_smoothing)
+        if mixed is not None:  # the box's share of the loss goes to the pasted image's label
+            lam = mixed[1]
+            pasted = F.cross_entropy(
+                logits, targets.roll(1, 0), label_smoothing=cfg.label_smoothing
+            )
+            loss = lam * loss + (1 - lam) * pasted
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return loss.detach()
 
     def accuracy(self, x: torch.Tensor, y: torch.Tensor, batch: int = 500) -> float:
         preds = torch.cat(
