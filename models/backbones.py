@@ -16,6 +16,7 @@ from typing import Any
 import timm
 import torch
 from PIL import Image
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from timm.data import create_transform, resolve_data_config
 from torch import nn
@@ -84,8 +85,7 @@ def create_model(manifest: BackboneManifest) -> nn.Module:
         ) from exc
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Read a safetensors state dict, dropping a ``module.``/``model.`` wrapper prefix."""
+def _check_weights_file(path: Path) -> None:
     if path.suffix != ".safetensors":
         raise WeightsMismatchError(
             f"{path.name}: only .safetensors weights are accepted (pickled checkpoints can run "
@@ -93,36 +93,86 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         )
     if not path.is_file():
         raise WeightsMismatchError(f"weights file {path} does not exist")
-    state = load_file(str(path))
+
+
+def _strip_prefix(state: dict[str, Any]) -> dict[str, Any]:
     for prefix in _STRIP_PREFIXES:
         if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix) :]: v for k, v in state.items()}
+            return {k[len(prefix) :]: v for k, v in state.items()}
     return state
 
 
-def load_weights(model: nn.Module, path: Path) -> None:
-    """Load a safetensors file into ``model``; every key and shape must match."""
-    state = read_state_dict(path)
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    extra = sorted(set(state) - set(own))
-    shapes = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors state dict, dropping a ``module.``/``model.`` wrapper prefix."""
+    _check_weights_file(path)
+    return _strip_prefix(load_file(str(path)))
+
+
+def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """The tensor shapes a safetensors file holds (its header only; no tensor is read), keyed as
+    :func:`read_state_dict` keys them."""
+    _check_weights_file(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except SafetensorError as exc:
+        raise WeightsMismatchError(
+            f"{path.name} is not a readable safetensors file: {exc}"
+        ) from exc
+    return _strip_prefix(shapes)
+
+
+BACKBONE_HINT = (
+    "Check the timm name and the overrides (img_size, patch_size, depth, num_classes, ...) in the "
+    "backbone manifest."
+)
+
+
+def check_fit(
+    own: dict[str, tuple[int, ...]],
+    given: dict[str, tuple[int, ...]],
+    path: Path,
+    hint: str = BACKBONE_HINT,
+) -> None:
+    """Every key and shape of the model (``own``) must be in the weights (``given``), and no more;
+    else a WeightsMismatchError that names them and ends with ``hint`` (what to check)."""
+    missing = sorted(set(own) - set(given))
+    extra = sorted(set(given) - set(own))
+    shapes = [k for k in own.keys() & given.keys() if tuple(own[k]) != tuple(given[k])]
     if missing or extra or shapes:
         detail = "; ".join(
             f"{label}: {keys[:4]}{' ...' if len(keys) > 4 else ''}"
             for label, keys in (("missing", missing), ("unexpected", extra), ("shape", shapes))
             if keys
         )
-        raise WeightsMismatchError(
-            f"{path.name} does not fit this model ({detail}). Check the timm name and the "
-            "overrides (img_size, patch_size, depth, num_classes, ...) in the backbone manifest."
-        )
+        raise WeightsMismatchError(f"{path.name} does not fit this model ({detail}). {hint}")
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Load a safetensors file into ``model``; every key and shape must match."""
+    state = read_state_dict(path)
+    check_fit(_shapes(model), {k: tuple(v.shape) for k, v in state.items()}, path)
     model.load_state_dict(state)
+
+
+def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def model_shapes(manifest: BackboneManifest) -> dict[str, tuple[int, ...]]:
+    """The state dict's shapes of the model a manifest describes, built on the meta device: no
+    memory is allocated for its tensors, whatever sizes the overrides ask for."""
+    with torch.device("meta"):
+        return _shapes(create_model(manifest))
 
 
 def load_backbone(manifest: BackboneManifest, device: torch.device | str = "cpu") -> Backbone:
     """Create a frozen eval-mode backbone from its manifest (local weights, hub, or random)."""
     device = torch.device(device)
+    if manifest.weights_path is not None:
+        # before the model is built for real: overrides that ask for a model far larger than
+        # its weights file are refused here, not by running the host out of memory
+        check_fit(model_shapes(manifest), read_shapes(manifest.weights_path), manifest.weights_path)
     model = create_model(manifest)
     sha = ""
     if manifest.weights_path is not None:

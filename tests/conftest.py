@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import secrets
+import subprocess
+import sys
+import textwrap
 from collections.abc import Iterator
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on the hub in tests
@@ -55,6 +58,19 @@ def tiny_vit(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     model = timm.create_model("vit_small_patch16_224", **TINY_VIT_OVERRIDES)
     return model.eval().requires_grad_(False)
+
+
+def run_capped(code: str, gib: int = 6) -> subprocess.CompletedProcess[str]:
+    """Run Python ``code`` in a child whose address space is capped at ``gib`` GiB: a test of a
+    refusal that must come before any large allocation then fails with MemoryError if the
+    refusal regresses, instead of running the test machine out of memory."""
+    cap = f"import resource; resource.setrlimit(resource.RLIMIT_AS, ({gib} << 30, {gib} << 30))\n"
+    return subprocess.run(
+        [sys.executable, "-c", cap + textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.fixture

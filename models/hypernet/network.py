@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from models.backbones import Backbone
+from models.backbones import Backbone, check_fit, read_shapes
 from models.errors import HypernetworkMismatchError, IntegrityError, ManifestError, SiteError
 from models.sites import Sites
 from models.store.manifest import read_json, sha256_file, write_json_atomic
@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 HYPERNET_FORMAT = "vitedit.hypernet/1"
 WEIGHTS_FILE = "hypernet.safetensors"
 MANIFEST_FILE = "hypernet.json"
+CONFIG_HINT = (
+    "Check the config in hypernet.json (width, depth, heads, mlp_hidden, hidden): it must be the "
+    "one these weights were trained with."
+)
 DEMO_DIR = Path(__file__).resolve().parents[1] / "assets" / "demo" / "hypernet"
 
 
@@ -192,7 +196,11 @@ class Hypernetwork(nn.Module):
                 f"{manifest['weights_sha256'][:16]}...: the file was changed"
             )
         cfg = manifest["config"]
-        net = cls(HypernetConfig(**{**cfg, "hidden": tuple(cfg["hidden"])}))
+        config = HypernetConfig(**{**cfg, "hidden": tuple(cfg["hidden"])})
+        with torch.device("meta"):  # the shapes first: a config far larger than its weights
+            shapes = {k: tuple(v.shape) for k, v in cls(config).state_dict().items()}
+        check_fit(shapes, read_shapes(weights), weights, hint=CONFIG_HINT)  # is refused unbuilt
+        net = cls(config)
         net.load_state_dict(load_file(str(weights)))
         net.sites = Sites.from_json(manifest["sites"])
         net.weights_sha256 = manifest["weights_sha256"]  # its identity, for the results it makes

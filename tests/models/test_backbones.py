@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from models.backbones import backbone_from_name, load_backbone
 from models.errors import IntegrityError, UnknownBackboneError, WeightsMismatchError
 from models.store.manifest import BackboneManifest, sha256_file
-from tests.conftest import TINY_OVERRIDES, tiny_manifest
+from tests.conftest import TINY_OVERRIDES, run_capped, tiny_manifest
 
 
 def _save(model: torch.nn.Module, path: Path, prefix: str = "") -> Path:
@@ -52,6 +52,29 @@ def test_weights_of_another_shape_are_rejected(tmp_path):
     weights = _save(other.model, tmp_path / "w.safetensors")
     with pytest.raises(WeightsMismatchError, match="missing"):
         load_backbone(tiny_manifest(weights=str(weights)))
+
+
+def test_overrides_far_larger_than_the_weights_are_refused_before_allocating(tmp_path):
+    # a model of ~800 GB asked for by the overrides, beside a small weights file: refused from
+    # the shapes (built on the meta device), in a child that cannot allocate more than 6 GiB
+    weights = _save(load_backbone(tiny_manifest()).model, tmp_path / "w.safetensors")
+    manifest = tiny_manifest(weights=str(weights))
+    huge = {**manifest.overrides, "embed_dim": 16384, "depth": 64}
+    BackboneManifest(**{**manifest.__dict__, "overrides": huge}).write(tmp_path / "backbone.json")
+    done = run_capped(
+        f"""
+        from pathlib import Path
+        from models.backbones import load_backbone
+        from models.errors import WeightsMismatchError
+        from models.store.manifest import BackboneManifest
+        try:
+            load_backbone(BackboneManifest.read(Path({str(tmp_path / "backbone.json")!r})))
+        except WeightsMismatchError as exc:
+            print("refused:", exc)
+        """
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "refused:" in done.stdout and "does not fit this model" in done.stdout
 
 
 def test_pickled_checkpoints_are_refused(tmp_path):

@@ -123,6 +123,22 @@ def test_weights_that_do_not_load_are_refused_by_the_worker_with_the_reason(
     assert_nothing_left(store, "broken")
 
 
+def test_overrides_far_larger_than_the_weights_are_refused_with_what_to_check(
+    served, files
+) -> None:
+    # 64 blocks of width 16384 would need ~800 GB: refused from the shapes alone (the worker
+    # builds the model on the meta device first), not by running the worker out of memory
+    client, _, store = served
+    manifest = json.loads(files["manifest"])
+    manifest["overrides"] = {**manifest["overrides"], "embed_dim": 16384, "depth": 64}
+    manifest["overrides"]["num_heads"] = 16
+    status, body = post(client, "huge", {**files, "manifest": json.dumps(manifest).encode()})
+    assert status == 422, body
+    assert "does not fit this model" in body["detail"] and "overrides" in body["detail"]
+    assert_nothing_left(store, "huge")
+    assert client.get("/readyz").status_code == 200  # the worker is still there
+
+
 @pytest.mark.parametrize(
     ("change", "why"),
     [

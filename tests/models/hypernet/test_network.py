@@ -21,6 +21,7 @@ from models.hypernet.network import (
     load_demo_hypernetwork,
 )
 from models.sites import Sites
+from tests.conftest import run_capped
 
 
 def make_hypernet(backbone: Backbone, sites: Sites, **shape: int) -> Hypernetwork:
@@ -113,6 +114,32 @@ def test_load_rejects_a_hypernetwork_trained_for_another_backbone(tiny_backbone,
     other = dataclasses.replace(tiny_backbone, weights_sha256="ab" * 32)
     with pytest.raises(HypernetworkMismatchError, match="trained for backbone 'tiny-vit'"):
         Hypernetwork.load(tmp_path, other, sites)
+
+
+def test_a_config_far_larger_than_the_weights_is_refused_before_allocating(
+    tiny_backbone, sites, tmp_path
+):
+    make_hypernet(tiny_backbone, sites).save(tmp_path, tiny_backbone, sites)
+    manifest = json.loads((tmp_path / MANIFEST_FILE).read_text())
+    manifest["config"] |= {"width": 16384, "depth": 64, "heads": 8, "mlp_hidden": 65536}
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps(manifest))  # ~200 G parameters
+    done = run_capped(
+        f"""
+        from pathlib import Path
+        import torch
+        from models.backbones import load_backbone
+        from models.errors import WeightsMismatchError
+        from models.hypernet.network import Hypernetwork
+        from tests.conftest import tiny_manifest
+        torch.manual_seed(0)
+        try:
+            Hypernetwork.load(Path({str(tmp_path)!r}), load_backbone(tiny_manifest()))
+        except WeightsMismatchError as exc:
+            print("refused:", exc)
+        """
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "refused:" in done.stdout and "Check the config in hypernet.json" in done.stdout
 
 
 def test_load_rejects_other_sites(tiny_backbone, sites, tmp_path):
