@@ -18,24 +18,21 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from redis import Redis
 from redis.exceptions import RedisError
 from rq.job import Job
 from rq.timeouts import JobTimeoutException
 
 from models.errors import (
-    DataError,
     EditCanceled,
     IntegrityError,
     ModelUnavailable,
     VitEditError,
 )
-from models.images import check_size, decode_reduced
+from models.images import open_image
 from models.reports import ReportSets, TokenSet
 from models.sites import Patch
 from models.store.manifest import VersionManifest
@@ -53,19 +50,6 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def open_image(path: Path) -> Image.Image:
-    """Decode an uploaded image fully, its size checked from the header first and reduced when
-    large (``models.images.decode_reduced``); a truncated or non-image file raises DataError."""
-    try:
-        with Image.open(path) as im:
-            check_size(im.size, path.name)
-            im.verify()
-        with Image.open(path) as im:
-            return decode_reduced(im, path.name)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise DataError(f"{path.name}: not a readable image ({exc})") from exc
 
 
 class Progress:

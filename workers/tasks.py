@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from models.editing import get_editor, make_config, run_edit
 from models.editing.registry import EditConfig, EditOutcome, EditTask
 from models.errors import DataError, EditCanceled, EditDiverged
+from models.images import open_image
 from models.precision import autocast
 from models.reports import ReportSets, TokenSet, build_report, peak_memory, predict_sets
 from models.review import (
@@ -46,7 +47,7 @@ from workers.payloads import (
     PredictPayload,
     RegisterPayload,
 )
-from workers.runtime import Progress, Runtime, open_image
+from workers.runtime import Progress, Runtime
 from workers.warm import LoadedModel, pixel_key
 
 log = logging.getLogger(__name__)

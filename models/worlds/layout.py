@@ -82,7 +82,7 @@ def read_edit_groups(root: Path, min_size: int = 2) -> list[EditGroup]:
                 f"group folder {folder.name!r} must start with the true class index, "
                 "like '609-586' (true 609, predicted 586) or '3-invert'"
             )
-        images = [open_image(p) for p in list_images(folder)]
+        images = [open_image(p, f"{folder.name}/{p.name}") for p in list_images(folder)]
         if len(images) < min_size:
             raise DataError(f"group {folder.name} has {len(images)} images; need >= {min_size}")
         groups.append(EditGroup(folder.name, int(match.group(1)), images))
@@ -95,7 +95,7 @@ def read_locality(root: Path) -> list[Image.Image]:
     paths = list_images(Path(root))
     if not paths:
         raise DataError(f"locality folder {root} holds no images")
-    return [open_image(p) for p in paths]
+    return [open_image(p, f"{Path(root).name}/{p.relative_to(root)}") for p in paths]
 
 
 def read_benchmark(groups_dir: Path, locality_dir: Path) -> EditBenchmark:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 from safetensors.torch import load, save
 
 from models.store.store import Store
@@ -162,6 +163,22 @@ def test_files_the_api_cannot_read_are_refused_before_any_worker(served, files, 
     assert status == 422, body
     assert why in body["detail"]
     assert_nothing_left(store, "bad")
+
+
+def test_a_benchmark_image_too_large_to_decode_is_refused_by_name(served, files) -> None:
+    # 9,000 x 9,000 flat pixels: a small PNG that would decode to 243 MB
+    client, _, store = served
+    buf = io.BytesIO()
+    Image.new("RGB", (9000, 9000)).save(buf, format="PNG")
+    bench = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(files["zip"])) as src, zipfile.ZipFile(bench, "w") as zf:
+        for member in src.infolist():
+            zf.writestr(member, src.read(member))
+        zf.writestr("locality/huge.png", buf.getvalue())
+    status, body = post(client, "big-bench", {**files, "zip": bench.getvalue()})
+    assert 400 <= status < 500, body
+    assert "huge.png is 9000x9000 pixels" in body["detail"], body
+    assert_nothing_left(store, "big-bench")
 
 
 def test_a_zip_member_outside_its_folder_is_refused(served, files) -> None:

@@ -17,11 +17,12 @@ from models.editing.finetune import FTConfig
 from models.editing.optimize import masked_finetune
 from models.editing.registry import StepCallback, register
 from models.errors import EditDiverged, TooLarge
+from models.images import open_image
 from models.sites import Patch
 from tests.redis_server import png, tiny_store
 from workers import tasks
 from workers.payloads import EditPayload, JobImage
-from workers.runtime import Runtime, open_image
+from workers.runtime import Runtime
 from workers.settings import WorkerSettings
 
 BROKEN = "test-non-finite"

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.errors import DataError
-from models.worlds.layout import read_benchmark, read_edit_groups
+from models.errors import DataError, TooLarge
+from models.images import WORK_SIDE
+from models.worlds.layout import read_benchmark, read_edit_groups, read_locality
 
 
 def _write_group(root: Path, name: str, n: int) -> None:
@@ -44,3 +45,20 @@ def test_corrupt_image_names_the_file(tmp_path):
     (tmp_path / "1-2" / "bad.png").write_bytes(b"\x89PNG broken")
     with pytest.raises(DataError, match=r"bad\.png"):
         read_edit_groups(tmp_path)
+
+
+def test_benchmark_images_are_size_checked_from_the_header_and_kept_small(tmp_path):
+    # a PNG of 9,000 x 9,000 flat pixels is a few hundred KB but decodes to 243 MB: refused,
+    # naming its folder and file, before it is decoded
+    _write_group(tmp_path / "groups", "1-2", 2)
+    Image.new("RGB", (9000, 9000)).save(tmp_path / "groups" / "1-2" / "huge.png")
+    with pytest.raises(TooLarge, match=r"1-2/huge\.png is 9000x9000 pixels; each side may be"):
+        read_edit_groups(tmp_path / "groups")
+    # a photo-sized image is kept, reduced while its shorter side stays >= WORK_SIDE
+    (tmp_path / "locality").mkdir()
+    Image.new("RGB", (4000, 3000)).save(tmp_path / "locality" / "photo.png")
+    (kept,) = read_locality(tmp_path / "locality")
+    assert WORK_SIDE <= min(kept.size) < 3000 and kept.size[0] > kept.size[1]
+    Image.new("RGB", (4000, 100)).save(tmp_path / "locality" / "strip.png")
+    with pytest.raises(DataError, match=r"locality/strip\.png .* aspect ratio"):
+        read_locality(tmp_path / "locality")
