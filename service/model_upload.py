@@ -50,7 +50,7 @@ def _read_json(upload: UploadFile, what: str) -> dict[str, Any]:
         raise TooLarge(f"the {what} is larger than {MANIFEST_MAX_BYTES} bytes: it should be JSON")
     try:
         value = json.loads(data)
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # Recursion: nested too deep
         raise DataError(f"the {what} is not JSON ({exc}); send the .json file") from None
     if not isinstance(value, dict):
         raise DataError(f"the {what} must be a JSON object, not {type(value).__name__}")
@@ -90,7 +90,7 @@ def copy_safetensors(upload: UploadFile, dest: Path, limit: int, what: str) -> s
         header = json.loads(header_bytes)
         spans = [v["data_offsets"] for k, v in header.items() if k != "__metadata__"]
         end = max((int(b) for _, b in spans), default=0)
-    except (UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError):
+    except (UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError, RecursionError):
         raise DataError(
             f"the {what} is not a safetensors file (its header is not the format's JSON); "
             "pickled checkpoints are refused: convert with safetensors.torch.save_file"

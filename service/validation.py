@@ -140,7 +140,7 @@ def parse_options_json(text: str | None) -> dict[str, Any]:
         return {}
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
         raise EditConfigError(
             f"'options' must be a JSON object, e.g. {{\"c\": 0.01}} ({exc})"
         ) from exc

@@ -145,6 +145,8 @@ def test_overrides_far_larger_than_the_weights_are_refused_with_what_to_check(
     [
         ({"weights": b"\x80\x02}q\x00(X\x06\x00\x00\x00weightq"}, "not a safetensors file"),
         ({"manifest": b"{not json"}, "not JSON"),
+        ({"manifest": b"[" * 100_000}, "not JSON"),  # deeper than the parser's recursion limit
+        ({"weights": len(b"[" * 100_000).to_bytes(8, "little") + b"[" * 100_000}, "header"),
         ({"manifest": json.dumps({"name": "x"}).encode()}, "timm_name"),
         (
             {

@@ -1,4 +1,4 @@
-"""read_json turns every unreadable file into a ManifestError that names it."""
+"""read_json and read_safetensors_header turn every unreadable file into a ManifestError that names it."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from models.errors import ManifestError
-from models.store.manifest import read_json
+from models.store.manifest import read_json, read_safetensors_header
 
 
 @pytest.mark.parametrize(
@@ -16,6 +16,7 @@ from models.store.manifest import read_json
         (b"\xe4\x00\xff binary", "is not valid JSON"),  # not UTF-8
         (b"{", "is not valid JSON"),
         (b"[1, 2]", "must hold a JSON object"),
+        (b"[" * 100_000, "is not valid JSON"),  # deeper than the parser's recursion limit
     ],
 )
 def test_an_unreadable_file_is_a_manifest_error(tmp_path: Path, content, message) -> None:
@@ -27,3 +28,13 @@ def test_an_unreadable_file_is_a_manifest_error(tmp_path: Path, content, message
         read_json(tmp_path / "missing.json")
     with pytest.raises(ManifestError, match="is not valid JSON"):
         read_json(tmp_path)  # a directory
+
+
+@pytest.mark.parametrize("header", [b"[1, 2]", b"[" * 100_000])
+def test_a_safetensors_header_that_is_not_an_object_is_a_manifest_error(
+    tmp_path: Path, header: bytes
+) -> None:
+    path = tmp_path / "patch.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header)
+    with pytest.raises(ManifestError, match="not a"):
+        read_safetensors_header(path)
