@@ -23,7 +23,9 @@ from typing import Any
 from fastapi import UploadFile
 
 from models.errors import DataError, ManifestError, TooLarge
+from models.images import IMAGE_SUFFIXES
 from models.store.manifest import BackboneManifest
+from models.worlds.layout import MAX_SERVED_IMAGES
 
 MANIFEST_MAX_BYTES = 1 << 20
 SAFETENSORS_HEADER_MAX = 100 << 20  # the safetensors format's own limit on its JSON header
@@ -126,6 +128,15 @@ def extract_benchmark(upload: UploadFile, dest: Path, limit: int) -> tuple[Path,
                 raise TooLarge(f"the benchmark zip has over {ZIP_MAX_MEMBERS} files")
             if sum(m.file_size for m in members) > limit:
                 raise TooLarge(f"the benchmark unpacks to more than {limit} bytes")
+            images = sum(
+                PurePosixPath(m.filename).suffix.lower() in IMAGE_SUFFIXES for m in members
+            )
+            if images > MAX_SERVED_IMAGES:  # the worker would refuse it too, after the upload
+                raise TooLarge(
+                    f"the benchmark zip holds {images} images; a served model's may hold at most "
+                    f"{MAX_SERVED_IMAGES} (edit groups + locality): keep the locality set to the "
+                    "few hundred most sensitive images"
+                )
             for m in members:
                 path = PurePosixPath(m.filename)
                 if path.is_absolute() or ".." in path.parts or "\\" in m.filename:

@@ -77,9 +77,9 @@ def _check_loads(
         except Exception as exc:  # safetensors: say which file and why
             raise DataError(f"the hypernetwork does not load: {type(exc).__name__}: {exc}") from exc
     if groups is not None and locality is not None:
-        from models.worlds.layout import read_benchmark
+        from models.worlds.layout import MAX_SERVED_IMAGES, read_benchmark
 
-        read_benchmark(groups, locality)
+        read_benchmark(groups, locality, max_images=MAX_SERVED_IMAGES)
 
 
 def add_model(

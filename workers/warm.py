@@ -149,9 +149,9 @@ def _load_benchmark(loaded: LoadedModel) -> None:
 
         benchmark = get_world(bench["world"]).load_world().benchmark
     elif bench.get("kind") == "folders":
-        from models.worlds.layout import read_benchmark
+        from models.worlds.layout import MAX_SERVED_IMAGES, read_benchmark
 
-        benchmark = read_benchmark(bench["groups"], bench["locality"])
+        benchmark = read_benchmark(bench["groups"], bench["locality"], MAX_SERVED_IMAGES)
     else:
         return
     loaded.locality = TokenSet(

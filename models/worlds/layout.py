@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from models.errors import DataError
+from models.errors import DataError, TooLarge
 from models.images import list_images, open_image
 
 _GROUP_NAME = re.compile(r"^(\d+)(?:[-_].*)?$")
@@ -98,7 +98,25 @@ def read_locality(root: Path) -> list[Image.Image]:
     return [open_image(p, f"{Path(root).name}/{p.relative_to(root)}") for p in paths]
 
 
-def read_benchmark(groups_dir: Path, locality_dir: Path) -> EditBenchmark:
+MAX_SERVED_IMAGES = 5_000
+"""Images (edit groups + locality) a served model's benchmark may hold: a worker keeps the
+locality set's model inputs in memory (600 KB each at 224 px) and evaluates all of it after every
+edit. The paper's kind of locality set is a few hundred of the most sensitive images."""
+
+
+def read_benchmark(
+    groups_dir: Path, locality_dir: Path, max_images: int | None = None
+) -> EditBenchmark:
+    """The paper's folder layout; with ``max_images`` (a served model's: MAX_SERVED_IMAGES) the
+    images are counted before any is decoded, and more is TooLarge."""
+    if max_images is not None:
+        count = sum(len(list_images(Path(d))) for d in (groups_dir, locality_dir))
+        if count > max_images:
+            raise TooLarge(
+                f"the benchmark holds {count} images (edit groups + locality); a served model's "
+                f"may hold at most {max_images}: keep the locality set to the few hundred most "
+                "sensitive images"
+            )
     return EditBenchmark(read_edit_groups(groups_dir), read_locality(locality_dir))
 
 

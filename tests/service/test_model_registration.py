@@ -17,6 +17,7 @@ from PIL import Image
 from safetensors.torch import load, save
 
 from models.store.store import Store
+from models.worlds.layout import MAX_SERVED_IMAGES
 from tests.redis_server import (
     benchmark_zip,
     db_url,
@@ -181,6 +182,21 @@ def test_a_benchmark_image_too_large_to_decode_is_refused_by_name(served, files)
     assert 400 <= status < 500, body
     assert "huge.png is 9000x9000 pixels" in body["detail"], body
     assert_nothing_left(store, "big-bench")
+
+
+def test_a_benchmark_of_more_images_than_a_served_model_may_hold_is_refused(
+    served, files
+) -> None:
+    client, _, store = served
+    bench = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(files["zip"])) as src, zipfile.ZipFile(bench, "w") as zf:
+        for member in src.infolist():
+            zf.writestr(member, src.read(member))
+        for i in range(MAX_SERVED_IMAGES):
+            zf.writestr(f"locality/more/{i}.png", png(0))
+    status, body = post(client, "many", {**files, "zip": bench.getvalue()})
+    assert status == 413 and f"at most {MAX_SERVED_IMAGES}" in body["detail"], body
+    assert_nothing_left(store, "many")
 
 
 def test_a_zip_member_outside_its_folder_is_refused(served, files) -> None:

@@ -62,3 +62,13 @@ def test_benchmark_images_are_size_checked_from_the_header_and_kept_small(tmp_pa
     Image.new("RGB", (4000, 100)).save(tmp_path / "locality" / "strip.png")
     with pytest.raises(DataError, match=r"locality/strip\.png .* aspect ratio"):
         read_locality(tmp_path / "locality")
+
+
+def test_a_served_benchmark_is_counted_before_any_image_is_decoded(tmp_path):
+    _write_group(tmp_path / "groups", "1-2", 3)
+    (tmp_path / "groups" / "1-2" / "bad.png").write_bytes(b"\x89PNG broken")  # never decoded
+    _write_group(tmp_path / "locality", "sub", 2)
+    with pytest.raises(TooLarge, match=r"holds 6 images .* at most 5"):
+        read_benchmark(tmp_path / "groups", tmp_path / "locality", max_images=5)
+    with pytest.raises(DataError, match=r"bad\.png"):  # within the cap, every image is read
+        read_benchmark(tmp_path / "groups", tmp_path / "locality", max_images=6)
