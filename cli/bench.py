@@ -233,6 +233,13 @@ def run_bench_command(args: argparse.Namespace) -> int:
     from models.sites import Sites
     from models.worlds.bench import BenchConfig, edit_defaults, run_bench, write_results
 
+    try:  # the run's own settings first: a typo is refused before anything loads
+        seeds = tuple(int(v) for v in args.seeds.split(",") if v.strip())
+    except ValueError:
+        seeds = ()
+    if not seeds:
+        raise SystemExit(f"--seeds {args.seeds!r}: expected integers like 0,1,2")
+    knobs, sets = parse_knobs(args.knobs), parse_sets(args.sets)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     threads = args.threads or (1 if args.world and device.type == "cpu" else None)
     if threads:
@@ -248,13 +255,9 @@ def run_bench_command(args: argparse.Namespace) -> int:
         k: getattr(args, k) if getattr(args, k) is not None else defaults[k]
         for k in ("lr", "max_steps", "stop_loss")
     }
-    try:
-        seeds = tuple(int(v) for v in args.seeds.split(",") if v.strip())
-    except ValueError:
-        raise SystemExit(f"--seeds {args.seeds!r}: expected integers like 0,1,2") from None
     options = dict(
-        knobs=parse_knobs(args.knobs),
-        options=parse_sets(args.sets),
+        knobs=knobs,
+        options=sets,
         seeds=seeds,
         precision=args.precision,
         **shared,

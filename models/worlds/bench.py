@@ -99,6 +99,18 @@ class BenchConfig:
                     "lr / max_steps / stop_loss are shared, seeds are the run's)"
                 )
             make_config(method, **given)  # an unknown option or one out of bounds fails here
+        for method, values in self.knobs.items():  # before any edit runs, not at its turn
+            if method not in self.methods:
+                raise EditConfigError(
+                    f"knobs for {method!r}, which is not among the methods {list(self.methods)}"
+                )
+            knob = get_editor(method).config_cls.knob
+            if knob is None:
+                raise EditConfigError(f"{method} has no knob to sweep; drop it from the knobs")
+            if not values:
+                raise EditConfigError(f"knobs for {method!r}: give at least one value")
+            for value in values:
+                make_config(method, **{**self.options.get(method, {}), knob: value})
 
     @property
     def seed(self) -> int:

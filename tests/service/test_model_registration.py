@@ -184,9 +184,7 @@ def test_a_benchmark_image_too_large_to_decode_is_refused_by_name(served, files)
     assert_nothing_left(store, "big-bench")
 
 
-def test_a_benchmark_of_more_images_than_a_served_model_may_hold_is_refused(
-    served, files
-) -> None:
+def test_a_benchmark_of_more_images_than_a_served_model_may_hold_is_refused(served, files) -> None:
     client, _, store = served
     bench = io.BytesIO()
     with zipfile.ZipFile(io.BytesIO(files["zip"])) as src, zipfile.ZipFile(bench, "w") as zf:

@@ -275,3 +275,27 @@ def test_a_fixed_option_reaches_every_point_and_never_merges_with_another(paper_
     for options, match in refused:
         with pytest.raises(EditConfigError, match=match):
             BenchConfig(("where2edit-sal",), options=options)
+
+
+@pytest.mark.parametrize(
+    ("knobs", "match"),
+    [
+        ({"random": (float("nan"),)}, r"option rho=nan"),
+        ({"random": (0.1, -1.0)}, r"option rho=-1\.0"),
+        ({"typo": (0.1,)}, "not among the methods"),
+        ({"ft": (0.1,)}, "ft has no knob"),
+        ({"random": ()}, "at least one value"),
+    ],
+)
+def test_every_knob_value_is_checked_before_any_edit_runs(knobs, match) -> None:
+    from models.errors import EditConfigError
+
+    with pytest.raises(EditConfigError, match=match):
+        BenchConfig(("ft", "random"), knobs=knobs)
+
+
+@pytest.mark.parametrize("seeds", [",", "", "a,b"])
+def test_the_bench_command_refuses_no_seeds_before_loading_anything(seeds: str) -> None:
+    args = bench_args(["--world", "demo", "--seeds", seeds])
+    with pytest.raises(SystemExit, match="expected integers like 0,1,2"):
+        bench_command.run_bench_command(args)
