@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -141,7 +142,13 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"--option {item!r}: use KEY=VALUE")
-        options[key] = json.loads(value) if value[:1] in "-0123456789[{tf" else value
+        try:
+            options[key] = json.loads(value) if value[:1] in "-0123456789[{tf" else value
+        except (ValueError, RecursionError):
+            raise SystemExit(
+                f"--option {item!r}: a value starting with a digit, '-', '[', '{{', 't' or 'f' "
+                "is read as JSON and this one is not valid JSON"
+            ) from None
     return options
 
 
@@ -152,6 +159,10 @@ def _with_client(args: argparse.Namespace, fn: Any) -> int:
         return fn(client)
     except VitEditError as exc:
         errors.print(f"[red]error:[/red] {explain(exc, args.server, args.api_key)}", markup=True)
+        return 2
+    except OSError as exc:  # a local file: an image to send, a download to write
+        where = f": {exc.filename}" if exc.filename else ""
+        errors.print(f"[red]error:[/red] {escape(f'{exc.strerror or exc}{where}')}", markup=True)
         return 2
     finally:
         client.close()
@@ -181,6 +192,10 @@ def explain(exc: VitEditError, server: str, api_key: str | None) -> str:
 
 
 def run_edit(args: argparse.Namespace) -> int:
+    for path in [*args.images, *(args.holdout or [])]:  # before the server is asked anything
+        if not Path(path).is_file():
+            raise SystemExit(f"vitedit edit: {path} is not a file (give the images to edit)")
+
     def go(client: ViteditClient) -> int:
         job = client.submit_edit(
             args.images,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -122,6 +123,12 @@ def run_models(args: argparse.Namespace) -> int:
             f"files in {store.model_files(entry.name)}"
         )
     elif args.models_command == "list":
+        if not store.models():
+            print(
+                f"no models are registered in the store at {store.root}: add one with "
+                "`vitedit models add NAME --backbone MANIFEST`, or give --store (or $VITEDIT_STORE)",
+                file=sys.stderr,
+            )
         for entry in store.models():
             print(
                 f"{entry.name}\t{entry.timm_name}\t{entry.num_classes} classes\t"

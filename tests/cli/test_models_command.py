@@ -55,6 +55,10 @@ def test_add_copies_the_files_and_registers_store_relative_keys(tiny, tmp_path, 
     assert "my-vit" in capsys.readouterr().out
     assert main(["models", "remove", "my-vit", "--store", str(moved)]) == 0
     assert Store(moved).models() == [] and not (moved / "models" / "my-vit").exists()
+    capsys.readouterr()
+    assert main(["models", "list", "--store", str(moved)]) == 0  # an empty store says so
+    empty = capsys.readouterr()
+    assert empty.out == "" and f"no models are registered in the store at {moved}" in empty.err
 
 
 def _with(tiny: Path, change) -> Path:

@@ -149,3 +149,28 @@ def test_401_tells_a_cli_user_about_api_key_not_headers(
     assert "Bearer" not in line and "Authorization" not in line
     ok = vitedit("versions", "tiny", "--server", live.url, "--api-key", KEY, key=None)
     assert ok.returncode == 0, ok.stderr
+
+
+def test_local_file_problems_are_one_line_not_a_traceback(live: Live, tmp_path: Path) -> None:
+    missing = vitedit("edit", str(tmp_path / "nope.png"), "--label", "3", "--server", live.url)
+    assert missing.returncode != 0 and "Traceback" not in missing.stderr
+    assert f"{tmp_path / 'nope.png'} is not a file" in missing.stderr
+    bad_option = vitedit(
+        "edit",
+        str(live.images / "edit.png"),
+        "--label",
+        "3",
+        "--option",
+        "c=[[[",
+        "--server",
+        live.url,
+    )
+    assert bad_option.returncode != 0 and "Traceback" not in bad_option.stderr
+    assert "is not valid JSON" in bad_option.stderr
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")  # a download into a folder that is a file
+    run = vitedit(
+        "download", "tiny", "base", "--out", str(blocked / "x.safetensors"), "--server", live.url
+    )
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert str(blocked) in run.stderr
