@@ -134,7 +134,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="MINUTES",
         help="stop (and save) once this much wall time is spent",
     )
-    train.add_argument("--seed", type=int, default=None, help="(0)")
+    train.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of the episode draws and of a fresh hypernetwork's init (default 0)",
+    )
     train.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     train.add_argument("--checkpoint-every", type=int, default=250)
     train.add_argument(
