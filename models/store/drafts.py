@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from models.errors import StoreError, StoreWriteError
+from models.errors import StoreError, StoreWriteError, UnknownModelError
 from models.store.files import fsync_dir, fsync_tree
 from models.store.manifest import (
     VersionManifest,
@@ -50,6 +50,20 @@ class VersionDraft:
         """Hash every file, write the manifest, fsync, rename into place. Never overwrites."""
         if manifest.version != self.version or manifest.model != self.model:
             raise StoreError("the manifest names another version than the draft")
+        # the model may have been removed, or registered again over other weights, while the
+        # edit ran: a version must never land beside a base it was not made on
+        try:
+            entry = self.store.model(self.model)
+        except UnknownModelError:
+            raise StoreError(
+                f"model {self.model!r} was removed while this edit ran: nothing was published"
+            ) from None
+        made_on = manifest.backbone.get("weights_sha256")
+        if made_on is not None and made_on != entry.weights_sha256:
+            raise StoreError(
+                f"model {self.model!r} was registered again over other base weights while this "
+                "edit ran: nothing was published; send the edit again"
+            )
         if manifest.parent is not None:  # the parent must exist, and be the same tenant's
             parent = self.store.version(self.model, manifest.parent)
             if parent.owner != manifest.owner:

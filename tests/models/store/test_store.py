@@ -310,3 +310,22 @@ def test_manifests_round_trip_and_refuse_an_unknown_schema() -> None:
     assert BackboneManifest.from_json(backbone).name == "b"  # schema optional: defaults to 1
     with pytest.raises(ManifestError, match="backbone manifest schema 9"):
         BackboneManifest.from_json({**backbone, "schema": 9})
+
+
+def test_a_version_is_not_published_for_a_model_removed_or_replaced_while_it_was_made(
+    store: Store,
+) -> None:
+    with store.begin_version("m") as draft:
+        save_file({"x.indices": np.arange(1)}, str(draft.dir / PATCH_FILE))
+        store.unregister_model("m")  # an admin removes the model mid-edit
+        with pytest.raises(StoreError, match="was removed while this edit ran"):
+            draft.commit(draft_manifest(draft))
+    assert not (store.root / "models" / "m").exists() and store._has_versions("m") is False
+    store.register_model(entry())
+    with store.begin_version("m") as draft:
+        save_file({"x.indices": np.arange(1)}, str(draft.dir / PATCH_FILE))
+        store.register_model(entry(sha="b" * 64))  # replaced by other weights mid-edit
+        made_on = replace(draft_manifest(draft), backbone={"name": "b", "weights_sha256": "a" * 64})
+        with pytest.raises(StoreError, match="registered again over other base weights"):
+            draft.commit(made_on)
+    assert store.versions("m") == [] and not list((store.root / "tmp").iterdir())
