@@ -123,8 +123,14 @@ def _dataset_root(root: Path | None, work: Path) -> Path:
         target = work / "dataset"
         if not (target / ".extracted").exists():
             target.mkdir(parents=True, exist_ok=True)
-            with tarfile.open(root) as tar:
-                tar.extractall(target, filter="data")  # refuses absolute paths and links out
+            try:
+                with tarfile.open(root) as tar:
+                    tar.extractall(target, filter="data")  # refuses absolute paths and links out
+            except (tarfile.TarError, EOFError, OSError) as exc:  # not a tarball, or cut short
+                raise SystemExit(
+                    f"--root {root}: not a readable .tar.gz of the dataset ({exc}); give the "
+                    "dataset folder or its archive"
+                ) from None
             (target / ".extracted").touch()
         root = target
     found = sorted(p.parent for p in root.rglob("wnids.txt"))

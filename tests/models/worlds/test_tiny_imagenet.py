@@ -393,6 +393,26 @@ def test_world_build_refuses_unusable_training_options(
     assert list(tmp_path.iterdir()) == []  # refused before anything was read or written
 
 
+def test_world_build_refuses_a_root_file_that_is_not_the_archive(tmp_path: Path) -> None:
+    from cli.main import main
+
+    (tmp_path / "notes.txt").write_text("not a tarball")
+    work = tmp_path / "work"
+    with pytest.raises(SystemExit, match=r"not a readable \.tar\.gz of the dataset"):
+        main(
+            [
+                "world",
+                "build",
+                "tiny-imagenet",
+                "--root",
+                str(tmp_path / "notes.txt"),
+                "--work",
+                str(work),
+            ]
+        )
+    assert not (work / "dataset" / ".extracted").exists()  # the next run tries again
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
 def test_world_build_refuses_a_cuda_device_it_cannot_see(tmp_path: Path) -> None:
     from cli.main import main
