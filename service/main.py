@@ -19,7 +19,9 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from redis import Redis
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from models.store.remote import one_snapshot
 from service import errors, metrics
 from service.guard import RequestGuard
 from service.ratelimit import RateLimiter
@@ -70,6 +72,21 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         redis.close()
 
 
+class OneSnapshotPerRequest:
+    """Each request reads an S3 store's JSON indexes (models.json, alias files) once, however
+    often it looks, and sees one snapshot of them (``models/store/remote.py``, one_snapshot)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        with one_snapshot():
+            await self.app(scope, receive, send)
+
+
 def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app = FastAPI(
         title="vitedit",
@@ -84,6 +101,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     errors.install(app)
     app.state.keyring = keyring = Keyring.from_settings(settings)  # ValueError: bad keys
     app.state.limiter = limiter = RateLimiter(settings.redis_url)
+    app.add_middleware(OneSnapshotPerRequest)  # an S3 store's indexes: read once a request
     # API key, its rate and the body size, before the body is read
     app.add_middleware(RequestGuard, settings=settings, keyring=keyring, limiter=limiter)
     metrics.install(app)  # /metrics; counts every request, the guard's answers too

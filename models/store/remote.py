@@ -26,7 +26,9 @@ import os
 import random
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,26 @@ from urllib.parse import urlparse
 from models.errors import ManifestError, StoreError, StoreUnavailable
 
 CAS_ATTEMPTS = 50  # conditional-write retries of one index update before giving up
+
+_SNAPSHOT: ContextVar[dict[tuple[int, str, str], Any] | None] = ContextVar(
+    "vitedit_s3_snapshot", default=None
+)
+
+
+@contextmanager
+def one_snapshot() -> Iterator[None]:
+    """Within this block (an API request: ``service/main.py``), each JSON index is read from the
+    bucket once and an object found to exist is not asked about again: the block sees one
+    snapshot of the indexes, and a request that looks at ``models.json`` three times costs one
+    round trip, not three. Writes (``update_json``) always read afresh and update the snapshot.
+    Not for long work (a worker's job): a snapshot would hide what changed meanwhile."""
+    token = _SNAPSHOT.set({})
+    try:
+        yield
+    finally:
+        _SNAPSHOT.reset(token)
+
+
 _CONFLICT = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict", "409"})
 _MISSING = frozenset({"NoSuchKey", "404", "NotFound"})
 
@@ -145,12 +167,17 @@ class S3Remote:
     def exists(self, rel: str) -> bool:
         from botocore.exceptions import ClientError
 
+        snapshot, key = _SNAPSHOT.get(), (id(self), "exists", rel)
+        if snapshot is not None and key in snapshot:
+            return True
         try:
             self._call(f"read {rel}", self.client.head_object, Key=self._key(rel))
         except ClientError as exc:
             if _code(exc) in _MISSING:
                 return False
             raise
+        if snapshot is not None:
+            snapshot[key] = True
         return True
 
     def get_bytes(self, rel: str) -> tuple[bytes, str] | None:
@@ -237,9 +264,19 @@ class S3Remote:
 
     # ------------------------------------------------------------------ JSON indexes
 
-    def read_json(self, rel: str) -> tuple[str, dict[str, Any]]:
+    def read_json(self, rel: str, fresh: bool = False) -> tuple[str, dict[str, Any]]:
         """(ETag, object) of a small JSON index; ("", {}) when it does not exist yet. A repeated
-        read asks with If-None-Match and reuses the parsed copy when nothing changed."""
+        read asks with If-None-Match and reuses the parsed copy when nothing changed; inside
+        :func:`one_snapshot` it is not asked again unless ``fresh``."""
+        snapshot, key = _SNAPSHOT.get(), (id(self), "json", rel)
+        if snapshot is not None and not fresh and key in snapshot:
+            return snapshot[key]
+        got = self._read_json(rel)
+        if snapshot is not None:
+            snapshot[key] = got
+        return got
+
+    def _read_json(self, rel: str) -> tuple[str, dict[str, Any]]:
         from botocore.exceptions import ClientError
 
         cached = self._json.get(rel)
@@ -269,12 +306,15 @@ class S3Remote:
         runs again on the new content whenever another writer got there first.
         """
         for attempt in range(CAS_ATTEMPTS):
-            etag, data = self.read_json(rel)
+            etag, data = self.read_json(rel, fresh=True)
             data = json.loads(json.dumps(data))  # change() must not touch the cached copy
             change(data)
             body = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
             if self.put_bytes(rel, body, if_match=etag or None, if_absent=not etag) is not None:
                 self._json.pop(rel, None)
+                snapshot = _SNAPSHOT.get()
+                if snapshot is not None:  # the block's later reads see its own write
+                    snapshot.pop((id(self), "json", rel), None)
                 return data
             time.sleep(random.uniform(0, 0.02 * (attempt + 1)))  # back off, de-synchronised
         raise StoreUnavailable(

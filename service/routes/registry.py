@@ -16,6 +16,7 @@ from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 
 from models.errors import DataError, Forbidden
 from models.store.manifest import ModelEntry
+from models.store.remote import one_snapshot
 from models.store.store import Store, check_name
 from service.deps import CallerDep, JobsDep, SettingsDep, StoreDep
 from service.errors import responses
@@ -132,7 +133,7 @@ def create_model(
         payload = RegisterPayload(model=name, source=store.source_key(source), **options)
         jobs.run_short(payload, settings.register_timeout_s)
         response.headers["Location"] = f"/v1/models/{name}"
-        return model_public(store, store.model(name))
+        return _registered(store, name)
     if backbone is None or weights is None:
         raise DataError(
             "send the backbone manifest ('backbone') and its weights ('weights'), or name a "
@@ -169,7 +170,14 @@ def create_model(
         store.remove_upload(upload)
         raise
     response.headers["Location"] = f"/v1/models/{name}"
-    return model_public(store, store.model(name))
+    return _registered(store, name)
+
+
+def _registered(store: Store, name: str) -> ModelPublic:
+    """The entry a worker just wrote: read afresh, not from this request's snapshot of an S3
+    store's indexes (models/store/remote.py, one_snapshot)."""
+    with one_snapshot():
+        return model_public(store, store.model(name))
 
 
 @router.delete(

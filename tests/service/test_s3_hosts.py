@@ -152,3 +152,41 @@ def test_an_unreachable_s3_store_answers_503_with_the_reason(
         api(url, tmp_path / "b", **settings),
     ):
         pass  # and an API started without it stops at start, saying why
+
+
+def test_a_request_reads_each_s3_index_once(
+    redis_url: str, s3_url: str, s3_endpoint: str, tmp_path: Path
+) -> None:
+    # the registry (models.json) and an alias file are read with conditional GETs, and a
+    # version's existence with a HEAD: once per request, however many times the request
+    # looks (before: 2-3 GETs of models.json per request)
+    from workers.registration import register_model
+
+    url = db_url(redis_url, 0)
+    setup = Store(tmp_path / "setup", remote=S3Remote(s3_url, endpoint_url=s3_endpoint))
+    register_model(setup, "tiny", make_tiny_backbone(tmp_path / "backbone"), default_method="ft")
+    with api(url, tmp_path / "api", store_url=s3_url, s3_endpoint_url=s3_endpoint) as client:
+        calls: list[tuple[str, str]] = []
+        events = client.app.state.store.remote.client.meta.events
+        for op in ("GetObject", "HeadObject"):
+            events.register(
+                f"before-parameter-build.s3.{op}",
+                lambda params, op=op, **_: calls.append((op, params["Key"].rsplit("/", 1)[-1])),
+            )
+        reads: dict[str, list[tuple[str, str]]] = {}
+        for name, request in {
+            "model": lambda: client.get("/v1/models/tiny"),
+            "versions": lambda: client.get("/v1/models/tiny/versions"),
+            "submit": lambda: client.post(
+                "/v1/edits",
+                files=[("images", ("x.png", png(1), "image/png"))],
+                data={"label": "3", "model": "tiny@latest"},
+            ),
+        }.items():
+            calls.clear()
+            assert request().status_code < 300
+            reads[name] = list(calls)
+        for name, seen in reads.items():
+            assert seen.count(("GetObject", "models.json")) <= 1, (name, seen)
+            assert len(seen) == len(set(seen)), (name, seen)  # nothing read twice
+    Redis.from_url(url).flushdb()

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from models.errors import IntegrityError, StoreError, StoreUnavailable, UnknownVersionError
-from models.store.remote import S3Remote, parse_store_url
+from models.store.remote import S3Remote, one_snapshot, parse_store_url
 from models.store.store import PATCH_FILE, Store
 from tests.models.store.test_store import entry, tamper, write_version
 from workers.settings import WorkerSettings
@@ -221,3 +221,19 @@ def test_a_relative_cache_folder_reads_what_another_host_wrote(
     b = Store(Path("var/store"), remote=S3Remote(s3_url, endpoint_url=s3_endpoint))
     assert b.upload_path(key).read_bytes() == b"image bytes"
     assert b.version_file("m", version, PATCH_FILE).is_file()
+
+
+def test_one_snapshot_reads_an_index_once_and_sees_its_own_writes(
+    hosts: tuple[Store, Store],
+) -> None:
+    a, b = hosts
+    version = write_version(a).version
+    with one_snapshot():
+        assert [m.name for m in b.models()] == ["m"]
+        a.register_model(replace(entry("other"), default_method="ft"))  # another host writes
+        assert [m.name for m in b.models()] == ["m"]  # one snapshot per block
+        b.set_alias("m", "prod", version)  # a write reads afresh, and is seen after
+        assert b.aliases("m") == {"prod": version}
+        with one_snapshot():  # a new block (a new request) sees the other host's write
+            assert [m.name for m in b.models()] == ["m", "other"]
+    assert [m.name for m in b.models()] == ["m", "other"]  # outside: every read asks
