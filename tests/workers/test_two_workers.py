@@ -81,3 +81,60 @@ def test_two_workers_share_a_burst_and_serve_each_others_versions(
         assert r.status_code == 200, r.text
         assert r.json()["version"] == version
         print(f"\nversion of worker A served by worker B in {time.monotonic() - start:.2f} s")
+
+
+def test_two_registrations_of_one_name_at_once_leave_one_consistent_model(
+    redis_url: str, tmp_path: Path
+) -> None:
+    # two workers, two POST /v1/models of a new name at the same moment, with other weights:
+    # one is registered, the other refused, and the entry names the files that are there
+    import json
+    import threading
+
+    from safetensors.torch import load, save
+
+    from models.store.manifest import sha256_file
+    from models.store.store import Store
+    from tests.redis_server import make_tiny_backbone
+
+    url = db_url(redis_url, 4)
+    Redis.from_url(url).flushdb()
+    store = tiny_store(tmp_path)
+    manifest_path = make_tiny_backbone(tmp_path / "twin")
+    manifest = json.loads(manifest_path.read_text())
+    manifest.pop("weights_sha256")
+    first = (manifest_path.parent / manifest["weights"]).read_bytes()
+    state = load(first)
+    key = next(iter(state))
+    state[key] = state[key] + 1.0  # the second registration's weights differ
+    bodies = [first, save(state)]
+    answers: list[int] = []
+    with (
+        worker_process(url, store.root, tmp_path / "worker-a.log"),
+        worker_process(url, store.root, tmp_path / "worker-b.log"),
+        api(url, store.root) as one,
+        api(url, store.root) as two,
+    ):
+        start = threading.Barrier(2)
+
+        def post(client, weights: bytes) -> None:
+            parts = [
+                ("backbone", ("b.json", json.dumps(manifest).encode(), "application/json")),
+                ("weights", ("b.safetensors", weights, "application/octet-stream")),
+            ]
+            start.wait()
+            answers.append(
+                client.post("/v1/models", files=parts, data={"name": "twin"}).status_code
+            )
+
+        threads = [
+            threading.Thread(target=post, args=a) for a in zip((one, two), bodies, strict=True)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert sorted(answers) == [201, 422], answers
+    entry = Store(store.root).model("twin")
+    on_disk = store.root / "models" / "twin" / "base" / "backbone.safetensors"
+    assert sha256_file(on_disk) == entry.weights_sha256
