@@ -43,6 +43,7 @@ from models.sites import Patch
 from models.store.manifest import ImageRecord, VersionManifest, utc_now
 from models.store.store import PATCH_FILE, REJECTED, VersionDraft
 from workers import settings as S
+from workers.client import register_lock_key
 from workers.payloads import (
     Acceptance,
     EditPayload,
@@ -398,7 +399,7 @@ def register(rt: Runtime, payload: RegisterPayload, job: Job | None) -> dict[str
         # "not registered yet" check, and the second's files replaced the first's under the
         # first's entry. The second now waits, then finds the name taken (or replaces it).
         lock = rt.redis.lock(
-            f"vitedit:register:{payload.model}",
+            register_lock_key(payload.model),
             timeout=S.SHORT_JOB_TIMEOUT_S,  # a worker that dies holding it frees it by then
             blocking_timeout=REGISTER_WAIT_S,
         )
