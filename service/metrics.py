@@ -46,6 +46,9 @@ from workers import metrics as job_metrics
 from workers.client import JobClient
 
 UNMATCHED = "unmatched"
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
+"""Methods counted by name; any other is counted as "other", so a client cannot grow the label
+set (and the API's memory) by sending made-up methods."""
 
 
 class HttpMetrics:
@@ -75,7 +78,8 @@ class HttpMetrics:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            labels = (scope["method"], self.route_of(scope), str(status))
+            method = scope["method"] if scope["method"] in METHODS else "other"
+            labels = (method, self.route_of(scope), str(status))
             self.requests.labels(*labels).inc()
             self.latency.labels(*labels).observe(time.perf_counter() - start)
 

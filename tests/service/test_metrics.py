@@ -108,6 +108,17 @@ def test_requests_are_counted_by_route_template_and_status(metered: Metered) -> 
     assert moved(before, after, f"{latency}_sum", **versions) > 0
 
 
+def test_made_up_methods_share_one_series(metered: Metered) -> None:
+    client = metered.served.client
+    before = metered.api()
+    for method in ("BREW", "WHEN", "X-1"):  # each would have been a series of its own
+        assert client.request(method, "/v1/models").status_code == 405
+    after = metered.api()
+    labels = {"method": "other", "route": "/v1/models", "status": "405"}
+    assert moved(before, after, "vitedit_http_requests_total", **labels) == 3
+    assert not any(dict(ls).get("method") in ("BREW", "WHEN", "X-1") for _, ls in after)
+
+
 def test_requests_refused_by_the_guard_are_counted_under_their_route(metered: Metered) -> None:
     served = metered.served
     with api(served.redis_url, served.store.root, api_keys="k1") as client:
