@@ -86,7 +86,14 @@ def create_edit(
     min_sr: Annotated[float, Form(ge=0, le=1, description=MIN_SR)] = 1.0,
     min_lr: Annotated[float | None, Form(ge=0, le=1, description=MIN_LR)] = None,
     min_retention: Annotated[float | None, Form(ge=0, le=1, description=MIN_RETENTION)] = None,
-    idempotency_key: Annotated[str | None, Header()] = None,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            min_length=1,
+            max_length=255,
+            description="a retry with the same key and body replays the same job (e.g. a UUID)",
+        ),
+    ] = None,
 ) -> EditPublic:
     given = {
         k: v

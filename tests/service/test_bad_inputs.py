@@ -138,6 +138,15 @@ def test_bad_predict_image_is_rejected_before_queueing(idle: Served) -> None:
     _nothing_left(idle)
 
 
+def test_an_idempotency_key_longer_than_255_characters_is_refused(idle: Served) -> None:
+    files = [("images", ("x.png", png(3), "image/png"))]
+    r = idle.client.post(
+        "/v1/edits", files=files, data=GOOD, headers={"Idempotency-Key": "k" * 256}
+    )
+    assert r.status_code == 422 and "idempotency-key" in r.text.lower(), r.text
+    assert idle.jobs.edits.count == 0  # nothing was queued
+
+
 def test_unknown_form_field_names_what_the_endpoint_takes(idle: Served) -> None:
     """A typo would otherwise run on defaults: each multipart route refuses fields it does not
     take, listing the ones it does."""
