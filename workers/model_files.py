@@ -17,6 +17,7 @@ import secrets
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from models.errors import DataError, IntegrityError, ManifestError, StoreError, VitEditError
 from models.store.manifest import BackboneManifest, ModelEntry, sha256_file
@@ -82,7 +83,21 @@ def _check_loads(
         read_benchmark(groups, locality, max_images=MAX_SERVED_IMAGES)
 
 
-def add_model(
+def add_model(store: Store, name: str, backbone: Path, **options: Any) -> ModelEntry:
+    """Check, copy and register model ``name``; returns its entry (paths resolved). One
+    registration of a name at a time (``Store.registering``): a second waits, then finds the
+    name taken (or replaces it with ``replace``).
+
+    Options: ``hypernetwork``, ``groups`` and ``locality`` (paths), ``default_method``,
+    ``replace``, and ``calibrate(manifest, groups, locality)``, which runs on the staged copies
+    before anything is published and may write the measured settings into the staged manifest.
+    """
+    check_name(name, "model")
+    with store.registering(name):
+        return _add_model(store, name, backbone, **options)
+
+
+def _add_model(
     store: Store,
     name: str,
     backbone: Path,
@@ -94,12 +109,6 @@ def add_model(
     replace: bool = False,
     calibrate: Callable[[Path, Path, Path], None] | None = None,
 ) -> ModelEntry:
-    """Check, copy and register model ``name``; returns its entry (paths resolved).
-
-    ``calibrate(manifest, groups, locality)`` runs on the staged copies before anything is
-    published, and may write the measured settings into the staged manifest.
-    """
-    check_name(name, "model")
     if (groups is None) != (locality is None):
         raise DataError("give the benchmark's --groups and --locality together (paper layout)")
     if calibrate is not None and groups is None:

@@ -154,6 +154,21 @@ class Store(StoreFiles):
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
+    @contextmanager
+    def registering(self, name: str) -> Iterator[None]:
+        """Held while model ``name``'s files and entry are written (``workers/model_files.py``,
+        add_model), so two registrations of one name never interleave: a lock file of the
+        folder, shared by the CLI and every worker of this filesystem. An S3 store's workers on
+        other hosts are serialised by a Redis lock as well (``workers/tasks.py``)."""
+        locks = self.root / ".locks"
+        locks.mkdir(exist_ok=True)
+        with open(locks / f"register-{check_name(name, 'model')}", "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
     def _read_index(self, key: str) -> dict[str, Any]:
         """A small JSON index (models.json, an alias file) by its store key; {} if none yet."""
         if self.remote is not None:

@@ -235,3 +235,27 @@ def test_add_from_a_store_folder_here_and_over_http(remote, tiny, tmp_path, caps
     assert "added from-far" in capsys.readouterr().out
     assert main(["models", "add", "x", "--source", "models/x", "--store", str(store.root)]) == 2
     assert "incoming/" in capsys.readouterr().err
+
+
+def test_two_registrations_of_one_name_on_one_store_never_interleave(tiny, tmp_path) -> None:
+    # two `vitedit models add` of one new name at once (threads here, processes in use): the
+    # folder's lock makes the second wait, then find the name taken
+    import threading
+
+    store = Store(tmp_path / "store")
+    start, outcomes = threading.Barrier(2), []
+
+    def add() -> None:
+        start.wait()
+        try:
+            outcomes.append(add_model(store, "twin", tiny).weights_sha256)
+        except StoreError as exc:
+            outcomes.append(str(exc))
+
+    threads = [threading.Thread(target=add) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum("is registered" in o for o in outcomes) == 1, outcomes
+    assert store.model("twin").weights_sha256 in outcomes
