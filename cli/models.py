@@ -85,7 +85,13 @@ def _store(args: argparse.Namespace) -> Store:
     from workers.settings import WorkerSettings
 
     settings = WorkerSettings()  # VITEDIT_STORE_URL: the bucket, with --store as its cache
-    return settings.model_copy(update={"store": args.store or settings.store}).open_store()
+    settings = settings.model_copy(update={"store": args.store or settings.store})
+    if args.models_command != "add" and not settings.store_url and not settings.store.is_dir():
+        raise SystemExit(  # list and remove only read: they do not create a store
+            f"there is no store at {settings.store}: give --store (or $VITEDIT_STORE), or add a "
+            "model there first with `vitedit models add`"
+        )
+    return settings.open_store()
 
 
 def _calibrate(args: argparse.Namespace, manifest: Path, groups: Path, locality: Path) -> None:

@@ -59,6 +59,9 @@ def test_add_copies_the_files_and_registers_store_relative_keys(tiny, tmp_path, 
     assert main(["models", "list", "--store", str(moved)]) == 0  # an empty store says so
     empty = capsys.readouterr()
     assert empty.out == "" and f"no models are registered in the store at {moved}" in empty.err
+    with pytest.raises(SystemExit, match="there is no store at"):
+        main(["models", "list", "--store", str(tmp_path / "nowhere")])
+    assert not (tmp_path / "nowhere").exists()  # a listing does not create a store
 
 
 def _with(tiny: Path, change) -> Path:
