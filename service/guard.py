@@ -73,8 +73,10 @@ class RequestGuard:
         if scope["path"].rstrip("/") == "/v1/models" and scope["method"] == "POST":
             limit = self.model_limit
         length = headers.get("content-length", "")
-        if length.isdigit() and int(length) > limit:
-            await self._too_large(int(length), limit)(scope, receive, send)
+        # a length of more digits than any limit has is too large (int() of thousands raises)
+        if length.isdigit() and (len(length) > 19 or int(length) > limit):
+            declared = length if len(length) <= 19 else f"a {len(length)}-digit number of"
+            await self._too_large(declared, limit)(scope, receive, send)
             return
         await self.app(scope, receive if length else self._counted(receive, limit), send)
 
@@ -100,7 +102,7 @@ class RequestGuard:
             headers={"Retry-After": str(max(1, math.ceil(wait)))},
         )
 
-    def _too_large(self, size: int, limit: int) -> JSONResponse:
+    def _too_large(self, size: int | str, limit: int) -> JSONResponse:
         return error_response(
             413,
             f"the request body has {size} bytes, more than the {limit} this server "

@@ -282,20 +282,26 @@ class ModelEntry:
     def label_index(self, label: str | int) -> int:
         """A class index from an index or a class name (case-insensitive); DataError if unknown."""
         text = str(label).strip()
+        shown = repr(text) if len(text) <= 60 else f"{text[:60]!r}... ({len(text)} characters)"
         if text.lstrip("-").isdigit():
-            index = int(text)
-            if 0 <= index < self.num_classes:
+            # more digits than any class count has: out of range (int() of a few thousand
+            # digits raises, and costs time on more)
+            index = int(text) if len(text) <= 20 else None
+            if index is not None and 0 <= index < self.num_classes:
                 return index
             raise DataError(
-                f"label {index} is out of range: model {self.name!r} has classes "
+                f"label {text if len(text) <= 20 else shown} is out of range: model {self.name!r} "
+                f"has classes "
                 f"0..{self.num_classes - 1}"
             )
         folded = {name.casefold(): i for i, name in enumerate(self.class_names)}
         if text.casefold() in folded:
             return folded[text.casefold()]
+        names = list(self.class_names[:20])
+        more = f" (and {len(self.class_names) - 20} more: GET /v1/models/{self.name})"
         raise DataError(
-            f"unknown label {text!r} for model {self.name!r}; use a class index "
-            f"0..{self.num_classes - 1} or one of {list(self.class_names)}"
+            f"unknown label {shown} for model {self.name!r}; use a class index "
+            f"0..{self.num_classes - 1} or one of {names}{more if len(self.class_names) > 20 else ''}"
         )
 
 

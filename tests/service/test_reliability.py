@@ -143,6 +143,9 @@ def test_an_upload_is_refused_on_its_headers_before_its_body_is_read(idle: Serve
             headers={**key, "content-type": "multipart/form-data; boundary=b"},
         )
         assert chunked.status_code == 413 and chunked.json()["error"] == "TooLarge"
+        # a Content-Length of more digits than int() takes (Python's limit: 4,300): 413, not 500
+        huge = client.post("/v1/edits", content=b"", headers={**key, "content-length": "9" * 5000})
+        assert huge.status_code == 413 and "5000-digit" in huge.json()["detail"], huge.text
     assert idle.jobs.edits.count == 0
 
 

@@ -12,7 +12,13 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from models.errors import IntegrityError, StoreError, UnknownModelError, UnknownVersionError
+from models.errors import (
+    DataError,
+    IntegrityError,
+    StoreError,
+    UnknownModelError,
+    UnknownVersionError,
+)
 from models.store import store as store_module
 from models.store.manifest import (
     DEFAULT_TENANT,
@@ -273,6 +279,13 @@ def test_register_refuses_new_base_weights_under_a_name_with_versions(store: Sto
 def test_labels_resolve_by_index_or_case_insensitive_name(store: Store) -> None:
     model = store.model("m")
     assert model.label_index("bird") == 2 and model.label_index("1") == 1
+    with pytest.raises(DataError, match=r"label '1111.*\(5000 characters\) is out of range"):
+        model.label_index("1" * 5000)  # int() of it would raise (over Python's digit limit)
+    with pytest.raises(DataError, match=r"unknown label 'xxx.*\(100000 characters\) for model"):
+        model.label_index("x" * 100_000)
+    many = replace(model, class_names=tuple(f"c{i}" for i in range(1000)), num_classes=1000)
+    with pytest.raises(DataError, match=r"'c19'\] \(and 980 more: GET /v1/models/m\)$"):
+        many.label_index("giraffe")
 
 
 def test_sweep_removes_only_old_uploads(store: Store) -> None:
