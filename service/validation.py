@@ -140,7 +140,9 @@ def parse_options_json(text: str | None) -> dict[str, Any]:
         return {}
     try:
         data = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
+    # ValueError: not JSON, or an integer of more digits than int() takes; RecursionError:
+    # nested too deep
+    except (ValueError, RecursionError) as exc:
         raise EditConfigError(
             f"'options' must be a JSON object, e.g. {{\"c\": 0.01}} ({exc})"
         ) from exc

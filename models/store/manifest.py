@@ -55,8 +55,9 @@ def read_json(path: Path) -> dict[str, Any]:
         data = json.loads(Path(path).read_text())
     except FileNotFoundError as exc:
         raise ManifestError(f"manifest {path} does not exist") from exc
-    # UnicodeDecodeError: a binary file; RecursionError: arrays or objects nested too deep
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    # ValueError: not JSON, a binary file (UnicodeDecodeError) or an integer of more digits than
+    # int() takes; RecursionError: arrays or objects nested too deep
+    except (OSError, ValueError, RecursionError) as exc:
         raise ManifestError(f"manifest {path} is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise ManifestError(f"manifest {path} must hold a JSON object")
@@ -148,7 +149,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, dict[str, Any]], dict
             if not 0 < size <= _SAFETENSORS_MAX_HEADER:
                 raise ManifestError(f"{path}: not a safetensors file (header length {size})")
             header = json.loads(fh.read(size))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise ManifestError(f"{path}: not a readable safetensors file ({exc})") from exc
     if not isinstance(header, dict):
         raise ManifestError(f"{path}: not a safetensors file (its header is not a JSON object)")

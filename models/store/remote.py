@@ -292,7 +292,7 @@ class S3Remote:
             raise
         try:
             data = json.loads(got["Body"].read())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:  # bad JSON, not UTF-8, nested too deep
             raise ManifestError(f"{self.url}/{rel} is not valid JSON: {exc}") from exc
         if not isinstance(data, dict):
             raise ManifestError(f"{self.url}/{rel} must hold a JSON object")

@@ -68,6 +68,13 @@ CASES: list[tuple[str, dict[str, Any], list[Any], int, str]] = [
     ("misspelt field", {**GOOD, "max_step": "5"}, _files(png(3)), 422, "'max_step': unknown field"),
     ("options not JSON", {**GOOD, "options": "{c: 1}"}, _files(png(3)), 422, "JSON object"),
     (
+        "options with an integer of 5,000 digits",
+        {**GOOD, "options": '{"c": ' + "1" * 5000 + "}"},
+        _files(png(3)),
+        422,
+        "JSON object",
+    ),
+    (
         "options nested past the parser's depth",
         {**GOOD, "options": "[" * 100_000},
         _files(png(3)),

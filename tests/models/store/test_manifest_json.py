@@ -17,6 +17,7 @@ from models.store.manifest import read_json, read_safetensors_header
         (b"{", "is not valid JSON"),
         (b"[1, 2]", "must hold a JSON object"),
         (b"[" * 100_000, "is not valid JSON"),  # deeper than the parser's recursion limit
+        (b'{"a": ' + b"1" * 5000 + b"}", "is not valid JSON"),  # more digits than int() takes
     ],
 )
 def test_an_unreadable_file_is_a_manifest_error(tmp_path: Path, content, message) -> None:
