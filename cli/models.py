@@ -129,13 +129,14 @@ def run_models(args: argparse.Namespace) -> int:
             f"files in {store.model_files(entry.name)}"
         )
     elif args.models_command == "list":
-        if not store.models():
+        entries = store.models()
+        if not entries:
             print(
                 f"no models are registered in the store at {store.root}: add one with "
                 "`vitedit models add NAME --backbone MANIFEST`, or give --store (or $VITEDIT_STORE)",
                 file=sys.stderr,
             )
-        for entry in store.models():
+        for entry in entries:
             print(
                 f"{entry.name}\t{entry.timm_name}\t{entry.num_classes} classes\t"
                 f"default {entry.default_method}\t{len(store.versions(entry.name))} versions"

@@ -9,6 +9,7 @@ unpickle anything.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -159,11 +160,16 @@ def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def model_shapes(manifest: BackboneManifest) -> dict[str, tuple[int, ...]]:
-    """The state dict's shapes of the model a manifest describes, built on the meta device: no
-    memory is allocated for its tensors, whatever sizes the overrides ask for."""
+def meta_shapes(build: Callable[[], nn.Module]) -> dict[str, tuple[int, ...]]:
+    """The state dict's shapes of the module ``build()`` makes, built on the meta device: no
+    memory is allocated for its tensors, whatever sizes its configuration asks for."""
     with torch.device("meta"):
-        return _shapes(create_model(manifest))
+        return _shapes(build())
+
+
+def model_shapes(manifest: BackboneManifest) -> dict[str, tuple[int, ...]]:
+    """The shapes of the model a manifest describes (:func:`meta_shapes`)."""
+    return meta_shapes(lambda: create_model(manifest))
 
 
 def load_backbone(manifest: BackboneManifest, device: torch.device | str = "cpu") -> Backbone:

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from models.backbones import Backbone, check_fit, read_shapes
+from models.backbones import Backbone, check_fit, meta_shapes, read_shapes
 from models.errors import HypernetworkMismatchError, IntegrityError, ManifestError, SiteError
 from models.sites import Sites
 from models.store.manifest import read_json, sha256_file, write_json_atomic
@@ -197,9 +197,8 @@ class Hypernetwork(nn.Module):
             )
         cfg = manifest["config"]
         config = HypernetConfig(**{**cfg, "hidden": tuple(cfg["hidden"])})
-        with torch.device("meta"):  # the shapes first: a config far larger than its weights
-            shapes = {k: tuple(v.shape) for k, v in cls(config).state_dict().items()}
-        check_fit(shapes, read_shapes(weights), weights, hint=CONFIG_HINT)  # is refused unbuilt
+        # the shapes first: a config far larger than its weights is refused unbuilt
+        check_fit(meta_shapes(lambda: cls(config)), read_shapes(weights), weights, CONFIG_HINT)
         net = cls(config)
         net.load_state_dict(load_file(str(weights)))
         net.sites = Sites.from_json(manifest["sites"])

@@ -298,11 +298,11 @@ class ModelEntry:
         folded = {name.casefold(): i for i, name in enumerate(self.class_names)}
         if text.casefold() in folded:
             return folded[text.casefold()]
-        names = list(self.class_names[:20])
-        more = f" (and {len(self.class_names) - 20} more: GET /v1/models/{self.name})"
+        rest = len(self.class_names) - 20
+        more = f" (and {rest} more: GET /v1/models/{self.name})" if rest > 0 else ""
         raise DataError(
             f"unknown label {shown} for model {self.name!r}; use a class index "
-            f"0..{self.num_classes - 1} or one of {names}{more if len(self.class_names) > 20 else ''}"
+            f"0..{self.num_classes - 1} or one of {list(self.class_names[:20])}{more}"
         )
 
 
