@@ -145,8 +145,9 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         try:
             options[key] = json.loads(value) if value[:1] in "-0123456789[{tf" else value
         except (ValueError, RecursionError):
+            shown = repr(item) if len(item) <= 60 else f"{item[:60]!r}... ({len(item)} characters)"
             raise SystemExit(
-                f"--option {item!r}: a value starting with a digit, '-', '[', '{{', 't' or 'f' "
+                f"--option {shown}: a value starting with a digit, '-', '[', '{{', 't' or 'f' "
                 "is read as JSON and this one is not valid JSON"
             ) from None
     return options

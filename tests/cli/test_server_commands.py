@@ -167,6 +167,10 @@ def test_local_file_problems_are_one_line_not_a_traceback(live: Live, tmp_path: 
     )
     assert bad_option.returncode != 0 and "Traceback" not in bad_option.stderr
     assert "is not valid JSON" in bad_option.stderr
+    deep = vitedit(
+        "edit", str(live.images / "edit.png"), "--label", "3", "--option", "c=" + "[" * 100_000
+    )
+    assert deep.returncode != 0 and "(100002 characters)" in deep.stderr and len(deep.stderr) < 500
     blocked = tmp_path / "a-file"
     blocked.write_text("")  # a download into a folder that is a file
     run = vitedit(
