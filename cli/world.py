@@ -224,21 +224,12 @@ def _build(args: argparse.Namespace) -> int:
 def _device(name: str | None) -> torch.device:
     """The torch device to train on (default cpu, where the shipped backbone was trained); one
     torch does not know or cannot reach is refused by name."""
-    import torch
+    from models.backbones import resolve_device
 
-    if name is None:
-        return torch.device("cpu")
     try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise SystemExit(
-            f"--device {name!r} is not a torch device (e.g. cpu, cuda, cuda:1)"
-        ) from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: torch sees no CUDA device on this machine")
-    if device.type not in ("cpu", "cuda"):
-        raise SystemExit(f"--device {name}: only cpu and cuda are supported")
-    return device
+        return resolve_device(name or "cpu")
+    except ValueError as exc:
+        raise SystemExit(f"--device {exc}") from None
 
 
 def _build_demo(args: argparse.Namespace) -> int:

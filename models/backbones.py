@@ -67,6 +67,23 @@ def _eval_transform(data_config: dict[str, Any]) -> Any:
     return create_transform(**data_config, is_training=False)
 
 
+def resolve_device(name: str) -> torch.device:
+    """A torch device by name: ``auto`` (cuda when there is one, else cpu), ``cpu``, ``cuda`` or
+    ``cuda:N``. ValueError, saying what to give, for a name torch does not know, another kind of
+    device, or cuda on a machine where torch sees none."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"{name!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name}: only cpu and cuda are supported")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{name}: torch sees no CUDA device on this machine")
+    return device
+
+
 def create_model(manifest: BackboneManifest) -> nn.Module:
     """Build the timm model a manifest describes, with random weights."""
     if manifest.timm_name not in timm.list_models():

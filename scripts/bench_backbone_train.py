@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from models.backbones import create_model
+from models.backbones import create_model, resolve_device
 from models.precision import autocast
 from models.worlds.tiny_imagenet import augment, manifest, to_input
 from models.worlds.training import TrainConfig, Trainer
@@ -69,6 +69,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    try:
+        resolve_device(args.device)
+    except ValueError as exc:
+        raise SystemExit(f"--device {exc}") from None
     candidates = [parse_candidate(c) for c in args.candidates.split(",")]
     for stem, width, tokens, precision in candidates:  # refuse a bad one before timing any
         try:

@@ -26,6 +26,7 @@ from redis.exceptions import RedisError
 from rq.job import Job
 from rq.timeouts import JobTimeoutException
 
+from models.backbones import resolve_device
 from models.errors import (
     EditCanceled,
     IntegrityError,
@@ -44,12 +45,6 @@ from workers.settings import WorkerSettings
 from workers.warm import LoadedModel, Unloadable, benchmark_holdout, load_model, restore_base
 
 log = logging.getLogger(__name__)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 class Progress:
@@ -105,7 +100,7 @@ class Runtime:
     def __init__(self, settings: WorkerSettings, redis: Redis) -> None:
         self.settings, self.redis = settings, redis
         self.store = settings.open_store()
-        self.device = pick_device(settings.device)
+        self.device = resolve_device(settings.device)
         if self.device.type == "cuda" and settings.gpu_memory_fraction is not None:
             torch.cuda.set_per_process_memory_fraction(settings.gpu_memory_fraction, self.device)
         self.models: dict[str, LoadedModel] = {}

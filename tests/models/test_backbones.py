@@ -104,3 +104,20 @@ def test_pretrained_without_hub_fails_fast_with_offline_flag(monkeypatch):
         backbone_from_name("vit_tiny_patch16_224", pretrained=True, num_classes=10)
     assert isinstance(caught.value.__cause__, OfflineModeIsEnabled)  # not a network failure
     assert time.monotonic() - start < 30  # without the flag the hub is retried for ~46 s
+
+
+def test_resolve_device_names_what_it_refuses():
+    from models.backbones import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    for name, why in [
+        ("gpu0", "not a torch device"),
+        ("../x", "not a torch device"),
+        ("mps", "only cpu and cuda"),
+    ]:
+        with pytest.raises(ValueError, match=why):
+            resolve_device(name)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch sees no CUDA device"):
+            resolve_device("cuda:3")
