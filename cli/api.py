@@ -27,7 +27,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from cli.http_client import Job, VersionList, ViteditClient
-from models.errors import Unauthorized, Unavailable, VitEditError
+from models.errors import Unauthorized, Unavailable, VitEditError, quoted
 
 console = Console()
 errors = Console(stderr=True, soft_wrap=True)  # one line per error, whatever the terminal width
@@ -145,9 +145,8 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         try:
             options[key] = json.loads(value) if value[:1] in "-0123456789[{tf" else value
         except (ValueError, RecursionError):
-            shown = repr(item) if len(item) <= 60 else f"{item[:60]!r}... ({len(item)} characters)"
             raise SystemExit(
-                f"--option {shown}: a value starting with a digit, '-', '[', '{{', 't' or 'f' "
+                f"--option {quoted(item)}: a value starting with a digit, '-', '[', '{{', 't' or 'f' "
                 "is read as JSON and this one is not valid JSON"
             ) from None
     return options

@@ -81,6 +81,17 @@ STATUS: dict[type[VitEditError], int] = {
 """The HTTP status of each kind; an error takes the status of its nearest kind."""
 
 
+def quoted(text: str, limit: int = 60) -> str:
+    """``text`` as a message shows it: its repr, or its first ``limit`` characters and its length.
+
+    Error messages quote what the caller sent so they can find it, but a label, an option or an id
+    of many thousand characters would be echoed whole into the answer and every log line.
+    """
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
 def status_of(error: type[BaseException]) -> int:
     """The status of an error class: that of the nearest kind among its bases (500 if none)."""
     for cls in error.__mro__:

@@ -30,7 +30,15 @@ from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from models.errors import Conflict, NotFound, Timeout, Unavailable, VitEditError, by_name
+from models.errors import (
+    Conflict,
+    NotFound,
+    Timeout,
+    Unavailable,
+    VitEditError,
+    by_name,
+    quoted,
+)
 from models.store.manifest import DEFAULT_TENANT
 from workers import metrics
 from workers import settings as S
@@ -273,7 +281,7 @@ class JobClient:
     def fetch(self, job_id: str) -> Job:
         if not JOB_ID.fullmatch(job_id):  # RQ raises ValueError on these: never a 500
             raise JobNotFound(
-                f"no job {job_id!r}: job ids are 1-128 letters, digits, '_' or '-' (like "
+                f"no job {quoted(job_id)}: job ids are 1-128 letters, digits, '_' or '-' (like "
                 f"{new_job_id()[:9]}...), as POST /v1/edits returned them"
             )
         try:
@@ -282,7 +290,7 @@ class JobClient:
             job = None
         if job is None or (self.tenant and job.meta.get("tenant", DEFAULT_TENANT) != self.tenant):
             # another tenant's job reads as unknown: its existence is not revealed
-            raise JobNotFound(f"no job {job_id!r} (unknown id, or its record expired)")
+            raise JobNotFound(f"no job {quoted(job_id)} (unknown id, or its record expired)")
         return job
 
     def view(self, job_id: str) -> JobView:

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from models.errors import DataError, IntegrityError, ManifestError
+from models.errors import DataError, IntegrityError, ManifestError, quoted
 
 BACKBONE_SCHEMA = 1
 
@@ -283,7 +283,7 @@ class ModelEntry:
     def label_index(self, label: str | int) -> int:
         """A class index from an index or a class name (case-insensitive); DataError if unknown."""
         text = str(label).strip()
-        shown = repr(text) if len(text) <= 60 else f"{text[:60]!r}... ({len(text)} characters)"
+        shown = quoted(text)
         if text.lstrip("-").isdigit():
             # more digits than any class count has: out of range (int() of a few thousand
             # digits raises, and costs time on more)

@@ -91,6 +91,13 @@ def test_odd_job_ids_are_404_json_on_read_and_cancel(idle: Served, job_id: str) 
         assert r.json()["error"] == "JobNotFound" and "job ids are" in r.json()["detail"]
 
 
+def test_a_long_job_id_is_quoted_by_its_start_and_length(idle: Served) -> None:
+    for job_id in ("j" * 5000, "j" * 100):  # refused by its pattern; well-formed but unknown
+        r = idle.client.get(f"/v1/edits/{job_id}")
+        assert r.status_code == 404, r.text
+        assert len(r.text) < 500 and f"({len(job_id)} characters)" in r.json()["detail"]
+
+
 @pytest.mark.parametrize("what", ["weights", "predict", "patch"])
 def test_unknown_model_is_404_before_anything_is_queued(idle: Served, what: str) -> None:
     path = f"/v1/models/nope/versions/base/{what}"
