@@ -310,10 +310,17 @@ class ViteditClient:
     def remove_model(self, name: str, purge: bool = False) -> None:
         self._call("DELETE", f"/v1/models/{name}", params={"purge": purge})
 
-    def versions(self, model: str) -> VersionList:
-        data = self._call("GET", f"/v1/models/{model}/versions")
-        versions = [_from_json(VersionSummary, v) for v in data["versions"]]
-        return VersionList(data["model"], versions, data["aliases"])
+    def versions(self, model: str, page_size: int = 1000) -> VersionList:
+        """Every version, oldest first: the listing's pages, followed to the last."""
+        params: dict[str, Any] = {"limit": page_size}
+        versions: list[VersionSummary] = []
+        while True:
+            data = self._call("GET", f"/v1/models/{model}/versions", params=params)
+            versions += [_from_json(VersionSummary, v) for v in data["versions"]]
+            after = data.get("next_after")
+            if not after or after == params.get("after"):
+                return VersionList(data["model"], versions, data["aliases"])
+            params["after"] = after
 
     def version(self, model: str, version: str) -> VersionDetail:
         return _from_json(

@@ -83,9 +83,16 @@ class VersionPublic(BaseModel):
 
 
 class VersionListPublic(BaseModel):
+    """One page of a model's versions, oldest first; ``next_after`` continues it."""
+
     model: str
     versions: list[VersionPublic]
     aliases: dict[str, str]
+    next_after: str | None = Field(
+        None,
+        description="more versions follow: pass this as ?after= for the next page "
+        "(the Link header's rel=next names the same URL); null on the last page",
+    )
 
 
 class VersionDetailPublic(BaseModel):

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Query, UploadFile
+from fastapi import APIRouter, File, Query, Request, Response, UploadFile
 from fastapi.responses import FileResponse
 
-from models.errors import UnknownVersionError
-from models.store.store import BASE, PATCH_FILE, Store
+from models.errors import UnknownVersionError, quoted
+from models.store.store import BASE, NAME_PATTERN, PATCH_FILE, Store
 from service import validation as V
 from service.deps import JobsDep, SettingsDep, StoreDep
 from service.errors import responses
@@ -23,11 +23,12 @@ from workers.payloads import MaterialisePayload, PredictPayload
 router = APIRouter(prefix="/v1/models/{model}/versions", tags=["versions"])
 
 SAFETENSORS = "application/octet-stream"
+PAGE_DEFAULT, PAGE_MAX = 100, 1000
 
 
-def _aliases_of(store: Store, model: str) -> dict[str, list[str]]:
+def _by_version(aliases: dict[str, str]) -> dict[str, list[str]]:
     by_version: dict[str, list[str]] = {}
-    for alias, version in sorted(store.aliases(model).items()):
+    for alias, version in sorted(aliases.items()):
         by_version.setdefault(version, []).append(alias)
     return by_version
 
@@ -53,24 +54,54 @@ def _resolve_any(store: Store, model: str, version: str) -> str | None:
     "",
     response_model=VersionListPublic,
     responses=responses(404),
-    summary="Every version, with its parent",
+    summary="The versions, oldest first, a page at a time, with their parents",
 )
-def list_versions(model: ModelName, store: StoreDep) -> VersionListPublic:
-    aliases = _aliases_of(store, model)
+def list_versions(
+    model: ModelName,
+    store: StoreDep,
+    request: Request,
+    response: Response,
+    limit: Annotated[int, Query(ge=1, le=PAGE_MAX, description="versions per page")] = PAGE_DEFAULT,
+    after: Annotated[
+        str | None,
+        Query(
+            pattern=NAME_PATTERN,
+            description="start after this version id (the previous page's next_after)",
+        ),
+    ] = None,
+) -> VersionListPublic:
+    manifests = store.versions(model)
+    start = 0
+    if after is not None:
+        ids = [m.version for m in manifests]
+        if after not in ids:
+            raise UnknownVersionError(
+                f"after={quoted(after)} is not a version of {model}: pass a version id, "
+                "e.g. the next_after of the previous page"
+            )
+        start = ids.index(after) + 1
+    page = manifests[start : start + limit]
+    more = start + limit < len(manifests)
+    next_after = page[-1].version if more and page else None
+    if next_after is not None:
+        url = request.url.include_query_params(after=next_after, limit=limit)
+        response.headers["Link"] = f'<{url}>; rel="next"'
+    aliases = store.aliases(model)
+    by_version = _by_version(aliases)
     versions = [
         VersionPublic(
             version=m.version,
             parent=m.parent,
             method=m.method,
             created_at=m.created_at,
-            aliases=aliases.get(m.version, []),
+            aliases=by_version.get(m.version, []),
             metrics=m.report.get("metrics", {}),
             status=m.status,
             reason=m.reason,
         )
-        for m in store.versions(model)
+        for m in page
     ]
-    return VersionListPublic(model=model, versions=versions, aliases=store.aliases(model))
+    return VersionListPublic(model=model, versions=versions, aliases=aliases, next_after=next_after)
 
 
 @router.get(
@@ -87,7 +118,7 @@ def read_version(model: ModelName, version: VersionRef, store: StoreDep) -> Vers
         model=model,
         version=resolved,
         lineage=[m.version for m in store.lineage(model, resolved)],
-        aliases=_aliases_of(store, model).get(resolved, []),
+        aliases=_by_version(store.aliases(model)).get(resolved, []),
         manifest=manifest.to_json(),
         links={name: f"{base}/{name}" for name in ("patch", "weights", "predict")},
     )

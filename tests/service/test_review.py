@@ -18,19 +18,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import Any
 
 import httpx
-import numpy as np
 import pytest
 from PIL import Image
-from safetensors.numpy import save_file
 
 from cli import launcher
-from models.store.manifest import VersionManifest, utc_now
-from models.store.store import PATCH_FILE, Store
+from models.store.store import Store
 from tests.redis_server import db_url, png, tiny_store, worker_process
-from tests.service.conftest import Served
+from tests.service.conftest import Served, commit_version
 from workers.registration import register_model
 
 pytestmark = pytest.mark.redis
@@ -260,39 +256,8 @@ def test_review_of_an_unknown_model_or_version_is_404(idle: Served, path: str) -
     )
 
 
-def _old_version(store: Store, review: dict[str, Any] | None = None) -> str:
-    """A version as stored before review figures existed: no ``review`` in its manifest."""
-    with store.begin_version("tiny") as draft:
-        save_file({"x": np.zeros(1, np.float32)}, str(draft.dir / PATCH_FILE))
-        report: dict[str, Any] = {
-            "metrics": {"SR": 1.0},
-            "before": {"SR": 0.0},
-            "retention": {"per_version": {}, "min": None},
-            "edit_predictions": {"before": [1], "after": [3], "targets": [3]},
-            "edit": {"steps": 4},
-        }
-        manifest = VersionManifest(
-            version=draft.version,
-            model="tiny",
-            parent=None,
-            backbone={},
-            method="ft",
-            config={},
-            hypernetwork=None,
-            sites={},
-            patch=[],
-            files={},
-            images=[],
-            report=report,
-            created_at=utc_now(),
-            code_version="test",
-            review=review or {},
-        )
-        return draft.commit(manifest).version
-
-
 def test_a_version_stored_before_review_figures_renders_with_notes(idle: Served) -> None:
-    version = _old_version(idle.store)
+    version = commit_version(idle.store)
     answer = idle.client.get(f"/v1/models/tiny/versions/{version}/review")
     assert answer.status_code == 200
     page = _parse(answer.text)
@@ -305,14 +270,14 @@ def test_a_version_stored_before_review_figures_renders_with_notes(idle: Served)
 
 def test_a_section_the_worker_could_not_draw_says_why(idle: Served) -> None:
     review = {"figures": {}, "errors": {"mask": "IndexError: too many indices"}, "holdout": {}}
-    version = _old_version(idle.store, review)
+    version = commit_version(idle.store, review)
     page = _parse(idle.client.get(f"/v1/models/tiny/versions/{version}/review").text)
     assert "could not be drawn (IndexError: too many indices)" in page.sections["mask"]
     assert "No held-out images" in page.sections["holdout"]
 
 
 def test_a_figure_name_outside_the_pattern_is_refused(idle: Served) -> None:
-    version = _old_version(idle.store)
+    version = commit_version(idle.store)
     answer = idle.client.get(f"/v1/models/tiny/versions/{version}/review/manifest.json")
     assert answer.status_code == 422
 
