@@ -59,6 +59,9 @@ class DeriveConfig:
     shift_groups_per_shift: int = 4
     locality_size: int = 500
     locality_class_cap: float = 0.05  # no class holds more than this share of the locality set
+    # None: the smallest gaps (the issue's rule, shipped). A value: the paper's reference rule, a
+    # seeded random sample of the correct images whose gap is below it (a probe of the definition)
+    locality_max_gap: float | None = None
     heldout_size: int = 1000
     pool_size: int = 3000
 
@@ -102,14 +105,20 @@ def deal_halves(names: list[str], rng: np.random.Generator) -> dict[str, str]:
 def sensitive_set(
     probs: torch.Tensor, y: np.ndarray, exclude: np.ndarray, cfg: DeriveConfig
 ) -> np.ndarray:
-    """Correct images with the smallest top-1 minus top-2 gap, at most a cap per class."""
+    """Correct images, at most a cap per class: those with the smallest top-1 minus top-2 gap, or,
+    with ``cfg.locality_max_gap``, a seeded random sample of those whose gap is below it."""
     top2 = probs.topk(2, dim=-1).values
     gap = (top2[:, 0] - top2[:, 1]).numpy()
     correct = np.setdiff1d(np.flatnonzero(probs.argmax(-1).numpy() == y), exclude)
     cap = max(1, int(cfg.locality_class_cap * cfg.locality_size))
+    if cfg.locality_max_gap is None:
+        order = correct[np.argsort(gap[correct], kind="stable")]
+    else:  # its own stream: the groups, drawn before, are the shipped rule's
+        below = correct[gap[correct] < cfg.locality_max_gap]
+        order = np.random.default_rng([cfg.seed, 1]).permutation(below)
     taken: Counter[int] = Counter()
     chosen = []
-    for i in correct[np.argsort(gap[correct], kind="stable")]:
+    for i in order:
         if taken[int(y[i])] < cap:
             chosen.append(int(i))
             taken[int(y[i])] += 1
@@ -117,7 +126,9 @@ def sensitive_set(
                 break
     if len(chosen) < cfg.locality_size:
         raise DataError(
-            f"only {len(chosen)} correct pool images under the class cap; lower --locality-size"
+            f"only {len(chosen)} correct pool images under the class cap"
+            + ("" if cfg.locality_max_gap is None else " and the gap bound")
+            + "; lower DeriveConfig.locality_size"
         )
     return np.array(chosen)
 

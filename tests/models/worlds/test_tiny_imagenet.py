@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 from PIL import Image
 
 from models.backbones import create_model, load_backbone
-from models.errors import IntegrityError
+from models.errors import DataError, IntegrityError
 from models.store.manifest import BackboneManifest, read_json, write_json_atomic
 from models.worlds import tiny_imagenet as tin
 from models.worlds import tiny_imagenet_benchmark as tib
@@ -311,6 +312,33 @@ def test_locality_set_respects_the_class_cap(derived) -> None:
     assert summary["locality"]["largest_class_share"] <= 0.5
 
 
+def _gaps(gaps: list[float], labels: list[int]) -> tuple[torch.Tensor, np.ndarray]:
+    """Probabilities over 3 classes whose top-1 (the label) leads the top-2 by ``gaps``."""
+    probs = torch.full((len(gaps), 3), 0.02)
+    for i, (g, c) in enumerate(zip(gaps, labels, strict=True)):
+        probs[i, c], probs[i, (c + 1) % 3] = (1 + g) / 2 - 0.01, (1 - g) / 2 - 0.01
+    return probs, np.array(labels)
+
+
+def test_sensitive_set_takes_the_smallest_gaps_or_a_seeded_sample_below_a_bound() -> None:
+    gaps = [0.30, 0.01, 0.04, 0.02, 0.20, 0.03, 0.005, 0.045]
+    probs, y = _gaps(gaps, [0, 1, 2, 0, 1, 2, 0, 1])
+    y[4] = 2  # a wrong prediction never enters
+    exclude = np.array([3])  # an image of a group never enters
+    smallest = tib.DeriveConfig(locality_size=3, locality_class_cap=1.0)
+    assert tib.sensitive_set(probs, y, exclude, smallest).tolist() == [6, 1, 5]
+    below = tib.DeriveConfig(locality_size=3, locality_class_cap=1.0, locality_max_gap=0.05)
+    drawn = tib.sensitive_set(probs, y, exclude, below)
+    assert set(drawn) <= {1, 2, 5, 6, 7} and len(set(drawn)) == 3
+    assert drawn.tolist() == tib.sensitive_set(probs, y, exclude, below).tolist()  # seeded
+    other = [
+        tib.sensitive_set(probs, y, exclude, replace(below, seed=s)).tolist() for s in range(8)
+    ]
+    assert len({tuple(d) for d in other}) > 1  # a sample, not the smallest gaps again
+    with pytest.raises(DataError, match="under the class cap and the gap bound"):
+        tib.sensitive_set(probs, y, exclude, replace(below, locality_size=6))
+
+
 def test_world_file_round_trips_and_refuses_a_changed_file(derived) -> None:
     out, summary = derived
     world = tib.load_world(out)
@@ -378,6 +406,9 @@ def test_world_build_cli_extracts_a_tarball_and_trains_a_resumable_backbone(tmp_
         (["--width", "-4"], "multiple of the 4 heads"),
         (["--lr", "nan"], "--lr must be in"),
         (["--lr", "0"], "--lr must be in"),
+        (["--stage", "benchmark", "--locality-max-gap", "nan"], "a probability gap in"),
+        (["--stage", "benchmark", "--locality-max-gap", "0"], "a probability gap in"),
+        (["--locality-max-gap", "0.05"], "goes with tiny-imagenet --stage benchmark"),
         (["--batch-size", "0"], "--batch-size must be at least 1"),
         (["--device", "gpu0"], "not a torch device"),
         (["--device", "mps"], "only cpu and cuda"),
