@@ -108,11 +108,6 @@ def unavailable_key(model: str) -> str:
     return f"{S.KEY_PREFIX}:unavailable:model:{model}"
 
 
-def register_lock_key(model: str) -> str:
-    """The lock a worker holds while it registers ``model`` (workers/tasks.py, register)."""
-    return f"{S.KEY_PREFIX}:lock:register:{model}"
-
-
 def _idempotency_key(key: str, tenant: str | None) -> str:
     """Per tenant: two tenants may send the same key. The default tenant's keep their old name."""
     if tenant is None or tenant == DEFAULT_TENANT:

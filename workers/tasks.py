@@ -9,7 +9,6 @@ it never gets an alias, not even ``latest``, and its job ends ``rejected``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import subprocess
@@ -21,13 +20,12 @@ from typing import Any
 
 import torch
 from PIL import Image
-from redis.exceptions import LockError
 from rq.job import Job
 from safetensors.torch import save_file
 
 from models.editing import get_editor, make_config, run_edit
 from models.editing.registry import EditConfig, EditOutcome, EditTask
-from models.errors import Conflict, DataError, EditCanceled, EditDiverged
+from models.errors import DataError, EditCanceled, EditDiverged
 from models.images import open_image
 from models.precision import autocast
 from models.reports import ReportSets, TokenSet, build_report, peak_memory, predict_sets
@@ -42,8 +40,6 @@ from models.review import (
 from models.sites import Patch
 from models.store.manifest import ImageRecord, VersionManifest, utc_now
 from models.store.store import PATCH_FILE, REJECTED, VersionDraft
-from workers import settings as S
-from workers.client import register_lock_key
 from workers.payloads import (
     Acceptance,
     EditPayload,
@@ -372,8 +368,6 @@ def materialise(rt: Runtime, payload: MaterialisePayload, job: Job | None) -> di
 
 # --------------------------------------------------------------------------- register
 
-REGISTER_WAIT_S = 60  # how long a registration waits for another one of the same name
-
 
 def register(rt: Runtime, payload: RegisterPayload, job: Job | None) -> dict[str, Any]:
     """Load the uploaded model as a worker would, then copy it into the store and register it
@@ -395,28 +389,14 @@ def register(rt: Runtime, payload: RegisterPayload, job: Job | None) -> dict[str
             }
         else:
             raise DataError("a registration names its files: an upload or a source folder")
-        # one registration of a name at a time, across workers: two at once both passed the
-        # "not registered yet" check, and the second's files replaced the first's under the
-        # first's entry. The second now waits, then finds the name taken (or replaces it).
-        lock = rt.redis.lock(
-            register_lock_key(payload.model),
-            timeout=S.SHORT_JOB_TIMEOUT_S,  # a worker that dies holding it frees it by then
-            blocking_timeout=REGISTER_WAIT_S,
+        # one registration of a name at a time, on every host: add_model holds the store's
+        # lock (a lock file, and a lease in the bucket of an S3 store); a second one waits,
+        # then finds the name taken (or replaces it), or after a minute gets a Conflict
+        entry = add_model(
+            rt.store,
+            payload.model,
+            default_method=payload.default_method,
+            replace=payload.replace,
+            **files,
         )
-        if not lock.acquire():
-            raise Conflict(
-                f"another registration of {payload.model!r} has been running for over "
-                f"{REGISTER_WAIT_S} s; retry when it has ended"
-            )
-        try:
-            entry = add_model(
-                rt.store,
-                payload.model,
-                default_method=payload.default_method,
-                replace=payload.replace,
-                **files,
-            )
-        finally:
-            with contextlib.suppress(LockError):  # expired: the next one may already hold it
-                lock.release()
         return {"model": entry.name, "weights_sha256": entry.weights_sha256}

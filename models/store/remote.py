@@ -14,6 +14,9 @@ reads through it and writes through to the bucket. The guarantees are the local 
 - **atomic index updates**: ``models.json`` and the alias files are read-modify-written with
   ``If-Match`` on the ETag that was read. A concurrent writer makes the write fail (412) and the
   change is redone on the new content (:meth:`S3Remote.update_json`). No lock, no lost update.
+- **leases** where a step must not run twice at once on any host (a model's registration): an
+  object written only if absent, taken over only once its holder's lease has expired
+  (:meth:`S3Remote.lease`).
 
 The server must support conditional writes (PutObject with If-Match / If-None-Match): AWS S3 has
 since 2024, as do MinIO and moto's server mode, which the tests run against.
@@ -34,7 +37,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from models.errors import ManifestError, StoreError, StoreUnavailable
+from models.errors import Conflict, ManifestError, StoreError, StoreUnavailable
 
 CAS_ATTEMPTS = 50  # conditional-write retries of one index update before giving up
 
@@ -261,6 +264,41 @@ class S3Remote:
                 Delete={"Objects": batch, "Quiet": True},
             )
         return len(keys)
+
+    @contextmanager
+    def lease(self, rel: str, ttl_s: float, wait_s: float, what: str) -> Iterator[None]:
+        """Hold the object ``rel`` as a lock shared by every host of the bucket.
+
+        It is written only if absent (``If-None-Match: *``); a held one is taken over (``If-Match``
+        its ETag) only after its expiry, so a holder that died frees it after ``ttl_s``. The
+        expiry is the holder's wall clock: hosts' clocks must agree to well within ``ttl_s``.
+        Waits up to ``wait_s``, then raises Conflict naming ``what`` holds it.
+        """
+        token = secrets.token_hex(8)
+        deadline = time.monotonic() + wait_s
+        while True:
+            body = json.dumps({"holder": token, "expires": time.time() + ttl_s}).encode()
+            etag = self.put_bytes(rel, body, if_absent=True)
+            if etag is None and (held := self.get_bytes(rel)) is not None:
+                try:
+                    expires = float(json.loads(held[0])["expires"])
+                except (ValueError, KeyError, TypeError):
+                    expires = 0.0  # not a lease we wrote: unusable, take it over
+                if expires < time.time():
+                    etag = self.put_bytes(rel, body, if_match=held[1])
+            if etag is not None:
+                break
+            if time.monotonic() > deadline:
+                raise Conflict(
+                    f"{what} has been running for over {wait_s:g} s; retry when it has ended"
+                )
+            time.sleep(0.2)
+        try:
+            yield
+        finally:
+            held = self.get_bytes(rel)
+            if held is not None and held[1] == etag:  # still ours: not expired and taken over
+                self._call(f"delete {rel}", self.client.delete_object, Key=self._key(rel))
 
     # ------------------------------------------------------------------ JSON indexes
 

@@ -35,6 +35,7 @@ import logging
 import os
 import secrets
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -43,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from models.errors import (
+    Conflict,
     IntegrityError,
     StoreError,
     UnknownModelError,
@@ -88,6 +90,10 @@ LATEST = "latest"  # the most recently created version (or base when there is no
 RESERVED = frozenset({BASE, LATEST})
 REJECTED = "rejected"  # a version stored for inspection that missed its acceptance gate
 REGISTRY = "models.json"  # the registered models' index (its store key)
+REGISTER_WAIT_S = 60.0  # how long a registration waits for another one of the same name
+# an S3 registration lease's life: longer than any registration (a worker's registration job is
+# cut at 5 minutes), so only a holder that died loses it
+REGISTER_LEASE_S = 15 * 60.0
 
 
 def _write_errors() -> tuple[type[Exception], ...]:
@@ -155,17 +161,35 @@ class Store(StoreFiles):
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
     @contextmanager
-    def registering(self, name: str) -> Iterator[None]:
+    def registering(self, name: str, wait_s: float = REGISTER_WAIT_S) -> Iterator[None]:
         """Held while model ``name``'s files and entry are written (``workers/model_files.py``,
-        add_model), so two registrations of one name never interleave: a lock file of the
-        folder, shared by the CLI and every worker of this filesystem. An S3 store's workers on
-        other hosts are serialised by a Redis lock as well (``workers/tasks.py``)."""
+        add_model), so two registrations of one name never interleave, wherever they run: a
+        lock file of the folder (the CLI and every worker of this filesystem) and, for an S3
+        store, a lease in the bucket (every host). Waits up to ``wait_s``, then Conflict."""
+        what = f"another registration of {check_name(name, 'model')!r}"
         locks = self.root / ".locks"
         locks.mkdir(exist_ok=True)
-        with open(locks / f"register-{check_name(name, 'model')}", "a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
+        with open(locks / f"register-{name}", "a") as fh:
+            deadline = time.monotonic() + wait_s
+            while True:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise Conflict(
+                            f"{what} has been running for over {wait_s:g} s; retry when it "
+                            "has ended"
+                        ) from None
+                    time.sleep(0.1)
             try:
-                yield
+                if self.remote is None:
+                    yield
+                else:
+                    with self.remote.lease(
+                        f".locks/register-{name}", REGISTER_LEASE_S, wait_s, what
+                    ):
+                        yield
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 

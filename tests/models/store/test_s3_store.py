@@ -237,3 +237,78 @@ def test_one_snapshot_reads_an_index_once_and_sees_its_own_writes(
         with one_snapshot():  # a new block (a new request) sees the other host's write
             assert [m.name for m in b.models()] == ["m", "other"]
     assert [m.name for m in b.models()] == ["m", "other"]  # outside: every read asks
+
+
+def test_a_registration_lease_excludes_other_hosts_until_released_or_expired(
+    hosts: tuple[Store, Store],
+) -> None:
+    import json
+    import time
+
+    from models.errors import Conflict
+
+    a, b = hosts
+    key = ".locks/register-twin"
+    with a.remote.lease(key, ttl_s=60, wait_s=1, what="a's registration"):
+        start = time.monotonic()
+        with (
+            pytest.raises(Conflict, match=r"a's registration has been running for over 0\.5 s"),
+            b.remote.lease(key, ttl_s=60, wait_s=0.5, what="a's registration"),
+        ):
+            pass
+        assert time.monotonic() - start >= 0.5  # it waited first
+    assert a.remote.get_bytes(key) is None  # released: deleted
+    with b.remote.lease(key, ttl_s=60, wait_s=0.5, what="x"):
+        pass  # free again
+
+    # a holder that died: its lease expired, and the next one takes it over
+    a.remote.put_bytes(key, json.dumps({"holder": "dead", "expires": time.time() - 1}).encode())
+    with b.remote.lease(key, ttl_s=60, wait_s=0.5, what="x"):
+        assert json.loads(b.remote.get_bytes(key)[0])["holder"] != "dead"
+    a.remote.put_bytes(key, b"not json")  # unreadable: taken over as well
+    with b.remote.lease(key, ttl_s=60, wait_s=0.5, what="x"):
+        pass
+
+
+def test_two_hosts_registering_one_name_at_once_leave_one_consistent_model(
+    hosts: tuple[Store, Store], tmp_path: Path
+) -> None:
+    # a `vitedit models add` on one host, a worker's registration on another, no Redis between
+    # them: the bucket's lease makes the second wait, then find the name taken
+    from safetensors.torch import load_file, save_file
+
+    from models.store.manifest import BackboneManifest, sha256_file
+    from tests.redis_server import make_tiny_backbone
+    from workers.model_files import add_model
+
+    manifests = []
+    for k in range(2):  # the same model with other weights
+        path = make_tiny_backbone(tmp_path / f"twin{k}")
+        weights = BackboneManifest.read(path).weights_path
+        state = load_file(weights)
+        state = {n: t + k for n, t in state.items()}
+        save_file(state, weights)
+        manifest = BackboneManifest.read(path)
+        fields = {**manifest.__dict__, "weights_sha256": sha256_file(weights), "base_dir": None}
+        BackboneManifest(**fields).write(path)
+        manifests.append(path)
+    start, outcomes = threading.Barrier(2), []
+
+    def add(store: Store, manifest: Path) -> None:
+        start.wait()
+        try:
+            outcomes.append(add_model(store, "twin", manifest).weights_sha256)
+        except StoreError as exc:
+            outcomes.append(str(exc))
+
+    threads = [
+        threading.Thread(target=add, args=pair) for pair in zip(hosts, manifests, strict=True)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum("is registered" in o for o in outcomes) == 1, outcomes
+    a, b = hosts
+    registered = b.model("twin").weights_sha256
+    assert registered in outcomes and a.model("twin").weights_sha256 == registered

@@ -342,3 +342,37 @@ def test_a_version_is_not_published_for_a_model_removed_or_replaced_while_it_was
         with pytest.raises(StoreError, match="registered again over other base weights"):
             draft.commit(made_on)
     assert store.versions("m") == [] and not list((store.root / "tmp").iterdir())
+
+
+def test_a_registration_waits_for_another_of_its_name_then_says_it_is_running(
+    tmp_path: Path,
+) -> None:
+    import threading
+    import time
+
+    from models.errors import Conflict
+
+    store, other = Store(tmp_path), Store(tmp_path)  # two processes' views of one folder
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with store.registering("twin"):
+            held.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    held.wait(10)
+    start = time.monotonic()
+    with (
+        pytest.raises(Conflict, match="another registration of 'twin' has been running for over"),
+        other.registering("twin", wait_s=0.3),
+    ):
+        pass
+    assert time.monotonic() - start >= 0.3
+    with other.registering("other-name", wait_s=0.3):
+        pass  # another name is not held
+    release.set()
+    thread.join()
+    with other.registering("twin", wait_s=0.3):
+        pass  # released
