@@ -44,6 +44,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--groups", type=Path, help="edit-groups folder in the paper's layout (<true>-<tag>/*.png)"
     )
     src.add_argument("--locality", type=Path, help="locality images folder")
+    src.add_argument(
+        "--locality-rule",
+        choices=["smallest", "reference"],
+        help="tiny-imagenet: its locality set, the 500 correct images with the smallest top-1 "
+        "minus top-2 gaps (default: 'smallest', the shipped front's) or the paper's reference "
+        "rule, 500 drawn from those with a gap below 0.05 ('reference'; docs/worlds.md)",
+    )
     src.add_argument("--hypernet", type=Path, help="hypernetwork folder for where2edit")
     src.add_argument(
         "--blocks",
@@ -167,7 +174,10 @@ def _load_benchmark(args: argparse.Namespace) -> Any:
         from models.worlds.catalog import get_world
 
         world = get_world(args.world)
-        return world.load_world().benchmark.select(args.split or world.report_split)
+        loaded = world.load_world(
+            **({"locality": args.locality_rule} if args.locality_rule else {})
+        )
+        return loaded.benchmark.select(args.split or world.report_split)
     if args.groups is None or args.locality is None:
         raise SystemExit("give --groups DIR and --locality DIR (paper layout), or --world NAME")
     from models.worlds.layout import read_benchmark
@@ -240,6 +250,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
     if not seeds:
         raise SystemExit(f"--seeds {args.seeds!r}: expected integers like 0,1,2")
     knobs, sets = parse_knobs(args.knobs), parse_sets(args.sets)
+    if args.locality_rule and args.world != "tiny-imagenet":
+        raise SystemExit("--locality-rule chooses between tiny-imagenet's two locality sets")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     threads = args.threads or (1 if args.world and device.type == "cpu" else None)
     if threads:

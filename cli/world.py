@@ -106,15 +106,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         "default 0)",
     )
     build.add_argument(
-        "--locality-max-gap",
-        type=float,
-        default=None,
-        help="tiny-imagenet --stage benchmark: draw the locality set as the paper's reference "
-        "defines sensitive images, a seeded sample of the correct images whose top-1 minus top-2 "
-        "gap is below this (e.g. 0.05), instead of those with the smallest gaps (the shipped "
-        "benchmark; a probe of the definition, docs/worlds.md)",
-    )
-    build.add_argument(
         "--stop-at-step", type=int, help="stop training (and checkpoint) at this step; resume later"
     )
     build.set_defaults(func=_build)
@@ -156,15 +147,6 @@ def _check_options(args: argparse.Namespace) -> None:
         raise SystemExit(f"--width must be a positive multiple of the 4 heads, got {args.width}")
     if args.lr is not None and not 0.0 < args.lr < 1.0:  # also refuses nan and inf
         raise SystemExit(f"--lr must be in (0, 1), got {args.lr}")
-    if args.locality_max_gap is not None and not 0.0 < args.locality_max_gap <= 1.0:
-        raise SystemExit(
-            f"--locality-max-gap is a probability gap in (0, 1], got {args.locality_max_gap}"
-        )
-    if args.locality_max_gap is not None and (args.name, args.stage) != (
-        "tiny-imagenet",
-        "benchmark",
-    ):
-        raise SystemExit("--locality-max-gap goes with tiny-imagenet --stage benchmark")
     if args.batch_size is not None and args.batch_size < 1:
         raise SystemExit(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.name == "demo" and args.device not in (None, "cpu"):
@@ -232,9 +214,7 @@ def _build(args: argparse.Namespace) -> int:
         summary = bench.derive_world(
             backbone,
             root,
-            bench.DeriveConfig(
-                seed=args.seed, train_per_class=per_class, locality_max_gap=args.locality_max_gap
-            ),
+            bench.DeriveConfig(seed=args.seed, train_per_class=per_class),
             out / "world.npz",
         )
         print(json.dumps({k: v for k, v in summary.items() if k != "groups"}, indent=1))

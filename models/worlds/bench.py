@@ -17,8 +17,10 @@ with a 95% percentile-bootstrap interval over groups (the unit the benchmark sam
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
+import operator
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -327,6 +329,24 @@ MERGE_SAME = ("backbone", "sites", "benchmark")  # what runs must share to be me
 MERGE_SETTINGS_FREE = ("methods", "knobs", "options")  # settings that may differ between them
 
 
+def locality_fingerprint(images: Sequence[Any]) -> str:
+    """The sha256 of the locality images' pixels, in order: runs merge only on the same set."""
+    digest = hashlib.sha256()
+    for image in images:
+        digest.update(f"{image.mode}{image.size}".encode())
+        digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+def _same_benchmark(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """The groups, edits and locality set agree (results written before the locality's sha256
+    was recorded are matched by the set's size alone)."""
+    key = "locality_sha256"
+    if key not in a or key not in b:
+        a, b = ({k: v for k, v in x.items() if k != key} for x in (a, b))
+    return a == b
+
+
 def merge_results(runs: Sequence[dict[str, Any]], drop: Sequence[str] = ()) -> dict[str, Any]:
     """One results dict from runs that differ only in their methods, knob values and options.
 
@@ -361,7 +381,8 @@ def merge_results(runs: Sequence[dict[str, Any]], drop: Sequence[str] = ()) -> d
     methods: dict[str, Any] = {}
     for k, run in enumerate(runs):
         for key in MERGE_SAME:
-            if run[key] != first[key]:
+            same = _same_benchmark if key == "benchmark" else operator.eq
+            if not same(run[key], first[key]):
                 raise DataError(f"run {k + 1} has another {key} than run 1: cannot merge")
         if shared_settings(run) != shared_settings(first):
             raise DataError(f"run {k + 1} has other settings than run 1: cannot merge")
@@ -462,6 +483,7 @@ def _results(
                 for k, (n, x) in enumerate(zip(prep.names, prep.images, strict=True))
             ],
             "locality_size": len(benchmark.locality),
+            "locality_sha256": locality_fingerprint(benchmark.locality),
         },
         "metrics": METRIC_DEFINITIONS,
         "methods": methods,

@@ -125,12 +125,14 @@ def to_pil(images: np.ndarray) -> list[Image.Image]:
     return [Image.fromarray(a, mode="L" if a.ndim == 2 else "RGB") for a in images]
 
 
-def read_world_arrays(path: Path) -> dict[str, np.ndarray]:
-    """The arrays of a world's ``world.npz``, after checking its sha256 against ``world.json``."""
+def read_world_arrays(path: Path, entry: str | None = None) -> dict[str, np.ndarray]:
+    """The arrays of a world's ``world.npz`` (or of another file of the world, whose sha256
+    ``world.json`` records under ``entry``), after checking its sha256 against ``world.json``."""
     from models.errors import IntegrityError
     from models.store.manifest import read_json, sha256_file
 
-    recorded = read_json(path.with_name("world.json")).get("sha256")
+    recorded_in = read_json(path.with_name("world.json"))
+    recorded = (recorded_in.get(entry) or {} if entry else recorded_in).get("sha256")
     actual = sha256_file(path)
     if recorded != actual:
         raise IntegrityError(

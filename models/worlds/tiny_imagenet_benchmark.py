@@ -9,7 +9,9 @@ Derived from the trained backbone (``derive_world``) and the bench pool of
 - every kind of group is shuffled (seeded) and dealt into a **tuning** and a **test** half: knobs,
   sites and optimiser settings are chosen on the tuning half; reported figures use the test half;
 - the sensitive locality set: correct clean pool images with the smallest top-1 minus top-2
-  probability gap, at most ``locality_class_cap`` of the set per class;
+  probability gap, at most ``locality_class_cap`` of the set per class (issue 11's rule); and,
+  in its own file, the paper's reference rule: a seeded sample of the correct images whose gap
+  is below ``reference_max_gap`` (0.05), same cap (``load_world(locality="reference")``);
 - a held-out clean set and an unlabeled CutMix pool (train-split images) for meta-training.
 
 ``world.npz`` holds group images as raw uint8 (shifted images are not JPEGs) and the clean
@@ -46,6 +48,8 @@ from models.worlds.training import predict_logits
 log = logging.getLogger(__name__)
 
 WORLD_FILE = tin.ASSETS / "world.npz"
+REFERENCE_FILE = "locality-reference.npz"  # beside world.npz
+LOCALITY_RULES = ("smallest", "reference")  # the locality sets a world holds (module docstring)
 WORLD_MANIFEST = tin.ASSETS / "world.json"
 
 
@@ -59,9 +63,8 @@ class DeriveConfig:
     shift_groups_per_shift: int = 4
     locality_size: int = 500
     locality_class_cap: float = 0.05  # no class holds more than this share of the locality set
-    # None: the smallest gaps (the issue's rule, shipped). A value: the paper's reference rule, a
-    # seeded random sample of the correct images whose gap is below it (a probe of the definition)
-    locality_max_gap: float | None = None
+    # the reference rule's set: a seeded sample of the correct images whose gap is below this
+    reference_max_gap: float = 0.05
     heldout_size: int = 1000
     pool_size: int = 3000
 
@@ -103,18 +106,22 @@ def deal_halves(names: list[str], rng: np.random.Generator) -> dict[str, str]:
 
 
 def sensitive_set(
-    probs: torch.Tensor, y: np.ndarray, exclude: np.ndarray, cfg: DeriveConfig
+    probs: torch.Tensor,
+    y: np.ndarray,
+    exclude: np.ndarray,
+    cfg: DeriveConfig,
+    max_gap: float | None = None,
 ) -> np.ndarray:
     """Correct images, at most a cap per class: those with the smallest top-1 minus top-2 gap, or,
-    with ``cfg.locality_max_gap``, a seeded random sample of those whose gap is below it."""
+    with ``max_gap``, a seeded random sample of those whose gap is below it."""
     top2 = probs.topk(2, dim=-1).values
     gap = (top2[:, 0] - top2[:, 1]).numpy()
     correct = np.setdiff1d(np.flatnonzero(probs.argmax(-1).numpy() == y), exclude)
     cap = max(1, int(cfg.locality_class_cap * cfg.locality_size))
-    if cfg.locality_max_gap is None:
+    if max_gap is None:
         order = correct[np.argsort(gap[correct], kind="stable")]
-    else:  # its own stream: the groups, drawn before, are the shipped rule's
-        below = correct[gap[correct] < cfg.locality_max_gap]
+    else:  # its own stream: the draws of the rest of the world do not depend on this set
+        below = correct[gap[correct] < max_gap]
         order = np.random.default_rng([cfg.seed, 1]).permutation(below)
     taken: Counter[int] = Counter()
     chosen = []
@@ -127,7 +134,7 @@ def sensitive_set(
     if len(chosen) < cfg.locality_size:
         raise DataError(
             f"only {len(chosen)} correct pool images under the class cap"
-            + ("" if cfg.locality_max_gap is None else " and the gap bound")
+            + ("" if max_gap is None else " and the gap bound")
             + "; lower DeriveConfig.locality_size"
         )
     return np.array(chosen)
@@ -177,6 +184,7 @@ def derive_world(
     split_of |= deal_halves(sorted(n for n in groups if kinds[n] == "shift"), rng)
     used = np.unique(np.concatenate(sources))
     locality = sensitive_set(probs, y, used, cfg)
+    reference = sensitive_set(probs, y, used, cfg, cfg.reference_max_gap)
     rest = np.setdiff1d(np.arange(len(y)), np.concatenate([used, locality]))
     heldout = np.sort(rng.choice(rest, cfg.heldout_size, replace=False))
     pool = np.sort(rng.choice(trained, cfg.pool_size, replace=False))
@@ -195,13 +203,19 @@ def derive_world(
     ):
         arrays[f"{key}_jpeg"], arrays[f"{key}_offsets"] = _blobs(chosen)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    tmp.replace(out)
+    _save(out, arrays)
+    reference_out = out.with_name(REFERENCE_FILE)
+    _save(
+        reference_out,
+        dict(
+            zip(
+                ("locality_jpeg", "locality_offsets"),
+                _blobs([files[i] for i in reference]),
+                strict=True,
+            )
+        ),
+    )
     _, class_names = tin.read_classes(root)
-    hist = Counter(int(c) for c in y[locality])
-    top = hist.most_common(1)[0]
-    probs_loc = probs[locality].topk(2, dim=-1).values
     summary = {
         "seed": cfg.seed,
         "config": asdict(cfg),
@@ -223,13 +237,12 @@ def derive_world(
             }
             for n in names
         },
-        "locality": {
-            "size": len(locality),
-            "max_gap_used": float((probs_loc[:, 0] - probs_loc[:, 1]).max()),
-            "below_0.05": int(((probs_loc[:, 0] - probs_loc[:, 1]) < 0.05).sum()),
-            "classes": len(hist),
-            "largest_class_share": top[1] / len(locality),
-            "histogram": {str(c): n for c, n in sorted(hist.items())},
+        "locality": _locality_summary(probs, y, locality),
+        "locality_reference": {
+            "rule": f"a seeded sample of the correct images with gap < {cfg.reference_max_gap}",
+            "file": reference_out.name,
+            "sha256": sha256_file(reference_out),
+            **_locality_summary(probs, y, reference),
         },
         "heldout": len(heldout),
         "heldout_accuracy": float((pred[heldout] == y[heldout]).mean()),
@@ -240,9 +253,42 @@ def derive_world(
     return summary
 
 
-def load_world(path: Path = WORLD_FILE) -> World:
-    """Read the shipped Tiny-ImageNet benchmark (its sha256 checked against world.json)."""
+def _save(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    tmp.replace(path)
+
+
+def _locality_summary(probs: torch.Tensor, y: np.ndarray, chosen: np.ndarray) -> dict:
+    hist = Counter(int(c) for c in y[chosen])
+    top2 = probs[chosen].topk(2, dim=-1).values
+    gap = top2[:, 0] - top2[:, 1]
+    return {
+        "size": len(chosen),
+        "max_gap_used": float(gap.max()),
+        "median_gap": float(gap.median()),
+        "below_0.05": int((gap < 0.05).sum()),
+        "classes": len(hist),
+        "largest_class_share": hist.most_common(1)[0][1] / len(chosen),
+        "histogram": {str(c): n for c, n in sorted(hist.items())},
+    }
+
+
+def load_world(path: Path = WORLD_FILE, locality: str = "smallest") -> World:
+    """Read the shipped Tiny-ImageNet benchmark (its sha256 checked against world.json).
+
+    ``locality``: "smallest" (the smallest gaps, the shipped benchmark's) or "reference" (the
+    paper's reference rule, from ``locality-reference.npz``: module docstring)."""
+    if locality not in LOCALITY_RULES:
+        raise DataError(f"unknown locality set {locality!r}; this world has {list(LOCALITY_RULES)}")
     arrays = read_world_arrays(path)
+    if locality == "reference":
+        if not path.with_name(REFERENCE_FILE).is_file():
+            raise DataError(
+                f"{path.parent} has no {REFERENCE_FILE}: derive it with "
+                "'vitedit world build tiny-imagenet --stage benchmark'"
+            )
+        arrays |= read_world_arrays(path.with_name(REFERENCE_FILE), "locality_reference")
     group_arrays = split_groups(arrays)
     groups = [
         EditGroup(n, int(n.split("-")[0]), to_pil(g), str(split))

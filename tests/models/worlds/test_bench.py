@@ -15,7 +15,7 @@ from cli import bench as bench_command
 from models.backbones import load_backbone
 from models.store.manifest import BackboneManifest
 from models.worlds.bench import BenchConfig, edit_defaults, knob_values, run_bench, sample_edits
-from models.worlds.layout import read_benchmark
+from models.worlds.layout import EditBenchmark, read_benchmark
 from tests import conftest
 from tests.conftest import TINY_VIT_OVERRIDES
 
@@ -213,6 +213,15 @@ def test_two_runs_merge_into_what_one_run_of_their_methods_gives(paper_layout) -
     other = run_bench(backbone, benchmark, BenchConfig(("random",), **{**shared, "lr": 1e-2}))
     with pytest.raises(DataError, match="other settings"):
         merge_results([ft, other])
+    # another locality set of the same size (e.g. the reference rule's): never merged; results
+    # written before the set's sha256 was recorded merge by its size, as they did
+    flipped = EditBenchmark(benchmark.groups, benchmark.locality[::-1])
+    elsewhere = run_bench(backbone, flipped, BenchConfig(("random",), knobs=knobs, **shared))
+    assert elsewhere["benchmark"]["locality_size"] == ft["benchmark"]["locality_size"]
+    with pytest.raises(DataError, match="another benchmark"):
+        merge_results([ft, elsewhere])
+    old = {**ft, "benchmark": {k: v for k, v in ft["benchmark"].items() if k != "locality_sha256"}}
+    assert scores(merge_results([old, rand])) == scores(both)
 
 
 def test_parse_sets_reads_method_option_values() -> None:

@@ -327,16 +327,31 @@ def test_sensitive_set_takes_the_smallest_gaps_or_a_seeded_sample_below_a_bound(
     exclude = np.array([3])  # an image of a group never enters
     smallest = tib.DeriveConfig(locality_size=3, locality_class_cap=1.0)
     assert tib.sensitive_set(probs, y, exclude, smallest).tolist() == [6, 1, 5]
-    below = tib.DeriveConfig(locality_size=3, locality_class_cap=1.0, locality_max_gap=0.05)
-    drawn = tib.sensitive_set(probs, y, exclude, below)
+    below = smallest
+    drawn = tib.sensitive_set(probs, y, exclude, below, max_gap=0.05)
     assert set(drawn) <= {1, 2, 5, 6, 7} and len(set(drawn)) == 3
-    assert drawn.tolist() == tib.sensitive_set(probs, y, exclude, below).tolist()  # seeded
+    assert drawn.tolist() == tib.sensitive_set(probs, y, exclude, below, 0.05).tolist()  # seeded
     other = [
-        tib.sensitive_set(probs, y, exclude, replace(below, seed=s)).tolist() for s in range(8)
+        tib.sensitive_set(probs, y, exclude, replace(below, seed=s), 0.05).tolist()
+        for s in range(8)
     ]
     assert len({tuple(d) for d in other}) > 1  # a sample, not the smallest gaps again
     with pytest.raises(DataError, match="under the class cap and the gap bound"):
-        tib.sensitive_set(probs, y, exclude, replace(below, locality_size=6))
+        tib.sensitive_set(probs, y, exclude, replace(below, locality_size=6), 0.05)
+
+
+def test_the_reference_locality_set_is_its_own_checked_file(derived) -> None:
+    out, summary = derived
+    reference = summary["locality_reference"]
+    assert reference["size"] == 4 and reference["max_gap_used"] < 0.05
+    assert reference["file"] == tib.REFERENCE_FILE and (out.parent / tib.REFERENCE_FILE).is_file()
+    assert max(reference["histogram"].values()) <= 2  # the same class cap
+    shipped, drawn = tib.load_world(out), tib.load_world(out, locality="reference")
+    assert drawn.locality_array.shape == (4, 32, 32, 3)
+    assert [g.name for g in drawn.benchmark.groups] == [g.name for g in shipped.benchmark.groups]
+    assert (drawn.heldout_images == shipped.heldout_images).all()  # only the locality differs
+    with pytest.raises(DataError, match="unknown locality set"):
+        tib.load_world(out, locality="largest")
 
 
 def test_world_file_round_trips_and_refuses_a_changed_file(derived) -> None:
@@ -406,9 +421,6 @@ def test_world_build_cli_extracts_a_tarball_and_trains_a_resumable_backbone(tmp_
         (["--width", "-4"], "multiple of the 4 heads"),
         (["--lr", "nan"], "--lr must be in"),
         (["--lr", "0"], "--lr must be in"),
-        (["--stage", "benchmark", "--locality-max-gap", "nan"], "a probability gap in"),
-        (["--stage", "benchmark", "--locality-max-gap", "0"], "a probability gap in"),
-        (["--locality-max-gap", "0.05"], "goes with tiny-imagenet --stage benchmark"),
         (["--batch-size", "0"], "--batch-size must be at least 1"),
         (["--device", "gpu0"], "not a torch device"),
         (["--device", "mps"], "only cpu and cuda"),
