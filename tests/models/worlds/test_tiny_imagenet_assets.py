@@ -65,6 +65,28 @@ def test_benchmark_has_the_paper_shape_and_halves(world) -> None:
     assert get_world("tiny-imagenet").report_split == "test"
 
 
+def test_both_locality_sets_are_sensitive_images_of_the_shipped_backbone(world, backbone) -> None:
+    summary = read_json(tib.WORLD_MANIFEST)
+    reference = tib.load_world(locality="reference")
+    assert (
+        sha256_file(tib.WORLD_FILE.with_name(tib.REFERENCE_FILE))
+        == (summary["locality_reference"]["sha256"])
+    )
+    assert [g.name for g in reference.benchmark.groups] == [g.name for g in world.benchmark.groups]
+    for images, entry, bound in (
+        (world.locality_array, summary["locality"], 0.014),
+        (reference.locality_array, summary["locality_reference"], 0.05),
+    ):
+        with torch.no_grad():
+            probs = backbone.model(tin.to_input(torch.from_numpy(images))).softmax(-1)
+        top2 = probs.topk(2, dim=-1).values
+        assert len(images) == entry["size"] == 500 and entry["largest_class_share"] <= 0.05
+        assert float((top2[:, 0] - top2[:, 1]).max()) < bound
+        assert sum(entry["histogram"].values()) == 500
+    # the reference rule reaches past the smallest gaps: a set a few times less tied
+    assert summary["locality_reference"]["median_gap"] > 3 * 0.006
+
+
 def test_shipped_hypernetwork_fits_the_backbone_and_edits_a_failure(world, backbone) -> None:
     from models.editing.registry import EditTask, make_config, run_edit
     from models.forward import SplitForward
