@@ -44,13 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--groups", type=Path, help="edit-groups folder in the paper's layout (<true>-<tag>/*.png)"
     )
     src.add_argument("--locality", type=Path, help="locality images folder")
-    src.add_argument(
-        "--locality-rule",
-        choices=["smallest", "reference"],
-        help="tiny-imagenet: its locality set, the 500 correct images with the smallest top-1 "
-        "minus top-2 gaps (default: 'smallest', the shipped front's) or the paper's reference "
-        "rule, 500 drawn from those with a gap below 0.05 ('reference'; docs/worlds.md)",
-    )
+    add_locality_rule_argument(src)
     src.add_argument("--hypernet", type=Path, help="hypernetwork folder for where2edit")
     src.add_argument(
         "--blocks",
@@ -125,6 +119,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_bench_command)
 
 
+def add_locality_rule_argument(parser: Any) -> None:
+    """``--locality-rule``, for the bench and the probe scripts (scripts/*_probe.py)."""
+    parser.add_argument(
+        "--locality-rule",
+        choices=["smallest", "reference"],
+        help="tiny-imagenet: its locality set, the 500 correct images with the smallest top-1 "
+        "minus top-2 gaps (default: 'smallest', the shipped front's) or the paper's reference "
+        "rule, 500 drawn from those with a gap below 0.05 ('reference'; docs/worlds.md)",
+    )
+
+
 def parse_knobs(items: list[str]) -> dict[str, tuple[float, ...]]:
     """["random=0.1,0.05", "lora=1,4;ft-l2=0.01"] -> {"random": (0.1, 0.05), ...}."""
     knobs: dict[str, tuple[float, ...]] = {}
@@ -173,11 +178,7 @@ def _load_benchmark(args: argparse.Namespace) -> Any:
     if args.world:
         from models.worlds.catalog import get_world
 
-        world = get_world(args.world)
-        loaded = world.load_world(
-            **({"locality": args.locality_rule} if args.locality_rule else {})
-        )
-        return loaded.benchmark.select(args.split or world.report_split)
+        return get_world(args.world).benchmark(args.split, args.locality_rule)
     if args.groups is None or args.locality is None:
         raise SystemExit("give --groups DIR and --locality DIR (paper layout), or --world NAME")
     from models.worlds.layout import read_benchmark
@@ -250,8 +251,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
     if not seeds:
         raise SystemExit(f"--seeds {args.seeds!r}: expected integers like 0,1,2")
     knobs, sets = parse_knobs(args.knobs), parse_sets(args.sets)
-    if args.locality_rule and args.world != "tiny-imagenet":
-        raise SystemExit("--locality-rule chooses between tiny-imagenet's two locality sets")
+    if args.locality_rule and not args.world:
+        raise SystemExit("--locality-rule chooses a built-in world's locality set: give --world")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     threads = args.threads or (1 if args.world and device.type == "cpu" else None)
     if threads:

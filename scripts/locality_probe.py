@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cli.bench import add_locality_rule_argument
 from models.editing.registry import EditTask, make_config, run_edit
 from models.evaluation import EvalSet, patched_logits
 from models.forward import SplitForward
@@ -41,10 +42,13 @@ def main() -> None:
     parser.add_argument(
         "--split", help="groups: tuning, test or all (default: the world's report split)"
     )
+    add_locality_rule_argument(parser)
     args = parser.parse_args()
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING)
-    backbone, bench, hypernet, sites = open_world(args.world, args.split, args.hypernet)
+    backbone, bench, hypernet, sites = open_world(
+        args.world, args.split, args.hypernet, args.locality_rule
+    )
     split = SplitForward(backbone.model, sites)
     groups = [(g.name, g.label, backbone.preprocess(g.images)) for g in bench.groups]
     evalset = EvalSet.prepare(split, groups, backbone.preprocess(bench.locality))

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from cli.bench import add_locality_rule_argument
 from models.editing.registry import EditTask
 from models.editing.saliency import gradient_scores
 from models.forward import SplitForward
@@ -43,10 +44,13 @@ def main() -> None:
     parser.add_argument("--hypernet", type=Path, help="hypernetwork folder (default: the world's)")
     parser.add_argument("--split", help="tuning, test or all (default: the world's report split)")
     parser.add_argument("--rho", type=float, default=0.1)
+    add_locality_rule_argument(parser)
     args = parser.parse_args()
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING)
-    backbone, bench, hypernet, sites = open_world(args.world, args.split, args.hypernet)
+    backbone, bench, hypernet, sites = open_world(
+        args.world, args.split, args.hypernet, args.locality_rule
+    )
     split = SplitForward(backbone.model, sites)
     masks: dict[str, list[torch.Tensor]] = {"where2edit": [], "saliency": []}
     group_of = []

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cli.bench import add_locality_rule_argument
 from models.editing.optimize import masked_finetune
 from models.editing.registry import EditTask, make_config, run_edit
 from models.editing.saliency import gradient_scores
@@ -58,10 +59,13 @@ def main() -> None:
     parser.add_argument(
         "--split", help="groups: tuning, test or all (default: the world's report split)"
     )
+    add_locality_rule_argument(parser)
     args = parser.parse_args()
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING)
-    backbone, bench, hypernet, sites = open_world(args.world, args.split, args.hypernet)
+    backbone, bench, hypernet, sites = open_world(
+        args.world, args.split, args.hypernet, args.locality_rule
+    )
     split = SplitForward(backbone.model, sites)
     groups = [(g.name, g.label, backbone.preprocess(g.images)) for g in bench.groups]
     evalset = EvalSet.prepare(split, groups, backbone.preprocess(bench.locality))

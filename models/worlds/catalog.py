@@ -28,9 +28,19 @@ class BuiltinWorld:
     name: str
     assets: Path
     load_backbone: Callable[[torch.device | str], Backbone]
-    load_world: Callable[[], World]
+    load_world: Callable[..., World]
     to_input: Callable[[np.ndarray], torch.Tensor]  # uint8 images -> normalised model input
     report_split: str  # the groups figures are reported on ("all": the world has no halves)
+    locality_rules: tuple[str, ...] = ()  # locality sets load_world(locality=...) offers
+
+    def benchmark(self, split: str | None = None, locality: str | None = None) -> EditBenchmark:
+        """The benchmark's ``split`` groups (default: the reported half) with its ``locality``
+        set (default: the world's own; tiny-imagenet's "reference" set: docs/worlds.md)."""
+        if locality is not None and locality not in self.locality_rules:
+            has = f"the locality sets {list(self.locality_rules)}" if self.locality_rules else "one"
+            raise DataError(f"world {self.name!r} has no locality set {locality!r}; it has {has}")
+        world = self.load_world(**({"locality": locality} if locality else {}))
+        return world.benchmark.select(split or self.report_split)
 
     @property
     def hypernet_dir(self) -> Path:
@@ -52,6 +62,7 @@ WORLDS: dict[str, BuiltinWorld] = {
         tiny_imagenet_benchmark.load_world,
         lambda x: tiny_imagenet.to_input(torch.from_numpy(x)),
         "test",
+        tiny_imagenet_benchmark.LOCALITY_RULES,
     ),
 }
 
@@ -69,13 +80,17 @@ def get_world(name: str) -> BuiltinWorld:
 
 
 def open_world(
-    name: str, split: str | None = None, hypernet_dir: Path | None = None
+    name: str,
+    split: str | None = None,
+    hypernet_dir: Path | None = None,
+    locality: str | None = None,
 ) -> tuple[Backbone, EditBenchmark, Hypernetwork | None, Sites]:
-    """(backbone, the benchmark's ``split`` groups, hypernetwork or None, the sites to edit) for
-    the probe scripts: the hypernetwork's sites when there is one, else the default sites."""
+    """(backbone, the benchmark's ``split`` groups with its ``locality`` set, hypernetwork or
+    None, the sites to edit) for the probe scripts: the hypernetwork's sites when there is one,
+    else the default sites."""
     world = get_world(name)
     backbone = world.load_backbone("cpu")
-    benchmark = world.load_world().benchmark.select(split or world.report_split)
+    benchmark = world.benchmark(split, locality)
     directory = hypernet_dir or world.hypernet_dir
     if not (directory / MANIFEST_FILE).is_file():
         return backbone, benchmark, None, Sites.for_model(backbone.model)

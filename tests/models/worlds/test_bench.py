@@ -308,3 +308,10 @@ def test_the_bench_command_refuses_no_seeds_before_loading_anything(seeds: str) 
     args = bench_args(["--world", "demo", "--seeds", seeds])
     with pytest.raises(SystemExit, match="expected integers like 0,1,2"):
         bench_command.run_bench_command(args)
+
+
+def test_a_locality_rule_needs_a_built_in_world(tmp_path) -> None:
+    folders = ["--groups", str(tmp_path), "--locality", str(tmp_path)]
+    args = bench_args([*folders, "--locality-rule", "reference"])
+    with pytest.raises(SystemExit, match="a built-in world's locality set: give --world"):
+        bench_command.run_bench_command(args)

@@ -117,3 +117,19 @@ def test_shipped_hypernetwork_fits_the_backbone_and_edits_a_failure(world, backb
     (after,) = patched_predictions(split, outcome.patch, [task.tokens])
     before = _predict(backbone, world.group_arrays[group.name][:1])
     assert before[0] != group.label and int(after[0]) == group.label  # the failure is fixed
+
+
+def test_the_catalog_serves_either_locality_set_and_refuses_others() -> None:
+    from models.errors import DataError
+    from models.worlds.bench import locality_fingerprint
+
+    world = get_world("tiny-imagenet")
+    own, reference = world.benchmark("test"), world.benchmark("test", "reference")
+    assert [g.name for g in reference.groups] == [g.name for g in own.groups]
+    assert {g.split for g in reference.groups} == {"test"}
+    assert len(reference.locality) == len(own.locality) == 500
+    assert locality_fingerprint(reference.locality) != locality_fingerprint(own.locality)
+    with pytest.raises(DataError, match="it has the locality sets \\['smallest', 'reference'\\]"):
+        world.benchmark(locality="largest")
+    with pytest.raises(DataError, match="has no locality set 'reference'; it has one"):
+        get_world("demo").benchmark(locality="reference")
