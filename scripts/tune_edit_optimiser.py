@@ -30,6 +30,7 @@ import time
 
 import torch
 
+from cli.bench import add_locality_rule_argument
 from cli.calibrate import print_edit_row
 from models.calibration import search_edit_setting
 from models.store.manifest import BackboneManifest
@@ -53,7 +54,12 @@ def main() -> None:
     parser.add_argument(
         "--write", action="store_true", help="record the chosen setting in the backbone manifest"
     )
+    add_locality_rule_argument(parser)
     args = parser.parse_args()
+    if args.write and args.locality_rule == "reference":
+        raise SystemExit(
+            "--write records the setting of the world's own benchmark: drop --locality-rule"
+        )
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     start = time.perf_counter()
@@ -62,7 +68,7 @@ def main() -> None:
     print("|---:|---:|---:|---|---:|---:|---:|---:|---:|")
     world = get_world(args.world)
     split = "tuning" if world.report_split == "test" else "all"
-    backbone, benchmark = world.load_backbone("cpu"), world.load_world().benchmark.select(split)
+    backbone, benchmark = world.load_backbone("cpu"), world.benchmark(split, args.locality_rule)
     search = search_edit_setting(
         backbone,
         benchmark,
