@@ -1,4 +1,4 @@
-"""HTTP client commands (torch-free): ``vitedit edit``, ``vitedit versions``, ``vitedit download``.
+"""HTTP client commands (torch-free): ``vitedit edit``, ``jobs``, ``versions``, ``download``.
 
     vitedit edit shoe.png --label Sneaker --model demo-vit@latest
     vitedit versions demo-vit
@@ -101,6 +101,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     edit.add_argument("--json", action="store_true", help="print the final job as JSON")
     _server_args(edit)
     edit.set_defaults(func=run_edit)
+
+    jobs = sub.add_parser(
+        "jobs", help="list your edit jobs on a server, newest first", epilog=SERVER_EPILOG
+    )
+    jobs.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+    _server_args(jobs)
+    jobs.set_defaults(func=run_jobs)
 
     versions = sub.add_parser(
         "versions", help="list a model's versions (lineage) on a server", epilog=SERVER_EPILOG
@@ -299,6 +306,42 @@ def key_figures(job: Job, server: str) -> list[str]:
             f"LR {_fmt(m.get('LR_vs_parent'))} (vs parent; {_fmt(m.get('LR_vs_root'))} vs base)"
         )
     return [*lines, f"review  {url}/review"]  # the review page (HTML) of the version
+
+
+def run_jobs(args: argparse.Namespace) -> int:
+    if args.limit < 1:
+        raise SystemExit(f"--limit must be at least 1, got {args.limit}")
+
+    def go(client: ViteditClient) -> int:
+        console.print(jobs_table(client.jobs(args.limit)))
+        return 0
+
+    return _with_client(args, go)
+
+
+def jobs_table(jobs: list[Job]) -> Table:
+    """One row per job, newest first, ids never cut (80 columns): the job's id above the version
+    it made, its status above its submit time, and what it edited."""
+    table = Table(
+        title=f"{len(jobs)} edit job(s), newest first",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        collapse_padding=True,
+    )
+    ids = [j.id for j in jobs] + [f"  {j.version}" for j in jobs if j.version]
+    table.add_column("job\n  version", no_wrap=True, min_width=max(map(len, ids), default=0))
+    table.add_column("status\nsubmitted (UTC)", no_wrap=True)
+    table.add_column("model@parent", overflow="fold", min_width=len("model@parent"))
+    table.add_column("method", no_wrap=True)
+    for job in jobs:
+        table.add_row(
+            f"{job.id}\n  {job.version or '-'}",
+            f"{job.status}\n{(job.created_at or '-')[:16].replace('T', ' ')}",
+            f"{job.model}@{job.parent_version or 'base'}",
+            job.method or "-",
+        )
+    return table
 
 
 def run_versions(args: argparse.Namespace) -> int:

@@ -216,6 +216,19 @@ class ViteditClient:
         )
         return _from_json(Job, data)
 
+    def jobs(self, limit: int = 20, page_size: int = 100) -> list[Job]:
+        """The caller's newest ``limit`` edit jobs, newest first (without their reports)."""
+        params: dict[str, Any] = {"limit": min(limit, page_size)}
+        found: list[Job] = []
+        while len(found) < limit:
+            data = self._call("GET", "/v1/edits", params=params)
+            found += [_from_json(Job, j) for j in data["edits"]]
+            after = data.get("next_before")
+            if not after or after == params.get("before"):
+                break
+            params = {"limit": min(limit - len(found), page_size), "before": after}
+        return found[:limit]
+
     def wait(
         self,
         job_id: str,

@@ -24,7 +24,7 @@ their labels, get back a new, versioned checkpoint (a sparse patch) and a report
 """
 
 EPILOG = """\
-server commands (edit, versions, download) talk to --server or $VITEDIT_SERVER
+server commands (edit, jobs, versions, download) talk to --server or $VITEDIT_SERVER
 (default http://127.0.0.1:8000) and send --api-key or $VITEDIT_API_KEY, one key;
 the server takes its accepted keys from $VITEDIT_API_KEYS (comma-separated).
 'vitedit COMMAND --help' for a command's options.

@@ -46,6 +46,17 @@ class EditPublic(BaseModel):
     links: dict[str, str] = Field(default_factory=dict)
 
 
+class EditListPublic(BaseModel):
+    """One page of the caller's edit jobs, newest first (reports left out: follow links.self)."""
+
+    edits: list[EditPublic]
+    next_before: str | None = Field(
+        None,
+        description="more jobs follow: pass this as ?before= for the next page (the Link "
+        "header's rel=next names the same URL); null on the last page",
+    )
+
+
 class MethodPublic(BaseModel):
     options: dict[str, Any] = Field(description="option name -> this model's default")
     needs_hypernetwork: bool

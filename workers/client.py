@@ -108,6 +108,15 @@ def unavailable_key(model: str) -> str:
     return f"{S.KEY_PREFIX}:unavailable:model:{model}"
 
 
+def edits_index_key(tenant: str) -> str:
+    """A tenant's edit jobs, scored by submit time (``GET /v1/edits``, :meth:`JobClient.list_edits`)."""
+    return f"{S.KEY_PREFIX}:edits@{tenant}"
+
+
+# an index entry lives as long as the longest-kept job record it may point to
+EDITS_INDEX_TTL_S = max(S.QUEUED_TTL_S, S.RESULT_TTL_S, S.FAILURE_TTL_S)
+
+
 def _idempotency_key(key: str, tenant: str | None) -> str:
     """Per tenant: two tenants may send the same key. The default tenant's keep their old name."""
     if tenant is None or tenant == DEFAULT_TENANT:
@@ -173,12 +182,15 @@ class JobClient:
             "tenant": payload.owner,
         }
         # One MULTI/EXEC: RQ's own enqueue takes two, and LPOS (a scan of the queue) a third
-        # round trip for the position; LLEN in the same transaction gives it.
+        # round trip for the position; LLEN in the same transaction gives it. The tenant's index
+        # of edits gets the job in the same transaction, its expired entries trimmed.
+        job_id = job_id or new_job_id()
+        index, now = edits_index_key(payload.owner), time.time()
         with self.redis.pipeline() as pipe:
             job = self.edits.enqueue_call(
                 JOB_FUNCS["edit"],
                 args=(payload.model_dump(mode="json"),),
-                job_id=job_id or new_job_id(),
+                job_id=job_id,
                 meta=meta,
                 timeout=S.EDIT_JOB_TIMEOUT_S,
                 ttl=S.QUEUED_TTL_S,
@@ -186,6 +198,9 @@ class JobClient:
                 failure_ttl=S.FAILURE_TTL_S,
                 pipeline=pipe,
             )
+            pipe.zadd(index, {job_id: now})  # after RQ's commands: it may WATCH first
+            pipe.zremrangebyscore(index, "-inf", now - EDITS_INDEX_TTL_S)
+            pipe.expire(index, EDITS_INDEX_TTL_S)
             pipe.llen(self.edits.key)
             queued = pipe.execute()[-1]
         log.info(
@@ -318,6 +333,39 @@ class JobClient:
         elif state == JobState.REJECTED:
             view.error = result["rejected"]
         return view
+
+    def list_edits(self, limit: int, before: str | None = None) -> tuple[list[JobView], str | None]:
+        """This tenant's edit jobs, newest first: ``limit`` of them after the job ``before`` (the
+        previous page's last). Returns (views, the next page's ``before``, or None at the end).
+        Jobs whose records expired are left out and dropped from the index."""
+        index = edits_index_key(self.tenant or DEFAULT_TENANT)
+        start = 0
+        if before is not None:
+            rank = self.redis.zrevrank(index, before) if JOB_ID.fullmatch(before) else None
+            if rank is None:
+                raise JobNotFound(
+                    f"before={quoted(before)} is not one of your edit jobs: pass the next_before "
+                    "of the previous page"
+                )
+            start = rank + 1
+        views: list[JobView] = []
+        expired: list[str] = []
+        while len(views) < limit:
+            ids = [m.decode() for m in self.redis.zrevrange(index, start, start + limit - 1)]
+            if not ids:
+                break
+            for job_id in ids:
+                start += 1
+                try:
+                    views.append(self.view(job_id))
+                except JobNotFound:
+                    expired.append(job_id)
+                if len(views) == limit:
+                    break
+        more = len(views) == limit and self.redis.zcard(index) > start
+        if expired:
+            self.redis.zrem(index, *expired)
+        return views, (views[-1].id if more else None)
 
     def wait(self, job_id: str, timeout_s: float, poll_s: float = 0.1) -> JobView:
         """Block until the job ends or ``timeout_s`` passes; returns its latest view."""

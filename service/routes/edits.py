@@ -1,4 +1,4 @@
-"""``/v1/edits``: submit an edit (multipart), follow it (long-poll), cancel it."""
+"""``/v1/edits``: submit an edit (multipart), list them, follow one (long-poll), cancel it."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Header, Query, Response, UploadFile
+from fastapi import APIRouter, File, Form, Header, Query, Request, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
 from models.store.store import Store
@@ -14,8 +14,8 @@ from service import validation as V
 from service.deps import CallerDep, JobsDep, SettingsDep, StoreDep
 from service.errors import responses
 from service.params import KnownFormFields
-from service.schemas import EditPublic
-from workers.client import TERMINAL, JobClient, JobNotFound, JobView, new_job_id
+from service.schemas import EditListPublic, EditPublic
+from workers.client import JOB_ID, TERMINAL, JobClient, JobNotFound, JobView, new_job_id
 from workers.payloads import Acceptance, EditPayload, JobImage
 from workers.quotas import ActiveJobs
 
@@ -26,10 +26,11 @@ MIN_LR = "acceptance gate: least share of the locality set left unchanged (LR_vs
 MIN_RETENTION = "acceptance gate: least share of earlier versions' edit images still right"
 
 
-def edit_public(view: JobView, store: Store) -> EditPublic:
-    """A job view, with the stored report once the job succeeded."""
+def edit_public(view: JobView, store: Store, with_report: bool = True) -> EditPublic:
+    """A job view, with the stored report once the job succeeded (unless ``with_report`` is
+    False: a listing leaves the reports out)."""
     report = None
-    if view.version and view.model:
+    if with_report and view.version and view.model:
         report = store.version(view.model, view.version).report
     links = {"self": f"/v1/edits/{view.id}", "cancel": f"/v1/edits/{view.id}/cancel"}
     if view.version:
@@ -173,6 +174,35 @@ def _await_job(jobs: JobClient, job_id: str, timeout_s: float = 5.0) -> JobView:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
+
+
+@router.get(
+    "",
+    response_model=EditListPublic,
+    responses=responses(404),
+    summary="Your edit jobs, newest first, a page at a time",
+)
+def list_edits(
+    store: StoreDep,
+    jobs: JobsDep,
+    request: Request,
+    response: Response,
+    limit: Annotated[int, Query(ge=1, le=100, description="jobs per page")] = 20,
+    before: Annotated[
+        str | None,
+        Query(
+            pattern=f"^{JOB_ID.pattern}$",
+            description="start after this job (the previous page's next_before)",
+        ),
+    ] = None,
+) -> EditListPublic:
+    views, next_before = jobs.list_edits(limit, before)
+    if next_before is not None:
+        url = request.url.include_query_params(before=next_before, limit=limit)
+        response.headers["Link"] = f'<{url}>; rel="next"'
+    return EditListPublic(
+        edits=[edit_public(v, store, with_report=False) for v in views], next_before=next_before
+    )
 
 
 @router.get(

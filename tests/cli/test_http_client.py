@@ -45,6 +45,12 @@ def test_client_submits_follows_and_downloads(served: Served, tmp_path: Path) ->
     assert client.version("tiny", "latest").version == job.version
     (prediction,) = client.predict("tiny", job.version, [tmp_path / "edit.png"]).predictions
     assert prediction.label == 7 and 0 < prediction.probability <= 1
+    second = client.submit_edit([edit], ["seven"], "tiny", options={"lr": 0.01, "max_steps": 2})
+    listed_jobs = client.jobs(limit=2, page_size=1)  # newest first, over pages of the listing
+    assert [j.id for j in listed_jobs] == [second.id, job.id]
+    assert listed_jobs[1].version == job.version and listed_jobs[1].report is None
+    assert [j.id for j in client.jobs(limit=1)] == [second.id]
+    client.wait(second.id, poll_s=0.2)
 
 
 def test_client_raises_the_servers_message(served: Served, tmp_path: Path) -> None:

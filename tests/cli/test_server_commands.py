@@ -132,6 +132,20 @@ def test_versions_shows_whole_ids_at_80_columns(live: Live, chain: list) -> None
     assert words.count(ids[0]) == 2  # the first version's row, and as the second's parent
 
 
+def test_jobs_lists_the_edits_newest_first(live: Live, chain: list) -> None:
+    ids = [run.stdout.splitlines()[-5].split()[1] for run in chain]  # the "version v..." line
+    listing = vitedit("jobs", "--limit", "2", "--server", live.url)
+    assert listing.returncode == 0, listing.stderr
+    assert "2 edit job(s), newest first" in listing.stdout
+    assert max(map(len, listing.stdout.splitlines())) <= 80 and "…" not in listing.stdout
+    rows = [line.split() for line in listing.stdout.splitlines() if line.startswith("j")][1:]
+    assert len(rows) == 2 and all(row[1] == "succeeded" for row in rows)
+    words = listing.stdout.split()
+    assert words.index(ids[1]) < words.index(ids[0])  # the second edit is listed first
+    refused = vitedit("jobs", "--limit", "0", "--server", live.url)
+    assert refused.returncode != 0 and "--limit must be at least 1" in refused.stderr
+
+
 @pytest.mark.parametrize(
     ("key", "says"),
     [

@@ -187,3 +187,41 @@ def test_keys_file_holds_digests_tenants_and_limits(tmp_path: Path) -> None:
     bad.write_text(json.dumps({"tenants": {"bob": {"key_sha256": ["kb"]}}}))
     with pytest.raises(ValueError, match=r"keys\.json: .*key_sha256"):
         Keyring.from_settings(ApiSettings(api_keys_file=bad))
+
+
+def test_each_tenant_lists_its_own_edits_newest_first_a_page_at_a_time(
+    keyed: TestClient,
+) -> None:
+    mine = [submit(keyed, ALICE).json()["id"] for _ in range(3)]
+    theirs = submit(keyed, BOB).json()["id"]
+    seen: list[str] = []
+    params: dict[str, Any] = {"limit": 2}
+    while True:
+        answer = keyed.get("/v1/edits", params=params, headers=ALICE)
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert len(body["edits"]) <= 2 and all(e["report"] is None for e in body["edits"])
+        seen += [e["id"] for e in body["edits"]]
+        if body["next_before"] is None:
+            break
+        assert body["next_before"] == seen[-1] and 'rel="next"' in answer.headers["link"]
+        params = {"limit": 2, "before": body["next_before"]}
+    assert seen[:3] == mine[::-1] and theirs not in seen and len(seen) == len(set(seen))
+    bobs = [e["id"] for e in keyed.get("/v1/edits", headers=BOB).json()["edits"]]
+    assert bobs[0] == theirs and not set(mine) & set(bobs)
+    # another tenant's job is no place to start a page from: it reads as unknown
+    _unknown(keyed.get("/v1/edits", params={"before": mine[0]}, headers=BOB), "JobNotFound")
+    for query, status in (("limit=0", 422), ("limit=101", 422), ("before=a:b", 422)):
+        answer = keyed.get(f"/v1/edits?{query}", headers=ALICE)
+        assert answer.status_code == status, (query, answer.text)
+
+
+def test_a_listed_job_whose_record_expired_is_left_out_and_dropped(served: Served) -> None:
+    from workers.client import DEFAULT_TENANT, edits_index_key
+
+    index = edits_index_key(DEFAULT_TENANT)
+    gone = "j" + "0" * 32
+    served.jobs.redis.zadd(index, {gone: 1.0})  # the oldest entry, its job record expired
+    everything, _ = served.jobs.list_edits(100)
+    assert gone not in [v.id for v in everything]
+    assert served.jobs.redis.zscore(index, gone) is None
