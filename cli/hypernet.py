@@ -100,6 +100,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="start from this saved hypernetwork's weights (same backbone and sites)",
     )
     train.add_argument(
+        "--target-token",
+        action="store_true",
+        help="a hypernetwork that also reads the edit's target class (its classifier row, one "
+        "more token); with --init-from, that network's weights plus the new token",
+    )
+    train.add_argument(
         "--episodes",
         choices=["cutmix", "failures"],
         default="cutmix",
@@ -205,8 +211,16 @@ def _train(args: argparse.Namespace) -> int:
 
         # checks the backbone and the sites; loaded frozen, so unfreeze for training
         hypernet = Hypernetwork.load(args.init_from, backbone, sites).requires_grad_(True)
+        if args.target_token and not hypernet.config.target_token:
+            hypernet = hypernet.with_target_token(cfg.seed)
     else:
-        hypernet = build_hypernetwork(backbone.model, sites, cfg.seed, width=options.get("width"))
+        hypernet = build_hypernetwork(
+            backbone.model,
+            sites,
+            cfg.seed,
+            width=options.get("width"),
+            target_token=args.target_token,
+        )
     checkpoints = args.checkpoint_dir or (WORLD_CHECKPOINTS / args.world if args.world else None)
     budget = None if args.time_budget is None else 60 * args.time_budget
     with autocast(backbone.device, args.precision):

@@ -60,7 +60,7 @@ def main() -> None:
         for i in range(len(images)):
             x = images[i : i + 1]
             with torch.no_grad():
-                scores = hypernet.mask_scores(backbone.model, x)
+                scores = hypernet.mask_scores(backbone.model, x, torch.tensor([group.label]))
             masks["where2edit"].append(top_rho_mask(scores, args.rho))
             task = EditTask(
                 backbone.model, sites, split, x, torch.tensor([group.label]), tokens[i : i + 1]

@@ -40,7 +40,7 @@ def learned_scores(hypernet: Hypernetwork, task: EditTask) -> torch.Tensor:
             f"edit's sites {list(task.sites.mlps)} have {list(expected)}; use its sites"
         )
     hypernet.check_sites(task.sites)
-    return hypernet.mask_scores(task.model, task.images)  # (n_entries,)
+    return hypernet.mask_scores(task.model, task.images, task.targets)  # (n_entries,)
 
 
 def mask_counts(sites: Sites, masks: list[torch.Tensor]) -> dict[str, int]:

@@ -50,7 +50,13 @@ from models.forward import SplitForward
 from models.hypernet.checkpoint import CHECKPOINT_DIR, load_checkpoint, save_checkpoint
 from models.hypernet.cutmix import CutMixSampler, Episodes, ImagePool
 from models.hypernet.episodes import Anchors, BatchedEpisodes, Delta, episode_kl
-from models.hypernet.network import HypernetConfig, Hypernetwork, cls_features, feature_dim
+from models.hypernet.network import (
+    HypernetConfig,
+    Hypernetwork,
+    cls_features,
+    feature_dim,
+    target_features,
+)
 from models.sites import Sites
 
 log = logging.getLogger(__name__)
@@ -285,11 +291,13 @@ def regress(
     features: torch.Tensor,
     s: torch.Tensor,
     cfg: MetaTrainConfig,
+    target_rows: torch.Tensor | None = None,
 ) -> tuple[float, torch.Tensor]:
-    """Step 3: fit H(cls(x~)) to sigmoid(3 s). Returns the last BCE and the scores it saw."""
+    """Step 3: fit H(cls(x~)) to sigmoid(3 s) (a ``target_token`` network also reads the
+    episodes' target rows). Returns the last BCE and the scores it saw."""
     target = torch.sigmoid(hypernet.config.score_scale * s)
     for _ in range(cfg.regression_steps):
-        scores = hypernet(features)  # (B, n_entries)
+        scores = hypernet(features, target_rows)  # (B, n_entries)
         loss = cfg.regression_weight * F.binary_cross_entropy(scores, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -351,7 +359,10 @@ class MetaTrainer:
             group["lr"] = cfg.regression_lr_at(self.iteration)
         self.hypernet.train()
         features = cls_features(self.model, episodes.mixed)  # (B, feature_dim)
-        bce, scores = regress(self.hypernet, self.opt, features, search.s, cfg)
+        rows = None
+        if self.hypernet.config.target_token:  # the class each episode's edit moves it to
+            rows = target_features(self.model, episodes.targets)
+        bce, scores = regress(self.hypernet, self.opt, features, search.s, cfg, rows)
         if not math.isfinite(bce):
             raise MetaTrainingUnhealthy(
                 f"meta-training diverged at iteration {self.iteration}: the regression loss is "
@@ -467,10 +478,13 @@ def build_hypernetwork(
     seed: int = 0,
     width: int | None = None,
     heads: int | None = None,
+    target_token: bool = False,
 ) -> Hypernetwork:
     """A fresh hypernetwork for this backbone and these sites, initialised from ``seed``."""
     torch.manual_seed(seed)
-    config = HypernetConfig.for_sites(feature_dim(model), sites, width=width, heads=heads)
+    config = HypernetConfig.for_sites(
+        feature_dim(model), sites, width=width, heads=heads, target_token=target_token
+    )
     return Hypernetwork(config).to(next(model.parameters()).device)
 
 

@@ -58,6 +58,9 @@ class HypernetConfig:
     mlp_hidden: int | None = None  # None = width (the reference uses 1x, not 4x)
     score_scale: float = 3.0
     clamp: float = 1e-5
+    # also read the edit's target class, as one more token: its row of the backbone's classifier
+    # (the image alone does not say which class the edit moves it to; saliency's gradient does)
+    target_token: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
@@ -114,24 +117,58 @@ class Hypernetwork(nn.Module):
         )
         self.norm = nn.LayerNorm(c.width)  # final norm of a pre-LN trunk
         self.heads = nn.ModuleList(nn.Linear(c.width, h) for h in c.hidden)
+        self.target_proj = nn.Linear(c.feature_dim, c.width) if c.target_token else None
         self.sites: Sites | None = None  # the sites it was trained for (set by save and load)
 
-    def logits(self, features: torch.Tensor) -> torch.Tensor:
-        """Pre-sigmoid scores z, (B, n_entries)."""
+    def logits(
+        self, features: torch.Tensor, target_features: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Pre-sigmoid scores z, (B, n_entries). ``target_features`` (B, feature_dim): the edit
+        targets' classifier rows (:func:`target_features`), for a ``target_token`` network."""
         x = self.proj(features).unsqueeze(1)  # (B, 1, W)
         q = self.queries.unsqueeze(0).expand(x.shape[0], -1, -1)  # (B, M, W)
-        x = self.norm(self.blocks(torch.cat([q, x], dim=1)))  # (B, M + 1, W)
+        tokens = [q, x]
+        if self.target_proj is not None:
+            if target_features is None:
+                raise ValueError("this hypernetwork reads the edit's target: give its features")
+            tokens.append(self.target_proj(target_features).unsqueeze(1))
+        x = self.norm(self.blocks(torch.cat(tokens, dim=1)))  # (B, M + 1 [+ 1], W)
         return torch.cat([head(x[:, i]) for i, head in enumerate(self.heads)], dim=-1)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, features: torch.Tensor, target_features: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Scores in [clamp, 1 - clamp], (B, n_entries), in Sites.matrices order."""
         eps = self.config.clamp
-        return torch.sigmoid(self.config.score_scale * self.logits(features)).clamp(eps, 1 - eps)
+        z = self.logits(features, target_features)
+        return torch.sigmoid(self.config.score_scale * z).clamp(eps, 1 - eps)
 
     @torch.no_grad()
-    def mask_scores(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-        """Scores for a set of edit images, averaged over them: (n_entries,)."""
-        return self(cls_features(model, images)).mean(dim=0)
+    def mask_scores(
+        self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Scores for a set of edit images (and their target labels, which a ``target_token``
+        network reads), averaged over them: (n_entries,)."""
+        rows = None
+        if self.config.target_token:
+            if targets is None:
+                raise ValueError("this hypernetwork reads the edit's target labels: give them")
+            rows = target_features(model, targets)
+        return self(cls_features(model, images), rows).mean(dim=0)
+
+    def with_target_token(self, seed: int = 0) -> Hypernetwork:
+        """This network with a target token added (its projection seeded, the rest copied): the
+        start of a target-reading meta-training from an image-only network."""
+        torch.manual_seed(seed)
+        net = Hypernetwork(dataclasses.replace(self.config, target_token=True))
+        missing, unexpected = net.load_state_dict(self.state_dict(), strict=False)
+        if unexpected or any(not k.startswith("target_proj.") for k in missing):
+            raise ValueError(f"cannot add a target token: {missing} {unexpected}")
+        net.sites = self.sites
+        for name in ("weights_sha256", "training_episodes", "episode_source"):  # its origin
+            if hasattr(self, name):
+                setattr(net, name, getattr(self, name))
+        return net.to(next(self.parameters()).device)
 
     # ------------------------------------------------------------------ persistence
 
@@ -279,6 +316,12 @@ def cls_features(model: nn.Module, images: torch.Tensor, batch_size: int = 256) 
 def feature_dim(model: nn.Module) -> int:
     """Width of :func:`cls_features` for a timm classifier."""
     return int(getattr(model, "head_hidden_size", None) or model.num_features)
+
+
+def target_features(model: nn.Module, targets: torch.Tensor) -> torch.Tensor:
+    """(N, feature_dim): the backbone classifier's rows of the target classes (timm's head)."""
+    weight = model.get_classifier().weight
+    return weight[targets.to(weight.device)].detach()
 
 
 def load_demo_hypernetwork(backbone: Backbone, directory: Path = DEMO_DIR) -> Hypernetwork | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -60,3 +61,12 @@ def test_a_hypernetwork_for_other_sites_is_refused(task):
     task.hypernetwork = Hypernetwork(HypernetConfig.for_sites(feature_dim(task.model), other))
     with pytest.raises(HypernetworkMismatchError, match="use its sites"):
         learned_masks(task.hypernetwork, task, rho=0.1)
+
+
+def test_a_target_reading_hypernetwork_gets_the_edits_targets(task):
+    task.hypernetwork = task.hypernetwork.with_target_token(seed=0).eval()
+    masks = torch.cat(learned_masks(task.hypernetwork, task, rho=0.1))
+    other = dataclasses.replace(task, targets=(task.targets + 1) % 10)
+    assert not torch.equal(masks, torch.cat(learned_masks(task.hypernetwork, other, rho=0.1)))
+    outcome = run_edit("where2edit", task, make_config("where2edit", rho=0.1, max_steps=2))
+    assert outcome.mask_entries == int(masks.sum())

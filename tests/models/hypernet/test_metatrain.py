@@ -26,6 +26,7 @@ from models.hypernet.episodes import (
 from models.hypernet.metatrain import (
     MetaTrainConfig,
     MetaTrainer,
+    build_hypernetwork,
     health_problem,
     jaccard,
     mask_iou,
@@ -176,6 +177,20 @@ def test_short_meta_training_lowers_the_outer_loss_and_the_regression_loss(
         torch.equal(a, b)
         for a, b in zip(net.state_dict().values(), loaded.state_dict().values(), strict=True)
     )
+
+
+def test_a_target_reading_network_meta_trains_its_target_token(
+    tiny_backbone, sites, pool, tmp_path
+):
+    cfg = MetaTrainConfig(iterations=3, **FAST)
+    start = build_hypernetwork(tiny_backbone.model, sites, target_token=True)
+    before = start.target_proj.weight.detach().clone()
+    net, history = meta_train(
+        tiny_backbone, sites, pool, cfg, tmp_path, hypernet=start, log_every=1, checkpoint_every=0
+    )
+    assert len(history) == 3 and history[-1]["bce"] < history[0]["bce"]
+    assert not torch.equal(net.target_proj.weight, before)  # the token is trained
+    assert Hypernetwork.load(tmp_path, tiny_backbone, sites).config.target_token
 
 
 def test_resumed_training_continues_exactly_where_it_stopped(tiny_backbone, sites, pool, tmp_path):

@@ -19,6 +19,7 @@ from models.hypernet.network import (
     cls_features,
     feature_dim,
     load_demo_hypernetwork,
+    target_features,
 )
 from models.sites import Sites
 from tests.conftest import run_capped
@@ -107,6 +108,33 @@ def test_save_load_round_trip_gives_identical_scores(tiny_backbone, sites, image
     assert manifest["sites"] == sites.to_json() and manifest["training"] == {"iterations": 3}
     assert manifest["config"]["hidden"] == [m.hidden for m in sites.matrices]
     assert {p.name for p in tmp_path.iterdir()} == {MANIFEST_FILE, WEIGHTS_FILE}
+
+
+def test_a_target_token_network_reads_the_target_and_round_trips(
+    tiny_backbone, sites, images, tmp_path
+):
+    image_only = make_hypernet(tiny_backbone, sites).eval()
+    net = image_only.with_target_token(seed=0).eval()
+    assert net.config.target_token and not image_only.config.target_token
+    model, feats = tiny_backbone.model, cls_features(tiny_backbone.model, images)
+    head = model.get_classifier().weight
+    rows = target_features(model, torch.tensor([1, 1, 4]))
+    assert torch.equal(rows, head[[1, 1, 4]]) and not rows.requires_grad
+    # the image-only network's weights are kept; the target changes the scores
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in image_only.state_dict().items())
+    one, four = (net(feats, target_features(model, torch.full((3,), c))) for c in (1, 4))
+    assert not torch.allclose(one, four)
+    with pytest.raises(ValueError, match="reads the edit's target"):
+        net(feats)
+    with pytest.raises(ValueError, match="reads the edit's target labels"):
+        net.mask_scores(model, images)
+    averaged = net.mask_scores(model, images, torch.tensor([1, 1, 1]))
+    assert torch.allclose(averaged, one.mean(dim=0))
+    net.save(tmp_path, tiny_backbone, sites)
+    loaded = Hypernetwork.load(tmp_path, tiny_backbone, sites)
+    assert loaded.config.target_token and torch.equal(
+        loaded(feats, target_features(model, torch.full((3,), 1))), one
+    )
 
 
 def test_load_rejects_a_hypernetwork_trained_for_another_backbone(tiny_backbone, sites, tmp_path):
