@@ -319,16 +319,17 @@ def run_jobs(args: argparse.Namespace) -> int:
     return _with_client(args, go)
 
 
+def _listing(title: str) -> Table:
+    """The compact table the listing commands print (jobs, versions)."""
+    return Table(
+        title=title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True
+    )
+
+
 def jobs_table(jobs: list[Job]) -> Table:
     """One row per job, newest first, ids never cut (80 columns): the job's id above the version
     it made, its status above its submit time, and what it edited."""
-    table = Table(
-        title=f"{len(jobs)} edit job(s), newest first",
-        box=box.SIMPLE_HEAD,
-        show_edge=False,
-        pad_edge=False,
-        collapse_padding=True,
-    )
+    table = _listing(f"{len(jobs)} edit job(s), newest first")
     ids = [j.id for j in jobs] + [f"  {j.version}" for j in jobs if j.version]
     table.add_column("job\n  version", no_wrap=True, min_width=max(map(len, ids), default=0))
     table.add_column("status\nsubmitted (UTC)", no_wrap=True)
@@ -355,13 +356,7 @@ def run_versions(args: argparse.Namespace) -> int:
 def versions_table(listing: VersionList) -> Table:
     """One row per version, ids never cut: an id (which tells its creation time, UTC) and its
     parent's share the first column, one above the other, so the table fits 80 columns."""
-    table = Table(
-        title=f"{listing.model}: {len(listing.versions)} version(s)",
-        box=box.SIMPLE_HEAD,
-        show_edge=False,
-        pad_edge=False,
-        collapse_padding=True,
-    )
+    table = _listing(f"{listing.model}: {len(listing.versions)} version(s)")
     ids = [v.version for v in listing.versions] + [v.parent or "" for v in listing.versions]
     table.add_column("version\n  parent", no_wrap=True, min_width=max(map(len, ids), default=0) + 2)
     table.add_column("method", no_wrap=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Response
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
@@ -57,3 +57,9 @@ async def reject_unknown_form_fields(request: Request) -> None:
 
 KnownFormFields = Depends(reject_unknown_form_fields)
 """``dependencies=[KnownFormFields]`` on a multipart route: see :func:`reject_unknown_form_fields`."""
+
+
+def link_next(request: Request, response: Response, **params: object) -> None:
+    """A ``Link: <url>; rel="next"`` header: this request's URL with ``params`` for the next page."""
+    url = request.url.include_query_params(**params)
+    response.headers["Link"] = f'<{url}>; rel="next"'

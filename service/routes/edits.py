@@ -13,7 +13,7 @@ from models.store.store import Store
 from service import validation as V
 from service.deps import CallerDep, JobsDep, SettingsDep, StoreDep
 from service.errors import responses
-from service.params import KnownFormFields
+from service.params import KnownFormFields, link_next
 from service.schemas import EditListPublic, EditPublic
 from workers.client import JOB_ID, TERMINAL, JobClient, JobNotFound, JobView, new_job_id
 from workers.payloads import Acceptance, EditPayload, JobImage
@@ -198,8 +198,7 @@ def list_edits(
 ) -> EditListPublic:
     views, next_before = jobs.list_edits(limit, before)
     if next_before is not None:
-        url = request.url.include_query_params(before=next_before, limit=limit)
-        response.headers["Link"] = f'<{url}>; rel="next"'
+        link_next(request, response, before=next_before, limit=limit)
     return EditListPublic(
         edits=[edit_public(v, store, with_report=False) for v in views], next_before=next_before
     )

@@ -16,7 +16,7 @@ from models.store.store import BASE, NAME_PATTERN, PATCH_FILE, Store
 from service import validation as V
 from service.deps import JobsDep, SettingsDep, StoreDep
 from service.errors import responses
-from service.params import KnownFormFields, ModelName, VersionRef
+from service.params import KnownFormFields, ModelName, VersionRef, link_next
 from service.schemas import PredictPublic, VersionDetailPublic, VersionListPublic, VersionPublic
 from workers.payloads import MaterialisePayload, PredictPayload
 
@@ -84,8 +84,7 @@ def list_versions(
     more = start + limit < len(manifests)
     next_after = page[-1].version if more and page else None
     if next_after is not None:
-        url = request.url.include_query_params(after=next_after, limit=limit)
-        response.headers["Link"] = f'<{url}>; rel="next"'
+        link_next(request, response, after=next_after, limit=limit)
     aliases = store.aliases(model)
     by_version = _by_version(aliases)
     versions = [
