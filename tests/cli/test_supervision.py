@@ -161,9 +161,14 @@ def kids(pid: int) -> dict[str, int]:
     roles = {}
     for line in out.splitlines():
         child, args = line.strip().split(" ", 1)
-        role = "redis" if "redis-server" in args else "worker" if "workers.main" in args else "api"
+        try:  # the executable, not the title: redis-server rewrites its own argv
+            exe = os.path.basename(os.readlink(f"/proc/{child}/exe"))
+        except OSError:
+            exe = ""
+        redis = "redis-server" in exe or "redis-server" in args
+        role = "redis" if redis else "worker" if "workers.main" in args else "api"
         if alive(int(child)):
-            roles[role] = int(child)
+            roles.setdefault(role, int(child))
     return roles
 
 
