@@ -131,8 +131,9 @@ def read_world_arrays(path: Path, entry: str | None = None) -> dict[str, np.ndar
     from models.errors import IntegrityError
     from models.store.manifest import read_json, sha256_file
 
-    recorded_in = read_json(path.with_name("world.json"))
-    recorded = (recorded_in.get(entry) or {} if entry else recorded_in).get("sha256")
+    manifest = read_json(path.with_name("world.json"))
+    section = (manifest.get(entry) or {}) if entry else manifest
+    recorded = section.get("sha256")
     actual = sha256_file(path)
     if recorded != actual:
         raise IntegrityError(

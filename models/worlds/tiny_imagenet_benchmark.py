@@ -205,16 +205,8 @@ def derive_world(
     out.parent.mkdir(parents=True, exist_ok=True)
     _save(out, arrays)
     reference_out = out.with_name(REFERENCE_FILE)
-    _save(
-        reference_out,
-        dict(
-            zip(
-                ("locality_jpeg", "locality_offsets"),
-                _blobs([files[i] for i in reference]),
-                strict=True,
-            )
-        ),
-    )
+    jpeg, offsets = _blobs([files[i] for i in reference])
+    _save(reference_out, {"locality_jpeg": jpeg, "locality_offsets": offsets})
     _, class_names = tin.read_classes(root)
     summary = {
         "seed": cfg.seed,

@@ -352,6 +352,12 @@ def test_the_reference_locality_set_is_its_own_checked_file(derived) -> None:
     assert (drawn.heldout_images == shipped.heldout_images).all()  # only the locality differs
     with pytest.raises(DataError, match="unknown locality set"):
         tib.load_world(out, locality="largest")
+    changed = out.parent / tib.REFERENCE_FILE
+    kept = changed.read_bytes()
+    changed.write_bytes(kept + b"x")  # its sha256 is checked against world.json too
+    with pytest.raises(IntegrityError):
+        tib.load_world(out, locality="reference")
+    changed.write_bytes(kept)
 
 
 def test_world_file_round_trips_and_refuses_a_changed_file(derived) -> None:
