@@ -10,6 +10,7 @@ import argparse
 import importlib
 import logging
 import sys
+from collections.abc import Callable
 
 COMMAND_MODULES = ("world", "demo", "bench", "calibrate", "hypernet", "models", "serve", "api")
 
@@ -54,10 +55,16 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    return one_line_errors(lambda: args.func(args))
+
+
+def one_line_errors(run: Callable[[], object]) -> int:
+    """Run a command (or a script's ``main``): its exit code, an error of ours printed as one line
+    on stderr with code 2 (never a traceback), Ctrl-C as 130."""
     from models.errors import VitEditError
 
     try:
-        return int(args.func(args) or 0)
+        return int(run() or 0)
     except VitEditError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

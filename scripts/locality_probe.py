@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from cli.bench import add_locality_rule_argument
+from cli.main import one_line_errors
 from models.editing.registry import EditTask, make_config, run_edit
 from models.evaluation import EvalSet, patched_logits
 from models.forward import SplitForward
@@ -106,4 +108,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(one_line_errors(main))

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 import torch
 
 from cli.bench import add_locality_rule_argument
+from cli.main import one_line_errors
 from models.editing.registry import EditTask
 from models.editing.saliency import gradient_scores
 from models.forward import SplitForward
@@ -83,4 +85,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(one_line_errors(main))

@@ -19,12 +19,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from cli.bench import add_locality_rule_argument
+from cli.main import one_line_errors
 from models.editing.optimize import masked_finetune
 from models.editing.registry import EditTask, make_config, run_edit
 from models.editing.saliency import gradient_scores
@@ -111,4 +113,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(one_line_errors(main))

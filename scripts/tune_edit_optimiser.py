@@ -32,6 +32,7 @@ import torch
 
 from cli.bench import add_locality_rule_argument
 from cli.calibrate import print_edit_row
+from cli.main import one_line_errors
 from models.calibration import search_edit_setting
 from models.store.manifest import BackboneManifest
 from models.worlds.catalog import get_world
@@ -113,4 +114,4 @@ def write_defaults(
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(one_line_errors(main))

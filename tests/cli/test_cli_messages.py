@@ -113,3 +113,16 @@ def test_demo_failure_names_the_groups_of_an_unknown_one(
     assert main(["demo", "failure", "--group", "nope", "--out", str(tmp_path / "x.png")]) == 2
     assert "0-6" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("script", ["mask_probe", "locality_probe", "mask_diversity"])
+def test_a_probe_script_says_a_wrong_locality_set_in_one_line(script: str) -> None:
+    run = subprocess.run(
+        [sys.executable, f"scripts/{script}.py", "--world", "demo", "--locality-rule", "reference"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip() == "error: world 'demo' has no locality set 'reference'; it has one"
