@@ -119,6 +119,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_bench_command)
 
 
+def add_world_arguments(parser: Any, world: str = "demo") -> None:
+    """The probe scripts' choice of world, hypernetwork, split and locality set (scripts/)."""
+    parser.add_argument("--world", default=world, choices=["demo", "tiny-imagenet"])
+    parser.add_argument("--hypernet", type=Path, help="hypernetwork folder (default: the world's)")
+    parser.add_argument(
+        "--split", help="groups: tuning, test or all (default: the world's report split)"
+    )
+    add_locality_rule_argument(parser)
+
+
+def open_probe_world(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
+    """(backbone, benchmark, hypernetwork or None, sites) of :func:`add_world_arguments`'s
+    choice, on one CPU thread (the probes' setting), warnings only."""
+    import torch
+
+    from models.worlds.catalog import open_world
+
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.WARNING)
+    return open_world(args.world, args.split, args.hypernet, args.locality_rule)
+
+
 def add_locality_rule_argument(parser: Any) -> None:
     """``--locality-rule``, for the bench and the probe scripts (scripts/*_probe.py)."""
     parser.add_argument(

@@ -15,20 +15,16 @@ changes. This splits those flips by destination and by margin, per method:
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from cli.bench import add_locality_rule_argument
+from cli.bench import add_world_arguments, open_probe_world
 from cli.main import one_line_errors
 from models.editing.registry import EditTask, make_config, run_edit
-from models.evaluation import EvalSet, patched_logits
-from models.forward import SplitForward
-from models.worlds.bench import edit_defaults, sample_edits
-from models.worlds.catalog import open_world
+from models.evaluation import patched_logits
+from models.worlds.bench import edit_defaults, evaluation_set, sample_edits
 
 KNOBS = {"random": {"rho": 0.1}, "where2edit": {"rho": 0.1}, "ft-l1": {"c": 0.005}}
 MARGINS = (0.05, 0.1, 1.0)
@@ -38,22 +34,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default="ft,random,where2edit,ft-l1")
     parser.add_argument("--edits", type=int, default=4, help="edit images per group")
-    parser.add_argument("--hypernet", type=Path, help="hypernetwork folder (default: the world's)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--world", default="demo", choices=["demo", "tiny-imagenet"])
-    parser.add_argument(
-        "--split", help="groups: tuning, test or all (default: the world's report split)"
-    )
-    add_locality_rule_argument(parser)
+    add_world_arguments(parser)
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    logging.basicConfig(level=logging.WARNING)
-    backbone, bench, hypernet, sites = open_world(
-        args.world, args.split, args.hypernet, args.locality_rule
-    )
-    split = SplitForward(backbone.model, sites)
-    groups = [(g.name, g.label, backbone.preprocess(g.images)) for g in bench.groups]
-    evalset = EvalSet.prepare(split, groups, backbone.preprocess(bench.locality))
+    backbone, bench, hypernet, sites = open_probe_world(args)
+    images, evalset = evaluation_set(backbone, sites, bench.groups, bench.locality)
+    split = evalset.split
     base = split.logits(evalset.locality_tokens).softmax(-1)
     top2 = base.topk(2, dim=-1)
     margin = (top2.values[:, 0] - top2.values[:, 1]).numpy()
@@ -63,7 +49,7 @@ def main() -> None:
         f"0.05-0.1: {(bucket == 1).sum()}, >= 0.1: {(bucket == 2).sum()}; "
         f"{len(np.unique(top2.indices[:, 0].numpy()))} base classes\n"
     )
-    edits = sample_edits([len(x) for _, _, x in groups], args.edits, args.seed)
+    edits = sample_edits([len(x) for x in images], args.edits, args.seed)
     defaults = edit_defaults(backbone)
     print(
         "| method | flipped % | to target % | y in base top-2 % | elsewhere % "
@@ -81,7 +67,7 @@ def main() -> None:
                     backbone.model,
                     sites,
                     split,
-                    groups[gi][2][i : i + 1],
+                    images[gi][i : i + 1],
                     torch.tensor([g.label]),
                     g.tokens[i : i + 1],
                     hypernet,

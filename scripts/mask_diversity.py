@@ -14,19 +14,16 @@ same for every failure ranks neurons once for all (a static mask), whatever imag
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-from pathlib import Path
 
 import torch
 
-from cli.bench import add_locality_rule_argument
+from cli.bench import add_world_arguments, open_probe_world
 from cli.main import one_line_errors
 from models.editing.registry import EditTask
 from models.editing.saliency import gradient_scores
 from models.forward import SplitForward
 from models.sites import top_rho_mask
-from models.worlds.catalog import open_world
 
 
 def pairwise_iou(masks: torch.Tensor, groups: torch.Tensor) -> tuple[float, float]:
@@ -42,17 +39,10 @@ def pairwise_iou(masks: torch.Tensor, groups: torch.Tensor) -> tuple[float, floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--world", default="tiny-imagenet", choices=["demo", "tiny-imagenet"])
-    parser.add_argument("--hypernet", type=Path, help="hypernetwork folder (default: the world's)")
-    parser.add_argument("--split", help="tuning, test or all (default: the world's report split)")
     parser.add_argument("--rho", type=float, default=0.1)
-    add_locality_rule_argument(parser)
+    add_world_arguments(parser, "tiny-imagenet")
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    logging.basicConfig(level=logging.WARNING)
-    backbone, bench, hypernet, sites = open_world(
-        args.world, args.split, args.hypernet, args.locality_rule
-    )
+    backbone, bench, hypernet, sites = open_probe_world(args)
     split = SplitForward(backbone.model, sites)
     masks: dict[str, list[torch.Tensor]] = {"where2edit": [], "saliency": []}
     group_of = []

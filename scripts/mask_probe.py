@@ -18,35 +18,28 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from cli.bench import add_locality_rule_argument
+from cli.bench import add_world_arguments, open_probe_world
 from cli.main import one_line_errors
 from models.editing.optimize import masked_finetune
 from models.editing.registry import EditTask, make_config, run_edit
 from models.editing.saliency import gradient_scores
-from models.evaluation import EvalSet
-from models.forward import SplitForward
 from models.sites import top_rho_mask
-from models.worlds.bench import edit_defaults, edit_seed, sample_edits
-from models.worlds.catalog import open_world
+from models.worlds.bench import edit_defaults, edit_seed, evaluation_set, sample_edits
 
 KINDS = ("random", "where2edit", "saliency", "oracle")
 
 
-def oracle_scores(backbone, sites, split, groups, evalset) -> list[torch.Tensor]:
+def oracle_scores(backbone, sites, split, images, evalset) -> list[torch.Tensor]:
     """Per group: gradient norms of the CE of all its images (held-out ones included) to y."""
     scores = []
-    for (_, _, images), g in zip(groups, evalset.groups, strict=True):
-        targets = torch.full((len(images),), g.label)
-        scores.append(
-            gradient_scores(EditTask(backbone.model, sites, split, images, targets, g.tokens))
-        )
+    for x, g in zip(images, evalset.groups, strict=True):
+        targets = torch.full((len(x),), g.label)
+        scores.append(gradient_scores(EditTask(backbone.model, sites, split, x, targets, g.tokens)))
     return scores
 
 
@@ -55,42 +48,32 @@ def main() -> None:
     parser.add_argument("--rhos", default="0.1,0.05")
     parser.add_argument("--kinds", default=",".join(KINDS))
     parser.add_argument("--edits", type=int, default=4, help="edit images per group")
-    parser.add_argument("--hypernet", type=Path, help="hypernetwork folder (default: the world's)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--world", default="demo", choices=["demo", "tiny-imagenet"])
-    parser.add_argument(
-        "--split", help="groups: tuning, test or all (default: the world's report split)"
-    )
-    add_locality_rule_argument(parser)
+    add_world_arguments(parser)
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    logging.basicConfig(level=logging.WARNING)
-    backbone, bench, hypernet, sites = open_world(
-        args.world, args.split, args.hypernet, args.locality_rule
-    )
-    split = SplitForward(backbone.model, sites)
-    groups = [(g.name, g.label, backbone.preprocess(g.images)) for g in bench.groups]
-    evalset = EvalSet.prepare(split, groups, backbone.preprocess(bench.locality))
-    edits = sample_edits([len(x) for _, _, x in groups], args.edits, args.seed)
+    backbone, bench, hypernet, sites = open_probe_world(args)
+    images, evalset = evaluation_set(backbone, sites, bench.groups, bench.locality)
+    split = evalset.split
+    edits = sample_edits([len(x) for x in images], args.edits, args.seed)
     defaults = edit_defaults(backbone)
-    print(f"{len(groups)} groups x {args.edits} edits; sites {list(sites.mlps)}; {defaults}\n")
+    print(f"{len(images)} groups x {args.edits} edits; sites {list(sites.mlps)}; {defaults}\n")
     print("| mask | rho | SR % | GR % | LR % | steps |")
     print("|---|---:|---:|---:|---:|---:|")
-    oracle = oracle_scores(backbone, sites, split, groups, evalset)
+    oracle = oracle_scores(backbone, sites, split, images, evalset)
     for rho in (float(r) for r in args.rhos.split(",")):
         for kind in args.kinds.split(","):
             method = "random" if kind == "oracle" else kind  # oracle: masks given below
             config = make_config(method, rho=rho, seed=args.seed, **defaults)
             per_group, steps = [], []
             for gi, g in enumerate(evalset.groups):
-                images, target = groups[gi][2], torch.tensor([g.label])
+                x, target = images[gi], torch.tensor([g.label])
                 scores = []
                 for i in edits[gi]:
                     task = EditTask(
                         backbone.model,
                         sites,
                         split,
-                        images[i : i + 1],
+                        x[i : i + 1],
                         target,
                         g.tokens[i : i + 1],
                         hypernet,

@@ -184,15 +184,24 @@ class _Prepared:
 def _prepare(
     backbone: Backbone, benchmark: EditBenchmark, config: BenchConfig, sites: Sites
 ) -> _Prepared:
-    split = SplitForward(backbone.model, sites)
     picked = choose_groups(len(benchmark.groups), config.max_groups, config.seed)
     chosen = [benchmark.groups[i] for i in picked]
-    images = [backbone.preprocess(g.images) for g in chosen]
-    groups = [(g.name, g.label, x) for g, x in zip(chosen, images, strict=True)]
-    evalset = EvalSet.prepare(split, groups, backbone.preprocess(benchmark.locality))
-    sizes = [len(g.images) for g in chosen]
+    images, evalset = evaluation_set(backbone, sites, chosen, benchmark.locality)
+    sizes = [len(x) for x in images]
     edits = {seed: sample_edits(sizes, config.edits_per_group, seed) for seed in config.seeds}
     return _Prepared(backbone, sites, evalset, images, [g.name for g in chosen], edits)
+
+
+def evaluation_set(
+    backbone: Backbone, sites: Sites, groups: Sequence[Any], locality: Any
+) -> tuple[list[torch.Tensor], EvalSet]:
+    """The preprocessed images of each group (objects with ``name``, ``label``, ``images``) and
+    the :class:`EvalSet` that scores edits of them against ``locality``; for the bench and the
+    probe scripts."""
+    split = SplitForward(backbone.model, sites)
+    images = [backbone.preprocess(g.images) for g in groups]
+    named = [(g.name, g.label, x) for g, x in zip(groups, images, strict=True)]
+    return images, EvalSet.prepare(split, named, backbone.preprocess(locality))
 
 
 def _run_point(
