@@ -172,19 +172,27 @@ def kids(pid: int) -> dict[str, int]:
     return roles
 
 
-def kid(pid: int, role: str, timeout_s: float = 10) -> int:
+def kid(pid: int, role: str, timeout_s: float = 10, log: Path | None = None) -> int:
     """The launcher's live child in ``role``, waiting while one is being (re)started.
 
     A bare ``kids(pid)[role]`` failed two fresh-clone runs of this test (a third passed) with
     KeyError "redis" after the worker's restart, while redis-server kept running (cause not
-    found); waiting makes a real absence a clear failure with what was seen."""
+    found); waiting makes a real absence a clear failure, which says what ps saw (every
+    redis-server with its parent) and the end of the child's ``log``, to find the cause."""
     found: dict[str, int] = {}
 
     def present() -> bool:
         found.update(kids(pid))
         return role in found
 
-    assert wait_for(present, timeout_s, poll_s=0.2), f"no live {role} child: {kids(pid)}"
+    if not wait_for(present, timeout_s, poll_s=0.2):
+        ps = subprocess.run(
+            ["ps", "-o", "pid=,ppid=,stat=,args=", "-C", "redis-server"],
+            capture_output=True,
+            text=True,
+        ).stdout
+        tail = log.read_text(errors="replace")[-2000:] if log and log.is_file() else ""
+        pytest.fail(f"no live {role} child of {pid}: {kids(pid)}\nps:\n{ps}\nlog:\n{tail}")
     return found[role]
 
 
@@ -235,7 +243,7 @@ def test_serve_survives_a_killed_worker_and_a_killed_redis(tmp_path: Path) -> No
         assert wait_for(lambda: status(slow) == "failed", 90 - worker_back, poll_s=0.5)
         failed_after = time.monotonic() - killed
 
-        os.kill(kid(proc.pid, "redis"), signal.SIGKILL)
+        os.kill(kid(proc.pid, "redis", log=store.root / "redis" / "redis.log"), signal.SIGKILL)
         killed = time.monotonic()
         assert wait_for(ready, 60, poll_s=0.2)
         redis_back = time.monotonic() - killed
