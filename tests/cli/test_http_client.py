@@ -13,7 +13,12 @@ from models.errors import DataError, Invalid, NotFound, Unavailable
 from tests.redis_server import png
 from tests.service.conftest import Served
 
-pytestmark = pytest.mark.redis
+pytestmark = [
+    pytest.mark.redis,
+    # the client's per-request timeouts (a long poll, a model upload) are for real servers;
+    # starlette's TestClient, the transport here, ignores them and says so
+    pytest.mark.filterwarnings("ignore:You should not use the 'timeout' argument"),
+]
 
 
 def test_client_submits_follows_and_downloads(served: Served, tmp_path: Path) -> None:
