@@ -160,7 +160,7 @@ class FailureSampler:
         self.confidence, self.transform = confidence, transform
         self.device = torch.device(device)
         self.generator = torch.Generator().manual_seed(seed)
-        self.pool = self  # what the locality term's anchors draw from (an ImagePool too)
+        self.pool = self  # the images episodes draw from (an ImagePool too; its size is logged)
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -312,7 +312,7 @@ class MetaTrainer:
         self,
         backbone: Backbone,
         sites: Sites,
-        pool: ImagePool,
+        pool: ImagePool | None,
         hypernet: Hypernetwork,
         cfg: MetaTrainConfig,
         impl: str = "batched",
@@ -325,10 +325,13 @@ class MetaTrainer:
             raise ValueError(
                 "the reference loop implements the paper's objective only (locality 0)"
             )
+        if pool is None and (cfg.locality > 0 or sampler is None):
+            raise ValueError("a pool of clean images is needed for CutMix and the locality term")
         self.backbone, self.sites, self.hypernet, self.cfg = backbone, sites, hypernet, cfg
         self.impl, self.delta_form = impl, delta_form  # delta_form: episodes.zero_delta
         self.model = backbone.model
         self.split = SplitForward(self.model, sites)
+        self.pool = pool  # clean unlabeled images: CutMix's sources and the locality term's anchors
         # the paper's CutMix episodes unless another source is given (e.g. natural failures)
         self.sampler = sampler or CutMixSampler(
             self.model, pool, seed=cfg.seed, device=backbone.device
@@ -384,11 +387,13 @@ class MetaTrainer:
         }
 
     def _anchors(self) -> Anchors:
-        """B x L sensitive clean pool images: the lowest-margin of ``anchor_draws`` times more."""
+        """B x L sensitive clean pool images: the lowest-margin of ``anchor_draws`` times more.
+        Always from ``pool``, never the episodes' own source: natural-failure episodes draw
+        misclassified images, and sparing those would fight the edit's generalization."""
         cfg = self.cfg
         draws = cfg.batch * cfg.anchors * cfg.anchor_draws
-        idx = torch.randint(len(self.sampler.pool), (draws,), generator=self.sampler.generator)
-        images = self.sampler.pool.get(idx).to(self.backbone.device)
+        idx = torch.randint(len(self.pool), (draws,), generator=self.sampler.generator)
+        images = self.pool.get(idx).to(self.backbone.device)
         return Anchors.pick(self.split, images, cfg.anchors, cfg.batch)
 
     def train(
@@ -491,7 +496,7 @@ def build_hypernetwork(
 def meta_train(
     backbone: Backbone,
     sites: Sites,
-    pool: ImagePool,
+    pool: ImagePool | None,
     cfg: MetaTrainConfig,
     out_dir: Path,
     hypernet: Hypernetwork | None = None,

@@ -10,6 +10,7 @@ import torch
 
 from models.backbones import Backbone
 from models.errors import DataError
+from models.hypernet.cutmix import TensorPool
 from models.hypernet.failures import (
     FailureSampler,
     FailureSet,
@@ -17,7 +18,7 @@ from models.hypernet.failures import (
     raised_target,
     uniform_target,
 )
-from models.hypernet.metatrain import MetaTrainConfig, meta_train
+from models.hypernet.metatrain import MetaTrainConfig, MetaTrainer, build_hypernetwork, meta_train
 from models.hypernet.network import Hypernetwork
 from models.sites import Sites
 
@@ -128,3 +129,24 @@ def test_meta_training_on_failures_records_its_episode_source(tiny_backbone: Bac
     loaded = Hypernetwork.load(tmp_path, tiny_backbone, sites)
     assert loaded.episode_source == source  # a bench run names it with its where2edit points
     assert loaded.training_episodes == 6
+
+
+def test_the_locality_terms_anchors_come_from_the_clean_pool_not_the_failures(
+    tiny_backbone: Backbone,
+):
+    # sparing other misclassified images would fight the edit's generalization
+    x, y = images_and_labels()
+    sites = Sites.for_model(tiny_backbone.model)
+    cfg = MetaTrainConfig(batch=2, locality=1.0, anchors=2, anchor_draws=2)
+    clean = TensorPool(torch.randn(6, 1, 28, 28, generator=torch.Generator().manual_seed(1)))
+    sampler = FailureSampler(tiny_backbone.model, x, y, cfg.temperature, seed=cfg.seed)
+    hypernet = build_hypernetwork(tiny_backbone.model, sites, seed=0)
+    trainer = MetaTrainer(tiny_backbone, sites, clean, hypernet, cfg, sampler=sampler)
+    anchors = trainer._anchors()
+    with torch.no_grad():
+        from_pool, from_failures = tiny_backbone.model(clean.images), tiny_backbone.model(x)
+    for row in anchors.clean_logits.flatten(0, 1):
+        assert torch.isclose(row, from_pool, atol=1e-5).all(dim=1).any()
+        assert not torch.isclose(row, from_failures, atol=1e-5).all(dim=1).any()
+    with pytest.raises(ValueError, match="pool of clean images"):
+        MetaTrainer(tiny_backbone, sites, None, hypernet, cfg, sampler=sampler)
