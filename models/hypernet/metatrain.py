@@ -106,13 +106,16 @@ class MetaTrainConfig:
             "anchors",
             "anchor_draws",
         )
-        rates = ("outer_lr", "inner_lr", "regression_lr", "temperature")
+        rates = ("outer_lr", "inner_lr", "regression_lr", "temperature", "sharpness")
+        weights = ("sparsity", "regression_weight", "locality")  # 0 turns a term off
         problems = [(n, "must be at least 1") for n in positive if getattr(self, n) < 1]
         top = torch.finfo(torch.float32).max  # torch's optimisers take rates as float32
         problems += [
             (n, "must be positive and finite") for n in rates if not 0 < getattr(self, n) < top
         ]
-        problems += [("locality", "must be 0 or more")] if not self.locality >= 0 else []
+        problems += [
+            (n, "must be 0 or more and finite") for n in weights if not 0 <= getattr(self, n) < top
+        ]
         if problems:
             what = "; ".join(f"{n} {why}" for n, why in problems)
             got = ", ".join(f"{n}={getattr(self, n)!r}" for n, _ in problems)

@@ -310,6 +310,15 @@ def test_config_rejects_a_rate_torch_cannot_take(rate):
         MetaTrainConfig(outer_lr=rate)
 
 
+@pytest.mark.parametrize("weight", ["sparsity", "regression_weight", "locality"])
+@pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf")])
+def test_config_rejects_a_loss_weight_that_is_negative_or_not_finite(weight, value):
+    # before, nan or inf reached the search and was reported as a diverging inner or outer lr
+    with pytest.raises(ValueError, match=f"{weight} must be 0 or more and finite"):
+        MetaTrainConfig(**{weight: value})
+    assert getattr(MetaTrainConfig(**{weight: 0.0}), weight) == 0.0  # 0 turns the term off
+
+
 def test_a_diverging_mask_search_stops_before_anything_is_saved(
     tiny_backbone, sites, pool, tmp_path
 ):
