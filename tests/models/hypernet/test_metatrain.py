@@ -304,10 +304,11 @@ def test_config_rejects_non_positive_steps():
         MetaTrainConfig(inner_steps=0)
 
 
+@pytest.mark.parametrize("name", ["outer_lr", "sharpness"])
 @pytest.mark.parametrize("rate", [0.0, -1.0, float("nan"), float("inf"), 1e308])
-def test_config_rejects_a_rate_torch_cannot_take(rate):
-    with pytest.raises(ValueError, match="outer_lr must be positive and finite"):
-        MetaTrainConfig(outer_lr=rate)
+def test_config_rejects_a_rate_torch_cannot_take(name, rate):
+    with pytest.raises(ValueError, match=f"{name} must be positive and finite"):
+        MetaTrainConfig(**{name: rate})
 
 
 @pytest.mark.parametrize("weight", ["sparsity", "regression_weight", "locality"])
