@@ -65,6 +65,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--lr", type=float, default=None, help="AdamW's peak learning rate (default 2e-3)"
     )
     build.add_argument(
+        "--warmup-epochs",
+        type=float,
+        default=None,
+        help="epochs of linear learning-rate warm-up before the cosine (default 1)",
+    )
+    build.add_argument(
         "--device",
         default=None,
         help="tiny-imagenet: torch device for training and the benchmark, e.g. cuda (default "
@@ -147,6 +153,8 @@ def _check_options(args: argparse.Namespace) -> None:
         raise SystemExit(f"--width must be a positive multiple of the 4 heads, got {args.width}")
     if args.lr is not None and not 0.0 < args.lr < 1.0:  # also refuses nan and inf
         raise SystemExit(f"--lr must be in (0, 1), got {args.lr}")
+    if args.warmup_epochs is not None and not 0.0 <= args.warmup_epochs < 1e6:  # and not nan
+        raise SystemExit(f"--warmup-epochs must be 0 or more, got {args.warmup_epochs}")
     if args.batch_size is not None and args.batch_size < 1:
         raise SystemExit(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.name == "demo" and args.device not in (None, "cpu"):
@@ -176,6 +184,9 @@ def _build(args: argparse.Namespace) -> int:
             epochs=args.epochs or tin.EPOCHS,
             batch_size=args.batch_size or TrainConfig.batch_size,
             lr=args.lr or TrainConfig.lr,
+            warmup_epochs=TrainConfig.warmup_epochs
+            if args.warmup_epochs is None
+            else args.warmup_epochs,
             seed=args.seed,
             precision=args.precision,
             cutmix=args.cutmix,

@@ -405,6 +405,8 @@ def test_world_build_cli_extracts_a_tarball_and_trains_a_resumable_backbone(tmp_
                 "8",
                 "--lr",
                 "1e-3",
+                "--warmup-epochs",
+                "0.5",
                 "--device",
                 "cpu",
             ]
@@ -414,6 +416,7 @@ def test_world_build_cli_extracts_a_tarball_and_trains_a_resumable_backbone(tmp_
     assert code == 0
     manifest = BackboneManifest.read(out / "backbone.json")
     assert manifest.extra["train_config"]["lr"] == 1e-3 and manifest.extra["train_device"] == "cpu"
+    assert manifest.extra["train_config"]["warmup_epochs"] == 0.5
     assert manifest.extra["train_per_class"] == 8 and len(manifest.extra["history"]) == 1
     assert load_backbone(manifest).weights_sha256 == manifest.weights_sha256
     assert (work / "dataset" / "tiny-imagenet-200" / "wnids.txt").exists()
@@ -428,6 +431,9 @@ def test_world_build_cli_extracts_a_tarball_and_trains_a_resumable_backbone(tmp_
         (["--lr", "nan"], "--lr must be in"),
         (["--lr", "0"], "--lr must be in"),
         (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--warmup-epochs", "-1"], "--warmup-epochs must be 0 or more"),
+        (["--warmup-epochs", "nan"], "--warmup-epochs must be 0 or more"),
+        (["--warmup-epochs", "inf"], "--warmup-epochs must be 0 or more"),
         (["--device", "gpu0"], "not a torch device"),
         (["--device", "mps"], "only cpu and cuda"),
     ],
