@@ -12,6 +12,10 @@
 # PROBE_STEPS steps together (the probe), and the count is the largest (at most MAX_EPOCHS) that
 # the slowest of them fits into 85% of TRAIN_SECONDS at the probe's speed. The recipe is then plain
 # `vitedit world build tiny-imagenet --stage backbone` with that count; the log prints each command.
+# Environment: CANDIDATES (names below, space-separated), EPOCHS (skips the probe), EXTRA (options
+# appended to every run; argparse keeps the last, so EXTRA="--cutmix 1.0" overrides the 0.5), WORK
+# (must not hold runs of an earlier call: a world build resumes a checkpoint it finds).
+# The measured runs: docs/bench/tiny-imagenet/gpu-backbones/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$1 OUT=$2 TRAIN_SECONDS=$3
@@ -24,13 +28,19 @@ BATCH=${BATCH:-512}
 EXTRA=${EXTRA:-}  # e.g. "--train-per-class 8" for a dry run on the CPU
 COMMON="--stage backbone --device $DEVICE --threads 4 --batch-size $BATCH --lr 2e-3 \
 --warmup-epochs 5 --cutmix 0.5 --precision bf16 $EXTRA"
-NAMES=(a-w128-t16 b-w192-t16 c-w192-t64)
+read -r -a NAMES <<<"${CANDIDATES:-a-w128-t16 b-w192-t16 c-w192-t64}"
 declare -A ARCH=(
     [a-w128-t16]="--width 128 --tokens 16"
     [b-w192-t16]="--width 192 --tokens 16"
     [c-w192-t64]="--width 192 --tokens 64"
 )
 export PYTHONUNBUFFERED=1
+for name in "${NAMES[@]}"; do  # a run's folder left from an earlier call would be resumed, not restarted
+    if [ -e "$WORK/run-$name" ]; then
+        echo "$WORK/run-$name exists: give a fresh WORK (a world build resumes what it finds there)" >&2
+        exit 2
+    fi
+done
 mkdir -p "$WORK" "$OUT"
 if [ -f "$ROOT" ]; then
     mkdir -p "$WORK/dataset" && tar xzf "$ROOT" -C "$WORK/dataset"
@@ -48,7 +58,8 @@ $COMMON ${ARCH[$name]} $*"
     $cmd >"$work.log" 2>&1 || echo "[$name] exit $?"
 }
 
-# the probe: every candidate at once, PROBE_STEPS steps
+# the probe: every candidate at once, PROBE_STEPS steps (skipped when EPOCHS is given)
+if [ -z "${EPOCHS:-}" ]; then
 for name in "${NAMES[@]}"; do
     build "$name" "$WORK/probe-$name" "$WORK/probe-out-$name" --epochs "$MAX_EPOCHS" \
         --stop-at-step "$PROBE_STEPS" &
@@ -68,12 +79,14 @@ per_epoch = 80_000 // batch  # 400 images x 200 classes
 print(max(1, min(cap, math.floor(0.85 * budget / (slowest * per_epoch)))))
 EOF
 )
+fi
 echo "[plan] $EPOCHS epochs for every candidate"
 
 # the runs: every candidate at once, from fresh work folders (the decoded data shared)
 for name in "${NAMES[@]}"; do
     mkdir -p "$WORK/run-$name"
-    ln -sf "$WORK/probe-$name/tiny-imagenet-32.npz" "$WORK/run-$name/"
+    [ -f "$WORK/probe-$name/tiny-imagenet-32.npz" ] &&
+        ln -sf "$WORK/probe-$name/tiny-imagenet-32.npz" "$WORK/run-$name/"
     build "$name" "$WORK/run-$name" "$OUT/$name" --epochs "$EPOCHS" \
         --time-budget "$TRAIN_SECONDS" &
 done
