@@ -226,6 +226,17 @@ def _load_hypernetwork(args: argparse.Namespace, backbone: Any) -> tuple[Any, An
     return hn.Hypernetwork.load(directory, backbone), hn.recorded_sites(directory)
 
 
+def _wants_hypernetwork(args: argparse.Namespace) -> bool:
+    """Whether to load a hypernetwork: not when ``--methods`` names only methods that need none and
+    no ``--hypernet`` is given, so baselines run on a backbone no hypernetwork was trained for yet."""
+    if args.methods is None or args.hypernet is not None:
+        return True
+    from models.editing import EDITORS
+
+    names = (m.strip() for m in args.methods.split(","))
+    return any(m in EDITORS and EDITORS[m].needs_hypernetwork for m in names)
+
+
 def _methods(args: argparse.Namespace, hypernet: Any) -> tuple[str, ...]:
     from models.editing import EDITORS
 
@@ -281,7 +292,9 @@ def run_bench_command(args: argparse.Namespace) -> int:
         torch.set_num_threads(threads)
     backbone = _load_backbone(args, device)
     benchmark = _load_benchmark(args)
-    hypernet, sites = _load_hypernetwork(args, backbone)
+    hypernet, sites = (
+        _load_hypernetwork(args, backbone) if _wants_hypernetwork(args) else (None, None)
+    )
     methods = _methods(args, hypernet)
     if args.blocks:
         sites = Sites.for_model(backbone.model, tuple(int(b) for b in args.blocks.split(",")))

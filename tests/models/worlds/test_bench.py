@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ from PIL import Image
 
 from cli import bench as bench_command
 from models.backbones import load_backbone
+from models.errors import HypernetworkMismatchError
 from models.store.manifest import BackboneManifest
 from models.worlds.bench import BenchConfig, edit_defaults, knob_values, run_bench, sample_edits
 from models.worlds.layout import EditBenchmark, read_benchmark
@@ -315,3 +318,40 @@ def test_a_locality_rule_needs_a_built_in_world(tmp_path) -> None:
     args = bench_args([*folders, "--locality-rule", "reference"])
     with pytest.raises(SystemExit, match="a built-in world's locality set: give --world"):
         bench_command.run_bench_command(args)
+
+
+def test_baselines_alone_load_no_hypernetwork(tmp_path: Path, monkeypatch) -> None:
+    """A run of methods that need no hypernetwork loads none, so it runs on a backbone the world's
+    hypernetwork was not trained for (a new backbone's baselines, before its meta-training). Here
+    the demo world's hypernetwork folder holds the Tiny-ImageNet one: where2edit refuses it, the
+    baselines run."""
+    from models.worlds import catalog
+
+    shipped = Path(__file__).parents[3] / "models" / "assets"
+    assets = tmp_path / "assets"
+    assets.mkdir()
+    for name in ("backbone.json", "world.json"):
+        (assets / name).write_bytes((shipped / "demo" / name).read_bytes())
+    shutil.copytree(shipped / "tiny-imagenet" / "hypernet", assets / "hypernet")
+    world = dataclasses.replace(catalog.WORLDS["demo"], assets=assets)
+    monkeypatch.setitem(catalog.WORLDS, "demo", world)
+
+    def run(methods: str, knobs: str) -> int:
+        args = bench_args(
+            [
+                "--world", "demo", "--methods", methods, "--knobs", knobs,
+                "--edits-per-group", "1", "--seeds", "0", "--max-steps", "1",
+                "--out", str(tmp_path / methods.replace(",", "-")),
+            ]
+        )  # fmt: skip
+        threads = torch.get_num_threads()
+        try:
+            return bench_command.run_bench_command(args)
+        finally:
+            torch.set_num_threads(threads)
+
+    with pytest.raises(HypernetworkMismatchError, match="trained for backbone 'tiny-imagenet-vit'"):
+        run("random,where2edit", "random=0.1;where2edit=0.1")
+    assert run("random", "random=0.1") == 0
+    results = json.loads((tmp_path / "random" / "results.json").read_text())
+    assert list(results["methods"]) == ["random"] and "hypernetwork" not in results
