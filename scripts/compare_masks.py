@@ -17,9 +17,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from models.errors import ManifestError
+from models.errors import DataError
 from models.evaluation import paired_difference_ci
-from models.store.manifest import read_json
+from models.worlds.bench import read_results
 from models.worlds.headline import front_comparison
 
 
@@ -71,12 +71,9 @@ def front_rows(results: dict[str, Any], a: str, b: str) -> list[str]:
 def load_results(path: Path) -> dict[str, Any]:
     """A ``vitedit bench`` results.json, or exit saying what is wrong with the file."""
     try:
-        results = read_json(path)
-    except ManifestError as exc:
-        raise SystemExit(f"{exc}; pass a results.json written by vitedit bench") from None
-    if not isinstance(results.get("methods"), dict):
-        raise SystemExit(f"{path} has no 'methods': pass a results.json written by vitedit bench")
-    return results
+        return read_results(path)
+    except DataError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def main() -> None:

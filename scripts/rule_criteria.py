@@ -15,8 +15,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from models.errors import DataError
 from models.evaluation import paired_difference_ci
-from models.store.manifest import read_json
+from models.worlds.bench import read_results
 
 
 def rhos(text: str) -> list[float]:
@@ -31,7 +32,10 @@ def main() -> None:
     parser.add_argument("--middle", type=rhos, default=rhos("0.1,0.05"))
     parser.add_argument("--end", type=rhos, default=rhos("0.01,0.0075,0.006,0.005"))
     args = parser.parse_args()
-    methods = read_json(args.results)["methods"]
+    try:
+        methods = read_results(args.results)["methods"]
+    except DataError as exc:
+        raise SystemExit(str(exc)) from None
     for name in (args.a, args.b):
         if name not in methods:
             raise SystemExit(f"{args.results} has no {name!r}; it has {sorted(methods)}")

@@ -41,7 +41,7 @@ from models.editing.registry import (
     make_config,
     run_edit,
 )
-from models.errors import DataError, EditConfigError
+from models.errors import DataError, EditConfigError, ManifestError
 from models.evaluation import (
     METRIC_DEFINITIONS,
     EditScore,
@@ -56,7 +56,7 @@ from models.evaluation import (
 from models.forward import SplitForward
 from models.precision import autocast
 from models.sites import Sites
-from models.store.manifest import write_json_atomic
+from models.store.manifest import read_json, write_json_atomic
 from models.worlds.headline import headline
 from models.worlds.layout import EditBenchmark
 
@@ -497,6 +497,18 @@ def _results(
         "metrics": METRIC_DEFINITIONS,
         "methods": methods,
     }
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    """A results.json written by :func:`write_results`; a DataError saying what is wrong with any
+    other file."""
+    try:
+        results = read_json(path)
+    except ManifestError as exc:
+        raise DataError(f"{exc}; pass a results.json written by vitedit bench") from None
+    if not isinstance(results.get("methods"), dict):
+        raise DataError(f"{path} has no 'methods': pass a results.json written by vitedit bench")
+    return results
 
 
 def write_results(results: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:

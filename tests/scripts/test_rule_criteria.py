@@ -1,6 +1,6 @@
 """scripts/rule_criteria.py on a committed tuning run: it gives the criterion recorded for attempt 12
 (docs/bench/tiny-imagenet/attempts/natural-locality-100/commands.txt: +0.12 = (+0.26 - 0.02) / 2)
-and refuses a method or a rho the file does not hold."""
+and refuses, in one line, a file that is not a results.json and a method or rho it does not hold."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ ROOT = Path(__file__).resolve().parents[2]
 TUNING = "docs/bench/tiny-imagenet/attempts/natural-locality-100/tuning-results.json"
 
 
-def criteria(*args: str) -> subprocess.CompletedProcess[str]:
+def criteria(*args: str, results: str = TUNING) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "scripts/rule_criteria.py", TUNING, *args],
+        [sys.executable, "scripts/rule_criteria.py", results, *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -36,3 +36,11 @@ def test_it_refuses_what_the_file_does_not_hold() -> None:
     assert run.returncode != 0 and "has no 'lora'" in run.stderr
     run = criteria("--end", "0.01")
     assert run.returncode != 0 and "rho 0.01 is not among both methods' points" in run.stderr
+
+
+def test_it_refuses_a_file_that_is_not_a_results_json_in_one_line() -> None:
+    run = criteria(results="models/assets/demo/world.json")
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    assert run.stderr.strip().endswith(
+        "has no 'methods': pass a results.json written by vitedit bench"
+    )
