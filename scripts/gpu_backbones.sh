@@ -18,7 +18,12 @@
 # The measured runs: docs/bench/tiny-imagenet/gpu-backbones/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+[ $# -eq 3 ] || { echo "usage: $0 ROOT OUT TRAIN_SECONDS" >&2; exit 2; }
 ROOT=$1 OUT=$2 TRAIN_SECONDS=$3
+if ! [[ $TRAIN_SECONDS =~ ^[0-9]+$ ]] || [ "$TRAIN_SECONDS" -lt 1 ]; then
+    echo "TRAIN_SECONDS must be a whole number of seconds, at least 1; got '$TRAIN_SECONDS'" >&2
+    exit 2
+fi
 PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}
 WORK=${WORK:-/tmp/vitedit-gpu-backbones}

@@ -21,7 +21,11 @@ from models.worlds.bench import read_results
 
 
 def rhos(text: str) -> list[float]:
-    return [float(v) for v in text.split(",") if v.strip()]
+    """A comma-separated list of at least one rho (argparse turns a ValueError into a usage error)."""
+    values = [float(v) for v in text.split(",") if v.strip()]
+    if not values:
+        raise ValueError(text)
+    return values
 
 
 def main() -> None:

@@ -36,6 +36,8 @@ def test_it_refuses_what_the_file_does_not_hold() -> None:
     assert run.returncode != 0 and "has no 'lora'" in run.stderr
     run = criteria("--end", "0.01")
     assert run.returncode != 0 and "rho 0.01 is not among both methods' points" in run.stderr
+    run = criteria("--middle", " , ")
+    assert run.returncode == 2 and "invalid rhos value" in run.stderr
 
 
 def test_it_refuses_a_file_that_is_not_a_results_json_in_one_line() -> None:
