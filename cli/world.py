@@ -154,7 +154,7 @@ def _check_options(args: argparse.Namespace) -> None:
     if args.lr is not None and not 0.0 < args.lr < 1.0:  # also refuses nan and inf
         raise SystemExit(f"--lr must be in (0, 1), got {args.lr}")
     if args.warmup_epochs is not None and not 0.0 <= args.warmup_epochs < 1e6:  # and not nan
-        raise SystemExit(f"--warmup-epochs must be 0 or more, got {args.warmup_epochs}")
+        raise SystemExit(f"--warmup-epochs must be between 0 and 1e6, got {args.warmup_epochs}")
     if args.batch_size is not None and args.batch_size < 1:
         raise SystemExit(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.name == "demo" and args.device not in (None, "cpu"):
