@@ -10,6 +10,7 @@ changes. This splits those flips by destination and by margin, per method:
   is what choosing *where* to edit should reduce.
 
     .venv/bin/python scripts/locality_probe.py [--edits 4] [--methods ft,random,where2edit,ft-l1]
+        [--rho 0.1]
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from models.editing.registry import EditTask, make_config, run_edit
 from models.evaluation import patched_logits
 from models.worlds.bench import edit_defaults, evaluation_set, sample_edits
 
-KNOBS = {"random": {"rho": 0.1}, "where2edit": {"rho": 0.1}, "ft-l1": {"c": 0.005}}
+KNOBS = {"ft-l1": {"c": 0.005}}
+MASKED = ("random", "saliency", "where2edit", "where2edit-sal")  # take --rho
 MARGINS = (0.05, 0.1, 1.0)
 
 
@@ -35,8 +37,12 @@ def main() -> None:
     parser.add_argument("--methods", default="ft,random,where2edit,ft-l1")
     parser.add_argument("--edits", type=int, default=4, help="edit images per group")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--rho", type=float, default=0.1, help="the masked methods' density (default 0.1)"
+    )
     add_world_arguments(parser)
     args = parser.parse_args()
+    make_config("random", rho=args.rho)  # a rho out of (0, 1] is refused before any work
     backbone, bench, hypernet, sites = open_probe_world(args)
     images, evalset = evaluation_set(backbone, sites, bench.groups, bench.locality)
     split = evalset.split
@@ -47,7 +53,8 @@ def main() -> None:
     print(
         f"locality set: {len(margin)} images; margin < 0.05: {(bucket == 0).sum()}, "
         f"0.05-0.1: {(bucket == 1).sum()}, >= 0.1: {(bucket == 2).sum()}; "
-        f"{len(np.unique(top2.indices[:, 0].numpy()))} base classes\n"
+        f"{len(np.unique(top2.indices[:, 0].numpy()))} base classes; "
+        f"masked methods at rho {args.rho:g}\n"
     )
     edits = sample_edits([len(x) for x in images], args.edits, args.seed)
     defaults = edit_defaults(backbone)
@@ -57,7 +64,8 @@ def main() -> None:
     )
     print("|---|---:|---:|---:|---:|---:|---|")
     for method in args.methods.split(","):
-        config = make_config(method, **defaults, **KNOBS.get(method, {}))
+        knobs = {"rho": args.rho} if method in MASKED else KNOBS.get(method, {})
+        config = make_config(method, **defaults, **knobs)
         flips, to_target, in_top2, n = 0, 0, 0, 0
         by_bucket = np.zeros(3)
         for gi, g in enumerate(evalset.groups):

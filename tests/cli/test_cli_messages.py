@@ -126,3 +126,17 @@ def test_a_probe_script_says_a_wrong_locality_set_in_one_line(script: str) -> No
     )
     assert run.returncode == 2, run.stderr
     assert run.stderr.strip() == "error: world 'demo' has no locality set 'reference'; it has one"
+
+
+@pytest.mark.parametrize("rho", ["5", "0", "nan"])
+def test_the_locality_probe_refuses_a_density_outside_0_1_before_any_work(rho: str) -> None:
+    run = subprocess.run(
+        [sys.executable, "scripts/locality_probe.py", "--world", "demo", "--rho", rho],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert run.returncode == 2, run.stderr
+    assert run.stdout == ""
+    assert run.stderr.strip().endswith("must be a number in (0, 1]")
