@@ -131,6 +131,7 @@ class MetaTrainConfig:
 HEALTH_AFTER = 50  # iterations before the first check: the regression needs a few to start
 MIN_DENSITY, MAX_DENSITY = 0.002, 0.998  # a mask this empty or this full selects nothing
 MIN_KL_DROP = 0.01  # the outer steps must lower the pseudo-edit's KL by at least 1% (relative)
+MAX_RANK_IOU = 0.95  # top-10% masks this alike across episodes: one mask for every image
 
 
 def health_problem(entry: dict[str, float], cfg: MetaTrainConfig) -> str | None:
@@ -159,11 +160,14 @@ def health_problem(entry: dict[str, float], cfg: MetaTrainConfig) -> str | None:
             f"{cfg.outer_steps} steps ({first:.4f} -> {last:.4f}): the masked inner steps (lr "
             f"{cfg.inner_lr:g}) change too little to tell good masks from bad. Raise --inner-lr"
         )
-    if h < MIN_DENSITY or h > MAX_DENSITY:
+    # The edit reads the hypernetwork's ranking (its top rho), not its scores against 0.5: scores
+    # that all sit below 0.5 still select (the BCE optimum when the searched masks are dense and
+    # unlike each other). Collapsed means the ranking no longer depends on the episode.
+    if entry.get("h_iou", 0.0) >= MAX_RANK_IOU:
         return (
-            f"the hypernetwork's masks collapsed (density {h:.4f}) while the searched ones have "
-            f"{s:.3f}: its regression is unstable. Lower --regression-lr "
-            f"(now {cfg.regression_lr:g})"
+            f"the hypernetwork's masks collapsed: its top 10% is the same for every episode "
+            f"(IoU {entry['h_iou']:.3f}; searched masks {s:.3f} dense, its own {h:.4f}), so it "
+            f"no longer reads the image. Lower --regression-lr (now {cfg.regression_lr:g})"
         )
     return None
 
