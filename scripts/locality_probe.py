@@ -16,6 +16,7 @@ changes. This splits those flips by destination and by margin, per method:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 import numpy as np
@@ -23,12 +24,11 @@ import torch
 
 from cli.bench import add_world_arguments, open_probe_world
 from cli.main import one_line_errors
-from models.editing.registry import EditTask, make_config, run_edit
+from models.editing.registry import EditTask, get_editor, make_config, run_edit
 from models.evaluation import patched_logits
 from models.worlds.bench import edit_defaults, evaluation_set, sample_edits
 
-KNOBS = {"ft-l1": {"c": 0.005}}
-MASKED = ("random", "saliency", "where2edit", "where2edit-sal")  # take --rho
+KNOBS = {"ft-l1": {"c": 0.005}}  # the masked methods take --rho instead
 MARGINS = (0.05, 0.1, 1.0)
 
 
@@ -64,7 +64,8 @@ def main() -> None:
     )
     print("|---|---:|---:|---:|---:|---:|---|")
     for method in args.methods.split(","):
-        knobs = {"rho": args.rho} if method in MASKED else KNOBS.get(method, {})
+        takes_rho = "rho" in {f.name for f in dataclasses.fields(get_editor(method).config_cls)}
+        knobs = {"rho": args.rho} if takes_rho else KNOBS.get(method, {})
         config = make_config(method, **defaults, **knobs)
         flips, to_target, in_top2, n = 0, 0, 0, 0
         by_bucket = np.zeros(3)
