@@ -38,6 +38,7 @@ _CONFIG_OPTIONS = (
     "iterations",
     "batch",
     "inner_lr",
+    "inner_optimiser",
     "inner_steps",
     "outer_steps",
     "outer_lr",
@@ -72,7 +73,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     train.add_argument("--iterations", type=int, default=None, help="reference: 10000")
     train.add_argument("--batch", type=int, default=None, help="episodes per iteration, B (8)")
-    train.add_argument("--inner-lr", type=float, default=None, help="inner SGD step, eta")
+    train.add_argument("--inner-lr", type=float, default=None, help="inner step size, eta")
+    train.add_argument(
+        "--inner-optimiser",
+        choices=["sgd", "rmsprop"],
+        default=None,
+        help="the inner steps: sgd (the paper's, default) or rmsprop (the edit's own optimiser, "
+        "torch defaults but --inner-lr; give it the edit's lr)",
+    )
     train.add_argument("--inner-steps", type=int, default=None, help="K (5)")
     train.add_argument("--outer-steps", type=int, default=None, help="S (10)")
     train.add_argument(

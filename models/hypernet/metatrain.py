@@ -6,7 +6,8 @@ Per iteration, on a batch of B CutMix episodes (x, x~, f(x)):
 2. S outer steps of RMSprop on s. Each starts every episode from the pristine weights W0 and takes
    K masked SGD steps on its loss L = T^2 KL(softmax(f(x)/T) || softmax(f(x~; W)/T)):
    W <- W - eta * m * grad (gradients detached: no graph through the inner steps). So the final
-   weights are W0 + m * D with D = -eta * sum_k grad_k, and the outer loss
+   weights are W0 + m * D with D = -eta * sum_k grad_k (``inner_optimiser="rmsprop"``: the sum
+   of RMSprop's steps instead, the edit's own optimiser), and the outer loss
    J = sum_e L_e(W0 + m_e * D_e) + lambda * mean(m) reaches s only through m;
 3. R regression steps of the hypernetwork on the same batch: 0.1 * BCE(H(cls(x~)), sigmoid(3 s)).
 
@@ -49,7 +50,7 @@ from models.errors import MetaTrainingUnhealthy
 from models.forward import SplitForward
 from models.hypernet.checkpoint import CHECKPOINT_DIR, load_checkpoint, save_checkpoint
 from models.hypernet.cutmix import CutMixSampler, Episodes, ImagePool
-from models.hypernet.episodes import Anchors, BatchedEpisodes, Delta, episode_kl
+from models.hypernet.episodes import Anchors, BatchedEpisodes, Delta, DenseDelta, episode_kl
 from models.hypernet.network import (
     HypernetConfig,
     Hypernetwork,
@@ -72,6 +73,10 @@ class EpisodeSampler(Protocol):
     def sample(self, batch: int) -> Episodes: ...
 
 
+INNER_OPTIMISERS = ("sgd", "rmsprop")
+RMSPROP_ALPHA, RMSPROP_EPS = 0.99, 1e-8  # torch.optim.RMSprop's defaults, as the edit runs it
+
+
 @dataclass(frozen=True)
 class MetaTrainConfig:
     """The paper's defaults; small backbones may need others (docs/method.md section 3)."""
@@ -82,6 +87,11 @@ class MetaTrainConfig:
     outer_lr: float = 0.1  # RMSprop on s
     inner_steps: int = 5  # K
     inner_lr: float = 1e-3  # eta
+    # "sgd" (the paper's): D = -eta * sum_k grad_k, steps proportional to the gradient. "rmsprop":
+    # the edit's own optimiser (models/editing/optimize.py: torch's RMSprop, defaults but the lr),
+    # whose steps are about eta * sign(grad) per entry, so a masked entry with a small gradient
+    # moves as far as one with a large gradient, as it does in the edit.
+    inner_optimiser: str = "sgd"
     temperature: float = 5.0  # T
     sparsity: float = 1.0  # lambda
     sharpness: float = 10.0  # m = sigmoid(sharpness * s)
@@ -116,6 +126,8 @@ class MetaTrainConfig:
         problems += [
             (n, "must be 0 or more and finite") for n in weights if not 0 <= getattr(self, n) < top
         ]
+        if self.inner_optimiser not in INNER_OPTIMISERS:
+            problems.append(("inner_optimiser", f"must be one of {', '.join(INNER_OPTIMISERS)}"))
         if problems:
             what = "; ".join(f"{n} {why}" for n, why in problems)
             got = ", ".join(f"{n}={getattr(self, n)!r}" for n, _ in problems)
@@ -190,14 +202,12 @@ def search_masks(
     s = s0.clone().requires_grad_()
     opt = torch.optim.RMSprop([s], lr=cfg.outer_lr)
     grad_at_w0 = batch.grads(batch.zeros())  # the first inner gradient does not depend on m
-    capacity = [g.r * cfg.inner_steps for g in grad_at_w0]  # rank of D after K steps
+    if cfg.inner_optimiser == "rmsprop":  # elementwise state: dense per episode
+        grad_at_w0 = [DenseDelta(g.dense()) for g in grad_at_w0]
     kls, losses, anchor_kls = [], [], []
     for _ in range(cfg.outer_steps):
         m = torch.sigmoid(cfg.sharpness * s)  # (B, n_entries)
-        steps = batch.zeros(capacity)  # D = -eta * sum_k grad_k, detached from s
-        for k in range(cfg.inner_steps):  # inner weights W0 + m * D, m taken as a constant
-            grads = grad_at_w0 if k == 0 else batch.grads(_masked(batch.sites, m.detach(), steps))
-            steps = [d.plus(g, -cfg.inner_lr) for d, g in zip(steps, grads, strict=True)]
+        steps = _inner_steps(batch, m.detach(), grad_at_w0, cfg)  # D, detached from s
         final = _masked(batch.sites, m, steps)
         kl = batch.losses(final)  # (B,), graph to s through m
         loss = kl.sum() + cfg.sparsity * m.mean()
@@ -211,6 +221,30 @@ def search_masks(
         kls.append(kl.mean().item())
         losses.append(loss.item())
     return MaskSearch(s.detach(), kls, losses, anchor_kls)
+
+
+def _inner_steps(
+    batch: BatchedEpisodes, m: torch.Tensor, grad_at_w0: list[Delta], cfg: MetaTrainConfig
+) -> list[Delta]:
+    """D after K inner steps at weights W0 + m * D (m a constant): sgd's -eta * sum_k grad_k, kept
+    as factors where smaller, or RMSprop's per-entry steps (dense)."""
+    if cfg.inner_optimiser == "sgd":
+        steps = batch.zeros([g.r * cfg.inner_steps for g in grad_at_w0])  # rank after K steps
+        for k in range(cfg.inner_steps):
+            grads = grad_at_w0 if k == 0 else batch.grads(_masked(batch.sites, m, steps))
+            steps = [d.plus(g, -cfg.inner_lr) for d, g in zip(steps, grads, strict=True)]
+        return steps
+    steps = [DenseDelta(torch.zeros_like(g.d)) for g in grad_at_w0]
+    square_avg = [torch.zeros_like(g.d) for g in grad_at_w0]
+    for k in range(cfg.inner_steps):
+        grads = grad_at_w0 if k == 0 else batch.grads(_masked(batch.sites, m, steps))
+        updated = []
+        for d, g, v in zip(steps, grads, square_avg, strict=True):
+            dense = g.dense()
+            v.mul_(RMSPROP_ALPHA).addcmul_(dense, dense, value=1 - RMSPROP_ALPHA)
+            updated.append(DenseDelta(d.d - cfg.inner_lr * dense / (v.sqrt() + RMSPROP_EPS)))
+        steps = updated
+    return steps
 
 
 def _masked(sites: Sites, m: torch.Tensor, steps: list[Delta]) -> list[Delta]:
@@ -248,14 +282,20 @@ def search_masks_reference(
         for step in range(cfg.outer_steps):
             m = torch.sigmoid(cfg.sharpness * s)[0]
             masks = _broadcast(sites, m)
-            steps = [torch.zeros_like(w) for w in w0]  # D = -eta * sum_k grad_k
+            steps = [torch.zeros_like(w) for w in w0]  # D = -eta * sum_k grad_k for sgd
+            inner = torch.optim.RMSprop(steps, lr=cfg.inner_lr)  # used for "rmsprop" only
             for _ in range(cfg.inner_steps):
                 with torch.no_grad():  # inner weights W0 + m * D, m taken as a constant
                     for p, w, mk, d in zip(params, w0, masks, steps, strict=True):
                         p.copy_(w + mk.detach() * d)
                 loss = episode_kl(episode(image), clean, cfg.temperature).sum()
                 grads = torch.autograd.grad(loss, params)
-                steps = [d - cfg.inner_lr * g for d, g in zip(steps, grads, strict=True)]
+                if cfg.inner_optimiser == "rmsprop":  # torch's own, as the edit runs it
+                    for d, g in zip(steps, grads, strict=True):
+                        d.grad = g
+                    inner.step()
+                else:
+                    steps = [d - cfg.inner_lr * g for d, g in zip(steps, grads, strict=True)]
             final = {
                 mat.param: w + mk * d
                 for mat, w, mk, d in zip(sites.matrices, w0, masks, steps, strict=True)

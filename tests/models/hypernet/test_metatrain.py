@@ -26,6 +26,7 @@ from models.hypernet.episodes import (
 from models.hypernet.metatrain import (
     MetaTrainConfig,
     MetaTrainer,
+    _inner_steps,
     build_hypernetwork,
     health_problem,
     jaccard,
@@ -143,6 +144,45 @@ def test_dense_deltas_give_the_same_mask_search_as_factors(demo_backbone, demo_p
     close = torch.testing.assert_close
     close(torch.tensor(runs["dense"].kl), torch.tensor(runs["factors"].kl), rtol=1e-4, atol=1e-7)
     close(runs["dense"].s, runs["factors"].s, rtol=1e-4, atol=1e-5)
+
+
+def test_rmsprop_inner_steps_match_torchs_rmsprop_in_the_reference_loop(demo_backbone, demo_pool):
+    # the reference loop steps with torch.optim.RMSprop itself, the edit's optimiser
+    cfg = MetaTrainConfig(**{**FAST, "inner_optimiser": "rmsprop", "inner_lr": 3e-4})
+    sites = Sites.for_model(demo_backbone.model)
+    episodes = CutMixSampler(demo_backbone.model, demo_pool, seed=1).sample(cfg.batch)
+    s0 = torch.rand(cfg.batch, sites.n_entries, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    batch = BatchedEpisodes(SplitForward(demo_backbone.model, sites), sites, episodes, 5.0)
+    fast = search_masks(batch, s0, cfg)
+    slow = search_masks_reference(demo_backbone.model, sites, episodes, s0, cfg)
+    close = torch.testing.assert_close
+    close(torch.tensor(fast.kl), torch.tensor(slow.kl), rtol=1e-3, atol=1e-6)
+    close(torch.tensor(fast.loss), torch.tensor(slow.loss), rtol=1e-3, atol=1e-6)
+    assert (fast.s - slow.s).abs().mean() < 1e-3
+    sgd = search_masks(batch, s0, dataclasses.replace(cfg, inner_optimiser="sgd"))
+    assert (sgd.s - fast.s).abs().mean() > 1e-3  # the option does change the search
+
+
+def test_an_rmsprop_inner_step_moves_every_entry_alike_whatever_its_gradient(
+    demo_backbone, demo_pool
+):
+    # RMSprop's first step is lr * g / sqrt(0.01 g^2) = 10 lr sign(g); sgd's is lr * g
+    sites = Sites.for_model(demo_backbone.model)
+    episodes = CutMixSampler(demo_backbone.model, demo_pool, seed=1).sample(2)
+    batch = BatchedEpisodes(SplitForward(demo_backbone.model, sites), sites, episodes, 5.0)
+    m = torch.ones(2, sites.n_entries)
+    grads = [DenseDelta(g.dense()) for g in batch.grads(batch.zeros())]
+    cfg = MetaTrainConfig(inner_optimiser="rmsprop", inner_steps=1, inner_lr=1e-3)
+    for step, grad in zip(_inner_steps(batch, m, grads, cfg), grads, strict=True):
+        clear = grad.d.abs() > 1e-4  # so that RMSprop's eps 1e-8 adds under 0.1% to 0.1 |g|
+        spread = grad.d[clear].abs()
+        assert clear.float().mean() > 0.1 and spread.max() > 10 * spread.min()
+        torch.testing.assert_close(step.d[clear], -1e-2 * grad.d[clear].sign(), rtol=1e-3, atol=0)
+
+
+def test_config_rejects_an_inner_optimiser_it_does_not_have():
+    with pytest.raises(ValueError, match="inner_optimiser must be one of sgd, rmsprop"):
+        MetaTrainConfig(inner_optimiser="adam")
 
 
 def test_the_smaller_form_is_chosen_vit_b_shapes_go_dense():
@@ -399,9 +439,11 @@ def test_cli_trains_a_hypernetwork_from_a_manifest_and_an_image_folder(tiny_back
     assert net.config.hidden == tuple(m.hidden for m in sites.matrices)
     # fine-tune that hypernetwork further, with the optional locality term
     more = ["--out", str(tmp_path / "more"), "--init-from", str(tmp_path / "out")]
-    assert main(_cli_train(tmp_path, *more, "--locality", "2", "--anchors", "1")) == 0
+    options = ["--locality", "2", "--anchors", "1", "--inner-optimiser", "rmsprop"]
+    assert main(_cli_train(tmp_path, *more, *options)) == 0
     training = read_manifest(tmp_path / "more")["training"]
     assert training["config"]["locality"] == 2.0 and training["config"]["anchors"] == 1
+    assert training["config"]["inner_optimiser"] == "rmsprop"
     first = read_manifest(tmp_path / "out")
     assert training["init_from"] == {
         "path": str(tmp_path / "out"),
