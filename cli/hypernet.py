@@ -79,7 +79,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=["sgd", "rmsprop"],
         default=None,
         help="the inner steps: sgd (the paper's, default) or rmsprop (the edit's own optimiser, "
-        "torch defaults but --inner-lr; give it the edit's lr)",
+        "torch defaults but --inner-lr, which then defaults to the backbone's edit lr)",
     )
     train.add_argument("--inner-steps", type=int, default=None, help="K (5)")
     train.add_argument("--outer-steps", type=int, default=None, help="S (10)")
@@ -205,13 +205,16 @@ def _train(args: argparse.Namespace) -> int:
     from models.hypernet.metatrain import HEALTH_AFTER, build_hypernetwork, meta_train
     from models.precision import autocast
     from models.sites import Sites
+    from models.worlds.bench import edit_defaults
 
     if args.threads:
         torch.set_num_threads(args.threads)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     backbone, pool, out = _source(args)
     sampler, episode_source = _episode_source(args, backbone)
-    options = _options(args, backbone.manifest.extra.get("meta_defaults") or {})
+    options = _options(
+        args, backbone.manifest.extra.get("meta_defaults") or {}, edit_defaults(backbone)["lr"]
+    )
     sites = Sites.for_model(backbone.model, tuple(args.blocks) if args.blocks else None)
     cfg = _config(options)
     if args.init_from is not None:
@@ -354,15 +357,22 @@ def _config(options: dict[str, Any]) -> Any:
         raise SystemExit(f"vitedit hypernet train: {exc}") from None
 
 
-def _options(args: argparse.Namespace, calibrated: dict[str, Any]) -> dict[str, Any]:
+def _options(
+    args: argparse.Namespace, calibrated: dict[str, Any], edit_lr: float
+) -> dict[str, Any]:
     """Explicit options win; then what `vitedit calibrate` measured for this backbone (the
-    manifest's ``extra.meta_defaults``); then the world's recipe (--world); then config defaults."""
+    manifest's ``extra.meta_defaults``); then the world's recipe (--world); then config defaults.
+    Those inner lrs are SGD's: with --inner-optimiser rmsprop and no --inner-lr, the inner lr is
+    the backbone's edit lr (``edit_lr``), as the edit's own optimiser runs it."""
     base = dict(RECIPES[args.world]) if args.world else {}
     measured = {k: v for k, v in calibrated.items() if k in _CONFIG_OPTIONS}
     given = {
         k: getattr(args, k) for k in (*_CONFIG_OPTIONS, "width") if getattr(args, k) is not None
     }
-    return {**base, **measured, **given}
+    options = {**base, **measured, **given}
+    if options.get("inner_optimiser") == "rmsprop" and args.inner_lr is None:
+        options["inner_lr"] = edit_lr
+    return options
 
 
 def _source(args: argparse.Namespace) -> tuple[Any, Any, Path]:

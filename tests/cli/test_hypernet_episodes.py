@@ -40,11 +40,24 @@ def test_the_outer_lr_reaches_the_config_and_a_bad_rate_says_which() -> None:
     from cli.hypernet import _config, _options
     from models.hypernet.metatrain import MetaTrainConfig
 
-    cfg = _config(_options(parse("--outer-lr", "0.03"), {}))
+    cfg = _config(_options(parse("--outer-lr", "0.03"), {}, 3e-4))
     assert cfg.outer_lr == 0.03 and cfg.inner_lr == 0.1  # the world's recipe keeps the rest
     with pytest.raises(SystemExit, match=r"vitedit hypernet train: .*outer_lr must be positive"):
-        _config(_options(parse("--outer-lr", "0"), {}))
+        _config(_options(parse("--outer-lr", "0"), {}, 3e-4))
     with pytest.raises(ValueError, match=r"outer_lr must be positive.*outer_lr=nan"):
         MetaTrainConfig(outer_lr=float("nan"))
     with pytest.raises(ValueError, match="batch must be at least 1; inner_lr must be positive"):
         MetaTrainConfig(batch=0, inner_lr=-1.0)
+
+
+def test_the_rmsprop_inner_loop_takes_the_edit_lr_unless_an_inner_lr_is_given() -> None:
+    from cli.hypernet import _config, _options
+
+    # the recipe's and the calibrated inner lrs are SGD's (0.1, 1.0): far too large for RMSprop
+    cfg = _config(_options(parse("--inner-optimiser", "rmsprop"), {"inner_lr": 1.0}, 3e-4))
+    assert cfg.inner_optimiser == "rmsprop" and cfg.inner_lr == 3e-4
+    given = parse("--inner-optimiser", "rmsprop", "--inner-lr", "1e-3")
+    assert _config(_options(given, {}, 3e-4)).inner_lr == 1e-3
+    assert _config(_options(parse(), {"inner_lr": 1.0}, 3e-4)).inner_lr == 1.0  # sgd: unchanged
+    with pytest.raises(SystemExit):  # argparse: not one of sgd, rmsprop
+        parse("--inner-optimiser", "adam")
