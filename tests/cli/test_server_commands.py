@@ -123,6 +123,12 @@ def test_edit_ends_with_the_version_its_url_key_figures_and_review_page(
 
 def test_versions_shows_whole_ids_at_80_columns(live: Live, chain: list) -> None:
     ids = [run.stdout.splitlines()[-5].split()[1] for run in chain]  # the "version v..." line
+    alias = httpx.put(  # an alias widens its column, as in the README's session
+        f"{live.url}/v1/models/tiny/aliases/prod",
+        json={"version": ids[0]},
+        headers={"Authorization": f"Bearer {KEY}"},
+    )
+    assert alias.status_code == 200, alias.text
     listing = vitedit("versions", "tiny", "--server", live.url)
     assert listing.returncode == 0, listing.stderr
     assert max(map(len, listing.stdout.splitlines())) <= 80
