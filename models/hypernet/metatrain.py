@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import logging
 import math
 import time
@@ -74,7 +75,9 @@ class EpisodeSampler(Protocol):
 
 
 INNER_OPTIMISERS = ("sgd", "rmsprop")
-RMSPROP_ALPHA, RMSPROP_EPS = 0.99, 1e-8  # torch.optim.RMSprop's defaults, as the edit runs it
+# torch.optim.RMSprop's own defaults (read, not copied), as the edit runs it
+_RMSPROP = inspect.signature(torch.optim.RMSprop).parameters
+RMSPROP_ALPHA, RMSPROP_EPS = _RMSPROP["alpha"].default, _RMSPROP["eps"].default
 
 
 @dataclass(frozen=True)
@@ -238,12 +241,10 @@ def _inner_steps(
     square_avg = [torch.zeros_like(g.d) for g in grad_at_w0]
     for k in range(cfg.inner_steps):
         grads = grad_at_w0 if k == 0 else batch.grads(_masked(batch.sites, m, steps))
-        updated = []
-        for d, g, v in zip(steps, grads, square_avg, strict=True):
+        for d, g, v in zip(steps, grads, square_avg, strict=True):  # in place: no graph here
             dense = g.dense()
             v.mul_(RMSPROP_ALPHA).addcmul_(dense, dense, value=1 - RMSPROP_ALPHA)
-            updated.append(DenseDelta(d.d - cfg.inner_lr * dense / (v.sqrt() + RMSPROP_EPS)))
-        steps = updated
+            d.d.addcdiv_(dense, v.sqrt().add_(RMSPROP_EPS), value=-cfg.inner_lr)
     return steps
 
 
