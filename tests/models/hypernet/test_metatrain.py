@@ -545,6 +545,17 @@ def test_health_problem_names_the_collapse_and_the_setting_to_change(change, adv
     assert problem is not None and advice in problem, problem
 
 
+def test_a_kl_that_rises_while_the_sparsity_term_empties_the_masks_is_healthy() -> None:
+    # the window that stopped attempt 15 (--sparsity 10, docs/worlds.md): the search trades KL for
+    # sparsity (KL 0.0830 -> 0.1129, J 5.66 -> 1.00) down to 1% dense masks; the mask clearly
+    # matters, so this is not the "inner steps too small" failure
+    window = {**HEALTHY, "kl_first": 0.0830, "kl_last": 0.1129, "s_density": 0.010}
+    assert health_problem(window, MetaTrainConfig(inner_lr=3e-4, sparsity=10.0)) is None
+    flat = {**window, "kl_last": 0.0832}  # a KL the mask cannot move is still flagged
+    problem = health_problem(flat, MetaTrainConfig(inner_lr=3e-4, sparsity=10.0))
+    assert problem is not None and "moves the pseudo-edits' KL by only 0.2%" in problem, problem
+
+
 @pytest.mark.parametrize("h_density", [0.0, 0.0019, 1.0])
 def test_scores_on_one_side_of_one_half_are_not_a_collapse_while_the_ranking_reads_the_image(
     h_density: float,
