@@ -95,8 +95,8 @@ tin-world: install
 # 10-minute first run), then 1,800 more on a fresh cosine (25 min), then 2,400 more (31 min), on
 # CutMix episodes; then the backbone's natural failures on its own train split (read from TIN_ROOT,
 # 87 s) and 1,900 iterations on them with the edit's own optimiser in the inner loop (RMSprop at the
-# edit lr 3e-4), reading each edit's target (--target-token; 33 min), one thread. Chosen among
-# fifteen attempts by the tuning-half rule; tin-bench then reports the test half.
+# edit lr 3e-4), reading each edit's target (--target-token; 33 min), one thread. Chosen by the
+# tuning-half rule among the attempts of docs/worlds.md; tin-bench then reports the test half.
 TIN_HYPERNET := models/assets/tiny-imagenet/hypernet
 TIN_FAILURES ?= $(HOME)/.cache/vitedit/worlds/tiny-imagenet/failures-train.npz
 tin-hypernet: install

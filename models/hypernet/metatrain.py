@@ -145,7 +145,7 @@ class MetaTrainConfig:
 
 HEALTH_AFTER = 50  # iterations before the first check: the regression needs a few to start
 MIN_DENSITY, MAX_DENSITY = 0.002, 0.998  # a mask this empty or this full selects nothing
-MIN_KL_DROP = 0.01  # the outer steps must move the pseudo-edit's KL by at least 1% (relative)
+MIN_KL_MOVE = 0.01  # the outer steps must move the pseudo-edit's KL by at least 1% (relative)
 MAX_RANK_IOU = 0.95  # top-10% masks this alike across episodes: one mask for every image
 
 
@@ -172,7 +172,7 @@ def health_problem(entry: dict[str, float], cfg: MetaTrainConfig) -> str | None:
             f"the mask search ends with full masks (density {s:.4f}): the sparsity term "
             f"(lambda {cfg.sparsity:g}) is too weak for this backbone. Raise --sparsity"
         )
-    if moved < MIN_KL_DROP:
+    if moved < MIN_KL_MOVE:
         return (
             f"the mask search moves the pseudo-edits' KL by only {moved:.1%} over its "
             f"{cfg.outer_steps} steps ({first:.4f} -> {last:.4f}): the masked inner steps (lr "

@@ -97,9 +97,8 @@ def test_shipped_hypernetwork_fits_the_backbone_and_edits_a_failure(world, backb
     hypernet = Hypernetwork.load(tin.ASSETS / "hypernet", backbone)
     sites = Sites.for_model(backbone.model)  # the default: blocks 2-4, what it was trained for
     assert hypernet.sites == sites
-    assert (
-        hypernet.config.target_token
-    )  # attempts 10 and 14: it reads the edit's target (docs/worlds.md)
+    # attempts 10 and 14: it reads the edit's target (docs/worlds.md)
+    assert hypernet.config.target_token
     group = world.benchmark.groups[0]
     images = backbone.preprocess(group.images[:1])
     split = SplitForward(backbone.model, sites)
