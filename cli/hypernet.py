@@ -44,6 +44,7 @@ _CONFIG_OPTIONS = (
     "outer_lr",
     "sparsity",
     "regression_lr",
+    "regression_target",
     "schedule_iterations",
     "seed",
     "locality",
@@ -88,6 +89,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     train.add_argument("--sparsity", type=float, default=None, help="lambda (1.0)")
     train.add_argument("--regression-lr", type=float, default=None, help="hypernetwork RMSprop lr")
+    train.add_argument(
+        "--regression-target",
+        choices=["logits", "movement"],
+        default=None,
+        help="what the hypernetwork regresses onto: the searched mask logits s (the paper's, "
+        "default) or s minus the search's random start (what the episode moved)",
+    )
     train.add_argument(
         "--schedule-iterations",
         type=int,

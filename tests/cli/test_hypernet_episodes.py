@@ -61,3 +61,13 @@ def test_the_rmsprop_inner_loop_takes_the_edit_lr_unless_an_inner_lr_is_given() 
     assert _config(_options(parse(), {"inner_lr": 1.0}, 3e-4)).inner_lr == 1.0  # sgd: unchanged
     with pytest.raises(SystemExit):  # argparse: not one of sgd, rmsprop
         parse("--inner-optimiser", "adam")
+
+
+def test_the_regression_target_is_the_papers_unless_movement_is_asked_for() -> None:
+    from cli.hypernet import _config, _options
+
+    assert _config(_options(parse(), {}, 3e-4)).regression_target == "logits"
+    moved = _config(_options(parse("--regression-target", "movement"), {}, 3e-4))
+    assert moved.regression_target == "movement"
+    with pytest.raises(SystemExit):  # argparse: not one of logits, movement
+        parse("--regression-target", "ranks")

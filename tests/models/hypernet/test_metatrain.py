@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,7 @@ from models.hypernet.metatrain import (
     jaccard,
     mask_iou,
     meta_train,
+    regression_logits,
     search_masks,
     search_masks_reference,
 )
@@ -183,6 +185,39 @@ def test_an_rmsprop_inner_step_moves_every_entry_alike_whatever_its_gradient(
 def test_config_rejects_an_inner_optimiser_it_does_not_have():
     with pytest.raises(ValueError, match="inner_optimiser must be one of sgd, rmsprop"):
         MetaTrainConfig(inner_optimiser="adam")
+
+
+def test_config_rejects_a_regression_target_it_does_not_have():
+    with pytest.raises(ValueError, match="regression_target must be one of logits, movement"):
+        MetaTrainConfig(regression_target="ranks")
+
+
+def test_the_movement_target_is_what_the_search_added_to_its_start(tiny_backbone, sites, pool):
+    """Two searches of the same episodes from two starts: the paper's target keeps each start,
+    the movement target is the searched logits less that start."""
+    cfg = MetaTrainConfig(**FAST)
+    episodes = CutMixSampler(tiny_backbone.model, pool, seed=0).sample(cfg.batch)
+    batch = BatchedEpisodes(SplitForward(tiny_backbone.model, sites), sites, episodes, 5.0)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        s0 = torch.rand(cfg.batch, sites.n_entries, generator=gen) * 2 - 1
+        s = search_masks(batch, s0, cfg).s
+        assert torch.equal(regression_logits(s, s0, cfg), s)
+        moved = dataclasses.replace(cfg, regression_target="movement")
+        torch.testing.assert_close(regression_logits(s, s0, moved), s - s0)
+        assert not torch.equal(s, s0)  # the search moved something
+
+
+def test_meta_training_on_the_movement_target_learns_and_records_it(
+    tiny_backbone, sites, pool, tmp_path
+):
+    cfg = MetaTrainConfig(iterations=5, regression_target="movement", **FAST)
+    _, history = meta_train(
+        tiny_backbone, sites, pool, cfg, tmp_path, log_every=1, checkpoint_every=0
+    )
+    assert len(history) == 5 and history[-1]["bce"] < history[0]["bce"]
+    manifest = json.loads((tmp_path / "hypernet.json").read_text())
+    assert manifest["training"]["config"]["regression_target"] == "movement"
 
 
 def test_the_smaller_form_is_chosen_vit_b_shapes_go_dense():
