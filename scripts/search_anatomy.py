@@ -85,6 +85,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=25)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.batches < 1:
+        raise SystemExit(f"error: --batches must be at least 1, got {args.batches}")
     torch.set_num_threads(1)
     world = get_world(args.world)
     backbone = world.load_backbone("cpu")
