@@ -42,6 +42,8 @@ _CONFIG_OPTIONS = (
     "inner_steps",
     "outer_steps",
     "outer_lr",
+    "outer_optimiser",
+    "search_start",
     "sparsity",
     "regression_lr",
     "regression_target",
@@ -85,7 +87,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--inner-steps", type=int, default=None, help="K (5)")
     train.add_argument("--outer-steps", type=int, default=None, help="S (10)")
     train.add_argument(
-        "--outer-lr", type=float, default=None, help="RMSprop step on the mask logits s (0.1)"
+        "--outer-lr", type=float, default=None, help="step size on the mask logits s (0.1)"
+    )
+    train.add_argument(
+        "--outer-optimiser",
+        choices=["rmsprop", "sgd"],
+        default=None,
+        help="the optimiser of the mask logits: rmsprop (the paper's, default; every entry moves "
+        "alike) or sgd (entries move in proportion to their gradient; needs its own --outer-lr)",
+    )
+    train.add_argument(
+        "--search-start",
+        choices=["uniform", "zero"],
+        default=None,
+        help="the mask search's start: uniform, s0 ~ U(-1, 1) (the paper's, default), or zero",
     )
     train.add_argument("--sparsity", type=float, default=None, help="lambda (1.0)")
     train.add_argument("--regression-lr", type=float, default=None, help="hypernetwork RMSprop lr")

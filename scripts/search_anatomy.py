@@ -82,6 +82,9 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=1.0)
     parser.add_argument("--inner-lr", type=float, default=3e-4)
     parser.add_argument("--inner-optimiser", default="rmsprop")
+    parser.add_argument("--outer-optimiser", default="rmsprop")
+    parser.add_argument("--outer-lr", type=float, default=0.1)
+    parser.add_argument("--search-start", default="uniform", choices=["uniform", "zero"])
     parser.add_argument("--batches", type=int, default=25)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -92,7 +95,12 @@ def main() -> None:
     backbone = world.load_backbone("cpu")
     sites = Sites.for_model(backbone.model)
     cfg = MetaTrainConfig(
-        sparsity=args.sparsity, inner_lr=args.inner_lr, inner_optimiser=args.inner_optimiser
+        sparsity=args.sparsity,
+        inner_lr=args.inner_lr,
+        inner_optimiser=args.inner_optimiser,
+        outer_optimiser=args.outer_optimiser,
+        outer_lr=args.outer_lr,
+        search_start=args.search_start,
     )
     data = FailureSet.load(args.failures)
     sampler = FailureSampler(
@@ -114,6 +122,8 @@ def main() -> None:
         episodes = sampler.sample(cfg.batch)
         batch = BatchedEpisodes(split, sites, episodes, cfg.temperature)
         starts = [torch.rand(cfg.batch, sites.n_entries, generator=gen) * 2 - 1 for _ in "ab"]
+        if cfg.search_start == "zero":  # both searches then coincide: their overlaps read 1
+            starts = [torch.zeros_like(s0) for s0 in starts]
         s_a, s_b = (search_masks(batch, s0, cfg).s for s0 in starts)
         saliency = kl_saliency(batch, sites)
         add("density (s > 0)", (s_a > 0).float().mean().item())
@@ -131,13 +141,23 @@ def main() -> None:
             add(f"IoU top {rho:g} of s - s0: two episodes, one start", iou_across(ta))
         add("rank corr. s - s0, two starts", spearman(move_a, move_b))
         add("rank corr. s - s0 vs KL saliency", spearman(move_a, saliency))
-        add("rank corr. final s vs start s0", spearman(s_a, starts[0]))
+        if cfg.search_start == "uniform":  # a zero start has no order to keep
+            add("rank corr. final s vs start s0", spearman(s_a, starts[0]))
+        add("99th percentile of abs(s - s0)", move_a.abs().flatten().quantile(0.99).item())
         add("rank corr. final s vs KL saliency", spearman(s_a, saliency))
         add("rank corr. final s, two starts", spearman(s_a, s_b))
         target = torch.sigmoid(3 * s_a)
         add("targets < 0.05 or > 0.95", ((target < 0.05) | (target > 0.95)).float().mean().item())
-    setting = {k: v for k, v in dataclasses.asdict(cfg).items() if k in ("sparsity", "inner_lr")}
-    print(json.dumps({**setting, "inner_optimiser": cfg.inner_optimiser, "batches": args.batches}))
+    shown = (
+        "sparsity",
+        "inner_lr",
+        "inner_optimiser",
+        "outer_optimiser",
+        "outer_lr",
+        "search_start",
+    )
+    setting = {k: v for k, v in dataclasses.asdict(cfg).items() if k in shown}
+    print(json.dumps({**setting, "batches": args.batches}))
     print("| measure | mean over batches |")
     print("|---|---:|")
     for name, values in rows.items():

@@ -77,6 +77,8 @@ class EpisodeSampler(Protocol):
 
 INNER_OPTIMISERS = ("sgd", "rmsprop")
 REGRESSION_TARGETS = ("logits", "movement")
+OUTER_OPTIMISERS = ("rmsprop", "sgd")
+SEARCH_STARTS = ("uniform", "zero")
 # torch.optim.RMSprop's own defaults (read, not copied), as the edit runs it
 _RMSPROP = inspect.signature(torch.optim.RMSprop).parameters
 RMSPROP_ALPHA, RMSPROP_EPS = _RMSPROP["alpha"].default, _RMSPROP["eps"].default
@@ -90,6 +92,15 @@ class MetaTrainConfig:
     batch: int = 8  # B episodes per iteration
     outer_steps: int = 10  # S
     outer_lr: float = 0.1  # RMSprop on s
+    # "rmsprop" (the paper's): every entry of s moves about outer_lr / sqrt(1 - alpha) per step,
+    # whatever its gradient, so the final s keeps its random start's order (docs/method.md).
+    # "sgd": s moves in proportion to dJ/ds, so the order carries how much each entry helps.
+    outer_optimiser: str = "rmsprop"
+    # "uniform" (the paper's): s0 ~ U(-1, 1), so m = sigmoid(10 s0) starts saturated for most
+    # entries and dJ/ds carries the start's m (1 - m). "zero": s0 = 0, every entry at m = 0.5 with
+    # the same slope, so the first step reads the episode alone (the draw is still made, so the
+    # episodes stay those of a uniform-start run with the same seed).
+    search_start: str = "uniform"
     inner_steps: int = 5  # K
     inner_lr: float = 1e-3  # eta
     # "sgd" (the paper's): D = -eta * sum_k grad_k, steps proportional to the gradient. "rmsprop":
@@ -138,6 +149,10 @@ class MetaTrainConfig:
         ]
         if self.inner_optimiser not in INNER_OPTIMISERS:
             problems.append(("inner_optimiser", f"must be one of {', '.join(INNER_OPTIMISERS)}"))
+        if self.outer_optimiser not in OUTER_OPTIMISERS:
+            problems.append(("outer_optimiser", f"must be one of {', '.join(OUTER_OPTIMISERS)}"))
+        if self.search_start not in SEARCH_STARTS:
+            problems.append(("search_start", f"must be one of {', '.join(SEARCH_STARTS)}"))
         if self.regression_target not in REGRESSION_TARGETS:
             problems.append(
                 ("regression_target", f"must be one of {', '.join(REGRESSION_TARGETS)}")
@@ -217,7 +232,7 @@ def search_masks(
     """Step 2, all episodes at once. ``s0``: (B, n_entries) initial logits; ``anchors`` add
     ``cfg.locality`` times their mean KL to J (the optional locality term)."""
     s = s0.clone().requires_grad_()
-    opt = torch.optim.RMSprop([s], lr=cfg.outer_lr)
+    opt = outer_optimiser([s], cfg)
     grad_at_w0 = batch.grads(batch.zeros())  # the first inner gradient does not depend on m
     if cfg.inner_optimiser == "rmsprop":  # elementwise state: dense per episode
         grad_at_w0 = [DenseDelta(g.dense()) for g in grad_at_w0]
@@ -238,6 +253,13 @@ def search_masks(
         kls.append(kl.mean().item())
         losses.append(loss.item())
     return MaskSearch(s.detach(), kls, losses, anchor_kls)
+
+
+def outer_optimiser(params: list[torch.Tensor], cfg: MetaTrainConfig) -> torch.optim.Optimizer:
+    """The optimiser of the mask logits s: torch's RMSprop (the paper's) or plain SGD."""
+    if cfg.outer_optimiser == "sgd":
+        return torch.optim.SGD(params, lr=cfg.outer_lr)
+    return torch.optim.RMSprop(params, lr=cfg.outer_lr)
 
 
 def _inner_steps(
@@ -293,7 +315,7 @@ def search_masks_reference(
         w0 = [p.detach().clone() for p in params]
         image, clean = episodes.mixed[e : e + 1], episodes.clean_logits[e : e + 1]
         s = s0[e : e + 1].clone().requires_grad_()
-        opt = torch.optim.RMSprop([s], lr=cfg.outer_lr)
+        opt = outer_optimiser([s], cfg)
         for step in range(cfg.outer_steps):
             m = torch.sigmoid(cfg.sharpness * s)[0]
             masks = _broadcast(sites, m)
@@ -412,6 +434,8 @@ class MetaTrainer:
         cfg, gen = self.cfg, self.sampler.generator
         episodes = self.sampler.sample(cfg.batch)
         s0 = torch.rand(cfg.batch, self.sites.n_entries, generator=gen) * 2 - 1  # U(-1, 1)
+        if cfg.search_start == "zero":
+            s0 = torch.zeros_like(s0)
         s0 = s0.to(self.backbone.device)
         if self.impl == "batched":
             batch = BatchedEpisodes(

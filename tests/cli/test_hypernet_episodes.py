@@ -71,3 +71,16 @@ def test_the_regression_target_is_the_papers_unless_movement_is_asked_for() -> N
     assert moved.regression_target == "movement"
     with pytest.raises(SystemExit):  # argparse: not one of logits, movement
         parse("--regression-target", "ranks")
+
+
+def test_the_search_start_and_outer_optimiser_reach_the_config() -> None:
+    from cli.hypernet import _config, _options
+
+    cfg = _config(_options(parse(), {}, 3e-4))
+    assert (cfg.search_start, cfg.outer_optimiser) == ("uniform", "rmsprop")  # the paper's
+    given = parse("--search-start", "zero", "--outer-optimiser", "sgd", "--outer-lr", "1000")
+    cfg = _config(_options(given, {}, 3e-4))
+    assert (cfg.search_start, cfg.outer_optimiser, cfg.outer_lr) == ("zero", "sgd", 1000.0)
+    for bad in (("--search-start", "gauss"), ("--outer-optimiser", "adam")):
+        with pytest.raises(SystemExit):
+            parse(*bad)

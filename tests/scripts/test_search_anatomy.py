@@ -46,7 +46,9 @@ def test_one_batch_on_the_demo_world_measures_every_row(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr
     rows = [line.split("|") for line in run.stdout.splitlines() if line.startswith("| ")][1:]
     values = {name.strip(): float(value) for _, name, value, _ in rows}
-    assert len(values) == 19
+    assert len(values) == 20
+    spread = values.pop("99th percentile of abs(s - s0)")
+    assert spread > 0  # the search moved its logits
     assert all(-1.0 <= v <= 1.0 for v in values.values())
     assert 0.0 < values["density (s > 0)"] < 1.0
 

@@ -116,8 +116,9 @@ def test_masked_factors_scale_fc1_rows_and_fc2_columns(sites):
     )
 
 
-def test_batched_mask_search_matches_the_per_episode_reference(tiny_backbone, sites, pool):
-    cfg = MetaTrainConfig(**FAST)
+@pytest.mark.parametrize("outer", [{}, {"outer_optimiser": "sgd", "outer_lr": 1e3}])
+def test_batched_mask_search_matches_the_per_episode_reference(tiny_backbone, sites, pool, outer):
+    cfg = MetaTrainConfig(**FAST, **outer)
     episodes = CutMixSampler(tiny_backbone.model, pool, seed=1).sample(cfg.batch)
     s0 = torch.rand(cfg.batch, sites.n_entries, generator=torch.Generator().manual_seed(2)) * 2 - 1
     split = SplitForward(tiny_backbone.model, sites)
@@ -190,6 +191,53 @@ def test_config_rejects_an_inner_optimiser_it_does_not_have():
 def test_config_rejects_a_regression_target_it_does_not_have():
     with pytest.raises(ValueError, match="regression_target must be one of logits, movement"):
         MetaTrainConfig(regression_target="ranks")
+    with pytest.raises(ValueError, match="outer_optimiser must be one of rmsprop, sgd"):
+        MetaTrainConfig(outer_optimiser="adam")
+    with pytest.raises(ValueError, match="search_start must be one of uniform, zero"):
+        MetaTrainConfig(search_start="gauss")
+
+
+def test_the_outer_sgd_moves_each_logit_in_proportion_to_its_gradient(demo_backbone, demo_pool):
+    """One outer step from s = 0 without the sparsity term: SGD's change of s is -lr * dJ/ds, so
+    it spreads as the episodes' KL gradients do; RMSprop's first step is about the same size
+    (10 * lr) for every entry with a gradient."""
+    sites = Sites.for_model(demo_backbone.model)
+    episodes = CutMixSampler(demo_backbone.model, demo_pool, seed=0).sample(3)
+    batch = BatchedEpisodes(SplitForward(demo_backbone.model, sites), sites, episodes, 5.0)
+    s0 = torch.zeros(3, sites.n_entries)
+    steps = {}
+    for name in ("sgd", "rmsprop"):
+        one = {"outer_steps": 1, "outer_optimiser": name, "sparsity": 0.0, "inner_lr": 0.1}
+        cfg = MetaTrainConfig(**{**FAST, **one})
+        steps[name] = (search_masks(batch, s0, cfg).s - s0).abs().flatten()
+    # entries whose gradient is well above RMSprop's eps (smaller ones step less than 10 * lr)
+    moved = steps["rmsprop"] > 0.9
+    assert moved.float().mean() > 0.3
+    rms, sgd = steps["rmsprop"][moved], steps["sgd"][moved]
+    assert rms.max() <= 1.0 + 1e-6  # 10 * lr at most: the sign of the gradient, not its size
+    assert sgd.max() / sgd.min() > 10  # the same entries under SGD: graded by the gradient
+
+
+def test_a_zero_start_searches_from_zero_logits_on_the_same_episodes(tiny_backbone, sites, pool):
+    """A zero-start trainer searches from s0 = 0 and still draws (and discards) the uniform start,
+    so its episodes are those of a uniform-start trainer with the same seed."""
+    searched = {}
+    for start in ("uniform", "zero"):
+        cfg = MetaTrainConfig(**{**FAST, "search_start": start})
+        net = build_hypernetwork(tiny_backbone.model, sites, 0)
+        trainer = MetaTrainer(tiny_backbone, sites, pool, net, cfg)
+        trainer.step()
+        state = trainer.sampler.generator.get_state()
+        episodes_after = trainer.sampler.sample(cfg.batch).mixed
+        searched[start] = (state, episodes_after)
+    assert torch.equal(searched["uniform"][0], searched["zero"][0])
+    assert torch.equal(searched["uniform"][1], searched["zero"][1])
+    cfg = MetaTrainConfig(**{**FAST, "search_start": "zero"})
+    episodes = CutMixSampler(tiny_backbone.model, pool, seed=3).sample(cfg.batch)
+    batch = BatchedEpisodes(SplitForward(tiny_backbone.model, sites), sites, episodes, 5.0)
+    zero = torch.zeros(cfg.batch, sites.n_entries)
+    once, twice = search_masks(batch, zero, cfg).s, search_masks(batch, zero, cfg).s
+    torch.testing.assert_close(once, twice)  # no random start: the episode alone decides
 
 
 def test_the_movement_target_is_what_the_search_added_to_its_start(tiny_backbone, sites, pool):
