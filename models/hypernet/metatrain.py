@@ -198,7 +198,11 @@ def health_problem(entry: dict[str, float], cfg: MetaTrainConfig) -> str | None:
             f"the mask search ends with full masks (density {s:.4f}): the sparsity term "
             f"(lambda {cfg.sparsity:g}) is too weak for this backbone. Raise --sparsity"
         )
-    if moved < MIN_KL_MOVE:
+    # Not from a zero start: it begins at m = 0.5 on every entry (a dense, half-strength mask),
+    # which can fix the episode about as well as the sparse mask the search ends with, so a
+    # healthy search may hold the KL while J falls (measured on the second Tiny-ImageNet
+    # backbone: 0.0521 -> 0.0517, J 0.917 -> 0.484, masks 7% dense). Empty masks still stop it.
+    if moved < MIN_KL_MOVE and cfg.search_start != "zero":
         return (
             f"the mask search moves the pseudo-edits' KL by only {moved:.1%} over its "
             f"{cfg.outer_steps} steps ({first:.4f} -> {last:.4f}): the masked inner steps (lr "

@@ -639,6 +639,19 @@ def test_a_kl_that_rises_while_the_sparsity_term_empties_the_masks_is_healthy() 
     assert problem is not None and "moves the pseudo-edits' KL by only 0.2%" in problem, problem
 
 
+def test_a_zero_start_search_may_hold_its_kl_while_it_thins_the_masks() -> None:
+    """From s0 = 0 the first KL is that of m = 0.5 everywhere, which a sparse mask can match: the
+    window that stopped the second backbone's zero-start run at iteration 75 is healthy; the
+    same window from the paper's start is still flagged, and empty masks are flagged either way."""
+    window = {"s_density": 0.070, "h_density": 0.015, "kl_first": 0.0521, "kl_last": 0.0517}
+    window["h_iou"] = 0.262
+    zero = MetaTrainConfig(search_start="zero")
+    assert health_problem(window, zero) is None
+    assert "moves the pseudo-edits' KL by only 0.8%" in health_problem(window, MetaTrainConfig())
+    empty = {**window, "s_density": 0.001}
+    assert "empty masks" in health_problem(empty, zero)
+
+
 @pytest.mark.parametrize("h_density", [0.0, 0.0019, 1.0])
 def test_scores_on_one_side_of_one_half_are_not_a_collapse_while_the_ranking_reads_the_image(
     h_density: float,
