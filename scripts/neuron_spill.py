@@ -74,7 +74,8 @@ def main() -> None:
     make_config("random", rho=args.rho)  # a rho out of (0, 1] is refused before any work
     backbone, bench, hypernet, sites = open_probe_world(args)
     if hypernet is None:
-        raise SystemExit(f"error: world {args.world!r} has no hypernetwork; give --hypernet")
+        where = f"{args.hypernet}" if args.hypernet else f"world {args.world!r}"
+        raise SystemExit(f"error: no hypernetwork in {where}; give --hypernet DIR")
     model = backbone.model
     split = SplitForward(model, sites)
     with torch.no_grad(), hidden_activity(model, sites) as seen:

@@ -90,18 +90,21 @@ def main() -> None:
     args = parser.parse_args()
     if args.batches < 1:
         raise SystemExit(f"error: --batches must be at least 1, got {args.batches}")
+    try:  # a bad setting is refused before any work
+        cfg = MetaTrainConfig(
+            sparsity=args.sparsity,
+            inner_lr=args.inner_lr,
+            inner_optimiser=args.inner_optimiser,
+            outer_optimiser=args.outer_optimiser,
+            outer_lr=args.outer_lr,
+            search_start=args.search_start,
+        )
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
     torch.set_num_threads(1)
     world = get_world(args.world)
     backbone = world.load_backbone("cpu")
     sites = Sites.for_model(backbone.model)
-    cfg = MetaTrainConfig(
-        sparsity=args.sparsity,
-        inner_lr=args.inner_lr,
-        inner_optimiser=args.inner_optimiser,
-        outer_optimiser=args.outer_optimiser,
-        outer_lr=args.outer_lr,
-        search_start=args.search_start,
-    )
     data = FailureSet.load(args.failures)
     sampler = FailureSampler(
         backbone.model,

@@ -57,3 +57,14 @@ def test_zero_batches_are_refused_in_one_line(tmp_path: Path) -> None:
     run = anatomy("--failures", str(tmp_path / "none.npz"), "--batches", "0")
     assert run.returncode != 0
     assert run.stderr.strip() == "error: --batches must be at least 1, got 0"
+
+
+def test_a_setting_meta_training_refuses_is_refused_in_one_line_before_any_work(
+    tmp_path: Path,
+) -> None:
+    run = anatomy("--failures", str(tmp_path / "none.npz"), "--sparsity", "nan")
+    assert run.returncode != 0
+    assert run.stderr.strip() == (
+        "error: invalid meta-training config: sparsity must be 0 or more and finite "
+        "(got sparsity=nan)"
+    )
