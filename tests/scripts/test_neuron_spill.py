@@ -40,14 +40,18 @@ def test_the_hooks_read_each_sites_hidden_activity_twice_in_sites_order(
     assert len(seen) == 1  # the hooks are gone once the block closes
 
 
-def test_on_the_demo_world_a_random_mask_is_an_average_neuron_and_the_chosen_are_not() -> None:
-    run = subprocess.run(
-        [sys.executable, "scripts/neuron_spill.py", "--world", "demo", "--rho", "0.1"],
+def spill(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "scripts/neuron_spill.py", "--world", "demo", *args],
         capture_output=True,
         text=True,
         timeout=300,
         cwd=ROOT,
     )
+
+
+def test_on_the_demo_world_a_random_mask_is_an_average_neuron_and_the_chosen_are_not() -> None:
+    run = spill("--rho", "0.1")
     assert run.returncode == 0, run.stderr
     rows = {
         cells[1].strip(): [float(c) for c in cells[2:5]]
@@ -60,11 +64,5 @@ def test_on_the_demo_world_a_random_mask_is_an_average_neuron_and_the_chosen_are
 
 
 def test_a_density_outside_0_1_is_refused_before_any_work() -> None:
-    run = subprocess.run(
-        [sys.executable, "scripts/neuron_spill.py", "--world", "demo", "--rho", "2"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-    )
+    run = spill("--rho", "2")
     assert run.returncode != 0 and "rho" in run.stderr and len(run.stderr.splitlines()) == 1
