@@ -29,7 +29,7 @@ from cli.main import one_line_errors
 from models.forward import SplitForward
 from models.hypernet.episodes import BatchedEpisodes
 from models.hypernet.failures import FailureSampler, FailureSet
-from models.hypernet.metatrain import MetaTrainConfig, search_masks
+from models.hypernet.metatrain import MetaTrainConfig, jaccard, search_masks
 from models.sites import Sites, top_rho_mask
 from models.worlds.catalog import get_world
 
@@ -53,15 +53,6 @@ def iou_rows(a: torch.Tensor, b: torch.Tensor) -> float:
     inter = (a & b).sum(1).float()
     union = (a | b).sum(1).float().clamp(min=1)
     return (inter / union).mean().item()
-
-
-def iou_across(a: torch.Tensor) -> float:
-    """Mean IoU of different rows of one (B, n) boolean mask."""
-    m = a.float()
-    inter = m @ m.T
-    union = m.sum(1, keepdim=True) + m.sum(1) - inter
-    off = ~torch.eye(len(m), dtype=torch.bool)
-    return (inter / union.clamp(min=1))[off].mean().item()
 
 
 def top(x: torch.Tensor, rho: float) -> torch.Tensor:
@@ -131,17 +122,17 @@ def main() -> None:
         saliency = kl_saliency(batch, sites)
         add("density (s > 0)", (s_a > 0).float().mean().item())
         add("IoU s > 0: same episode, two starts", iou_rows(s_a > 0, s_b > 0))
-        add("IoU s > 0: two episodes, one start", iou_across(s_a > 0))
+        add("IoU s > 0: two episodes, one start", jaccard(s_a > 0))
         for rho in RHOS:
             ta, tb = top(s_a, rho), top(s_b, rho)
             add(f"IoU top {rho:g}: same episode, two starts", iou_rows(ta, tb))
-            add(f"IoU top {rho:g}: two episodes, one start", iou_across(ta))
+            add(f"IoU top {rho:g}: two episodes, one start", jaccard(ta))
             add(f"IoU top {rho:g}: search vs KL saliency", iou_rows(ta, top(saliency, rho)))
         move_a, move_b = s_a - starts[0], s_b - starts[1]  # what the episode added to the start
         for rho in RHOS:
             ta, tb = top(move_a, rho), top(move_b, rho)
             add(f"IoU top {rho:g} of s - s0: same episode, two starts", iou_rows(ta, tb))
-            add(f"IoU top {rho:g} of s - s0: two episodes, one start", iou_across(ta))
+            add(f"IoU top {rho:g} of s - s0: two episodes, one start", jaccard(ta))
         add("rank corr. s - s0, two starts", spearman(move_a, move_b))
         add("rank corr. s - s0 vs KL saliency", spearman(move_a, saliency))
         if cfg.search_start == "uniform":  # a zero start has no order to keep

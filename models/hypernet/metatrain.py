@@ -147,16 +147,17 @@ class MetaTrainConfig:
         problems += [
             (n, "must be 0 or more and finite") for n in weights if not 0 <= getattr(self, n) < top
         ]
-        if self.inner_optimiser not in INNER_OPTIMISERS:
-            problems.append(("inner_optimiser", f"must be one of {', '.join(INNER_OPTIMISERS)}"))
-        if self.outer_optimiser not in OUTER_OPTIMISERS:
-            problems.append(("outer_optimiser", f"must be one of {', '.join(OUTER_OPTIMISERS)}"))
-        if self.search_start not in SEARCH_STARTS:
-            problems.append(("search_start", f"must be one of {', '.join(SEARCH_STARTS)}"))
-        if self.regression_target not in REGRESSION_TARGETS:
-            problems.append(
-                ("regression_target", f"must be one of {', '.join(REGRESSION_TARGETS)}")
-            )
+        choices = {
+            "inner_optimiser": INNER_OPTIMISERS,
+            "outer_optimiser": OUTER_OPTIMISERS,
+            "search_start": SEARCH_STARTS,
+            "regression_target": REGRESSION_TARGETS,
+        }
+        problems += [
+            (n, f"must be one of {', '.join(allowed)}")
+            for n, allowed in choices.items()
+            if getattr(self, n) not in allowed
+        ]
         if problems:
             what = "; ".join(f"{n} {why}" for n, why in problems)
             got = ", ".join(f"{n}={getattr(self, n)!r}" for n, _ in problems)

@@ -4,16 +4,13 @@ world a random mask's neurons are as active as the mean neuron while the chosen 
 from __future__ import annotations
 
 import subprocess
-import sys
-from pathlib import Path
 
 import torch
 
 from models.backbones import Backbone
 from models.sites import Sites
 from scripts.neuron_spill import hidden_activity
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.scripts import run_script
 
 
 def test_the_hooks_read_each_sites_hidden_activity_twice_in_sites_order(
@@ -41,13 +38,7 @@ def test_the_hooks_read_each_sites_hidden_activity_twice_in_sites_order(
 
 
 def spill(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "scripts/neuron_spill.py", "--world", "demo", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
+    return run_script("neuron_spill", "--world", "demo", *args)
 
 
 def test_on_the_demo_world_a_random_mask_is_an_average_neuron_and_the_chosen_are_not() -> None:

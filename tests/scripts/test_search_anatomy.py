@@ -4,7 +4,6 @@ demo world (real backbone, real mask search) whose table holds every measure in 
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,29 +11,21 @@ import torch
 
 from models.hypernet.failures import FailureSet
 from models.worlds.catalog import get_world
-from scripts.search_anatomy import iou_across, iou_rows, spearman
-
-ROOT = Path(__file__).resolve().parents[2]
+from scripts.search_anatomy import iou_rows, spearman
+from tests.scripts import run_script
 
 
 def test_overlaps_and_rank_correlations_of_known_rows() -> None:
     a = torch.tensor([[1, 1, 0, 0], [0, 0, 1, 1]], dtype=torch.bool)
     b = torch.tensor([[1, 0, 0, 0], [0, 0, 1, 1]], dtype=torch.bool)
     assert iou_rows(a, b) == 0.75  # rows: 1/2 and 2/2
-    assert iou_across(a) == 0.0  # the two rows share nothing
     x = torch.tensor([[0.1, 0.5, 0.9, 2.0]])
     assert abs(spearman(x, 3 * x + 1) - 1.0) < 1e-6  # any increasing map keeps the order
     assert abs(spearman(x, -x) + 1.0) < 1e-6
 
 
 def anatomy(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "scripts/search_anatomy.py", "--world", "demo", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
+    return run_script("search_anatomy", "--world", "demo", *args)
 
 
 def test_one_batch_on_the_demo_world_measures_every_row(tmp_path: Path) -> None:
