@@ -89,6 +89,13 @@ def between_backbones(means: list[float]) -> dict[str, Any] | None:
 
 
 def main() -> None:
+    try:
+        run()
+    except DataError as e:  # a file that is not a results.json, or results that do not pair up
+        raise SystemExit(f"pool_headlines: {e}") from None
+
+
+def run() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--case",

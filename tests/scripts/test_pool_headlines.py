@@ -17,6 +17,7 @@ from tests.scripts import ROOT, run_script
 BENCH = ROOT / "docs/bench/tiny-imagenet"
 SHIPPED = BENCH / "reference-locality/results.json"  # attempt 14's where2edit + every baseline
 SEED1 = BENCH / "attempts/rmsprop-inner-seed1/reference-results.json"  # where2edit only
+OTHER_BACKBONE = BENCH / "replication-gpu-a/session15/rmsprop-reference-results.json"
 
 
 def test_one_seed_is_the_headline_of_its_own_results() -> None:
@@ -83,3 +84,6 @@ def test_the_script_prints_each_seed_and_the_pool(tmp_path: Path) -> None:
     assert "sample of backbones" in done.stdout
     refused = run_script("pool_headlines", "--case", "shipped", str(SHIPPED))
     assert refused.returncode == 2 and "at least one where2edit" in refused.stderr
+    mismatched = run_script("pool_headlines", "--case", "x", str(SHIPPED), str(OTHER_BACKBONE))
+    assert mismatched.returncode == 1
+    assert mismatched.stderr.startswith("pool_headlines: run 2 has another backbone")
