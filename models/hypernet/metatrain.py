@@ -172,7 +172,7 @@ class MetaTrainConfig:
 
 HEALTH_AFTER = 50  # iterations before the first check: the regression needs a few to start
 MIN_DENSITY, MAX_DENSITY = 0.002, 0.998  # a mask this empty or this full selects nothing
-MIN_KL_MOVE = 0.01  # the outer steps must move the pseudo-edit's KL by at least 1% (relative)
+MIN_KL_MOVE = 0.01  # the searched masks' edit must move the pseudo-edit's KL by >= 1% (relative)
 MAX_RANK_IOU = 0.95  # top-10% masks this alike across episodes: one mask for every image
 
 
@@ -180,14 +180,12 @@ def health_problem(entry: dict[str, float], cfg: MetaTrainConfig) -> str | None:
     """What is wrong with a logged window of meta-training (None: nothing), and what to change.
 
     The failure it catches (docs/method.md section 3, the inner rate): with the paper's inner lr
-    1e-3 on a small ViT trained from scratch the outer KL does not move and the masks end empty.
+    1e-3 on a small ViT trained from scratch the edit does not move the pseudo-edit's KL and the
+    masks end empty. And a hypernetwork whose masks no longer depend on the image.
     """
-    s, h = entry["s_density"], entry["h_density"]
+    s = entry["s_density"]
     first, last = entry["kl_first"], entry["kl_last"]
-    # How far the search moves the KL, either way: with the paper's lambda it falls; with a
-    # sparsity weight that keeps masks as sparse as the edit's (~1%) it rises while J falls. Either
-    # way the mask matters. Only a KL the mask cannot move means the inner steps are too small.
-    moved = abs(first - last) / first if first > 0 else 0.0
+    unedited = entry.get("kl_unedited", math.nan)  # absent from windows logged before session 18
     if s < MIN_DENSITY:
         return (
             f"the mask search ends with empty masks (density {s:.4f}): inner steps of lr "
@@ -199,16 +197,35 @@ def health_problem(entry: dict[str, float], cfg: MetaTrainConfig) -> str | None:
             f"the mask search ends with full masks (density {s:.4f}): the sparsity term "
             f"(lambda {cfg.sparsity:g}) is too weak for this backbone. Raise --sparsity"
         )
-    # Not from a zero start: it begins at m = 0.5 on every entry (a dense, half-strength mask),
-    # which can fix the episode about as well as the sparse mask the search ends with, so a
-    # healthy search may hold the KL while J falls (measured on the second Tiny-ImageNet
-    # backbone: 0.0521 -> 0.0517, J 0.917 -> 0.484, masks 7% dense). Empty masks still stop it.
+    # Inner steps too small to matter show as an edit that leaves the pseudo-edit where the
+    # unedited backbone had it: the searched masks' KL against the KL at W0.
+    if math.isfinite(unedited) and unedited > 0:
+        moved = (unedited - last) / unedited
+        if moved < MIN_KL_MOVE:
+            return (
+                f"the searched masks' edit moves the pseudo-edits' KL by only {moved:.1%} from "
+                f"the unedited backbone's ({unedited:.4f} -> {last:.4f}): the masked inner steps "
+                f"(lr {cfg.inner_lr:g}) change too little to tell good masks from bad. "
+                "Raise --inner-lr"
+            )
+        return _collapse(entry, cfg)
+    # Older windows (no KL at W0): how far the search moves the KL over its steps, either way. It
+    # misreads searches whose masks stay useful while they thin out: a sparsity weight (the KL
+    # rises while J falls), a zero start (m = 0.5 everywhere first, matched by the sparse end),
+    # and ten inner steps (session 18: 0.0714 -> 0.0721, J 1.07 -> 0.64, masks 6% dense).
+    moved = abs(first - last) / first if first > 0 else 0.0
     if moved < MIN_KL_MOVE and cfg.search_start != "zero":
         return (
             f"the mask search moves the pseudo-edits' KL by only {moved:.1%} over its "
             f"{cfg.outer_steps} steps ({first:.4f} -> {last:.4f}): the masked inner steps (lr "
             f"{cfg.inner_lr:g}) change too little to tell good masks from bad. Raise --inner-lr"
         )
+    return _collapse(entry, cfg)
+
+
+def _collapse(entry: dict[str, float], cfg: MetaTrainConfig) -> str | None:
+    """The hypernetwork's part of :func:`health_problem`."""
+    s, h = entry["s_density"], entry["h_density"]
     # The edit reads the hypernetwork's ranking (its top rho), not its scores against 0.5: scores
     # that all sit below 0.5 still select (the BCE optimum when the searched masks are dense and
     # unlike each other). Collapsed means the ranking no longer depends on the episode.
@@ -229,6 +246,7 @@ class MaskSearch:
     kl: list[float]  # mean episode loss L at each outer step
     loss: list[float]  # outer objective J at each outer step
     anchor_kl: list[float] = dataclasses.field(default_factory=list)  # with a locality term
+    kl_unedited: float = math.nan  # mean episode loss L at W0, before any edit
 
 
 def search_masks(
@@ -238,6 +256,8 @@ def search_masks(
     ``cfg.locality`` times their mean KL to J (the optional locality term)."""
     s = s0.clone().requires_grad_()
     opt = outer_optimiser([s], cfg)
+    with torch.no_grad():
+        kl_unedited = batch.losses(batch.zeros()).mean().item()
     grad_at_w0 = batch.grads(batch.zeros())  # the first inner gradient does not depend on m
     if cfg.inner_optimiser == "rmsprop":  # elementwise state: dense per episode
         grad_at_w0 = [DenseDelta(g.dense()) for g in grad_at_w0]
@@ -257,7 +277,7 @@ def search_masks(
         opt.step()
         kls.append(kl.mean().item())
         losses.append(loss.item())
-    return MaskSearch(s.detach(), kls, losses, anchor_kls)
+    return MaskSearch(s.detach(), kls, losses, anchor_kls, kl_unedited)
 
 
 def outer_optimiser(params: list[torch.Tensor], cfg: MetaTrainConfig) -> torch.optim.Optimizer:
@@ -311,7 +331,7 @@ def search_masks_reference(
     """
     n_total = s0.numel()  # lambda * mean(m) over the whole batch
     kls, losses = torch.zeros(cfg.outer_steps), torch.zeros(cfg.outer_steps)
-    finals = []
+    finals, kl_unedited = [], 0.0
     for e in range(len(s0)):
         episode = copy.deepcopy(model)
         params = sites.params(episode)
@@ -319,6 +339,8 @@ def search_masks_reference(
             p.requires_grad_()
         w0 = [p.detach().clone() for p in params]
         image, clean = episodes.mixed[e : e + 1], episodes.clean_logits[e : e + 1]
+        with torch.no_grad():
+            kl_unedited += episode_kl(episode(image), clean, cfg.temperature).item() / len(s0)
         s = s0[e : e + 1].clone().requires_grad_()
         opt = outer_optimiser([s], cfg)
         for step in range(cfg.outer_steps):
@@ -350,7 +372,7 @@ def search_masks_reference(
             kls[step] += kl.item() / len(s0)
             losses[step] += loss.item()
         finals.append(s.detach())
-    return MaskSearch(torch.cat(finals), kls.tolist(), losses.tolist())
+    return MaskSearch(torch.cat(finals), kls.tolist(), losses.tolist(), kl_unedited=kl_unedited)
 
 
 # --------------------------------------------------------------------------- the training loop
@@ -475,6 +497,7 @@ class MetaTrainer:
             "outer_loss_last": search.loss[-1],
             "kl_first": search.kl[0],
             "kl_last": search.kl[-1],
+            "kl_unedited": search.kl_unedited,
             "bce": bce,
             "s_density": (search.s > 0).float().mean().item(),  # share of entries with m > 0.5
             "h_density": (scores > 0.5).float().mean().item(),
@@ -554,9 +577,10 @@ class MetaTrainer:
         entry.update(iteration=self.iteration, episodes_per_s=iterations_per_s * self.cfg.batch)
         self.history.append(entry)
         log.info(
-            "it %d: KL %.4f -> %.4f, J %.4f -> %.4f, BCE %.4f, density s %.3f h %.3f, "
-            "IoU s %.3f h %.3f, %.1f episodes/s",
+            "it %d: KL %.4f unedited, %.4f -> %.4f searched, J %.4f -> %.4f, BCE %.4f, "
+            "density s %.3f h %.3f, IoU s %.3f h %.3f, %.1f episodes/s",
             entry["iteration"],
+            entry.get("kl_unedited", math.nan),
             entry["kl_first"],
             entry["kl_last"],
             entry["outer_loss_first"],

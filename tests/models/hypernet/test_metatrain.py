@@ -162,6 +162,9 @@ def test_rmsprop_inner_steps_match_torchs_rmsprop_in_the_reference_loop(demo_bac
     close(torch.tensor(fast.kl), torch.tensor(slow.kl), rtol=1e-3, atol=1e-6)
     close(torch.tensor(fast.loss), torch.tensor(slow.loss), rtol=1e-3, atol=1e-6)
     assert (fast.s - slow.s).abs().mean() < 1e-3
+    # both loops give the KL before any edit, the health check's reference; the search lowers it
+    close(torch.tensor(fast.kl_unedited), torch.tensor(slow.kl_unedited), rtol=1e-4, atol=1e-7)
+    assert fast.kl[-1] < fast.kl_unedited
     sgd = search_masks(batch, s0, dataclasses.replace(cfg, inner_optimiser="sgd"))
     assert (sgd.s - fast.s).abs().mean() > 1e-3  # the option does change the search
 
@@ -651,6 +654,26 @@ def test_a_zero_start_search_may_hold_its_kl_while_it_thins_the_masks() -> None:
     assert "empty masks" in health_problem(empty, zero)
 
 
+def test_the_edit_is_judged_against_the_unedited_backbone_when_the_window_has_it() -> None:
+    """Ten inner steps on the shipped Tiny-ImageNet world hold the KL over the search while the
+    masks thin out: session 18's run stopped on the old criterion at iteration 125 (0.0714 ->
+    0.0721). Measured again with the KL before any edit logged (iterations 1-2 of the same
+    command): 0.1501 unedited, 0.0752 -> 0.0758 searched, so the searched masks' edit halves the
+    pseudo-edits' KL: healthy. An edit that leaves it where the unedited backbone had it is
+    flagged, and so is one that makes it worse."""
+    cfg = MetaTrainConfig(inner_optimiser="rmsprop", inner_lr=3e-4, inner_steps=10)
+    window = {"kl_first": 0.0752, "kl_last": 0.0758, "s_density": 0.065, "h_density": 0.005}
+    window["h_iou"] = 0.253
+    assert "by only 0.8% over its 10 steps" in health_problem(window, cfg)  # without kl_unedited
+    assert health_problem({**window, "kl_unedited": 0.1501}, cfg) is None
+    still = {**window, "kl_unedited": 0.0762}  # 0.5% above the searched masks' KL
+    problem = health_problem(still, cfg)
+    assert problem is not None and "only 0.5% from the unedited backbone's" in problem, problem
+    worse = {**window, "kl_unedited": 0.0700}
+    assert "Raise --inner-lr" in health_problem(worse, cfg)
+    assert "collapsed" in health_problem({**window, "kl_unedited": 0.1501, "h_iou": 1.0}, cfg)
+
+
 @pytest.mark.parametrize("h_density", [0.0, 0.0019, 1.0])
 def test_scores_on_one_side_of_one_half_are_not_a_collapse_while_the_ranking_reads_the_image(
     h_density: float,
@@ -697,3 +720,4 @@ def test_the_demo_recipe_passes_the_checks(demo_backbone, demo_pool, tmp_path):
     )
     assert len(history) == 1 and health_problem(history[0], cfg) is None
     assert history[0]["kl_last"] < 0.9 * history[0]["kl_first"]
+    assert history[0]["kl_last"] < 0.9 * history[0]["kl_unedited"]
