@@ -73,6 +73,7 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=1.0)
     parser.add_argument("--inner-lr", type=float, default=3e-4)
     parser.add_argument("--inner-optimiser", default="rmsprop")
+    parser.add_argument("--inner-steps", type=int, default=5, help="K")
     parser.add_argument("--outer-optimiser", default="rmsprop")
     parser.add_argument("--outer-lr", type=float, default=0.1)
     parser.add_argument("--search-start", default="uniform", choices=["uniform", "zero"])
@@ -86,6 +87,7 @@ def main() -> None:
             sparsity=args.sparsity,
             inner_lr=args.inner_lr,
             inner_optimiser=args.inner_optimiser,
+            inner_steps=args.inner_steps,
             outer_optimiser=args.outer_optimiser,
             outer_lr=args.outer_lr,
             search_start=args.search_start,
@@ -146,6 +148,7 @@ def main() -> None:
         "sparsity",
         "inner_lr",
         "inner_optimiser",
+        "inner_steps",
         "outer_optimiser",
         "outer_lr",
         "search_start",

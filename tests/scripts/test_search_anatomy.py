@@ -3,6 +3,7 @@ demo world (real backbone, real mask search) whose table holds every measure in 
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -33,8 +34,12 @@ def test_one_batch_on_the_demo_world_measures_every_row(tmp_path: Path) -> None:
     labels = np.arange(16, dtype=np.int64) % 10
     path = tmp_path / "failures.npz"
     FailureSet(pool, labels, (labels + 1) % 10, np.arange(16, dtype=np.int64)).save(path)
-    run = anatomy("--failures", str(path), "--batches", "1", "--inner-lr", "1e-3")
+    run = anatomy(
+        "--failures", str(path), "--batches", "1", "--inner-lr", "1e-3", "--inner-steps", "3"
+    )
     assert run.returncode == 0, run.stderr
+    setting = json.loads(run.stdout.splitlines()[0])
+    assert setting["inner_steps"] == 3 and setting["inner_lr"] == 1e-3
     rows = [line.split("|") for line in run.stdout.splitlines() if line.startswith("| ")][1:]
     values = {name.strip(): float(value) for _, name, value, _ in rows}
     assert len(values) == 20
