@@ -251,7 +251,11 @@ class BatchedEpisodes:
         return total / len(anchors.tokens)
 
     def grads(self, deltas: list[Delta]) -> list[Factors]:
-        """Per-episode weight gradients of L at W0 + deltas, as factors (output grads, inputs).
+        """Per-episode weight gradients of L at W0 + deltas, as factors (output grads, inputs)."""
+        return self.grads_and_losses(deltas)[0]
+
+    def grads_and_losses(self, deltas: list[Delta]) -> tuple[list[Factors], torch.Tensor]:
+        """:meth:`grads`, and the per-episode loss (B,) they were taken at, from the same forward.
 
         The loss is a sum over episodes and sample b only sees episode b's weights, so one
         backward to the layer outputs gives every episode's gradient, with no weight gradient
@@ -260,4 +264,7 @@ class BatchedEpisodes:
         with torch.enable_grad(), episode_deltas(self.split.model, self.sites, deltas) as layers:
             loss = episode_kl(self.split.suffix(self.tokens), self.clean_logits, self.temperature)
             outs = torch.autograd.grad(loss.sum(), [layer.output for layer in layers])
-        return [Factors(g, layer.input, g.shape[1]) for g, layer in zip(outs, layers, strict=True)]
+        factors = [
+            Factors(g, layer.input, g.shape[1]) for g, layer in zip(outs, layers, strict=True)
+        ]
+        return factors, loss.detach()

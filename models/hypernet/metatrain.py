@@ -184,8 +184,6 @@ def health_problem(entry: dict[str, float], cfg: MetaTrainConfig) -> str | None:
     masks end empty. And a hypernetwork whose masks no longer depend on the image.
     """
     s = entry["s_density"]
-    first, last = entry["kl_first"], entry["kl_last"]
-    unedited = entry.get("kl_unedited", math.nan)  # absent from windows logged before session 18
     if s < MIN_DENSITY:
         return (
             f"the mask search ends with empty masks (density {s:.4f}): inner steps of lr "
@@ -197,18 +195,26 @@ def health_problem(entry: dict[str, float], cfg: MetaTrainConfig) -> str | None:
             f"the mask search ends with full masks (density {s:.4f}): the sparsity term "
             f"(lambda {cfg.sparsity:g}) is too weak for this backbone. Raise --sparsity"
         )
-    # Inner steps too small to matter show as an edit that leaves the pseudo-edit where the
-    # unedited backbone had it: the searched masks' KL against the KL at W0.
+    return _kl_unmoved(entry, cfg) or _collapse(entry, cfg)
+
+
+def _kl_unmoved(entry: dict[str, float], cfg: MetaTrainConfig) -> str | None:
+    """Inner steps too small to matter: an edit that leaves the pseudo-edit where the unedited
+    backbone had it (the searched masks' KL against the KL at W0)."""
+    first, last = entry["kl_first"], entry["kl_last"]
+    unedited = entry.get("kl_unedited", math.nan)  # absent from windows logged before session 18
+    advice = (
+        f"the masked inner steps (lr {cfg.inner_lr:g}) change too little to tell good masks "
+        "from bad. Raise --inner-lr"
+    )
     if math.isfinite(unedited) and unedited > 0:
         moved = (unedited - last) / unedited
         if moved < MIN_KL_MOVE:
             return (
                 f"the searched masks' edit moves the pseudo-edits' KL by only {moved:.1%} from "
-                f"the unedited backbone's ({unedited:.4f} -> {last:.4f}): the masked inner steps "
-                f"(lr {cfg.inner_lr:g}) change too little to tell good masks from bad. "
-                "Raise --inner-lr"
+                f"the unedited backbone's ({unedited:.4f} -> {last:.4f}): {advice}"
             )
-        return _collapse(entry, cfg)
+        return None
     # Older windows (no KL at W0): how far the search moves the KL over its steps, either way. It
     # misreads searches whose masks stay useful while they thin out: a sparsity weight (the KL
     # rises while J falls), a zero start (m = 0.5 everywhere first, matched by the sparse end),
@@ -217,10 +223,9 @@ def health_problem(entry: dict[str, float], cfg: MetaTrainConfig) -> str | None:
     if moved < MIN_KL_MOVE and cfg.search_start != "zero":
         return (
             f"the mask search moves the pseudo-edits' KL by only {moved:.1%} over its "
-            f"{cfg.outer_steps} steps ({first:.4f} -> {last:.4f}): the masked inner steps (lr "
-            f"{cfg.inner_lr:g}) change too little to tell good masks from bad. Raise --inner-lr"
+            f"{cfg.outer_steps} steps ({first:.4f} -> {last:.4f}): {advice}"
         )
-    return _collapse(entry, cfg)
+    return None
 
 
 def _collapse(entry: dict[str, float], cfg: MetaTrainConfig) -> str | None:
@@ -256,9 +261,9 @@ def search_masks(
     ``cfg.locality`` times their mean KL to J (the optional locality term)."""
     s = s0.clone().requires_grad_()
     opt = outer_optimiser([s], cfg)
-    with torch.no_grad():
-        kl_unedited = batch.losses(batch.zeros()).mean().item()
-    grad_at_w0 = batch.grads(batch.zeros())  # the first inner gradient does not depend on m
+    # the first inner gradient does not depend on m; its forward also gives the KL before any edit
+    grad_at_w0, loss_at_w0 = batch.grads_and_losses(batch.zeros())
+    kl_unedited = loss_at_w0.mean().item()
     if cfg.inner_optimiser == "rmsprop":  # elementwise state: dense per episode
         grad_at_w0 = [DenseDelta(g.dense()) for g in grad_at_w0]
     kls, losses, anchor_kls = [], [], []
