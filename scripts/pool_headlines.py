@@ -88,11 +88,21 @@ def between_backbones(means: list[float]) -> dict[str, Any] | None:
     return {"difference": mean, "sd": sd, "ci95": [mean - half, mean + half]}
 
 
+def share(text: str) -> float:
+    """An LR bar in [0, 1] (argparse turns the ValueError into a usage error)."""
+    value = float(text)
+    if not 0.0 <= value <= 1.0:  # also refuses nan
+        raise ValueError(text)
+    return value
+
+
 def main() -> None:
     try:
         run()
     except DataError as e:  # a file that is not a results.json, or results that do not pair up
         raise SystemExit(f"pool_headlines: {e}") from None
+    except OSError as e:  # --json somewhere it cannot be written
+        raise SystemExit(f"pool_headlines: cannot write {e.filename}: {e.strerror}") from None
 
 
 def run() -> None:
@@ -105,7 +115,9 @@ def run() -> None:
         metavar="NAME BASELINES WHERE2EDIT",
         help="a backbone: its name, its baselines' results.json, one where2edit results.json per seed",
     )
-    parser.add_argument("--min-lr", type=float, default=0.9, help="the locality bar (--at lr-bar)")
+    parser.add_argument(
+        "--min-lr", type=share, default=0.9, help="the locality bar in [0, 1] (--at lr-bar)"
+    )
     parser.add_argument(
         "--at", choices=sorted(VERDICTS), default="lr-bar", help="which of the two headlines"
     )

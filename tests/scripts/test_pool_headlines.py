@@ -87,3 +87,22 @@ def test_the_script_prints_each_seed_and_the_pool(tmp_path: Path) -> None:
     mismatched = run_script("pool_headlines", "--case", "x", str(SHIPPED), str(OTHER_BACKBONE))
     assert mismatched.returncode == 1
     assert mismatched.stderr.startswith("pool_headlines: run 2 has another backbone")
+    for bar in ("nan", "1.5", "-0.1"):
+        refused = run_script(
+            "pool_headlines", "--case", "x", str(SHIPPED), str(SHIPPED), "--min-lr", bar
+        )
+        assert refused.returncode == 2 and "invalid share value" in refused.stderr
+    unwritable = run_script(
+        "pool_headlines",
+        "--case",
+        "x",
+        str(SHIPPED),
+        str(SHIPPED),
+        "--json",
+        str(tmp_path / "no/x.json"),
+    )
+    assert unwritable.returncode == 1
+    assert (
+        unwritable.stderr.startswith("pool_headlines: cannot write")
+        and "Traceback" not in unwritable.stderr
+    )
