@@ -137,6 +137,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "more token); with --init-from, that network's weights plus the new token",
     )
     train.add_argument(
+        "--gradient-input",
+        action="store_true",
+        help="a hypernetwork that also reads the edit's own gradient norms per neuron (what "
+        "saliency ranks by), through gates that start at zero; with --init-from, that "
+        "network's weights plus the gates (not in the paper)",
+    )
+    train.add_argument(
         "--episodes",
         choices=["cutmix", "failures"],
         default="cutmix",
@@ -247,6 +254,8 @@ def _train(args: argparse.Namespace) -> int:
         hypernet = Hypernetwork.load(args.init_from, backbone, sites).requires_grad_(True)
         if args.target_token and not hypernet.config.target_token:
             hypernet = hypernet.with_target_token(cfg.seed)
+        if args.gradient_input and not hypernet.config.gradient_input:
+            hypernet = hypernet.with_gradient_input()
     else:
         hypernet = build_hypernetwork(
             backbone.model,
@@ -254,6 +263,7 @@ def _train(args: argparse.Namespace) -> int:
             cfg.seed,
             width=options.get("width"),
             target_token=args.target_token,
+            gradient_input=args.gradient_input,
         )
     checkpoints = args.checkpoint_dir or (WORLD_CHECKPOINTS / args.world if args.world else None)
     budget = None if args.time_budget is None else 60 * args.time_budget

@@ -15,6 +15,7 @@ import torch
 from models.editing.optimize import masked_finetune
 from models.editing.random_mask import MaskConfig
 from models.editing.registry import EditOutcome, EditTask, StepCallback, register
+from models.editing.saliency import gradient_scores
 from models.errors import HypernetworkMismatchError
 from models.hypernet.network import Hypernetwork
 from models.sites import Sites, top_rho_mask
@@ -40,7 +41,9 @@ def learned_scores(hypernet: Hypernetwork, task: EditTask) -> torch.Tensor:
             f"edit's sites {list(task.sites.mlps)} have {list(expected)}; use its sites"
         )
     hypernet.check_sites(task.sites)
-    return hypernet.mask_scores(task.model, task.images, task.targets)  # (n_entries,)
+    # a gradient-reading hypernetwork also reads saliency's per-entry gradient norms
+    gradient = gradient_scores(task) if hypernet.config.gradient_input else None
+    return hypernet.mask_scores(task.model, task.images, task.targets, gradient)
 
 
 def mask_counts(sites: Sites, masks: list[torch.Tensor]) -> dict[str, int]:

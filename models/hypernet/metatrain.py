@@ -58,6 +58,7 @@ from models.hypernet.network import (
     Hypernetwork,
     cls_features,
     feature_dim,
+    gradient_ranks,
     target_features,
 )
 from models.sites import Sites
@@ -252,6 +253,9 @@ class MaskSearch:
     loss: list[float]  # outer objective J at each outer step
     anchor_kl: list[float] = dataclasses.field(default_factory=list)  # with a locality term
     kl_unedited: float = math.nan  # mean episode loss L at W0, before any edit
+    # (B, n_entries) each entry's gradient norm of L at W0 (fc1 row / fc2 column), what saliency
+    # ranks by; a gradient_input hypernetwork reads it
+    gradient: torch.Tensor | None = None
 
 
 def search_masks(
@@ -264,6 +268,7 @@ def search_masks(
     # the first inner gradient does not depend on m; its forward also gives the KL before any edit
     grad_at_w0, loss_at_w0 = batch.grads_and_losses(batch.zeros())
     kl_unedited = loss_at_w0.mean().item()
+    gradient = entry_norms(batch.sites, [g.dense() for g in grad_at_w0])
     if cfg.inner_optimiser == "rmsprop":  # elementwise state: dense per episode
         grad_at_w0 = [DenseDelta(g.dense()) for g in grad_at_w0]
     kls, losses, anchor_kls = [], [], []
@@ -282,7 +287,14 @@ def search_masks(
         opt.step()
         kls.append(kl.mean().item())
         losses.append(loss.item())
-    return MaskSearch(s.detach(), kls, losses, anchor_kls, kl_unedited)
+    return MaskSearch(s.detach(), kls, losses, anchor_kls, kl_unedited, gradient)
+
+
+def entry_norms(sites: Sites, grads: list[torch.Tensor]) -> torch.Tensor:
+    """(B, n_entries) from per-episode weight gradients (B, out, in) per matrix: the norm over
+    each fc1 row (dim 0) or fc2 column (dim 1), as saliency scores a neuron."""
+    pairs = zip(grads, sites.matrices, strict=True)
+    return torch.cat([g.norm(dim=2 - matrix.dim) for g, matrix in pairs], dim=1)
 
 
 def outer_optimiser(params: list[torch.Tensor], cfg: MetaTrainConfig) -> torch.optim.Optimizer:
@@ -336,7 +348,7 @@ def search_masks_reference(
     """
     n_total = s0.numel()  # lambda * mean(m) over the whole batch
     kls, losses = torch.zeros(cfg.outer_steps), torch.zeros(cfg.outer_steps)
-    finals, kl_unedited = [], 0.0
+    finals, kl_unedited, gradient = [], 0.0, []
     for e in range(len(s0)):
         episode = copy.deepcopy(model)
         params = sites.params(episode)
@@ -344,8 +356,10 @@ def search_masks_reference(
             p.requires_grad_()
         w0 = [p.detach().clone() for p in params]
         image, clean = episodes.mixed[e : e + 1], episodes.clean_logits[e : e + 1]
-        with torch.no_grad():
-            kl_unedited += episode_kl(episode(image), clean, cfg.temperature).item() / len(s0)
+        loss = episode_kl(episode(image), clean, cfg.temperature).sum()
+        kl_unedited += loss.item() / len(s0)
+        grads = torch.autograd.grad(loss, params)  # at W0
+        gradient.append(entry_norms(sites, [g.unsqueeze(0) for g in grads]))
         s = s0[e : e + 1].clone().requires_grad_()
         opt = outer_optimiser([s], cfg)
         for step in range(cfg.outer_steps):
@@ -377,7 +391,13 @@ def search_masks_reference(
             kls[step] += kl.item() / len(s0)
             losses[step] += loss.item()
         finals.append(s.detach())
-    return MaskSearch(torch.cat(finals), kls.tolist(), losses.tolist(), kl_unedited=kl_unedited)
+    return MaskSearch(
+        torch.cat(finals),
+        kls.tolist(),
+        losses.tolist(),
+        kl_unedited=kl_unedited,
+        gradient=torch.cat(gradient),
+    )
 
 
 # --------------------------------------------------------------------------- the training loop
@@ -401,6 +421,14 @@ def jaccard(masks: torch.Tensor) -> float:
     return (inter / union)[off_diagonal].mean().item()
 
 
+def rank_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean over rows of the rank (Spearman) correlation of two (B, n) tensors (ties ordinal)."""
+    ra, rb = gradient_ranks(a.float()), gradient_ranks(b.float())
+    ra, rb = ra - ra.mean(dim=1, keepdim=True), rb - rb.mean(dim=1, keepdim=True)
+    corr = (ra * rb).sum(dim=1) / (ra.norm(dim=1) * rb.norm(dim=1)).clamp_min(1e-12)
+    return corr.mean().item()
+
+
 def regression_logits(s: torch.Tensor, s0: torch.Tensor, cfg: MetaTrainConfig) -> torch.Tensor:
     """The logits step 3 regresses onto: the searched s, or (``regression_target="movement"``)
     s - s0, what the search added to its random start."""
@@ -414,12 +442,14 @@ def regress(
     s: torch.Tensor,
     cfg: MetaTrainConfig,
     target_rows: torch.Tensor | None = None,
+    gradient: torch.Tensor | None = None,
 ) -> tuple[float, torch.Tensor]:
     """Step 3: fit H(cls(x~)) to sigmoid(3 s) (a ``target_token`` network also reads the
-    episodes' target rows). Returns the last BCE and the scores it saw."""
+    episodes' target rows, a ``gradient_input`` one their gradient norms at W0). Returns the
+    last BCE and the scores it saw."""
     target = torch.sigmoid(hypernet.config.score_scale * s)
     for _ in range(cfg.regression_steps):
-        scores = hypernet(features, target_rows)  # (B, n_entries)
+        scores = hypernet(features, target_rows, gradient)  # (B, n_entries)
         loss = cfg.regression_weight * F.binary_cross_entropy(scores, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -490,7 +520,8 @@ class MetaTrainer:
         if self.hypernet.config.target_token:  # the class each episode's edit moves it to
             rows = target_features(self.model, episodes.targets)
         target = regression_logits(search.s, s0, cfg)
-        bce, scores = regress(self.hypernet, self.opt, features, target, cfg, rows)
+        gradient = search.gradient if self.hypernet.config.gradient_input else None
+        bce, scores = regress(self.hypernet, self.opt, features, target, cfg, rows, gradient)
         if not math.isfinite(bce):
             raise MetaTrainingUnhealthy(
                 f"meta-training diverged at iteration {self.iteration}: the regression loss is "
@@ -509,6 +540,8 @@ class MetaTrainer:
             "s_iou": jaccard(search.s > 0),  # overlap of episodes' selected sets (m > 0.5)
             "h_iou": mask_iou(scores),  # top-10% overlap of the hypernetwork's masks; 1 = collapsed
             "h_std": scores.std(dim=0).mean().item(),  # spread of scores across episodes
+            # how far the hypernetwork's ranking follows the episode's gradient norms (saliency's)
+            "h_grad_corr": rank_correlation(scores, search.gradient),
             **({"anchor_kl_last": search.anchor_kl[-1]} if search.anchor_kl else {}),
         }
 
@@ -583,7 +616,8 @@ class MetaTrainer:
         self.history.append(entry)
         log.info(
             "it %d: KL %.4f unedited, %.4f -> %.4f searched, J %.4f -> %.4f, BCE %.4f, "
-            "density s %.3f h %.3f, IoU s %.3f h %.3f, %.1f episodes/s",
+            "density s %.3f h %.3f, IoU s %.3f h %.3f, rank corr h~gradient %.3f, "
+            "%.1f episodes/s",
             entry["iteration"],
             entry.get("kl_unedited", math.nan),
             entry["kl_first"],
@@ -595,6 +629,7 @@ class MetaTrainer:
             entry["h_density"],
             entry["s_iou"],
             entry["h_iou"],
+            entry.get("h_grad_corr", math.nan),
             entry["episodes_per_s"],
         )
         if "anchor_kl_last" in entry:
@@ -611,11 +646,17 @@ def build_hypernetwork(
     width: int | None = None,
     heads: int | None = None,
     target_token: bool = False,
+    gradient_input: bool = False,
 ) -> Hypernetwork:
     """A fresh hypernetwork for this backbone and these sites, initialised from ``seed``."""
     torch.manual_seed(seed)
     config = HypernetConfig.for_sites(
-        feature_dim(model), sites, width=width, heads=heads, target_token=target_token
+        feature_dim(model),
+        sites,
+        width=width,
+        heads=heads,
+        target_token=target_token,
+        gradient_input=gradient_input,
     )
     return Hypernetwork(config).to(next(model.parameters()).device)
 

@@ -61,6 +61,10 @@ class HypernetConfig:
     # also read the edit's target class, as one more token: its row of the backbone's classifier
     # (the image alone does not say which class the edit moves it to; saliency's gradient does)
     target_token: bool = False
+    # also read the edit's own gradient: each entry's rank by the edit loss's gradient norm at the
+    # unedited weights (what saliency ranks by), weighed per entry by a gate read from the tokens
+    # (zero at the start, so adding it changes nothing until meta-training moves it)
+    gradient_input: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
@@ -118,13 +122,19 @@ class Hypernetwork(nn.Module):
         self.norm = nn.LayerNorm(c.width)  # final norm of a pre-LN trunk
         self.heads = nn.ModuleList(nn.Linear(c.width, h) for h in c.hidden)
         self.target_proj = nn.Linear(c.feature_dim, c.width) if c.target_token else None
+        self.gates = _zero_heads(c.width, c.hidden) if c.gradient_input else None
         self.sites: Sites | None = None  # the sites it was trained for (set by save and load)
 
     def logits(
-        self, features: torch.Tensor, target_features: torch.Tensor | None = None
+        self,
+        features: torch.Tensor,
+        target_features: torch.Tensor | None = None,
+        gradient: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Pre-sigmoid scores z, (B, n_entries). ``target_features`` (B, feature_dim): the edit
-        targets' classifier rows (:func:`target_features`), for a ``target_token`` network."""
+        targets' classifier rows (:func:`target_features`), for a ``target_token`` network.
+        ``gradient`` (B, n_entries): the edit loss's gradient norm per entry at the unedited
+        weights, for a ``gradient_input`` network (z = head + gate * its ranks in [-1, 1])."""
         x = self.proj(features).unsqueeze(1)  # (B, 1, W)
         q = self.queries.unsqueeze(0).expand(x.shape[0], -1, -1)  # (B, M, W)
         tokens = [q, x]
@@ -133,37 +143,65 @@ class Hypernetwork(nn.Module):
                 raise ValueError("this hypernetwork reads the edit's target: give its features")
             tokens.append(self.target_proj(target_features).unsqueeze(1))
         x = self.norm(self.blocks(torch.cat(tokens, dim=1)))  # (B, M + 1 [+ 1], W)
-        return torch.cat([head(x[:, i]) for i, head in enumerate(self.heads)], dim=-1)
+        z = torch.cat([head(x[:, i]) for i, head in enumerate(self.heads)], dim=-1)
+        if self.gates is None:
+            return z
+        if gradient is None:
+            raise ValueError("this hypernetwork reads the edit's gradient: give its norms")
+        gate = torch.cat([head(x[:, i]) for i, head in enumerate(self.gates)], dim=-1)
+        return z + gate * gradient_ranks(gradient.expand_as(z))
 
     def forward(
-        self, features: torch.Tensor, target_features: torch.Tensor | None = None
+        self,
+        features: torch.Tensor,
+        target_features: torch.Tensor | None = None,
+        gradient: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Scores in [clamp, 1 - clamp], (B, n_entries), in Sites.matrices order."""
         eps = self.config.clamp
-        z = self.logits(features, target_features)
+        z = self.logits(features, target_features, gradient)
         return torch.sigmoid(self.config.score_scale * z).clamp(eps, 1 - eps)
 
     @torch.no_grad()
     def mask_scores(
-        self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor | None = None
+        self,
+        model: nn.Module,
+        images: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        gradient: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Scores for a set of edit images (and their target labels, which a ``target_token``
-        network reads), averaged over them: (n_entries,)."""
+        network reads; and the edit loss's gradient norms (n_entries,), which a
+        ``gradient_input`` network reads), averaged over them: (n_entries,)."""
         rows = None
         if self.config.target_token:
             if targets is None:
                 raise ValueError("this hypernetwork reads the edit's target labels: give them")
             rows = target_features(model, targets)
-        return self(cls_features(model, images), rows).mean(dim=0)
+        if self.config.gradient_input and gradient is None:
+            raise ValueError("this hypernetwork reads the edit's gradient norms: give them")
+        features = cls_features(model, images)
+        if gradient is not None:
+            gradient = gradient.to(features.device).reshape(1, -1)
+        return self(features, rows, gradient).mean(dim=0)
 
     def with_target_token(self, seed: int = 0) -> Hypernetwork:
         """This network with a target token added (its projection seeded, the rest copied): the
         start of a target-reading meta-training from an image-only network."""
         torch.manual_seed(seed)
-        net = Hypernetwork(dataclasses.replace(self.config, target_token=True))
+        return self._with_inputs(target_token=True)
+
+    def with_gradient_input(self) -> Hypernetwork:
+        """This network with the gradient input added (its gates zero, the rest copied): the same
+        scores as this network until meta-training moves the gates."""
+        return self._with_inputs(gradient_input=True)
+
+    def _with_inputs(self, **inputs: bool) -> Hypernetwork:
+        net = Hypernetwork(dataclasses.replace(self.config, **inputs))
         missing, unexpected = net.load_state_dict(self.state_dict(), strict=False)
-        if unexpected or any(not k.startswith("target_proj.") for k in missing):
-            raise ValueError(f"cannot add a target token: {missing} {unexpected}")
+        added = tuple(_INPUT_PARAMS[name] for name in inputs)  # the only parameters not copied
+        if unexpected or any(not k.startswith(added) for k in missing):
+            raise ValueError(f"cannot add {', '.join(inputs)}: {missing} {unexpected}")
         net.sites = self.sites
         for name in ("weights_sha256", "training_episodes", "episode_source"):  # its origin
             if hasattr(self, name):
@@ -316,6 +354,25 @@ def cls_features(model: nn.Module, images: torch.Tensor, batch_size: int = 256) 
 def feature_dim(model: nn.Module) -> int:
     """Width of :func:`cls_features` for a timm classifier."""
     return int(getattr(model, "head_hidden_size", None) or model.num_features)
+
+
+_INPUT_PARAMS = {"target_token": "target_proj.", "gradient_input": "gates."}
+
+
+def gradient_ranks(norms: torch.Tensor) -> torch.Tensor:
+    """Each row's entries ranked by gradient norm, scaled to [-1, 1] (1: the largest). Ranks, not
+    norms: the edit's CE and meta-training's tempered KL give gradients of unrelated scales."""
+    n = norms.shape[-1]
+    ranks = norms.argsort(dim=-1).argsort(dim=-1).to(norms.dtype)
+    return 2 * ranks / max(n - 1, 1) - 1
+
+
+def _zero_heads(width: int, hidden: tuple[int, ...]) -> nn.ModuleList:
+    heads = nn.ModuleList(nn.Linear(width, h) for h in hidden)
+    for head in heads:
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
+    return heads
 
 
 def target_features(model: nn.Module, targets: torch.Tensor) -> torch.Tensor:

@@ -165,6 +165,9 @@ def test_rmsprop_inner_steps_match_torchs_rmsprop_in_the_reference_loop(demo_bac
     # both loops give the KL before any edit, the health check's reference; the search lowers it
     close(torch.tensor(fast.kl_unedited), torch.tensor(slow.kl_unedited), rtol=1e-4, atol=1e-7)
     assert fast.kl[-1] < fast.kl_unedited
+    # and each entry's gradient norm at W0, what a gradient-reading hypernetwork reads
+    assert fast.gradient.shape == (cfg.batch, sites.n_entries)
+    close(fast.gradient, slow.gradient, rtol=1e-4, atol=1e-9)
     sgd = search_masks(batch, s0, dataclasses.replace(cfg, inner_optimiser="sgd"))
     assert (sgd.s - fast.s).abs().mean() > 1e-3  # the option does change the search
 
@@ -316,6 +319,29 @@ def test_a_target_reading_network_meta_trains_its_target_token(
     assert len(history) == 3 and history[-1]["bce"] < history[0]["bce"]
     assert not torch.equal(net.target_proj.weight, before)  # the token is trained
     assert Hypernetwork.load(tmp_path, tiny_backbone, sites).config.target_token
+
+
+def test_a_gradient_reading_network_starts_as_its_parent_and_trains_its_gates(
+    tiny_backbone, sites, pool, tmp_path
+):
+    cfg = MetaTrainConfig(iterations=3, **FAST)
+    parent = build_hypernetwork(tiny_backbone.model, sites, target_token=True)
+    start = parent.with_gradient_input()
+    x, rows = torch.randn(4, start.config.feature_dim), torch.randn(4, start.config.feature_dim)
+    norms = torch.rand(4, sites.n_entries)
+    assert torch.equal(start(x, rows, norms), parent(x, rows))  # zero gates: the parent's scores
+    with pytest.raises(ValueError, match="gradient"):
+        start(x, rows)
+    net, history = meta_train(
+        tiny_backbone, sites, pool, cfg, tmp_path, hypernet=start, log_every=1, checkpoint_every=0
+    )
+    assert any(gate.weight.abs().sum() > 0 for gate in net.gates)  # the gates are trained
+    assert all(-1.0 <= h["h_grad_corr"] <= 1.0 for h in history)
+    loaded = Hypernetwork.load(tmp_path, tiny_backbone, sites)
+    assert loaded.config.gradient_input and loaded.config.target_token
+    assert torch.equal(loaded(x, rows, norms), net.eval()(x, rows, norms))
+    # the gradient moves its scores: entries ranked higher by it score differently
+    assert not torch.equal(loaded(x, rows, norms), loaded(x, rows, norms.flip(-1)))
 
 
 def test_resumed_training_continues_exactly_where_it_stopped(tiny_backbone, sites, pool, tmp_path):
