@@ -22,6 +22,7 @@ from cli.bench import add_world_arguments, open_probe_world
 from cli.main import one_line_errors
 from models.editing.registry import EditTask
 from models.editing.saliency import gradient_scores
+from models.editing.where2edit import learned_scores
 from models.forward import SplitForward
 from models.sites import top_rho_mask
 
@@ -51,12 +52,10 @@ def main() -> None:
         tokens = split.prefix(images)
         for i in range(len(images)):
             x = images[i : i + 1]
-            with torch.no_grad():
-                scores = hypernet.mask_scores(backbone.model, x, torch.tensor([group.label]))
-            masks["where2edit"].append(top_rho_mask(scores, args.rho))
             task = EditTask(
                 backbone.model, sites, split, x, torch.tensor([group.label]), tokens[i : i + 1]
             )
+            masks["where2edit"].append(top_rho_mask(learned_scores(hypernet, task), args.rho))
             masks["saliency"].append(top_rho_mask(gradient_scores(task), args.rho))
             group_of.append(gi)
     groups = torch.tensor(group_of)

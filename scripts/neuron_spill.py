@@ -28,6 +28,7 @@ from cli.bench import add_world_arguments, open_probe_world
 from cli.main import one_line_errors
 from models.editing.registry import EditTask, make_config
 from models.editing.saliency import gradient_scores
+from models.editing.where2edit import learned_scores
 from models.forward import SplitForward
 from models.sites import Sites, top_rho_mask
 
@@ -90,14 +91,12 @@ def main() -> None:
         label = torch.tensor([group.label])
         for i in range(len(images)):
             x = images[i : i + 1]
-            with torch.no_grad():
-                with hidden_activity(model, sites) as seen:
-                    model(x)
-                scores = hypernet.mask_scores(model, x, label)
+            with torch.no_grad(), hidden_activity(model, sites) as seen:
+                model(x)
             on_image = seen[0][0]
             task = EditTask(model, sites, split, x, label, tokens[i : i + 1])
             masks = {
-                "where2edit": top_rho_mask(scores, args.rho),
+                "where2edit": top_rho_mask(learned_scores(hypernet, task), args.rho),
                 "saliency": top_rho_mask(gradient_scores(task), args.rho),
                 "random": top_rho_mask(torch.rand(sites.n_entries, generator=gen), args.rho),
             }

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from models.editing import make_config, run_edit
+from models.editing.saliency import gradient_scores
 from models.editing.where2edit import learned_masks
 from models.errors import EditConfigError, HypernetworkMismatchError
 from models.hypernet.network import HypernetConfig, Hypernetwork, cls_features, feature_dim
-from models.sites import Sites
+from models.sites import Sites, top_rho_mask
 
 
 def test_where2edit_needs_a_hypernetwork(task):
@@ -70,3 +71,23 @@ def test_a_target_reading_hypernetwork_gets_the_edits_targets(task):
     assert not torch.equal(masks, torch.cat(learned_masks(task.hypernetwork, other, rho=0.1)))
     outcome = run_edit("where2edit", task, make_config("where2edit", rho=0.1, max_steps=2))
     assert outcome.mask_entries == int(masks.sum())
+
+
+def test_a_gradient_reading_hypernetwork_reads_the_edits_own_gradient(task):
+    net = task.hypernetwork.with_gradient_input().eval()
+    rho = 0.1
+    # zero gates: its parent's mask, whatever the gradient
+    parent = torch.cat(learned_masks(task.hypernetwork, task, rho))
+    task.hypernetwork = net
+    assert torch.equal(torch.cat(learned_masks(net, task, rho)), parent)
+    # heads at zero and gates at one: z is the gradient's rank, so saliency's own mask (the top
+    # rho by gradient norm); scores saturated at the clamp would tie and select by index instead
+    with torch.no_grad():
+        for head, gate in zip(net.heads, net.gates, strict=True):
+            head.weight.zero_(), head.bias.zero_(), gate.bias.fill_(1.0)
+    saliency = top_rho_mask(gradient_scores(task), rho)
+    assert torch.equal(torch.cat(learned_masks(net, task, rho)), saliency)
+    outcome = run_edit("where2edit", task, make_config("where2edit", rho=rho, max_steps=2))
+    assert outcome.mask_entries == int(saliency.sum())
+    with pytest.raises(ValueError, match="gradient"):
+        net.mask_scores(task.model, task.images, task.targets)  # the gradient is not optional

@@ -37,7 +37,7 @@ from models.hypernet.metatrain import (
     search_masks,
     search_masks_reference,
 )
-from models.hypernet.network import Hypernetwork
+from models.hypernet.network import Hypernetwork, read_manifest
 from models.sites import Matrix, Sites
 
 FAST = dict(batch=3, outer_steps=3, inner_steps=2, inner_lr=0.5, schedule_iterations=10)
@@ -536,7 +536,6 @@ def test_cli_trains_a_hypernetwork_from_a_manifest_and_an_image_folder(tiny_back
     from PIL import Image
 
     from cli.main import main
-    from models.hypernet.network import read_manifest
     from tests.conftest import tiny_manifest
 
     tiny_manifest().write(tmp_path / "backbone.json")
@@ -567,6 +566,30 @@ def test_cli_trains_a_hypernetwork_from_a_manifest_and_an_image_folder(tiny_back
         not torch.equal(a, b)
         for a, b in zip(net.state_dict().values(), tuned.state_dict().values(), strict=True)
     )
+
+
+def test_cli_adds_the_gradient_input_to_a_saved_hypernetwork(tiny_backbone, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from cli.main import main
+    from tests.conftest import tiny_manifest
+
+    tiny_manifest().write(tmp_path / "backbone.json")
+    (tmp_path / "images").mkdir()
+    for i in range(4):
+        pixels = np.random.default_rng(i).integers(0, 255, (28, 28), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "images" / f"{i}.png")
+    assert main(_cli_train(tmp_path, "--out", str(tmp_path / "out"))) == 0
+    more = ["--out", str(tmp_path / "more"), "--init-from", str(tmp_path / "out")]
+    assert main(_cli_train(tmp_path, *more, "--gradient-input")) == 0
+    parent = Hypernetwork.load(tmp_path / "out", tiny_backbone)
+    child = Hypernetwork.load(tmp_path / "more", tiny_backbone)
+    assert child.config.gradient_input and not parent.config.gradient_input
+    assert "h_grad_corr" in read_manifest(tmp_path / "more")["training"]["final"]
+    # from scratch too
+    assert main(_cli_train(tmp_path, "--out", str(tmp_path / "new"), "--gradient-input")) == 0
+    assert Hypernetwork.load(tmp_path / "new", tiny_backbone).config.gradient_input
 
 
 def test_anchor_losses_equal_per_episode_forwards_at_each_episodes_weights(

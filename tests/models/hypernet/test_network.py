@@ -18,6 +18,7 @@ from models.hypernet.network import (
     Hypernetwork,
     cls_features,
     feature_dim,
+    gradient_ranks,
     load_demo_hypernetwork,
     target_features,
 )
@@ -135,6 +136,39 @@ def test_a_target_token_network_reads_the_target_and_round_trips(
     assert loaded.config.target_token and torch.equal(
         loaded(feats, target_features(model, torch.full((3,), 1))), one
     )
+
+
+def test_gradient_ranks_span_minus_one_to_one_and_ignore_the_scale():
+    norms = torch.tensor([[0.3, 5.0, 0.0, 1.0], [2.0, 1.0, 4.0, 3.0]])
+    ranks = gradient_ranks(norms)
+    expected = torch.tensor([[-1 / 3, 1.0, -1.0, 1 / 3], [-1 / 3, -1.0, 1.0, 1 / 3]])
+    torch.testing.assert_close(ranks, expected)
+    assert torch.equal(gradient_ranks(norms.square() * 1e-6), ranks)  # any monotone rescaling
+
+
+def test_a_gradient_reading_network_keeps_its_parents_weights_and_round_trips(
+    tiny_backbone, sites, images, tmp_path
+):
+    parent = make_hypernet(tiny_backbone, sites).eval()
+    net = parent.with_gradient_input().eval()
+    assert net.config.gradient_input and not parent.config.gradient_input
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in parent.state_dict().items())
+    feats = cls_features(tiny_backbone.model, images)
+    norms = torch.rand(sites.n_entries, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for gate in net.gates:
+            torch.nn.init.normal_(gate.weight)
+    # one gradient for the edit's images, read by each of them
+    averaged = net.mask_scores(tiny_backbone.model, images, gradient=norms)
+    assert torch.allclose(averaged, net(feats, None, norms.expand(len(images), -1)).mean(dim=0))
+    assert not torch.allclose(
+        averaged, net.mask_scores(tiny_backbone.model, images, gradient=-norms)
+    )
+    with pytest.raises(ValueError, match="reads the edit's gradient norms"):
+        net.mask_scores(tiny_backbone.model, images)
+    net.save(tmp_path, tiny_backbone, sites)
+    loaded = Hypernetwork.load(tmp_path, tiny_backbone, sites)
+    assert torch.equal(loaded.mask_scores(tiny_backbone.model, images, gradient=norms), averaged)
 
 
 def test_load_rejects_a_hypernetwork_trained_for_another_backbone(tiny_backbone, sites, tmp_path):
