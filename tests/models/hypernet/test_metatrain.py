@@ -531,18 +531,24 @@ def _cli_train(folder: Path, *extra: str) -> list[str]:
     ]
 
 
-def test_cli_trains_a_hypernetwork_from_a_manifest_and_an_image_folder(tiny_backbone, tmp_path):
+def _cli_folder(folder: Path) -> None:
+    """A backbone manifest and four unlabeled images, as `vitedit hypernet train` reads them."""
     import numpy as np
     from PIL import Image
 
-    from cli.main import main
     from tests.conftest import tiny_manifest
 
-    tiny_manifest().write(tmp_path / "backbone.json")
-    (tmp_path / "images").mkdir()
+    tiny_manifest().write(folder / "backbone.json")
+    (folder / "images").mkdir()
     for i in range(4):
         pixels = np.random.default_rng(i).integers(0, 255, (28, 28), dtype=np.uint8)
-        Image.fromarray(pixels).save(tmp_path / "images" / f"{i}.png")
+        Image.fromarray(pixels).save(folder / "images" / f"{i}.png")
+
+
+def test_cli_trains_a_hypernetwork_from_a_manifest_and_an_image_folder(tiny_backbone, tmp_path):
+    from cli.main import main
+
+    _cli_folder(tmp_path)
     assert main(_cli_train(tmp_path, "--out", str(tmp_path / "out"))) == 0
     net = Hypernetwork.load(tmp_path / "out", tiny_backbone)  # random init: sha256 "" both sides
     sites = Sites.for_model(tiny_backbone.model)
@@ -569,17 +575,9 @@ def test_cli_trains_a_hypernetwork_from_a_manifest_and_an_image_folder(tiny_back
 
 
 def test_cli_adds_the_gradient_input_to_a_saved_hypernetwork(tiny_backbone, tmp_path):
-    import numpy as np
-    from PIL import Image
-
     from cli.main import main
-    from tests.conftest import tiny_manifest
 
-    tiny_manifest().write(tmp_path / "backbone.json")
-    (tmp_path / "images").mkdir()
-    for i in range(4):
-        pixels = np.random.default_rng(i).integers(0, 255, (28, 28), dtype=np.uint8)
-        Image.fromarray(pixels).save(tmp_path / "images" / f"{i}.png")
+    _cli_folder(tmp_path)
     assert main(_cli_train(tmp_path, "--out", str(tmp_path / "out"))) == 0
     more = ["--out", str(tmp_path / "more"), "--init-from", str(tmp_path / "out")]
     assert main(_cli_train(tmp_path, *more, "--gradient-input")) == 0
