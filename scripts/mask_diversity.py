@@ -5,7 +5,9 @@ For every image of every group (a world's report split by default), the top-``rh
 ``where2edit`` (the hypernetwork's scores for that image alone) and of ``saliency`` (per-neuron
 gradient norms of that image's CE to its group's label). Prints, per kind, the mean IoU of two
 masks of the same group, of two different groups, and the share of entries every mask holds;
-then the IoU of the two kinds' masks on the same image. A hypernetwork whose masks are nearly the
+then the IoU of the two kinds' masks on the same image, and the rank correlation of the
+hypernetwork's scores with the image's gradient norms (for a ``--gradient-input`` network, also
+how much the gradient's part of its logits weighs against the heads'). A hypernetwork whose masks are nearly the
 same for every failure ranks neurons once for all (a static mask), whatever image it is shown.
 
     .venv/bin/python scripts/mask_diversity.py --world tiny-imagenet [--hypernet DIR] [--rho 0.1]
@@ -24,6 +26,8 @@ from models.editing.registry import EditTask
 from models.editing.saliency import gradient_scores
 from models.editing.where2edit import learned_scores
 from models.forward import SplitForward
+from models.hypernet.metatrain import rank_correlation
+from models.hypernet.network import cls_features, target_features
 from models.sites import top_rho_mask
 
 
@@ -46,7 +50,7 @@ def main() -> None:
     backbone, bench, hypernet, sites = open_probe_world(args)
     split = SplitForward(backbone.model, sites)
     masks: dict[str, list[torch.Tensor]] = {"where2edit": [], "saliency": []}
-    group_of = []
+    group_of, follows, weight = [], [], []
     for gi, group in enumerate(bench.groups):
         images = backbone.preprocess(group.images)
         tokens = split.prefix(images)
@@ -55,8 +59,18 @@ def main() -> None:
             task = EditTask(
                 backbone.model, sites, split, x, torch.tensor([group.label]), tokens[i : i + 1]
             )
-            masks["where2edit"].append(top_rho_mask(learned_scores(hypernet, task), args.rho))
-            masks["saliency"].append(top_rho_mask(gradient_scores(task), args.rho))
+            scores, norms = learned_scores(hypernet, task), gradient_scores(task)
+            masks["where2edit"].append(top_rho_mask(scores, args.rho))
+            masks["saliency"].append(top_rho_mask(norms, args.rho))
+            follows.append(rank_correlation(scores[None], norms[None]))
+            if hypernet.config.gradient_input:  # how much the gradient's part weighs
+                with torch.no_grad():
+                    head, term = hypernet.logit_parts(
+                        cls_features(backbone.model, x),
+                        target_features(backbone.model, task.targets),
+                        norms[None],
+                    )
+                weight.append((term.std() / head.std()).item())
             group_of.append(gi)
     groups = torch.tensor(group_of)
     print(f"{len(bench.groups)} groups, {len(groups)} images, rho {args.rho}\n")
@@ -71,6 +85,15 @@ def main() -> None:
     a, b = stacked["where2edit"].float(), stacked["saliency"].float()
     inter, union = (a * b).sum(1), ((a + b) > 0).float().sum(1)
     print(f"\nwhere2edit vs saliency on the same image: mean IoU {(inter / union).mean():.3f}")
+    print(
+        "rank correlation of where2edit's scores with the image's gradient norms (saliency's): "
+        f"mean {sum(follows) / len(follows):.3f}"
+    )
+    if weight:  # a --gradient-input network
+        print(
+            "the gradient's part of its logits (gate x rank), std over entries as a share of the "
+            f"heads' part: mean {sum(weight) / len(weight):.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -135,6 +135,17 @@ class Hypernetwork(nn.Module):
         targets' classifier rows (:func:`target_features`), for a ``target_token`` network.
         ``gradient`` (B, n_entries): the edit loss's gradient norm per entry at the unedited
         weights, for a ``gradient_input`` network (z = head + gate * its ranks in [-1, 1])."""
+        head, gradient_term = self.logit_parts(features, target_features, gradient)
+        return head if gradient_term is None else head + gradient_term
+
+    def logit_parts(
+        self,
+        features: torch.Tensor,
+        target_features: torch.Tensor | None = None,
+        gradient: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`logits` as its two parts: the heads' (B, n_entries), and the gradient's,
+        gate * rank (None for a network without the gradient input)."""
         x = self.proj(features).unsqueeze(1)  # (B, 1, W)
         q = self.queries.unsqueeze(0).expand(x.shape[0], -1, -1)  # (B, M, W)
         tokens = [q, x]
@@ -145,11 +156,11 @@ class Hypernetwork(nn.Module):
         x = self.norm(self.blocks(torch.cat(tokens, dim=1)))  # (B, M + 1 [+ 1], W)
         z = torch.cat([head(x[:, i]) for i, head in enumerate(self.heads)], dim=-1)
         if self.gates is None:
-            return z
+            return z, None
         if gradient is None:
             raise ValueError("this hypernetwork reads the edit's gradient: give its norms")
         gate = torch.cat([head(x[:, i]) for i, head in enumerate(self.gates)], dim=-1)
-        return z + gate * gradient_ranks(gradient.expand_as(z))
+        return z, gate * gradient_ranks(gradient.expand_as(z))
 
     def forward(
         self,
