@@ -3,7 +3,10 @@
 docs/method.md section 2. The sequence is one zero-initialised learnable query token per editable
 matrix, followed by the (projected) CLS feature; no position embeddings. A small pre-LN
 transformer trunk mixes them, then each query token has its own head Linear(width -> H_i), and
-the scores are ``clamp(sigmoid(score_scale * z), clamp, 1 - clamp)``.
+the scores are ``clamp(sigmoid(score_scale * z), clamp, 1 - clamp)``. Optional inputs (not in the
+paper): the edit target's classifier row as one more token (``target_token``), and the edit's own
+gradient norm per entry (``gradient_input``), added to z as ``gate * rank`` with one zero-initialised
+gate head per matrix beside its score head.
 
 Output layout: a flat ``(B, n_entries)`` tensor in :attr:`models.sites.Sites.matrices` order
 (site0.fc1, site0.fc2, site1.fc1, ...), each matrix contributing ``hidden`` entries, so
