@@ -42,8 +42,8 @@ HYPERNET_FORMAT = "vitedit.hypernet/1"
 WEIGHTS_FILE = "hypernet.safetensors"
 MANIFEST_FILE = "hypernet.json"
 CONFIG_HINT = (
-    "Check the config in hypernet.json (width, depth, heads, mlp_hidden, hidden): it must be the "
-    "one these weights were trained with."
+    "Check the config in hypernet.json (width, depth, heads, mlp_hidden, hidden, target_token, "
+    "gradient_input): it must be the one these weights were trained with."
 )
 DEMO_DIR = Path(__file__).resolve().parents[1] / "assets" / "demo" / "hypernet"
 
