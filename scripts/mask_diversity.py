@@ -59,7 +59,8 @@ def main() -> None:
             task = EditTask(
                 backbone.model, sites, split, x, torch.tensor([group.label]), tokens[i : i + 1]
             )
-            scores, norms = learned_scores(hypernet, task), gradient_scores(task)
+            norms = gradient_scores(task)
+            scores = learned_scores(hypernet, task, norms)
             masks["where2edit"].append(top_rho_mask(scores, args.rho))
             masks["saliency"].append(top_rho_mask(norms, args.rho))
             follows.append(rank_correlation(scores[None], norms[None]))

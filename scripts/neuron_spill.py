@@ -95,9 +95,10 @@ def main() -> None:
                 model(x)
             on_image = seen[0][0]
             task = EditTask(model, sites, split, x, label, tokens[i : i + 1])
+            norms = gradient_scores(task)
             masks = {
-                "where2edit": top_rho_mask(learned_scores(hypernet, task), args.rho),
-                "saliency": top_rho_mask(gradient_scores(task), args.rho),
+                "where2edit": top_rho_mask(learned_scores(hypernet, task, norms), args.rho),
+                "saliency": top_rho_mask(norms, args.rho),
                 "random": top_rho_mask(torch.rand(sites.n_entries, generator=gen), args.rho),
             }
             for kind, mask in masks.items():

@@ -31,9 +31,13 @@ def learned_masks(hypernet: Hypernetwork, task: EditTask, rho: float) -> list[to
     return task.sites.split(top_rho_mask(learned_scores(hypernet, task), rho))
 
 
-def learned_scores(hypernet: Hypernetwork, task: EditTask) -> torch.Tensor:
+def learned_scores(
+    hypernet: Hypernetwork, task: EditTask, gradient: torch.Tensor | None = None
+) -> torch.Tensor:
     """(n_entries,) the hypernetwork's scores averaged over the edit images, once it is checked
-    to fit the edit's sites (HypernetworkMismatchError otherwise)."""
+    to fit the edit's sites (HypernetworkMismatchError otherwise). ``gradient``: the edit's
+    :func:`gradient_scores` where the caller has them already (a ``gradient_input`` network reads
+    them; computed here otherwise)."""
     expected = tuple(m.hidden for m in task.sites.matrices)
     if hypernet.config.hidden != expected:
         raise HypernetworkMismatchError(
@@ -41,8 +45,10 @@ def learned_scores(hypernet: Hypernetwork, task: EditTask) -> torch.Tensor:
             f"edit's sites {list(task.sites.mlps)} have {list(expected)}; use its sites"
         )
     hypernet.check_sites(task.sites)
-    # a gradient-reading hypernetwork also reads saliency's per-entry gradient norms
-    gradient = gradient_scores(task) if hypernet.config.gradient_input else None
+    if not hypernet.config.gradient_input:
+        gradient = None
+    elif gradient is None:  # a gradient-reading hypernetwork also reads saliency's norms
+        gradient = gradient_scores(task)
     return hypernet.mask_scores(task.model, task.images, task.targets, gradient)
 
 

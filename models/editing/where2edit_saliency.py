@@ -67,8 +67,9 @@ def mixed_scores(learned: torch.Tensor, saliency: torch.Tensor, mix: float) -> t
 
 def hybrid_masks(task: EditTask, rho: float, mix: float) -> list[torch.Tensor]:
     """One bool (hidden,) mask per matrix in Sites order: the top ``rho`` of the mixed ranking."""
-    learned = learned_scores(task.hypernetwork, task)  # checks the hypernetwork fits the sites
-    saliency = gradient_scores(task).to(learned.device)
+    saliency = gradient_scores(task)  # one backward, read by both rankings
+    learned = learned_scores(task.hypernetwork, task, saliency)  # checks it fits the sites
+    saliency = saliency.to(learned.device)
     return task.sites.split(top_rho_mask(mixed_scores(learned, saliency, mix), rho))
 
 

@@ -58,7 +58,7 @@ from models.hypernet.network import (
     Hypernetwork,
     cls_features,
     feature_dim,
-    gradient_ranks,
+    row_ranks,
     target_features,
 )
 from models.sites import Sites
@@ -268,9 +268,10 @@ def search_masks(
     # the first inner gradient does not depend on m; its forward also gives the KL before any edit
     grad_at_w0, loss_at_w0 = batch.grads_and_losses(batch.zeros())
     kl_unedited = loss_at_w0.mean().item()
-    gradient = entry_norms(batch.sites, [g.dense() for g in grad_at_w0])
+    dense = [g.dense() for g in grad_at_w0]
+    gradient = entry_norms(batch.sites, dense)
     if cfg.inner_optimiser == "rmsprop":  # elementwise state: dense per episode
-        grad_at_w0 = [DenseDelta(g.dense()) for g in grad_at_w0]
+        grad_at_w0 = [DenseDelta(d) for d in dense]
     kls, losses, anchor_kls = [], [], []
     for _ in range(cfg.outer_steps):
         m = torch.sigmoid(cfg.sharpness * s)  # (B, n_entries)
@@ -423,7 +424,7 @@ def jaccard(masks: torch.Tensor) -> float:
 
 def rank_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean over rows of the rank (Spearman) correlation of two (B, n) tensors (ties ordinal)."""
-    ra, rb = gradient_ranks(a.float()), gradient_ranks(b.float())
+    ra, rb = row_ranks(a.float()), row_ranks(b.float())
     ra, rb = ra - ra.mean(dim=1, keepdim=True), rb - rb.mean(dim=1, keepdim=True)
     corr = (ra * rb).sum(dim=1) / (ra.norm(dim=1) * rb.norm(dim=1)).clamp_min(1e-12)
     return corr.mean().item()

@@ -163,7 +163,7 @@ class Hypernetwork(nn.Module):
         if gradient is None:
             raise ValueError("this hypernetwork reads the edit's gradient: give its norms")
         gate = torch.cat([head(x[:, i]) for i, head in enumerate(self.gates)], dim=-1)
-        return z, gate * gradient_ranks(gradient.expand_as(z))
+        return z, gate * row_ranks(gradient.expand_as(z))
 
     def forward(
         self,
@@ -373,11 +373,12 @@ def feature_dim(model: nn.Module) -> int:
 _INPUT_PARAMS = {"target_token": "target_proj.", "gradient_input": "gates."}
 
 
-def gradient_ranks(norms: torch.Tensor) -> torch.Tensor:
-    """Each row's entries ranked by gradient norm, scaled to [-1, 1] (1: the largest). Ranks, not
-    norms: the edit's CE and meta-training's tempered KL give gradients of unrelated scales."""
-    n = norms.shape[-1]
-    ranks = norms.argsort(dim=-1).argsort(dim=-1).to(norms.dtype)
+def row_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Each row's entries ranked, scaled to [-1, 1] (1: the largest; ties in index order). What a
+    ``gradient_input`` network reads of the gradient norms: ranks, not norms, because the edit's
+    CE and meta-training's tempered KL give gradients of unrelated scales."""
+    n = values.shape[-1]
+    ranks = values.argsort(dim=-1).argsort(dim=-1).to(values.dtype)
     return 2 * ranks / max(n - 1, 1) - 1
 
 

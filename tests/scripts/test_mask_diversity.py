@@ -23,7 +23,7 @@ def test_the_demo_networks_scores_follow_the_gradient_partly_and_have_no_gates()
     run = run_script("mask_diversity", "--world", "demo", "--rho", "0.1")
     assert run.returncode == 0, run.stderr
     assert 0.0 < figure("where2edit vs saliency", run.stdout) < 1.0
-    assert -1.0 < figure("rank correlation", run.stdout) < 1.0
+    assert 0.0 < figure("rank correlation", run.stdout) < 1.0  # partly: it reads the image
     assert "gate x rank" not in run.stdout  # an image-only network has no gradient part
 
 

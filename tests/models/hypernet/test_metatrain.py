@@ -33,6 +33,7 @@ from models.hypernet.metatrain import (
     jaccard,
     mask_iou,
     meta_train,
+    rank_correlation,
     regression_logits,
     search_masks,
     search_masks_reference,
@@ -479,6 +480,14 @@ def test_a_diverging_mask_search_stops_before_anything_is_saved(
     with pytest.raises(MetaTrainingUnhealthy, match=r"diverged at iteration 0: .*Lower --inner-lr"):
         meta_train(tiny_backbone, sites, pool, cfg, tmp_path, log_every=1)
     assert not (tmp_path / "hypernet.json").exists()
+
+
+def test_rank_correlation_is_one_for_the_same_order_and_minus_one_for_the_reverse():
+    a = torch.tensor([[0.1, 3.0, 2.0, 5.0], [4.0, 3.0, 2.0, 1.0]])
+    assert rank_correlation(a, a.exp()) == pytest.approx(1.0)  # any monotone map keeps the order
+    assert rank_correlation(a, -a) == pytest.approx(-1.0)
+    b = torch.tensor([[1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0]])  # rows: +0.8 and -1
+    assert rank_correlation(a, b) == pytest.approx((0.8 - 1.0) / 2)
 
 
 def test_regression_lr_follows_a_cosine_over_twice_the_iterations():

@@ -18,8 +18,8 @@ from models.hypernet.network import (
     Hypernetwork,
     cls_features,
     feature_dim,
-    gradient_ranks,
     load_demo_hypernetwork,
+    row_ranks,
     target_features,
 )
 from models.sites import Sites
@@ -138,12 +138,12 @@ def test_a_target_token_network_reads_the_target_and_round_trips(
     )
 
 
-def test_gradient_ranks_span_minus_one_to_one_and_ignore_the_scale():
+def test_row_ranks_span_minus_one_to_one_and_ignore_the_scale():
     norms = torch.tensor([[0.3, 5.0, 0.0, 1.0], [2.0, 1.0, 4.0, 3.0]])
-    ranks = gradient_ranks(norms)
+    ranks = row_ranks(norms)
     expected = torch.tensor([[-1 / 3, 1.0, -1.0, 1 / 3], [-1 / 3, -1.0, 1.0, 1 / 3]])
     torch.testing.assert_close(ranks, expected)
-    assert torch.equal(gradient_ranks(norms.square() * 1e-6), ranks)  # any monotone rescaling
+    assert torch.equal(row_ranks(norms.square() * 1e-6), ranks)  # any monotone rescaling
 
 
 def test_a_gradient_reading_network_keeps_its_parents_weights_and_round_trips(
