@@ -77,6 +77,9 @@ class HypernetConfig:
             raise ValueError(f"invalid hypernetwork shape: {self}")
         if not 0.0 <= self.clamp < 0.5:
             raise ValueError(f"clamp must be in [0, 0.5), got {self.clamp}")
+        for name in ("target_token", "gradient_input"):  # a manifest's "no" is not False
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
     @property
     def n_matrices(self) -> int:

@@ -146,6 +146,13 @@ def test_row_ranks_span_minus_one_to_one_and_ignore_the_scale():
     assert torch.equal(row_ranks(norms.square() * 1e-6), ranks)  # any monotone rescaling
 
 
+@pytest.mark.parametrize("name", ["target_token", "gradient_input"])
+@pytest.mark.parametrize("value", ["no", 1, None])
+def test_an_optional_input_must_be_true_or_false(name, value):
+    with pytest.raises(ValueError, match=f"{name} must be true or false"):
+        HypernetConfig(32, (64, 64), width=32, heads=4, **{name: value})
+
+
 def test_a_gradient_reading_network_keeps_its_parents_weights_and_round_trips(
     tiny_backbone, sites, images, tmp_path
 ):
