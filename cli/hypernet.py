@@ -51,6 +51,11 @@ _CONFIG_OPTIONS = (
     "seed",
     "locality",
     "anchors",
+    "target_source",
+    "edit_rho",
+    "candidates",
+    "edit_steps",
+    "edit_stop",
 )
 
 
@@ -123,7 +128,41 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="weight of an extra locality term (KL on sensitive clean images); 0 = the paper's",
     )
-    train.add_argument("--anchors", type=int, default=None, help="locality images per episode (2)")
+    train.add_argument(
+        "--anchors",
+        type=int,
+        default=None,
+        help="sensitive clean images per episode, for the locality term or edit targets (2)",
+    )
+    train.add_argument(
+        "--target-from",
+        dest="target_source",
+        choices=["search", "edits"],
+        default=None,
+        help="what the hypernetwork regresses onto: the mask search's logits (the paper's, "
+        "default), or edits: of --candidates hard masks per episode (its own top --edit-rho, "
+        "saliency's, draws around its own), each run as the real edit, the one that fixes the "
+        "episode with the least KL on --anchors sensitive clean images (not in the paper; "
+        "needs --inner-optimiser rmsprop)",
+    )
+    train.add_argument(
+        "--edit-rho", type=float, default=None, help="edits: share of entries a mask moves (0.02)"
+    )
+    train.add_argument(
+        "--candidates", type=int, default=None, help="edits: masks tried per episode (4)"
+    )
+    train.add_argument(
+        "--edit-steps",
+        type=int,
+        default=None,
+        help="edits: most steps of each edit (default: the backbone's edit setting)",
+    )
+    train.add_argument(
+        "--edit-stop",
+        type=float,
+        default=None,
+        help="edits: the CE an edit stops at (default: the backbone's edit setting)",
+    )
     train.add_argument(
         "--init-from",
         type=Path,
@@ -243,7 +282,7 @@ def _train(args: argparse.Namespace) -> int:
     backbone, pool, out = _source(args)
     sampler, episode_source = _episode_source(args, backbone)
     options = _options(
-        args, backbone.manifest.extra.get("meta_defaults") or {}, edit_defaults(backbone)["lr"]
+        args, backbone.manifest.extra.get("meta_defaults") or {}, edit_defaults(backbone)
     )
     sites = Sites.for_model(backbone.model, tuple(args.blocks) if args.blocks else None)
     cfg = _config(options)
@@ -391,12 +430,13 @@ def _config(options: dict[str, Any]) -> Any:
 
 
 def _options(
-    args: argparse.Namespace, calibrated: dict[str, Any], edit_lr: float
+    args: argparse.Namespace, calibrated: dict[str, Any], edit: dict[str, float]
 ) -> dict[str, Any]:
     """Explicit options win; then what `vitedit calibrate` measured for this backbone (the
     manifest's ``extra.meta_defaults``); then the world's recipe (--world); then config defaults.
     Those inner lrs are SGD's: with --inner-optimiser rmsprop and no --inner-lr, the inner lr is
-    the backbone's edit lr (``edit_lr``), as the edit's own optimiser runs it."""
+    the backbone's edit lr (``edit``: models.worlds.bench.edit_defaults), as the edit's own
+    optimiser runs it; edit targets take its steps and stop unless given."""
     base = dict(RECIPES[args.world]) if args.world else {}
     measured = {k: v for k, v in calibrated.items() if k in _CONFIG_OPTIONS}
     given = {
@@ -404,7 +444,10 @@ def _options(
     }
     options = {**base, **measured, **given}
     if options.get("inner_optimiser") == "rmsprop" and args.inner_lr is None:
-        options["inner_lr"] = edit_lr
+        options["inner_lr"] = edit["lr"]
+    if options.get("target_source") == "edits":
+        options.setdefault("edit_steps", int(edit["max_steps"]))
+        options.setdefault("edit_stop", edit["stop_loss"])
     return options
 
 

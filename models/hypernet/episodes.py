@@ -11,6 +11,7 @@ episode's weight gradient. Used by :mod:`models.hypernet.metatrain`.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,6 +37,16 @@ def episode_kl(
         log_target=True,
     )
     return t * t * kl.sum(dim=-1)
+
+
+ONE_HOT_LOW = -1e4  # a target logit whose probability is 0 in float32 (exp(-1e4) underflows)
+
+
+def one_hot_logits(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(N, num_classes) logits of one-hot distributions: :func:`episode_kl` at T = 1 against
+    them is the cross-entropy of ``targets``, the edit's own loss."""
+    out = torch.full((len(targets), num_classes), ONE_HOT_LOW, device=targets.device)
+    return out.scatter_(1, targets.view(-1, 1), 0.0)
 
 
 @dataclass
@@ -228,6 +239,18 @@ class BatchedEpisodes:
         self.tokens = split.prefix(episodes.mixed)  # (B, T, D), once per batch
         self.clean_logits = episodes.clean_logits  # (B, C)
         self.w0 = [p.detach() for p in sites.params(split.model)]
+
+    def replicate(
+        self, clean_logits: torch.Tensor, temperature: float, times: int = 1
+    ) -> BatchedEpisodes:
+        """The same images, each ``times`` in a row, under other targets (``clean_logits``, one
+        row per episode) and temperature: e.g. the edit's own CE (:func:`one_hot_logits` at T =
+        1), for several masks per episode. The frozen prefix is not run again."""
+        out = copy.copy(self)
+        out.tokens = self.tokens.repeat_interleave(times, dim=0)
+        out.clean_logits = clean_logits.repeat_interleave(times, dim=0)
+        out.temperature = temperature
+        return out
 
     def zeros(self, capacity: list[int] | None = None) -> list[Delta]:
         """D = 0 per site matrix; with ``capacity`` (rank-one terms to come), in the smaller form."""

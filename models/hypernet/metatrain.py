@@ -52,7 +52,14 @@ from models.errors import MetaTrainingUnhealthy
 from models.forward import SplitForward
 from models.hypernet.checkpoint import CHECKPOINT_DIR, load_checkpoint, save_checkpoint
 from models.hypernet.cutmix import CutMixSampler, Episodes, ImagePool
-from models.hypernet.episodes import Anchors, BatchedEpisodes, Delta, DenseDelta, episode_kl
+from models.hypernet.episodes import (
+    Anchors,
+    BatchedEpisodes,
+    Delta,
+    DenseDelta,
+    episode_kl,
+    one_hot_logits,
+)
 from models.hypernet.network import (
     HypernetConfig,
     Hypernetwork,
@@ -80,6 +87,7 @@ INNER_OPTIMISERS = ("sgd", "rmsprop")
 REGRESSION_TARGETS = ("logits", "movement")
 OUTER_OPTIMISERS = ("rmsprop", "sgd")
 SEARCH_STARTS = ("uniform", "zero")
+TARGET_SOURCES = ("search", "edits")
 # torch.optim.RMSprop's own defaults (read, not copied), as the edit runs it
 _RMSPROP = inspect.signature(torch.optim.RMSprop).parameters
 RMSPROP_ALPHA, RMSPROP_EPS = _RMSPROP["alpha"].default, _RMSPROP["eps"].default
@@ -127,6 +135,18 @@ class MetaTrainConfig:
     locality: float = 0.0
     anchors: int = 2
     anchor_draws: int = 4
+    # Where the regression targets come from. "search" (the paper's): the mask search above.
+    # "edits" (not in the paper; docs/method.md section 3): `candidates` hard masks per episode,
+    # each the top `edit_rho` of a ranking (the hypernetwork's own, saliency's, and draws around
+    # its own), are each run as the real edit (RMSprop at inner_lr on the episode target's CE at
+    # T = 1, until it falls to `edit_stop` or `edit_steps` are spent); the target is the mask that
+    # fixes the episode with the least KL on `anchors` sensitive clean images per episode (if
+    # none fixes it, the one that comes closest). A target scored by the edit's own outcome.
+    target_source: str = "search"
+    edit_rho: float = 0.02
+    candidates: int = 4
+    edit_steps: int = 50
+    edit_stop: float = 0.5
 
     def __post_init__(self) -> None:
         positive = (
@@ -137,8 +157,9 @@ class MetaTrainConfig:
             "regression_steps",
             "anchors",
             "anchor_draws",
+            "edit_steps",
         )
-        rates = ("outer_lr", "inner_lr", "regression_lr", "temperature", "sharpness")
+        rates = ("outer_lr", "inner_lr", "regression_lr", "temperature", "sharpness", "edit_stop")
         weights = ("sparsity", "regression_weight", "locality")  # 0 turns a term off
         problems = [(n, "must be at least 1") for n in positive if getattr(self, n) < 1]
         top = torch.finfo(torch.float32).max  # torch's optimisers take rates as float32
@@ -153,12 +174,19 @@ class MetaTrainConfig:
             "outer_optimiser": OUTER_OPTIMISERS,
             "search_start": SEARCH_STARTS,
             "regression_target": REGRESSION_TARGETS,
+            "target_source": TARGET_SOURCES,
         }
         problems += [
             (n, f"must be one of {', '.join(allowed)}")
             for n, allowed in choices.items()
             if getattr(self, n) not in allowed
         ]
+        if not 0 < self.edit_rho <= 1:
+            problems.append(("edit_rho", "must be in (0, 1]"))
+        if self.candidates < 2:
+            problems.append(("candidates", "must be at least 2 (its own mask and saliency's)"))
+        if self.target_source == "edits" and self.inner_optimiser != "rmsprop":
+            problems.append(("inner_optimiser", "must be rmsprop (the edit's own) for edits"))
         if problems:
             what = "; ".join(f"{n} {why}" for n, why in problems)
             got = ", ".join(f"{n}={getattr(self, n)!r}" for n, _ in problems)
@@ -401,6 +429,104 @@ def search_masks_reference(
     )
 
 
+# ------------------------------------------------------------ targets from real edits (not the paper's)
+
+CANDIDATE_KINDS = ("own", "saliency", "mixed")  # candidate 0, 1, then the rank mixes
+
+
+def top_masks(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """0/1 masks (..., n) of the top ``k`` entries of each row of ``scores`` (..., n)."""
+    return torch.zeros_like(scores).scatter_(-1, scores.topk(k, dim=-1).indices, 1.0)
+
+
+def candidate_masks(
+    own_logits: torch.Tensor,
+    saliency: torch.Tensor,
+    k: int,
+    candidates: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """(B, candidates, n) 0/1 masks of k entries each: the top k of the hypernetwork's logits,
+    of saliency's gradient norms, then ``candidates - 2`` masks between the two: the top k of
+    a * own rank + (1 - a) * saliency's rank, a ~ U(0, 1) per mask (``where2edit-sal``'s rule
+    at a random mix; ranks, as the two scores have unrelated scales)."""
+    mix = torch.rand((own_logits.shape[0], candidates - 2, 1), generator=generator)
+    mix = mix.to(own_logits.device)
+    own_rank, saliency_rank = row_ranks(own_logits).unsqueeze(1), row_ranks(saliency).unsqueeze(1)
+    mixed = top_masks(mix * own_rank + (1 - mix) * saliency_rank, k)
+    ends = torch.stack([top_masks(own_logits, k), top_masks(saliency, k)], dim=1)
+    return torch.cat([ends, mixed], dim=1)
+
+
+@dataclass
+class EditOutcomes:
+    """Real edits of one batch, one row per (episode, mask)."""
+
+    steps: torch.Tensor  # (N,) optimiser steps taken
+    loss: torch.Tensor  # (N,) the edit's loss at its end
+    fixed: torch.Tensor  # (N,) bool: loss <= the stop
+    anchor_kl: torch.Tensor  # (N,) mean KL on the episode's anchor images at its end
+    deltas: list[DenseDelta]  # D per site matrix, (N, out, in); the edit is W0 + m * D
+
+
+def edit_outcomes(
+    batch: BatchedEpisodes,
+    masks: torch.Tensor,
+    anchors: Anchors,
+    cfg: MetaTrainConfig,
+) -> EditOutcomes:
+    """Run the edit on every row of ``batch`` (its loss: the edit's CE, :meth:`replicate`) with
+    that row's hard mask ``masks`` (N, n_entries): torch's RMSprop at ``cfg.inner_lr``, each row
+    stopping once its loss is at or below ``cfg.edit_stop`` (checked before each step, as the
+    edit does) or after ``cfg.edit_steps`` steps. Entries outside the mask never reach the
+    weights (m * D), so their RMSprop state does not matter."""
+    sites = batch.sites
+    steps = [DenseDelta(torch.zeros(len(masks), *w.shape, device=w.device)) for w in batch.w0]
+    square_avg = [torch.zeros_like(d.d) for d in steps]
+    taken = torch.zeros(len(masks), device=masks.device)
+    for _ in range(cfg.edit_steps):
+        grads, loss = batch.grads_and_losses(_masked(sites, masks, steps))
+        active = loss > cfg.edit_stop
+        if not active.any():
+            break
+        taken += active
+        rows = active.to(masks.dtype).view(-1, 1, 1)
+        for d, g, v in zip(steps, grads, square_avg, strict=True):  # in place: no graph here
+            dense = g.dense()
+            v.mul_(RMSPROP_ALPHA).addcmul_(dense, dense, value=1 - RMSPROP_ALPHA)
+            d.d.addcdiv_(dense * rows, v.sqrt().add_(RMSPROP_EPS), value=-cfg.inner_lr)
+    final = _masked(sites, masks, steps)
+    with torch.no_grad():
+        loss = batch.losses(final)
+        anchor_kl = batch.anchor_losses(final, anchors)
+    return EditOutcomes(taken, loss, loss <= cfg.edit_stop, anchor_kl, steps)
+
+
+def pick_edits(outcomes: EditOutcomes, candidates: int) -> torch.Tensor:
+    """(B,) the chosen candidate per episode: of those that fix it, the least anchor KL; if none
+    does, the lowest loss."""
+    fixed = outcomes.fixed.view(-1, candidates)
+    spill = outcomes.anchor_kl.view(-1, candidates).masked_fill(~fixed, math.inf)
+    closest = outcomes.loss.view(-1, candidates).argmin(dim=1)
+    return torch.where(fixed.any(dim=1), spill.argmin(dim=1), closest)
+
+
+def _candidate_log(outcomes: EditOutcomes, winner: torch.Tensor, n: int) -> dict[str, float]:
+    """Per kind of candidate (own, saliency, drawn): the share of episodes it won, the share it
+    fixed, its mean steps and its mean anchor KL."""
+    kinds = torch.tensor([min(c, 2) for c in range(n)], device=winner.device)  # 0, 1, 2, 2, ...
+    fixed = outcomes.fixed.view(-1, n).float()
+    steps, spill = outcomes.steps.view(-1, n), outcomes.anchor_kl.view(-1, n)
+    out = {}
+    for i, kind in enumerate(CANDIDATE_KINDS[: min(n, 3)]):
+        mine = kinds == i
+        out[f"won_{kind}"] = mine[winner].float().mean().item()
+        out[f"fixed_{kind}"] = fixed[:, mine].mean().item()
+        out[f"steps_{kind}"] = steps[:, mine].mean().item()
+        out[f"anchor_kl_{kind}"] = spill[:, mine].mean().item()
+    return out
+
+
 # --------------------------------------------------------------------------- the training loop
 
 
@@ -474,12 +600,16 @@ class MetaTrainer:
     ) -> None:
         if impl not in ("batched", "reference"):
             raise ValueError(f"impl must be 'batched' or 'reference', got {impl!r}")
-        if impl == "reference" and cfg.locality > 0:
+        if impl == "reference" and (cfg.locality > 0 or cfg.target_source != "search"):
             raise ValueError(
-                "the reference loop implements the paper's objective only (locality 0)"
+                "the reference loop implements the paper's objective only (locality 0, targets "
+                "from the mask search)"
             )
-        if pool is None and (cfg.locality > 0 or sampler is None):
-            raise ValueError("a pool of clean images is needed for CutMix and the locality term")
+        needs_anchors = cfg.locality > 0 or cfg.target_source == "edits"
+        if pool is None and (needs_anchors or sampler is None):
+            raise ValueError(
+                "a pool of clean images is needed for CutMix, the locality term and edit targets"
+            )
         self.backbone, self.sites, self.hypernet, self.cfg = backbone, sites, hypernet, cfg
         self.impl, self.delta_form = impl, delta_form  # delta_form: episodes.zero_delta
         self.model = backbone.model
@@ -500,6 +630,40 @@ class MetaTrainer:
         if cfg.search_start == "zero":
             s0 = torch.zeros_like(s0)
         s0 = s0.to(self.backbone.device)
+        features = cls_features(self.model, episodes.mixed)  # (B, feature_dim)
+        rows = None
+        if self.hypernet.config.target_token:  # the class each episode's edit moves it to
+            rows = target_features(self.model, episodes.targets)
+        if cfg.target_source == "edits":
+            target, gradient, entry = self._edit_targets(episodes, features, rows)
+        else:
+            target, gradient, entry = self._search_targets(episodes, s0)
+        for group in self.opt.param_groups:
+            group["lr"] = cfg.regression_lr_at(self.iteration)
+        self.hypernet.train()
+        reads = gradient if self.hypernet.config.gradient_input else None
+        bce, scores = regress(self.hypernet, self.opt, features, target, cfg, rows, reads)
+        if not math.isfinite(bce):
+            raise MetaTrainingUnhealthy(
+                f"meta-training diverged at iteration {self.iteration}: the regression loss is "
+                f"not finite. Lower --regression-lr (now {cfg.regression_lr:g})"
+            )
+        self.iteration += 1
+        return {
+            **entry,
+            "bce": bce,
+            "h_density": (scores > 0.5).float().mean().item(),
+            "h_iou": mask_iou(scores),  # top-10% overlap of the hypernetwork's masks; 1 = collapsed
+            "h_std": scores.std(dim=0).mean().item(),  # spread of scores across episodes
+            # how far the hypernetwork's ranking follows the episode's gradient norms (saliency's)
+            "h_grad_corr": rank_correlation(scores, gradient),
+        }
+
+    def _search_targets(
+        self, episodes: Episodes, s0: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """Step 2, the paper's: (regression logits, the episodes' gradient norms at W0, log)."""
+        cfg = self.cfg
         if self.impl == "batched":
             batch = BatchedEpisodes(
                 self.split, self.sites, episodes, cfg.temperature, self.delta_form
@@ -513,38 +677,69 @@ class MetaTrainer:
                 f"mask logits are not finite (inner lr {cfg.inner_lr:g}, outer lr "
                 f"{cfg.outer_lr:g}). Lower --inner-lr or --outer-lr"
             )
-        for group in self.opt.param_groups:
-            group["lr"] = cfg.regression_lr_at(self.iteration)
-        self.hypernet.train()
-        features = cls_features(self.model, episodes.mixed)  # (B, feature_dim)
-        rows = None
-        if self.hypernet.config.target_token:  # the class each episode's edit moves it to
-            rows = target_features(self.model, episodes.targets)
-        target = regression_logits(search.s, s0, cfg)
-        gradient = search.gradient if self.hypernet.config.gradient_input else None
-        bce, scores = regress(self.hypernet, self.opt, features, target, cfg, rows, gradient)
-        if not math.isfinite(bce):
-            raise MetaTrainingUnhealthy(
-                f"meta-training diverged at iteration {self.iteration}: the regression loss is "
-                f"not finite. Lower --regression-lr (now {cfg.regression_lr:g})"
-            )
-        self.iteration += 1
-        return {
+        entry = {
             "outer_loss_first": search.loss[0],
             "outer_loss_last": search.loss[-1],
             "kl_first": search.kl[0],
             "kl_last": search.kl[-1],
             "kl_unedited": search.kl_unedited,
-            "bce": bce,
             "s_density": (search.s > 0).float().mean().item(),  # share of entries with m > 0.5
-            "h_density": (scores > 0.5).float().mean().item(),
             "s_iou": jaccard(search.s > 0),  # overlap of episodes' selected sets (m > 0.5)
-            "h_iou": mask_iou(scores),  # top-10% overlap of the hypernetwork's masks; 1 = collapsed
-            "h_std": scores.std(dim=0).mean().item(),  # spread of scores across episodes
-            # how far the hypernetwork's ranking follows the episode's gradient norms (saliency's)
-            "h_grad_corr": rank_correlation(scores, search.gradient),
             **({"anchor_kl_last": search.anchor_kl[-1]} if search.anchor_kl else {}),
         }
+        return regression_logits(search.s, s0, cfg), search.gradient, entry
+
+    def _edit_targets(
+        self, episodes: Episodes, features: torch.Tensor, rows: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """Targets from real edits (``target_source="edits"``): (regression logits, +1 on the
+        chosen mask's entries and -1 elsewhere; the episodes' CE gradient norms at W0, what
+        saliency ranks by at edit time; log). The log keeps the search's keys: ``kl_*`` and
+        ``outer_loss_*`` are the loss the edits descend, the edit's CE, before any edit and after
+        the chosen one (the tempered KL to a raise target can rise while the CE falls to the
+        stop); ``s_*`` the chosen masks' density and overlap."""
+        cfg, n = self.cfg, self.cfg.candidates
+        batch = BatchedEpisodes(self.split, self.sites, episodes, cfg.temperature, self.delta_form)
+        num_classes = episodes.clean_logits.shape[1]
+        targets = one_hot_logits(episodes.targets, num_classes)
+        ce = batch.replicate(targets, 1.0)
+        grads, ce_at_w0 = ce.grads_and_losses(ce.zeros())
+        gradient = entry_norms(self.sites, [g.dense() for g in grads])
+        self.hypernet.eval()
+        with torch.no_grad():
+            reads = gradient if self.hypernet.config.gradient_input else None
+            own = self.hypernet.config.score_scale * self.hypernet.logits(features, rows, reads)
+        k = max(1, round(cfg.edit_rho * self.sites.n_entries))
+        masks = candidate_masks(own, gradient, k, n, self.sampler.generator)  # (B, n, entries)
+        anchors = self._anchors()
+        anchors = Anchors(
+            anchors.tokens.repeat_interleave(n, dim=1),
+            anchors.clean_logits.repeat_interleave(n, dim=1),
+        )
+        outcomes = edit_outcomes(
+            batch.replicate(targets, 1.0, times=n), masks.flatten(0, 1), anchors, cfg
+        )
+        if not torch.isfinite(outcomes.loss).all():
+            raise MetaTrainingUnhealthy(
+                f"meta-training diverged at iteration {self.iteration}: a candidate edit's loss "
+                f"is not finite (inner lr {cfg.inner_lr:g}). Lower --inner-lr"
+            )
+        winner = pick_edits(outcomes, n)
+        chosen = winner + n * torch.arange(len(winner), device=winner.device)  # rows of B x n
+        chosen_masks = masks.flatten(0, 1)[chosen]
+        before, after = ce_at_w0.mean().item(), outcomes.loss[chosen].mean().item()
+        entry = {
+            "outer_loss_first": before,
+            "outer_loss_last": after,
+            "kl_first": before,
+            "kl_last": after,
+            "kl_unedited": before,
+            "s_density": chosen_masks.mean().item(),
+            "s_iou": jaccard(chosen_masks > 0),
+            "anchor_kl_last": outcomes.anchor_kl[chosen].mean().item(),
+            **_candidate_log(outcomes, winner, n),
+        }
+        return 2 * chosen_masks - 1, gradient, entry
 
     def _anchors(self) -> Anchors:
         """B x L sensitive clean pool images: the lowest-margin of ``anchor_draws`` times more.
@@ -635,6 +830,17 @@ class MetaTrainer:
         )
         if "anchor_kl_last" in entry:
             log.info("it %d: anchor KL %.3g", entry["iteration"], entry["anchor_kl_last"])
+        kinds = [k for k in CANDIDATE_KINDS if f"won_{k}" in entry]
+        if kinds:  # targets from real edits
+            log.info(
+                "it %d: edits won / fixed / steps / anchor KL: %s",
+                entry["iteration"],
+                "; ".join(
+                    f"{k} {entry[f'won_{k}']:.2f} / {entry[f'fixed_{k}']:.2f} / "
+                    f"{entry[f'steps_{k}']:.1f} / {entry[f'anchor_kl_{k}']:.3g}"
+                    for k in kinds
+                ),
+            )
 
 
 # --------------------------------------------------------------------------- entry point

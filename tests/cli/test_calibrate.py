@@ -39,8 +39,8 @@ def test_calibrate_writes_the_measured_choices_that_hypernet_train_then_uses(
     assert "chosen: inner lr 0.1" in out
 
     args = argparse.Namespace(world=None, width=None, **dict.fromkeys(_CONFIG_OPTIONS))
-    assert _options(args, extra["meta_defaults"], 1e-3)["inner_lr"] == 0.1
+    assert _options(args, extra["meta_defaults"], extra["edit_defaults"])["inner_lr"] == 0.1
     args.inner_lr = 0.5
     assert (
-        _options(args, extra["meta_defaults"], 1e-3)["inner_lr"] == 0.5
+        _options(args, extra["meta_defaults"], extra["edit_defaults"])["inner_lr"] == 0.5
     )  # an explicit option wins

@@ -741,14 +741,6 @@ def test_scores_on_one_side_of_one_half_are_not_a_collapse_while_the_ranking_rea
     assert health_problem(window, MetaTrainConfig(inner_lr=1.0)) is None
 
 
-@pytest.fixture(scope="module")
-def demo_pool() -> TensorPool:
-    from models.worlds.catalog import get_world
-
-    world = get_world("demo")
-    return TensorPool(world.to_input(world.load_world().pool[:64]))
-
-
 def test_the_papers_inner_lr_on_the_demo_backbone_stops_with_the_reason(
     demo_backbone, demo_pool, tmp_path
 ):

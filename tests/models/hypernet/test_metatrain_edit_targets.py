@@ -1,0 +1,176 @@
+"""Targets from real edits (``MetaTrainConfig.target_source="edits"``): each candidate edit is the
+product's edit, the choice follows the rule, and meta-training on them runs and logs them."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.editing.registry import EditTask, get_editor
+from models.editing.saliency import SaliencyConfig, gradient_scores
+from models.forward import SplitForward
+from models.hypernet.cutmix import CutMixSampler, Episodes
+from models.hypernet.episodes import Anchors, BatchedEpisodes, episode_kl, one_hot_logits
+from models.hypernet.metatrain import (
+    EditOutcomes,
+    MetaTrainConfig,
+    MetaTrainer,
+    build_hypernetwork,
+    candidate_masks,
+    edit_outcomes,
+    entry_norms,
+    pick_edits,
+    top_masks,
+)
+from models.hypernet.network import row_ranks
+from models.sites import Sites
+
+EDITS = dict(
+    batch=2,
+    target_source="edits",
+    inner_optimiser="rmsprop",
+    inner_lr=1e-3,
+    edit_rho=0.05,
+    candidates=3,
+    edit_steps=12,
+    edit_stop=0.5,
+    schedule_iterations=10,
+)
+
+
+class SecondClassSampler:
+    """CutMix episodes whose target is the backbone's second class on x~: every edit has work."""
+
+    def __init__(self, model: torch.nn.Module, pool, seed: int = 0) -> None:
+        self.model, self.inner = model, CutMixSampler(model, pool, seed=seed)
+        self.pool, self.generator = pool, self.inner.generator
+
+    def sample(self, batch: int) -> Episodes:
+        e = self.inner.sample(batch)
+        with torch.no_grad():
+            second = self.model(e.mixed).topk(2, dim=1).indices[:, 1]
+        # the raise-like target: the backbone's own logits with the second class on top
+        logits = e.clean_logits.clone()
+        logits[torch.arange(batch), second] = logits.max(dim=1).values + 1.0
+        return Episodes(e.clean, e.mixed, logits, e.boxes)
+
+
+def test_one_hot_targets_at_t1_make_the_episode_loss_the_cross_entropy() -> None:
+    logits = torch.randn(4, 10, generator=torch.Generator().manual_seed(0))
+    targets = torch.tensor([3, 0, 9, 3])
+    kl = episode_kl(logits, one_hot_logits(targets, 10), 1.0)
+    torch.testing.assert_close(kl, F.cross_entropy(logits, targets, reduction="none"))
+
+
+def test_a_candidate_edit_is_the_products_masked_edit(demo_backbone, demo_pool) -> None:
+    """Saliency's candidate, run by edit_outcomes, takes the steps and reaches the weights of the
+    `saliency` editor on the same image, target, rho, lr, step limit and stop."""
+    model, cfg = demo_backbone.model, MetaTrainConfig(**EDITS)
+    sites = Sites.for_model(model)
+    episodes = SecondClassSampler(model, demo_pool, seed=1).sample(2)
+    targets = episodes.targets
+    batch = BatchedEpisodes(SplitForward(model, sites), sites, episodes, 5.0)
+    ce = batch.replicate(one_hot_logits(targets, episodes.clean_logits.shape[1]), 1.0)
+    grads, _ = ce.grads_and_losses(ce.zeros())
+    gradient = entry_norms(sites, [g.dense() for g in grads])
+    k = round(cfg.edit_rho * sites.n_entries)
+    masks = top_masks(gradient, k)
+    anchors = Anchors.pick(ce.split, demo_pool.get(torch.arange(8)), 2, 2)
+    out = edit_outcomes(ce, masks, anchors, cfg)
+    editor = get_editor("saliency")
+    config = SaliencyConfig(rho=cfg.edit_rho, lr=cfg.inner_lr, max_steps=12, stop_loss=0.5)
+    for b in range(2):
+        task = EditTask.build(model, sites, episodes.mixed[b : b + 1], targets[b : b + 1])
+        torch.testing.assert_close(gradient[b], gradient_scores(task), rtol=1e-4, atol=1e-8)
+        product = editor.fn(task, config, None)
+        assert product.steps == int(out.steps[b]) and 0 < product.steps <= 12
+        edited = copy.deepcopy(model)
+        product.patch.apply(edited)
+        masked = [
+            d.masked(m, mat).dense()[b]
+            for d, m, mat in zip(out.deltas, sites.split(masks), sites.matrices, strict=True)
+        ]
+        for w, w0, d in zip(sites.params(edited), sites.params(model), masked, strict=True):
+            # a step moves a weight by about lr (1e-3); float noise stays far below that
+            torch.testing.assert_close(w.detach(), w0.detach() + d, rtol=1e-3, atol=5e-5)
+        assert math.isclose(product.loss, out.loss[b].item(), rel_tol=1e-3, abs_tol=1e-5)
+        assert bool(out.fixed[b]) == (product.loss <= 0.5)
+
+
+def test_candidates_are_its_own_top_saliencys_top_and_mixes_of_the_two() -> None:
+    gen = torch.Generator().manual_seed(0)
+    own = torch.randn(3, 50, generator=gen)
+    saliency = torch.rand(3, 50, generator=gen)
+    masks = candidate_masks(own, saliency, 5, 6, torch.Generator().manual_seed(1))
+    assert masks.shape == (3, 6, 50) and (masks.sum(dim=2) == 5).all()
+    assert torch.equal(masks[:, 0], top_masks(own, 5))
+    assert torch.equal(masks[:, 1], top_masks(saliency, 5))
+    # the mixes: the rule, at the weights the generator gives
+    a = torch.rand((3, 4, 1), generator=torch.Generator().manual_seed(1))
+    rule = a * row_ranks(own).unsqueeze(1) + (1 - a) * row_ranks(saliency).unsqueeze(1)
+    assert torch.equal(masks[:, 2:], top_masks(rule, 5))
+    assert not torch.equal(masks[:, 2], masks[:, 3])  # random mixes differ
+    # and they lie between the ends: most of a mix is in one end's top or the other's
+    ends = (masks[:, :1] + masks[:, 1:2]).clamp(max=1)
+    assert (masks[:, 2:] * ends).sum() / masks[:, 2:].sum() > 0.6  # a random mask: about 0.2
+
+
+def test_the_choice_is_the_fix_with_least_spill_else_the_closest() -> None:
+    outcomes = EditOutcomes(
+        steps=torch.tensor([5.0, 3, 9, 12, 12, 12]),
+        loss=torch.tensor([0.4, 0.5, 0.3, 0.9, 0.7, 0.8]),
+        fixed=torch.tensor([True, True, True, False, False, False]),
+        anchor_kl=torch.tensor([0.2, 0.3, 0.1, 0.0, 0.5, 0.5]),
+        deltas=[],
+    )
+    # episode 0: all three fix it, the third spills least; episode 1: none does, the 2nd is closest
+    assert pick_edits(outcomes, 3).tolist() == [2, 1]
+    outcomes.fixed[2] = False  # now the least-spilling fix is the first
+    assert pick_edits(outcomes, 3).tolist() == [0, 1]
+
+
+def test_meta_training_on_edit_targets_regresses_onto_the_chosen_masks(demo_backbone, demo_pool):
+    model = demo_backbone.model
+    sites = Sites.for_model(model)
+    cfg = MetaTrainConfig(**EDITS)
+    hypernet = build_hypernetwork(model, sites, seed=0, gradient_input=True)
+    sampler = SecondClassSampler(model, demo_pool)
+    trainer = MetaTrainer(demo_backbone, sites, demo_pool, hypernet, cfg, sampler=sampler)
+    first = trainer.step()
+    k = round(cfg.edit_rho * sites.n_entries)
+    assert first["s_density"] == pytest.approx(k / sites.n_entries)  # the chosen masks' size
+    assert first["kl_last"] < first["kl_unedited"]  # the chosen edits lower the edit's CE
+    wins = [first[f"won_{kind}"] for kind in ("own", "saliency", "mixed")]
+    assert sum(wins) == pytest.approx(1.0)
+    assert all(0 <= first[f"fixed_{kind}"] <= 1 for kind in ("own", "saliency", "mixed"))
+    assert all(0 < first[f"steps_{kind}"] <= cfg.edit_steps for kind in ("own", "saliency"))
+    assert -1 <= first["h_grad_corr"] <= 1 and math.isfinite(first["bce"])
+    before = [p.detach().clone() for p in hypernet.parameters()]
+    trainer.step()
+    assert any(
+        not torch.equal(a, b.detach()) for a, b in zip(before, hypernet.parameters(), strict=True)
+    )
+
+
+def test_edit_targets_need_the_edits_optimiser_a_pool_and_the_batched_loop(
+    demo_backbone, demo_pool
+) -> None:
+    with pytest.raises(ValueError, match="inner_optimiser must be rmsprop"):
+        MetaTrainConfig(**{**EDITS, "inner_optimiser": "sgd"})
+    with pytest.raises(ValueError, match="candidates must be at least 2"):
+        MetaTrainConfig(**{**EDITS, "candidates": 1})
+    with pytest.raises(ValueError, match="target_source must be one of search, edits"):
+        MetaTrainConfig(**{**EDITS, "target_source": "oracle"})
+    model = demo_backbone.model
+    sites = Sites.for_model(model)
+    cfg = MetaTrainConfig(**EDITS)
+    hypernet = build_hypernetwork(model, sites)
+    with pytest.raises(ValueError, match="reference loop implements the paper's objective only"):
+        MetaTrainer(demo_backbone, sites, demo_pool, hypernet, cfg, impl="reference")
+    sampler = CutMixSampler(model, demo_pool, seed=0)
+    with pytest.raises(ValueError, match="a pool of clean images is needed"):
+        MetaTrainer(demo_backbone, sites, None, hypernet, cfg, sampler=sampler)
