@@ -415,12 +415,14 @@ def print_table(results: dict[str, Any]) -> None:
     console.print(table)
     console.print(summary)
     for name, cmp in results.get("headline", {}).items():
+        # on_fronts: GR at the bar on each method's upper hull (models/worlds/headline.py)
+        at = "LR =" if name.endswith("_on_fronts") else "LR >="
         if "gr_difference" not in cmp:
-            console.print(f"headline {name} (LR >= {100 * cmp['min_lr']:.1f}%): {cmp['verdict']}")
+            console.print(f"headline {name} ({at} {100 * cmp['min_lr']:.1f}%): {cmp['verdict']}")
             continue
         lo, hi = cmp["ci95"]
         console.print(
-            f"headline {name} (LR >= {100 * cmp['min_lr']:.1f}%, SR 100%): where2edit minus "
+            f"headline {name} ({at} {100 * cmp['min_lr']:.1f}%, SR 100%): where2edit minus "
             f"{cmp['best_baseline']}: GR {100 * cmp['gr_difference']:+.1f} points, 95% CI "
             f"[{100 * lo:+.1f}, {100 * hi:+.1f}] ({'separated' if cmp['separated'] else 'overlapping'})"
         )

@@ -2,7 +2,8 @@
 
     .venv/bin/python scripts/pool_headlines.py \
         --case shipped BASELINES.json W_SEED0.json W_SEED1.json \
-        --case second  BASELINES.json W_SEED0.json W_SEED1.json  [--at lr-bar|rho-0.1] [--json OUT]
+        --case second  BASELINES.json W_SEED0.json W_SEED1.json \
+        [--at lr-bar|rho-0.1|lr-bar-fronts] [--json OUT]
 
 Each ``--case`` is one backbone: a ``vitedit bench`` results.json with its baselines (its own
 where2edit points, if any, are left out), then one where2edit results.json per meta-training seed,
@@ -10,8 +11,10 @@ all on that backbone's test half and locality set (``vitedit bench --merge`` ref
 
 For each seed the headline is the one ``vitedit bench`` prints (models/worlds/headline.py): the
 best where2edit point with SR 100% and LR >= ``--min-lr`` (``--at lr-bar``; or at where2edit's own
-LR at rho 0.1, ``--at rho-0.1``) against the best baseline's, GR minus GR per group. Per backbone, those per-group differences are averaged over its seeds (the seeds share
-the groups). The pooled figure gives each backbone the same weight: the mean of the backbones'
+LR at rho 0.1, ``--at rho-0.1``) against the best baseline's, GR minus GR per group; or each
+method's GR at the bar on the upper hull of its SR-100% points (``--at lr-bar-fronts``,
+models/worlds/headline.py's ``at_lr_bar_on_fronts``). Per backbone, those per-group differences
+are averaged over its seeds (the seeds share the groups). The pooled figure gives each backbone the same weight: the mean of the backbones'
 means. Its 95% interval is a stratified bootstrap: groups are resampled within each backbone, as
 the benchmark samples them. Nothing is re-selected inside the bootstrap, as in the single headline.
 That interval holds the backbones fixed: it says what these backbones show, not what another
@@ -30,12 +33,16 @@ import numpy as np
 
 from models.errors import DataError
 from models.worlds.bench import merge_results, read_results
-from models.worlds.headline import LEARNED, headline
+from models.worlds.headline import LEARNED, gr_at_lr, headline
 
 RESAMPLES = 10_000
 # Student's t, 97.5% quantile, by degrees of freedom (for the between-backbone interval)
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
-VERDICTS = {"lr-bar": "at_lr_bar", "rho-0.1": "at_where2edit_rho_0.1"}
+VERDICTS = {
+    "lr-bar": "at_lr_bar",
+    "rho-0.1": "at_where2edit_rho_0.1",
+    "lr-bar-fronts": "at_lr_bar_on_fronts",
+}
 
 
 def seed_differences(
@@ -50,10 +57,16 @@ def seed_differences(
         why = "where2edit has no rho 0.1 point" if verdict is None else verdict["verdict"]
         raise DataError(f"no headline {at}: {why}")
     rival = verdict["best_baseline"]
-    picked = {m: verdict["points"][m]["knob_value"] for m in (LEARNED, rival)}
-    groups = {}
-    for method, value in picked.items():
-        point = next(p for p in merged["methods"][method]["points"] if p["knob_value"] == value)
+    groups, picked = {}, {}
+    for method in (LEARNED, rival):
+        if at == "lr-bar-fronts":  # GR at the bar on the method's upper hull, per group
+            point = gr_at_lr(merged["methods"][method], min_lr)
+            lo, hi = point["between"]
+            picked[method] = f"{lo}-{hi} (w {point['weight']:.2f})" if lo != hi else lo
+        else:
+            value = verdict["points"][method]["knob_value"]
+            point = next(p for p in merged["methods"][method]["points"] if p["knob_value"] == value)
+            picked[method] = value
         groups[method] = {g["name"]: g["gr"] for g in point["groups"]}
     names = sorted(groups[LEARNED])
     return {
@@ -119,7 +132,11 @@ def run() -> None:
         "--min-lr", type=share, default=0.9, help="the locality bar in [0, 1] (--at lr-bar)"
     )
     parser.add_argument(
-        "--at", choices=sorted(VERDICTS), default="lr-bar", help="which of the two headlines"
+        "--at",
+        choices=sorted(VERDICTS),
+        default="lr-bar",
+        help="which headline: the best point at LR >= the bar, at where2edit's rho-0.1 LR, or "
+        "GR at the bar on each front's upper hull (lr-bar-fronts)",
     )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()

@@ -9,7 +9,6 @@ import pytest
 from cli.hypernet import _episode_source
 from cli.main import build_parser
 
-
 EDIT = {"lr": 3e-4, "max_steps": 50, "stop_loss": 0.5}  # a backbone's edit setting
 
 

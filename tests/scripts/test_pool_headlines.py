@@ -11,6 +11,7 @@ import pytest
 
 from models.errors import DataError
 from models.worlds.bench import read_results
+from models.worlds.headline import headline
 from scripts.pool_headlines import between_backbones, pool, seed_differences
 from tests.scripts import ROOT, run_script
 
@@ -106,3 +107,12 @@ def test_the_script_prints_each_seed_and_the_pool(tmp_path: Path) -> None:
         unwritable.stderr.startswith("pool_headlines: cannot write")
         and "Traceback" not in unwritable.stderr
     )
+
+
+def test_the_on_fronts_headline_pools_its_per_group_values() -> None:
+    results = read_results(SHIPPED)
+    s = seed_differences(results, results, min_lr=0.9, at="lr-bar-fronts")
+    expected = headline(results)["at_lr_bar_on_fronts"]
+    assert s["rival"] == expected["best_baseline"]
+    assert np.mean(s["per_group"]) == pytest.approx(expected["gr_difference"])
+    assert len(s["per_group"]) == 24

@@ -204,3 +204,62 @@ def test_front_comparison_matches_locality_not_rho_and_names_unreached_bars() ->
     assert rows[1]["gr_difference"] == pytest.approx(0.2) and rows[1]["separated"]
     with pytest.raises(KeyError, match="ft"):
         front_comparison(results, rival="ft")
+
+
+def test_gr_at_the_bar_is_read_on_the_upper_hull_of_full_sr_points() -> None:
+    """Between the two hull points around the bar, linearly (what mixing their knobs reaches);
+    a point under the chord, a dominated point and an SR-50% point are not on the hull."""
+    from models.worlds.headline import gr_at_lr, upper_hull
+
+    entry = {
+        "knob": "rho",
+        "points": [
+            _point(0.5, 1.0, 0.80, [0.6, 0.6]),  # dominated by 0.2 (more GR and LR there)
+            _point(0.2, 1.0, 0.82, [0.7, 0.9]),
+            _point(0.1, 1.0, 0.86, [0.5, 0.6]),  # under the chord from 0.2 to 0.05
+            _point(0.05, 1.0, 0.92, [0.5, 0.5]),
+            _point(0.01, 0.5, 0.99, [0.9, 0.9]),  # SR 50%
+        ],
+    }
+    assert [p["knob_value"] for p in upper_hull(entry)] == [0.2, 0.05]
+    at = gr_at_lr(entry, 0.87)
+    assert at["between"] == [0.2, 0.05] and at["weight"] == pytest.approx(0.5)
+    assert at["gr"] == pytest.approx(0.5 * 0.8 + 0.5 * 0.5)
+    assert [g["gr"] for g in at["groups"]] == pytest.approx([0.6, 0.7])
+    first = gr_at_lr(entry, 0.5)  # the hull starts above the bar: its highest-GR point
+    assert first["between"] == [0.2, 0.2] and first["gr"] == pytest.approx(0.8)
+    assert gr_at_lr(entry, 0.93) is None  # past the hull's end
+
+
+def test_the_on_fronts_headline_does_not_jump_when_a_point_misses_the_bar_narrowly() -> None:
+    """The best-point headline drops a point 0.0003 under the bar and takes the next one; on the
+    fronts the GR at the bar moves by a hair."""
+    from models.worlds.headline import headline
+
+    def results(lr: float) -> dict:
+        return {
+            "methods": {
+                "where2edit": {
+                    "knob": "rho",
+                    "points": [
+                        _point(0.02, 1.0, lr, [0.40, 0.40, 0.40]),
+                        _point(0.01, 1.0, 0.91, [0.30, 0.30, 0.30]),
+                    ],
+                },
+                "saliency": {"knob": "rho", "points": [_point(0.02, 1.0, 0.95, [0.3, 0.3, 0.35])]},
+            }
+        }
+
+    over, under = headline(results(0.9001)), headline(results(0.8997))
+    assert over["at_lr_bar"]["gr_difference"] == pytest.approx(0.4 - 0.3167, abs=1e-3)
+    assert under["at_lr_bar"]["gr_difference"] == pytest.approx(0.3 - 0.3167, abs=1e-3)
+    fronts = [h["at_lr_bar_on_fronts"]["gr_difference"] for h in (over, under)]
+    assert fronts[0] == pytest.approx(0.4 - 0.3167, abs=1e-3)
+    assert abs(fronts[0] - fronts[1]) < 0.005
+    assert under["at_lr_bar_on_fronts"]["points"]["where2edit"]["between"] == [0.02, 0.01]
+    # rho 0.02 at LR 0.85: the bar lies 5/6 of the way to rho 0.01, GR 0.4 / 6 + 0.3 * 5 / 6
+    beyond = headline(results(0.85))["at_lr_bar_on_fronts"]
+    assert beyond["points"]["where2edit"]["weight"] == pytest.approx(5 / 6)
+    assert beyond["gr_difference"] == pytest.approx(0.4 / 6 + 0.25 - 0.3167, abs=1e-3)
+    only = {"methods": {"where2edit": results(0.9)["methods"]["where2edit"]}}
+    assert headline(only)["at_lr_bar_on_fronts"]["verdict"] == "no baseline's front reaches the bar"
