@@ -3,7 +3,7 @@
     .venv/bin/python scripts/pool_headlines.py \
         --case shipped BASELINES.json W_SEED0.json W_SEED1.json \
         --case second  BASELINES.json W_SEED0.json W_SEED1.json \
-        [--at lr-bar|rho-0.1|lr-bar-fronts] [--json OUT]
+        [--at lr-bar|rho-0.1|lr-bar-fronts|rho-0.1-fronts] [--json OUT]
 
 Each ``--case`` is one backbone: a ``vitedit bench`` results.json with its baselines (its own
 where2edit points, if any, are left out), then one where2edit results.json per meta-training seed,
@@ -13,7 +13,7 @@ For each seed the headline is the one ``vitedit bench`` prints (models/worlds/he
 best where2edit point with SR 100% and LR >= ``--min-lr`` (``--at lr-bar``; or at where2edit's own
 LR at rho 0.1, ``--at rho-0.1``) against the best baseline's, GR minus GR per group; or each
 method's GR at the bar on the upper hull of its SR-100% points (``--at lr-bar-fronts``,
-models/worlds/headline.py's ``at_lr_bar_on_fronts``). Per backbone, those per-group differences
+``--at rho-0.1-fronts``: models/worlds/headline.py's ``*_on_fronts``). Per backbone, those per-group differences
 are averaged over its seeds (the seeds share the groups). The pooled figure gives each backbone the same weight: the mean of the backbones'
 means. Its 95% interval is a stratified bootstrap: groups are resampled within each backbone, as
 the benchmark samples them. Nothing is re-selected inside the bootstrap, as in the single headline.
@@ -42,7 +42,9 @@ VERDICTS = {
     "lr-bar": "at_lr_bar",
     "rho-0.1": "at_where2edit_rho_0.1",
     "lr-bar-fronts": "at_lr_bar_on_fronts",
+    "rho-0.1-fronts": "at_where2edit_rho_0.1_on_fronts",
 }
+ON_FRONTS = ("lr-bar-fronts", "rho-0.1-fronts")
 
 
 def seed_differences(
@@ -59,8 +61,8 @@ def seed_differences(
     rival = verdict["best_baseline"]
     groups, picked = {}, {}
     for method in (LEARNED, rival):
-        if at == "lr-bar-fronts":  # GR at the bar on the method's upper hull, per group
-            point = gr_at_lr(merged["methods"][method], min_lr)
+        if at in ON_FRONTS:  # GR at the bar on the method's upper hull, per group
+            point = gr_at_lr(merged["methods"][method], verdict["min_lr"])
             lo, hi = point["between"]
             picked[method] = f"{lo}-{hi} (w {point['weight']:.2f})" if lo != hi else lo
         else:
@@ -135,8 +137,8 @@ def run() -> None:
         "--at",
         choices=sorted(VERDICTS),
         default="lr-bar",
-        help="which headline: the best point at LR >= the bar, at where2edit's rho-0.1 LR, or "
-        "GR at the bar on each front's upper hull (lr-bar-fronts)",
+        help="which headline: the best point at LR >= the bar or at where2edit's rho-0.1 LR, or "
+        "either read as GR at that LR on each front's upper hull (*-fronts)",
     )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()

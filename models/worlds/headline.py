@@ -11,7 +11,7 @@ and seeds for every method):
 Each difference comes with a paired 95% bootstrap interval over groups (both points were scored on
 the same groups, so groups are resampled in pairs); ``separated`` says whether it excludes 0.
 
-Beside the first, ``at_lr_bar_on_fronts`` reads each method's GR *at* the bar, on the upper hull
+Beside each, ``*_on_fronts`` reads each method's GR *at* the bar, on the upper hull
 of its SR-100% points in the LR-GR plane: linear between the two hull points on either side of
 the bar. That GR is what a mixed policy reaches in expectation (each edit at one of the two knob
 values, with the matching probabilities), so it is attainable, and it does not jump when a point
@@ -84,6 +84,7 @@ def headline(results: dict[str, Any], min_lr: float = 0.9, seed: int = 0) -> dic
     at_rho = next((p for p in (learned or {}).get("points", []) if p["knob_value"] == 0.1), None)
     if at_rho is not None:
         out["at_where2edit_rho_0.1"] = _compare(results, at_rho["lr"], seed)
+        out["at_where2edit_rho_0.1_on_fronts"] = _compare_on_fronts(results, at_rho["lr"], seed)
     return out
 
 

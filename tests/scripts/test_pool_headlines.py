@@ -116,3 +116,10 @@ def test_the_on_fronts_headline_pools_its_per_group_values() -> None:
     assert s["rival"] == expected["best_baseline"]
     assert np.mean(s["per_group"]) == pytest.approx(expected["gr_difference"])
     assert len(s["per_group"]) == 24
+
+
+def test_the_on_fronts_reading_at_where2edits_rho_01_lr() -> None:
+    results = read_results(SHIPPED)
+    s = seed_differences(results, results, min_lr=0.9, at="rho-0.1-fronts")
+    expected = headline(results)["at_where2edit_rho_0.1_on_fronts"]
+    assert np.mean(s["per_group"]) == pytest.approx(expected["gr_difference"])

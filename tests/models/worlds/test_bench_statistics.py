@@ -142,6 +142,10 @@ def test_headline_compares_best_eligible_points_with_a_paired_interval() -> None
     assert bar["best_baseline"] == "random"  # its SR-50% point and ft (LR 80%) do not qualify
     assert bar["gr_difference"] == pytest.approx(0.1) and bar["separated"]
     assert out["at_where2edit_rho_0.1"]["min_lr"] == 0.92
+    # read on the fronts at that LR: where2edit's rho-0.1 point, random's only full-SR point
+    fronts = out["at_where2edit_rho_0.1_on_fronts"]
+    assert fronts["best_baseline"] == "random" and fronts["points"]["ft"] is None
+    assert fronts["gr_difference"] == pytest.approx(0.1)
     assert (
         headline({"methods": {"random": results["methods"]["random"]}})["at_lr_bar"]["verdict"]
         == "no where2edit point qualifies"
