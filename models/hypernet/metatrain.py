@@ -479,7 +479,9 @@ def edit_outcomes(
     that row's hard mask ``masks`` (N, n_entries): torch's RMSprop at ``cfg.inner_lr``, each row
     stopping once its loss is at or below ``cfg.edit_stop`` (checked before each step, as the
     edit does) or after ``cfg.edit_steps`` steps. Entries outside the mask never reach the
-    weights (m * D), so their RMSprop state does not matter."""
+    weights (m * D), so their RMSprop state does not matter. The edit's rule also asks for the
+    target's prediction; one image at a CE below ln 2 (0.69) has it, so with the built-in worlds'
+    stop (0.5) the two rules agree, and a larger stop may end a row before its prediction flips."""
     sites = batch.sites
     steps = [DenseDelta(torch.zeros(len(masks), *w.shape, device=w.device)) for w in batch.w0]
     square_avg = [torch.zeros_like(d.d) for d in steps]
