@@ -141,7 +141,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="what the hypernetwork regresses onto: the mask search's logits (the paper's, "
         "default), or edits: of --candidates hard masks per episode (its own top --edit-rho, "
-        "saliency's, draws around its own), each run as the real edit, the one that fixes the "
+        "saliency's, mixes of the two), each run as the real edit, the one that fixes the "
         "episode with the least KL on --anchors sensitive clean images (not in the paper; "
         "needs --inner-optimiser rmsprop)",
     )

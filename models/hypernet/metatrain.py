@@ -12,6 +12,9 @@ Per iteration, on a batch of B CutMix episodes (x, x~, f(x)):
 3. R regression steps of the hypernetwork on the same batch: 0.1 * BCE(H(cls(x~)), sigmoid(3 s))
    (``regression_target="movement"``: sigmoid(3 (s - s0)), what the search added to its start).
 
+``target_source="edits"`` (not in the paper) replaces step 2's search by real edits of candidate
+hard masks, scored by their outcome ("targets from real edits" below; docs/method.md section 3).
+
 Speed without changing the maths: the frozen prefix runs once per batch (SplitForward); the B
 episodes run together in one batch, each with its own site weights W0 + m_e * D_e, where D_e is
 kept as the low-rank sum of its per-token gradient terms (:class:`Factors`, :class:`DeltaLinear`)
@@ -137,8 +140,8 @@ class MetaTrainConfig:
     anchor_draws: int = 4
     # Where the regression targets come from. "search" (the paper's): the mask search above.
     # "edits" (not in the paper; docs/method.md section 3): `candidates` hard masks per episode,
-    # each the top `edit_rho` of a ranking (the hypernetwork's own, saliency's, and draws around
-    # its own), are each run as the real edit (RMSprop at inner_lr on the episode target's CE at
+    # each the top `edit_rho` of a ranking (the hypernetwork's own, saliency's, and mixes of the
+    # two), are each run as the real edit (RMSprop at inner_lr on the episode target's CE at
     # T = 1, until it falls to `edit_stop` or `edit_steps` are spent); the target is the mask that
     # fixes the episode with the least KL on `anchors` sensitive clean images per episode (if
     # none fixes it, the one that comes closest). A target scored by the edit's own outcome.
@@ -514,7 +517,7 @@ def pick_edits(outcomes: EditOutcomes, candidates: int) -> torch.Tensor:
 
 
 def _candidate_log(outcomes: EditOutcomes, winner: torch.Tensor, n: int) -> dict[str, float]:
-    """Per kind of candidate (own, saliency, drawn): the share of episodes it won, the share it
+    """Per kind of candidate (own, saliency, mixed): the share of episodes it won, the share it
     fixed, its mean steps and its mean anchor KL."""
     kinds = torch.tensor([min(c, 2) for c in range(n)], device=winner.device)  # 0, 1, 2, 2, ...
     fixed = outcomes.fixed.view(-1, n).float()
