@@ -44,7 +44,6 @@ VERDICTS = {
     "lr-bar-fronts": "at_lr_bar_on_fronts",
     "rho-0.1-fronts": "at_where2edit_rho_0.1_on_fronts",
 }
-ON_FRONTS = ("lr-bar-fronts", "rho-0.1-fronts")
 
 
 def seed_differences(
@@ -61,7 +60,7 @@ def seed_differences(
     rival = verdict["best_baseline"]
     groups, picked = {}, {}
     for method in (LEARNED, rival):
-        if at in ON_FRONTS:  # GR at the bar on the method's upper hull, per group
+        if at.endswith("-fronts"):  # GR at the bar on the method's upper hull, per group
             point = gr_at_lr(merged["methods"][method], verdict["min_lr"])
             lo, hi = point["between"]
             picked[method] = f"{lo}-{hi} (w {point['weight']:.2f})" if lo != hi else lo

@@ -489,10 +489,12 @@ def edit_outcomes(
     steps = [DenseDelta(torch.zeros(len(masks), *w.shape, device=w.device)) for w in batch.w0]
     square_avg = [torch.zeros_like(d.d) for d in steps]
     taken = torch.zeros(len(masks), device=masks.device)
+    stopped = False  # every row at its stop: the last loss is the final weights' loss
     for _ in range(cfg.edit_steps):
         grads, loss = batch.grads_and_losses(_masked(sites, masks, steps))
         active = loss > cfg.edit_stop
         if not active.any():
+            stopped = True
             break
         taken += active
         rows = active.to(masks.dtype).view(-1, 1, 1)
@@ -502,7 +504,8 @@ def edit_outcomes(
             d.d.addcdiv_(dense * rows, v.sqrt().add_(RMSPROP_EPS), value=-cfg.inner_lr)
     final = _masked(sites, masks, steps)
     with torch.no_grad():
-        loss = batch.losses(final)
+        if not stopped:  # the last step came after the last loss
+            loss = batch.losses(final)
         anchor_kl = batch.anchor_losses(final, anchors)
     return EditOutcomes(taken, loss, loss <= cfg.edit_stop, anchor_kl, steps)
 
