@@ -91,6 +91,10 @@ REGRESSION_TARGETS = ("logits", "movement")
 OUTER_OPTIMISERS = ("rmsprop", "sgd")
 SEARCH_STARTS = ("uniform", "zero")
 TARGET_SOURCES = ("search", "edits")
+# Each candidate holds dense per-episode deltas, RMSprop state and gradients (about 5 MB per
+# episode on the built-in worlds, 170 MB on ViT-B's default sites): past this no batch fits.
+MAX_CANDIDATES = 64
+MAX_EDIT_STEPS = 10_000  # the most steps an edit may take (EditConfig.max_steps's bound)
 # torch.optim.RMSprop's own defaults (read, not copied), as the edit runs it
 _RMSPROP = inspect.signature(torch.optim.RMSprop).parameters
 RMSPROP_ALPHA, RMSPROP_EPS = _RMSPROP["alpha"].default, _RMSPROP["eps"].default
@@ -160,7 +164,6 @@ class MetaTrainConfig:
             "regression_steps",
             "anchors",
             "anchor_draws",
-            "edit_steps",
         )
         rates = ("outer_lr", "inner_lr", "regression_lr", "temperature", "sharpness", "edit_stop")
         weights = ("sparsity", "regression_weight", "locality")  # 0 turns a term off
@@ -186,8 +189,12 @@ class MetaTrainConfig:
         ]
         if not 0 < self.edit_rho <= 1:
             problems.append(("edit_rho", "must be in (0, 1]"))
-        if self.candidates < 2:
-            problems.append(("candidates", "must be at least 2 (its own mask and saliency's)"))
+        if not 2 <= self.candidates <= MAX_CANDIDATES:
+            problems.append(
+                ("candidates", f"must be 2 (its own mask and saliency's) to {MAX_CANDIDATES}")
+            )
+        if not 1 <= self.edit_steps <= MAX_EDIT_STEPS:
+            problems.append(("edit_steps", f"must be 1 to {MAX_EDIT_STEPS}"))
         if self.target_source == "edits" and self.inner_optimiser != "rmsprop":
             problems.append(("inner_optimiser", "must be rmsprop (the edit's own) for edits"))
         if problems:

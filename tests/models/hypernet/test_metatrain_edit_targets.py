@@ -161,8 +161,13 @@ def test_edit_targets_need_the_edits_optimiser_a_pool_and_the_batched_loop(
 ) -> None:
     with pytest.raises(ValueError, match="inner_optimiser must be rmsprop"):
         MetaTrainConfig(**{**EDITS, "inner_optimiser": "sgd"})
-    with pytest.raises(ValueError, match="candidates must be at least 2"):
+    with pytest.raises(ValueError, match="candidates must be 2"):
         MetaTrainConfig(**{**EDITS, "candidates": 1})
+    with pytest.raises(ValueError, match=r"candidates must be 2 .* to 64 \(got candidates=100000"):
+        MetaTrainConfig(**{**EDITS, "candidates": 100_000})  # no batch would fit in memory
+    for steps in (0, 10**9):  # an edit's own bound: 1 to 10,000 steps
+        with pytest.raises(ValueError, match="edit_steps must be 1 to 10000"):
+            MetaTrainConfig(**{**EDITS, "edit_steps": steps})
     with pytest.raises(ValueError, match="target_source must be one of search, edits"):
         MetaTrainConfig(**{**EDITS, "target_source": "oracle"})
     model = demo_backbone.model
@@ -174,3 +179,10 @@ def test_edit_targets_need_the_edits_optimiser_a_pool_and_the_batched_loop(
     sampler = CutMixSampler(model, demo_pool, seed=0)
     with pytest.raises(ValueError, match="a pool of clean images is needed"):
         MetaTrainer(demo_backbone, sites, None, hypernet, cfg, sampler=sampler)
+
+
+def test_a_candidate_edit_may_take_as_many_steps_as_an_edit() -> None:
+    from models.editing.registry import EditConfig
+    from models.hypernet.metatrain import MAX_EDIT_STEPS
+
+    assert EditConfig.bounds()["max_steps"].high == MAX_EDIT_STEPS
