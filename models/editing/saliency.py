@@ -25,14 +25,19 @@ class SaliencyConfig(MaskConfig):
     """The top ``rho`` of all entries by gradient norm on the edit images."""
 
 
-def gradient_scores(task: EditTask) -> torch.Tensor:
-    """(n_entries,) per-neuron gradient norms of the CE of ``task``'s images to its targets."""
+def edit_gradients(task: EditTask) -> tuple[torch.Tensor, ...]:
+    """The gradient of the CE of ``task``'s images to its targets, per site matrix (Sites order),
+    at the unedited weights."""
     weights = [p.detach().clone().requires_grad_() for p in task.sites.params(task.model)]
     with frozen(task.model), torch.enable_grad():
         loss = F.cross_entropy(site_logits(task)(weights), task.targets)
-        grads = torch.autograd.grad(loss, weights)
+        return torch.autograd.grad(loss, weights)
+
+
+def gradient_scores(task: EditTask) -> torch.Tensor:
+    """(n_entries,) per-neuron gradient norms of the CE of ``task``'s images to its targets."""
     # a neuron owns an fc1 row (dim 0) or an fc2 column (dim 1): norm over the other dimension
-    pairs = zip(grads, task.sites.matrices, strict=True)
+    pairs = zip(edit_gradients(task), task.sites.matrices, strict=True)
     return torch.cat([g.norm(dim=1 - m.dim) for g, m in pairs])
 
 
