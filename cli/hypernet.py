@@ -56,6 +56,7 @@ _CONFIG_OPTIONS = (
     "candidates",
     "edit_steps",
     "edit_stop",
+    "spill_anchors",
 )
 
 
@@ -162,6 +163,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=float,
         default=None,
         help="edits: the CE an edit stops at (default: the backbone's edit setting)",
+    )
+    train.add_argument(
+        "--spill-anchors",
+        type=int,
+        default=None,
+        help="edits: one more candidate per episode, saliency's ranking by first-order fix per "
+        "spill on this many lowest-margin pool images (0 = off, the default; not in the paper; "
+        "docs/method.md section 3)",
     )
     train.add_argument(
         "--init-from",

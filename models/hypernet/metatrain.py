@@ -72,6 +72,7 @@ from models.hypernet.network import (
     target_features,
 )
 from models.sites import Sites
+from models.spill import CleanAnchors, SpillReference, entry_fix, entry_spill, spill_scores
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ TARGET_SOURCES = ("search", "edits")
 # episode on the built-in worlds, 170 MB on ViT-B's default sites): past this no batch fits.
 MAX_CANDIDATES = 64
 MAX_EDIT_STEPS = 10_000  # the most steps an edit may take (EditConfig.max_steps's bound)
+MAX_SPILL_ANCHORS = 4096  # the spill candidate's anchors: one margin gradient each, kept in memory
 # torch.optim.RMSprop's own defaults (read, not copied), as the edit runs it
 _RMSPROP = inspect.signature(torch.optim.RMSprop).parameters
 RMSPROP_ALPHA, RMSPROP_EPS = _RMSPROP["alpha"].default, _RMSPROP["eps"].default
@@ -154,6 +156,10 @@ class MetaTrainConfig:
     candidates: int = 4
     edit_steps: int = 50
     edit_stop: float = 0.5
+    # Not in the paper, with "edits" only (0 = off): one more candidate per episode, the top
+    # `edit_rho` by first-order edit-loss descent per first-order margin loss on this many fixed
+    # lowest-margin pool images (models/spill.py; scripts/spill_saliency.py's `saliency-spill`).
+    spill_anchors: int = 0
 
     def __post_init__(self) -> None:
         positive = (
@@ -195,6 +201,10 @@ class MetaTrainConfig:
             )
         if not 1 <= self.edit_steps <= MAX_EDIT_STEPS:
             problems.append(("edit_steps", f"must be 1 to {MAX_EDIT_STEPS}"))
+        if not 0 <= self.spill_anchors <= MAX_SPILL_ANCHORS:
+            problems.append(("spill_anchors", f"must be 0 (off) to {MAX_SPILL_ANCHORS}"))
+        if self.spill_anchors and (self.target_source != "edits" or self.candidates < 3):
+            problems.append(("spill_anchors", "needs targets from edits and 3 or more candidates"))
         if self.target_source == "edits" and self.inner_optimiser != "rmsprop":
             problems.append(("inner_optimiser", "must be rmsprop (the edit's own) for edits"))
         if problems:
@@ -441,7 +451,7 @@ def search_masks_reference(
 
 # ------------------------------------------------------------ targets from real edits (not the paper's)
 
-CANDIDATE_KINDS = ("own", "saliency", "mixed")  # candidate 0, 1, then the rank mixes
+CANDIDATE_KINDS = ("own", "saliency", "spill", "mixed")  # in candidate order; spill if asked
 
 
 def top_masks(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -455,17 +465,27 @@ def candidate_masks(
     k: int,
     candidates: int,
     generator: torch.Generator,
+    spill: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(B, candidates, n) 0/1 masks of k entries each: the top k of the hypernetwork's logits,
-    of saliency's gradient norms, then ``candidates - 2`` masks between the two: the top k of
-    a * own rank + (1 - a) * saliency's rank, a ~ U(0, 1) per mask (``where2edit-sal``'s rule
-    at a random mix; ranks, as the two scores have unrelated scales)."""
-    mix = torch.rand((own_logits.shape[0], candidates - 2, 1), generator=generator)
+    of saliency's gradient norms, of ``spill``'s scores if given (fix per spill), then masks
+    between the first two: the top k of a * own rank + (1 - a) * saliency's rank, a ~ U(0, 1)
+    per mask (``where2edit-sal``'s rule at a random mix; ranks, as the two scores have unrelated
+    scales)."""
+    ends = [top_masks(own_logits, k), top_masks(saliency, k)]
+    if spill is not None:
+        ends.append(top_masks(spill, k))
+    mix = torch.rand((own_logits.shape[0], candidates - len(ends), 1), generator=generator)
     mix = mix.to(own_logits.device)
     own_rank, saliency_rank = row_ranks(own_logits).unsqueeze(1), row_ranks(saliency).unsqueeze(1)
     mixed = top_masks(mix * own_rank + (1 - mix) * saliency_rank, k)
-    ends = torch.stack([top_masks(own_logits, k), top_masks(saliency, k)], dim=1)
-    return torch.cat([ends, mixed], dim=1)
+    return torch.cat([torch.stack(ends, dim=1), mixed], dim=1)
+
+
+def candidate_kinds(candidates: int, spill: bool) -> list[str]:
+    """The kind of each candidate of :func:`candidate_masks`, in order."""
+    ends = ["own", "saliency", "spill"] if spill else ["own", "saliency"]
+    return (ends + ["mixed"] * candidates)[:candidates]
 
 
 @dataclass
@@ -526,15 +546,17 @@ def pick_edits(outcomes: EditOutcomes, candidates: int) -> torch.Tensor:
     return torch.where(fixed.any(dim=1), spill.argmin(dim=1), closest)
 
 
-def _candidate_log(outcomes: EditOutcomes, winner: torch.Tensor, n: int) -> dict[str, float]:
-    """Per kind of candidate (own, saliency, mixed): the share of episodes it won, the share it
-    fixed, its mean steps and its mean anchor KL."""
-    kinds = torch.tensor([min(c, 2) for c in range(n)], device=winner.device)  # 0, 1, 2, 2, ...
+def _candidate_log(
+    outcomes: EditOutcomes, winner: torch.Tensor, kinds: list[str]
+) -> dict[str, float]:
+    """Per kind of candidate (own, saliency, spill, mixed): the share of episodes it won, the
+    share it fixed, its mean steps and its mean anchor KL."""
+    n = len(kinds)
     fixed = outcomes.fixed.view(-1, n).float()
     steps, spill = outcomes.steps.view(-1, n), outcomes.anchor_kl.view(-1, n)
     out = {}
-    for i, kind in enumerate(CANDIDATE_KINDS[: min(n, 3)]):
-        mine = kinds == i
+    for kind in dict.fromkeys(kinds):
+        mine = torch.tensor([k == kind for k in kinds], device=winner.device)
         out[f"won_{kind}"] = mine[winner].float().mean().item()
         out[f"fixed_{kind}"] = fixed[:, mine].mean().item()
         out[f"steps_{kind}"] = steps[:, mine].mean().item()
@@ -635,6 +657,7 @@ class MetaTrainer:
             self.model, pool, seed=cfg.seed, device=backbone.device
         )
         self.opt = torch.optim.RMSprop(hypernet.parameters(), lr=cfg.regression_lr)
+        self.spill = self._spill_reference() if cfg.spill_anchors else None
         self.iteration = 0
         self.history: list[dict[str, float]] = []
 
@@ -725,7 +748,13 @@ class MetaTrainer:
             reads = gradient if self.hypernet.config.gradient_input else None
             own = self.hypernet.config.score_scale * self.hypernet.logits(features, rows, reads)
         k = max(1, round(cfg.edit_rho * self.sites.n_entries))
-        masks = candidate_masks(own, gradient, k, n, self.sampler.generator)  # (B, n, entries)
+        spill = None
+        if self.spill is not None:  # fix per spill of each episode's own gradient
+            dense = [g.dense() for g in grads]
+            spill = spill_scores(
+                entry_fix(dense, self.sites), entry_spill(dense, self.spill, self.sites)
+            )
+        masks = candidate_masks(own, gradient, k, n, self.sampler.generator, spill)
         anchors = self._anchors()
         anchors = Anchors(
             anchors.tokens.repeat_interleave(n, dim=1),
@@ -752,9 +781,22 @@ class MetaTrainer:
             "s_density": chosen_masks.mean().item(),
             "s_iou": jaccard(chosen_masks > 0),
             "anchor_kl_last": outcomes.anchor_kl[chosen].mean().item(),
-            **_candidate_log(outcomes, winner, n),
+            **_candidate_log(outcomes, winner, candidate_kinds(n, spill is not None)),
         }
         return 2 * chosen_masks - 1, gradient, entry
+
+    def _spill_reference(self) -> SpillReference:
+        """The spill candidate's anchors: the ``spill_anchors`` lowest-margin of up to 4,096 pool
+        images (its own generator: the episode stream stays as without it), and their margin
+        gradients at W0, taken once."""
+        cfg = self.cfg
+        gen = torch.Generator().manual_seed(cfg.seed)
+        idx = torch.randperm(len(self.pool), generator=gen)[:MAX_SPILL_ANCHORS]
+        if len(idx) < cfg.spill_anchors:
+            raise ValueError(f"spill_anchors {cfg.spill_anchors}: the pool holds {len(idx)}")
+        images = self.pool.get(idx).to(self.backbone.device)
+        anchors = CleanAnchors.lowest_margin(self.model, images, cfg.spill_anchors)
+        return SpillReference.at(self.model, self.sites, anchors)
 
     def _anchors(self) -> Anchors:
         """B x L sensitive clean pool images: the lowest-margin of ``anchor_draws`` times more.

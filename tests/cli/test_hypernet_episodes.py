@@ -106,5 +106,10 @@ def test_edit_targets_take_the_backbones_edit_setting_unless_given() -> None:
     bad = parse("--target-from", "edits", "--inner-optimiser", "rmsprop", "--edit-rho", "0")
     with pytest.raises(SystemExit, match=r"edit_rho must be in \(0, 1\]"):
         _config(_options(bad, {}, EDIT))
+    spill = parse("--target-from", "edits", "--inner-optimiser", "rmsprop", "--spill-anchors", "64")
+    assert _config(_options(spill, {}, EDIT)).spill_anchors == 64
+    assert _config(_options(edits, {}, EDIT)).spill_anchors == 0  # off unless asked
+    with pytest.raises(SystemExit, match="spill_anchors needs targets from edits"):
+        _config(_options(parse("--spill-anchors", "64"), {}, EDIT))
     with pytest.raises(SystemExit):  # argparse: not one of search, edits
         parse("--target-from", "oracle")

@@ -20,6 +20,7 @@ from models.hypernet.metatrain import (
     MetaTrainConfig,
     MetaTrainer,
     build_hypernetwork,
+    candidate_kinds,
     candidate_masks,
     edit_outcomes,
     entry_norms,
@@ -119,6 +120,20 @@ def test_candidates_are_its_own_top_saliencys_top_and_mixes_of_the_two() -> None
     assert (masks[:, 2:] * ends).sum() / masks[:, 2:].sum() > 0.6  # a random mask: about 0.2
 
 
+def test_a_spill_ranking_is_the_third_candidate_and_the_mixes_follow() -> None:
+    gen = torch.Generator().manual_seed(0)
+    own, saliency, spill = (torch.randn(2, 40, generator=gen) for _ in range(3))
+    masks = candidate_masks(own, saliency, 4, 5, torch.Generator().manual_seed(1), spill)
+    assert masks.shape == (2, 5, 40) and (masks.sum(dim=2) == 4).all()
+    assert torch.equal(masks[:, 2], top_masks(spill, 4))
+    a = torch.rand((2, 2, 1), generator=torch.Generator().manual_seed(1))
+    rule = a * row_ranks(own).unsqueeze(1) + (1 - a) * row_ranks(saliency).unsqueeze(1)
+    assert torch.equal(masks[:, 3:], top_masks(rule, 4))
+    assert candidate_kinds(5, spill=True) == ["own", "saliency", "spill", "mixed", "mixed"]
+    assert candidate_kinds(3, spill=False) == ["own", "saliency", "mixed"]
+    assert candidate_masks(own, saliency, 4, 3, gen, spill).shape == (2, 3, 40)  # no mix
+
+
 def test_the_choice_is_the_fix_with_least_spill_else_the_closest() -> None:
     outcomes = EditOutcomes(
         steps=torch.tensor([5.0, 3, 9, 12, 12, 12]),
@@ -154,6 +169,35 @@ def test_meta_training_on_edit_targets_regresses_onto_the_chosen_masks(demo_back
     assert any(
         not torch.equal(a, b.detach()) for a, b in zip(before, hypernet.parameters(), strict=True)
     )
+
+
+def test_the_spill_candidate_ranks_each_episode_by_fix_per_spill_on_fixed_anchors(
+    demo_backbone, demo_pool
+) -> None:
+    from models.spill import CleanAnchors, SpillReference
+
+    model = demo_backbone.model
+    sites = Sites.for_model(model)
+    cfg = MetaTrainConfig(**{**EDITS, "spill_anchors": 16, "candidates": 4})
+    hypernet = build_hypernetwork(model, sites, seed=0, gradient_input=True)
+    sampler = SecondClassSampler(model, demo_pool)
+    trainer = MetaTrainer(demo_backbone, sites, demo_pool, hypernet, cfg, sampler=sampler)
+    # the anchors: the 16 lowest-margin of the (whole, here) pool, their gradients taken at W0
+    expected = CleanAnchors.lowest_margin(model, demo_pool.images, 16)
+    torch.testing.assert_close(trainer.spill.margin, expected.margin)
+    reference = SpillReference.at(model, sites, expected)
+    for a, b in zip(trainer.spill.gradients, reference.gradients, strict=True):
+        torch.testing.assert_close(a, b)
+    first = trainer.step()
+    kinds = ("own", "saliency", "spill", "mixed")
+    assert sum(first[f"won_{kind}"] for kind in kinds) == pytest.approx(1.0)
+    assert 0 < first["steps_spill"] <= cfg.edit_steps and 0 <= first["fixed_spill"] <= 1
+    with pytest.raises(ValueError, match="spill_anchors needs targets from edits and 3 or more"):
+        MetaTrainConfig(**{**EDITS, "spill_anchors": 16, "candidates": 2})
+    with pytest.raises(ValueError, match="spill_anchors needs targets from edits"):
+        MetaTrainConfig(spill_anchors=16)
+    with pytest.raises(ValueError, match=r"spill_anchors must be 0 \(off\) to 4096"):
+        MetaTrainConfig(**{**EDITS, "spill_anchors": 5000})
 
 
 def test_edit_targets_need_the_edits_optimiser_a_pool_and_the_batched_loop(
