@@ -51,7 +51,7 @@ from torch import nn
 from torch.func import functional_call
 
 from models.backbones import Backbone
-from models.errors import MetaTrainingUnhealthy
+from models.errors import DataError, MetaTrainingUnhealthy
 from models.forward import SplitForward
 from models.hypernet.checkpoint import CHECKPOINT_DIR, load_checkpoint, save_checkpoint
 from models.hypernet.cutmix import CutMixSampler, Episodes, ImagePool
@@ -793,7 +793,10 @@ class MetaTrainer:
         gen = torch.Generator().manual_seed(cfg.seed)
         idx = torch.randperm(len(self.pool), generator=gen)[:MAX_SPILL_ANCHORS]
         if len(idx) < cfg.spill_anchors:
-            raise ValueError(f"spill_anchors {cfg.spill_anchors}: the pool holds {len(idx)}")
+            raise DataError(
+                f"--spill-anchors {cfg.spill_anchors}: the pool holds only {len(idx)} images; "
+                f"give at most {len(idx)}"
+            )
         images = self.pool.get(idx).to(self.backbone.device)
         anchors = CleanAnchors.lowest_margin(self.model, images, cfg.spill_anchors)
         return SpillReference.at(self.model, self.sites, anchors)

@@ -174,6 +174,7 @@ def test_meta_training_on_edit_targets_regresses_onto_the_chosen_masks(demo_back
 def test_the_spill_candidate_ranks_each_episode_by_fix_per_spill_on_fixed_anchors(
     demo_backbone, demo_pool
 ) -> None:
+    from models.errors import DataError
     from models.spill import CleanAnchors, SpillReference
 
     model = demo_backbone.model
@@ -192,6 +193,9 @@ def test_the_spill_candidate_ranks_each_episode_by_fix_per_spill_on_fixed_anchor
     kinds = ("own", "saliency", "spill", "mixed")
     assert sum(first[f"won_{kind}"] for kind in kinds) == pytest.approx(1.0)
     assert 0 < first["steps_spill"] <= cfg.edit_steps and 0 <= first["fixed_spill"] <= 1
+    too_many = MetaTrainConfig(**{**EDITS, "spill_anchors": 65, "candidates": 4})
+    with pytest.raises(DataError, match="the pool holds only 64 images; give at most 64"):
+        MetaTrainer(demo_backbone, sites, demo_pool, hypernet, too_many, sampler=sampler)
     with pytest.raises(ValueError, match="spill_anchors needs targets from edits and 3 or more"):
         MetaTrainConfig(**{**EDITS, "spill_anchors": 16, "candidates": 2})
     with pytest.raises(ValueError, match="spill_anchors needs targets from edits"):
