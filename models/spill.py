@@ -27,6 +27,8 @@ from torch import nn
 
 from models.sites import Sites
 
+MAX_ANCHORS = 4096  # one margin gradient of every site matrix each, kept in memory
+
 
 @dataclass(frozen=True)
 class CleanAnchors:

@@ -29,10 +29,16 @@ from models.editing.optimize import masked_finetune
 from models.editing.registry import EditOutcome, EditTask, StepCallback, register
 from models.editing.saliency import SaliencyConfig, edit_gradients
 from models.sites import top_rho_mask
-from models.spill import CleanAnchors, SpillReference, entry_fix, entry_spill, spill_scores
+from models.spill import (
+    MAX_ANCHORS,
+    CleanAnchors,
+    SpillReference,
+    entry_fix,
+    entry_spill,
+    spill_scores,
+)
 
 METHOD = "saliency-spill"
-MAX_ANCHORS = 4096
 
 
 def fix_and_spill(task: EditTask, reference: SpillReference) -> tuple[torch.Tensor, torch.Tensor]:

@@ -72,7 +72,14 @@ from models.hypernet.network import (
     target_features,
 )
 from models.sites import Sites
-from models.spill import CleanAnchors, SpillReference, entry_fix, entry_spill, spill_scores
+from models.spill import (
+    MAX_ANCHORS,
+    CleanAnchors,
+    SpillReference,
+    entry_fix,
+    entry_spill,
+    spill_scores,
+)
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +103,7 @@ TARGET_SOURCES = ("search", "edits")
 # episode on the built-in worlds, 170 MB on ViT-B's default sites): past this no batch fits.
 MAX_CANDIDATES = 64
 MAX_EDIT_STEPS = 10_000  # the most steps an edit may take (EditConfig.max_steps's bound)
-MAX_SPILL_ANCHORS = 4096  # the spill candidate's anchors: one margin gradient each, kept in memory
+SPILL_POOL_DRAW = 4096  # pool images the spill candidate's anchors are chosen from, at most
 # torch.optim.RMSprop's own defaults (read, not copied), as the edit runs it
 _RMSPROP = inspect.signature(torch.optim.RMSprop).parameters
 RMSPROP_ALPHA, RMSPROP_EPS = _RMSPROP["alpha"].default, _RMSPROP["eps"].default
@@ -201,8 +208,8 @@ class MetaTrainConfig:
             )
         if not 1 <= self.edit_steps <= MAX_EDIT_STEPS:
             problems.append(("edit_steps", f"must be 1 to {MAX_EDIT_STEPS}"))
-        if not 0 <= self.spill_anchors <= MAX_SPILL_ANCHORS:
-            problems.append(("spill_anchors", f"must be 0 (off) to {MAX_SPILL_ANCHORS}"))
+        if not 0 <= self.spill_anchors <= MAX_ANCHORS:
+            problems.append(("spill_anchors", f"must be 0 (off) to {MAX_ANCHORS}"))
         if self.spill_anchors and (self.target_source != "edits" or self.candidates < 3):
             problems.append(("spill_anchors", "needs targets from edits and 3 or more candidates"))
         if self.target_source == "edits" and self.inner_optimiser != "rmsprop":
@@ -791,7 +798,7 @@ class MetaTrainer:
         gradients at W0, taken once."""
         cfg = self.cfg
         gen = torch.Generator().manual_seed(cfg.seed)
-        idx = torch.randperm(len(self.pool), generator=gen)[:MAX_SPILL_ANCHORS]
+        idx = torch.randperm(len(self.pool), generator=gen)[:SPILL_POOL_DRAW]
         if len(idx) < cfg.spill_anchors:
             raise DataError(
                 f"--spill-anchors {cfg.spill_anchors}: the pool holds only {len(idx)} images; "
