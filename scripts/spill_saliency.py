@@ -4,7 +4,9 @@ Registers ``saliency-spill``, a mask for the benchmark only: the top ``rho`` of 
 ranked by first-order edit-loss descent per first-order margin loss on clean anchors,
 ``|g_i|_1 / (S_i + mean S)`` (``models/spill.py`` defines both terms). The anchors are the
 ``--anchors`` lowest-margin images (top-1 minus top-2 probability, the meta-trainer's rule) of
-the world's CutMix pool: train images of the backbone, none of them in the locality set. It then
+the world's CutMix pool: train images of the backbone, none of them in the locality set. It also
+registers ``where2edit-spill``: the top ``rho`` of ``mix`` x the hypernetwork's rank + (1 - ``mix``)
+x that ranking's (``where2edit-sal``'s rule with saliency-spill in saliency's place). It then
 runs ``vitedit bench`` with the remaining arguments, so ``saliency-spill`` gets the harness, the
 seeds and the intervals of every other method:
 
@@ -28,6 +30,8 @@ from cli.main import one_line_errors
 from models.editing.optimize import masked_finetune
 from models.editing.registry import EditOutcome, EditTask, StepCallback, register
 from models.editing.saliency import SaliencyConfig, edit_gradients
+from models.editing.where2edit import learned_scores
+from models.editing.where2edit_saliency import Where2EditSaliencyConfig, mixed_scores
 from models.sites import top_rho_mask
 from models.spill import (
     MAX_ANCHORS,
@@ -39,6 +43,7 @@ from models.spill import (
 )
 
 METHOD = "saliency-spill"
+MIX = "where2edit-spill"
 
 
 def fix_and_spill(task: EditTask, reference: SpillReference) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,10 +52,17 @@ def fix_and_spill(task: EditTask, reference: SpillReference) -> tuple[torch.Tens
     return entry_fix(grads, task.sites), entry_spill(grads, reference, task.sites)
 
 
-def register_method(anchors: CleanAnchors) -> None:
-    """Register ``saliency-spill`` on ``anchors`` (once per process). The anchors' margin
-    gradients are taken at the first edit, on the bench's own model and sites, and kept."""
+def register_methods(anchors: CleanAnchors) -> None:
+    """Register ``saliency-spill`` and ``where2edit-spill`` on ``anchors`` (once per process).
+    The anchors' margin gradients are taken at the first edit, on the bench's own model and
+    sites, and kept."""
     references: dict[tuple[int, tuple[str, ...]], SpillReference] = {}
+
+    def reference(task: EditTask) -> SpillReference:
+        key = (id(task.model), task.sites.mlps)
+        if key not in references:
+            references[key] = SpillReference.at(task.model, task.sites, anchors)
+        return references[key]
 
     @register(
         METHOD,
@@ -61,11 +73,29 @@ def register_method(anchors: CleanAnchors) -> None:
     def saliency_spill(
         task: EditTask, config: SaliencyConfig, on_step: StepCallback | None = None
     ) -> EditOutcome:
-        key = (id(task.model), task.sites.mlps)
-        if key not in references:
-            references[key] = SpillReference.at(task.model, task.sites, anchors)
-        scores = spill_scores(*fix_and_spill(task, references[key]))
+        scores = spill_scores(*fix_and_spill(task, reference(task)))
         masks = task.sites.split(top_rho_mask(scores, config.rho))
+        return masked_finetune(task, config, masks=masks, on_step=on_step)
+
+    @register(
+        MIX,
+        Where2EditSaliencyConfig,
+        needs_hypernetwork=True,
+        description="masked fine-tuning of the neurons ranked by a mix of the hypernetwork's "
+        "scores and saliency-spill's (a benchmark probe, scripts/spill_saliency.py)",
+    )
+    def where2edit_spill(
+        task: EditTask, config: Where2EditSaliencyConfig, on_step: StepCallback | None = None
+    ) -> EditOutcome:
+        grads = edit_gradients(task)  # one backward: saliency's norms and the spill ranking
+        pairs = zip(grads, task.sites.matrices, strict=True)
+        norms = torch.cat([g.norm(dim=1 - m.dim) for g, m in pairs])  # what a gradient-reading
+        learned = learned_scores(task.hypernetwork, task, norms)  # hypernetwork reads
+        spill = spill_scores(
+            entry_fix(grads, task.sites), entry_spill(grads, reference(task), task.sites)
+        )
+        mixed = mixed_scores(learned, spill.to(learned.device), config.mix)
+        masks = task.sites.split(top_rho_mask(mixed, config.rho))
         return masked_finetune(task, config, masks=masks, on_step=on_step)
 
 
@@ -88,7 +118,7 @@ def main() -> int:
     pool = world.to_input(world.load_world().pool)
     if args.anchors > len(pool):
         raise SystemExit(f"--anchors {args.anchors}: the pool holds only {len(pool)} images")
-    register_method(CleanAnchors.lowest_margin(backbone.model, pool, args.anchors))
+    register_methods(CleanAnchors.lowest_margin(backbone.model, pool, args.anchors))
     return vitedit(["bench", "--world", args.world, *rest])
 
 

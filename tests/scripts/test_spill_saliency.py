@@ -31,6 +31,20 @@ def test_the_script_benches_saliency_spill_beside_saliency_on_the_demo_world(
     }
 
 
+def test_where2edit_spill_at_mix_0_is_saliency_spills_mask(tmp_path: Path) -> None:
+    run = spill_bench(
+        "--anchors", "4", "bench", "--world", "demo", "--methods", "where2edit-spill,saliency-spill",
+        "--set", "where2edit-spill.mix=0", "--quick", "--out", str(tmp_path),
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    methods = json.loads((tmp_path / "results.json").read_text())["methods"]
+    for a, b in zip(
+        methods["where2edit-spill"]["points"], methods["saliency-spill"]["points"], strict=True
+    ):
+        assert (a["sr"], a["gr"], a["lr"]) == (b["sr"], b["gr"], b["lr"])
+        assert a["config"]["mix"] == 0
+
+
 def test_anchor_counts_out_of_range_and_a_missing_world_are_refused_in_one_line() -> None:
     for args in (["--anchors", "0"], ["--anchors", "100000"]):
         run = spill_bench(*args, "bench", "--world", "demo")
