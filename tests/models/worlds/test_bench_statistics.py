@@ -169,7 +169,7 @@ def test_a_variant_of_the_learned_mask_is_not_a_baseline_nor_run_by_default() ->
         }
     }
     assert headline(results)["at_lr_bar"]["best_baseline"] == "random"
-    assert "where2edit-sal" in VARIANTS
+    assert {"where2edit-sal", "where2edit-spill"} <= VARIANTS
     default = _methods(argparse.Namespace(methods=None), hypernet=object())
     assert "where2edit" in default and "where2edit-sal" not in default
     named = _methods(argparse.Namespace(methods="where2edit-sal"), hypernet=object())
