@@ -29,7 +29,7 @@ from cli.main import main as vitedit
 from cli.main import one_line_errors
 from models.editing.optimize import masked_finetune
 from models.editing.registry import EditOutcome, EditTask, StepCallback, register
-from models.editing.saliency import SaliencyConfig, edit_gradients
+from models.editing.saliency import SaliencyConfig, edit_gradients, entry_norms
 from models.editing.where2edit import learned_scores
 from models.editing.where2edit_saliency import Where2EditSaliencyConfig, mixed_scores
 from models.sites import top_rho_mask
@@ -46,10 +46,11 @@ METHOD = "saliency-spill"
 MIX = "where2edit-spill"
 
 
-def fix_and_spill(task: EditTask, reference: SpillReference) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n_entries,) twice: each entry's first-order fix ``|g_i|_1`` and spill ``S_i``."""
-    grads = edit_gradients(task)
-    return entry_fix(grads, task.sites), entry_spill(grads, reference, task.sites)
+def spill_ranking(
+    task: EditTask, grads: tuple[torch.Tensor, ...], reference: SpillReference
+) -> torch.Tensor:
+    """(n_entries,) each entry's first-order fix per spill, from the edit's gradients."""
+    return spill_scores(entry_fix(grads, task.sites), entry_spill(grads, reference, task.sites))
 
 
 def register_methods(anchors: CleanAnchors) -> None:
@@ -73,7 +74,7 @@ def register_methods(anchors: CleanAnchors) -> None:
     def saliency_spill(
         task: EditTask, config: SaliencyConfig, on_step: StepCallback | None = None
     ) -> EditOutcome:
-        scores = spill_scores(*fix_and_spill(task, reference(task)))
+        scores = spill_ranking(task, edit_gradients(task), reference(task))
         masks = task.sites.split(top_rho_mask(scores, config.rho))
         return masked_finetune(task, config, masks=masks, on_step=on_step)
 
@@ -88,12 +89,8 @@ def register_methods(anchors: CleanAnchors) -> None:
         task: EditTask, config: Where2EditSaliencyConfig, on_step: StepCallback | None = None
     ) -> EditOutcome:
         grads = edit_gradients(task)  # one backward: saliency's norms and the spill ranking
-        pairs = zip(grads, task.sites.matrices, strict=True)
-        norms = torch.cat([g.norm(dim=1 - m.dim) for g, m in pairs])  # what a gradient-reading
-        learned = learned_scores(task.hypernetwork, task, norms)  # hypernetwork reads
-        spill = spill_scores(
-            entry_fix(grads, task.sites), entry_spill(grads, reference(task), task.sites)
-        )
+        learned = learned_scores(task.hypernetwork, task, entry_norms(grads, task.sites))
+        spill = spill_ranking(task, grads, reference(task))
         mixed = mixed_scores(learned, spill.to(learned.device), config.mix)
         masks = task.sites.split(top_rho_mask(mixed, config.rho))
         return masked_finetune(task, config, masks=masks, on_step=on_step)

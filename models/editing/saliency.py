@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from models.editing.optimize import frozen, masked_finetune, site_logits
 from models.editing.random_mask import MaskConfig
 from models.editing.registry import EditOutcome, EditTask, StepCallback, register
-from models.sites import top_rho_mask
+from models.sites import Sites, top_rho_mask
 
 
 @dataclass(frozen=True)
@@ -34,11 +34,16 @@ def edit_gradients(task: EditTask) -> tuple[torch.Tensor, ...]:
         return torch.autograd.grad(loss, weights)
 
 
+def entry_norms(grads: tuple[torch.Tensor, ...], sites: Sites) -> torch.Tensor:
+    """(n_entries,) the norm of each neuron entry's part of ``grads`` (per site matrix)."""
+    # a neuron owns an fc1 row (dim 0) or an fc2 column (dim 1): norm over the other dimension
+    pairs = zip(grads, sites.matrices, strict=True)
+    return torch.cat([g.norm(dim=1 - m.dim) for g, m in pairs])
+
+
 def gradient_scores(task: EditTask) -> torch.Tensor:
     """(n_entries,) per-neuron gradient norms of the CE of ``task``'s images to its targets."""
-    # a neuron owns an fc1 row (dim 0) or an fc2 column (dim 1): norm over the other dimension
-    pairs = zip(edit_gradients(task), task.sites.matrices, strict=True)
-    return torch.cat([g.norm(dim=1 - m.dim) for g, m in pairs])
+    return entry_norms(edit_gradients(task), task.sites)
 
 
 @register(
