@@ -192,6 +192,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "network's weights plus the gates (not in the paper)",
     )
     train.add_argument(
+        "--spill-input",
+        action="store_true",
+        help="a hypernetwork that also reads the edit's first-order fix per spill on the "
+        "--spill-anchors clean images (kept with it), through gates that start at zero; with "
+        "--init-from, that network's weights plus the gates (not in the paper)",
+    )
+    train.add_argument(
         "--episodes",
         choices=["cutmix", "failures"],
         default="cutmix",
@@ -295,6 +302,11 @@ def _train(args: argparse.Namespace) -> int:
     )
     sites = Sites.for_model(backbone.model, tuple(args.blocks) if args.blocks else None)
     cfg = _config(options)
+    if args.spill_input and not cfg.spill_anchors:
+        raise SystemExit(
+            "vitedit hypernet train: --spill-input reads fix per spill on clean anchors: give "
+            "--spill-anchors N too (with --target-from edits)"
+        )
     if args.init_from is not None:
         from models.hypernet.network import Hypernetwork
 
@@ -304,6 +316,8 @@ def _train(args: argparse.Namespace) -> int:
             hypernet = hypernet.with_target_token(cfg.seed)
         if args.gradient_input and not hypernet.config.gradient_input:
             hypernet = hypernet.with_gradient_input()
+        if args.spill_input and not hypernet.config.spill_input:
+            hypernet = hypernet.with_spill_input()
     else:
         hypernet = build_hypernetwork(
             backbone.model,
@@ -312,6 +326,7 @@ def _train(args: argparse.Namespace) -> int:
             width=options.get("width"),
             target_token=args.target_token,
             gradient_input=args.gradient_input,
+            spill_input=args.spill_input,
         )
     checkpoints = args.checkpoint_dir or (WORLD_CHECKPOINTS / args.world if args.world else None)
     budget = None if args.time_budget is None else 60 * args.time_budget

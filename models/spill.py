@@ -114,3 +114,11 @@ def spill_scores(fix: torch.Tensor, spill: torch.Tensor) -> torch.Tensor:
     """The ranking: fix per spill, the spill offset by its mean over entries (no spill = the fix
     ranking). Rows of a batch are ranked each on their own."""
     return fix / (spill + spill.mean(dim=-1, keepdim=True).clamp_min(1e-12))
+
+
+def spill_ranking(
+    grads: list[torch.Tensor] | tuple[torch.Tensor, ...], reference: SpillReference, sites: Sites
+) -> torch.Tensor:
+    """(..., n_entries) each entry's first-order fix per spill, from the edit's gradients per
+    site matrix (saliency-spill's ranking; what a ``spill_input`` hypernetwork reads)."""
+    return spill_scores(entry_fix(grads, sites), entry_spill(grads, reference, sites))

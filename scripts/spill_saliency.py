@@ -33,24 +33,10 @@ from models.editing.saliency import SaliencyConfig, edit_gradients, entry_norms
 from models.editing.where2edit import learned_scores
 from models.editing.where2edit_saliency import Where2EditSaliencyConfig, mixed_scores
 from models.sites import top_rho_mask
-from models.spill import (
-    MAX_ANCHORS,
-    CleanAnchors,
-    SpillReference,
-    entry_fix,
-    entry_spill,
-    spill_scores,
-)
+from models.spill import MAX_ANCHORS, CleanAnchors, SpillReference, spill_ranking
 
 METHOD = "saliency-spill"
 MIX = "where2edit-spill"
-
-
-def spill_ranking(
-    task: EditTask, grads: tuple[torch.Tensor, ...], reference: SpillReference
-) -> torch.Tensor:
-    """(n_entries,) each entry's first-order fix per spill, from the edit's gradients."""
-    return spill_scores(entry_fix(grads, task.sites), entry_spill(grads, reference, task.sites))
 
 
 def register_methods(anchors: CleanAnchors) -> None:
@@ -74,7 +60,7 @@ def register_methods(anchors: CleanAnchors) -> None:
     def saliency_spill(
         task: EditTask, config: SaliencyConfig, on_step: StepCallback | None = None
     ) -> EditOutcome:
-        scores = spill_ranking(task, edit_gradients(task), reference(task))
+        scores = spill_ranking(edit_gradients(task), reference(task), task.sites)
         masks = task.sites.split(top_rho_mask(scores, config.rho))
         return masked_finetune(task, config, masks=masks, on_step=on_step)
 
@@ -90,7 +76,7 @@ def register_methods(anchors: CleanAnchors) -> None:
     ) -> EditOutcome:
         grads = edit_gradients(task)  # one backward: saliency's norms and the spill ranking
         learned = learned_scores(task.hypernetwork, task, entry_norms(grads, task.sites))
-        spill = spill_ranking(task, grads, reference(task))
+        spill = spill_ranking(grads, reference(task), task.sites)
         mixed = mixed_scores(learned, spill.to(learned.device), config.mix)
         masks = task.sites.split(top_rho_mask(mixed, config.rho))
         return masked_finetune(task, config, masks=masks, on_step=on_step)

@@ -15,10 +15,11 @@ import torch
 from models.editing.optimize import masked_finetune
 from models.editing.random_mask import MaskConfig
 from models.editing.registry import EditOutcome, EditTask, StepCallback, register
-from models.editing.saliency import gradient_scores
+from models.editing.saliency import edit_gradients, entry_norms
 from models.errors import HypernetworkMismatchError
 from models.hypernet.network import Hypernetwork
 from models.sites import Sites, top_rho_mask
+from models.spill import spill_ranking
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,8 @@ def learned_scores(
     """(n_entries,) the hypernetwork's scores averaged over the edit images, once it is checked
     to fit the edit's sites (HypernetworkMismatchError otherwise). ``gradient``: the edit's
     :func:`gradient_scores` where the caller has them already (a ``gradient_input`` network reads
-    them; computed here otherwise)."""
+    them; computed here otherwise). A ``spill_input`` network also reads the edit's fix per
+    spill on its own anchors (models/spill.py)."""
     expected = tuple(m.hidden for m in task.sites.matrices)
     if hypernet.config.hidden != expected:
         raise HypernetworkMismatchError(
@@ -45,11 +47,17 @@ def learned_scores(
             f"edit's sites {list(task.sites.mlps)} have {list(expected)}; use its sites"
         )
     hypernet.check_sites(task.sites)
+    grads = None
+    if hypernet.config.spill_input or (hypernet.config.gradient_input and gradient is None):
+        grads = edit_gradients(task)  # one backward for both inputs
     if not hypernet.config.gradient_input:
         gradient = None
     elif gradient is None:  # a gradient-reading hypernetwork also reads saliency's norms
-        gradient = gradient_scores(task)
-    return hypernet.mask_scores(task.model, task.images, task.targets, gradient)
+        gradient = entry_norms(grads, task.sites)
+    spill = None
+    if hypernet.config.spill_input:
+        spill = spill_ranking(grads, hypernet.spill_reference(task.model, task.sites), task.sites)
+    return hypernet.mask_scores(task.model, task.images, task.targets, gradient, spill)
 
 
 def mask_counts(sites: Sites, masks: list[torch.Tensor]) -> dict[str, int]:

@@ -76,9 +76,7 @@ from models.spill import (
     MAX_ANCHORS,
     CleanAnchors,
     SpillReference,
-    entry_fix,
-    entry_spill,
-    spill_scores,
+    spill_ranking,
 )
 
 log = logging.getLogger(__name__)
@@ -614,13 +612,14 @@ def regress(
     cfg: MetaTrainConfig,
     target_rows: torch.Tensor | None = None,
     gradient: torch.Tensor | None = None,
+    spill: torch.Tensor | None = None,
 ) -> tuple[float, torch.Tensor]:
     """Step 3: fit H(cls(x~)) to sigmoid(3 s) (a ``target_token`` network also reads the
-    episodes' target rows, a ``gradient_input`` one their gradient norms at W0). Returns the
-    last BCE and the scores it saw."""
+    episodes' target rows, a ``gradient_input`` one their gradient norms at W0, a
+    ``spill_input`` one their fix per spill). Returns the last BCE and the scores it saw."""
     target = torch.sigmoid(hypernet.config.score_scale * s)
     for _ in range(cfg.regression_steps):
-        scores = hypernet(features, target_rows, gradient)  # (B, n_entries)
+        scores = hypernet(features, target_rows, gradient, spill)  # (B, n_entries)
         loss = cfg.regression_weight * F.binary_cross_entropy(scores, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -664,6 +663,11 @@ class MetaTrainer:
             self.model, pool, seed=cfg.seed, device=backbone.device
         )
         self.opt = torch.optim.RMSprop(hypernet.parameters(), lr=cfg.regression_lr)
+        if hypernet.config.spill_input and not cfg.spill_anchors:
+            raise ValueError(
+                "a spill_input hypernetwork reads fix per spill on clean anchors: give "
+                "--spill-anchors N (targets from edits)"
+            )
         self.spill = self._spill_reference() if cfg.spill_anchors else None
         self.iteration = 0
         self.history: list[dict[str, float]] = []
@@ -679,15 +683,17 @@ class MetaTrainer:
         rows = None
         if self.hypernet.config.target_token:  # the class each episode's edit moves it to
             rows = target_features(self.model, episodes.targets)
+        spill = None
         if cfg.target_source == "edits":
-            target, gradient, entry = self._edit_targets(episodes, features, rows)
+            target, gradient, entry, spill = self._edit_targets(episodes, features, rows)
         else:
             target, gradient, entry = self._search_targets(episodes, s0)
         for group in self.opt.param_groups:
             group["lr"] = cfg.regression_lr_at(self.iteration)
         self.hypernet.train()
         reads = gradient if self.hypernet.config.gradient_input else None
-        bce, scores = regress(self.hypernet, self.opt, features, target, cfg, rows, reads)
+        spill = spill if self.hypernet.config.spill_input else None
+        bce, scores = regress(self.hypernet, self.opt, features, target, cfg, rows, reads, spill)
         if not math.isfinite(bce):
             raise MetaTrainingUnhealthy(
                 f"meta-training diverged at iteration {self.iteration}: the regression loss is "
@@ -736,10 +742,10 @@ class MetaTrainer:
 
     def _edit_targets(
         self, episodes: Episodes, features: torch.Tensor, rows: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float], torch.Tensor | None]:
         """Targets from real edits (``target_source="edits"``): (regression logits, +1 on the
         chosen mask's entries and -1 elsewhere; the episodes' CE gradient norms at W0, what
-        saliency ranks by at edit time; log). The log keeps the search's keys: ``kl_*`` and
+        saliency ranks by at edit time; log; their fix per spill with ``spill_anchors``). The log keeps the search's keys: ``kl_*`` and
         ``outer_loss_*`` are the loss the edits descend, the edit's CE, before any edit and after
         the chosen one (the tempered KL to a raise target can rise while the CE falls to the
         stop); ``s_*`` the chosen masks' density and overlap."""
@@ -750,17 +756,16 @@ class MetaTrainer:
         ce = batch.replicate(targets, 1.0)
         grads, ce_at_w0 = ce.grads_and_losses(ce.zeros())
         gradient = entry_norms(self.sites, [g.dense() for g in grads])
-        self.hypernet.eval()
-        with torch.no_grad():
-            reads = gradient if self.hypernet.config.gradient_input else None
-            own = self.hypernet.config.score_scale * self.hypernet.logits(features, rows, reads)
-        k = max(1, round(cfg.edit_rho * self.sites.n_entries))
         spill = None
         if self.spill is not None:  # fix per spill of each episode's own gradient
-            dense = [g.dense() for g in grads]
-            spill = spill_scores(
-                entry_fix(dense, self.sites), entry_spill(dense, self.spill, self.sites)
-            )
+            spill = spill_ranking([g.dense() for g in grads], self.spill, self.sites)
+        self.hypernet.eval()
+        with torch.no_grad():
+            c = self.hypernet.config
+            reads = gradient if c.gradient_input else None
+            spill_reads = spill if c.spill_input else None
+            own = c.score_scale * self.hypernet.logits(features, rows, reads, spill_reads)
+        k = max(1, round(cfg.edit_rho * self.sites.n_entries))
         masks = candidate_masks(own, gradient, k, n, self.sampler.generator, spill)
         anchors = self._anchors()
         anchors = Anchors(
@@ -790,13 +795,16 @@ class MetaTrainer:
             "anchor_kl_last": outcomes.anchor_kl[chosen].mean().item(),
             **_candidate_log(outcomes, winner, candidate_kinds(n, spill is not None)),
         }
-        return 2 * chosen_masks - 1, gradient, entry
+        return 2 * chosen_masks - 1, gradient, entry, spill
 
     def _spill_reference(self) -> SpillReference:
         """The spill candidate's anchors: the ``spill_anchors`` lowest-margin of up to 4,096 pool
         images (its own generator: the episode stream stays as without it), and their margin
-        gradients at W0, taken once."""
+        gradients at W0, taken once. A ``spill_input`` network keeps them (they are saved with
+        it); one that has anchors already (``--init-from`` a spill_input network) uses its own."""
         cfg = self.cfg
+        if self.hypernet.config.spill_input and self.hypernet.anchor_images is not None:
+            return self.hypernet.spill_reference(self.model, self.sites)
         gen = torch.Generator().manual_seed(cfg.seed)
         idx = torch.randperm(len(self.pool), generator=gen)[:SPILL_POOL_DRAW]
         if len(idx) < cfg.spill_anchors:
@@ -806,6 +814,8 @@ class MetaTrainer:
             )
         images = self.pool.get(idx).to(self.backbone.device)
         anchors = CleanAnchors.lowest_margin(self.model, images, cfg.spill_anchors)
+        if self.hypernet.config.spill_input:
+            self.hypernet.anchor_images = anchors.images.detach().cpu()
         return SpillReference.at(self.model, self.sites, anchors)
 
     def _anchors(self) -> Anchors:
@@ -921,6 +931,7 @@ def build_hypernetwork(
     heads: int | None = None,
     target_token: bool = False,
     gradient_input: bool = False,
+    spill_input: bool = False,
 ) -> Hypernetwork:
     """A fresh hypernetwork for this backbone and these sites, initialised from ``seed``."""
     torch.manual_seed(seed)
@@ -931,6 +942,7 @@ def build_hypernetwork(
         heads=heads,
         target_token=target_token,
         gradient_input=gradient_input,
+        spill_input=spill_input,
     )
     return Hypernetwork(config).to(next(model.parameters()).device)
 

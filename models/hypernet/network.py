@@ -6,7 +6,10 @@ transformer trunk mixes them, then each query token has its own head Linear(widt
 the scores are ``clamp(sigmoid(score_scale * z), clamp, 1 - clamp)``. Optional inputs (not in the
 paper): the edit target's classifier row as one more token (``target_token``), and the edit's own
 gradient norm per entry (``gradient_input``), added to z as ``gate * rank`` with one zero-initialised
-gate head per matrix beside its score head.
+gate head per matrix beside its score head; and the edit's first-order fix per spill on clean
+anchors (``spill_input``, models/spill.py), read the same way through gates of its own. A
+``spill_input`` network carries its anchors (``spill-anchors.safetensors``, a few lowest-margin
+clean images of its backbone), since a user's edit brings none.
 
 Output layout: a flat ``(B, n_entries)`` tensor in :attr:`models.sites.Sites.matrices` order
 (site0.fc1, site0.fc2, site1.fc1, ...), each matrix contributing ``hidden`` entries, so
@@ -34,6 +37,7 @@ from torch import nn
 from models.backbones import Backbone, check_fit, meta_shapes, read_shapes
 from models.errors import HypernetworkMismatchError, IntegrityError, ManifestError, SiteError
 from models.sites import Sites
+from models.spill import MAX_ANCHORS, CleanAnchors, SpillReference
 from models.store.manifest import read_json, sha256_file, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -43,8 +47,9 @@ WEIGHTS_FILE = "hypernet.safetensors"
 MANIFEST_FILE = "hypernet.json"
 CONFIG_HINT = (
     "Check the config in hypernet.json (width, depth, heads, mlp_hidden, hidden, target_token, "
-    "gradient_input): it must be the one these weights were trained with."
+    "gradient_input, spill_input): it must be the one these weights were trained with."
 )
+ANCHORS_FILE = "spill-anchors.safetensors"
 DEMO_DIR = Path(__file__).resolve().parents[1] / "assets" / "demo" / "hypernet"
 
 
@@ -68,6 +73,9 @@ class HypernetConfig:
     # unedited weights (what saliency ranks by), weighed per entry by a gate read from the tokens
     # (zero at the start, so adding it changes nothing until meta-training moves it)
     gradient_input: bool = False
+    # also read the edit's first-order fix per spill on the network's clean anchors (the ranking
+    # of scripts/spill_saliency.py's saliency-spill), through gates of its own (zero at the start)
+    spill_input: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
@@ -77,7 +85,11 @@ class HypernetConfig:
             raise ValueError(f"invalid hypernetwork shape: {self}")
         if not 0.0 <= self.clamp < 0.5:
             raise ValueError(f"clamp must be in [0, 0.5), got {self.clamp}")
-        for name in ("target_token", "gradient_input"):  # a manifest's "no" is not False
+        for name in (
+            "target_token",
+            "gradient_input",
+            "spill_input",
+        ):  # a manifest's "no" is not False
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
@@ -129,29 +141,37 @@ class Hypernetwork(nn.Module):
         self.heads = nn.ModuleList(nn.Linear(c.width, h) for h in c.hidden)
         self.target_proj = nn.Linear(c.feature_dim, c.width) if c.target_token else None
         self.gates = _zero_heads(c.width, c.hidden) if c.gradient_input else None
+        self.spill_gates = _zero_heads(c.width, c.hidden) if c.spill_input else None
         self.sites: Sites | None = None  # the sites it was trained for (set by save and load)
+        # a spill_input network's clean anchors (A, C, H, W), saved beside its weights
+        self.anchor_images: torch.Tensor | None = None
+        self._references: dict[tuple[int, tuple[str, ...]], SpillReference] = {}
 
     def logits(
         self,
         features: torch.Tensor,
         target_features: torch.Tensor | None = None,
         gradient: torch.Tensor | None = None,
+        spill: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Pre-sigmoid scores z, (B, n_entries). ``target_features`` (B, feature_dim): the edit
         targets' classifier rows (:func:`target_features`), for a ``target_token`` network.
         ``gradient`` (B, n_entries): the edit loss's gradient norm per entry at the unedited
-        weights, for a ``gradient_input`` network (z = head + gate * its ranks in [-1, 1])."""
-        head, gradient_term = self.logit_parts(features, target_features, gradient)
-        return head if gradient_term is None else head + gradient_term
+        weights, for a ``gradient_input`` network (z = head + gate * its ranks in [-1, 1]).
+        ``spill`` (B, n_entries): the edit's fix per spill (:func:`models.spill.spill_ranking`),
+        for a ``spill_input`` network (+ spill gate * its ranks)."""
+        head, input_term = self.logit_parts(features, target_features, gradient, spill)
+        return head if input_term is None else head + input_term
 
     def logit_parts(
         self,
         features: torch.Tensor,
         target_features: torch.Tensor | None = None,
         gradient: torch.Tensor | None = None,
+        spill: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """:meth:`logits` as its two parts: the heads' (B, n_entries), and the gradient's,
-        gate * rank (None for a network without the gradient input)."""
+        """:meth:`logits` as its two parts: the heads' (B, n_entries), and the inputs', gate *
+        rank summed over the gradient and spill inputs (None for a network with neither)."""
         x = self.proj(features).unsqueeze(1)  # (B, 1, W)
         q = self.queries.unsqueeze(0).expand(x.shape[0], -1, -1)  # (B, M, W)
         tokens = [q, x]
@@ -161,22 +181,29 @@ class Hypernetwork(nn.Module):
             tokens.append(self.target_proj(target_features).unsqueeze(1))
         x = self.norm(self.blocks(torch.cat(tokens, dim=1)))  # (B, M + 1 [+ 1], W)
         z = torch.cat([head(x[:, i]) for i, head in enumerate(self.heads)], dim=-1)
-        if self.gates is None:
-            return z, None
-        if gradient is None:
-            raise ValueError("this hypernetwork reads the edit's gradient: give its norms")
-        gate = torch.cat([head(x[:, i]) for i, head in enumerate(self.gates)], dim=-1)
-        return z, gate * row_ranks(gradient.expand_as(z))
+        terms = []
+        for gates, values, what in (
+            (self.gates, gradient, "gradient: give its norms"),
+            (self.spill_gates, spill, "fix per spill: give it"),
+        ):
+            if gates is None:
+                continue
+            if values is None:
+                raise ValueError(f"this hypernetwork reads the edit's {what}")
+            gate = torch.cat([head(x[:, i]) for i, head in enumerate(gates)], dim=-1)
+            terms.append(gate * row_ranks(values.expand_as(z)))
+        return z, (sum(terms[1:], terms[0]) if terms else None)
 
     def forward(
         self,
         features: torch.Tensor,
         target_features: torch.Tensor | None = None,
         gradient: torch.Tensor | None = None,
+        spill: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Scores in [clamp, 1 - clamp], (B, n_entries), in Sites.matrices order."""
         eps = self.config.clamp
-        z = self.logits(features, target_features, gradient)
+        z = self.logits(features, target_features, gradient, spill)
         return torch.sigmoid(self.config.score_scale * z).clamp(eps, 1 - eps)
 
     @torch.no_grad()
@@ -186,10 +213,12 @@ class Hypernetwork(nn.Module):
         images: torch.Tensor,
         targets: torch.Tensor | None = None,
         gradient: torch.Tensor | None = None,
+        spill: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Scores for a set of edit images (and their target labels, which a ``target_token``
-        network reads; and the edit loss's gradient norms (n_entries,), which a
-        ``gradient_input`` network reads), averaged over them: (n_entries,)."""
+        network reads; the edit loss's gradient norms (n_entries,), which a ``gradient_input``
+        network reads; the edit's fix per spill (n_entries,), which a ``spill_input`` network
+        reads), averaged over them: (n_entries,)."""
         rows = None
         if self.config.target_token:
             if targets is None:
@@ -197,10 +226,27 @@ class Hypernetwork(nn.Module):
             rows = target_features(model, targets)
         if self.config.gradient_input and gradient is None:
             raise ValueError("this hypernetwork reads the edit's gradient norms: give them")
+        if self.config.spill_input and spill is None:
+            raise ValueError("this hypernetwork reads the edit's fix per spill: give it")
         features = cls_features(model, images)
         if gradient is not None:
             gradient = gradient.to(features.device).reshape(1, -1)
-        return self(features, rows, gradient).mean(dim=0)
+        if spill is not None:
+            spill = spill.to(features.device).reshape(1, -1)
+        return self(features, rows, gradient, spill).mean(dim=0)
+
+    def spill_reference(self, model: nn.Module, sites: Sites) -> SpillReference:
+        """Its anchors' margin gradients on ``model`` at ``sites`` (taken once per model and
+        sites, then kept): what a ``spill_input`` network's spill input is measured against."""
+        if self.anchor_images is None:
+            raise ValueError("this hypernetwork has no spill anchors (it is not spill_input)")
+        key = (id(model), sites.mlps)
+        if key not in self._references:
+            device = next(model.parameters()).device
+            images = self.anchor_images.to(device)
+            anchors = CleanAnchors.lowest_margin(model, images, len(images))
+            self._references[key] = SpillReference.at(model, sites, anchors)
+        return self._references[key]
 
     def with_target_token(self, seed: int = 0) -> Hypernetwork:
         """This network with a target token added (its projection seeded, the rest copied): the
@@ -213,13 +259,21 @@ class Hypernetwork(nn.Module):
         scores as this network until meta-training moves the gates."""
         return self._with_inputs(gradient_input=True)
 
+    def with_spill_input(self, anchor_images: torch.Tensor | None = None) -> Hypernetwork:
+        """This network with the spill input added (its gates zero, the rest copied): the same
+        scores as this network until meta-training moves the gates. ``anchor_images``: its
+        clean anchors; None leaves them to the meta-trainer (``--spill-anchors``)."""
+        net = self._with_inputs(spill_input=True)
+        net.anchor_images = None if anchor_images is None else anchor_images.detach().cpu()
+        return net
+
     def _with_inputs(self, **inputs: bool) -> Hypernetwork:
         net = Hypernetwork(dataclasses.replace(self.config, **inputs))
         missing, unexpected = net.load_state_dict(self.state_dict(), strict=False)
         added = tuple(_INPUT_PARAMS[name] for name in inputs)  # the only parameters not copied
         if unexpected or any(not k.startswith(added) for k in missing):
             raise ValueError(f"cannot add {', '.join(inputs)}: {missing} {unexpected}")
-        net.sites = self.sites
+        net.sites, net.anchor_images = self.sites, self.anchor_images
         for name in ("weights_sha256", "training_episodes", "episode_source"):  # its origin
             if hasattr(self, name):
                 setattr(net, name, getattr(self, name))
@@ -253,6 +307,7 @@ class Hypernetwork(nn.Module):
             metadata={"format": HYPERNET_FORMAT, "backbone_sha256": backbone.weights_sha256},
         )
         os.replace(tmp, weights)
+        anchors = self._save_anchors(out_dir)
         manifest = {
             "format": HYPERNET_FORMAT,
             "config": self.config.to_json(),
@@ -265,6 +320,7 @@ class Hypernetwork(nn.Module):
             "weights": WEIGHTS_FILE,
             "weights_sha256": sha256_file(weights),
             "n_parameters": sum(p.numel() for p in self.parameters()),
+            **({"spill_anchors": anchors} if anchors else {}),
             "training": training or {},
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
@@ -272,6 +328,18 @@ class Hypernetwork(nn.Module):
         self.sites = sites
         log.info("saved hypernetwork (%d parameters) to %s", manifest["n_parameters"], out_dir)
         return out_dir
+
+    def _save_anchors(self, out_dir: Path) -> dict[str, Any] | None:
+        """A ``spill_input`` network's anchors, written atomically; their manifest entry."""
+        if not self.config.spill_input:
+            return None
+        images = self.anchor_images
+        if images is None or images.dim() != 4 or not images.isfinite().all():
+            raise IntegrityError("refusing to save a spill_input hypernetwork without its anchors")
+        path, tmp = out_dir / ANCHORS_FILE, out_dir / f".{ANCHORS_FILE}.tmp"
+        save_file({"images": images.detach().cpu().float().contiguous()}, str(tmp))
+        os.replace(tmp, path)
+        return {"file": ANCHORS_FILE, "sha256": sha256_file(path), "count": len(images)}
 
     @classmethod
     def load(cls, in_dir: Path, backbone: Backbone, sites: Sites | None = None) -> Hypernetwork:
@@ -294,6 +362,8 @@ class Hypernetwork(nn.Module):
         net = cls(config)
         net.load_state_dict(load_file(str(weights)))
         net.sites = Sites.from_json(manifest["sites"])
+        if config.spill_input:
+            net.anchor_images = read_anchors(Path(in_dir), manifest, backbone.model)
         net.weights_sha256 = manifest["weights_sha256"]  # its identity, for the results it makes
         net.training_episodes = manifest.get("training", {}).get("episodes")
         # how its episodes were made; None = the paper's CutMix (manifests before the option)
@@ -353,6 +423,44 @@ def check_compatible(
             )
 
 
+def read_anchors(in_dir: Path, manifest: dict[str, Any], model: nn.Module) -> torch.Tensor:
+    """A ``spill_input`` network's anchor images, checked against its manifest and the model's
+    input: (A, C, H, W)."""
+    entry = manifest.get("spill_anchors")
+    if not isinstance(entry, dict) or entry.get("file") != ANCHORS_FILE:
+        raise ManifestError(
+            f"{in_dir}: the hypernetwork reads fix per spill but its manifest names no "
+            f"{ANCHORS_FILE}; save it again with its anchors"
+        )
+    path = in_dir / ANCHORS_FILE
+    if not path.is_file():
+        raise IntegrityError(f"{path} is missing: a spill_input hypernetwork needs its anchors")
+    actual = sha256_file(path)
+    if actual != entry.get("sha256"):
+        raise IntegrityError(
+            f"{path} has sha256 {actual[:16]}..., its manifest says "
+            f"{str(entry.get('sha256'))[:16]}...: the file was changed"
+        )
+    images = load_file(str(path)).get("images")
+    embed = getattr(model, "patch_embed", None)  # timm's ViTs: the input's channels and size
+    size, proj = getattr(embed, "img_size", None), getattr(embed, "proj", None)
+    channels = getattr(proj, "in_channels", None)
+    expected = None if size is None or channels is None else (channels, *tuple(size))
+    if (
+        images is None
+        or images.dim() != 4
+        or not 1 <= len(images) <= MAX_ANCHORS
+        or not images.is_floating_point()
+        or not images.isfinite().all()
+        or (expected is not None and tuple(images.shape[1:]) != expected)
+    ):
+        shape = None if images is None else tuple(images.shape)
+        raise IntegrityError(
+            f"{path}: expected 1 to {MAX_ANCHORS} finite images of shape {expected}, found {shape}"
+        )
+    return images
+
+
 def recorded_sites(in_dir: Path) -> Sites:
     """The sites a saved hypernetwork edits (reads only its manifest)."""
     return Sites.from_json(read_manifest(in_dir)["sites"])
@@ -373,7 +481,11 @@ def feature_dim(model: nn.Module) -> int:
     return int(getattr(model, "head_hidden_size", None) or model.num_features)
 
 
-_INPUT_PARAMS = {"target_token": "target_proj.", "gradient_input": "gates."}
+_INPUT_PARAMS = {
+    "target_token": "target_proj.",
+    "gradient_input": "gates.",
+    "spill_input": "spill_gates.",
+}
 
 
 def row_ranks(values: torch.Tensor) -> torch.Tensor:
