@@ -6,9 +6,9 @@ For every image of every group (a world's report split by default), the top-``rh
 gradient norms of that image's CE to its group's label). Prints, per kind, the mean IoU of two
 masks of the same group, of two different groups, and the share of entries every mask holds;
 then the IoU of the two kinds' masks on the same image, and the rank correlation of the
-hypernetwork's scores with the image's gradient norms (for a ``--gradient-input`` network, also
-how much the gradient's part of its logits weighs against the heads'). A hypernetwork whose masks are nearly the
-same for every failure ranks neurons once for all (a static mask), whatever image it is shown.
+hypernetwork's scores with the image's gradient norms (for a ``--gradient-input`` or
+``--spill-input`` network, also how much each input's part of its logits weighs against the
+heads'). A hypernetwork whose masks are nearly the same for every failure ranks neurons once for all (a static mask), whatever image it is shown.
 
     .venv/bin/python scripts/mask_diversity.py --world tiny-imagenet [--hypernet DIR] [--rho 0.1]
 """
@@ -23,12 +23,13 @@ import torch
 from cli.bench import add_world_arguments, open_probe_world
 from cli.main import one_line_errors
 from models.editing.registry import EditTask
-from models.editing.saliency import gradient_scores
+from models.editing.saliency import edit_gradients, entry_norms
 from models.editing.where2edit import learned_scores
 from models.forward import SplitForward
 from models.hypernet.metatrain import rank_correlation
 from models.hypernet.network import cls_features, target_features
 from models.sites import top_rho_mask
+from models.spill import spill_ranking
 
 
 def pairwise_iou(masks: torch.Tensor, groups: torch.Tensor) -> tuple[float, float]:
@@ -50,7 +51,8 @@ def main() -> None:
     backbone, bench, hypernet, sites = open_probe_world(args)
     split = SplitForward(backbone.model, sites)
     masks: dict[str, list[torch.Tensor]] = {"where2edit": [], "saliency": []}
-    group_of, follows, weight = [], [], []
+    group_of, follows = [], []
+    weight: dict[str, list[float]] = {}
     for gi, group in enumerate(bench.groups):
         images = backbone.preprocess(group.images)
         tokens = split.prefix(images)
@@ -59,19 +61,26 @@ def main() -> None:
             task = EditTask(
                 backbone.model, sites, split, x, torch.tensor([group.label]), tokens[i : i + 1]
             )
-            norms = gradient_scores(task)
+            grads = edit_gradients(task)
+            norms = entry_norms(grads, sites)
             scores = learned_scores(hypernet, task, norms)
             masks["where2edit"].append(top_rho_mask(scores, args.rho))
             masks["saliency"].append(top_rho_mask(norms, args.rho))
             follows.append(rank_correlation(scores[None], norms[None]))
-            if hypernet.config.gradient_input:  # how much the gradient's part weighs
-                with torch.no_grad():
-                    head, term = hypernet.logit_parts(
-                        cls_features(backbone.model, x),
-                        target_features(backbone.model, task.targets),
-                        norms[None],
-                    )
-                weight.append((term.std() / head.std()).item())
+            spill = None
+            if hypernet.config.spill_input:
+                reference = hypernet.spill_reference(backbone.model, sites)
+                spill = spill_ranking(grads, reference, sites)[None]
+            with torch.no_grad():  # how much each input's part weighs against the heads'
+                terms = hypernet.logit_terms(
+                    cls_features(backbone.model, x),
+                    target_features(backbone.model, task.targets),
+                    norms[None] if hypernet.config.gradient_input else None,
+                    spill,
+                )
+            head = terms.pop("heads")
+            for name, term in terms.items():
+                weight.setdefault(name, []).append((term.std() / head.std()).item())
             group_of.append(gi)
     groups = torch.tensor(group_of)
     print(f"{len(bench.groups)} groups, {len(groups)} images, rho {args.rho}\n")
@@ -90,10 +99,10 @@ def main() -> None:
         "rank correlation of where2edit's scores with the image's gradient norms (saliency's): "
         f"mean {sum(follows) / len(follows):.3f}"
     )
-    if weight:  # a --gradient-input network
+    for name, shares in weight.items():  # a --gradient-input or --spill-input network
         print(
-            "the gradient's part of its logits (gate x rank), std over entries as a share of the "
-            f"heads' part: mean {sum(weight) / len(weight):.3f}"
+            f"the {name} input's part of its logits (gate x rank), std over entries as a share "
+            f"of the heads' part: mean {sum(shares) / len(shares):.3f}"
         )
 
 

@@ -51,7 +51,7 @@ from torch import nn
 from torch.func import functional_call
 
 from models.backbones import Backbone
-from models.errors import DataError, MetaTrainingUnhealthy
+from models.errors import DataError, HypernetworkMismatchError, MetaTrainingUnhealthy
 from models.forward import SplitForward
 from models.hypernet.checkpoint import CHECKPOINT_DIR, load_checkpoint, save_checkpoint
 from models.hypernet.cutmix import CutMixSampler, Episodes, ImagePool
@@ -803,7 +803,13 @@ class MetaTrainer:
         gradients at W0, taken once. A ``spill_input`` network keeps them (they are saved with
         it); one that has anchors already (``--init-from`` a spill_input network) uses its own."""
         cfg = self.cfg
-        if self.hypernet.config.spill_input and self.hypernet.anchor_images is not None:
+        own = self.hypernet.anchor_images if self.hypernet.config.spill_input else None
+        if own is not None:
+            if len(own) != cfg.spill_anchors:
+                raise HypernetworkMismatchError(
+                    f"--spill-anchors {cfg.spill_anchors}: this spill_input hypernetwork reads "
+                    f"spill on its own {len(own)} anchors; give --spill-anchors {len(own)}"
+                )
             return self.hypernet.spill_reference(self.model, self.sites)
         gen = torch.Generator().manual_seed(cfg.seed)
         idx = torch.randperm(len(self.pool), generator=gen)[:SPILL_POOL_DRAW]

@@ -160,18 +160,19 @@ class Hypernetwork(nn.Module):
         weights, for a ``gradient_input`` network (z = head + gate * its ranks in [-1, 1]).
         ``spill`` (B, n_entries): the edit's fix per spill (:func:`models.spill.spill_ranking`),
         for a ``spill_input`` network (+ spill gate * its ranks)."""
-        head, input_term = self.logit_parts(features, target_features, gradient, spill)
-        return head if input_term is None else head + input_term
+        terms = list(self.logit_terms(features, target_features, gradient, spill).values())
+        return sum(terms[1:], terms[0])
 
-    def logit_parts(
+    def logit_terms(
         self,
         features: torch.Tensor,
         target_features: torch.Tensor | None = None,
         gradient: torch.Tensor | None = None,
         spill: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """:meth:`logits` as its two parts: the heads' (B, n_entries), and the inputs', gate *
-        rank summed over the gradient and spill inputs (None for a network with neither)."""
+    ) -> dict[str, torch.Tensor]:
+        """:meth:`logits` as the sum of its terms, each (B, n_entries): ``heads``, then
+        ``gradient`` (gate * rank) for a ``gradient_input`` network and ``spill`` for a
+        ``spill_input`` one."""
         x = self.proj(features).unsqueeze(1)  # (B, 1, W)
         q = self.queries.unsqueeze(0).expand(x.shape[0], -1, -1)  # (B, M, W)
         tokens = [q, x]
@@ -181,18 +182,18 @@ class Hypernetwork(nn.Module):
             tokens.append(self.target_proj(target_features).unsqueeze(1))
         x = self.norm(self.blocks(torch.cat(tokens, dim=1)))  # (B, M + 1 [+ 1], W)
         z = torch.cat([head(x[:, i]) for i, head in enumerate(self.heads)], dim=-1)
-        terms = []
-        for gates, values, what in (
-            (self.gates, gradient, "gradient: give its norms"),
-            (self.spill_gates, spill, "fix per spill: give it"),
+        terms = {"heads": z}
+        for name, gates, values, what in (
+            ("gradient", self.gates, gradient, "gradient: give its norms"),
+            ("spill", self.spill_gates, spill, "fix per spill: give it"),
         ):
             if gates is None:
                 continue
             if values is None:
                 raise ValueError(f"this hypernetwork reads the edit's {what}")
             gate = torch.cat([head(x[:, i]) for i, head in enumerate(gates)], dim=-1)
-            terms.append(gate * row_ranks(values.expand_as(z)))
-        return z, (sum(terms[1:], terms[0]) if terms else None)
+            terms[name] = gate * row_ranks(values.expand_as(z))
+        return terms
 
     def forward(
         self,

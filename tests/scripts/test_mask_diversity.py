@@ -39,6 +39,6 @@ def test_a_gradient_reading_network_reports_what_its_gates_weigh(
     net.save(tmp_path, demo_backbone, net.sites)
     run = run_script("mask_diversity", "--world", "demo", "--hypernet", str(tmp_path))
     assert run.returncode == 0, run.stderr
-    assert figure("the gradient's part", run.stdout) > 100  # the gates outweigh the heads
+    assert figure("the gradient input's part", run.stdout) > 100  # the gates outweigh the heads
     assert figure("rank correlation", run.stdout) > 0.99  # so the scores are the gradient's order
     assert figure("where2edit vs saliency", run.stdout) > 0.99

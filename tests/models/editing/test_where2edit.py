@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from models.editing import make_config, run_edit
-from models.editing.saliency import gradient_scores
+from models.editing.saliency import edit_gradients, gradient_scores
 from models.editing.where2edit import learned_masks
 from models.errors import EditConfigError, HypernetworkMismatchError
 from models.hypernet.network import HypernetConfig, Hypernetwork, cls_features, feature_dim
 from models.sites import Sites, top_rho_mask
+from models.spill import CleanAnchors, SpillReference, spill_ranking
 
 
 def test_where2edit_needs_a_hypernetwork(task):
@@ -91,3 +92,26 @@ def test_a_gradient_reading_hypernetwork_reads_the_edits_own_gradient(task):
     assert outcome.mask_entries == int(saliency.sum())
     with pytest.raises(ValueError, match="gradient"):
         net.mask_scores(task.model, task.images, task.targets)  # the gradient is not optional
+
+
+def test_a_spill_reading_hypernetwork_reads_the_edits_fix_per_spill_on_its_anchors(task):
+    anchors = task.images[:2].clone()  # any clean images of the backbone's input
+    net = task.hypernetwork.with_spill_input(anchors).eval()
+    rho = 0.1
+    # zero gates: its parent's mask, whatever the spill
+    parent = torch.cat(learned_masks(task.hypernetwork, task, rho))
+    task.hypernetwork = net
+    assert torch.equal(torch.cat(learned_masks(net, task, rho)), parent)
+    # heads at zero and spill gates at one: z is the spill ranking's rank, so saliency-spill's
+    # mask on the network's own anchors
+    with torch.no_grad():
+        for head, gate in zip(net.heads, net.spill_gates, strict=True):
+            head.weight.zero_(), head.bias.zero_(), gate.bias.fill_(1.0)
+    reference = SpillReference.at(
+        task.model, task.sites, CleanAnchors.lowest_margin(task.model, anchors, len(anchors))
+    )
+    expected = top_rho_mask(spill_ranking(edit_gradients(task), reference, task.sites), rho)
+    assert not torch.equal(expected, top_rho_mask(gradient_scores(task), rho))  # not saliency's
+    assert torch.equal(torch.cat(learned_masks(net, task, rho)), expected)
+    outcome = run_edit("where2edit", task, make_config("where2edit", rho=rho, max_steps=2))
+    assert outcome.mask_entries == int(expected.sum())

@@ -234,3 +234,39 @@ def test_a_candidate_edit_may_take_as_many_steps_as_an_edit() -> None:
     from models.hypernet.metatrain import MAX_EDIT_STEPS
 
     assert EditConfig.bounds()["max_steps"].high == MAX_EDIT_STEPS
+
+
+def test_a_spill_reading_network_learns_on_the_trainers_anchors_and_keeps_them(
+    demo_backbone, demo_pool, tmp_path
+) -> None:
+    from models.errors import HypernetworkMismatchError
+    from models.hypernet.network import Hypernetwork
+
+    model = demo_backbone.model
+    sites = Sites.for_model(model)
+    sampler = SecondClassSampler(model, demo_pool)
+    plain = build_hypernetwork(model, sites, seed=0, gradient_input=True, spill_input=True)
+    with pytest.raises(ValueError, match="give --spill-anchors N"):
+        MetaTrainer(demo_backbone, sites, demo_pool, plain, MetaTrainConfig(**EDITS))
+    cfg = MetaTrainConfig(**{**EDITS, "spill_anchors": 16, "candidates": 4})
+    trainer = MetaTrainer(demo_backbone, sites, demo_pool, plain, cfg, sampler=sampler)
+    # the network keeps the spill candidate's anchors: the 16 lowest-margin pool images
+    from models.spill import CleanAnchors
+
+    expected = CleanAnchors.lowest_margin(model, demo_pool.images, 16)
+    assert torch.equal(plain.anchor_images, expected.images.cpu())
+    gates = [g.weight.detach().clone() for g in plain.spill_gates]
+    trainer.step()
+    # the regression reaches the spill gates (zero at the start): the input is read
+    assert any(not torch.equal(a, g.weight) for a, g in zip(gates, plain.spill_gates, strict=True))
+    plain.save(tmp_path, demo_backbone, sites)
+    loaded = Hypernetwork.load(tmp_path, demo_backbone, sites).requires_grad_(True)
+    assert torch.equal(loaded.anchor_images, plain.anchor_images)
+    # a network that has anchors trains on its own, not on newly drawn ones
+    other = MetaTrainConfig(**{**EDITS, "spill_anchors": 16, "candidates": 4, "seed": 3})
+    again = MetaTrainer(demo_backbone, sites, demo_pool, loaded, other, sampler=sampler)
+    torch.testing.assert_close(again.spill.margin, trainer.spill.margin)
+    assert torch.equal(loaded.anchor_images, plain.anchor_images)
+    fewer = MetaTrainConfig(**{**EDITS, "spill_anchors": 8, "candidates": 4})
+    with pytest.raises(HypernetworkMismatchError, match="its own 16 anchors; give --spill-"):
+        MetaTrainer(demo_backbone, sites, demo_pool, loaded, fewer, sampler=sampler)

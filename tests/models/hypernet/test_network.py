@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from models.backbones import Backbone
-from models.errors import HypernetworkMismatchError, IntegrityError
+from models.errors import HypernetworkMismatchError, IntegrityError, ManifestError
 from models.hypernet.network import (
+    ANCHORS_FILE,
     MANIFEST_FILE,
     WEIGHTS_FILE,
     HypernetConfig,
@@ -146,7 +147,7 @@ def test_row_ranks_span_minus_one_to_one_and_ignore_the_scale():
     assert torch.equal(row_ranks(norms.square() * 1e-6), ranks)  # any monotone rescaling
 
 
-@pytest.mark.parametrize("name", ["target_token", "gradient_input"])
+@pytest.mark.parametrize("name", ["target_token", "gradient_input", "spill_input"])
 @pytest.mark.parametrize("value", ["no", 1, None])
 def test_an_optional_input_must_be_true_or_false(name, value):
     with pytest.raises(ValueError, match=f"{name} must be true or false"):
@@ -176,6 +177,92 @@ def test_a_gradient_reading_network_keeps_its_parents_weights_and_round_trips(
     net.save(tmp_path, tiny_backbone, sites)
     loaded = Hypernetwork.load(tmp_path, tiny_backbone, sites)
     assert torch.equal(loaded.mask_scores(tiny_backbone.model, images, gradient=norms), averaged)
+
+
+def spill_network(backbone: Backbone, sites: Sites, images: torch.Tensor) -> Hypernetwork:
+    net = make_hypernet(backbone, sites).with_spill_input(images).eval()
+    with torch.no_grad():
+        for gate in net.spill_gates:
+            torch.nn.init.normal_(gate.weight)
+    return net
+
+
+def test_a_spill_reading_network_starts_as_its_parent_and_reads_the_spill_ranking(
+    tiny_backbone, sites, images
+):
+    parent = make_hypernet(tiny_backbone, sites).eval()
+    net = parent.with_spill_input(images).eval()
+    assert net.config.spill_input and not parent.config.spill_input
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in parent.state_dict().items())
+    spill = torch.rand(sites.n_entries, generator=torch.Generator().manual_seed(0))
+    model = tiny_backbone.model
+    # zero gates: its parent's scores, whatever the spill
+    assert torch.equal(
+        net.mask_scores(model, images, spill=spill), parent.mask_scores(model, images)
+    )
+    net = spill_network(tiny_backbone, sites, images)
+    assert not torch.allclose(
+        net.mask_scores(model, images, spill=spill), net.mask_scores(model, images, spill=-spill)
+    )
+    with pytest.raises(ValueError, match="reads the edit's fix per spill"):
+        net.mask_scores(model, images)
+    # the reference is its anchors' margin gradients on this model, taken once and kept
+    reference = net.spill_reference(model, sites)
+    assert reference.gradients[0].shape[0] == len(images)
+    assert net.spill_reference(model, sites) is reference
+
+
+def test_a_spill_reading_network_round_trips_with_its_anchors(
+    tiny_backbone, sites, images, tmp_path
+):
+    net = spill_network(tiny_backbone, sites, images)
+    spill = torch.rand(sites.n_entries, generator=torch.Generator().manual_seed(0))
+    net.save(tmp_path, tiny_backbone, sites)
+    manifest = json.loads((tmp_path / MANIFEST_FILE).read_text())
+    assert manifest["spill_anchors"]["file"] == ANCHORS_FILE
+    assert manifest["spill_anchors"]["count"] == len(images)
+    loaded = Hypernetwork.load(tmp_path, tiny_backbone, sites)
+    assert torch.equal(loaded.anchor_images, images)
+    model = tiny_backbone.model
+    assert torch.equal(
+        loaded.mask_scores(model, images, spill=spill), net.mask_scores(model, images, spill=spill)
+    )
+
+
+def test_a_spill_reading_network_is_never_saved_without_anchors(tiny_backbone, sites, tmp_path):
+    net = make_hypernet(tiny_backbone, sites).with_spill_input()
+    with pytest.raises(IntegrityError, match="without its anchors"):
+        net.save(tmp_path, tiny_backbone, sites)
+    assert not (tmp_path / MANIFEST_FILE).exists()
+
+
+@pytest.mark.parametrize("damage", ["changed", "missing", "unlisted", "wrong shape"])
+def test_load_refuses_damaged_spill_anchors(tiny_backbone, sites, images, tmp_path, damage):
+    spill_network(tiny_backbone, sites, images).save(tmp_path, tiny_backbone, sites)
+    anchors, manifest_path = tmp_path / ANCHORS_FILE, tmp_path / MANIFEST_FILE
+    manifest = json.loads(manifest_path.read_text())
+    expected: tuple[type[Exception], str] = (IntegrityError, "the file was changed")
+    if damage == "changed":
+        data = bytearray(anchors.read_bytes())
+        data[-1] ^= 0xFF
+        anchors.write_bytes(bytes(data))
+    elif damage == "missing":
+        anchors.unlink()
+        expected = (IntegrityError, "needs its anchors")
+    elif damage == "unlisted":
+        del manifest["spill_anchors"]
+        expected = (ManifestError, "names no spill-anchors.safetensors")
+    else:  # images of another input size, listed with their true sha256
+        from safetensors.torch import save_file
+
+        from models.store.manifest import sha256_file
+
+        save_file({"images": torch.zeros(2, 1, 14, 14)}, str(anchors))
+        manifest["spill_anchors"]["sha256"] = sha256_file(anchors)
+        expected = (IntegrityError, r"shape \(1, 28, 28\), found \(2, 1, 14, 14\)")
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(expected[0], match=expected[1]):
+        Hypernetwork.load(tmp_path, tiny_backbone, sites)
 
 
 def test_load_rejects_a_hypernetwork_trained_for_another_backbone(tiny_backbone, sites, tmp_path):
@@ -264,3 +351,17 @@ def test_cli_meta_trains_on_the_demo_world_in_short_mode(demo_backbone, tmp_path
     args += ["--batch", "2", "--outer-steps", "1", "--inner-steps", "2"]
     assert main([*args, "--checkpoint-dir", str(tmp_path / "ck")]) == 0
     assert Hypernetwork.load(out, demo_backbone).config.width == 128
+
+
+def test_cli_meta_trains_a_spill_reading_network_that_keeps_its_anchors(demo_backbone, tmp_path):
+    from cli.main import main
+
+    out = tmp_path / "hypernet"
+    args = ["hypernet", "train", "--world", "demo", "--out", str(out), "--iterations", "1"]
+    args += ["--batch", "2", "--target-from", "edits", "--inner-optimiser", "rmsprop"]
+    args += ["--candidates", "3", "--edit-steps", "4", "--spill-input"]
+    with pytest.raises(SystemExit, match="--spill-input reads fix per spill on clean anchors"):
+        main([*args, "--checkpoint-dir", str(tmp_path / "ck")])
+    assert main([*args, "--spill-anchors", "8", "--checkpoint-dir", str(tmp_path / "ck")]) == 0
+    loaded = Hypernetwork.load(out, demo_backbone)
+    assert loaded.config.spill_input and loaded.anchor_images.shape[0] == 8
