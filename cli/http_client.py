@@ -297,6 +297,9 @@ class ViteditClient:
                     part("hypernet", Path(hypernetwork) / "hypernet.json"),
                     part("hypernet_weights", Path(hypernetwork) / "hypernet.safetensors"),
                 ]
+                anchors = Path(hypernetwork) / "spill-anchors.safetensors"  # --spill-input
+                if anchors.is_file():
+                    files.append(part("hypernet_anchors", anchors))
             if groups is not None and locality is not None:
                 tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
                 files.append(part("benchmark", _zip_benchmark(groups, locality, tmp / "b.zip")))

@@ -34,6 +34,7 @@ CHUNK = 1 << 20
 
 BACKBONE_MANIFEST, BACKBONE_WEIGHTS = "backbone.json", "backbone.safetensors"
 HYPERNET_MANIFEST, HYPERNET_WEIGHTS = "hypernet.json", "hypernet.safetensors"  # = models.hypernet
+HYPERNET_ANCHORS = "spill-anchors.safetensors"  # a --spill-input network's clean anchors
 
 
 @dataclass(frozen=True)
@@ -167,11 +168,16 @@ def write_model_files(
     hypernet: UploadFile | None,
     hypernet_weights: UploadFile | None,
     benchmark: UploadFile | None,
+    hypernet_anchors: UploadFile | None = None,
 ) -> ModelFiles:
     """Check every part and write it under ``folder`` (an upload folder of the store at
     ``root``); raises DataError/TooLarge with what to fix at the first problem."""
     if (hypernet is None) != (hypernet_weights is None):
         raise DataError("send the hypernetwork as both 'hypernet' (.json) and 'hypernet_weights'")
+    if hypernet_anchors is not None and hypernet is None:
+        raise DataError(
+            "'hypernet_anchors' belongs to a hypernetwork: send 'hypernet' and its weights"
+        )
     manifest = check_backbone_manifest(backbone)
     copy_safetensors(weights, folder / BACKBONE_WEIGHTS, limit, "backbone weights")
     (folder / BACKBONE_MANIFEST).write_text(json.dumps(manifest))
@@ -181,6 +187,8 @@ def write_model_files(
         hyper.mkdir()
         (hyper / HYPERNET_MANIFEST).write_text(json.dumps(_read_json(hypernet, "hypernetwork")))
         copy_safetensors(hypernet_weights, hyper / HYPERNET_WEIGHTS, limit, "hypernetwork weights")
+        if hypernet_anchors is not None:  # checked against the manifest when it is loaded
+            copy_safetensors(hypernet_anchors, hyper / HYPERNET_ANCHORS, limit, "spill anchors")
     groups = locality = None
     if benchmark is not None:
         groups, locality = extract_benchmark(benchmark, folder / "benchmark", limit)

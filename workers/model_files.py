@@ -71,7 +71,7 @@ def _check_loads(
 
         try:
             Hypernetwork.load(hypernetwork, backbone)  # refuses another backbone's
-        except (ManifestError, OSError) as exc:
+        except (ManifestError, IntegrityError, OSError) as exc:  # the files sent disagree
             raise DataError(f"the hypernetwork does not load: {exc}") from exc
         except VitEditError:
             raise  # already says what to fix, with its status (another backbone's: 422)
@@ -137,11 +137,12 @@ def _add_model(
         copied = {**manifest.__dict__, "weights": BACKBONE_WEIGHTS, "base_dir": None}
         BackboneManifest(**copied).write(staging / BACKBONE_MANIFEST)
         if hypernetwork is not None:
-            from models.hypernet.network import MANIFEST_FILE, WEIGHTS_FILE
+            from models.hypernet.network import ANCHORS_FILE, MANIFEST_FILE, WEIGHTS_FILE
 
             (staging / "hypernet").mkdir()
-            for file in (MANIFEST_FILE, WEIGHTS_FILE):
-                shutil.copyfile(Path(hypernetwork) / file, staging / "hypernet" / file)
+            for file in (MANIFEST_FILE, WEIGHTS_FILE, ANCHORS_FILE):  # anchors: --spill-input
+                if file != ANCHORS_FILE or (Path(hypernetwork) / file).is_file():
+                    shutil.copyfile(Path(hypernetwork) / file, staging / "hypernet" / file)
         if groups is not None and locality is not None:
             shutil.copytree(groups, staging / "benchmark" / "edit_groups")
             shutil.copytree(locality, staging / "benchmark" / "locality")

@@ -104,6 +104,10 @@ def create_model(
     ] = None,
     hypernet: Annotated[UploadFile | None, File(description="hypernetwork manifest")] = None,
     hypernet_weights: Annotated[UploadFile | None, File(description="its .safetensors")] = None,
+    hypernet_anchors: Annotated[
+        UploadFile | None,
+        File(description="a --spill-input hypernetwork's spill-anchors.safetensors"),
+    ] = None,
     benchmark: Annotated[
         UploadFile | None, File(description="zip of edit_groups/ and locality/ (paper layout)")
     ] = None,
@@ -123,7 +127,8 @@ def create_model(
     check_name(name, "model")
     options = {"default_method": default_method, "replace": replace}
     if source is not None:
-        if any(f is not None for f in (backbone, weights, hypernet, hypernet_weights, benchmark)):
+        parts = (backbone, weights, hypernet, hypernet_weights, hypernet_anchors, benchmark)
+        if any(f is not None for f in parts):
             raise DataError("send the model's files or name a source folder, not both")
         if not store.source_has(source, BACKBONE_MANIFEST):
             raise DataError(
@@ -150,6 +155,7 @@ def create_model(
             hypernet,
             hypernet_weights,
             benchmark,
+            hypernet_anchors,
         )
         store.push_upload(upload)  # an S3 store: for a worker on another host
     except BaseException:

@@ -262,3 +262,22 @@ def test_two_registrations_of_one_name_on_one_store_never_interleave(tiny, tmp_p
         t.join()
     assert sum("is registered" in o for o in outcomes) == 1, outcomes
     assert store.model("twin").weights_sha256 in outcomes
+
+
+def test_a_spill_reading_hypernetwork_is_added_with_its_anchors(tiny, tmp_path) -> None:
+    import torch
+
+    from models.hypernet.metatrain import build_hypernetwork
+    from models.hypernet.network import ANCHORS_FILE
+    from models.sites import Sites
+
+    backbone = load_backbone(BackboneManifest.read(tiny))
+    sites = Sites.for_model(backbone.model)
+    net = build_hypernetwork(backbone.model, sites, spill_input=True)
+    embed = backbone.model.patch_embed
+    net.anchor_images = torch.randn(3, embed.proj.in_channels, *embed.img_size)
+    net.save(tmp_path / "hn", backbone, sites)
+    store = Store(tmp_path / "store")
+    entry = add_model(store, "mine", tiny, hypernetwork=tmp_path / "hn")
+    copied = store.root / entry.hypernetwork / ANCHORS_FILE
+    assert copied.read_bytes() == (tmp_path / "hn" / ANCHORS_FILE).read_bytes()

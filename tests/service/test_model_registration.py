@@ -284,3 +284,83 @@ def test_files_and_a_source_together_or_neither_are_refused(served, files) -> No
     assert both.status_code == 422 and "not both" in both.json()["detail"]
     neither = client.post("/v1/models", data={"name": "nope"})
     assert neither.status_code == 422 and "'source'" in neither.json()["detail"]
+
+
+def _spill_hypernetwork(files: dict[str, bytes], folder: Path) -> dict[str, bytes]:
+    """A --spill-input hypernetwork for the tiny backbone, saved with four anchor images."""
+    import torch
+
+    from models.backbones import load_backbone
+    from models.hypernet.metatrain import build_hypernetwork
+    from models.sites import Sites
+    from models.store.manifest import BackboneManifest
+
+    (folder / "backbone").mkdir(parents=True)
+    (folder / "backbone" / "backbone.json").write_bytes(files["manifest"])
+    name = json.loads(files["manifest"])["weights"]
+    (folder / "backbone" / name).write_bytes(files["weights"])
+    backbone = load_backbone(BackboneManifest.read(folder / "backbone" / "backbone.json"))
+    sites = Sites.for_model(backbone.model)
+    net = build_hypernetwork(backbone.model, sites, spill_input=True)
+    embed = backbone.model.patch_embed
+    net.anchor_images = torch.randn(4, embed.proj.in_channels, *embed.img_size)
+    net.save(folder / "hn", backbone, sites)
+    return {f.name: f.read_bytes() for f in (folder / "hn").iterdir()}
+
+
+def test_a_spill_reading_hypernetwork_is_registered_with_its_anchors_or_refused(
+    served, files, tmp_path
+) -> None:
+    client, _, store = served
+    hn = _spill_hypernetwork(files, tmp_path)
+    parts = [
+        ("backbone", ("my.json", files["manifest"], "application/json")),
+        ("weights", ("my.safetensors", files["weights"], "application/octet-stream")),
+        ("hypernet", ("hypernet.json", hn["hypernet.json"], "application/json")),
+        (
+            "hypernet_weights",
+            ("h.safetensors", hn["hypernet.safetensors"], "application/octet-stream"),
+        ),
+    ]
+    r = client.post("/v1/models", files=parts, data={"name": "spill-less"})
+    assert r.status_code == 422 and "needs its anchors" in r.json()["detail"], r.text
+    assert_nothing_left(store, "spill-less")
+    anchors = (
+        "hypernet_anchors",
+        ("a.safetensors", hn["spill-anchors.safetensors"], "application/octet-stream"),
+    )
+    r = client.post("/v1/models", files=[parts[0], parts[1], anchors], data={"name": "lone"})
+    assert r.status_code == 422 and "belongs to a hypernetwork" in r.json()["detail"], r.text
+    r = client.post("/v1/models", files=[*parts, anchors], data={"name": "spilly"})
+    assert r.status_code == 201, r.text
+    stored = store.root / "models" / "spilly" / "base" / "hypernet" / "spill-anchors.safetensors"
+    assert stored.read_bytes() == hn["spill-anchors.safetensors"]
+    r = client.post(  # where2edit reads the edit's fix per spill on the stored anchors
+        "/v1/edits",
+        files=[("images", ("x.png", png(5), "image/png"))],
+        data={
+            "label": "3",
+            "model": "spilly",
+            "method": "where2edit",
+            "max_steps": "5",
+            "min_sr": "0",
+        },
+    )
+    assert r.status_code == 202, r.text
+    job = client.get(f"/v1/edits/{r.json()['id']}", params={"wait": 60}).json()
+    assert job["status"] == "succeeded", job
+    assert client.delete("/v1/models/spilly", params={"purge": True}).status_code == 204
+    # the Python client sends the anchors it finds beside the hypernetwork
+    from cli.http_client import ViteditClient
+
+    (tmp_path / "hn2").mkdir()
+    for name, data in hn.items():
+        (tmp_path / "hn2" / name).write_bytes(data)
+    backbone = tmp_path / "backbone" / "backbone.json"
+    model = ViteditClient("http://testserver", http=client).register_model(
+        "by-client", backbone, hypernetwork=tmp_path / "hn2"
+    )
+    assert model.name == "by-client"
+    stored = store.root / "models" / "by-client" / "base" / "hypernet" / "spill-anchors.safetensors"
+    assert stored.read_bytes() == hn["spill-anchors.safetensors"]
+    assert client.delete("/v1/models/by-client", params={"purge": True}).status_code == 204
