@@ -364,7 +364,7 @@ class Hypernetwork(nn.Module):
         net.load_state_dict(load_file(str(weights)))
         net.sites = Sites.from_json(manifest["sites"])
         if config.spill_input:
-            net.anchor_images = read_anchors(Path(in_dir), manifest, backbone.model)
+            net.anchor_images = read_anchors(Path(in_dir), manifest, backbone)
         net.weights_sha256 = manifest["weights_sha256"]  # its identity, for the results it makes
         net.training_episodes = manifest.get("training", {}).get("episodes")
         # how its episodes were made; None = the paper's CutMix (manifests before the option)
@@ -424,9 +424,9 @@ def check_compatible(
             )
 
 
-def read_anchors(in_dir: Path, manifest: dict[str, Any], model: nn.Module) -> torch.Tensor:
-    """A ``spill_input`` network's anchor images, checked against its manifest and the model's
-    input: (A, C, H, W)."""
+def read_anchors(in_dir: Path, manifest: dict[str, Any], backbone: Backbone) -> torch.Tensor:
+    """A ``spill_input`` network's anchor images, checked against its manifest and the
+    backbone's input size: (A, C, H, W)."""
     entry = manifest.get("spill_anchors")
     if not isinstance(entry, dict) or entry.get("file") != ANCHORS_FILE:
         raise ManifestError(
@@ -443,17 +443,14 @@ def read_anchors(in_dir: Path, manifest: dict[str, Any], model: nn.Module) -> to
             f"{str(entry.get('sha256'))[:16]}...: the file was changed"
         )
     images = load_file(str(path)).get("images")
-    embed = getattr(model, "patch_embed", None)  # timm's ViTs: the input's channels and size
-    size, proj = getattr(embed, "img_size", None), getattr(embed, "proj", None)
-    channels = getattr(proj, "in_channels", None)
-    expected = None if size is None or channels is None else (channels, *tuple(size))
+    expected = tuple(int(n) for n in backbone.data_config["input_size"])  # (C, H, W)
     if (
         images is None
         or images.dim() != 4
         or not 1 <= len(images) <= MAX_ANCHORS
         or not images.is_floating_point()
         or not images.isfinite().all()
-        or (expected is not None and tuple(images.shape[1:]) != expected)
+        or tuple(images.shape[1:]) != expected
     ):
         shape = None if images is None else tuple(images.shape)
         raise IntegrityError(

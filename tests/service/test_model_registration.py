@@ -302,8 +302,7 @@ def _spill_hypernetwork(files: dict[str, bytes], folder: Path) -> dict[str, byte
     backbone = load_backbone(BackboneManifest.read(folder / "backbone" / "backbone.json"))
     sites = Sites.for_model(backbone.model)
     net = build_hypernetwork(backbone.model, sites, spill_input=True)
-    embed = backbone.model.patch_embed
-    net.anchor_images = torch.randn(4, embed.proj.in_channels, *embed.img_size)
+    net.anchor_images = torch.randn(4, *backbone.data_config["input_size"])
     net.save(folder / "hn", backbone, sites)
     return {f.name: f.read_bytes() for f in (folder / "hn").iterdir()}
 
