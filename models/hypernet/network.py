@@ -145,7 +145,7 @@ class Hypernetwork(nn.Module):
         self.sites: Sites | None = None  # the sites it was trained for (set by save and load)
         # a spill_input network's clean anchors (A, C, H, W), saved beside its weights
         self.anchor_images: torch.Tensor | None = None
-        self._references: dict[tuple[int, tuple[str, ...]], SpillReference] = {}
+        self._references: dict[tuple[int, tuple[str, ...]], tuple[Any, SpillReference]] = {}
 
     def logits(
         self,
@@ -237,17 +237,23 @@ class Hypernetwork(nn.Module):
         return self(features, rows, gradient, spill).mean(dim=0)
 
     def spill_reference(self, model: nn.Module, sites: Sites) -> SpillReference:
-        """Its anchors' margin gradients on ``model`` at ``sites`` (taken once per model and
-        sites, then kept): what a ``spill_input`` network's spill input is measured against."""
+        """Its anchors' margin gradients on ``model`` at ``sites``, at the weights the model
+        holds now: what a ``spill_input`` network's spill input is measured against. Kept while
+        the site weights stay as they were (a worker that writes a parent version's weights in
+        place, or back, gets them taken again)."""
         if self.anchor_images is None:
             raise ValueError("this hypernetwork has no spill anchors (it is not spill_input)")
         key = (id(model), sites.mlps)
-        if key not in self._references:
+        # torch counts in-place writes per tensor: the same storage at the same count is the
+        # same weights
+        state = tuple((p.data_ptr(), p._version) for p in sites.params(model))
+        kept = self._references.get(key)
+        if kept is None or kept[0] != state:
             device = next(model.parameters()).device
             images = self.anchor_images.to(device)
             anchors = CleanAnchors.lowest_margin(model, images, len(images))
-            self._references[key] = SpillReference.at(model, sites, anchors)
-        return self._references[key]
+            self._references[key] = (state, SpillReference.at(model, sites, anchors))
+        return self._references[key][1]
 
     def with_target_token(self, seed: int = 0) -> Hypernetwork:
         """This network with a target token added (its projection seeded, the rest copied): the

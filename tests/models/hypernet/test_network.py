@@ -210,6 +210,21 @@ def test_a_spill_reading_network_starts_as_its_parent_and_reads_the_spill_rankin
     reference = net.spill_reference(model, sites)
     assert reference.gradients[0].shape[0] == len(images)
     assert net.spill_reference(model, sites) is reference
+    # weights written in place (a parent version, as a worker does): taken again, at them
+    weight = sites.params(model)[0]
+    saved = weight.detach().clone()
+    try:
+        with torch.no_grad():
+            weight.mul_(1.5)
+        moved = net.spill_reference(model, sites)
+        assert moved is not reference
+        assert not torch.allclose(moved.gradients[1], reference.gradients[1])
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+    torch.testing.assert_close(
+        net.spill_reference(model, sites).gradients[1], reference.gradients[1]
+    )
 
 
 def test_a_spill_reading_network_round_trips_with_its_anchors(
