@@ -74,18 +74,22 @@ def test_a_target_reading_hypernetwork_gets_the_edits_targets(task):
     assert outcome.mask_entries == int(masks.sum())
 
 
-def test_a_gradient_reading_hypernetwork_reads_the_edits_own_gradient(task):
-    net = task.hypernetwork.with_gradient_input().eval()
-    rho = 0.1
-    # zero gates: its parent's mask, whatever the gradient
+def with_input_only(task, net: Hypernetwork, gates: torch.nn.ModuleList, rho: float) -> None:
+    """Check that ``net`` (an input added to the task's network, gates zero) keeps its parent's
+    mask, then make it score by that input alone: heads at zero, ``gates`` at one, so z is the
+    input's rank (scores saturated at the clamp would tie and select by index instead)."""
     parent = torch.cat(learned_masks(task.hypernetwork, task, rho))
     task.hypernetwork = net
     assert torch.equal(torch.cat(learned_masks(net, task, rho)), parent)
-    # heads at zero and gates at one: z is the gradient's rank, so saliency's own mask (the top
-    # rho by gradient norm); scores saturated at the clamp would tie and select by index instead
     with torch.no_grad():
-        for head, gate in zip(net.heads, net.gates, strict=True):
+        for head, gate in zip(net.heads, gates, strict=True):
             head.weight.zero_(), head.bias.zero_(), gate.bias.fill_(1.0)
+
+
+def test_a_gradient_reading_hypernetwork_reads_the_edits_own_gradient(task):
+    net = task.hypernetwork.with_gradient_input().eval()
+    rho = 0.1
+    with_input_only(task, net, net.gates, rho)  # z: the gradient's rank, so saliency's own mask
     saliency = top_rho_mask(gradient_scores(task), rho)
     assert torch.equal(torch.cat(learned_masks(net, task, rho)), saliency)
     outcome = run_edit("where2edit", task, make_config("where2edit", rho=rho, max_steps=2))
@@ -98,15 +102,8 @@ def test_a_spill_reading_hypernetwork_reads_the_edits_fix_per_spill_on_its_ancho
     anchors = task.images[:2].clone()  # any clean images of the backbone's input
     net = task.hypernetwork.with_spill_input(anchors).eval()
     rho = 0.1
-    # zero gates: its parent's mask, whatever the spill
-    parent = torch.cat(learned_masks(task.hypernetwork, task, rho))
-    task.hypernetwork = net
-    assert torch.equal(torch.cat(learned_masks(net, task, rho)), parent)
-    # heads at zero and spill gates at one: z is the spill ranking's rank, so saliency-spill's
-    # mask on the network's own anchors
-    with torch.no_grad():
-        for head, gate in zip(net.heads, net.spill_gates, strict=True):
-            head.weight.zero_(), head.bias.zero_(), gate.bias.fill_(1.0)
+    # z: the spill ranking's rank, so saliency-spill's mask on the network's own anchors
+    with_input_only(task, net, net.spill_gates, rho)
     reference = SpillReference.at(
         task.model, task.sites, CleanAnchors.lowest_margin(task.model, anchors, len(anchors))
     )
