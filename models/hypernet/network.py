@@ -462,6 +462,10 @@ def read_anchors(in_dir: Path, manifest: dict[str, Any], backbone: Backbone) -> 
         raise IntegrityError(
             f"{path}: expected 1 to {MAX_ANCHORS} finite images of shape {expected}, found {shape}"
         )
+    if entry.get("count") != len(images):
+        raise IntegrityError(
+            f"{path} holds {len(images)} anchors, its manifest says {entry.get('count')}"
+        )
     return images
 
 

@@ -251,7 +251,7 @@ def test_a_spill_reading_network_is_never_saved_without_anchors(tiny_backbone, s
     assert not (tmp_path / MANIFEST_FILE).exists()
 
 
-@pytest.mark.parametrize("damage", ["changed", "missing", "unlisted", "wrong shape"])
+@pytest.mark.parametrize("damage", ["changed", "missing", "unlisted", "wrong shape", "miscounted"])
 def test_load_refuses_damaged_spill_anchors(tiny_backbone, sites, images, tmp_path, damage):
     spill_network(tiny_backbone, sites, images).save(tmp_path, tiny_backbone, sites)
     anchors, manifest_path = tmp_path / ANCHORS_FILE, tmp_path / MANIFEST_FILE
@@ -267,6 +267,9 @@ def test_load_refuses_damaged_spill_anchors(tiny_backbone, sites, images, tmp_pa
     elif damage == "unlisted":
         del manifest["spill_anchors"]
         expected = (ManifestError, "names no spill-anchors.safetensors")
+    elif damage == "miscounted":
+        manifest["spill_anchors"]["count"] = 7
+        expected = (IntegrityError, "holds 3 anchors, its manifest says 7")
     else:  # images of another input size, listed with their true sha256
         from safetensors.torch import save_file
 
