@@ -307,6 +307,8 @@ def _spill_hypernetwork(files: dict[str, bytes], folder: Path) -> dict[str, byte
     return {f.name: f.read_bytes() for f in (folder / "hn").iterdir()}
 
 
+# the Python client passes its upload timeout on, which FastAPI's in-process TestClient ignores
+@pytest.mark.filterwarnings("ignore:You should not use the 'timeout' argument")
 def test_a_spill_reading_hypernetwork_is_registered_with_its_anchors_or_refused(
     served, files, tmp_path
 ) -> None:
