@@ -85,6 +85,41 @@ class SpillReference:
         return cls(gradients, anchors.margin.to(params[0].device))
 
 
+class SpillReferences:
+    """:class:`SpillReference` of fixed anchor images, per model and sites, at the weights the
+    model holds now: taken once, and again only when the site weights differ from those it was
+    taken at (a worker that activates a parent version). Weights written in place and back (an
+    evaluation that applies a patch and reverts it) keep it."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images  # (A, C, H, W): the anchors, ordered again by margin on each model
+        self._kept: dict[tuple[int, tuple[str, ...]], _Kept] = {}
+
+    def at(self, model: nn.Module, sites: Sites) -> SpillReference:
+        key, params = (id(model), sites.mlps), sites.params(model)
+        # torch counts in-place writes per tensor: the same storage at the same count is the
+        # same weights; after a write, the weights themselves are compared
+        state = tuple((p.data_ptr(), p._version) for p in params)
+        kept = self._kept.get(key)
+        if kept is not None and kept.state != state:
+            same = all(torch.equal(w, p) for w, p in zip(kept.weights, params, strict=True))
+            kept = _Kept(state, kept.weights, kept.reference) if same else None
+        if kept is None:
+            images = self.images.to(params[0].device)
+            anchors = CleanAnchors.lowest_margin(model, images, len(images))
+            weights = tuple(p.detach().clone() for p in params)
+            kept = _Kept(state, weights, SpillReference.at(model, sites, anchors))
+        self._kept[key] = kept
+        return kept.reference
+
+
+@dataclass(frozen=True)
+class _Kept:
+    state: tuple  # (storage, write count) of each site weight
+    weights: tuple[torch.Tensor, ...]  # their values
+    reference: SpillReference
+
+
 def entry_fix(grads: list[torch.Tensor] | tuple[torch.Tensor, ...], sites: Sites) -> torch.Tensor:
     """(..., n_entries) ``|g_i|_1`` of each entry; ``grads`` per site matrix, (..., *shape)."""
     # a neuron owns an fc1 row (dim 0) or an fc2 column (dim 1): sum over the other dimension

@@ -8,7 +8,8 @@ masks of the same group, of two different groups, and the share of entries every
 then the IoU of the two kinds' masks on the same image, and the rank correlation of the
 hypernetwork's scores with the image's gradient norms (for a ``--gradient-input`` or
 ``--spill-input`` network, also how much each input's part of its logits weighs against the
-heads'). A hypernetwork whose masks are nearly the same for every failure ranks neurons once for all (a static mask), whatever image it is shown.
+heads'). A hypernetwork whose masks are nearly the same for every failure ranks neurons once for
+all (a static mask), whatever image it is shown.
 
     .venv/bin/python scripts/mask_diversity.py --world tiny-imagenet [--hypernet DIR] [--rho 0.1]
 """
@@ -24,12 +25,11 @@ from cli.bench import add_world_arguments, open_probe_world
 from cli.main import one_line_errors
 from models.editing.registry import EditTask
 from models.editing.saliency import edit_gradients, entry_norms
-from models.editing.where2edit import learned_scores
+from models.editing.where2edit import learned_inputs
 from models.forward import SplitForward
 from models.hypernet.metatrain import rank_correlation
 from models.hypernet.network import cls_features, target_features
 from models.sites import top_rho_mask
-from models.spill import spill_ranking
 
 
 def pairwise_iou(masks: torch.Tensor, groups: torch.Tensor) -> tuple[float, float]:
@@ -63,20 +63,17 @@ def main() -> None:
             )
             grads = edit_gradients(task)
             norms = entry_norms(grads, sites)
-            scores = learned_scores(hypernet, task, norms)
+            gradient, spill = learned_inputs(hypernet, task, grads)  # read once, used twice
+            scores = hypernet.mask_scores(backbone.model, x, task.targets, gradient, spill)
             masks["where2edit"].append(top_rho_mask(scores, args.rho))
             masks["saliency"].append(top_rho_mask(norms, args.rho))
             follows.append(rank_correlation(scores[None], norms[None]))
-            spill = None
-            if hypernet.config.spill_input:
-                reference = hypernet.spill_reference(backbone.model, sites)
-                spill = spill_ranking(grads, reference, sites)[None]
             with torch.no_grad():  # how much each input's part weighs against the heads'
                 terms = hypernet.logit_terms(
                     cls_features(backbone.model, x),
                     target_features(backbone.model, task.targets),
-                    norms[None] if hypernet.config.gradient_input else None,
-                    spill,
+                    None if gradient is None else gradient[None],
+                    None if spill is None else spill[None],
                 )
             head = terms.pop("heads")
             for name, term in terms.items():

@@ -27,7 +27,7 @@ from torch import nn
 from cli.bench import add_world_arguments, open_probe_world
 from cli.main import one_line_errors
 from models.editing.registry import EditTask, make_config
-from models.editing.saliency import gradient_scores
+from models.editing.saliency import edit_gradients, entry_norms
 from models.editing.where2edit import learned_scores
 from models.forward import SplitForward
 from models.sites import Sites, top_rho_mask
@@ -95,9 +95,10 @@ def main() -> None:
                 model(x)
             on_image = seen[0][0]
             task = EditTask(model, sites, split, x, label, tokens[i : i + 1])
-            norms = gradient_scores(task)
+            grads = edit_gradients(task)
+            norms = entry_norms(grads, sites)
             masks = {
-                "where2edit": top_rho_mask(learned_scores(hypernet, task, norms), args.rho),
+                "where2edit": top_rho_mask(learned_scores(hypernet, task, grads), args.rho),
                 "saliency": top_rho_mask(norms, args.rho),
                 "random": top_rho_mask(torch.rand(sites.n_entries, generator=gen), args.rho),
             }

@@ -29,11 +29,16 @@ from cli.main import main as vitedit
 from cli.main import one_line_errors
 from models.editing.optimize import masked_finetune
 from models.editing.registry import EditOutcome, EditTask, StepCallback, register
-from models.editing.saliency import SaliencyConfig, edit_gradients, entry_norms
-from models.editing.where2edit import learned_scores
-from models.editing.where2edit_saliency import Where2EditSaliencyConfig, mixed_scores
+from models.editing.saliency import SaliencyConfig, edit_gradients
+from models.editing.where2edit_saliency import Where2EditSaliencyConfig, hybrid_masks
 from models.sites import top_rho_mask
-from models.spill import MAX_ANCHORS, CleanAnchors, SpillReference, spill_ranking
+from models.spill import (
+    MAX_ANCHORS,
+    CleanAnchors,
+    SpillReference,
+    SpillReferences,
+    spill_ranking,
+)
 
 METHOD = "saliency-spill"
 MIX = "where2edit-spill"
@@ -43,13 +48,10 @@ def register_methods(anchors: CleanAnchors) -> None:
     """Register ``saliency-spill`` and ``where2edit-spill`` on ``anchors`` (once per process).
     The anchors' margin gradients are taken at the first edit, on the bench's own model and
     sites, and kept."""
-    references: dict[tuple[int, tuple[str, ...]], SpillReference] = {}
+    references = SpillReferences(anchors.images)
 
     def reference(task: EditTask) -> SpillReference:
-        key = (id(task.model), task.sites.mlps)
-        if key not in references:
-            references[key] = SpillReference.at(task.model, task.sites, anchors)
-        return references[key]
+        return references.at(task.model, task.sites)
 
     @register(
         METHOD,
@@ -74,11 +76,10 @@ def register_methods(anchors: CleanAnchors) -> None:
     def where2edit_spill(
         task: EditTask, config: Where2EditSaliencyConfig, on_step: StepCallback | None = None
     ) -> EditOutcome:
-        grads = edit_gradients(task)  # one backward: saliency's norms and the spill ranking
-        learned = learned_scores(task.hypernetwork, task, entry_norms(grads, task.sites))
-        spill = spill_ranking(grads, reference(task), task.sites)
-        mixed = mixed_scores(learned, spill.to(learned.device), config.mix)
-        masks = task.sites.split(top_rho_mask(mixed, config.rho))
+        def spill(grads: tuple[torch.Tensor, ...]) -> torch.Tensor:
+            return spill_ranking(grads, reference(task), task.sites)
+
+        masks = hybrid_masks(task, config.rho, config.mix, spill)
         return masked_finetune(task, config, masks=masks, on_step=on_step)
 
 

@@ -33,13 +33,12 @@ def learned_masks(hypernet: Hypernetwork, task: EditTask, rho: float) -> list[to
 
 
 def learned_scores(
-    hypernet: Hypernetwork, task: EditTask, gradient: torch.Tensor | None = None
+    hypernet: Hypernetwork, task: EditTask, grads: tuple[torch.Tensor, ...] | None = None
 ) -> torch.Tensor:
     """(n_entries,) the hypernetwork's scores averaged over the edit images, once it is checked
-    to fit the edit's sites (HypernetworkMismatchError otherwise). ``gradient``: the edit's
-    :func:`gradient_scores` where the caller has them already (a ``gradient_input`` network reads
-    them; computed here otherwise). A ``spill_input`` network also reads the edit's fix per
-    spill on its own anchors (models/spill.py)."""
+    to fit the edit's sites (HypernetworkMismatchError otherwise). ``grads``: the edit's
+    :func:`~models.editing.saliency.edit_gradients` where the caller has them already (what
+    the network's optional inputs are read from; taken here otherwise)."""
     expected = tuple(m.hidden for m in task.sites.matrices)
     if hypernet.config.hidden != expected:
         raise HypernetworkMismatchError(
@@ -47,17 +46,25 @@ def learned_scores(
             f"edit's sites {list(task.sites.mlps)} have {list(expected)}; use its sites"
         )
     hypernet.check_sites(task.sites)
-    grads = None
-    if hypernet.config.spill_input or (hypernet.config.gradient_input and gradient is None):
-        grads = edit_gradients(task)  # one backward for both inputs
-    if not hypernet.config.gradient_input:
-        gradient = None
-    elif gradient is None:  # a gradient-reading hypernetwork also reads saliency's norms
-        gradient = entry_norms(grads, task.sites)
-    spill = None
-    if hypernet.config.spill_input:
-        spill = spill_ranking(grads, hypernet.spill_reference(task.model, task.sites), task.sites)
+    gradient, spill = learned_inputs(hypernet, task, grads)
     return hypernet.mask_scores(task.model, task.images, task.targets, gradient, spill)
+
+
+def learned_inputs(
+    hypernet: Hypernetwork, task: EditTask, grads: tuple[torch.Tensor, ...] | None = None
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """What the network reads beyond the images and targets, each (n_entries,) or None: the
+    edit's gradient norms (saliency's, for a ``gradient_input`` network) and its fix per spill
+    on the network's own anchors (for a ``spill_input`` one; models/spill.py). ``grads``: the
+    edit's gradients, taken here (one backward) if needed and not given."""
+    c = hypernet.config
+    if grads is None and (c.gradient_input or c.spill_input):
+        grads = edit_gradients(task)
+    gradient = entry_norms(grads, task.sites) if c.gradient_input else None
+    spill = None
+    if c.spill_input:
+        spill = spill_ranking(grads, hypernet.spill_reference(task.model, task.sites), task.sites)
+    return gradient, spill
 
 
 def mask_counts(sites: Sites, masks: list[torch.Tensor]) -> dict[str, int]:

@@ -23,6 +23,7 @@ saturated plateau by entry index, i.e. by block).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -31,7 +32,7 @@ from models.bounds import bound
 from models.editing.optimize import masked_finetune
 from models.editing.random_mask import MaskConfig
 from models.editing.registry import EditOutcome, EditTask, StepCallback, register
-from models.editing.saliency import gradient_scores
+from models.editing.saliency import edit_gradients, entry_norms
 from models.editing.where2edit import learned_scores, mask_counts
 from models.sites import top_rho_mask
 
@@ -65,12 +66,21 @@ def mixed_scores(learned: torch.Tensor, saliency: torch.Tensor, mix: float) -> t
     return mix * average_ranks(learned) + (1.0 - mix) * average_ranks(saliency)
 
 
-def hybrid_masks(task: EditTask, rho: float, mix: float) -> list[torch.Tensor]:
-    """One bool (hidden,) mask per matrix in Sites order: the top ``rho`` of the mixed ranking."""
-    saliency = gradient_scores(task)  # one backward, read by both rankings
-    learned = learned_scores(task.hypernetwork, task, saliency)  # checks it fits the sites
-    saliency = saliency.to(learned.device)
-    return task.sites.split(top_rho_mask(mixed_scores(learned, saliency, mix), rho))
+def hybrid_masks(
+    task: EditTask,
+    rho: float,
+    mix: float,
+    other: Callable[[tuple[torch.Tensor, ...]], torch.Tensor] | None = None,
+) -> list[torch.Tensor]:
+    """One bool (hidden,) mask per matrix in Sites order: the top ``rho`` of the mixed ranking.
+    ``other``: the ranking mixed with the learned one, from the edit's gradients (default:
+    saliency's gradient norms)."""
+    grads = edit_gradients(task)  # one backward, read by both rankings
+    learned = learned_scores(task.hypernetwork, task, grads)  # checks it fits the sites
+    second = entry_norms(grads, task.sites) if other is None else other(grads)
+    return task.sites.split(
+        top_rho_mask(mixed_scores(learned, second.to(learned.device), mix), rho)
+    )
 
 
 @register(

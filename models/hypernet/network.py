@@ -37,7 +37,7 @@ from torch import nn
 from models.backbones import Backbone, check_fit, meta_shapes, read_shapes
 from models.errors import HypernetworkMismatchError, IntegrityError, ManifestError, SiteError
 from models.sites import Sites
-from models.spill import MAX_ANCHORS, CleanAnchors, SpillReference
+from models.spill import MAX_ANCHORS, SpillReference, SpillReferences
 from models.store.manifest import read_json, sha256_file, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ class Hypernetwork(nn.Module):
         self.sites: Sites | None = None  # the sites it was trained for (set by save and load)
         # a spill_input network's clean anchors (A, C, H, W), saved beside its weights
         self.anchor_images: torch.Tensor | None = None
-        self._references: dict[tuple[int, tuple[str, ...]], tuple[Any, SpillReference]] = {}
+        self._references: SpillReferences | None = None  # of anchor_images, once asked for
 
     def logits(
         self,
@@ -243,17 +243,9 @@ class Hypernetwork(nn.Module):
         place, or back, gets them taken again)."""
         if self.anchor_images is None:
             raise ValueError("this hypernetwork has no spill anchors (it is not spill_input)")
-        key = (id(model), sites.mlps)
-        # torch counts in-place writes per tensor: the same storage at the same count is the
-        # same weights
-        state = tuple((p.data_ptr(), p._version) for p in sites.params(model))
-        kept = self._references.get(key)
-        if kept is None or kept[0] != state:
-            device = next(model.parameters()).device
-            images = self.anchor_images.to(device)
-            anchors = CleanAnchors.lowest_margin(model, images, len(images))
-            self._references[key] = (state, SpillReference.at(model, sites, anchors))
-        return self._references[key][1]
+        if self._references is None or self._references.images is not self.anchor_images:
+            self._references = SpillReferences(self.anchor_images)
+        return self._references.at(model, sites)
 
     def with_target_token(self, seed: int = 0) -> Hypernetwork:
         """This network with a target token added (its projection seeded, the rest copied): the

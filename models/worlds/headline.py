@@ -29,9 +29,8 @@ from models.evaluation import paired_difference_ci
 LEARNED = "where2edit"
 # variants of the learned mask (part learned, part baseline): neither the learned mask nor a
 # baseline to beat; a default `vitedit bench` leaves them out (they run when named)
-VARIANTS = frozenset(
-    {"where2edit-sal", "where2edit-spill"}
-)  # the second: scripts/spill_saliency.py
+# (where2edit-spill is registered by scripts/spill_saliency.py)
+VARIANTS = frozenset({"where2edit-sal", "where2edit-spill"})
 FULL_SR = 0.999  # "SR 100%" allowing float noise in the mean
 
 

@@ -210,9 +210,14 @@ def test_a_spill_reading_network_starts_as_its_parent_and_reads_the_spill_rankin
     reference = net.spill_reference(model, sites)
     assert reference.gradients[0].shape[0] == len(images)
     assert net.spill_reference(model, sites) is reference
-    # weights written in place (a parent version, as a worker does): taken again, at them
     weight = sites.params(model)[0]
     saved = weight.detach().clone()
+    # written in place and back (an evaluation applying a patch and reverting it): kept
+    with torch.no_grad():
+        weight.mul_(1.5)
+        weight.copy_(saved)
+    assert net.spill_reference(model, sites) is reference
+    # weights written in place (a parent version, as a worker does): taken again, at them
     try:
         with torch.no_grad():
             weight.mul_(1.5)
@@ -222,9 +227,9 @@ def test_a_spill_reading_network_starts_as_its_parent_and_reads_the_spill_rankin
     finally:
         with torch.no_grad():
             weight.copy_(saved)
-    torch.testing.assert_close(
-        net.spill_reference(model, sites).gradients[1], reference.gradients[1]
-    )
+    back = net.spill_reference(model, sites)  # back at the first weights: taken again, as then
+    assert back is not moved
+    torch.testing.assert_close(back.gradients[1], reference.gradients[1])
 
 
 def test_a_spill_reading_network_round_trips_with_its_anchors(
