@@ -745,20 +745,22 @@ class MetaTrainer:
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float], torch.Tensor | None]:
         """Targets from real edits (``target_source="edits"``): (regression logits, +1 on the
         chosen mask's entries and -1 elsewhere; the episodes' CE gradient norms at W0, what
-        saliency ranks by at edit time; log; their fix per spill with ``spill_anchors``). The log keeps the search's keys: ``kl_*`` and
-        ``outer_loss_*`` are the loss the edits descend, the edit's CE, before any edit and after
-        the chosen one (the tempered KL to a raise target can rise while the CE falls to the
-        stop); ``s_*`` the chosen masks' density and overlap."""
+        saliency ranks by at edit time; log; their fix per spill with ``spill_anchors``). The log
+        keeps the search's keys: ``kl_*`` and ``outer_loss_*`` are the loss the edits descend,
+        the edit's CE, before any edit and after the chosen one (the tempered KL to a raise
+        target can rise while the CE falls to the stop); ``s_*`` the chosen masks' density and
+        overlap."""
         cfg, n = self.cfg, self.cfg.candidates
         batch = BatchedEpisodes(self.split, self.sites, episodes, cfg.temperature, self.delta_form)
         num_classes = episodes.clean_logits.shape[1]
         targets = one_hot_logits(episodes.targets, num_classes)
         ce = batch.replicate(targets, 1.0)
         grads, ce_at_w0 = ce.grads_and_losses(ce.zeros())
-        gradient = entry_norms(self.sites, [g.dense() for g in grads])
+        dense = [g.dense() for g in grads]
+        gradient = entry_norms(self.sites, dense)
         spill = None
         if self.spill is not None:  # fix per spill of each episode's own gradient
-            spill = spill_ranking([g.dense() for g in grads], self.spill, self.sites)
+            spill = spill_ranking(dense, self.spill, self.sites)
         self.hypernet.eval()
         with torch.no_grad():
             c = self.hypernet.config
