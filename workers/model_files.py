@@ -72,7 +72,11 @@ def _check_loads(
         try:
             Hypernetwork.load(hypernetwork, backbone)  # refuses another backbone's
         except (ManifestError, IntegrityError, OSError) as exc:  # the files sent disagree
-            raise DataError(f"the hypernetwork does not load: {exc}") from exc
+            # its files named from its folder, not from where this host keeps the folder
+            where = f"{Path(hypernetwork).parent}/"
+            raise DataError(
+                f"the hypernetwork does not load: {str(exc).replace(where, '')}"
+            ) from exc
         except VitEditError:
             raise  # already says what to fix, with its status (another backbone's: 422)
         except Exception as exc:  # safetensors: say which file and why

@@ -325,6 +325,7 @@ def test_a_spill_reading_hypernetwork_is_registered_with_its_anchors_or_refused(
     ]
     r = client.post("/v1/models", files=parts, data={"name": "spill-less"})
     assert r.status_code == 422 and "needs its anchors" in r.json()["detail"], r.text
+    assert "uploads" not in r.json()["detail"]  # no path of the server's store
     assert_nothing_left(store, "spill-less")
     anchors = (
         "hypernet_anchors",
