@@ -51,6 +51,7 @@ _CONFIG_OPTIONS = (
     "seed",
     "locality",
     "anchors",
+    "anchor_draws",
     "target_source",
     "edit_rho",
     "candidates",
@@ -134,6 +135,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=None,
         help="sensitive clean images per episode, for the locality term or edit targets (2)",
+    )
+    train.add_argument(
+        "--anchor-draws",
+        type=int,
+        default=None,
+        help="the --anchors are the lowest-margin of this many times more pool images drawn "
+        "(4); more draws, anchors nearer the boundaries, as the benchmark's locality set",
     )
     train.add_argument(
         "--target-from",

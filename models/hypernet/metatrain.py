@@ -102,6 +102,7 @@ TARGET_SOURCES = ("search", "edits")
 MAX_CANDIDATES = 64
 MAX_EDIT_STEPS = 10_000  # the most steps an edit may take (EditConfig.max_steps's bound)
 SPILL_POOL_DRAW = 4096  # pool images the spill candidate's anchors are chosen from, at most
+MAX_ANCHOR_DRAWS = 65_536  # pool images drawn per iteration for the episodes' anchors, at most
 # torch.optim.RMSprop's own defaults (read, not copied), as the edit runs it
 _RMSPROP = inspect.signature(torch.optim.RMSprop).parameters
 RMSPROP_ALPHA, RMSPROP_EPS = _RMSPROP["alpha"].default, _RMSPROP["eps"].default
@@ -208,6 +209,14 @@ class MetaTrainConfig:
             problems.append(("edit_steps", f"must be 1 to {MAX_EDIT_STEPS}"))
         if not 0 <= self.spill_anchors <= MAX_ANCHORS:
             problems.append(("spill_anchors", f"must be 0 (off) to {MAX_ANCHORS}"))
+        if self.batch * self.anchors * self.anchor_draws > MAX_ANCHOR_DRAWS:
+            problems.append(
+                (
+                    "anchor_draws",
+                    f"batch x anchors x anchor_draws must be at most {MAX_ANCHOR_DRAWS:,} pool "
+                    "images an iteration",
+                )
+            )
         if self.spill_anchors and (self.target_source != "edits" or self.candidates < 3):
             problems.append(("spill_anchors", "needs targets from edits and 3 or more candidates"))
         if self.target_source == "edits" and self.inner_optimiser != "rmsprop":

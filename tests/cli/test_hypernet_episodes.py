@@ -113,3 +113,16 @@ def test_edit_targets_take_the_backbones_edit_setting_unless_given() -> None:
         _config(_options(parse("--spill-anchors", "64"), {}, EDIT))
     with pytest.raises(SystemExit):  # argparse: not one of search, edits
         parse("--target-from", "oracle")
+
+
+def test_the_anchor_draws_reach_the_config_and_are_bounded() -> None:
+    from cli.hypernet import _config, _options
+
+    assert _config(_options(parse(), {}, EDIT)).anchor_draws == 4  # the default
+    draws = parse("--anchors", "32", "--anchor-draws", "16")
+    cfg = _config(_options(draws, {}, EDIT))
+    assert (cfg.anchors, cfg.anchor_draws) == (32, 16)
+    with pytest.raises(SystemExit, match="anchor_draws must be at least 1"):
+        _config(_options(parse("--anchor-draws", "0"), {}, EDIT))
+    with pytest.raises(SystemExit, match="batch x anchors x anchor_draws must be at most"):
+        _config(_options(parse("--anchors", "64", "--anchor-draws", "99999999"), {}, EDIT))
