@@ -203,6 +203,13 @@ def episode_deltas(
             setattr(parent, attr, linear)
 
 
+def margins(logits: torch.Tensor) -> torch.Tensor:
+    """(N,) top-1 minus top-2 probability of each row of ``logits`` (N, C): how near its
+    decision boundary an image sits."""
+    top2 = logits.softmax(dim=-1).topk(2, dim=-1).values
+    return top2[:, 0] - top2[:, 1]
+
+
 @dataclass
 class Anchors:
     """L clean images per episode whose predictions an edit should leave alone (locality term)."""
@@ -217,8 +224,7 @@ class Anchors:
         with torch.no_grad():
             tokens = split.prefix(images)
             logits = split.logits(tokens)
-        top2 = logits.softmax(dim=-1).topk(2, dim=-1).values
-        keep = (top2[:, 0] - top2[:, 1]).argsort()[: slots * batch]
+        keep = margins(logits).argsort()[: slots * batch]
         shape = (slots, batch)
         return cls(tokens[keep].unflatten(0, shape), logits[keep].unflatten(0, shape))
 

@@ -61,6 +61,7 @@ from models.hypernet.episodes import (
     Delta,
     DenseDelta,
     episode_kl,
+    margins,
     one_hot_logits,
 )
 from models.hypernet.network import (
@@ -102,6 +103,7 @@ TARGET_SOURCES = ("search", "edits")
 MAX_CANDIDATES = 64
 MAX_EDIT_STEPS = 10_000  # the most steps an edit may take (EditConfig.max_steps's bound)
 SPILL_POOL_DRAW = 4096  # pool images the spill candidate's anchors are chosen from, at most
+MARGIN_CHUNK = 256  # pool images per forward pass when their margins are first taken
 MAX_ANCHOR_DRAWS = 65_536  # pool images drawn per iteration for the episodes' anchors, at most
 # torch.optim.RMSprop's own defaults (read, not copied), as the edit runs it
 _RMSPROP = inspect.signature(torch.optim.RMSprop).parameters
@@ -678,6 +680,7 @@ class MetaTrainer:
                 "--spill-anchors N (targets from edits)"
             )
         self.spill = self._spill_reference() if cfg.spill_anchors else None
+        self._margins: torch.Tensor | None = None  # pool images' margins, as first drawn
         self.iteration = 0
         self.history: list[dict[str, float]] = []
 
@@ -842,8 +845,26 @@ class MetaTrainer:
         cfg = self.cfg
         draws = cfg.batch * cfg.anchors * cfg.anchor_draws
         idx = torch.randint(len(self.pool), (draws,), generator=self.sampler.generator)
-        images = self.pool.get(idx).to(self.backbone.device)
+        keep = idx[self._pool_margins(idx).argsort()[: cfg.batch * cfg.anchors]]
+        images = self.pool.get(keep).to(self.backbone.device)
         return Anchors.pick(self.split, images, cfg.anchors, cfg.batch)
+
+    def _pool_margins(self, idx: torch.Tensor) -> torch.Tensor:
+        """The frozen backbone's margins on pool images ``idx``. The backbone never changes
+        while meta-training, so each image's margin is computed the first time it is drawn and
+        kept (one float per pool image): the draws cost a forward pass only for images not seen
+        before, and only the anchors kept run through the prefix each iteration."""
+        if self._margins is None:
+            self._margins = torch.full((len(self.pool),), math.nan)
+        new = idx.unique()
+        new = new[self._margins[new].isnan()]
+        chunks = new.split(MARGIN_CHUNK) if len(new) else ()  # an empty split is one chunk
+        for chunk in chunks:
+            images = self.pool.get(chunk).to(self.backbone.device)
+            with torch.no_grad():
+                logits = self.split.logits(self.split.prefix(images))
+            self._margins[chunk] = margins(logits).float().cpu()
+        return self._margins[idx]
 
     def train(
         self,

@@ -665,6 +665,30 @@ def test_meta_training_with_a_locality_term_logs_the_anchor_kl(
         )
 
 
+def test_the_episodes_anchors_are_the_lowest_margin_draws_and_each_margin_is_taken_once(
+    tiny_backbone, sites, pool, tmp_path
+):
+    cfg = MetaTrainConfig(iterations=1, locality=1.0, anchors=2, anchor_draws=3, **FAST)
+    _, _ = meta_train(tiny_backbone, sites, pool, cfg, tmp_path, log_every=0, checkpoint_every=0)
+    net = Hypernetwork.load(tmp_path, tiny_backbone)
+    trainer = MetaTrainer(tiny_backbone, sites, pool, net, cfg)
+    gen = copy.deepcopy(trainer.sampler.generator)  # the draws _anchors is about to make
+    drawn = torch.randint(len(pool), (cfg.batch * cfg.anchors * cfg.anchor_draws,), generator=gen)
+    expected = Anchors.pick(trainer.split, pool.get(drawn), cfg.anchors, cfg.batch)
+    got = trainer._anchors()  # margins of the drawn images, taken now
+    torch.testing.assert_close(got.clean_logits, expected.clean_logits)
+    torch.testing.assert_close(got.tokens, expected.tokens)
+    seen = drawn.unique()
+    assert trainer._margins[seen].isfinite().all()
+    assert trainer._margins.isnan().sum() == len(pool) - len(seen)
+    asked: list[int] = []
+    counting = TensorPool(pool.images)
+    counting.get = lambda i: asked.extend(i.tolist()) or pool.images[i]  # type: ignore[method-assign]
+    trainer.pool = counting
+    trainer._pool_margins(seen)
+    assert asked == []  # kept: no image runs through the backbone twice for its margin
+
+
 # --------------------------------------------------------------------------- health checks
 
 HEALTHY = dict(kl_first=0.50, kl_last=0.30, s_density=0.10, h_density=0.08, h_iou=0.3)
