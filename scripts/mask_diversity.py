@@ -9,15 +9,20 @@ then the IoU of the two kinds' masks on the same image, and the rank correlation
 hypernetwork's scores with the image's gradient norms (for a ``--gradient-input`` or
 ``--spill-input`` network, also how much each input's part of its logits weighs against the
 heads'). A hypernetwork whose masks are nearly the same for every failure ranks neurons once for
-all (a static mask), whatever image it is shown.
+all (a static mask), whatever image it is shown. ``--against DIR`` (repeatable): the IoU of its
+masks with another hypernetwork's of the same backbone on the same images (how far two
+meta-training runs ended apart); a ``--spill-input`` network's masks are also compared with the
+top ``rho`` of the spill ranking it reads (``saliency-spill``'s mask on its anchors).
 
-    .venv/bin/python scripts/mask_diversity.py --world tiny-imagenet [--hypernet DIR] [--rho 0.1]
+    .venv/bin/python scripts/mask_diversity.py --world tiny-imagenet [--hypernet DIR] [--rho 0.1] \
+        [--against DIR ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
@@ -28,7 +33,7 @@ from models.editing.saliency import edit_gradients, entry_norms
 from models.editing.where2edit import learned_inputs
 from models.forward import SplitForward
 from models.hypernet.metatrain import rank_correlation
-from models.hypernet.network import cls_features, target_features
+from models.hypernet.network import Hypernetwork, cls_features, target_features
 from models.sites import top_rho_mask
 
 
@@ -43,14 +48,37 @@ def pairwise_iou(masks: torch.Tensor, groups: torch.Tensor) -> tuple[float, floa
     return iou[same & off_diagonal].mean().item(), iou[~same].mean().item()
 
 
+def same_image_iou(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean over rows of the IoU of two (N, E) boolean masks, row by row."""
+    a, b = a.float(), b.float()
+    return ((a * b).sum(1) / ((a + b) > 0).float().sum(1).clamp(min=1)).mean().item()
+
+
+def learned_mask(hypernet: Hypernetwork, task: EditTask, grads, rho: float) -> torch.Tensor:
+    """The top ``rho`` of ``hypernet``'s scores for ``task``, reading its own inputs."""
+    gradient, spill = learned_inputs(hypernet, task, grads)
+    scores = hypernet.mask_scores(task.model, task.images, task.targets, gradient, spill)
+    return top_rho_mask(scores, rho)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rho", type=float, default=0.1)
+    parser.add_argument(
+        "--against",
+        type=Path,
+        action="append",
+        default=[],
+        help="another hypernetwork folder of the same backbone and sites (repeatable)",
+    )
     add_world_arguments(parser, "tiny-imagenet")
     args = parser.parse_args()
     backbone, bench, hypernet, sites = open_probe_world(args)
+    others = [Hypernetwork.load(d, backbone, sites) for d in args.against]
     split = SplitForward(backbone.model, sites)
     masks: dict[str, list[torch.Tensor]] = {"where2edit": [], "saliency": []}
+    theirs: list[list[torch.Tensor]] = [[] for _ in others]
+    spill_masks: list[torch.Tensor] = []
     group_of, follows = [], []
     weight: dict[str, list[float]] = {}
     for gi, group in enumerate(bench.groups):
@@ -67,6 +95,10 @@ def main() -> None:
             scores = hypernet.mask_scores(backbone.model, x, task.targets, gradient, spill)
             masks["where2edit"].append(top_rho_mask(scores, args.rho))
             masks["saliency"].append(top_rho_mask(norms, args.rho))
+            if spill is not None:
+                spill_masks.append(top_rho_mask(spill, args.rho))
+            for other, kept in zip(others, theirs, strict=True):
+                kept.append(learned_mask(other, task, grads, args.rho))
             follows.append(rank_correlation(scores[None], norms[None]))
             with torch.no_grad():  # how much each input's part weighs against the heads'
                 terms = hypernet.logit_terms(
@@ -89,9 +121,15 @@ def main() -> None:
         every = m.all(0).float().mean().item() / args.rho
         none = (~m.any(0)).float().mean().item()
         print(f"| {kind} | {same:.3f} | {other:.3f} | {every:.1%} of a mask | {none:.1%} |")
-    a, b = stacked["where2edit"].float(), stacked["saliency"].float()
-    inter, union = (a * b).sum(1), ((a + b) > 0).float().sum(1)
-    print(f"\nwhere2edit vs saliency on the same image: mean IoU {(inter / union).mean():.3f}")
+    mine = stacked["where2edit"]
+    iou = same_image_iou(mine, stacked["saliency"])
+    print(f"\nwhere2edit vs saliency on the same image: mean IoU {iou:.3f}")
+    if spill_masks:
+        iou = same_image_iou(mine, torch.stack(spill_masks))
+        print(f"where2edit vs the spill ranking it reads on the same image: mean IoU {iou:.3f}")
+    for path, kept in zip(args.against, theirs, strict=True):
+        iou = same_image_iou(mine, torch.stack(kept))
+        print(f"where2edit vs {path} on the same image: mean IoU {iou:.3f}")
     print(
         "rank correlation of where2edit's scores with the image's gradient norms (saliency's): "
         f"mean {sum(follows) / len(follows):.3f}"

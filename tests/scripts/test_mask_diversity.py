@@ -42,3 +42,28 @@ def test_a_gradient_reading_network_reports_what_its_gates_weigh(
     assert figure("the gradient input's part", run.stdout) > 100  # the gates outweigh the heads
     assert figure("rank correlation", run.stdout) > 0.99  # so the scores are the gradient's order
     assert figure("where2edit vs saliency", run.stdout) > 0.99
+
+
+def test_a_spill_reading_network_is_compared_with_its_spill_ranking_and_with_other_networks(
+    demo_backbone: Backbone, tmp_path: Path
+) -> None:
+    from models.worlds.demo import load_world, normalise
+
+    parent = load_demo_hypernetwork(demo_backbone)
+    anchors = normalise(load_world().pool[:4])
+    net = parent.with_spill_input(anchors)
+    with torch.no_grad():
+        for head, gate in zip(net.heads, net.spill_gates, strict=True):
+            head.weight.zero_(), head.bias.normal_(std=1e-3)  # nearly flat heads
+            gate.bias.fill_(1.0)  # and the spill ranking's rank on top
+    net.save(tmp_path / "spill", demo_backbone, net.sites)
+    parent.save(tmp_path / "parent", demo_backbone, parent.sites)
+    args = ["--world", "demo", "--hypernet", str(tmp_path / "spill")]
+    against = ["--against", str(tmp_path / "spill"), "--against", str(tmp_path / "parent")]
+    run = run_script("mask_diversity", *args, *against)
+    assert run.returncode == 0, run.stderr
+    assert figure("where2edit vs the spill ranking it reads", run.stdout) > 0.99
+    assert figure(f"where2edit vs {tmp_path / 'spill'} ", run.stdout) == 1.0  # itself
+    assert figure(f"where2edit vs {tmp_path / 'parent'} ", run.stdout) < 0.9  # flat heads moved it
+    run = run_script("mask_diversity", "--world", "demo", "--against", str(tmp_path / "nowhere"))
+    assert run.returncode != 0 and "nowhere" in run.stderr and "Traceback" not in run.stderr
