@@ -30,7 +30,7 @@ from cli.bench import add_world_arguments, open_probe_world
 from cli.main import one_line_errors
 from models.editing.registry import EditTask
 from models.editing.saliency import edit_gradients, entry_norms
-from models.editing.where2edit import learned_inputs
+from models.editing.where2edit import learned_inputs, learned_scores
 from models.forward import SplitForward
 from models.hypernet.metatrain import rank_correlation
 from models.hypernet.network import Hypernetwork, cls_features, target_features
@@ -52,13 +52,6 @@ def same_image_iou(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean over rows of the IoU of two (N, E) boolean masks, row by row."""
     a, b = a.float(), b.float()
     return ((a * b).sum(1) / ((a + b) > 0).float().sum(1).clamp(min=1)).mean().item()
-
-
-def learned_mask(hypernet: Hypernetwork, task: EditTask, grads, rho: float) -> torch.Tensor:
-    """The top ``rho`` of ``hypernet``'s scores for ``task``, reading its own inputs."""
-    gradient, spill = learned_inputs(hypernet, task, grads)
-    scores = hypernet.mask_scores(task.model, task.images, task.targets, gradient, spill)
-    return top_rho_mask(scores, rho)
 
 
 def main() -> None:
@@ -98,7 +91,7 @@ def main() -> None:
             if spill is not None:
                 spill_masks.append(top_rho_mask(spill, args.rho))
             for other, kept in zip(others, theirs, strict=True):
-                kept.append(learned_mask(other, task, grads, args.rho))
+                kept.append(top_rho_mask(learned_scores(other, task, grads), args.rho))
             follows.append(rank_correlation(scores[None], norms[None]))
             with torch.no_grad():  # how much each input's part weighs against the heads'
                 terms = hypernet.logit_terms(
