@@ -58,6 +58,7 @@ _CONFIG_OPTIONS = (
     "edit_steps",
     "edit_stop",
     "spill_anchors",
+    "own_target",
 )
 
 
@@ -179,6 +180,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="edits: one more candidate per episode, saliency's ranking by first-order fix per "
         "spill on this many lowest-margin pool images (0 = off, the default; not in the paper; "
         "docs/method.md section 3)",
+    )
+    train.add_argument(
+        "--no-own-target",
+        dest="own_target",
+        action="store_const",
+        const=False,
+        default=None,
+        help="edits: the network's own mask is still tried (and logged) but never chosen as the "
+        "target, so it never regresses onto its own output (not in the paper)",
     )
     train.add_argument(
         "--init-from",

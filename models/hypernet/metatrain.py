@@ -168,6 +168,10 @@ class MetaTrainConfig:
     # `edit_rho` by first-order edit-loss descent per first-order margin loss on this many fixed
     # lowest-margin pool images (models/spill.py; scripts/spill_saliency.py's `saliency-spill`).
     spill_anchors: int = 0
+    # Not in the paper, with "edits" only (True = as before): False still runs the network's own
+    # mask as a candidate (logged) but never picks it as the target, so the regression never
+    # fits the network's own output back onto itself.
+    own_target: bool = True
 
     def __post_init__(self) -> None:
         positive = (
@@ -221,6 +225,8 @@ class MetaTrainConfig:
             )
         if self.spill_anchors and (self.target_source != "edits" or self.candidates < 3):
             problems.append(("spill_anchors", "needs targets from edits and 3 or more candidates"))
+        if not self.own_target and self.target_source != "edits":
+            problems.append(("own_target", "False needs targets from edits"))
         if self.target_source == "edits" and self.inner_optimiser != "rmsprop":
             problems.append(("inner_optimiser", "must be rmsprop (the edit's own) for edits"))
         if problems:
@@ -553,12 +559,17 @@ def edit_outcomes(
     return EditOutcomes(taken, loss, loss <= cfg.edit_stop, anchor_kl, steps)
 
 
-def pick_edits(outcomes: EditOutcomes, candidates: int) -> torch.Tensor:
+def pick_edits(outcomes: EditOutcomes, candidates: int, own: bool = True) -> torch.Tensor:
     """(B,) the chosen candidate per episode: of those that fix it, the least anchor KL; if none
-    does, the lowest loss."""
-    fixed = outcomes.fixed.view(-1, candidates)
+    does, the lowest loss. With ``own`` False the first candidate (the network's own mask) is
+    never chosen."""
+    fixed = outcomes.fixed.view(-1, candidates).clone()
+    loss = outcomes.loss.view(-1, candidates).clone()
+    if not own:
+        fixed[:, 0] = False
+        loss[:, 0] = math.inf
     spill = outcomes.anchor_kl.view(-1, candidates).masked_fill(~fixed, math.inf)
-    closest = outcomes.loss.view(-1, candidates).argmin(dim=1)
+    closest = loss.argmin(dim=1)
     return torch.where(fixed.any(dim=1), spill.argmin(dim=1), closest)
 
 
@@ -794,7 +805,7 @@ class MetaTrainer:
                 f"meta-training diverged at iteration {self.iteration}: a candidate edit's loss "
                 f"is not finite (inner lr {cfg.inner_lr:g}). Lower --inner-lr"
             )
-        winner = pick_edits(outcomes, n)
+        winner = pick_edits(outcomes, n, own=cfg.own_target)
         chosen = winner + n * torch.arange(len(winner), device=winner.device)  # rows of B x n
         chosen_masks = masks.flatten(0, 1)[chosen]
         before, after = ce_at_w0.mean().item(), outcomes.loss[chosen].mean().item()

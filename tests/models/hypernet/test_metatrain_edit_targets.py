@@ -148,6 +148,22 @@ def test_the_choice_is_the_fix_with_least_spill_else_the_closest() -> None:
     assert pick_edits(outcomes, 3).tolist() == [0, 1]
 
 
+def test_without_its_own_target_the_first_candidate_is_never_chosen() -> None:
+    outcomes = EditOutcomes(
+        steps=torch.tensor([5.0, 3, 9, 12, 12, 12]),
+        loss=torch.tensor([0.4, 0.5, 0.9, 0.1, 0.7, 0.8]),
+        fixed=torch.tensor([True, True, False, False, False, False]),
+        anchor_kl=torch.tensor([0.0, 0.3, 0.1, 0.0, 0.5, 0.5]),
+        deltas=[],
+    )
+    assert pick_edits(outcomes, 3).tolist() == [0, 0]  # its own fixes with least spill; closest
+    # the next fix with least spill, and of the rest the closest; the outcomes are not changed
+    assert pick_edits(outcomes, 3, own=False).tolist() == [1, 1]
+    assert outcomes.fixed[0] and outcomes.loss[3] == 0.1
+    with pytest.raises(ValueError, match="own_target False needs targets from edits"):
+        MetaTrainConfig(own_target=False)
+
+
 def test_meta_training_on_edit_targets_regresses_onto_the_chosen_masks(demo_backbone, demo_pool):
     model = demo_backbone.model
     sites = Sites.for_model(model)
@@ -169,6 +185,22 @@ def test_meta_training_on_edit_targets_regresses_onto_the_chosen_masks(demo_back
     assert any(
         not torch.equal(a, b.detach()) for a, b in zip(before, hypernet.parameters(), strict=True)
     )
+
+
+def test_meta_training_without_its_own_target_still_tries_and_logs_its_own_mask(
+    demo_backbone, demo_pool
+) -> None:
+    model = demo_backbone.model
+    sites = Sites.for_model(model)
+    cfg = MetaTrainConfig(**{**EDITS, "own_target": False})
+    hypernet = build_hypernetwork(model, sites, seed=0, gradient_input=True)
+    trainer = MetaTrainer(
+        demo_backbone, sites, demo_pool, hypernet, cfg, sampler=SecondClassSampler(model, demo_pool)
+    )
+    first = trainer.step()
+    assert first["won_own"] == 0 and first["won_saliency"] + first["won_mixed"] == 1
+    assert 0 < first["steps_own"] <= cfg.edit_steps  # its own mask was still edited
+    assert first["kl_last"] < first["kl_unedited"]
 
 
 def test_the_spill_candidate_ranks_each_episode_by_fix_per_spill_on_fixed_anchors(
