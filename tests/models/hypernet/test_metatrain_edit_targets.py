@@ -134,13 +134,17 @@ def test_a_spill_ranking_is_the_third_candidate_and_the_mixes_follow() -> None:
     assert candidate_masks(own, saliency, 4, 3, gen, spill).shape == (2, 3, 40)  # no mix
 
 
+def two_episodes(loss: list[float], fixed: list[bool], anchor_kl: list[float]) -> EditOutcomes:
+    """The outcomes of 3 candidates for each of 2 episodes (rows episode-major)."""
+    steps = torch.tensor([5.0, 3, 9, 12, 12, 12])
+    return EditOutcomes(steps, torch.tensor(loss), torch.tensor(fixed), torch.tensor(anchor_kl), [])
+
+
 def test_the_choice_is_the_fix_with_least_spill_else_the_closest() -> None:
-    outcomes = EditOutcomes(
-        steps=torch.tensor([5.0, 3, 9, 12, 12, 12]),
-        loss=torch.tensor([0.4, 0.5, 0.3, 0.9, 0.7, 0.8]),
-        fixed=torch.tensor([True, True, True, False, False, False]),
-        anchor_kl=torch.tensor([0.2, 0.3, 0.1, 0.0, 0.5, 0.5]),
-        deltas=[],
+    outcomes = two_episodes(
+        [0.4, 0.5, 0.3, 0.9, 0.7, 0.8],
+        [True, True, True, False, False, False],
+        [0.2, 0.3, 0.1, 0.0, 0.5, 0.5],
     )
     # episode 0: all three fix it, the third spills least; episode 1: none does, the 2nd is closest
     assert pick_edits(outcomes, 3).tolist() == [2, 1]
@@ -149,12 +153,10 @@ def test_the_choice_is_the_fix_with_least_spill_else_the_closest() -> None:
 
 
 def test_without_its_own_target_the_first_candidate_is_never_chosen() -> None:
-    outcomes = EditOutcomes(
-        steps=torch.tensor([5.0, 3, 9, 12, 12, 12]),
-        loss=torch.tensor([0.4, 0.5, 0.9, 0.1, 0.7, 0.8]),
-        fixed=torch.tensor([True, True, False, False, False, False]),
-        anchor_kl=torch.tensor([0.0, 0.3, 0.1, 0.0, 0.5, 0.5]),
-        deltas=[],
+    outcomes = two_episodes(
+        [0.4, 0.5, 0.9, 0.1, 0.7, 0.8],
+        [True, True, False, False, False, False],
+        [0.0, 0.3, 0.1, 0.0, 0.5, 0.5],
     )
     assert pick_edits(outcomes, 3).tolist() == [0, 0]  # its own fixes with least spill; closest
     # the next fix with least spill, and of the rest the closest; the outcomes are not changed
