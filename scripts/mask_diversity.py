@@ -8,8 +8,9 @@ masks of the same group, of two different groups, and the share of entries every
 then the IoU of the two kinds' masks on the same image, and the rank correlation of the
 hypernetwork's scores with the image's gradient norms (for a ``--gradient-input`` or
 ``--spill-input`` network, also how much each input's part of its logits weighs against the
-heads'). A hypernetwork whose masks are nearly the same for every failure ranks neurons once for
-all (a static mask), whatever image it is shown. ``--against DIR`` (repeatable): the IoU of its
+heads', and how far it lifts the logits of that input's own top ``rho``). A hypernetwork whose
+masks are nearly the same for every failure ranks neurons once for all (a static mask), whatever
+image it is shown. ``--against DIR`` (repeatable): the IoU of its
 masks with another hypernetwork's of the same backbone on the same images (how far two
 meta-training runs ended apart); a ``--spill-input`` network's masks are also compared with the
 top ``rho`` of the spill ranking it reads (``saliency-spill``'s mask on its anchors).
@@ -74,6 +75,8 @@ def main() -> None:
     spill_masks: list[torch.Tensor] = []
     group_of, follows = [], []
     weight: dict[str, list[float]] = {}
+    lift: dict[str, list[float]] = {}  # each input's term on its ranking's top rho, over its mean
+    heads_std: list[float] = []
     for gi, group in enumerate(bench.groups):
         images = backbone.preprocess(group.images)
         tokens = split.prefix(images)
@@ -101,8 +104,11 @@ def main() -> None:
                     None if spill is None else spill[None],
                 )
             head = terms.pop("heads")
+            heads_std.append(head.std().item())
             for name, term in terms.items():
                 weight.setdefault(name, []).append((term.std() / head.std()).item())
+                top = top_rho_mask({"gradient": gradient, "spill": spill}[name], args.rho)
+                lift.setdefault(name, []).append((term[0, top].mean() - term.mean()).item())
             group_of.append(gi)
     groups = torch.tensor(group_of)
     print(f"{len(bench.groups)} groups, {len(groups)} images, rho {args.rho}\n")
@@ -131,6 +137,12 @@ def main() -> None:
         print(
             f"the {name} input's part of its logits (gate x rank), std over entries as a share "
             f"of the heads' part: mean {sum(shares) / len(shares):.3f}"
+        )
+    for name, lifts in lift.items():
+        print(
+            f"the {name} input lifts the logits of its ranking's top {args.rho:g} by "
+            f"{sum(lifts) / len(lifts):+.3f} over their mean (the heads' part: std "
+            f"{sum(heads_std) / len(heads_std):.3f}; the regression's targets sit at z = +-1)"
         )
 
 

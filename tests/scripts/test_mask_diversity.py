@@ -1,5 +1,6 @@
 """scripts/mask_diversity.py on the demo world: the masks' overlaps, how far the learned scores
-follow the image's gradient norms, and how much a gradient-reading network's gates weigh."""
+follow the image's gradient norms, and how much a gradient-reading network's gates weigh and lift
+the top of the ranking they read."""
 
 from __future__ import annotations
 
@@ -42,6 +43,9 @@ def test_a_gradient_reading_network_reports_what_its_gates_weigh(
     assert figure("the gradient input's part", run.stdout) > 100  # the gates outweigh the heads
     assert figure("rank correlation", run.stdout) > 0.99  # so the scores are the gradient's order
     assert figure("where2edit vs saliency", run.stdout) > 0.99
+    # a gate of 1 on ranks in [-1, 1]: the top 10% sit at ranks 0.8-1, 0.9 above the mean of 0
+    lift = re.search(r"gradient input lifts .* by ([+-][0-9.]+)", run.stdout)
+    assert 0.88 < float(lift.group(1)) < 0.92
 
 
 def test_a_spill_reading_network_is_compared_with_its_spill_ranking_and_with_other_networks(
