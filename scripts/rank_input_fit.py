@@ -8,9 +8,10 @@ top ``edit_rho`` of a ranking; the spill candidate's, for one, is the top of the
 ``--spill-input`` network reads. This fits the best z = a + g * f(q) (q: an entry's quantile in
 that ranking) for a few features f, to a batch of targets of which a share ``--share`` are the
 ranking's top ``edit_rho`` and the rest the top ``edit_rho`` of one unrelated random ranking,
-and prints the weighted BCE each reaches, beside a perfect fit's and a constant guess's. The network
-sees one feature per input, so a feature whose best fit stays near the constant guess gives the
-regression almost nothing to pull its gate by. No backbone, no data: seconds on one thread.
+and prints the weighted BCE each reaches, beside a perfect fit's and a constant guess's. Per
+entry the network's logit is linear in the feature it reads, so a feature whose best fit stays
+near the constant guess gives the regression almost nothing to pull its gate by. No backbone, no
+data: seconds on one thread.
 
     .venv/bin/python scripts/rank_input_fit.py [--rho 0.02] [--share 1,0.5] [--entries 10000]
 """
