@@ -10,10 +10,10 @@ hypernetwork's scores with the image's gradient norms (for a ``--gradient-input`
 ``--spill-input`` network, also how much each input's part of its logits weighs against the
 heads', and how far it lifts the logits of that input's own top ``rho``). A hypernetwork whose
 masks are nearly the same for every failure ranks neurons once for all (a static mask), whatever
-image it is shown. ``--against DIR`` (repeatable): the IoU of its
-masks with another hypernetwork's of the same backbone on the same images (how far two
-meta-training runs ended apart); a ``--spill-input`` network's masks are also compared with the
-top ``rho`` of the spill ranking it reads (``saliency-spill``'s mask on its anchors).
+image it is shown. ``--against DIR`` (repeatable): the IoU of its masks with another
+hypernetwork's of the same backbone on the same images (how far two meta-training runs ended
+apart); a ``--spill-input`` network's masks are also compared with the top ``rho`` of the spill
+ranking it reads (``saliency-spill``'s mask on its anchors).
 
     .venv/bin/python scripts/mask_diversity.py --world tiny-imagenet [--hypernet DIR] [--rho 0.1] \
         [--against DIR ...]
@@ -105,9 +105,10 @@ def main() -> None:
                 )
             head = terms.pop("heads")
             heads_std.append(head.std().item())
+            read = {"gradient": gradient, "spill": spill}  # the ranking behind each term
             for name, term in terms.items():
                 weight.setdefault(name, []).append((term.std() / head.std()).item())
-                top = top_rho_mask({"gradient": gradient, "spill": spill}[name], args.rho)
+                top = top_rho_mask(read[name], args.rho)
                 lift.setdefault(name, []).append((term[0, top].mean() - term.mean()).item())
             group_of.append(gi)
     groups = torch.tensor(group_of)

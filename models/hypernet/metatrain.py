@@ -563,13 +563,11 @@ def pick_edits(outcomes: EditOutcomes, candidates: int, own: bool = True) -> tor
     """(B,) the chosen candidate per episode: of those that fix it, the least anchor KL; if none
     does, the lowest loss. With ``own`` False the first candidate (the network's own mask) is
     never chosen."""
-    fixed = outcomes.fixed.view(-1, candidates).clone()
-    loss = outcomes.loss.view(-1, candidates).clone()
-    if not own:
-        fixed[:, 0] = False
-        loss[:, 0] = math.inf
+    eligible = torch.ones(candidates, dtype=torch.bool, device=outcomes.fixed.device)
+    eligible[0] = own
+    fixed = outcomes.fixed.view(-1, candidates) & eligible
     spill = outcomes.anchor_kl.view(-1, candidates).masked_fill(~fixed, math.inf)
-    closest = loss.argmin(dim=1)
+    closest = outcomes.loss.view(-1, candidates).masked_fill(~eligible, math.inf).argmin(dim=1)
     return torch.where(fixed.any(dim=1), spill.argmin(dim=1), closest)
 
 
