@@ -28,6 +28,9 @@ from models.hypernet.metatrain import MetaTrainConfig
 from models.hypernet.network import HypernetConfig
 
 FIT_STEPS = 2000
+# bounds that keep a run to a few minutes at most (100,000 entries, one share: about 16 s)
+MAX_ENTRIES = 100_000
+MAX_SHARES = 8
 
 
 def shares_list(text: str) -> list[float]:
@@ -84,10 +87,10 @@ def main() -> None:
     args = parser.parse_args()
     if not 0 < args.rho < 1:
         raise SystemExit(f"--rho {args.rho:g}: give a share of entries in (0, 1)")
-    if not all(0 <= s <= 1 for s in args.share):
-        raise SystemExit(f"--share {args.share}: give shares in [0, 1]")
-    if not round(args.rho * args.entries) >= 1 or args.entries > 10_000_000:
-        raise SystemExit(f"--entries {args.entries}: give 1/rho to 10,000,000")
+    if not all(0 <= s <= 1 for s in args.share) or len(args.share) > MAX_SHARES:
+        raise SystemExit(f"--share {args.share}: give 1 to {MAX_SHARES} shares in [0, 1]")
+    if not round(args.rho * args.entries) >= 1 or args.entries > MAX_ENTRIES:
+        raise SystemExit(f"--entries {args.entries}: give 1/rho to {MAX_ENTRIES:,}")
     scale = HypernetConfig.score_scale
     weight = MetaTrainConfig.regression_weight
     n = args.entries

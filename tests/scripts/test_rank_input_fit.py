@@ -31,7 +31,8 @@ def test_only_an_indicator_of_the_top_reaches_a_perfect_fit_and_a_linear_rank_ba
 
 
 def test_bad_arguments_get_one_line_errors() -> None:
-    for args in (["--rho", "2"], ["--share", ","]):  # its own check; argparse's
+    # its own checks (a bound that keeps a run short, a rho out of range); argparse's
+    for args in (["--entries", "1000000"], ["--rho", "2"], ["--share", ","]):
         run = run_script("rank_input_fit", *args)
         assert run.returncode != 0 and "Traceback" not in run.stderr, args
         assert run.stderr.strip() or run.stdout.strip(), args
