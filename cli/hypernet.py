@@ -217,6 +217,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--init-from, that network's weights plus the gates (not in the paper)",
     )
     train.add_argument(
+        "--rank-feature",
+        choices=["linear", "tail"],
+        default=None,
+        help="how --gradient-input and --spill-input read their rankings: linear, each entry's "
+        "rank in [-1, 1] (default), or tail, the rank as an exponential quantile, so the top "
+        "stands out (not in the paper; docs/method.md section 3)",
+    )
+    train.add_argument(
         "--episodes",
         choices=["cutmix", "failures"],
         default="cutmix",
@@ -330,6 +338,11 @@ def _train(args: argparse.Namespace) -> int:
 
         # checks the backbone and the sites; loaded frozen, so unfreeze for training
         hypernet = Hypernetwork.load(args.init_from, backbone, sites).requires_grad_(True)
+        if args.rank_feature is not None:
+            try:
+                hypernet = hypernet.with_rank_feature(args.rank_feature)
+            except ValueError as exc:
+                raise SystemExit(f"vitedit hypernet train: --rank-feature: {exc}") from None
         if args.target_token and not hypernet.config.target_token:
             hypernet = hypernet.with_target_token(cfg.seed)
         if args.gradient_input and not hypernet.config.gradient_input:
@@ -345,6 +358,12 @@ def _train(args: argparse.Namespace) -> int:
             target_token=args.target_token,
             gradient_input=args.gradient_input,
             spill_input=args.spill_input,
+            rank_feature=args.rank_feature or "linear",
+        )
+    if args.rank_feature and not (hypernet.config.gradient_input or hypernet.config.spill_input):
+        raise SystemExit(
+            "vitedit hypernet train: --rank-feature says how the rankings of --gradient-input "
+            "and --spill-input are read: give one of them too"
         )
     checkpoints = args.checkpoint_dir or (WORLD_CHECKPOINTS / args.world if args.world else None)
     budget = None if args.time_budget is None else 60 * args.time_budget

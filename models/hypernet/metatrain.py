@@ -979,6 +979,7 @@ def build_hypernetwork(
     target_token: bool = False,
     gradient_input: bool = False,
     spill_input: bool = False,
+    rank_feature: str = "linear",
 ) -> Hypernetwork:
     """A fresh hypernetwork for this backbone and these sites, initialised from ``seed``."""
     torch.manual_seed(seed)
@@ -990,6 +991,7 @@ def build_hypernetwork(
         target_token=target_token,
         gradient_input=gradient_input,
         spill_input=spill_input,
+        rank_feature=rank_feature,
     )
     return Hypernetwork(config).to(next(model.parameters()).device)
 

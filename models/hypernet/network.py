@@ -47,9 +47,10 @@ WEIGHTS_FILE = "hypernet.safetensors"
 MANIFEST_FILE = "hypernet.json"
 CONFIG_HINT = (
     "Check the config in hypernet.json (width, depth, heads, mlp_hidden, hidden, target_token, "
-    "gradient_input, spill_input): it must be the one these weights were trained with."
+    "gradient_input, spill_input, rank_feature): it must be the one these weights were trained with."
 )
 ANCHORS_FILE = "spill-anchors.safetensors"
+RANK_FEATURES = ("linear", "tail")
 DEMO_DIR = Path(__file__).resolve().parents[1] / "assets" / "demo" / "hypernet"
 
 
@@ -76,6 +77,10 @@ class HypernetConfig:
     # also read the edit's first-order fix per spill on the network's clean anchors (the ranking
     # of scripts/spill_saliency.py's saliency-spill), through gates of its own (zero at the start)
     spill_input: bool = False
+    # how those two inputs' rankings are read (:func:`rank_features`): "linear", each entry's rank
+    # in [-1, 1]; or "tail", the same rank as an exponential quantile, so a ranking's top stands
+    # out (top 1% +3.6, median -0.3, bottom -1)
+    rank_feature: str = "linear"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
@@ -92,6 +97,10 @@ class HypernetConfig:
         ):  # a manifest's "no" is not False
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.rank_feature not in RANK_FEATURES:
+            raise ValueError(
+                f"rank_feature must be one of {', '.join(RANK_FEATURES)}, got {self.rank_feature!r}"
+            )
 
     @property
     def n_matrices(self) -> int:
@@ -192,7 +201,7 @@ class Hypernetwork(nn.Module):
             if values is None:
                 raise ValueError(f"this hypernetwork reads the edit's {what}")
             gate = torch.cat([head(x[:, i]) for i, head in enumerate(gates)], dim=-1)
-            terms[name] = gate * row_ranks(values.expand_as(z))
+            terms[name] = gate * rank_features(values.expand_as(z), self.config.rank_feature)
         return terms
 
     def forward(
@@ -266,10 +275,23 @@ class Hypernetwork(nn.Module):
         net.anchor_images = None if anchor_images is None else anchor_images.detach().cpu()
         return net
 
-    def _with_inputs(self, **inputs: bool) -> Hypernetwork:
+    def with_rank_feature(self, kind: str) -> Hypernetwork:
+        """This network reading its rankings as ``kind`` (:func:`rank_features`), all weights
+        copied. Refused for a network whose gates were already trained on another reading."""
+        if kind == self.config.rank_feature:
+            return self
+        if self.config.gradient_input or self.config.spill_input:
+            raise ValueError(
+                f"this hypernetwork's gates were trained on {self.config.rank_feature!r} ranks: "
+                f"it cannot be switched to {kind!r} (start from a network without the inputs)"
+            )
+        return self._with_inputs(rank_feature=kind)
+
+    def _with_inputs(self, **inputs: bool | str) -> Hypernetwork:
         net = Hypernetwork(dataclasses.replace(self.config, **inputs))
         missing, unexpected = net.load_state_dict(self.state_dict(), strict=False)
-        added = tuple(_INPUT_PARAMS[name] for name in inputs)  # the only parameters not copied
+        # the only parameters not copied (a new rank feature adds none)
+        added = tuple(_INPUT_PARAMS[name] for name in inputs if name in _INPUT_PARAMS)
         if unexpected or any(not k.startswith(added) for k in missing):
             raise ValueError(f"cannot add {', '.join(inputs)}: {missing} {unexpected}")
         net.sites, net.anchor_images = self.sites, self.anchor_images
@@ -495,6 +517,21 @@ def row_ranks(values: torch.Tensor) -> torch.Tensor:
     n = values.shape[-1]
     ranks = values.argsort(dim=-1).argsort(dim=-1).to(values.dtype)
     return 2 * ranks / max(n - 1, 1) - 1
+
+
+def rank_features(values: torch.Tensor, kind: str = "linear") -> torch.Tensor:
+    """What a ``gradient_input`` or ``spill_input`` network reads of a ranking, per row.
+    ``linear``: :func:`row_ranks`. ``tail``: the entry's quantile q in [0, 1) (0: the smallest)
+    mapped to -log(1 - q) - 1, an exponential variate centred on 0: it spreads the top apart
+    (top 1% above +3.6, top 10% above +1.3) and packs the rest near -1, so a gate can lift a
+    ranking's top alone (scripts/rank_input_fit.py measures what each gives the regression)."""
+    if kind == "linear":
+        return row_ranks(values)
+    if kind != "tail":
+        raise ValueError(f"unknown rank feature {kind!r}: one of {', '.join(RANK_FEATURES)}")
+    n = values.shape[-1]
+    q = values.argsort(dim=-1).argsort(dim=-1).to(values.dtype) / n
+    return -torch.log1p(-q) - 1
 
 
 def _zero_heads(width: int, hidden: tuple[int, ...]) -> nn.ModuleList:

@@ -599,6 +599,26 @@ def test_cli_adds_the_gradient_input_to_a_saved_hypernetwork(tiny_backbone, tmp_
     assert Hypernetwork.load(tmp_path / "new", tiny_backbone).config.gradient_input
 
 
+def test_cli_reads_rankings_as_their_tail_only_with_an_input_that_reads_them(
+    tiny_backbone, tmp_path
+):
+    from cli.main import main
+
+    _cli_folder(tmp_path)
+    tail = ["--rank-feature", "tail"]
+    assert main(_cli_train(tmp_path, "--out", str(tmp_path / "out"))) == 0
+    more = ["--out", str(tmp_path / "more"), "--init-from", str(tmp_path / "out")]
+    assert main(_cli_train(tmp_path, *more, "--gradient-input", *tail)) == 0
+    child = Hypernetwork.load(tmp_path / "more", tiny_backbone)
+    assert child.config.gradient_input and child.config.rank_feature == "tail"
+    with pytest.raises(SystemExit, match="give one of them too"):
+        main(_cli_train(tmp_path, "--out", str(tmp_path / "bare"), *tail))
+    assert not (tmp_path / "bare").exists()
+    again = ["--out", str(tmp_path / "again"), "--init-from", str(tmp_path / "more")]
+    with pytest.raises(SystemExit, match="trained on 'tail' ranks"):
+        main(_cli_train(tmp_path, *again, "--rank-feature", "linear"))
+
+
 def test_anchor_losses_equal_per_episode_forwards_at_each_episodes_weights(
     tiny_backbone, sites, pool
 ):

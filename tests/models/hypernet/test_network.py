@@ -20,6 +20,7 @@ from models.hypernet.network import (
     cls_features,
     feature_dim,
     load_demo_hypernetwork,
+    rank_features,
     row_ranks,
     target_features,
 )
@@ -152,6 +153,57 @@ def test_row_ranks_span_minus_one_to_one_and_ignore_the_scale():
 def test_an_optional_input_must_be_true_or_false(name, value):
     with pytest.raises(ValueError, match=f"{name} must be true or false"):
         HypernetConfig(32, (64, 64), width=32, heads=4, **{name: value})
+
+
+def test_the_tail_feature_keeps_the_order_and_lifts_the_top_alone():
+    values = torch.randn(3, 1000, generator=torch.Generator().manual_seed(0))
+    tail, linear = rank_features(values, "tail"), rank_features(values, "linear")
+    assert torch.equal(tail.argsort(dim=-1), linear.argsort(dim=-1))
+    assert torch.equal(linear, row_ranks(values))
+    # the smallest -1, the largest log(n) - 1, an exponential's quantiles centred near 0
+    assert torch.allclose(tail.min(dim=-1).values, torch.full((3,), -1.0))
+    top = torch.tensor(1000.0).log() - 1
+    assert torch.allclose(tail.max(dim=-1).values, top.expand(3))
+    assert tail.mean().abs() < 0.01
+    ranked = tail[0].sort(descending=True).values
+    assert ranked[9] > 3.6 > ranked[10]  # the top 1%
+    assert ranked[499] < 0  # the median
+    with pytest.raises(ValueError, match="unknown rank feature 'cube'"):
+        rank_features(values, "cube")
+    with pytest.raises(ValueError, match="rank_feature must be one of linear, tail"):
+        HypernetConfig(32, (64, 64), width=32, heads=4, rank_feature="cube")
+
+
+def test_a_tail_reading_network_round_trips_and_refuses_to_switch_trained_gates(
+    tiny_backbone, sites, images, tmp_path
+):
+    parent = make_hypernet(tiny_backbone, sites).eval()
+    net = parent.with_rank_feature("tail").with_gradient_input().eval()
+    assert net.config.rank_feature == "tail" and parent.config.rank_feature == "linear"
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in parent.state_dict().items())
+    with torch.no_grad():
+        for gate in net.gates:
+            torch.nn.init.normal_(gate.weight)
+    norms = torch.rand(sites.n_entries, generator=torch.Generator().manual_seed(0))
+    scores = net.mask_scores(tiny_backbone.model, images, gradient=norms)
+    # the same gates read the linear rank otherwise
+    linear = Hypernetwork(dataclasses.replace(net.config, rank_feature="linear")).eval()
+    linear.load_state_dict(net.state_dict())
+    assert not torch.allclose(
+        linear.mask_scores(tiny_backbone.model, images, gradient=norms), scores
+    )
+    net.save(tmp_path, tiny_backbone, sites)
+    assert json.loads((tmp_path / MANIFEST_FILE).read_text())["config"]["rank_feature"] == "tail"
+    loaded = Hypernetwork.load(tmp_path, tiny_backbone, sites)
+    assert loaded.config.rank_feature == "tail"
+    assert torch.equal(loaded.mask_scores(tiny_backbone.model, images, gradient=norms), scores)
+    assert net.with_rank_feature("tail") is net
+    with pytest.raises(ValueError, match="trained on 'tail' ranks: it cannot be switched"):
+        net.with_rank_feature("linear")
+    # a manifest from before the field reads linear ranks, as its network was trained to
+    manifest = json.loads((tmp_path / MANIFEST_FILE).read_text())
+    del manifest["config"]["rank_feature"]
+    assert HypernetConfig(**{**manifest["config"], "hidden": (1,)}).rank_feature == "linear"
 
 
 def test_a_gradient_reading_network_keeps_its_parents_weights_and_round_trips(
