@@ -82,10 +82,14 @@ def load_checkpoint(trainer: MetaTrainer, directory: Path) -> None:
         k: v for k, v in {**defaults, **state["config"]}.items() if k not in _RESUMABLE_CHANGES
     }
     now = {k: v for k, v in dataclasses.asdict(trainer.cfg).items() if k not in _RESUMABLE_CHANGES}
+    shape = trainer.hypernet.config  # likewise a shape field it predates (e.g. rank_feature)
+    shape_defaults = {
+        f.name: f.default for f in dataclasses.fields(shape) if f.default is not dataclasses.MISSING
+    }
     same = (
         saved == now
         and state["sites"] == trainer.sites.to_json()
-        and state["hypernet_config"] == trainer.hypernet.config.to_json()
+        and {**shape_defaults, **state["hypernet_config"]} == shape.to_json()
         and state["backbone_sha256"] == trainer.backbone.weights_sha256
     )
     if not same:

@@ -403,7 +403,7 @@ def test_resume_refuses_a_checkpoint_with_another_inner_setup(tiny_backbone, sit
         meta_train(tiny_backbone, sites, pool, changed, tmp_path, resume=True)
 
 
-def test_resume_accepts_a_checkpoint_older_than_the_locality_fields(
+def test_resume_accepts_a_checkpoint_older_than_its_config_fields(
     tiny_backbone, sites, pool, tmp_path, caplog
 ):
     import json
@@ -420,6 +420,8 @@ def test_resume_accepts_a_checkpoint_older_than_the_locality_fields(
     state = json.loads(state_file.read_text())
     for name in ("locality", "anchors", "anchor_draws"):  # as written before they existed
         del state["config"][name]
+    for name in ("spill_input", "rank_feature"):  # and the hypernetwork's shape likewise
+        del state["hypernet_config"][name]
     state_file.write_text(json.dumps(state))
     caplog.set_level("INFO", logger="models.hypernet.checkpoint")
     _, history = meta_train(
