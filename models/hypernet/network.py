@@ -47,7 +47,8 @@ WEIGHTS_FILE = "hypernet.safetensors"
 MANIFEST_FILE = "hypernet.json"
 CONFIG_HINT = (
     "Check the config in hypernet.json (width, depth, heads, mlp_hidden, hidden, target_token, "
-    "gradient_input, spill_input, rank_feature): it must be the one these weights were trained with."
+    "gradient_input, spill_input, rank_feature): it must be the one these weights were trained "
+    "with."
 )
 ANCHORS_FILE = "spill-anchors.safetensors"
 RANK_FEATURES = ("linear", "tail")
@@ -523,8 +524,8 @@ def rank_features(values: torch.Tensor, kind: str = "linear") -> torch.Tensor:
     """What a ``gradient_input`` or ``spill_input`` network reads of a ranking, per row.
     ``linear``: :func:`row_ranks`. ``tail``: the entry's quantile q in [0, 1) (0: the smallest)
     mapped to -log(1 - q) - 1, an exponential variate centred on 0: it spreads the top apart
-    (top 1% above +3.6, top 10% above +1.3) and packs the rest near -1, so a gate can lift a
-    ranking's top alone (scripts/rank_input_fit.py measures what each gives the regression)."""
+    (top 1% above +3.6, top 10% above +1.3) and packs the lower half into [-1, -0.3], so a gate
+    can lift a ranking's top alone (scripts/rank_input_fit.py measures what each gives the regression)."""
     if kind == "linear":
         return row_ranks(values)
     if kind != "tail":
