@@ -9,6 +9,8 @@ groups. The results must come from runs of the same edits (``vitedit bench --mer
         # where2edit of A (one hypernetwork) against where2edit of B (another), same edits
     .venv/bin/python scripts/compare_masks.py RESULTS.json --front [--a where2edit] [--b saliency]
         # front against front: both methods' best GR at every LR a --b point reaches (SR 100%)
+    .venv/bin/python scripts/compare_masks.py A/results.json --other B/results.json --front
+        # the same, with the --b fronts taken from B (e.g. another hypernetwork's where2edit)
 """
 
 from __future__ import annotations
@@ -86,8 +88,6 @@ def main() -> None:
         "--front", action="store_true", help="compare fronts at matched LR instead of rho to rho"
     )
     args = parser.parse_args()
-    if args.front and args.other:
-        parser.error("--front compares two methods of one results file; drop --other")
     first = load_results(args.results)
     second = load_results(args.other) if args.other else first
     if args.other and first["benchmark"] != second["benchmark"]:
@@ -102,11 +102,16 @@ def main() -> None:
             )
     if args.front:
         for b in rivals:
+            # a rival from the other file gets its own name, so where2edit can face where2edit
+            rival = f"{b} (other)" if args.other else b
+            both = {**first, "methods": {args.a: first["methods"][args.a]}}
+            both["methods"][rival] = second["methods"][b]
             print(
-                f"| LR >= % | {args.a}: best GR / its LR % | {b}: best GR / its LR % | GR diff. |"
+                f"| LR >= % | {args.a}: best GR / its LR % | {rival}: best GR / its LR % | "
+                "GR diff. |"
             )
             print("|---:|---|---|---|")
-            print("\n".join(front_rows(first, args.a, b)))
+            print("\n".join(front_rows(both, args.a, rival)))
         print(
             "(best: the highest GR among points with SR 100% and LR at or above the bar; GR diff."
         )
