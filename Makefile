@@ -91,15 +91,15 @@ tin-world: install
 	$(BIN)/python scripts/tune_edit_optimiser.py --world tiny-imagenet --groups 8 --edits 2 \
 		--lrs 3e-4,1e-3 --steps 50 --stop-losses 0.1,0.5 --write
 
-# The shipped hypernetwork (docs/worlds.md, attempt 26): the paper's objective, 201 iterations (the
+# The shipped hypernetwork (docs/worlds.md, attempt 23): the paper's objective, 201 iterations (the
 # 10-minute first run), then 1,800 more on a fresh cosine (25 min), then 2,400 more (31 min), on
 # CutMix episodes; then the backbone's natural failures on its own train split (read from TIN_ROOT,
 # 87 s) and 1,900 iterations on them with the edit's own optimiser in the inner loop (RMSprop at the
 # edit lr 3e-4), reading each edit's target (--target-token; 33 min): attempt 14. Then 800
 # iterations whose targets are the best of four real edits per failure (own, saliency's, the spill
 # ranking's, a mix), reading the edit's gradient and its fix per spill on 64 clean anchors kept with
-# the network, each ranking read by its tail (--rank-feature tail; 67 min), one thread. Chosen by
-# the tuning-half rule among the attempts of docs/worlds.md; tin-bench then reports the test half.
+# the network (67 min), one thread. Chosen by the tuning-half rule among the attempts of
+# docs/worlds.md; tin-bench then reports the test half.
 TIN_HYPERNET := models/assets/tiny-imagenet/hypernet
 TIN_FAILURES ?= $(HOME)/.cache/vitedit/worlds/tiny-imagenet/failures-train.npz
 tin-hypernet: install
@@ -118,8 +118,8 @@ tin-hypernet: install
 	$(BIN)/vitedit hypernet train --world tiny-imagenet --threads 1 \
 		--target-token --gradient-input --spill-input --episodes failures --failures $(TIN_FAILURES) \
 		--failure-target raise --init-from $(TIN_HYPERNET) --inner-optimiser rmsprop --inner-lr 3e-4 \
-		--target-from edits --edit-rho 0.02 --candidates 4 --anchors 8 --spill-anchors 64 \
-		--rank-feature tail --seed 0 --iterations 800 --schedule-iterations 800
+		--target-from edits --edit-rho 0.02 --candidates 4 --anchors 8 --spill-anchors 64 --seed 0 \
+		--iterations 800 --schedule-iterations 800
 
 # Figures are reported on the test half; knobs and the optimiser setting come from the tuning half.
 # Every method on the same edits (1 per group, seeds 0,1,2), the front of docs/worlds.md; where2edit-sal

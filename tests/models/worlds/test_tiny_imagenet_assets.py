@@ -97,10 +97,9 @@ def test_shipped_hypernetwork_fits_the_backbone_and_edits_a_failure(world, backb
     hypernet = Hypernetwork.load(tin.ASSETS / "hypernet", backbone)
     sites = Sites.for_model(backbone.model)  # the default: blocks 2-4, what it was trained for
     assert hypernet.sites == sites
-    # attempt 26 (docs/worlds.md): it reads the edit's target, its gradient and its fix per
-    # spill on the 64 clean anchors shipped with it, each ranking by its tail
+    # attempt 23 (docs/worlds.md): it reads the edit's target, its gradient and its fix per
+    # spill on the 64 clean anchors shipped with it
     assert hypernet.config.target_token and hypernet.config.gradient_input
-    assert hypernet.config.rank_feature == "tail"
     assert hypernet.config.spill_input and hypernet.anchor_images.shape == (64, 3, 32, 32)
     group = world.benchmark.groups[0]
     images = backbone.preprocess(group.images[:1])
