@@ -378,7 +378,10 @@ class Hypernetwork(nn.Module):
                 f"{manifest['weights_sha256'][:16]}...: the file was changed"
             )
         cfg = manifest["config"]
-        config = HypernetConfig(**{**cfg, "hidden": tuple(cfg["hidden"])})
+        try:
+            config = HypernetConfig(**{**cfg, "hidden": tuple(cfg["hidden"])})
+        except (TypeError, ValueError) as exc:  # an unknown field, a "no" for false, ...
+            raise ManifestError(f"{Path(in_dir) / MANIFEST_FILE}: its config: {exc}") from None
         # the shapes first: a config far larger than its weights is refused unbuilt
         check_fit(meta_shapes(lambda: cls(config)), read_shapes(weights), weights, CONFIG_HINT)
         net = cls(config)

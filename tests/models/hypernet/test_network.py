@@ -204,6 +204,14 @@ def test_a_tail_reading_network_round_trips_and_refuses_to_switch_trained_gates(
     manifest = json.loads((tmp_path / MANIFEST_FILE).read_text())
     del manifest["config"]["rank_feature"]
     assert HypernetConfig(**{**manifest["config"], "hidden": (1,)}).rank_feature == "linear"
+    # a config the class refuses is a broken manifest, said in one line
+    saved = (tmp_path / MANIFEST_FILE).read_text()
+    for field, value in (("rank_feature", "cube"), ("gradient_input", "no"), ("colour", 1)):
+        broken = json.loads(saved)
+        broken["config"][field] = value
+        (tmp_path / MANIFEST_FILE).write_text(json.dumps(broken))
+        with pytest.raises(ManifestError, match=f"{MANIFEST_FILE}: its config: .*{field}"):
+            Hypernetwork.load(tmp_path, tiny_backbone, sites)
 
 
 def test_a_gradient_reading_network_keeps_its_parents_weights_and_round_trips(
