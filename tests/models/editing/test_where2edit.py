@@ -86,10 +86,13 @@ def with_input_only(task, net: Hypernetwork, gates: torch.nn.ModuleList, rho: fl
             head.weight.zero_(), head.bias.zero_(), gate.bias.fill_(1.0)
 
 
-def test_a_gradient_reading_hypernetwork_reads_the_edits_own_gradient(task):
-    net = task.hypernetwork.with_gradient_input().eval()
+@pytest.mark.parametrize("kind", ["linear", "tail"])
+def test_a_gradient_reading_hypernetwork_reads_the_edits_own_gradient(task, kind):
+    net = task.hypernetwork.with_rank_feature(kind).with_gradient_input().eval()
+    assert net.config.rank_feature == kind
     rho = 0.1
-    with_input_only(task, net, net.gates, rho)  # z: the gradient's rank, so saliency's own mask
+    # z: the gradient's rank (linear, or as its tail: the same order), so saliency's own mask
+    with_input_only(task, net, net.gates, rho)
     saliency = top_rho_mask(gradient_scores(task), rho)
     assert torch.equal(torch.cat(learned_masks(net, task, rho)), saliency)
     outcome = run_edit("where2edit", task, make_config("where2edit", rho=rho, max_steps=2))
