@@ -1,7 +1,9 @@
 """How much the meta-training regression can gain by reading a ranking, by how the ranking is fed.
 
 A ``--gradient-input`` or ``--spill-input`` hypernetwork adds ``gate * rank`` to its logits z,
-rank in [-1, 1] (models/hypernet/network.py), and the regression fits sigmoid(score_scale * z)
+rank in [-1, 1] (models/hypernet/network.py; ``--rank-feature tail`` reads the second feature
+below instead, shifted by -1, which the fit's a absorbs, and with q at i / n
+rather than (i + 0.5) / n), and the regression fits sigmoid(score_scale * z)
 to sigmoid(score_scale * (+1 on the target mask's entries, -1 elsewhere)) by BCE, weighed by
 ``regression_weight`` (models/hypernet/metatrain.py). With edit targets the target mask is the
 top ``edit_rho`` of a ranking; the spill candidate's, for one, is the top of the very ranking a

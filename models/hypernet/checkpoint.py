@@ -76,20 +76,19 @@ def save_checkpoint(trainer: MetaTrainer, directory: Path) -> None:
 def load_checkpoint(trainer: MetaTrainer, directory: Path) -> None:
     """Restore a trainer saved by :func:`save_checkpoint`; refuses a different setup."""
     state = read_json(directory / "state.json")
-    # a field the checkpoint predates takes its default (e.g. the locality term: off)
-    defaults = {f.name: f.default for f in dataclasses.fields(trainer.cfg)}
+    # a field the checkpoint predates takes its default (e.g. the locality term: off; the
+    # hypernetwork's rank_feature: linear)
     saved = {
-        k: v for k, v in {**defaults, **state["config"]}.items() if k not in _RESUMABLE_CHANGES
+        k: v
+        for k, v in _with_defaults(trainer.cfg, state["config"]).items()
+        if k not in _RESUMABLE_CHANGES
     }
     now = {k: v for k, v in dataclasses.asdict(trainer.cfg).items() if k not in _RESUMABLE_CHANGES}
-    shape = trainer.hypernet.config  # likewise a shape field it predates (e.g. rank_feature)
-    shape_defaults = {
-        f.name: f.default for f in dataclasses.fields(shape) if f.default is not dataclasses.MISSING
-    }
+    shape = trainer.hypernet.config
     same = (
         saved == now
         and state["sites"] == trainer.sites.to_json()
-        and {**shape_defaults, **state["hypernet_config"]} == shape.to_json()
+        and _with_defaults(shape, state["hypernet_config"]) == shape.to_json()
         and state["backbone_sha256"] == trainer.backbone.weights_sha256
     )
     if not same:
@@ -112,3 +111,10 @@ def load_checkpoint(trainer: MetaTrainer, directory: Path) -> None:
     trainer.sampler.generator.set_state(tensors["rng.sampler"])
     trainer.iteration, trainer.history = int(state["iteration"]), list(state["history"])
     log.info("resumed from %s at iteration %d", directory, trainer.iteration)
+
+
+def _with_defaults(config: Any, saved: dict[str, Any]) -> dict[str, Any]:
+    """``saved`` (a config as a checkpoint wrote it) with the fields it predates at the defaults
+    of ``config``'s dataclass."""
+    fields = dataclasses.fields(config)
+    return {**{f.name: f.default for f in fields if f.default is not dataclasses.MISSING}, **saved}

@@ -519,8 +519,7 @@ def row_ranks(values: torch.Tensor) -> torch.Tensor:
     ``gradient_input`` network reads of the gradient norms: ranks, not norms, because the edit's
     CE and meta-training's tempered KL give gradients of unrelated scales."""
     n = values.shape[-1]
-    ranks = values.argsort(dim=-1).argsort(dim=-1).to(values.dtype)
-    return 2 * ranks / max(n - 1, 1) - 1
+    return 2 * _ranks(values) / max(n - 1, 1) - 1
 
 
 def rank_features(values: torch.Tensor, kind: str = "linear") -> torch.Tensor:
@@ -533,9 +532,13 @@ def rank_features(values: torch.Tensor, kind: str = "linear") -> torch.Tensor:
         return row_ranks(values)
     if kind != "tail":
         raise ValueError(f"unknown rank feature {kind!r}: one of {', '.join(RANK_FEATURES)}")
-    n = values.shape[-1]
-    q = values.argsort(dim=-1).argsort(dim=-1).to(values.dtype) / n
+    q = _ranks(values) / values.shape[-1]
     return -torch.log1p(-q) - 1
+
+
+def _ranks(values: torch.Tensor) -> torch.Tensor:
+    """Each row's entries' ranks 0..n-1 (0: the smallest; ties in index order), as floats."""
+    return values.argsort(dim=-1).argsort(dim=-1).to(values.dtype)
 
 
 def _zero_heads(width: int, hidden: tuple[int, ...]) -> nn.ModuleList:
