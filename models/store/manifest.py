@@ -17,6 +17,9 @@ from typing import Any
 from models.errors import DataError, IntegrityError, ManifestError, quoted
 
 BACKBONE_SCHEMA = 1
+# the largest JSON file read: the project's own are at most a few hundred KB (bench results), so
+# a larger one is not one of them, and a device such as /dev/zero would otherwise be read forever
+MAX_JSON_BYTES = 64 * 1024 * 1024
 
 DEFAULT_TENANT = "default"
 """The tenant of a server without API keys, of plain keys (no ``tenant:`` prefix), and the owner
@@ -51,8 +54,18 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 def read_json(path: Path) -> dict[str, Any]:
     """Read a JSON object, turning every failure into a ManifestError that names the file."""
+    path = Path(path)
+    if path.exists() and not (path.is_file() or path.is_dir()):  # a device, a FIFO, a socket
+        raise ManifestError(f"manifest {path} is not a regular file")
     try:
-        data = json.loads(Path(path).read_text())
+        with path.open("rb") as fh:
+            raw = fh.read(MAX_JSON_BYTES + 1)
+        if len(raw) > MAX_JSON_BYTES:
+            raise ManifestError(
+                f"manifest {path} is larger than {MAX_JSON_BYTES // 2**20} MiB: not a JSON file "
+                "this project writes"
+            )
+        data = json.loads(raw.decode())
     except FileNotFoundError as exc:
         raise ManifestError(f"manifest {path} does not exist") from exc
     # ValueError: not JSON, a binary file (UnicodeDecodeError) or an integer of more digits than

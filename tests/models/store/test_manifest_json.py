@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from models.errors import ManifestError
+from models.store import manifest
 from models.store.manifest import read_json, read_safetensors_header
 
 
@@ -29,6 +30,20 @@ def test_an_unreadable_file_is_a_manifest_error(tmp_path: Path, content, message
         read_json(tmp_path / "missing.json")
     with pytest.raises(ManifestError, match="is not valid JSON"):
         read_json(tmp_path)  # a directory
+
+
+def test_a_device_or_an_oversized_file_is_refused_without_reading_it_all(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(ManifestError, match="/dev/zero is not a regular file"):
+        read_json(Path("/dev/zero"))  # endless: it would be read until memory ran out
+    monkeypatch.setattr(manifest, "MAX_JSON_BYTES", 16)
+    path = tmp_path / "big.json"
+    path.write_text('{"a": "' + "x" * 16 + '"}')
+    with pytest.raises(ManifestError, match="is larger than 0 MiB"):
+        read_json(path)
+    path.write_text('{"a": 1}')  # within the bound: read as ever
+    assert read_json(path) == {"a": 1}
 
 
 @pytest.mark.parametrize("header", [b"[1, 2]", b"[" * 100_000])
