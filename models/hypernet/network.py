@@ -381,7 +381,9 @@ class Hypernetwork(nn.Module):
         try:
             config = HypernetConfig(**{**cfg, "hidden": tuple(cfg["hidden"])})
         except (TypeError, ValueError) as exc:  # an unknown field, a "no" for false, ...
-            raise ManifestError(f"{Path(in_dir) / MANIFEST_FILE}: its config: {exc}") from None
+            # the message quotes the value, which may be of any length: shown cut short
+            said = str(exc) if len(str(exc)) <= 200 else f"{str(exc)[:200]}..."
+            raise ManifestError(f"{Path(in_dir) / MANIFEST_FILE}: its config: {said}") from None
         # the shapes first: a config far larger than its weights is refused unbuilt
         check_fit(meta_shapes(lambda: cls(config)), read_shapes(weights), weights, CONFIG_HINT)
         net = cls(config)

@@ -212,6 +212,12 @@ def test_a_tail_reading_network_round_trips_and_refuses_to_switch_trained_gates(
         (tmp_path / MANIFEST_FILE).write_text(json.dumps(broken))
         with pytest.raises(ManifestError, match=f"{MANIFEST_FILE}: its config: .*{field}"):
             Hypernetwork.load(tmp_path, tiny_backbone, sites)
+    broken = json.loads(saved)
+    broken["config"]["rank_feature"] = "a" * 100_000  # quoted, but cut short
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps(broken))
+    with pytest.raises(ManifestError, match="rank_feature must be one of") as caught:
+        Hypernetwork.load(tmp_path, tiny_backbone, sites)
+    assert len(str(caught.value)) < 400
 
 
 def test_a_gradient_reading_network_keeps_its_parents_weights_and_round_trips(
