@@ -59,6 +59,7 @@ _CONFIG_OPTIONS = (
     "edit_stop",
     "spill_anchors",
     "own_target",
+    "target_pick",
 )
 
 
@@ -189,6 +190,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="edits: the network's own mask is still tried (and logged) but never chosen as the "
         "target, so it never regresses onto its own output (not in the paper)",
+    )
+    train.add_argument(
+        "--target-pick",
+        choices=["spill", "sibling-per-spill"],
+        default=None,
+        help="edits: of the candidates that fix the episode, the target is the least anchor KL "
+        "(spill, the default) or the most CE taken off another failure of the same true and "
+        "predicted class per anchor KL (sibling-per-spill: generalization per spill; needs "
+        "--episodes failures; not in the paper)",
     )
     train.add_argument(
         "--init-from",
@@ -400,6 +410,11 @@ def _episode_source(args: argparse.Namespace, backbone: Any) -> tuple[Any, dict[
     if args.episodes == "cutmix":
         if args.failures is not None:
             raise SystemExit("--failures needs --episodes failures")
+        if args.target_pick == "sibling-per-spill":
+            raise SystemExit(
+                "--target-pick sibling-per-spill reads each failure's sibling (same true and "
+                "predicted class): it needs --episodes failures --failures FILE"
+            )
         return None, {"kind": "cutmix"}
     if args.failures is None:
         raise SystemExit("--episodes failures needs --failures FILE (vitedit hypernet failures)")
@@ -420,6 +435,7 @@ def _episode_source(args: argparse.Namespace, backbone: Any) -> tuple[Any, dict[
     }
     images = torch.from_numpy(data.images)
     labels = torch.from_numpy(data.labels)
+    predictions = torch.from_numpy(data.predictions)
     transform = _world_transform(args, backbone)
 
     def make(cfg: Any) -> FailureSampler:
@@ -432,6 +448,8 @@ def _episode_source(args: argparse.Namespace, backbone: Any) -> tuple[Any, dict[
             target=args.failure_target,
             transform=transform,
             device=backbone.device,
+            # siblings (same true and predicted class) only where the target pick reads them
+            predictions=predictions if cfg.target_pick == "sibling-per-spill" else None,
         )
 
     return make, record

@@ -124,6 +124,11 @@ class Episodes:
     mixed: torch.Tensor  # (B, C, H, W) x~ = x with a box of x' pasted in
     clean_logits: torch.Tensor  # (B, num_classes) the frozen backbone on x
     boxes: torch.Tensor  # (B, 4) top, left, height, width in patches
+    # natural failures only (FailureSampler with predictions): per episode another failure of
+    # the same true and predicted class, what a benchmark group's generalization images are;
+    # ``has_sibling`` (B,) False where the failure is its group's only one (its sibling is itself)
+    siblings: torch.Tensor | None = None  # (B, C, H, W)
+    has_sibling: torch.Tensor | None = None  # (B,) bool
 
     @property
     def targets(self) -> torch.Tensor:

@@ -133,6 +133,25 @@ def raised_target(
     return out
 
 
+def sibling_index(labels: torch.Tensor, predictions: torch.Tensor) -> torch.Tensor:
+    """(N,) for each failure, the next failure (cyclically, in file order) with the same true
+    and predicted class: a benchmark group's pair. A failure alone in its pair is its own
+    sibling. Deterministic, so a resumed run pairs as the first one did."""
+    keys = labels.long() * (int(predictions.max()) + 1) + predictions.long()
+    order = torch.argsort(keys, stable=True)  # groups contiguous, file order within each
+    sorted_keys = keys[order]
+    starts = torch.ones_like(sorted_keys, dtype=torch.bool)
+    starts[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    group = starts.cumsum(0) - 1
+    first = torch.nonzero(starts).flatten()
+    sizes = torch.diff(torch.cat([first, torch.tensor([len(keys)])]))
+    position = torch.arange(len(keys)) - first[group]
+    nxt = first[group] + (position + 1) % sizes[group]
+    out = torch.empty_like(order)
+    out[order] = order[nxt]
+    return out
+
+
 class FailureSampler:
     """Draws batches of natural-failure episodes (x~ = a failure, target = its true label) with
     its own seeded generator, as :class:`models.hypernet.cutmix.CutMixSampler` does (same
@@ -150,9 +169,12 @@ class FailureSampler:
         confidence: float = CONFIDENCE,
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         device: torch.device | str = "cpu",
+        predictions: torch.Tensor | None = None,
     ) -> None:
         if len(images) != len(labels) or len(images) < 1:
             raise DataError(f"{len(images)} failure images for {len(labels)} labels")
+        if predictions is not None and len(predictions) != len(labels):
+            raise DataError(f"{len(predictions)} predictions for {len(labels)} failure labels")
         if target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
         self.model, self.images, self.labels = model, images, labels.long()
@@ -161,6 +183,7 @@ class FailureSampler:
         self.device = torch.device(device)
         self.generator = torch.Generator().manual_seed(seed)
         self.pool = self  # the images episodes draw from (an ImagePool too; its size is logged)
+        self.sibling = None if predictions is None else sibling_index(labels, predictions)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -183,4 +206,9 @@ class FailureSampler:
             target = target.to(logits)
         grid = patch_grid(self.model)[1]
         boxes = torch.tensor([[0, 0, grid, grid]]).expand(batch, 4).clone()
-        return Episodes(x, x, target, boxes)
+        if self.sibling is None:
+            return Episodes(x, x, target, boxes)
+        # no draw from the generator: the episode stream is the same with or without siblings
+        sib = self.sibling[idx]
+        siblings = self.get(sib).to(self.device)
+        return Episodes(x, x, target, boxes, siblings, (sib != idx).to(self.device))

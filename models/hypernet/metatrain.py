@@ -98,9 +98,11 @@ REGRESSION_TARGETS = ("logits", "movement")
 OUTER_OPTIMISERS = ("rmsprop", "sgd")
 SEARCH_STARTS = ("uniform", "zero")
 TARGET_SOURCES = ("search", "edits")
+TARGET_PICKS = ("spill", "sibling-per-spill")
 # Each candidate holds dense per-episode deltas, RMSprop state and gradients (about 5 MB per
 # episode on the built-in worlds, 170 MB on ViT-B's default sites): past this no batch fits.
 MAX_CANDIDATES = 64
+KL_FLOOR = 1e-8  # sibling-per-spill divides by the anchor KL: an edit that spills nothing
 MAX_EDIT_STEPS = 10_000  # the most steps an edit may take (EditConfig.max_steps's bound)
 SPILL_POOL_DRAW = 4096  # pool images the spill candidate's anchors are chosen from, at most
 MARGIN_CHUNK = 256  # pool images per forward pass when their margins are first taken
@@ -172,6 +174,13 @@ class MetaTrainConfig:
     # mask as a candidate (logged) but never picks it as the target, so the regression never
     # fits the network's own output back onto itself.
     own_target: bool = True
+    # How "edits" picks among the candidates that fix the episode. "spill" (as before): the least
+    # anchor KL. "sibling-per-spill" (not in the paper; natural failures only): the most CE the
+    # edit takes off the episode's sibling (another failure of the same true and predicted
+    # class, what a benchmark group generalizes to) per unit of anchor KL, i.e. generalization
+    # per spill, the headline's GR at matched LR in one episode; where the failure has no
+    # sibling, the least anchor KL.
+    target_pick: str = "spill"
 
     def __post_init__(self) -> None:
         positive = (
@@ -199,6 +208,7 @@ class MetaTrainConfig:
             "search_start": SEARCH_STARTS,
             "regression_target": REGRESSION_TARGETS,
             "target_source": TARGET_SOURCES,
+            "target_pick": TARGET_PICKS,
         }
         problems += [
             (n, f"must be one of {', '.join(allowed)}")
@@ -227,6 +237,8 @@ class MetaTrainConfig:
             problems.append(("spill_anchors", "needs targets from edits and 3 or more candidates"))
         if not self.own_target and self.target_source != "edits":
             problems.append(("own_target", "False needs targets from edits"))
+        if self.target_pick != "spill" and self.target_source != "edits":
+            problems.append(("target_pick", f"{self.target_pick!r} needs targets from edits"))
         if self.target_source == "edits" and self.inner_optimiser != "rmsprop":
             problems.append(("inner_optimiser", "must be rmsprop (the edit's own) for edits"))
         if problems:
@@ -519,6 +531,7 @@ class EditOutcomes:
     fixed: torch.Tensor  # (N,) bool: loss <= the stop
     anchor_kl: torch.Tensor  # (N,) mean KL on the episode's anchor images at its end
     deltas: list[DenseDelta]  # D per site matrix, (N, out, in); the edit is W0 + m * D
+    probe: torch.Tensor | None = None  # (N,) mean loss on the probe images at its end, if given
 
 
 def edit_outcomes(
@@ -526,6 +539,7 @@ def edit_outcomes(
     masks: torch.Tensor,
     anchors: Anchors,
     cfg: MetaTrainConfig,
+    probe: Anchors | None = None,
 ) -> EditOutcomes:
     """Run the edit on every row of ``batch`` (its loss: the edit's CE, :meth:`replicate`) with
     that row's hard mask ``masks`` (N, n_entries): torch's RMSprop at ``cfg.inner_lr``, each row
@@ -533,7 +547,9 @@ def edit_outcomes(
     edit does) or after ``cfg.edit_steps`` steps. Entries outside the mask never reach the
     weights (m * D), so their RMSprop state does not matter. The edit's rule also asks for the
     target's prediction; one image at a CE below ln 2 (0.69) has it, so with the built-in worlds'
-    stop (0.5) the two rules agree, and a larger stop may end a row before its prediction flips."""
+    stop (0.5) the two rules agree, and a larger stop may end a row before its prediction
+    flips. With ``probe`` (images and target logits, as anchors are) the final weights' mean
+    loss on them is returned too."""
     sites = batch.sites
     steps = [DenseDelta(torch.zeros(len(masks), *w.shape, device=w.device)) for w in batch.w0]
     square_avg = [torch.zeros_like(d.d) for d in steps]
@@ -556,30 +572,55 @@ def edit_outcomes(
         if not stopped:  # the last step came after the last loss
             loss = batch.losses(final)
         anchor_kl = batch.anchor_losses(final, anchors)
-    return EditOutcomes(taken, loss, loss <= cfg.edit_stop, anchor_kl, steps)
+        probed = None if probe is None else batch.anchor_losses(final, probe)
+    return EditOutcomes(taken, loss, loss <= cfg.edit_stop, anchor_kl, steps, probed)
 
 
-def pick_edits(outcomes: EditOutcomes, candidates: int, own: bool = True) -> torch.Tensor:
+def pick_edits(
+    outcomes: EditOutcomes,
+    candidates: int,
+    own: bool = True,
+    gain: torch.Tensor | None = None,
+) -> torch.Tensor:
     """(B,) the chosen candidate per episode: of those that fix it, the least anchor KL; if none
     does, the lowest loss. With ``own`` False the first candidate (the network's own mask) is
-    never chosen."""
+    never chosen. With ``gain`` (N,) (the CE each edit takes off the episode's sibling; NaN
+    where the episode has none), the fixing candidate with the most gain per anchor KL instead,
+    where the episode has a sibling."""
     eligible = torch.ones(candidates, dtype=torch.bool, device=outcomes.fixed.device)
     eligible[0] = own
     fixed = outcomes.fixed.view(-1, candidates) & eligible
-    spill = outcomes.anchor_kl.view(-1, candidates).masked_fill(~fixed, math.inf)
+    kl = outcomes.anchor_kl.view(-1, candidates)
+    spill = kl.masked_fill(~fixed, math.inf)
     closest = outcomes.loss.view(-1, candidates).masked_fill(~eligible, math.inf).argmin(dim=1)
-    return torch.where(fixed.any(dim=1), spill.argmin(dim=1), closest)
+    best = spill.argmin(dim=1)
+    if gain is not None:
+        gain = gain.view(-1, candidates)
+        per_spill = (gain / kl.clamp_min(KL_FLOOR)).masked_fill(~fixed, -math.inf)
+        best = torch.where(gain.isnan().any(dim=1), best, per_spill.argmax(dim=1))
+    return torch.where(fixed.any(dim=1), best, closest)
 
 
 def _candidate_log(
-    outcomes: EditOutcomes, winner: torch.Tensor, kinds: list[str]
+    outcomes: EditOutcomes,
+    winner: torch.Tensor,
+    kinds: list[str],
+    gain: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Per kind of candidate (own, saliency, spill, mixed): the share of episodes it won, the
-    share it fixed, its mean steps and its mean anchor KL."""
+    share it fixed, its mean steps and its mean anchor KL; with ``gain``, its mean sibling CE
+    gain over the episodes that have a sibling."""
     n = len(kinds)
     fixed = outcomes.fixed.view(-1, n).float()
     steps, spill = outcomes.steps.view(-1, n), outcomes.anchor_kl.view(-1, n)
     out = {}
+    if gain is not None:
+        gain = gain.view(-1, n)
+        has = ~gain.isnan().any(dim=1)
+        out["siblings"] = has.float().mean().item()
+        for kind in dict.fromkeys(kinds):
+            mine = torch.tensor([k == kind for k in kinds], device=winner.device)
+            out[f"sibling_gain_{kind}"] = gain[has][:, mine].mean().item() if has.any() else 0.0
     for kind in dict.fromkeys(kinds):
         mine = torch.tensor([k == kind for k in kinds], device=winner.device)
         out[f"won_{kind}"] = mine[winner].float().mean().item()
@@ -690,6 +731,7 @@ class MetaTrainer:
             )
         self.spill = self._spill_reference() if cfg.spill_anchors else None
         self._margins: torch.Tensor | None = None  # pool images' margins, as first drawn
+        self._sibling_ce0 = torch.empty(0)  # this batch's siblings' CE at W0 (sibling-per-spill)
         self.iteration = 0
         self.history: list[dict[str, float]] = []
 
@@ -795,15 +837,21 @@ class MetaTrainer:
             anchors.tokens.repeat_interleave(n, dim=1),
             anchors.clean_logits.repeat_interleave(n, dim=1),
         )
+        probe = self._sibling_probe(episodes, targets, n)
         outcomes = edit_outcomes(
-            batch.replicate(targets, 1.0, times=n), masks.flatten(0, 1), anchors, cfg
+            batch.replicate(targets, 1.0, times=n), masks.flatten(0, 1), anchors, cfg, probe
         )
         if not torch.isfinite(outcomes.loss).all():
             raise MetaTrainingUnhealthy(
                 f"meta-training diverged at iteration {self.iteration}: a candidate edit's loss "
                 f"is not finite (inner lr {cfg.inner_lr:g}). Lower --inner-lr"
             )
-        winner = pick_edits(outcomes, n, own=cfg.own_target)
+        gain = None
+        if probe is not None:  # the CE each edit takes off the sibling; NaN where there is none
+            gain = self._sibling_ce0.repeat_interleave(n) - outcomes.probe
+            has = episodes.has_sibling.repeat_interleave(n)
+            gain = gain.masked_fill(~has, math.nan)
+        winner = pick_edits(outcomes, n, own=cfg.own_target, gain=gain)
         chosen = winner + n * torch.arange(len(winner), device=winner.device)  # rows of B x n
         chosen_masks = masks.flatten(0, 1)[chosen]
         before, after = ce_at_w0.mean().item(), outcomes.loss[chosen].mean().item()
@@ -816,9 +864,28 @@ class MetaTrainer:
             "s_density": chosen_masks.mean().item(),
             "s_iou": jaccard(chosen_masks > 0),
             "anchor_kl_last": outcomes.anchor_kl[chosen].mean().item(),
-            **_candidate_log(outcomes, winner, candidate_kinds(n, spill is not None)),
+            **_candidate_log(outcomes, winner, candidate_kinds(n, spill is not None), gain),
         }
         return 2 * chosen_masks - 1, gradient, entry, spill
+
+    def _sibling_probe(self, episodes: Episodes, targets: torch.Tensor, n: int) -> Anchors | None:
+        """With ``target_pick="sibling-per-spill"``: each episode's sibling as a one-image probe
+        under the episode's CE target, replicated for its ``n`` candidates (and the siblings'
+        CE at W0 kept in ``_sibling_ce0``); else None."""
+        if self.cfg.target_pick != "sibling-per-spill":
+            return None
+        if episodes.siblings is None or episodes.has_sibling is None:
+            raise DataError(
+                "--target-pick sibling-per-spill reads each failure's sibling (same true and "
+                "predicted class): it needs --episodes failures"
+            )
+        with torch.no_grad():
+            tokens = self.split.prefix(episodes.siblings)  # (B, T, D)
+            self._sibling_ce0 = episode_kl(self.split.logits(tokens), targets, 1.0)
+        return Anchors(
+            tokens.unsqueeze(0).repeat_interleave(n, dim=1),
+            targets.unsqueeze(0).repeat_interleave(n, dim=1),
+        )
 
     def _spill_reference(self) -> SpillReference:
         """The spill candidate's anchors: the ``spill_anchors`` lowest-margin of up to 4,096 pool

@@ -27,6 +27,10 @@ def test_failures_need_their_file_and_a_file_needs_failures() -> None:
         _episode_source(parse("--episodes", "failures"), backbone=None)
     with pytest.raises(SystemExit, match="needs --episodes failures"):
         _episode_source(parse("--failures", "f.npz"), backbone=None)
+    with pytest.raises(SystemExit, match="sibling-per-spill reads each failure's sibling"):
+        _episode_source(parse("--target-pick", "sibling-per-spill"), backbone=None)
+    assert parse("--target-pick", "sibling-per-spill").target_pick == "sibling-per-spill"
+    assert parse().target_pick is None  # the config's default, spill
 
 
 def test_the_failure_options_parse() -> None:

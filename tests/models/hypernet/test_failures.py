@@ -16,6 +16,7 @@ from models.hypernet.failures import (
     FailureSet,
     failures_of,
     raised_target,
+    sibling_index,
     uniform_target,
 )
 from models.hypernet.metatrain import MetaTrainConfig, MetaTrainer, build_hypernetwork, meta_train
@@ -150,3 +151,32 @@ def test_the_locality_terms_anchors_come_from_the_clean_pool_not_the_failures(
         assert not torch.isclose(row, from_failures, atol=1e-5).all(dim=1).any()
     with pytest.raises(ValueError, match="pool of clean images"):
         MetaTrainer(tiny_backbone, sites, None, hypernet, cfg, sampler=sampler)
+
+
+def test_each_failures_sibling_is_the_next_of_its_true_and_predicted_class():
+    labels = torch.tensor([1, 2, 1, 1, 2, 3, 1])
+    predictions = torch.tensor([0, 0, 0, 5, 0, 0, 0])
+    # groups (1, 0): 0, 2, 6; (2, 0): 1, 4; (1, 5): 3 alone; (3, 0): 5 alone
+    assert sibling_index(labels, predictions).tolist() == [2, 4, 6, 3, 1, 5, 0]
+
+
+def test_siblings_leave_the_episode_stream_as_it_was(tiny_backbone: Backbone):
+    x, y = images_and_labels()
+    predictions = (y + 1) % 10
+    predictions[0] = 7  # failure 0 alone in its pair; the others pair up with their like
+    y = y % 5
+    predictions[1:] = (y[1:] + 1) % 5
+    plain = FailureSampler(tiny_backbone.model, x, y, T, seed=4).sample(8)
+    paired_sampler = FailureSampler(tiny_backbone.model, x, y, T, seed=4, predictions=predictions)
+    paired = paired_sampler.sample(8)
+    assert plain.siblings is None and plain.has_sibling is None
+    torch.testing.assert_close(paired.mixed, plain.mixed)
+    torch.testing.assert_close(paired.clean_logits, plain.clean_logits)
+    sib = paired_sampler.sibling
+    for image, sibling, has in zip(paired.mixed, paired.siblings, paired.has_sibling, strict=True):
+        i = int(torch.nonzero((x == image).flatten(1).all(dim=1))[0])
+        torch.testing.assert_close(sibling, x[sib[i]])
+        assert bool(has) == (sib[i] != i)
+        assert y[sib[i]] == y[i] and predictions[sib[i]] == predictions[i]
+    with pytest.raises(DataError, match="3 predictions for 12"):
+        FailureSampler(tiny_backbone.model, x, y, T, predictions=predictions[:3])

@@ -304,3 +304,66 @@ def test_a_spill_reading_network_learns_on_the_trainers_anchors_and_keeps_them(
     fewer = MetaTrainConfig(**{**EDITS, "spill_anchors": 8, "candidates": 4})
     with pytest.raises(HypernetworkMismatchError, match="its own 16 anchors; give --spill-"):
         MetaTrainer(demo_backbone, sites, demo_pool, loaded, fewer, sampler=sampler)
+
+
+def test_sibling_per_spill_picks_the_fix_with_most_sibling_gain_per_spill() -> None:
+    outcomes = two_episodes(
+        [0.4, 0.5, 0.3, 0.4, 0.4, 0.8],
+        [True, True, True, True, True, False],
+        [0.2, 0.1, 0.05, 0.2, 0.1, 0.01],
+    )
+    # episode 0: gains per spill 1.5, 4, 2 -> the second, though the third spills least;
+    # episode 1 has no sibling (NaN): the least-spilling fix, the second
+    gain = torch.tensor([0.3, 0.4, 0.1, *[math.nan] * 3])
+    assert pick_edits(outcomes, 3).tolist() == [2, 1]
+    assert pick_edits(outcomes, 3, gain=gain).tolist() == [1, 1]
+    # a candidate that does not fix the episode is never picked for its gain; nor the own mask
+    # without own_target; and a fix that spills nothing outranks every spilling one
+    outcomes.fixed[1] = False
+    assert pick_edits(outcomes, 3, gain=gain).tolist() == [2, 1]
+    outcomes.anchor_kl[0] = 0.0
+    assert pick_edits(outcomes, 3, gain=gain).tolist() == [0, 1]
+    assert pick_edits(outcomes, 3, own=False, gain=gain).tolist() == [2, 1]
+    with pytest.raises(ValueError, match="target_pick 'sibling-per-spill' needs targets from"):
+        MetaTrainConfig(target_pick="sibling-per-spill")
+
+
+def test_meta_training_on_sibling_per_spill_reads_each_failures_sibling(
+    demo_backbone, demo_pool
+) -> None:
+    from models.errors import DataError
+    from models.hypernet.failures import FailureSampler
+
+    model = demo_backbone.model
+    sites = Sites.for_model(model)
+    cfg = MetaTrainConfig(**{**EDITS, "batch": 4, "target_pick": "sibling-per-spill"})
+    hypernet = build_hypernetwork(model, sites, seed=0, gradient_input=True)
+    images = demo_pool.images
+    with torch.no_grad():
+        top2 = model(images).topk(2, dim=1).indices
+    # "failures" whose label is the backbone's second class: every edit has work
+    sampler = FailureSampler(
+        model, images, top2[:, 1], cfg.temperature, seed=2, predictions=top2[:, 0]
+    )
+    assert (sampler.sibling != torch.arange(len(images))).any()
+    trainer = MetaTrainer(demo_backbone, sites, demo_pool, hypernet, cfg, sampler=sampler)
+    first = trainer.step()
+    assert 0 < first["siblings"] <= 1
+    kinds = ("own", "saliency", "mixed")
+    assert sum(first[f"won_{kind}"] for kind in kinds) == pytest.approx(1.0)
+    assert all(math.isfinite(first[f"sibling_gain_{kind}"]) for kind in kinds)
+    # the probe's loss at W0 is each sibling's CE toward the episode's label
+    episodes = FailureSampler(
+        model, images, top2[:, 1], cfg.temperature, seed=2, predictions=top2[:, 0]
+    ).sample(4)
+    targets = one_hot_logits(episodes.targets, episodes.clean_logits.shape[1])
+    probe = trainer._sibling_probe(episodes, targets, 3)
+    assert probe.tokens.shape[:2] == (1, 12)
+    with torch.no_grad():
+        expected = F.cross_entropy(model(episodes.siblings), episodes.targets, reduction="none")
+    torch.testing.assert_close(trainer._sibling_ce0, expected, rtol=1e-4, atol=1e-5)
+    cutmix = MetaTrainer(
+        demo_backbone, sites, demo_pool, hypernet, cfg, sampler=SecondClassSampler(model, demo_pool)
+    )
+    with pytest.raises(DataError, match="it needs --episodes failures"):
+        cutmix.step()
