@@ -99,7 +99,8 @@ tin-world: install
 # iterations whose targets are the best of four real edits per failure (own, saliency's, the spill
 # ranking's, a mix), reading the edit's gradient and its fix per spill on 64 clean anchors kept with
 # the network (67 min), one thread. Chosen by the tuning-half rule among the attempts of
-# docs/worlds.md; tin-bench then reports the test half.
+# docs/worlds.md. Then the tuning half at four densities (8 min) and the backbone's default rho
+# from it (docs/worlds.md, "The default density"); tin-bench then reports the test half.
 TIN_HYPERNET := models/assets/tiny-imagenet/hypernet
 TIN_FAILURES ?= $(HOME)/.cache/vitedit/worlds/tiny-imagenet/failures-train.npz
 tin-hypernet: install
@@ -120,6 +121,10 @@ tin-hypernet: install
 		--failure-target raise --init-from $(TIN_HYPERNET) --inner-optimiser rmsprop --inner-lr 3e-4 \
 		--target-from edits --edit-rho 0.02 --candidates 4 --anchors 8 --spill-anchors 64 --seed 0 \
 		--iterations 800 --schedule-iterations 800
+	$(BIN)/vitedit bench --world tiny-imagenet --split tuning --methods where2edit,saliency \
+		--knobs "where2edit=0.1,0.05,0.02,0.01;saliency=0.1,0.05,0.02,0.01" --edits-per-group 1 \
+		--seeds 0,1,2 --threads 1 --out tin-tuning
+	$(BIN)/python scripts/choose_default_rho.py tin-tuning/results.json --world tiny-imagenet --write
 
 # Figures are reported on the test half; knobs and the optimiser setting come from the tuning half.
 # Every method on the same edits (1 per group, seeds 0,1,2), the front of docs/worlds.md; where2edit-sal

@@ -190,7 +190,8 @@ def write_calibration(
         evidence["edit"] = {"rows": edit.rows, "seconds": round(edit.seconds, 1)}
         if edit.chosen is not None:
             lr, steps, stop = edit.chosen
-            extra["edit_defaults"] = {"lr": lr, "max_steps": steps, "stop_loss": stop}
+            measured = {"lr": lr, "max_steps": steps, "stop_loss": stop}  # a rho set stays
+            extra["edit_defaults"] = {**(extra.get("edit_defaults") or {}), **measured}
     if inner is not None:
         evidence["inner_lr"] = {"rows": inner.rows, "seconds": round(inner.seconds, 1)}
         if inner.chosen is not None:

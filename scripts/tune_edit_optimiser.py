@@ -106,7 +106,12 @@ def write_defaults(
     command = shlex.join(["scripts/tune_edit_optimiser.py", *sys.argv[1:]])
     extra = {
         **manifest.extra,
-        "edit_defaults": {"lr": best[0], "max_steps": best[1], "stop_loss": best[2]},
+        "edit_defaults": {  # a rho set (scripts/choose_default_rho.py) stays
+            **(manifest.extra.get("edit_defaults") or {}),
+            "lr": best[0],
+            "max_steps": best[1],
+            "stop_loss": best[2],
+        },
         "edit_defaults_evidence": f"{command} (tuning half only): {figures}; {seconds:.0f} s",
     }
     BackboneManifest(**{**manifest.__dict__, "extra": extra}).write(path)

@@ -21,7 +21,9 @@ DEFAULT_METHOD = "where2edit"  # with a hypernetwork
 # without one: the training-free gradient mask, whose demo-benchmark front matches where2edit's
 # (README, "Does the learned mask help?"), where plain or L2-penalised fine-tuning loses 4-6 LR points
 FALLBACK_METHOD = "saliency"
-SHARED_DEFAULTS = ("lr", "max_steps", "stop_loss")  # a backbone manifest may set these
+# a backbone manifest may set these; rho where a tuning half showed another density better than the
+# paper's 0.1 on both axes (scripts/choose_default_rho.py)
+SHARED_DEFAULTS = ("lr", "max_steps", "stop_loss", "rho")
 
 
 def _jsonable(value: Any) -> Any:
@@ -32,8 +34,8 @@ def editor_infos(defaults: dict[str, Any] | None = None) -> dict[str, MethodInfo
     """Every registered editor with its options, their defaults for this model and their bounds
     (the spec the API validates requests against).
 
-    ``defaults`` (the backbone manifest's ``extra.edit_defaults``: lr, max_steps, stop_loss
-    measured for this backbone) override the editors' own defaults of the same name.
+    ``defaults`` (the backbone manifest's ``extra.edit_defaults``: lr, max_steps, stop_loss and
+    rho measured for this backbone) override the editors' own defaults of the same name.
     """
     import models.editing  # noqa: F401  (registers the editors)
     from models.editing.registry import EDITORS

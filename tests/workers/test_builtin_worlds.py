@@ -17,3 +17,14 @@ def test_make_run_registers_the_world_beside_demo_vit(tmp_path) -> None:
     assert (
         entry.weights_sha256 == BackboneManifest.read(tin.ASSETS / "backbone.json").weights_sha256
     )
+
+
+def test_each_model_edits_at_its_backbones_default_density(tmp_path) -> None:
+    # tiny-imagenet-vit's backbone records rho 0.02 (scripts/choose_default_rho.py on its tuning
+    # half); demo-vit's records none and keeps the paper's 0.1
+    entries = {e.name: e for e in register_builtin(Store(tmp_path))}
+    shipped = BackboneManifest.read(tin.ASSETS / "backbone.json").extra["edit_defaults"]["rho"]
+    for method in ("where2edit", "saliency", "random"):
+        assert entries["tiny-imagenet-vit"].methods[method].options["rho"] == shipped
+        assert entries["demo-vit"].methods[method].options["rho"] == 0.1
+    assert "rho" not in entries["tiny-imagenet-vit"].methods["ft"].options
