@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cli.args import parse_numbers
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -53,7 +55,7 @@ def add_search_options(p: argparse.ArgumentParser) -> None:
 
 def _floats(text: str, what: str) -> list[float]:
     try:
-        values = [float(v) for v in text.split(",") if v.strip()]
+        values = parse_numbers(text)
     except ValueError:
         raise SystemExit(f"{what} {text!r}: expected numbers like 1e-3,1e-2") from None
     if not values or min(values) <= 0:

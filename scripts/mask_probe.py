@@ -23,6 +23,7 @@ import sys
 import numpy as np
 import torch
 
+from cli.args import numbers
 from cli.bench import add_world_arguments, open_probe_world
 from cli.main import one_line_errors
 from models.editing.optimize import masked_finetune
@@ -45,7 +46,7 @@ def oracle_scores(backbone, sites, split, images, evalset) -> list[torch.Tensor]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rhos", default="0.1,0.05")
+    parser.add_argument("--rhos", type=numbers("rhos"), default="0.1,0.05")
     parser.add_argument("--kinds", default=",".join(KINDS))
     parser.add_argument("--edits", type=int, default=4, help="edit images per group")
     parser.add_argument("--seed", type=int, default=0)
@@ -60,7 +61,7 @@ def main() -> None:
     print("| mask | rho | SR % | GR % | LR % | steps |")
     print("|---|---:|---:|---:|---:|---:|")
     oracle = oracle_scores(backbone, sites, split, images, evalset)
-    for rho in (float(r) for r in args.rhos.split(",")):
+    for rho in args.rhos:
         for kind in args.kinds.split(","):
             method = "random" if kind == "oracle" else kind  # oracle: masks given below
             config = make_config(method, rho=rho, seed=args.seed, **defaults)

@@ -26,6 +26,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from cli.args import numbers
 from models.hypernet.metatrain import MetaTrainConfig
 from models.hypernet.network import HypernetConfig
 
@@ -35,13 +36,7 @@ MAX_ENTRIES = 100_000
 MAX_SHARES = 8
 
 
-def shares_list(text: str) -> list[float]:
-    """A comma-separated list of at least one share (argparse turns a ValueError into a usage
-    error)."""
-    values = [float(v) for v in text.split(",") if v.strip()]
-    if not values:
-        raise ValueError(text)
-    return values
+shares_list = numbers("shares")
 
 
 def features(q: torch.Tensor, rho: float) -> dict[str, torch.Tensor]:

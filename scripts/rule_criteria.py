@@ -15,17 +15,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cli.args import numbers
 from models.errors import DataError
 from models.evaluation import paired_difference_ci
 from models.worlds.bench import read_results
 
-
-def rhos(text: str) -> list[float]:
-    """A comma-separated list of at least one rho (argparse turns a ValueError into a usage error)."""
-    values = [float(v) for v in text.split(",") if v.strip()]
-    if not values:
-        raise ValueError(text)
-    return values
+rhos = numbers("rhos")
 
 
 def main() -> None:

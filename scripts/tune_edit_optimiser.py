@@ -30,6 +30,7 @@ import time
 
 import torch
 
+from cli.args import numbers
 from cli.bench import add_locality_rule_argument
 from cli.calibrate import print_edit_row
 from cli.main import one_line_errors
@@ -38,16 +39,12 @@ from models.store.manifest import BackboneManifest
 from models.worlds.catalog import get_world
 
 
-def floats(text: str) -> list[float]:
-    return [float(v) for v in text.split(",")]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--world", default="demo", choices=["demo", "tiny-imagenet"])
-    parser.add_argument("--lrs", default="1e-4,3e-4,1e-3,3e-3")
-    parser.add_argument("--steps", default="20,50", help="max_steps values")
-    parser.add_argument("--stop-losses", default="0.01,0.1,0.5")
+    parser.add_argument("--lrs", type=numbers("lrs"), default="1e-4,3e-4,1e-3,3e-3")
+    parser.add_argument("--steps", type=numbers("steps"), default="20,50", help="max_steps values")
+    parser.add_argument("--stop-losses", type=numbers("stop losses"), default="0.01,0.1,0.5")
     parser.add_argument("--groups", type=int, default=6, help="groups sampled from the benchmark")
     parser.add_argument("--edits", type=int, default=2, help="edit images per group")
     parser.add_argument("--seed", type=int, default=0)
@@ -73,9 +70,9 @@ def main() -> None:
     search = search_edit_setting(
         backbone,
         benchmark,
-        floats(args.lrs),
-        [int(v) for v in floats(args.steps)],
-        floats(args.stop_losses),
+        args.lrs,
+        [int(v) for v in args.steps],
+        args.stop_losses,
         groups=args.groups,
         edits=args.edits,
         seed=args.seed,
