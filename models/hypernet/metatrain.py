@@ -1032,6 +1032,13 @@ class MetaTrainer:
                     for k in kinds
                 ),
             )
+        if "siblings" in entry:  # target_pick="sibling-per-spill"
+            log.info(
+                "it %d: sibling CE gain (%.0f%% of episodes have a sibling): %s",
+                entry["iteration"],
+                100 * entry["siblings"],
+                "; ".join(f"{k} {entry[f'sibling_gain_{k}']:.3f}" for k in kinds),
+            )
 
 
 # --------------------------------------------------------------------------- entry point

@@ -329,7 +329,7 @@ def test_sibling_per_spill_picks_the_fix_with_most_sibling_gain_per_spill() -> N
 
 
 def test_meta_training_on_sibling_per_spill_reads_each_failures_sibling(
-    demo_backbone, demo_pool
+    demo_backbone, demo_pool, caplog
 ) -> None:
     from models.errors import DataError
     from models.hypernet.failures import FailureSampler
@@ -352,6 +352,11 @@ def test_meta_training_on_sibling_per_spill_reads_each_failures_sibling(
     kinds = ("own", "saliency", "mixed")
     assert sum(first[f"won_{kind}"] for kind in kinds) == pytest.approx(1.0)
     assert all(math.isfinite(first[f"sibling_gain_{kind}"]) for kind in kinds)
+    caplog.set_level("INFO", logger="models.hypernet.metatrain")
+    trainer._log([first], 1.0)
+    assert (
+        "sibling CE gain" in caplog.text and f"own {first['sibling_gain_own']:.3f}" in caplog.text
+    )
     # the probe's loss at W0 is each sibling's CE toward the episode's label
     episodes = FailureSampler(
         model, images, top2[:, 1], cfg.temperature, seed=2, predictions=top2[:, 0]
