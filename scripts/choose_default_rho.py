@@ -30,9 +30,18 @@ from typing import Any
 from cli.main import one_line_errors
 from models.errors import DataError
 from models.store.manifest import BackboneManifest, read_json
+from models.worlds.bench import read_results
 from models.worlds.catalog import get_world
 
 PAPER_RHO = 0.1
+
+
+def _is_point(p: Any) -> bool:
+    """A bench point: a config with a rho, and SR, GR and LR as numbers."""
+    fields = [p.get(k) for k in ("sr", "gr", "lr")] if isinstance(p, dict) else [None]
+    config = p.get("config") if isinstance(p, dict) else None
+    numbers = [*fields, config.get("rho") if isinstance(config, dict) else None]
+    return all(isinstance(v, int | float) and not isinstance(v, bool) for v in numbers)
 
 
 def choose(points: list[dict[str, Any]], method: str) -> dict[str, Any]:
@@ -80,9 +89,7 @@ def main() -> None:
         "--write", action="store_true", help="record it in the world's backbone.json"
     )
     args = parser.parse_args()
-    results = read_json(args.results)
-    if not isinstance(results, dict) or not isinstance(results.get("methods"), dict):
-        raise DataError(f"{args.results}: not a results file of vitedit bench")
+    results = read_results(args.results)
     check_tuning_half(results, args.results, args.world)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods:
@@ -92,7 +99,10 @@ def main() -> None:
         entry = results["methods"].get(method)
         if entry is None or entry.get("knob") != "rho":
             raise DataError(f"{args.results}: no rho points of {method!r}")
-        point = choose(entry["points"], method)
+        points = entry.get("points")
+        if not isinstance(points, list) or not all(map(_is_point, points)):
+            raise DataError(f"{args.results}: {method}'s points are not a vitedit bench run's")
+        point = choose(points, method)
         paper = next(p for p in entry["points"] if p["config"].get("rho") == PAPER_RHO)
         chosen.add(point["config"]["rho"])
         lines.append(describe(method, point, paper))

@@ -80,3 +80,13 @@ def test_methods_that_disagree_give_no_default(tmp_path) -> None:
     path.write_text(json.dumps(results))
     run = choose(path, "--world", "tiny-imagenet")
     assert run.returncode != 0 and "choose different densities ([0.02, 0.05])" in run.stderr
+
+
+def test_a_point_without_its_figures_is_refused_in_one_line(tmp_path) -> None:
+    results = json.loads((RUNS / "tuning-results.json").read_text())
+    del results["methods"]["where2edit"]["points"][0]["config"]
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results))
+    run = choose(path, "--world", "tiny-imagenet")
+    assert run.returncode != 0 and "where2edit's points are not a vitedit bench run's" in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1, run.stderr
