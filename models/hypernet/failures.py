@@ -155,7 +155,8 @@ def sibling_index(labels: torch.Tensor, predictions: torch.Tensor) -> torch.Tens
 class FailureSampler:
     """Draws batches of natural-failure episodes (x~ = a failure, target = its true label) with
     its own seeded generator, as :class:`models.hypernet.cutmix.CutMixSampler` does (same
-    :class:`Episodes`; ``clean`` = ``mixed`` = the failure, ``boxes`` the whole grid)."""
+    :class:`Episodes`; ``clean`` = ``mixed`` = the failure, ``boxes`` the whole grid). Given the
+    failures' ``predictions``, each episode also carries its sibling (:func:`sibling_index`)."""
 
     def __init__(
         self,

@@ -618,11 +618,10 @@ def _candidate_log(
         gain = gain.view(-1, n)
         has = ~gain.isnan().any(dim=1)
         out["siblings"] = has.float().mean().item()
-        for kind in dict.fromkeys(kinds):
-            mine = torch.tensor([k == kind for k in kinds], device=winner.device)
-            out[f"sibling_gain_{kind}"] = gain[has][:, mine].mean().item() if has.any() else 0.0
     for kind in dict.fromkeys(kinds):
         mine = torch.tensor([k == kind for k in kinds], device=winner.device)
+        if gain is not None:  # 0 where no episode of the batch has a sibling
+            out[f"sibling_gain_{kind}"] = gain[has][:, mine].mean().item() if has.any() else 0.0
         out[f"won_{kind}"] = mine[winner].float().mean().item()
         out[f"fixed_{kind}"] = fixed[:, mine].mean().item()
         out[f"steps_{kind}"] = steps[:, mine].mean().item()
@@ -731,7 +730,6 @@ class MetaTrainer:
             )
         self.spill = self._spill_reference() if cfg.spill_anchors else None
         self._margins: torch.Tensor | None = None  # pool images' margins, as first drawn
-        self._sibling_ce0 = torch.empty(0)  # this batch's siblings' CE at W0 (sibling-per-spill)
         self.iteration = 0
         self.history: list[dict[str, float]] = []
 
@@ -837,7 +835,7 @@ class MetaTrainer:
             anchors.tokens.repeat_interleave(n, dim=1),
             anchors.clean_logits.repeat_interleave(n, dim=1),
         )
-        probe = self._sibling_probe(episodes, targets, n)
+        probe, sibling_ce0 = self._sibling_probe(episodes, targets, n)
         outcomes = edit_outcomes(
             batch.replicate(targets, 1.0, times=n), masks.flatten(0, 1), anchors, cfg, probe
         )
@@ -848,7 +846,7 @@ class MetaTrainer:
             )
         gain = None
         if probe is not None:  # the CE each edit takes off the sibling; NaN where there is none
-            gain = self._sibling_ce0.repeat_interleave(n) - outcomes.probe
+            gain = sibling_ce0.repeat_interleave(n) - outcomes.probe
             has = episodes.has_sibling.repeat_interleave(n)
             gain = gain.masked_fill(~has, math.nan)
         winner = pick_edits(outcomes, n, own=cfg.own_target, gain=gain)
@@ -868,12 +866,14 @@ class MetaTrainer:
         }
         return 2 * chosen_masks - 1, gradient, entry, spill
 
-    def _sibling_probe(self, episodes: Episodes, targets: torch.Tensor, n: int) -> Anchors | None:
+    def _sibling_probe(
+        self, episodes: Episodes, targets: torch.Tensor, n: int
+    ) -> tuple[Anchors | None, torch.Tensor]:
         """With ``target_pick="sibling-per-spill"``: each episode's sibling as a one-image probe
-        under the episode's CE target, replicated for its ``n`` candidates (and the siblings'
-        CE at W0 kept in ``_sibling_ce0``); else None."""
+        under the episode's CE target, replicated for its ``n`` candidates, and the siblings' CE
+        at W0 (B,); else (None, an empty tensor)."""
         if self.cfg.target_pick != "sibling-per-spill":
-            return None
+            return None, torch.empty(0)
         if episodes.siblings is None or episodes.has_sibling is None:
             raise DataError(
                 "--target-pick sibling-per-spill reads each failure's sibling (same true and "
@@ -881,11 +881,12 @@ class MetaTrainer:
             )
         with torch.no_grad():
             tokens = self.split.prefix(episodes.siblings)  # (B, T, D)
-            self._sibling_ce0 = episode_kl(self.split.logits(tokens), targets, 1.0)
-        return Anchors(
+            ce0 = episode_kl(self.split.logits(tokens), targets, 1.0)
+        probe = Anchors(
             tokens.unsqueeze(0).repeat_interleave(n, dim=1),
             targets.unsqueeze(0).repeat_interleave(n, dim=1),
         )
+        return probe, ce0
 
     def _spill_reference(self) -> SpillReference:
         """The spill candidate's anchors: the ``spill_anchors`` lowest-margin of up to 4,096 pool

@@ -362,11 +362,11 @@ def test_meta_training_on_sibling_per_spill_reads_each_failures_sibling(
         model, images, top2[:, 1], cfg.temperature, seed=2, predictions=top2[:, 0]
     ).sample(4)
     targets = one_hot_logits(episodes.targets, episodes.clean_logits.shape[1])
-    probe = trainer._sibling_probe(episodes, targets, 3)
+    probe, ce0 = trainer._sibling_probe(episodes, targets, 3)
     assert probe.tokens.shape[:2] == (1, 12)
     with torch.no_grad():
         expected = F.cross_entropy(model(episodes.siblings), episodes.targets, reduction="none")
-    torch.testing.assert_close(trainer._sibling_ce0, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ce0, expected, rtol=1e-4, atol=1e-5)
     cutmix = MetaTrainer(
         demo_backbone, sites, demo_pool, hypernet, cfg, sampler=SecondClassSampler(model, demo_pool)
     )
