@@ -59,11 +59,16 @@ def choose(points: list[dict[str, Any]], method: str) -> dict[str, Any]:
 def check_tuning_half(results: dict[str, Any], path: Path, world: str) -> None:
     """Refuse results that hold any group outside the world's tuning half (or of another
     world): a default must never be read off the half that reports figures."""
-    described = read_json(get_world(world).assets / "world.json").get("groups", {})
+    world_json = read_json(get_world(world).assets / "world.json")
+    described = world_json.get("groups", {})
     halves = {name: g.get("split") for name, g in described.items() if isinstance(g, dict)}
     if "tuning" not in halves.values():
         raise DataError(f"the {world} world's groups are not split in halves: no tuning half")
-    groups = [g.get("name") for g in (results.get("benchmark") or {}).get("groups", [])]
+    backbone = (results.get("backbone") or {}).get("sha256")
+    if backbone != world_json.get("backbone_sha256"):
+        raise DataError(f"{path}: benched on another backbone than the {world} world's")
+    benchmark = results.get("benchmark") or {}
+    groups = [g.get("name") for g in benchmark.get("groups", []) if isinstance(g, dict)]
     others = sorted({str(n) for n in groups if halves.get(n) != "tuning"})
     if not groups or others:
         raise DataError(

@@ -90,3 +90,12 @@ def test_a_point_without_its_figures_is_refused_in_one_line(tmp_path) -> None:
     run = choose(path, "--world", "tiny-imagenet")
     assert run.returncode != 0 and "where2edit's points are not a vitedit bench run's" in run.stderr
     assert len(run.stderr.strip().splitlines()) == 1, run.stderr
+
+
+def test_a_run_on_another_backbone_is_refused(tmp_path) -> None:
+    results = json.loads((RUNS / "tuning-results.json").read_text())
+    results["backbone"]["sha256"] = "0" * 64  # e.g. a second backbone's run of the same groups
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results))
+    run = choose(path, "--world", "tiny-imagenet")
+    assert run.returncode != 0 and "benched on another backbone" in run.stderr
