@@ -60,3 +60,18 @@ def test_tuning_groups_are_the_tuning_half_or_a_seeded_half():
     assert first == [g.name for g in tuning_groups(plain, seed=0).groups]  # same seed, same half
     assert len(first) == 5 and set(first) <= set(names)
     assert first != [g.name for g in tuning_groups(plain, seed=1).groups]
+
+
+def test_a_calibration_keeps_the_default_density_a_tuning_half_chose(tmp_path):
+    import shutil
+
+    from models.calibration import EditSearch, write_calibration
+    from models.store.manifest import BackboneManifest
+    from models.worlds import tiny_imagenet as tin
+
+    path = tmp_path / "backbone.json"
+    shutil.copy(tin.ASSETS / "backbone.json", path)  # records rho 0.02 (choose_default_rho.py)
+    written = write_calibration(path, EditSearch([], (1e-3, 20, 0.1), 1.0), None, "cmd", [])
+    expected = {"lr": 1e-3, "max_steps": 20, "stop_loss": 0.1, "rho": 0.02}
+    assert written.extra["edit_defaults"] == expected
+    assert BackboneManifest.read(path).extra["edit_defaults"] == expected
