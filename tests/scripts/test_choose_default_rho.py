@@ -99,3 +99,11 @@ def test_a_run_on_another_backbone_is_refused(tmp_path) -> None:
     path.write_text(json.dumps(results))
     run = choose(path, "--world", "tiny-imagenet")
     assert run.returncode != 0 and "benched on another backbone" in run.stderr
+
+
+def test_on_the_finer_sweep_the_methods_disagree_and_no_default_is_written() -> None:
+    # docs/bench/tiny-imagenet/default-density: where2edit's best is 0.015, saliency's 0.02
+    sweep = ROOT / "docs/bench/tiny-imagenet/default-density/tuning-results.json"
+    run = choose(sweep, "--world", "tiny-imagenet")
+    assert run.returncode != 0 and "choose different densities ([0.015, 0.02])" in run.stderr
+    assert "where2edit rho 0.015: SR 100.0% GR 45.8% LR 80.1%" in run.stdout
