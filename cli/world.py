@@ -112,6 +112,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         "default 0)",
     )
     build.add_argument(
+        "--crop",
+        choices=["pad", "resized"],
+        default="pad",
+        help="tiny-imagenet: the training crop, a random 32-px crop of the 4-px padded image "
+        "(default) or a random-resized crop (25-100%% of the area, aspect 3/4 to 4/3)",
+    )
+    build.add_argument(
+        "--drop-path",
+        type=float,
+        default=0.0,
+        help="tiny-imagenet: stochastic depth in training, the last block's drop rate (timm's "
+        "drop_path_rate; default 0)",
+    )
+    build.add_argument(
         "--stop-at-step", type=int, help="stop training (and checkpoint) at this step; resume later"
     )
     build.set_defaults(func=_build)
@@ -149,6 +163,8 @@ def _check_options(args: argparse.Namespace) -> None:
     """Refuse values the trainer cannot use, before any data is read."""
     if not 0.0 <= args.cutmix <= 1.0:
         raise SystemExit(f"--cutmix is a share of batches in [0, 1], got {args.cutmix}")
+    if not 0.0 <= args.drop_path < 1.0:  # also refuses nan
+        raise SystemExit(f"--drop-path is a drop rate in [0, 1), got {args.drop_path}")
     if args.width is not None and (args.width <= 0 or args.width % 4):
         raise SystemExit(f"--width must be a positive multiple of the 4 heads, got {args.width}")
     if args.lr is not None and not 0.0 < args.lr < 1.0:  # also refuses nan and inf
@@ -190,6 +206,8 @@ def _build(args: argparse.Namespace) -> int:
             seed=args.seed,
             precision=args.precision,
             cutmix=args.cutmix,
+            crop=args.crop,
+            drop_path=args.drop_path,
         )
         result = tin.train_backbone(
             root,

@@ -231,6 +231,35 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return cropped.gather(3, cols)
 
 
+RESIZED_AREA = (0.25, 1.0)  # the crop's share of the image, for crop="resized"
+RESIZED_ASPECT = (3 / 4, 4 / 3)  # its width over height
+
+
+def augment_resized(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Horizontal flip + a random-resized crop per image: a box of a uniform share of the area
+    (``RESIZED_AREA``) and a log-uniform aspect (``RESIZED_ASPECT``), anywhere inside the image,
+    resampled bilinearly to the full 32 px (Szegedy et al. 2015's crop, at small-image scales).
+
+    A stronger geometric augmentation than :func:`augment`, still nothing photometric; the draws
+    come from ``gen`` whatever the device of ``x``.
+    """
+    n = x.shape[0]
+    area = RESIZED_AREA[0] + (RESIZED_AREA[1] - RESIZED_AREA[0]) * torch.rand(n, generator=gen)
+    low, high = (math.log(r) for r in RESIZED_ASPECT)
+    aspect = (low + (high - low) * torch.rand(n, generator=gen)).exp()
+    width, height = (area * aspect).sqrt().clamp(max=1.0), (area / aspect).sqrt().clamp(max=1.0)
+    cx, cy = ((1 - side) * (2 * torch.rand(n, generator=gen) - 1) for side in (width, height))
+    sign = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2] = width * sign, cx  # normalised coordinates: [-1, 1] is the image
+    theta[:, 1, 1], theta[:, 1, 2] = height, cy
+    grid = F.affine_grid(theta.to(x), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+CROPS = {"pad": augment, "resized": augment_resized}
+
+
 def train_backbone(
     root: Path,
     work: Path,
@@ -252,8 +281,13 @@ def train_backbone(
     idx = train_indices(data["y_train"], train_per_class, cfg.seed)
     x, y = torch.from_numpy(data["x_train"][idx]), torch.from_numpy(data["y_train"][idx])
     x_val, y_val = torch.from_numpy(data["x_val"]), torch.from_numpy(data["y_val"])
-    model = create_model(manifest(names, weights=None, stem=stem, width=width, tokens=tokens))
-    trainer = Trainer(model, cfg, to_input, augment, device=device)
+    if cfg.crop not in CROPS:
+        raise ValueError(f"crop must be one of {sorted(CROPS)}, got {cfg.crop!r}")
+    untrained = manifest(names, weights=None, stem=stem, width=width, tokens=tokens)
+    # stochastic depth acts in training only: the shipped manifest (below) does not carry it
+    overrides = {**untrained.overrides, "drop_path_rate": cfg.drop_path}
+    model = create_model(BackboneManifest(**{**untrained.__dict__, "overrides": overrides}))
+    trainer = Trainer(model, cfg, to_input, CROPS[cfg.crop], device=device)
     ckpt = work / "backbone-checkpoint"
     trainer.resume(ckpt)
     result = trainer.fit(

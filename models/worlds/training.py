@@ -48,6 +48,8 @@ class TrainConfig:
     seed: int = 0
     precision: str = "fp32"  # "bf16": forward and backward under bf16 autocast (weights stay fp32)
     cutmix: float = 0.0  # share of batches trained on CutMix (Yun et al. 2019), a regulariser
+    crop: str = "pad"  # the world's crop: "pad" (padded random crop) or "resized" (area and aspect)
+    drop_path: float = 0.0  # stochastic depth (Huang et al. 2016): the rate of the last block
 
 
 @dataclass

@@ -116,12 +116,39 @@ def test_augment_crops_from_the_reflect_padded_image_and_keeps_shape() -> None:
     assert all(found)
 
 
+def test_resized_crop_at_full_area_is_the_image_or_its_mirror(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    x = torch.rand(8, 3, 32, 32)
+    monkeypatch.setattr(tin, "RESIZED_AREA", (1.0, 1.0))
+    monkeypatch.setattr(tin, "RESIZED_ASPECT", (1.0, 1.0))
+    out = tin.augment_resized(x, torch.Generator().manual_seed(0))
+    mirrored = [torch.allclose(o, xi.flip(-1), atol=1e-5) for o, xi in zip(out, x, strict=True)]
+    kept = [torch.allclose(o, xi, atol=1e-5) for o, xi in zip(out, x, strict=True)]
+    assert all(m != k for m, k in zip(mirrored, kept, strict=True))  # one or the other, each
+    assert any(mirrored) and any(kept)
+
+
+def test_resized_crop_zooms_into_the_image_and_repeats_from_its_generator() -> None:
+    # a horizontal ramp: a crop of less than the full width spans a narrower range of values
+    x = torch.linspace(0, 1, 32).expand(64, 3, 32, 32).contiguous()
+    out = tin.augment_resized(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    assert out.min() >= 0 and out.max() <= 1  # resampled inside the image, never beyond it
+    spans = out[:, 0, 0, -1] - out[:, 0, 0, 0]  # right edge minus left: negative when mirrored
+    assert spans.abs().max() <= 1 + 1e-6 and spans.abs().min() < 0.75  # areas down to 25%
+    assert (spans < 0).any() and (spans > 0).any()
+    again = tin.augment_resized(x, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+
+
 def test_prepare_and_augment_work_on_the_device_of_their_batch() -> None:
     # the meta device holds shapes only: any CPU constant or index mixed into a batch of another
     # device (a GPU's, in training) raises there, as it would on cuda
     x = torch.zeros(4, 32, 32, 3, dtype=torch.uint8, device="meta")
-    out = tin.augment(tin.to_input(x), torch.Generator().manual_seed(0))
-    assert out.device.type == "meta" and out.shape == (4, 3, 32, 32)
+    for crop in (tin.augment, tin.augment_resized):
+        out = crop(tin.to_input(x), torch.Generator().manual_seed(0))
+        assert out.device.type == "meta" and out.shape == (4, 3, 32, 32)
 
 
 def test_training_interrupted_by_its_budget_resumes_to_the_same_weights(tmp_path: Path) -> None:
@@ -374,7 +401,14 @@ def test_world_file_round_trips_and_refuses_a_changed_file(derived) -> None:
         tib.load_world(out)
 
 
-def test_world_build_cli_extracts_a_tarball_and_trains_a_resumable_backbone(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "regularisers",
+    [[], ["--crop", "resized", "--drop-path", "0.1"]],
+    ids=["shipped-recipe", "resized-crop-and-stochastic-depth"],
+)
+def test_world_build_cli_extracts_a_tarball_and_trains_a_resumable_backbone(
+    tmp_path: Path, regularisers: list[str]
+) -> None:
     from cli.main import main
 
     root = fake_tiny_imagenet(tmp_path / "src" / "tiny-imagenet-200", size=32, train=10, val=2)
@@ -409,12 +443,18 @@ def test_world_build_cli_extracts_a_tarball_and_trains_a_resumable_backbone(tmp_
                 "0.5",
                 "--device",
                 "cpu",
+                *regularisers,
             ]
         )
     finally:
         torch.set_num_threads(threads)
     assert code == 0
     manifest = BackboneManifest.read(out / "backbone.json")
+    recorded = manifest.extra["train_config"]
+    assert (recorded["crop"], recorded["drop_path"]) == (
+        ("resized", 0.1) if regularisers else ("pad", 0.0)
+    )
+    assert "drop_path_rate" not in manifest.overrides  # stochastic depth is training's alone
     assert manifest.extra["train_config"]["lr"] == 1e-3 and manifest.extra["train_device"] == "cpu"
     assert manifest.extra["train_config"]["warmup_epochs"] == 0.5
     assert manifest.extra["train_per_class"] == 8 and len(manifest.extra["history"]) == 1
@@ -428,6 +468,8 @@ def test_world_build_cli_extracts_a_tarball_and_trains_a_resumable_backbone(tmp_
     [
         (["--cutmix", "5"], "--cutmix is a share"),
         (["--width", "-4"], "multiple of the 4 heads"),
+        (["--drop-path", "1"], "--drop-path is a drop rate"),
+        (["--drop-path", "nan"], "--drop-path is a drop rate"),
         (["--lr", "nan"], "--lr must be in"),
         (["--lr", "0"], "--lr must be in"),
         (["--batch-size", "0"], "--batch-size must be at least 1"),
