@@ -116,6 +116,9 @@ def load_cached(root: Path, work: Path) -> dict[str, np.ndarray]:
     cache = work / f"tiny-imagenet-{IMAGE_SIZE}.npz"
     if not cache.exists():
         work.mkdir(parents=True, exist_ok=True)
+        log.info(
+            "decoding the train and val images of %s into %s (once per work folder)", root, cache
+        )
         x_train, y_train = read_split(root, "train")
         x_val, y_val = read_split(root, "val")
         tmp = cache.with_suffix(".tmp.npz")
@@ -250,8 +253,8 @@ def augment_resized(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     width, height = (area * aspect).sqrt().clamp(max=1.0), (area / aspect).sqrt().clamp(max=1.0)
     cx, cy = ((1 - side) * (2 * torch.rand(n, generator=gen) - 1) for side in (width, height))
     sign = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 2] = width * sign, cx  # normalised coordinates: [-1, 1] is the image
+    theta = torch.zeros(n, 2, 3)  # in normalised coordinates, where [-1, 1] spans the image
+    theta[:, 0, 0], theta[:, 0, 2] = width * sign, cx
     theta[:, 1, 1], theta[:, 1, 2] = height, cy
     grid = F.affine_grid(theta.to(x), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
