@@ -23,6 +23,23 @@ if TYPE_CHECKING:
     import torch
 
 DEFAULT_WORK = Path.home() / ".cache" / "vitedit" / "worlds"
+# options the demo's fixed recipe (models/worlds/demo.py) has no use for: refused there, not ignored
+TINY_IMAGENET_ONLY = (
+    "root",
+    "work",
+    "train_per_class",
+    "batch_size",
+    "warmup_epochs",
+    "stem",
+    "width",
+    "tokens",
+    "precision",
+    "cutmix",
+    "crop",
+    "drop_path",
+    "time_budget",
+    "stop_at_step",
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -128,7 +145,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     build.add_argument(
         "--stop-at-step", type=int, help="stop training (and checkpoint) at this step; resume later"
     )
-    build.set_defaults(func=_build)
+    build.set_defaults(
+        func=_build, tin_only_defaults={d: build.get_default(d) for d in TINY_IMAGENET_ONLY}
+    )
 
     show = actions.add_parser("show", help="print a built world's summary (world.json)")
     show.add_argument("name", choices=["demo", "tiny-imagenet"])
@@ -176,6 +195,17 @@ def _check_options(args: argparse.Namespace) -> None:
     if args.name == "demo" and args.device not in (None, "cpu"):
         raise SystemExit(
             f"the demo world trains on the CPU; --device {args.device} is for tiny-imagenet"
+        )
+    given = [
+        "--" + dest.replace("_", "-")
+        for dest, default in args.tin_only_defaults.items()
+        if getattr(args, dest) != default
+    ]
+    if args.name == "demo" and given:
+        raise SystemExit(
+            f"{', '.join(given)}: tiny-imagenet only; the demo world trains on its fixed recipe "
+            "(models/worlds/demo.py), which takes --epochs, --lr, --seed, --threads, --out and "
+            "--stage"
         )
 
 
@@ -262,6 +292,8 @@ def _device(name: str | None) -> torch.device:
 
 
 def _build_demo(args: argparse.Namespace) -> int:
+    from models.backbones import load_backbone
+    from models.store.manifest import BackboneManifest
     from models.worlds import demo
 
     out = args.out or demo.ASSETS
@@ -273,7 +305,7 @@ def _build_demo(args: argparse.Namespace) -> int:
         )
         print(json.dumps(demo.train_backbone(cfg, out_dir=out, progress=print), indent=2))
     if args.stage in ("benchmark", "all"):
-        backbone = demo.load_demo_backbone()
+        backbone = load_backbone(BackboneManifest.read(out / "backbone.json"))  # the one just built
         summary = demo.derive_world(backbone, demo.DeriveConfig(seed=args.seed), out / "world.npz")
         print(json.dumps(summary, indent=2))
     return 0

@@ -526,3 +526,38 @@ def test_the_demo_world_refuses_a_device_it_does_not_train_on(tmp_path: Path) ->
     with pytest.raises(SystemExit, match="the demo world trains on the CPU"):
         main(["world", "build", "demo", "--out", str(tmp_path), "--device", "cuda"])
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        ["--cutmix", "0.5"],
+        ["--crop", "resized"],
+        ["--drop-path", "0.1"],
+        ["--width", "192"],
+        ["--root", "data.tar.gz"],
+        ["--time-budget", "60"],
+    ],
+)
+def test_the_demo_world_refuses_options_only_tiny_imagenet_uses(
+    tmp_path: Path, option: list[str]
+) -> None:
+    from cli.main import main
+
+    with pytest.raises(SystemExit, match=f"{option[0]}: tiny-imagenet only"):
+        main(["world", "build", "demo", "--out", str(tmp_path), *option])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_demo_benchmark_derives_from_the_backbone_in_out(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # it used to load the shipped backbone whatever --out named
+    from cli.main import main
+
+    code = main(["world", "build", "demo", "--stage", "benchmark", "--out", str(tmp_path)])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: manifest {tmp_path / 'backbone.json'} does not exist"
+    )
+    assert list(tmp_path.iterdir()) == []
