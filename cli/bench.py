@@ -237,14 +237,28 @@ def _wants_hypernetwork(args: argparse.Namespace) -> bool:
     return any(m in EDITORS and EDITORS[m].needs_hypernetwork for m in names)
 
 
+def _named_methods(args: argparse.Namespace) -> tuple[str, ...]:
+    """The methods ``--methods`` names (empty when it is not given), refused before anything
+    loads when one is unknown or the list names none."""
+    from models.editing import EDITORS
+
+    if args.methods is None:
+        return ()
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    if not methods:
+        raise SystemExit(f"--methods {args.methods!r} names no method")
+    for m in methods:
+        if m not in EDITORS:
+            raise SystemExit(f"unknown method {m!r}; choose from {sorted(EDITORS)}")
+    return methods
+
+
 def _methods(args: argparse.Namespace, hypernet: Any) -> tuple[str, ...]:
     from models.editing import EDITORS
 
-    if args.methods:
-        methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    if args.methods is not None:
+        methods = _named_methods(args)
         for m in methods:
-            if m not in EDITORS:
-                raise SystemExit(f"unknown method {m!r}; choose from {sorted(EDITORS)}")
             if EDITORS[m].needs_hypernetwork and hypernet is None:
                 raise SystemExit(f"{m} needs a hypernetwork: give --hypernet DIR")
         return methods
@@ -284,6 +298,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     if not seeds:
         raise SystemExit(f"--seeds {args.seeds!r}: expected integers like 0,1,2")
     knobs, sets = parse_knobs(args.knobs), parse_sets(args.sets)
+    _named_methods(args)
     if args.locality_rule and not args.world:
         raise SystemExit("--locality-rule chooses a built-in world's locality set: give --world")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

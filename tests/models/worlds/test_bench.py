@@ -313,6 +313,22 @@ def test_the_bench_command_refuses_no_seeds_before_loading_anything(seeds: str) 
         bench_command.run_bench_command(args)
 
 
+@pytest.mark.parametrize(
+    ("methods", "match"),
+    [("nope", "unknown method 'nope'; choose from"), (" , ", "names no method")],
+)
+def test_the_bench_command_refuses_methods_before_loading_anything(
+    methods: str, match: str, monkeypatch
+) -> None:
+    def load(*_: object) -> None:
+        raise AssertionError("loaded a backbone for a run it refuses")
+
+    monkeypatch.setattr(bench_command, "_load_backbone", load)
+    args = bench_args(["--world", "demo", "--methods", methods])
+    with pytest.raises(SystemExit, match=match):
+        bench_command.run_bench_command(args)
+
+
 def test_a_locality_rule_needs_a_built_in_world(tmp_path) -> None:
     folders = ["--groups", str(tmp_path), "--locality", str(tmp_path)]
     args = bench_args([*folders, "--locality-rule", "reference"])
