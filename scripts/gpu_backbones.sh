@@ -108,7 +108,8 @@ import json, sys
 from pathlib import Path
 state = json.load(open(sys.argv[2]))
 for h in state["history"]:
-    print(f"  epoch {h['epoch']}: loss {h['loss']}, val {h['eval_accuracy']:.4f}, {h['seconds']} s")
+    fitted = f", train {h['train_accuracy']:.4f}" if "train_accuracy" in h else ""
+    print(f"  epoch {h['epoch']}: loss {h['loss']}, val {h['eval_accuracy']:.4f}{fitted}, {h['seconds']} s")
 print("  finished:", (Path(sys.argv[1]) / "backbone.json").exists())
 EOF
 done

@@ -261,6 +261,7 @@ def augment_resized(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 CROPS = {"pad": augment, "resized": augment_resized}
+FIT_EVAL_IMAGES = 5_000  # training images whose top-1 each epoch records (train_accuracy)
 
 
 def train_backbone(
@@ -293,8 +294,18 @@ def train_backbone(
     trainer = Trainer(model, cfg, to_input, CROPS[cfg.crop], device=device)
     ckpt = work / "backbone-checkpoint"
     trainer.resume(ckpt)
+    fitted = torch.from_numpy(  # a seeded draw of the training images, top-1 each epoch
+        np.random.default_rng(0).choice(len(idx), min(FIT_EVAL_IMAGES, len(idx)), replace=False)
+    )
     result = trainer.fit(
-        x, y, x_val, y_val, checkpoint=ckpt, time_budget=time_budget, stop_at_step=stop_at_step
+        x,
+        y,
+        x_val,
+        y_val,
+        checkpoint=ckpt,
+        time_budget=time_budget,
+        stop_at_step=stop_at_step,
+        fit_eval=(x[fitted], y[fitted]),
     )
     if not result.finished:
         return result
@@ -316,6 +327,8 @@ def train_backbone(
         else "cpu",
         "train_seconds": round(result.seconds, 1),
         "val_accuracy": result.history[-1]["eval_accuracy"] if result.history else None,
+        # top-1 on FIT_EVAL_IMAGES of its own training images: how far it memorises beyond val
+        "train_accuracy": result.history[-1].get("train_accuracy") if result.history else None,
         "history": result.history,
         "schedule": trainer.schedule,  # epochs of the cosine schedule from each step on
         "terms": TERMS,

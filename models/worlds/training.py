@@ -124,9 +124,12 @@ class Trainer:
         checkpoint_every: int = 500,
         progress: Callable[[str], None] = log.info,
         stop_at_step: int | None = None,
+        fit_eval: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> TrainResult:
         """Train to the end of the schedule, or until ``time_budget`` seconds of this call, or
-        until ``stop_at_step`` (a checkpoint is written at each stop)."""
+        until ``stop_at_step`` (a checkpoint is written at each stop). ``fit_eval``: some of the
+        training images, whose top-1 (unaugmented) each epoch also records as ``train_accuracy``:
+        its distance above the eval accuracy is how much the model memorises."""
         cfg = self.cfg
         per_epoch = len(x) // cfg.batch_size
         total, warmup = cfg.epochs * per_epoch, int(cfg.warmup_epochs * per_epoch)
@@ -144,17 +147,20 @@ class Trainer:
             self.seconds = seconds0 + time.perf_counter() - start
             if self.step % per_epoch == 0:
                 acc = self.accuracy(x_eval, y_eval)
-                self.history.append(
-                    {
-                        "epoch": self.step // per_epoch,
-                        "loss": round(loss.item(), 4),
-                        "eval_accuracy": acc,
-                        "seconds": round(self.seconds, 1),
-                    }
-                )
+                record = {
+                    "epoch": self.step // per_epoch,
+                    "loss": round(loss.item(), 4),
+                    "eval_accuracy": acc,
+                    "seconds": round(self.seconds, 1),
+                }
+                fitted = ""
+                if fit_eval is not None:
+                    record["train_accuracy"] = self.accuracy(*fit_eval)
+                    fitted = f", train acc {record['train_accuracy']:.4f}"
+                self.history.append(record)
                 progress(
                     f"epoch {self.step // per_epoch}/{cfg.epochs}: loss {loss.item():.3f}, "
-                    f"eval acc {acc:.4f}, {self.seconds:.0f} s"
+                    f"eval acc {acc:.4f}{fitted}, {self.seconds:.0f} s"
                 )
             out_of_time = (
                 time_budget is not None and time.perf_counter() - start > time_budget

@@ -180,6 +180,22 @@ def test_training_interrupted_by_its_budget_resumes_to_the_same_weights(tmp_path
         other.resume(tmp_path)
 
 
+def test_training_records_top1_on_the_training_images_it_is_given() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (32, 32, 32, 3), generator=gen, dtype=torch.uint8)
+    y = torch.randint(0, 4, (32,), generator=gen)
+
+    def trainer() -> Trainer:
+        cfg = TrainConfig(epochs=2, batch_size=16)
+        return Trainer(create_model(tiny_manifest()), cfg, tin.to_input, tin.augment)
+
+    fitted = trainer()
+    history = fitted.fit(x, y, x[:8], y[:8], fit_eval=(x[8:], y[8:])).history
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert history[-1]["train_accuracy"] == fitted.accuracy(x[8:], y[8:])  # the final weights'
+    assert "train_accuracy" not in trainer().fit(x, y, x[:8], y[:8]).history[0]  # none given
+
+
 def test_a_resume_may_change_the_schedule_length_and_records_where(tmp_path: Path) -> None:
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (64, 32, 32, 3), generator=gen, dtype=torch.uint8)
@@ -458,6 +474,7 @@ def test_world_build_cli_extracts_a_tarball_and_trains_a_resumable_backbone(
     assert manifest.extra["train_config"]["lr"] == 1e-3 and manifest.extra["train_device"] == "cpu"
     assert manifest.extra["train_config"]["warmup_epochs"] == 0.5
     assert manifest.extra["train_per_class"] == 8 and len(manifest.extra["history"]) == 1
+    assert 0.0 <= manifest.extra["history"][0]["train_accuracy"] <= 1.0  # its own images' top-1
     assert load_backbone(manifest).weights_sha256 == manifest.weights_sha256
     assert (work / "dataset" / "tiny-imagenet-200" / "wnids.txt").exists()
     assert read_json(work / "backbone-checkpoint" / "train.json")["step"] == 4  # 32 images / 8
