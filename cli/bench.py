@@ -226,15 +226,14 @@ def _load_hypernetwork(args: argparse.Namespace, backbone: Any) -> tuple[Any, An
     return hn.Hypernetwork.load(directory, backbone), hn.recorded_sites(directory)
 
 
-def _wants_hypernetwork(args: argparse.Namespace) -> bool:
+def _wants_hypernetwork(args: argparse.Namespace, named: tuple[str, ...]) -> bool:
     """Whether to load a hypernetwork: not when ``--methods`` names only methods that need none and
     no ``--hypernet`` is given, so baselines run on a backbone no hypernetwork was trained for yet."""
     if args.methods is None or args.hypernet is not None:
         return True
     from models.editing import EDITORS
 
-    names = (m.strip() for m in args.methods.split(","))
-    return any(m in EDITORS and EDITORS[m].needs_hypernetwork for m in names)
+    return any(EDITORS[m].needs_hypernetwork for m in named)
 
 
 def _named_methods(args: argparse.Namespace) -> tuple[str, ...]:
@@ -254,6 +253,8 @@ def _named_methods(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def _methods(args: argparse.Namespace, hypernet: Any) -> tuple[str, ...]:
+    """The methods to run: those ``--methods`` names (checked by :func:`_named_methods`), or
+    every available one."""
     from models.editing import EDITORS
 
     if args.methods is not None:
@@ -298,7 +299,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     if not seeds:
         raise SystemExit(f"--seeds {args.seeds!r}: expected integers like 0,1,2")
     knobs, sets = parse_knobs(args.knobs), parse_sets(args.sets)
-    _named_methods(args)
+    named = _named_methods(args)
     if args.locality_rule and not args.world:
         raise SystemExit("--locality-rule chooses a built-in world's locality set: give --world")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -308,7 +309,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     backbone = _load_backbone(args, device)
     benchmark = _load_benchmark(args)
     hypernet, sites = (
-        _load_hypernetwork(args, backbone) if _wants_hypernetwork(args) else (None, None)
+        _load_hypernetwork(args, backbone) if _wants_hypernetwork(args, named) else (None, None)
     )
     methods = _methods(args, hypernet)
     if args.blocks:

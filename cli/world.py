@@ -199,9 +199,9 @@ def _check_options(args: argparse.Namespace) -> None:
     given = [
         "--" + dest.replace("_", "-")
         for dest, default in args.tin_only_defaults.items()
-        if getattr(args, dest) != default
+        if args.name == "demo" and getattr(args, dest) != default
     ]
-    if args.name == "demo" and given:
+    if given:
         raise SystemExit(
             f"{', '.join(given)}: tiny-imagenet only; the demo world trains on its fixed recipe "
             "(models/worlds/demo.py), which takes --epochs, --lr, --seed, --threads, --out and "
