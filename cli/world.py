@@ -35,6 +35,7 @@ TINY_IMAGENET_ONLY = (
     "tokens",
     "precision",
     "cutmix",
+    "mixup",
     "crop",
     "drop_path",
     "time_budget",
@@ -129,6 +130,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "default 0)",
     )
     build.add_argument(
+        "--mixup",
+        type=float,
+        default=0.0,
+        help="tiny-imagenet: share of training batches mixed with Mixup (each image blended with "
+        "another, the labels weighed alike; default 0); --cutmix + --mixup <= 1",
+    )
+    build.add_argument(
         "--crop",
         choices=["pad", "resized"],
         default="pad",
@@ -182,6 +190,11 @@ def _check_options(args: argparse.Namespace) -> None:
     """Refuse values the trainer cannot use, before any data is read."""
     if not 0.0 <= args.cutmix <= 1.0:
         raise SystemExit(f"--cutmix is a share of batches in [0, 1], got {args.cutmix}")
+    if not 0.0 <= args.mixup <= 1.0 - args.cutmix:  # also refuses nan
+        raise SystemExit(
+            f"--mixup is a share of batches in [0, 1 - --cutmix] = [0, {1.0 - args.cutmix:g}], "
+            f"got {args.mixup}"
+        )
     if not 0.0 <= args.drop_path < 1.0:  # also refuses nan
         raise SystemExit(f"--drop-path is a drop rate in [0, 1), got {args.drop_path}")
     if args.width is not None and (args.width <= 0 or args.width % 4):
@@ -236,6 +249,7 @@ def _build(args: argparse.Namespace) -> int:
             seed=args.seed,
             precision=args.precision,
             cutmix=args.cutmix,
+            mixup=args.mixup,
             crop=args.crop,
             drop_path=args.drop_path,
         )

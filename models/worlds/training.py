@@ -48,6 +48,7 @@ class TrainConfig:
     seed: int = 0
     precision: str = "fp32"  # "bf16": forward and backward under bf16 autocast (weights stay fp32)
     cutmix: float = 0.0  # share of batches trained on CutMix (Yun et al. 2019), a regulariser
+    mixup: float = 0.0  # share of batches trained on Mixup (Zhang et al. 2018); cutmix + mixup <= 1
     crop: str = "pad"  # the world's crop: "pad" (padded random crop) or "resized" (area and aspect)
     drop_path: float = 0.0  # stochastic depth (Huang et al. 2016): the rate of the last block
 
@@ -80,6 +81,29 @@ def cutmix_batch(x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, f
     out = x.clone()
     out[:, :, top:bottom, left:right] = x.roll(1, 0)[:, :, top:bottom, left:right]
     return out, 1 - (bottom - top) * (right - left) / (h * w)
+
+
+def mixup_batch(x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, float]:
+    """Mixup (Zhang et al. 2018) on a batch: each image blended with the next one of the batch
+    (``x.roll(1, 0)``), its own weight uniform in [0, 1] (Beta(1, 1), as CutMix's box area is).
+    Returns the mixed batch and that weight (the weight of its own label)."""
+    lam = float(torch.rand((), generator=gen))
+    return lam * x + (1 - lam) * x.roll(1, 0), lam
+
+
+def mix_batch(
+    x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator
+) -> tuple[torch.Tensor, float] | None:
+    """CutMix for a ``cfg.cutmix`` share of batches, Mixup for a ``cfg.mixup`` share, else None.
+    One draw picks which; a config with neither draws nothing (the stream of older recipes)."""
+    if not (cfg.cutmix or cfg.mixup):
+        return None
+    pick = float(torch.rand((), generator=gen))
+    if pick < cfg.cutmix:
+        return cutmix_batch(x, gen)
+    if pick < cfg.cutmix + cfg.mixup:
+        return mixup_batch(x, gen)
+    return None
 
 
 class Trainer:
@@ -176,23 +200,19 @@ class Trainer:
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One optimiser step on a batch as stored (e.g. uint8 on the CPU): to the device,
-        ``prepare``, ``augment``, CutMix for a ``cfg.cutmix`` share of batches, label-smoothed
+        ``prepare``, ``augment``, CutMix or Mixup for their shares of batches, label-smoothed
         cross-entropy, backward, AdamW at the learning rate already set. Returns the loss."""
         cfg = self.cfg
         self.model.train()
         batch, targets = x.to(self.device), y.to(self.device)
         inputs = self.augment(self.prepare(batch), self.gen)
-        mixed = (
-            cutmix_batch(inputs, self.gen)
-            if cfg.cutmix and torch.rand((), generator=self.gen) < cfg.cutmix
-            else None
-        )
+        mixed = mix_batch(inputs, cfg, self.gen)
         if mixed is not None:
             inputs = mixed[0]
         with autocast(inputs.device, cfg.precision):
             logits = self.model(inputs).float()
         loss = F.cross_entropy(logits, targets, label_smoothing=cfg.label_smoothing)
-        if mixed is not None:  # the box's share of the loss goes to the pasted image's label
+        if mixed is not None:  # the other image's share of the loss goes to its label
             lam = mixed[1]
             pasted = F.cross_entropy(
                 logits, targets.roll(1, 0), label_smoothing=cfg.label_smoothing

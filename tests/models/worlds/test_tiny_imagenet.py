@@ -16,7 +16,7 @@ from models.errors import DataError, IntegrityError
 from models.store.manifest import BackboneManifest, read_json, write_json_atomic
 from models.worlds import tiny_imagenet as tin
 from models.worlds import tiny_imagenet_benchmark as tib
-from models.worlds.training import TrainConfig, Trainer, cutmix_batch
+from models.worlds.training import TrainConfig, Trainer, cutmix_batch, mix_batch, mixup_batch
 
 WNIDS = ["n01443537", "n01629819", "n01641577", "n01644900"]
 
@@ -301,11 +301,52 @@ def test_cutmix_pastes_one_box_of_the_next_image_and_weighs_labels_by_area() -> 
         assert own == pytest.approx(1 - area) and torch.equal(pasted[0], pasted[3])
 
 
-def test_training_with_cutmix_resumes_to_the_same_weights(tmp_path: Path) -> None:
+def test_mixup_blends_each_image_with_the_next_and_weighs_labels_alike() -> None:
+    gen = torch.Generator().manual_seed(3)
+    x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    weights = []
+    for _ in range(50):
+        mixed, own = mixup_batch(x, gen)
+        torch.testing.assert_close(mixed, own * x + (1 - own) * x.roll(1, 0))
+        weights.append(own)
+    assert 0.0 <= min(weights) < 0.2 and 0.8 < max(weights) <= 1.0  # uniform over [0, 1]
+
+
+def test_mix_batch_deals_batches_to_cutmix_and_mixup_by_their_shares() -> None:
+    x = torch.arange(4, dtype=torch.float32).view(4, 1, 1, 1).expand(4, 3, 16, 16).contiguous()
+    gen = torch.Generator().manual_seed(0)
+    kinds = {"cutmix": 0, "mixup": 0, "none": 0}
+    for _ in range(2000):
+        mixed = mix_batch(x, TrainConfig(cutmix=0.25, mixup=0.5), gen)
+        if mixed is None:
+            kinds["none"] += 1
+        elif (mixed[0][0] == mixed[0][0, 0, 0, 0]).all():  # a blend of two flat images is flat
+            kinds["mixup"] += 1
+        else:  # a pasted box is not (its area is never 0 or all of the image here)
+            kinds["cutmix"] += 1
+    assert abs(kinds["cutmix"] - 500) < 80 and abs(kinds["mixup"] - 1000) < 100
+    assert abs(kinds["none"] - 500) < 80
+    # no mixing draws nothing; CutMix alone draws what it always drew (older recipes replay)
+    gen = torch.Generator().manual_seed(5)
+    assert mix_batch(x, TrainConfig(), gen) is None
+    assert torch.equal(gen.get_state(), torch.Generator().manual_seed(5).get_state())
+    old, new = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    for _ in range(20):
+        expected = cutmix_batch(x, old) if torch.rand((), generator=old) < 0.5 else None
+        got = mix_batch(x, TrainConfig(cutmix=0.5), new)
+        assert (got is None) == (expected is None)
+        if got is not None and expected is not None:
+            assert torch.equal(got[0], expected[0]) and got[1] == expected[1]
+
+
+@pytest.mark.parametrize("mix", [{"cutmix": 0.5}, {"cutmix": 0.25, "mixup": 0.5}])
+def test_training_with_cutmix_resumes_to_the_same_weights(
+    tmp_path: Path, mix: dict[str, float]
+) -> None:
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (64, 32, 32, 3), generator=gen, dtype=torch.uint8)
     y = torch.randint(0, 4, (64,), generator=gen)
-    cfg = TrainConfig(epochs=1, batch_size=16, cutmix=0.5)
+    cfg = TrainConfig(epochs=1, batch_size=16, **mix)
 
     def trainer() -> Trainer:
         torch.manual_seed(0)
@@ -419,8 +460,8 @@ def test_world_file_round_trips_and_refuses_a_changed_file(derived) -> None:
 
 @pytest.mark.parametrize(
     "regularisers",
-    [[], ["--crop", "resized", "--drop-path", "0.1"]],
-    ids=["shipped-recipe", "resized-crop-and-stochastic-depth"],
+    [[], ["--crop", "resized", "--drop-path", "0.1", "--mixup", "0.5"]],
+    ids=["shipped-recipe", "resized-crop-stochastic-depth-and-mixup"],
 )
 def test_world_build_cli_extracts_a_tarball_and_trains_a_resumable_backbone(
     tmp_path: Path, regularisers: list[str]
@@ -467,8 +508,8 @@ def test_world_build_cli_extracts_a_tarball_and_trains_a_resumable_backbone(
     assert code == 0
     manifest = BackboneManifest.read(out / "backbone.json")
     recorded = manifest.extra["train_config"]
-    assert (recorded["crop"], recorded["drop_path"]) == (
-        ("resized", 0.1) if regularisers else ("pad", 0.0)
+    assert (recorded["crop"], recorded["drop_path"], recorded["mixup"]) == (
+        ("resized", 0.1, 0.5) if regularisers else ("pad", 0.0, 0.0)
     )
     assert "drop_path_rate" not in manifest.overrides  # stochastic depth is training's alone
     assert manifest.extra["train_config"]["lr"] == 1e-3 and manifest.extra["train_device"] == "cpu"
@@ -484,6 +525,12 @@ def test_world_build_cli_extracts_a_tarball_and_trains_a_resumable_backbone(
     ("option", "message"),
     [
         (["--cutmix", "5"], "--cutmix is a share"),
+        (["--mixup", "-0.1"], "--mixup is a share"),
+        (["--mixup", "nan"], "--mixup is a share"),
+        (
+            ["--mixup", "0.6", "--cutmix", "0.5"],
+            r"--mixup is a share of batches in \[0, 1 - --cutmix\] = \[0, 0.5\]",
+        ),
         (["--width", "-4"], "multiple of the 4 heads"),
         (["--drop-path", "1"], "--drop-path is a drop rate"),
         (["--drop-path", "nan"], "--drop-path is a drop rate"),
@@ -549,6 +596,7 @@ def test_the_demo_world_refuses_a_device_it_does_not_train_on(tmp_path: Path) ->
     "option",
     [
         ["--cutmix", "0.5"],
+        ["--mixup", "0.5"],
         ["--crop", "resized"],
         ["--drop-path", "0.1"],
         ["--width", "192"],
