@@ -109,6 +109,13 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         app.include_router(module.router, responses=errors.ERROR_RESPONSES)
     app.include_router(health.router)
     _install_docs(app)
+    # Build the OpenAPI schema here, in the one thread that builds the app. FastAPI builds each
+    # route's parameter fields lazily (for the schema or the route's first request) and silences
+    # a pydantic warning there with warnings.catch_warnings(), whose save and restore of the
+    # process-wide filters is not thread-safe: first requests on two threads at once let
+    # "UnsupportedFieldAttributeWarning: The 'alias' attribute ..." through (two test apps did).
+    # The schema build builds every route's fields once; it also fails here, not on a request.
+    app.openapi()
     return app
 
 
