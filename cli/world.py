@@ -190,7 +190,7 @@ def _check_options(args: argparse.Namespace) -> None:
     """Refuse values the trainer cannot use, before any data is read."""
     if not 0.0 <= args.cutmix <= 1.0:
         raise SystemExit(f"--cutmix is a share of batches in [0, 1], got {args.cutmix}")
-    if not 0.0 <= args.mixup <= 1.0 - args.cutmix:  # also refuses nan
+    if not (0.0 <= args.mixup <= 1.0 and args.cutmix + args.mixup <= 1.0 + 1e-9):  # and nan
         raise SystemExit(
             f"--mixup is a share of batches in [0, 1 - --cutmix] = [0, {1.0 - args.cutmix:g}], "
             f"got {args.mixup}"

@@ -575,6 +575,15 @@ def test_world_build_refuses_a_root_file_that_is_not_the_archive(tmp_path: Path)
     assert not (work / "dataset" / ".extracted").exists()  # the next run tries again
 
 
+def test_cutmix_and_mixup_may_share_every_batch() -> None:
+    from cli.main import build_parser
+    from cli.world import _check_options
+
+    for cutmix, mixup in [(0.9, 0.1), (0.7, 0.3), (0.5, 0.5), (0.0, 1.0)]:  # 1 - 0.9 < 0.1
+        argv = ["world", "build", "tiny-imagenet", "--cutmix", str(cutmix), "--mixup", str(mixup)]
+        _check_options(build_parser().parse_args(argv))
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
 def test_world_build_refuses_a_cuda_device_it_cannot_see(tmp_path: Path) -> None:
     from cli.main import main
