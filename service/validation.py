@@ -10,7 +10,6 @@ import hashlib
 import io
 import json
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,21 +41,21 @@ def check_image(upload: UploadFile, settings: ApiSettings) -> CheckedImage:
         )
     if not data:
         raise DataError(f"{name} is empty; send an image file (PNG, JPEG, ...)")
+    # No warnings.catch_warnings() here: it swaps the process-wide filters, which is not
+    # thread-safe on the request threads. A header past Pillow's own limit only warns (up to 2x)
+    # or raises DecompressionBombError; check_size refuses it either way (at most 4096 a side).
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:  # the header only: nothing decoded yet
-                check_size(im.size, name)
-                pixels = im.size[0] * im.size[1]
-                if pixels > settings.max_image_pixels:
-                    raise TooLarge(
-                        f"{name} has {pixels} pixels, more than the "
-                        f"{settings.max_image_pixels} allowed"
-                    )
-                im.verify()
-            with Image.open(io.BytesIO(data)) as im:
-                decode_reduced(im, name)  # decodes it all (a large JPEG at a reduced scale)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        with Image.open(io.BytesIO(data)) as im:  # the header only: nothing decoded yet
+            check_size(im.size, name)
+            pixels = im.size[0] * im.size[1]
+            if pixels > settings.max_image_pixels:
+                raise TooLarge(
+                    f"{name} has {pixels} pixels, more than the {settings.max_image_pixels} allowed"
+                )
+            im.verify()
+        with Image.open(io.BytesIO(data)) as im:
+            decode_reduced(im, name)  # decodes it all (a large JPEG at a reduced scale)
+    except Image.DecompressionBombError as exc:
         raise TooLarge(f"{name}: {exc}") from exc
     except (OSError, ValueError, SyntaxError) as exc:
         raise DataError(
