@@ -126,8 +126,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--cutmix",
         type=float,
         default=0.0,
-        help="share of training batches mixed with CutMix (a regulariser against overfitting; "
-        "default 0)",
+        help="tiny-imagenet: share of training batches mixed with CutMix (a regulariser against "
+        "overfitting; default 0)",
     )
     build.add_argument(
         "--mixup",
