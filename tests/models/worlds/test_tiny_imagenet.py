@@ -340,7 +340,7 @@ def test_mix_batch_deals_batches_to_cutmix_and_mixup_by_their_shares() -> None:
 
 
 @pytest.mark.parametrize("mix", [{"cutmix": 0.5}, {"cutmix": 0.25, "mixup": 0.5}])
-def test_training_with_cutmix_resumes_to_the_same_weights(
+def test_training_with_cutmix_or_mixup_resumes_to_the_same_weights(
     tmp_path: Path, mix: dict[str, float]
 ) -> None:
     gen = torch.Generator().manual_seed(0)
