@@ -414,7 +414,9 @@ class Store(StoreFiles):
     def resolve(self, ref: str) -> ModelRef:
         """``model`` (its base), ``model@latest``, ``model@<alias>``, ``model@<version>``, or a
         bare version id of any model."""
-        model, _, name = ref.partition("@")
+        model, at, name = ref.partition("@")
+        if at:  # "model@" names nothing: not the base, which is "model" or "model@base"
+            check_name(name, "alias or version")
         if not name and model not in self._entries():
             for entry in self.models():
                 found = self._manifest(entry.name, check_name(model, "version"))

@@ -213,7 +213,11 @@ def test_lineage_aliases_latest_and_base_resolve(store: Store) -> None:
     assert store.resolve("m@prod").version == v2
     assert store.resolve("m@latest").version == v2
     assert store.resolve("m").version is None
+    assert store.resolve("m@base").version is None
     assert store.resolve(v1).model == "m"  # a bare version id
+    for ref in ("m@", "m@@"):  # an '@' must name something: not silently the base
+        with pytest.raises(StoreError, match="invalid alias or version"):
+            store.resolve(ref)
     store.delete_alias("m", "prod")
     with pytest.raises(UnknownVersionError):
         store.resolve("m@prod")
