@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from models.errors import DataError, TooLarge
@@ -22,8 +23,11 @@ WORK_SIDE = 512
 """A large image is reduced (integer box filter; JPEG decoded at a reduced scale) while its shorter
 side stays at least this: every model transform resizes far below it."""
 
-_REDUCIBLE_AS = {"1": "L", "P": "RGBA", "I;16": "I", "I;16B": "I", "I;16L": "I"}
+_REDUCIBLE_AS = {"1": "L", "P": "RGBA"}
 """Modes ``Image.reduce`` refuses, and the mode to convert them to first."""
+
+_SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N"}
+"""Pillow's modes of a 16-bit single-channel image (a 16-bit grey PNG or TIFF)."""
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -73,9 +77,33 @@ def decode_reduced(image: Image.Image, name: str) -> Image.Image:
     if factor >= 2:
         image.draft(image.mode, (image.width // factor, image.height // factor))  # JPEG only
     image.load()
+    image = eight_bit(image, name)
     factor = min(image.size) // WORK_SIDE
     if factor < 2:
         return image.copy()
     if image.mode in _REDUCIBLE_AS:
         image = image.convert(_REDUCIBLE_AS[image.mode])
     return image.reduce(factor)
+
+
+def eight_bit(image: Image.Image, name: str) -> Image.Image:
+    """A single-channel image of more than 8 bits as 8-bit grey ("L"); other images unchanged.
+
+    Pillow's ``convert`` clips such pixels at 255 rather than scaling them, so a 16-bit grey PNG
+    of a shirt reached the model nearly white (and was classified as a pullover). 16-bit pixels
+    are scaled (0-65535 to 0-255). 32-bit integer or float pixels ("I", "F") carry no range of
+    their own: kept as they are when within 0-255, refused otherwise, rather than guessed.
+    (Pillow already reads 16-bit RGB and RGBA files as 8-bit.)"""
+    if image.mode in _SIXTEEN_BIT:
+        pixels = np.asarray(image).astype(np.float32) / 257.0
+        return Image.fromarray(np.rint(pixels).astype(np.uint8))  # uint8, 2-D: "L"
+    if image.mode in ("I", "F"):
+        low, high = image.getextrema()
+        if low < 0 or high > 255:
+            raise DataError(
+                f"{name} has 32-bit {'integer' if image.mode == 'I' else 'float'} pixels from "
+                f"{low:g} to {high:g}, a range this service cannot guess the scale of: save it "
+                "with 8 bits a channel (0-255) or as a 16-bit PNG"
+            )
+        return image.convert("L")
+    return image

@@ -1,0 +1,66 @@
+"""Decoding images of more than 8 bits a channel (models/images.py): scaled, or refused, never
+clipped at 255."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from models.errors import DataError
+from models.images import WORK_SIDE, open_image
+
+
+def _mode(path: Path) -> str:
+    with Image.open(path) as im:
+        return im.mode
+
+
+def _grey(shape: tuple[int, int], seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=shape, dtype=np.uint8)
+
+
+def test_a_16_bit_grey_png_decodes_to_the_8_bit_picture_it_holds(tmp_path: Path) -> None:
+    pixels = _grey((28, 28))
+    path = tmp_path / "grey16.png"
+    Image.fromarray(pixels.astype(np.uint16) * 257).save(path)  # 0-255 -> 0-65535
+    assert _mode(path) == "I;16"  # what Pillow reads it as
+    image = open_image(path)
+    assert image.mode == "L"
+    np.testing.assert_array_equal(np.asarray(image), pixels)
+
+
+def test_a_large_16_bit_image_is_scaled_and_then_reduced(tmp_path: Path) -> None:
+    side = 4 * WORK_SIDE
+    path = tmp_path / "big16.png"
+    Image.fromarray(np.full((side, side), 40_000, dtype=np.uint16)).save(path)
+    image = open_image(path)
+    assert image.mode == "L" and WORK_SIDE <= min(image.size) < side
+    assert np.asarray(image).min() == np.asarray(image).max() == round(40_000 / 257)
+
+
+@pytest.mark.parametrize("mode", ["I", "F"])
+def test_32_bit_pixels_within_0_255_are_kept(tmp_path: Path, mode: str) -> None:
+    pixels = _grey((16, 16), seed=1)
+    path = tmp_path / "wide.tif"
+    Image.fromarray(pixels).convert(mode).save(path)
+    assert _mode(path) == mode
+    image = open_image(path)
+    assert image.mode == "L"
+    np.testing.assert_array_equal(np.asarray(image), pixels)
+
+
+@pytest.mark.parametrize(("mode", "value"), [("I", 4095), ("I", -3), ("F", 1000.5)])
+def test_32_bit_pixels_out_of_0_255_are_refused_naming_their_range(
+    tmp_path: Path, mode: str, value: float
+) -> None:
+    path = tmp_path / "scan.tif"
+    pixels = np.zeros((8, 8), dtype=np.int32 if mode == "I" else np.float32)
+    pixels[0, 0] = value
+    Image.fromarray(pixels).save(path)
+    assert _mode(path) == mode
+    with pytest.raises(DataError, match="scan.tif has 32-bit") as refused:
+        open_image(path)
+    assert f"{value:g}" in str(refused.value)  # the range it found
