@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from models.errors import DataError, TooLarge
 
@@ -52,7 +52,15 @@ def open_image(path: Path, name: str | None = None) -> Image.Image:
         with Image.open(path) as im:
             return decode_reduced(im, name)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise DataError(f"{name}: not a readable image ({exc})") from exc
+        raise DataError(f"{name}: not a readable image ({unreadable_reason(exc)})") from exc
+
+
+def unreadable_reason(exc: Exception) -> str:
+    """Why Pillow could not read a file, in words (its "cannot identify image file" names the
+    file object or the server's path, neither of which a user sent)."""
+    if isinstance(exc, UnidentifiedImageError):
+        return "not a format Pillow recognises"
+    return str(exc)
 
 
 def check_size(size: tuple[int, int], name: str) -> None:

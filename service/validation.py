@@ -18,7 +18,7 @@ from PIL import Image
 
 from models.bounds import Bound
 from models.errors import DataError, EditConfigError, TooLarge, UnknownMethodError
-from models.images import check_size, decode_reduced
+from models.images import check_size, decode_reduced, unreadable_reason
 from models.store.manifest import ModelEntry
 from models.store.store import Store
 from service.settings import ApiSettings
@@ -59,7 +59,8 @@ def check_image(upload: UploadFile, settings: ApiSettings) -> CheckedImage:
         raise TooLarge(f"{name}: {exc}") from exc
     except (OSError, ValueError, SyntaxError) as exc:
         raise DataError(
-            f"{name} is not a readable image ({exc}); send a PNG, JPEG, BMP, WebP, GIF or TIFF file"
+            f"{name} is not a readable image ({unreadable_reason(exc)}); send a PNG, JPEG, BMP, "
+            "WebP, GIF or TIFF file"
         ) from exc
     return CheckedImage(name, data)
 

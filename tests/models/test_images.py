@@ -61,6 +61,15 @@ def test_32_bit_pixels_out_of_0_255_are_refused_naming_their_range(
     pixels[0, 0] = value
     Image.fromarray(pixels).save(path)
     assert _mode(path) == mode
-    with pytest.raises(DataError, match="scan.tif has 32-bit") as refused:
+    with pytest.raises(DataError, match=r"scan\.tif has 32-bit") as refused:
         open_image(path)
     assert f"{value:g}" in str(refused.value)  # the range it found
+
+
+def test_an_unknown_format_is_refused_without_the_servers_path(tmp_path: Path) -> None:
+    path = tmp_path / "notes.png"
+    path.write_text("hello, I am text")
+    with pytest.raises(DataError, match=r"notes\.png: not a readable image") as refused:
+        open_image(path)
+    assert "not a format Pillow recognises" in str(refused.value)
+    assert str(tmp_path) not in str(refused.value)

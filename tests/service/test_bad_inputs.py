@@ -24,7 +24,7 @@ def _files(*images: bytes, field: str = "images") -> list[tuple[str, tuple[str, 
 
 
 CASES: list[tuple[str, dict[str, Any], list[Any], int, str]] = [
-    ("not an image", GOOD, _files(b"hello, I am text"), 422, "not a readable image"),
+    ("not an image", GOOD, _files(b"hello, I am text"), 422, "not a format Pillow recognises"),
     ("corrupt image", GOOD, _files(TRUNCATED_PNG), 422, "not a readable image"),
     ("empty file", GOOD, _files(b""), 422, "empty"),
     ("too large", GOOD, _files(BIG_PNG), 413, "larger than"),
@@ -44,12 +44,13 @@ CASES: list[tuple[str, dict[str, Any], list[Any], int, str]] = [
     ("unknown model", {**GOOD, "model": "nope"}, _files(png(3)), 404, "no model named"),
     ("unknown version", {**GOOD, "model": "tiny@v-missing"}, _files(png(3)), 404, "no version"),
     ("unknown alias", {**GOOD, "model": "tiny@prod"}, _files(png(3)), 404, "no version"),
+    ("an '@' naming nothing", {**GOOD, "model": "tiny@"}, _files(png(3)), 422, "alias or version"),
     (
         "path traversal in the version",
         {**GOOD, "model": "tiny@../../etc"},
         _files(png(3)),
         422,
-        "invalid version",
+        "invalid alias or version",
     ),
     ("unknown method", {**GOOD, "method": "magic"}, _files(png(3)), 422, "unknown method"),
     (
