@@ -97,10 +97,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     build.add_argument(
         "--stem",
-        choices=["patch", "conv"],
+        choices=["patch", "conv", "conv-stage"],
         default="conv",
-        help="tiny-imagenet: timm's convolutional (R+ViT hybrid) stem (default), or linear 8x8 "
-        "patches",
+        help="tiny-imagenet: timm's convolutional (R+ViT hybrid) stem (default), that stem and a "
+        "ResNetV2 stage of 2 blocks (conv-stage), or linear 8x8 patches",
     )
     build.add_argument(
         "--width",

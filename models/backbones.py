@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from timm.data import create_transform, resolve_data_config
 from torch import nn
 
+import models.architectures  # noqa: F401  (registers this project's timm models)
 from models.errors import UnknownBackboneError, WeightsMismatchError
 from models.store.manifest import BackboneManifest, sha256_file
 

@@ -56,23 +56,28 @@ def tiny_manifest() -> BackboneManifest:
     return BackboneManifest(**{**m.__dict__, "overrides": overrides})
 
 
-def test_both_stems_give_the_same_token_grid_and_ffn_sites() -> None:
+def test_every_stem_gives_the_same_token_grid_and_ffn_sites() -> None:
     from models.hypernet.cutmix import patch_grid
 
     names = [f"class {i}" for i in range(4)]
     small = {"embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 4}
     models = {}
-    for stem in ("patch", "conv"):
+    for stem in tin.STEMS:
         m = tin.manifest(names, weights=None, stem=stem)
         models[stem] = create_model(
             BackboneManifest(**{**m.__dict__, "overrides": {**m.overrides, **small}})
         )
-    assert models["conv"].patch_embed.backbone is not None  # the convolutional stem is there
+    assert set(models) == {"patch", "conv", "conv-stage"}
+    assert not hasattr(models["conv"].patch_embed.backbone, "stages")  # the stem alone
+    stage = models["conv-stage"].patch_embed.backbone.stages  # and with a ResNetV2 stage
+    assert len(stage) == 1 and len(stage[0].blocks) == 2
+    assert models["conv-stage"].patch_embed.proj.in_channels == 256
     for model in models.values():
         assert patch_grid(model) == (8, 4)
         assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 4)
     fc1 = {n: p.shape for n, p in models["patch"].named_parameters() if ".mlp." in n}
-    assert fc1 == {n: p.shape for n, p in models["conv"].named_parameters() if ".mlp." in n}
+    for stem in ("conv", "conv-stage"):
+        assert fc1 == {n: p.shape for n, p in models[stem].named_parameters() if ".mlp." in n}
     with pytest.raises(ValueError, match="stem must be one of"):
         tin.manifest(names, stem="resnet")
 
@@ -460,8 +465,8 @@ def test_world_file_round_trips_and_refuses_a_changed_file(derived) -> None:
 
 @pytest.mark.parametrize(
     "regularisers",
-    [[], ["--crop", "resized", "--drop-path", "0.1", "--mixup", "0.5"]],
-    ids=["shipped-recipe", "resized-crop-stochastic-depth-and-mixup"],
+    [[], ["--crop", "resized", "--drop-path", "0.1", "--mixup", "0.5", "--stem", "conv-stage"]],
+    ids=["shipped-recipe", "resized-crop-stochastic-depth-mixup-and-a-conv-stage"],
 )
 def test_world_build_cli_extracts_a_tarball_and_trains_a_resumable_backbone(
     tmp_path: Path, regularisers: list[str]
@@ -512,6 +517,7 @@ def test_world_build_cli_extracts_a_tarball_and_trains_a_resumable_backbone(
         ("resized", 0.1, 0.5) if regularisers else ("pad", 0.0, 0.0)
     )
     assert "drop_path_rate" not in manifest.overrides  # stochastic depth is training's alone
+    assert manifest.timm_name == ("vitedit_hybrid_r2" if regularisers else "vit_tiny_r_s16_p8_224")
     assert manifest.extra["train_config"]["lr"] == 1e-3 and manifest.extra["train_device"] == "cpu"
     assert manifest.extra["train_config"]["warmup_epochs"] == 0.5
     assert manifest.extra["train_per_class"] == 8 and len(manifest.extra["history"]) == 1
