@@ -485,6 +485,8 @@ class Store(StoreFiles):
         self._update_aliases(model, lambda a: a.__setitem__(alias, target))
 
     def delete_alias(self, model: str, alias: str) -> None:
+        if alias in RESERVED:  # "latest" and "base" follow the versions: nothing to delete
+            raise StoreError(f"alias {alias!r} is reserved and cannot be deleted")
         if alias not in self.aliases(model):
             raise UnknownVersionError(f"model {model!r} has no alias {alias!r}")
         self._update_aliases(model, lambda a: a.pop(alias, None))

@@ -221,6 +221,10 @@ def test_lineage_aliases_latest_and_base_resolve(store: Store) -> None:
     store.delete_alias("m", "prod")
     with pytest.raises(UnknownVersionError):
         store.resolve("m@prod")
+    for reserved in ("latest", "base"):
+        with pytest.raises(StoreError, match="reserved and cannot be deleted"):
+            store.delete_alias("m", reserved)
+    assert store.resolve("m@latest").version == v2
 
 
 def test_a_scoped_store_shows_its_tenant_only_its_own_versions_and_aliases(store: Store) -> None:
