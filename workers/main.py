@@ -51,6 +51,7 @@ LOST_REDIS = (
 
 
 UNSUBSCRIBE_WAIT_S = 5.0  # the most a stopping worker waits for RQ's pubsub clean-up
+PUBSUB_POLL_S = 1.0  # the longest read of the worker's pubsub listener (RQ's: 60 s)
 
 
 def within(seconds: float, fn: Callable[[], object], what: str) -> bool:
@@ -76,10 +77,24 @@ class Worker(SimpleWorker):
         self.stopping = True
         super().request_stop(signum, frame)
 
+    def subscribe(self) -> None:
+        """RQ's subscribe, with reads of at most PUBSUB_POLL_S in the listener thread.
+
+        RQ 2.12 unsubscribes, then stops the listener, whose reads block for 60 s. When the
+        listener reads the unsubscribe reply before the stop, it goes back to such a read, and
+        redis-py's ``stop()`` waits for that read to end: once in CI a SIGTERM-ed worker stayed
+        after "unsubscribing from channel" for over 30 s (RQ's issue 1613 is the same kind of
+        hang). With short reads the listener sees the stop within a second
+        (tests/workers/test_stopping.py reproduces the race)."""
+        self.log.info("Worker %s: subscribing to channel %s", self.name, self.pubsub_channel_name)
+        self.pubsub = self.connection.pubsub()
+        self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})
+        self.pubsub_thread = self.pubsub.run_in_thread(
+            sleep_time=PUBSUB_POLL_S, daemon=True, exception_handler=self._pubsub_exception_handler
+        )
+
     def unsubscribe(self) -> None:
-        # RQ 2.12 closes its pubsub while the listener thread may sit in a 60 s read; once in CI
-        # a SIGTERM-ed worker stayed after "unsubscribing from channel" for over 30 s (RQ's
-        # issue 1613 is the same kind of hang). A stop request must stop the worker.
+        # A stop request must stop the worker, whatever RQ's clean-up does: bounded as well.
         within(UNSUBSCRIBE_WAIT_S, super().unsubscribe, f"RQ pubsub clean-up of {self.name}")
 
 

@@ -11,7 +11,7 @@ import pytest
 from redis import Redis
 
 from tests.redis_server import db_url
-from workers.main import UNSUBSCRIBE_WAIT_S, rq_worker, within
+from workers.main import PUBSUB_POLL_S, UNSUBSCRIBE_WAIT_S, rq_worker, within
 
 pytestmark = pytest.mark.redis
 
@@ -39,3 +39,25 @@ def test_a_worker_unsubscribes_from_its_channel_within_the_bound(redis_url: str)
     worker.unsubscribe()
     assert time.monotonic() - start < UNSUBSCRIBE_WAIT_S
     assert redis.pubsub_numsub(channel)[0][1] == 0
+
+
+def test_unsubscribing_after_the_listener_has_read_the_reply_does_not_wait_on_a_long_read(
+    redis_url: str,
+) -> None:
+    # The race behind a stop that hung in CI: RQ unsubscribes, then stops its listener thread. If
+    # the listener reads the unsubscribe reply before the stop, it goes back to a blocking read
+    # (60 s in RQ), and redis-py's stop() waits for it. Here the listener is given that reply
+    # first on purpose; the worker's own listener wakes every PUBSUB_POLL_S, so the stop is quick.
+    redis = Redis.from_url(db_url(redis_url, 15))
+    worker = rq_worker(redis, "vitedit-test-stopping-race")
+    worker.subscribe()
+    channel = worker.pubsub_channel_name
+    worker.pubsub.unsubscribe()
+    deadline = time.monotonic() + 5
+    while redis.pubsub_numsub(channel)[0][1] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # the listener has read the reply and is back in its read
+    start = time.monotonic()
+    worker.unsubscribe()
+    assert time.monotonic() - start < PUBSUB_POLL_S + 1.0
+    assert not worker.pubsub_thread.is_alive()
