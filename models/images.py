@@ -106,12 +106,15 @@ def eight_bit(image: Image.Image, name: str) -> Image.Image:
         pixels = np.asarray(image).astype(np.float32) / 257.0
         return Image.fromarray(np.rint(pixels).astype(np.uint8))  # uint8, 2-D: "L"
     if image.mode in ("I", "F"):
-        low, high = image.getextrema()
+        pixels = np.asarray(image)
+        kind = "integer" if image.mode == "I" else "float"
+        if not np.isfinite(pixels).all():  # Pillow's extrema skip NaN; convert makes it black
+            raise DataError(f"{name} has 32-bit float pixels that are not numbers (NaN or inf)")
+        low, high = pixels.min(), pixels.max()
         if low < 0 or high > 255:
             raise DataError(
-                f"{name} has 32-bit {'integer' if image.mode == 'I' else 'float'} pixels from "
-                f"{low:g} to {high:g}, a range this service cannot guess the scale of: save it "
-                "with 8 bits a channel (0-255) or as a 16-bit PNG"
+                f"{name} has 32-bit {kind} pixels from {low:g} to {high:g}, a range this service "
+                "cannot guess the scale of: save it with 8 bits a channel (0-255) or as a 16-bit PNG"
             )
         return image.convert("L")
     return image

@@ -73,3 +73,13 @@ def test_an_unknown_format_is_refused_without_the_servers_path(tmp_path: Path) -
         open_image(path)
     assert "not a format Pillow recognises" in str(refused.value)
     assert str(tmp_path) not in str(refused.value)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_float_pixels_that_are_not_numbers_are_refused(tmp_path: Path, value: float) -> None:
+    path = tmp_path / "nan.tif"
+    pixels = np.full((8, 8), 100.0, dtype=np.float32)
+    pixels[3, 3] = value  # one pixel among numbers
+    Image.fromarray(pixels).save(path)
+    with pytest.raises(DataError, match=r"nan\.tif has 32-bit float pixels that are not numbers"):
+        open_image(path)
