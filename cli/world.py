@@ -97,10 +97,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     build.add_argument(
         "--stem",
-        choices=["patch", "conv", "conv-stage"],
+        choices=["patch", "conv", "conv-stage", "conv-stages"],
         default="conv",
         help="tiny-imagenet: timm's convolutional (R+ViT hybrid) stem (default), that stem and a "
-        "ResNetV2 stage of 2 blocks (conv-stage), or linear 8x8 patches",
+        "ResNetV2 stage of 2 blocks (conv-stage) or two stages of 2 (conv-stages, 4x4 tokens "
+        "only), or linear 8x8 patches",
     )
     build.add_argument(
         "--width",

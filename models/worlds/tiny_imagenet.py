@@ -149,13 +149,15 @@ def train_indices(y: np.ndarray, per_class: int, seed: int) -> np.ndarray:
 # channels) and a stride-2 max-pool, then a linear projection of each 2x2 cell of that 8x8 map;
 # convolutional stems train faster and reach higher accuracy from scratch on small data (Xiao et al.
 # 2021, "Early Convolutions Help Transformers See Better"). "conv-stage": that stem, then one
-# ResNetV2 stage of 2 bottleneck blocks (256 channels) on the 8x8 map before the same projection
-# (models/architectures.py). All have the same blocks, FFN sites and tokens. Each stem's entry:
+# ResNetV2 stage of 2 bottleneck blocks (256 channels) on the 8x8 map before the same projection;
+# "conv-stages": that stage and a second (512 channels, stride 2), whose 4x4 map's cells are the
+# tokens (models/architectures.py). All have the same blocks, FFN sites and tokens. Each stem's entry:
 # its timm model and the side (px or cells) of the map it patches.
 STEMS = {
     "patch": ("vit_tiny_patch16_224", IMAGE_SIZE),
     "conv": ("vit_tiny_r_s16_p8_224", IMAGE_SIZE // 4),
     "conv-stage": ("vitedit_hybrid_r2", IMAGE_SIZE // 4),
+    "conv-stages": ("vitedit_hybrid_r22", IMAGE_SIZE // 8),
 }
 WIDTH = 128  # the shipped backbone's; FFN sites are 4 x the width
 TOKENS = 16  # the shipped backbone's 4x4 grid (+ the class token); 64 = an 8x8 grid
@@ -179,6 +181,8 @@ def manifest(
     if tokens not in (16, 64):
         raise ValueError(f"tokens must be 16 (a 4x4 grid) or 64 (8x8), got {tokens}")
     timm_name, side = STEMS[stem]
+    if side % math.isqrt(tokens):
+        raise ValueError(f"stem {stem!r} makes a {side}x{side} map: it cannot give {tokens} tokens")
     patch = side // math.isqrt(tokens)
     return BackboneManifest(
         name="tiny-imagenet-vit",

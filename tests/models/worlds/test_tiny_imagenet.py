@@ -67,19 +67,25 @@ def test_every_stem_gives_the_same_token_grid_and_ffn_sites() -> None:
         models[stem] = create_model(
             BackboneManifest(**{**m.__dict__, "overrides": {**m.overrides, **small}})
         )
-    assert set(models) == {"patch", "conv", "conv-stage"}
+    assert set(models) == {"patch", "conv", "conv-stage", "conv-stages"}
     assert not hasattr(models["conv"].patch_embed.backbone, "stages")  # the stem alone
     stage = models["conv-stage"].patch_embed.backbone.stages  # and with a ResNetV2 stage
     assert len(stage) == 1 and len(stage[0].blocks) == 2
     assert models["conv-stage"].patch_embed.proj.in_channels == 256
+    stages = models["conv-stages"].patch_embed.backbone.stages  # or two, each of 2 blocks
+    assert [len(s.blocks) for s in stages] == [2, 2]
+    assert models["conv-stages"].patch_embed.proj.in_channels == 512
+    assert models["conv-stages"].patch_embed.proj.kernel_size == (1, 1)  # a token per cell
     for model in models.values():
         assert patch_grid(model) == (8, 4)
         assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 4)
     fc1 = {n: p.shape for n, p in models["patch"].named_parameters() if ".mlp." in n}
-    for stem in ("conv", "conv-stage"):
+    for stem in ("conv", "conv-stage", "conv-stages"):
         assert fc1 == {n: p.shape for n, p in models[stem].named_parameters() if ".mlp." in n}
     with pytest.raises(ValueError, match="stem must be one of"):
         tin.manifest(names, stem="resnet")
+    with pytest.raises(ValueError, match="4x4 map: it cannot give 64 tokens"):
+        tin.manifest(names, stem="conv-stages", tokens=64)
 
 
 @pytest.mark.parametrize("size", [64, 32])
