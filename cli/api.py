@@ -27,7 +27,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from cli.http_client import Job, VersionList, ViteditClient
-from models.errors import Unauthorized, Unavailable, VitEditError, quoted
+from models.errors import IntegrityError, Unauthorized, Unavailable, VitEditError, quoted
+from models.store.files import NAME, check_name
 
 console = Console()
 errors = Console(stderr=True, soft_wrap=True)  # one line per error, whatever the terminal width
@@ -382,9 +383,15 @@ def _fmt(value: float | None) -> str:
 def run_download(args: argparse.Namespace) -> int:
     def go(client: ViteditClient) -> int:
         kind = "weights" if args.weights else "review?inline=true" if args.review else "patch"
-        version = args.version
+        check_name(args.model, "model name")  # it becomes part of the URL and of the file name
+        version = check_name(args.version, "version, alias or 'latest'")
         if version != "base":  # resolve an alias or 'latest' to the id, for the file name
             version = client.version(args.model, version).version
+            if not isinstance(version, str) or not NAME.fullmatch(version):
+                raise IntegrityError(  # a file name from a server must not leave --out's folder
+                    f"the server answered version {version!r} for {args.model}@{args.version}, "
+                    "which is not a version name: is --server a vitedit server?"
+                )
         suffix = {"weights": "safetensors", "patch": "patch.safetensors"}.get(kind, "review.html")
         out = args.out or Path(f"{args.model}-{version}.{suffix}")
         sha = client.download(f"/v1/models/{args.model}/versions/{version}/{kind}", out)

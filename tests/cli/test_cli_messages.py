@@ -7,7 +7,9 @@ import json
 import re
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -140,3 +142,61 @@ def test_the_locality_probe_refuses_a_density_outside_0_1_before_any_work(rho: s
     assert run.returncode == 2, run.stderr
     assert run.stdout == ""
     assert run.stderr.strip().endswith("must be a number in (0, 1]")
+
+
+class _HostileServer(BaseHTTPRequestHandler):
+    """Answers every GET with a version whose id would leave the download's folder."""
+
+    def do_GET(self) -> None:
+        body = json.dumps(
+            {
+                "model": "m",
+                "version": "../../../escaped",
+                "lineage": [],
+                "aliases": [],
+                "manifest": {},
+                "links": {},
+            }
+        ).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_download_refuses_a_version_id_that_is_not_a_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The file name comes from the server's answer: a server that is not vitedit (or lies) must
+    not make the CLI write outside the working folder."""
+    here = tmp_path / "a" / "b"
+    here.mkdir(parents=True)
+    monkeypatch.chdir(here)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _HostileServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        assert main(["download", "m", "latest", "--server", url]) == 2
+    finally:
+        server.shutdown()
+        server.server_close()
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "'../../../escaped'" in line and "not a version name" in line
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "what"),
+    [(["../m", "latest"], "invalid model name"), (["m", "../v"], "invalid version")],
+)
+def test_download_checks_the_names_it_is_given_before_asking(
+    argv: list[str], what: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = f"http://127.0.0.1:{launcher.free_port()}"  # nothing listens: no request is made
+    assert main(["download", *argv, "--server", server]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert what in line and "letters, digits" in line
