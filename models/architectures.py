@@ -39,7 +39,10 @@ _UNTRAINED_CFG = {
     "classifier": "head",
 }
 default_cfgs = generate_default_cfgs(
-    {f"{name}.untrained": dict(_UNTRAINED_CFG) for name in ("vitedit_hybrid_r2", "vitedit_hybrid_r22")}
+    {
+        f"{name}.untrained": dict(_UNTRAINED_CFG)
+        for name in ("vitedit_hybrid_r2", "vitedit_hybrid_r22")
+    }
 )
 
 

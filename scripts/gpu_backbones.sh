@@ -12,7 +12,8 @@
 # PROBE_STEPS steps together (the probe), and the count is the largest (at most MAX_EPOCHS) that
 # the slowest of them fits into 85% of TRAIN_SECONDS at the probe's speed. The recipe is then plain
 # `vitedit world build tiny-imagenet --stage backbone` with that count; the log prints each command.
-# Environment: CANDIDATES (names below, space-separated), EPOCHS (skips the probe), EXTRA (options
+# Environment: CANDIDATES (names below, space-separated; default a, b, c: the measured run 1),
+# EPOCHS (skips the probe), EXTRA (options
 # appended to every run; argparse keeps the last, so EXTRA="--cutmix 1.0" overrides the 0.5), WORK
 # (must not hold runs of an earlier call: a world build resumes a checkpoint it finds).
 # The measured runs: docs/bench/tiny-imagenet/gpu-backbones/.
@@ -38,6 +39,8 @@ declare -A ARCH=(
     [a-w128-t16]="--width 128 --tokens 16"
     [b-w192-t16]="--width 192 --tokens 16"
     [c-w192-t64]="--width 192 --tokens 64"
+    [d-stage-w128]="--stem conv-stage --width 128 --tokens 16"    # one ResNetV2 stage (CPU: 27.08%)
+    [e-stages-w128]="--stem conv-stages --width 128 --tokens 16"  # two stages (docs/worlds.md)
 )
 export PYTHONUNBUFFERED=1
 for name in "${NAMES[@]}"; do  # a run's folder left from an earlier call would be resumed, not restarted

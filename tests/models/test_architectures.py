@@ -16,7 +16,6 @@ from models.backbones import create_model, load_backbone
 from models.store.manifest import BackboneManifest, sha256_file
 from models.worlds import tiny_imagenet as tin
 
-
 HYBRIDS = {"conv-stage": "vitedit_hybrid_r2", "conv-stages": "vitedit_hybrid_r22"}
 
 

@@ -470,12 +470,20 @@ def test_world_file_round_trips_and_refuses_a_changed_file(derived) -> None:
 
 
 @pytest.mark.parametrize(
-    "regularisers",
-    [[], ["--crop", "resized", "--drop-path", "0.1", "--mixup", "0.5", "--stem", "conv-stage"]],
-    ids=["shipped-recipe", "resized-crop-stochastic-depth-mixup-and-a-conv-stage"],
+    ("options", "recipe", "timm_name"),
+    [
+        ([], ("pad", 0.0, 0.0), "vit_tiny_r_s16_p8_224"),
+        (
+            ["--crop", "resized", "--drop-path", "0.1", "--mixup", "0.5", "--stem", "conv-stage"],
+            ("resized", 0.1, 0.5),
+            "vitedit_hybrid_r2",
+        ),
+        (["--stem", "conv-stages"], ("pad", 0.0, 0.0), "vitedit_hybrid_r22"),
+    ],
+    ids=["shipped-recipe", "resized-crop-stochastic-depth-mixup-and-a-conv-stage", "conv-stages"],
 )
 def test_world_build_cli_extracts_a_tarball_and_trains_a_resumable_backbone(
-    tmp_path: Path, regularisers: list[str]
+    tmp_path: Path, options: list[str], recipe: tuple[str, float, float], timm_name: str
 ) -> None:
     from cli.main import main
 
@@ -511,7 +519,7 @@ def test_world_build_cli_extracts_a_tarball_and_trains_a_resumable_backbone(
                 "0.5",
                 "--device",
                 "cpu",
-                *regularisers,
+                *options,
             ]
         )
     finally:
@@ -519,11 +527,9 @@ def test_world_build_cli_extracts_a_tarball_and_trains_a_resumable_backbone(
     assert code == 0
     manifest = BackboneManifest.read(out / "backbone.json")
     recorded = manifest.extra["train_config"]
-    assert (recorded["crop"], recorded["drop_path"], recorded["mixup"]) == (
-        ("resized", 0.1, 0.5) if regularisers else ("pad", 0.0, 0.0)
-    )
+    assert (recorded["crop"], recorded["drop_path"], recorded["mixup"]) == recipe
     assert "drop_path_rate" not in manifest.overrides  # stochastic depth is training's alone
-    assert manifest.timm_name == ("vitedit_hybrid_r2" if regularisers else "vit_tiny_r_s16_p8_224")
+    assert manifest.timm_name == timm_name
     assert manifest.extra["train_config"]["lr"] == 1e-3 and manifest.extra["train_device"] == "cpu"
     assert manifest.extra["train_config"]["warmup_epochs"] == 0.5
     assert manifest.extra["train_per_class"] == 8 and len(manifest.extra["history"]) == 1
