@@ -77,12 +77,30 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+# timm.create_model's own keyword arguments: they say where weights come from (checkpoint_path
+# is read with torch.load, an unpickler), not what the model is, so overrides may not carry them;
+# pretrained and pretrained_cfg_overlay are manifest fields of their own.
+LOADER_ARGUMENTS = frozenset(
+    {
+        "pretrained",
+        "pretrained_cfg",
+        "pretrained_cfg_overlay",
+        "checkpoint_path",
+        "cache_dir",
+        "scriptable",
+        "exportable",
+        "no_jit",
+    }
+)
+
+
 @dataclass(frozen=True)
 class BackboneManifest:
     """What it takes to rebuild a backbone: timm name, constructor overrides and weights.
 
     ``weights`` is a path to a safetensors file, relative to the manifest's folder when read from
-    disk; ``None`` with ``pretrained=True`` means "let timm fetch the hub weights".
+    disk; ``None`` with ``pretrained=True`` means "let timm fetch the hub weights". ``overrides``
+    are the model constructor's arguments only (not :data:`LOADER_ARGUMENTS`).
     """
 
     name: str
@@ -95,6 +113,19 @@ class BackboneManifest:
     class_names: tuple[str, ...] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     base_dir: str | None = None  # folder the manifest was read from (not serialised)
+
+    def __post_init__(self) -> None:
+        for what in ("overrides", "pretrained_cfg_overlay"):
+            value = getattr(self, what)
+            if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+                raise ManifestError(f"a backbone manifest's {what!r} must be a JSON object")
+        loaders = sorted(LOADER_ARGUMENTS.intersection(self.overrides))
+        if loaders:
+            raise ManifestError(
+                f"a backbone manifest's overrides may not set {loaders}: they are how timm "
+                "loads weights, not what the model is; name the weights in 'weights' "
+                "(a .safetensors file)"
+            )
 
     @property
     def weights_path(self) -> Path | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -272,6 +273,38 @@ def test_a_source_folder_outside_incoming_or_unsafe_is_refused(
     assert r.status_code == status, r.text
     assert why in r.json()["detail"]
     assert "nope" not in [m.name for m in store.models()]
+
+
+class _Marker:
+    """A pickle that, if ever unpickled with full pickle, leaves a file behind."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+@pytest.mark.parametrize("how", ["upload", "source"])
+def test_overrides_that_would_make_timm_load_a_file_are_refused(served, files, how) -> None:
+    """timm.create_model(checkpoint_path=...) reads a file with torch.load (an unpickler): a
+    manifest's overrides are the model's constructor arguments, never where weights come from."""
+    client, _, store = served
+    folder = store.root / "incoming" / f"loader-{how}"
+    marker = store.root / "unpickled"
+    manifest = json.loads(files["manifest"])
+    manifest["overrides"] = {**manifest["overrides"], "checkpoint_path": str(folder / "evil.pth")}
+    put_source(store, f"incoming/loader-{how}", files, overrides=manifest["overrides"])
+    (folder / "evil.pth").write_bytes(pickle.dumps({"state_dict": _Marker(marker)}))
+    if how == "upload":
+        status, body = post(client, "loader", {**files, "manifest": json.dumps(manifest).encode()})
+    else:
+        r = client.post("/v1/models", data={"name": "loader", "source": f"incoming/loader-{how}"})
+        status, body = r.status_code, r.json()
+    assert status == 422, body
+    assert "may not set ['checkpoint_path']" in body["detail"], body
+    assert not marker.exists()
+    assert_nothing_left(store, "loader")
 
 
 def test_files_and_a_source_together_or_neither_are_refused(served, files) -> None:

@@ -54,3 +54,19 @@ def test_a_safetensors_header_that_is_not_an_object_is_a_manifest_error(
     path.write_bytes(len(header).to_bytes(8, "little") + header)
     with pytest.raises(ManifestError, match="not a"):
         read_safetensors_header(path)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"overrides": {"checkpoint_path": "/x.pth"}}, r"may not set \['checkpoint_path'\]"),
+        ({"overrides": {"pretrained_cfg": {"file": "/x"}, "cache_dir": "/"}}, "may not set"),
+        ({"overrides": [1]}, "'overrides' must be a JSON object"),
+        ({"pretrained_cfg_overlay": "x"}, "'pretrained_cfg_overlay' must be a JSON object"),
+    ],
+)
+def test_a_backbone_manifest_holds_constructor_arguments_only(fields, message) -> None:
+    with pytest.raises(ManifestError, match=message):
+        manifest.BackboneManifest.from_json(
+            {"name": "m", "timm_name": "vit_tiny_patch16_224", **fields}
+        )
