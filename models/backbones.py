@@ -9,6 +9,7 @@ unpickle anything.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from torch import nn
 
 import models.architectures  # noqa: F401  (registers this project's timm models)
 from models.errors import UnknownBackboneError, WeightsMismatchError
+from models.images import MAX_SIDE
 from models.store.manifest import BackboneManifest, sha256_file
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,48 @@ class Backbone:
 
 def _eval_transform(data_config: dict[str, Any]) -> Any:
     return create_transform(**data_config, is_training=False)
+
+
+def check_data_config(data_config: dict[str, Any]) -> None:
+    """UnknownBackboneError unless the eval transform is one a worker can run: an input size of
+    1 or 3 channels and sides of at most ``MAX_SIDE`` px, also before the center crop
+    (side / crop_pct), and a finite mean and positive std per channel. A manifest's data-config
+    overlay sets these, and a side of 60,000 px would make every image a 43 GB tensor."""
+    def bad(why: str) -> UnknownBackboneError:
+        return UnknownBackboneError(
+            f"the backbone's data config {why}; fix pretrained_cfg_overlay in its manifest"
+        )
+
+    size = data_config.get("input_size")
+    if not (
+        isinstance(size, list | tuple)
+        and len(size) == 3
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in size)
+    ):
+        raise bad(f"has input_size {size!r}: give [channels, height, width]")
+    channels, height, width = size
+    if channels not in (1, 3):
+        raise bad(f"has {channels} input channels: images are grey (1) or RGB (3)")
+    crop = data_config.get("crop_pct", 1.0)
+    if not isinstance(crop, int | float) or not 0 < crop <= 10:
+        raise bad(f"has crop_pct {crop!r}: give a share, e.g. 0.875 or 1.0")
+    if max(height, width) / crop > MAX_SIDE:
+        raise bad(
+            f"resizes images to {max(height, width) / crop:.0f} px (input {height}x{width}, "
+            f"crop_pct {crop}): at most {MAX_SIDE}"
+        )
+    for what in ("mean", "std"):
+        values = data_config.get(what)
+        if not (
+            isinstance(values, list | tuple)
+            and len(values) == channels
+            and all(isinstance(v, int | float) and math.isfinite(v) for v in values)
+            and (what == "mean" or all(v > 0 for v in values))
+        ):
+            raise bad(
+                f"has {what} {values!r}: give {channels} finite numbers"
+                + (", each above 0" if what == "std" else "")
+            )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -207,6 +251,7 @@ def load_backbone(manifest: BackboneManifest, device: torch.device | str = "cpu"
         sha = _state_dict_sha256(model)
     model.eval().requires_grad_(False).to(device)
     data_config = resolve_data_config({}, model=model)
+    check_data_config(data_config)
     log.info("loaded backbone %s (%s) sha256=%s", manifest.name, manifest.timm_name, sha[:12])
     return Backbone(model, manifest, sha, data_config, device)
 

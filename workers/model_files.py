@@ -17,12 +17,15 @@ import secrets
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from models.errors import DataError, IntegrityError, ManifestError, StoreError, VitEditError
 from models.store.manifest import BackboneManifest, ModelEntry, sha256_file
 from models.store.store import Store, check_name
 from workers.registration import register_model
+
+if TYPE_CHECKING:
+    from models.backbones import Backbone
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,7 @@ def _check_loads(
     bad = [k for k, v in backbone.model.state_dict().items() if not torch.isfinite(v).all()]
     if bad:
         raise DataError(f"the backbone's weights hold NaN or inf in {bad[:5]}")
+    _check_runs(backbone)
     if hypernetwork is not None:
         from models.hypernet.network import Hypernetwork
 
@@ -85,6 +89,31 @@ def _check_loads(
         from models.worlds.layout import MAX_SERVED_IMAGES, read_benchmark
 
         read_benchmark(groups, locality, max_images=MAX_SERVED_IMAGES)
+
+
+def _check_runs(backbone: Backbone) -> None:
+    """One grey image through the eval transform and the model, as an edit would send it: a data
+    config the model does not take (an input size its patch embedding refuses) fails here, not
+    at the first edit."""
+    import torch
+    from PIL import Image
+
+    _, height, width = backbone.data_config["input_size"]
+    try:
+        with torch.no_grad():
+            logits = backbone.model(backbone.preprocess([Image.new("RGB", (width, height), 128)]))
+    except Exception as exc:  # timm's own message says which size it expected
+        raise DataError(
+            f"the backbone does not run on its data config's input {height}x{width} "
+            f"({type(exc).__name__}: {exc}); set pretrained_cfg_overlay.input_size in its "
+            "manifest to the size the model was built for"
+        ) from exc
+    if tuple(logits.shape) != (1, backbone.num_classes) or not torch.isfinite(logits).all():
+        raise DataError(
+            f"the backbone answers one image with {tuple(logits.shape)} outputs"
+            f"{'' if torch.isfinite(logits).all() else ' that are not finite'}: "
+            f"a classifier of {backbone.num_classes} classes gives (1, {backbone.num_classes})"
+        )
 
 
 def add_model(store: Store, name: str, backbone: Path, **options: Any) -> ModelEntry:

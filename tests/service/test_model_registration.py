@@ -143,6 +143,28 @@ def test_overrides_far_larger_than_the_weights_are_refused_with_what_to_check(
 
 
 @pytest.mark.parametrize(
+    ("overlay", "why"),
+    [
+        # every image resized to 28 / 0.0005 = 56,000 px before the crop: 3 GB each, an OOM
+        ({"crop_pct": 0.0005}, "resizes images to 56000 px"),
+        ({"input_size": [1, 60000, 60000]}, "at most 4096"),
+        ({"std": [0.0]}, "each above 0"),
+        ({"mean": [0.5, 0.5, 0.5]}, "has mean [0.5, 0.5, 0.5]: give 1 finite numbers"),
+        # timm's 224 px default, which this 28 px ViT refuses: found at registration, not later
+        ({"input_size": [1, 224, 224]}, "does not run on its data config's input 224x224"),
+    ],
+)
+def test_a_data_config_a_worker_cannot_serve_is_refused(served, files, overlay, why) -> None:
+    client, _, store = served
+    manifest = json.loads(files["manifest"])
+    manifest["pretrained_cfg_overlay"] = {**manifest["pretrained_cfg_overlay"], **overlay}
+    status, body = post(client, "overlay", {**files, "manifest": json.dumps(manifest).encode()})
+    assert status == 422, body
+    assert why in body["detail"] and "pretrained_cfg_overlay" in body["detail"], body
+    assert_nothing_left(store, "overlay")
+
+
+@pytest.mark.parametrize(
     ("change", "why"),
     [
         ({"weights": b"\x80\x02}q\x00(X\x06\x00\x00\x00weightq"}, "not a safetensors file"),
