@@ -370,7 +370,12 @@ class Hypernetwork(nn.Module):
         """
         manifest = read_manifest(in_dir)
         check_compatible(manifest, backbone.weights_sha256, sites, backbone.model)
-        weights = Path(in_dir) / manifest["weights"]
+        if manifest.get("weights") != WEIGHTS_FILE:  # a name from a user: never a path elsewhere
+            raise ManifestError(
+                f"{Path(in_dir) / MANIFEST_FILE} names weights {manifest.get('weights')!r}: a "
+                f"hypernetwork's weights are the {WEIGHTS_FILE} beside it"
+            )
+        weights = Path(in_dir) / WEIGHTS_FILE
         actual = sha256_file(weights)
         if actual != manifest["weights_sha256"]:
             raise IntegrityError(

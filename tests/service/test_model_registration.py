@@ -329,6 +329,36 @@ def test_overrides_that_would_make_timm_load_a_file_are_refused(served, files, h
     assert_nothing_left(store, "loader")
 
 
+@pytest.mark.filterwarnings("ignore:You should not use the 'timeout' argument")
+def test_a_hypernetwork_manifest_naming_weights_elsewhere_is_refused(
+    served, files, tmp_path
+) -> None:
+    """hypernet.json's "weights" comes from the user: a path out of its folder (here the
+    server's copy of the backbone weights) must not be what the worker reads."""
+    client, _, store = served
+    hn = _spill_hypernetwork(files, tmp_path)
+    manifest = json.loads(hn["hypernet.json"])
+    manifest["weights"] = "../../../../models/elsewhere/w.safetensors"
+    parts = [
+        ("backbone", ("my.json", files["manifest"], "application/json")),
+        ("weights", ("my.safetensors", files["weights"], "application/octet-stream")),
+        ("hypernet", ("hypernet.json", json.dumps(manifest).encode(), "application/json")),
+        (
+            "hypernet_weights",
+            ("h.safetensors", hn["hypernet.safetensors"], "application/octet-stream"),
+        ),
+        (
+            "hypernet_anchors",
+            ("a.safetensors", hn["spill-anchors.safetensors"], "application/octet-stream"),
+        ),
+    ]
+    r = client.post("/v1/models", files=parts, data={"name": "elsewhere"})
+    assert r.status_code == 422, r.text
+    assert "names weights '../../../../models/elsewhere/w.safetensors'" in r.json()["detail"]
+    assert "hypernet.safetensors beside it" in r.json()["detail"]
+    assert_nothing_left(store, "elsewhere")
+
+
 def test_files_and_a_source_together_or_neither_are_refused(served, files) -> None:
     client, _, _ = served
     both = client.post(
