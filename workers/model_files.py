@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from models.errors import DataError, IntegrityError, ManifestError, StoreError, VitEditError
 from models.store.manifest import BackboneManifest, ModelEntry, sha256_file
 from models.store.store import Store, check_name
-from workers.registration import register_model
+from workers.registration import model_methods, register_model
 
 if TYPE_CHECKING:
     from models.backbones import Backbone
@@ -152,6 +152,7 @@ def _add_model(
     if not replace and any(m.name == name for m in store.models()):
         raise StoreError(f"model {name!r} is registered: pass --replace to replace its files")
     manifest = _their_manifest(backbone)
+    model_methods(manifest, hypernetwork is not None, default_method)  # before any file moves
     _check_loads(manifest, hypernetwork, groups, locality)
     registered = any(m.name == name for m in store.models())  # and so --replace was given
     new_weights = (

@@ -41,6 +41,15 @@ def editor_infos(defaults: dict[str, Any] | None = None) -> dict[str, MethodInfo
     from models.editing.registry import EDITORS
 
     defaults = defaults or {}
+    for ed in EDITORS.values():  # a default out of an option's bounds would fail every edit
+        for name, b in ed.config_cls.bounds().items():
+            if name in defaults:
+                try:
+                    b.check(name, defaults[name])
+                except EditConfigError as exc:
+                    raise EditConfigError(
+                        f"the backbone manifest's extra.edit_defaults: {exc}"
+                    ) from None
     return {
         name: MethodInfo(
             options={
@@ -68,6 +77,26 @@ def _backbone_identity(manifest: BackboneManifest) -> tuple[str, int]:
     return backbone.weights_sha256, backbone.num_classes
 
 
+def model_methods(
+    manifest: BackboneManifest, has_hypernetwork: bool, default_method: str | None
+) -> tuple[dict[str, MethodInfo], str]:
+    """The editors a model's entry lists, with the manifest's measured defaults, and its default
+    method; EditConfigError or UnknownMethodError (422) for what no edit could run with. Checked
+    before a model's files are written, and again when its entry is."""
+    measured = manifest.extra.get("edit_defaults") or {}
+    if not isinstance(measured, dict):
+        raise EditConfigError("the backbone manifest's extra.edit_defaults must be a JSON object")
+    methods = editor_infos({k: v for k, v in measured.items() if k in SHARED_DEFAULTS})
+    default = default_method or (DEFAULT_METHOD if has_hypernetwork else FALLBACK_METHOD)
+    if default not in methods:
+        raise UnknownMethodError(
+            f"default method {default!r} is not registered; choose one of {sorted(methods)}"
+        )
+    if methods[default].needs_hypernetwork and not has_hypernetwork:
+        raise EditConfigError(f"default method {default!r} needs a hypernetwork")
+    return methods, default
+
+
 def register_model(
     store: Store,
     name: str,
@@ -92,17 +121,7 @@ def register_model(
         hyper = read_manifest(hypernetwork)
         check_compatible(hyper, sha, None)
         hypernetwork_id = hyper["weights_sha256"]
-    shared = {
-        k: v for k, v in (manifest.extra.get("edit_defaults") or {}).items() if k in SHARED_DEFAULTS
-    }
-    methods = editor_infos(shared)
-    default = default_method or (DEFAULT_METHOD if hypernetwork is not None else FALLBACK_METHOD)
-    if default not in methods:
-        raise UnknownMethodError(
-            f"default method {default!r} is not registered; choose one of {sorted(methods)}"
-        )
-    if methods[default].needs_hypernetwork and hypernetwork is None:
-        raise EditConfigError(f"default method {default!r} needs a hypernetwork")
+    methods, default = model_methods(manifest, hypernetwork is not None, default_method)
     classes = manifest.class_names or tuple(str(i) for i in range(num_classes))
 
     def key(path: Path) -> str:

@@ -143,6 +143,29 @@ def test_overrides_far_larger_than_the_weights_are_refused_with_what_to_check(
 
 
 @pytest.mark.parametrize(
+    ("defaults", "why"),
+    [
+        ({"max_steps": 10**9}, "option max_steps=1000000000 must be an integer in [1, 10000]"),
+        ({"lr": "abc"}, "option lr='abc' must be a number in (0, 1]"),
+        ({"rho": 5.0}, "option rho=5.0 must be a number in (0, 1]"),
+        ([1, 2], "must be a JSON object"),
+    ],
+)
+def test_edit_defaults_out_of_bounds_are_refused_not_failed_at_every_edit(
+    served, files, defaults, why
+) -> None:
+    """A manifest's extra.edit_defaults become the model's option defaults: one out of its
+    bounds registered fine and then failed every edit that did not set the option."""
+    client, _, store = served
+    manifest = json.loads(files["manifest"])
+    manifest["extra"] = {"edit_defaults": defaults}
+    status, body = post(client, "defaults", {**files, "manifest": json.dumps(manifest).encode()})
+    assert status == 422, body
+    assert "extra.edit_defaults" in body["detail"] and why in body["detail"], body
+    assert_nothing_left(store, "defaults")
+
+
+@pytest.mark.parametrize(
     ("overlay", "why"),
     [
         # every image resized to 28 / 0.0005 = 56,000 px before the crop: 3 GB each, an OOM
