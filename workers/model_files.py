@@ -69,6 +69,12 @@ def _check_loads(
     bad = [k for k, v in backbone.model.state_dict().items() if not torch.isfinite(v).all()]
     if bad:
         raise DataError(f"the backbone's weights hold NaN or inf in {bad[:5]}")
+    names = manifest.class_names
+    if names is not None and len(names) != backbone.num_classes:
+        raise DataError(
+            f"the backbone manifest names {len(names)} classes, its model has "
+            f"{backbone.num_classes}: give one class name per output, in order"
+        )
     _check_runs(backbone)
     if hypernetwork is not None:
         from models.hypernet.network import Hypernetwork

@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections import Counter
 from dataclasses import MISSING, asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -115,6 +116,27 @@ class BackboneManifest:
     base_dir: str | None = None  # folder the manifest was read from (not serialised)
 
     def __post_init__(self) -> None:
+        for what in ("name", "timm_name"):
+            if not isinstance(getattr(self, what), str) or not getattr(self, what):
+                raise ManifestError(f"a backbone manifest's {what!r} must be a non-empty string")
+        for what in ("weights", "weights_sha256"):
+            if getattr(self, what) is not None and not isinstance(getattr(self, what), str):
+                raise ManifestError(f"a backbone manifest's {what!r} must be a string or null")
+        if not isinstance(self.pretrained, bool):
+            raise ManifestError("a backbone manifest's 'pretrained' must be true or false")
+        if not isinstance(self.extra, dict):
+            raise ManifestError("a backbone manifest's 'extra' must be a JSON object")
+        if self.class_names is not None:
+            names = self.class_names
+            if not all(isinstance(n, str) and n.strip() for n in names):
+                raise ManifestError(
+                    "a backbone manifest's 'class_names' must be non-empty strings, one per class"
+                )
+            twice = sorted(n for n, k in Counter(names).items() if k > 1)
+            if twice:  # a label given by name must name one class
+                raise ManifestError(
+                    f"a backbone manifest's 'class_names' name classes twice: {twice[:5]}"
+                )
         for what in ("overrides", "pretrained_cfg_overlay"):
             value = getattr(self, what)
             if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
@@ -158,6 +180,8 @@ class BackboneManifest:
         if unknown:
             raise ManifestError(f"unknown backbone manifest fields: {sorted(unknown)}")
         if data.get("class_names") is not None:
+            if not isinstance(data["class_names"], list):
+                raise ManifestError("a backbone manifest's 'class_names' must be a list of strings")
             data["class_names"] = tuple(data["class_names"])
         return cls(**data, base_dir=str(base_dir) if base_dir else None)
 

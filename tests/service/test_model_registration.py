@@ -143,6 +143,31 @@ def test_overrides_far_larger_than_the_weights_are_refused_with_what_to_check(
 
 
 @pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        ({"class_names": ["a", "b"]}, "names 2 classes, its model has 10"),
+        ({"class_names": ["a"] * 10}, "name classes twice: ['a']"),
+        ({"class_names": "abcdefghij"}, "'class_names' must be a list of strings"),
+        ({"class_names": [""] * 10}, "must be non-empty strings"),
+        ({"class_names": list(range(10))}, "must be non-empty strings"),
+        ({"name": 5}, "'name' must be a non-empty string"),
+        ({"timm_name": ["x"]}, "'timm_name' must be a non-empty string"),
+        ({"extra": []}, "'extra' must be a JSON object"),
+        ({"weights_sha256": 5}, "'weights_sha256' must be a string or null"),
+    ],
+)
+def test_a_manifest_field_of_the_wrong_kind_is_refused_by_name(served, files, change, why):
+    """Each of these registered (and then failed edits, or answered 500) or failed with a
+    Python error message; now each is a 422 saying which field to fix."""
+    client, _, store = served
+    manifest = {**json.loads(files["manifest"]), **change}
+    status, body = post(client, "kinds", {**files, "manifest": json.dumps(manifest).encode()})
+    assert status == 422, body
+    assert why in body["detail"], body
+    assert_nothing_left(store, "kinds")
+
+
+@pytest.mark.parametrize(
     ("defaults", "why"),
     [
         ({"max_steps": 10**9}, "option max_steps=1000000000 must be an integer in [1, 10000]"),
