@@ -200,6 +200,11 @@ def _check_options(args: argparse.Namespace) -> None:
         raise SystemExit(f"--drop-path is a drop rate in [0, 1), got {args.drop_path}")
     if args.width is not None and (args.width <= 0 or args.width % 4):
         raise SystemExit(f"--width must be a positive multiple of the 4 heads, got {args.width}")
+    if args.stem == "conv-stages" and args.tokens not in (None, 16):
+        raise SystemExit(
+            f"--stem conv-stages makes a 4x4 map, one token per cell: --tokens 16 only, got "
+            f"{args.tokens}"
+        )
     if args.lr is not None and not 0.0 < args.lr < 1.0:  # also refuses nan and inf
         raise SystemExit(f"--lr must be in (0, 1), got {args.lr}")
     if args.warmup_epochs is not None and not 0.0 <= args.warmup_epochs < 1e6:  # and not nan

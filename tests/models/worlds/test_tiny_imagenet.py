@@ -550,6 +550,7 @@ def test_world_build_cli_extracts_a_tarball_and_trains_a_resumable_backbone(
             r"--mixup is a share of batches in \[0, 1 - --cutmix\] = \[0, 0.5\]",
         ),
         (["--width", "-4"], "multiple of the 4 heads"),
+        (["--stem", "conv-stages", "--tokens", "64"], "--tokens 16 only, got 64"),
         (["--drop-path", "1"], "--drop-path is a drop rate"),
         (["--drop-path", "nan"], "--drop-path is a drop rate"),
         (["--lr", "nan"], "--lr must be in"),
