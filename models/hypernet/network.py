@@ -417,6 +417,22 @@ def read_manifest(in_dir: Path) -> dict[str, Any]:
     if manifest.get("format") != HYPERNET_FORMAT:
         fmt = manifest.get("format")
         raise ManifestError(f"{in_dir}: not a vitedit hypernetwork (format {fmt!r})")
+    where = Path(in_dir) / MANIFEST_FILE
+    for key in ("backbone", "sites", "config", "training"):  # JSON objects (training: optional)
+        if not isinstance(manifest.get(key, {}), dict):
+            raise ManifestError(f"{where}: its {key!r} must be a JSON object")
+    backbone = manifest.get("backbone") or {}
+    strings = {
+        "weights_sha256": manifest.get("weights_sha256"),
+        "backbone.name": backbone.get("name"),
+        "backbone.weights_sha256": backbone.get("weights_sha256"),
+    }
+    for key, value in strings.items():
+        if not isinstance(value, str):
+            raise ManifestError(f"{where}: its {key!r} must be a string")
+    sites = manifest.get("sites") or {}
+    if not all(isinstance(sites.get(k), list) for k in ("mlps", "hidden")):
+        raise ManifestError(f"{where}: its 'sites' must hold the lists 'mlps' and 'hidden'")
     return manifest
 
 

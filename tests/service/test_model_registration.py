@@ -377,6 +377,39 @@ def test_overrides_that_would_make_timm_load_a_file_are_refused(served, files, h
     assert_nothing_left(store, "loader")
 
 
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        ({"sites": 5}, "its 'sites' must be a JSON object"),
+        ({"sites": {"mlps": "blocks.1.mlp"}}, "'sites' must hold the lists 'mlps' and 'hidden'"),
+        ({"backbone": []}, "its 'backbone' must be a JSON object"),
+        ({"training": []}, "its 'training' must be a JSON object"),
+        ({"weights_sha256": 5}, "its 'weights_sha256' must be a string"),
+        ({"backbone": {"name": "x"}}, "its 'backbone.weights_sha256' must be a string"),
+    ],
+)
+def test_a_hypernetwork_manifest_field_of_the_wrong_kind_is_refused_by_name(
+    served, files, tmp_path, change, why
+) -> None:
+    """Each was a 422 quoting a Python error ("'int' object is not subscriptable")."""
+    client, _, store = served
+    hn = _spill_hypernetwork(files, tmp_path)
+    manifest = {**json.loads(hn["hypernet.json"]), **change}
+    parts = [
+        ("backbone", ("my.json", files["manifest"], "application/json")),
+        ("weights", ("my.safetensors", files["weights"], "application/octet-stream")),
+        ("hypernet", ("hypernet.json", json.dumps(manifest).encode(), "application/json")),
+        (
+            "hypernet_weights",
+            ("h.safetensors", hn["hypernet.safetensors"], "application/octet-stream"),
+        ),
+    ]
+    r = client.post("/v1/models", files=parts, data={"name": "hn-kinds"})
+    assert r.status_code == 422, r.text
+    assert why in r.json()["detail"], r.text
+    assert_nothing_left(store, "hn-kinds")
+
+
 @pytest.mark.filterwarnings("ignore:You should not use the 'timeout' argument")
 def test_a_hypernetwork_manifest_naming_weights_elsewhere_is_refused(
     served, files, tmp_path
