@@ -75,6 +75,7 @@ def check_data_config(data_config: dict[str, Any]) -> None:
     1 or 3 channels and sides of at most ``MAX_SIDE`` px, also before the center crop
     (side / crop_pct), and a finite mean and positive std per channel. A manifest's data-config
     overlay sets these, and a side of 60,000 px would make every image a 43 GB tensor."""
+
     def bad(why: str) -> UnknownBackboneError:
         return UnknownBackboneError(
             f"the backbone's data config {why}; fix pretrained_cfg_overlay in its manifest"
