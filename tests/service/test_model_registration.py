@@ -377,6 +377,25 @@ def test_overrides_that_would_make_timm_load_a_file_are_refused(served, files, h
     assert_nothing_left(store, "loader")
 
 
+def _with_hypernetwork(
+    files: dict[str, bytes], hn: dict[str, bytes], manifest: dict, anchors: bool = False
+) -> list:
+    """The multipart parts of a registration with a hypernetwork whose manifest is ``manifest``."""
+    parts = [
+        ("backbone", ("my.json", files["manifest"], "application/json")),
+        ("weights", ("my.safetensors", files["weights"], "application/octet-stream")),
+        ("hypernet", ("hypernet.json", json.dumps(manifest).encode(), "application/json")),
+        (
+            "hypernet_weights",
+            ("h.safetensors", hn["hypernet.safetensors"], "application/octet-stream"),
+        ),
+    ]
+    if anchors:
+        spill = hn["spill-anchors.safetensors"]
+        parts.append(("hypernet_anchors", ("a.safetensors", spill, "application/octet-stream")))
+    return parts
+
+
 @pytest.mark.parametrize(
     ("change", "why"),
     [
@@ -395,15 +414,7 @@ def test_a_hypernetwork_manifest_field_of_the_wrong_kind_is_refused_by_name(
     client, _, store = served
     hn = _spill_hypernetwork(files, tmp_path)
     manifest = {**json.loads(hn["hypernet.json"]), **change}
-    parts = [
-        ("backbone", ("my.json", files["manifest"], "application/json")),
-        ("weights", ("my.safetensors", files["weights"], "application/octet-stream")),
-        ("hypernet", ("hypernet.json", json.dumps(manifest).encode(), "application/json")),
-        (
-            "hypernet_weights",
-            ("h.safetensors", hn["hypernet.safetensors"], "application/octet-stream"),
-        ),
-    ]
+    parts = _with_hypernetwork(files, hn, manifest)
     r = client.post("/v1/models", files=parts, data={"name": "hn-kinds"})
     assert r.status_code == 422, r.text
     assert why in r.json()["detail"], r.text
@@ -420,19 +431,7 @@ def test_a_hypernetwork_manifest_naming_weights_elsewhere_is_refused(
     hn = _spill_hypernetwork(files, tmp_path)
     manifest = json.loads(hn["hypernet.json"])
     manifest["weights"] = "../../../../models/elsewhere/w.safetensors"
-    parts = [
-        ("backbone", ("my.json", files["manifest"], "application/json")),
-        ("weights", ("my.safetensors", files["weights"], "application/octet-stream")),
-        ("hypernet", ("hypernet.json", json.dumps(manifest).encode(), "application/json")),
-        (
-            "hypernet_weights",
-            ("h.safetensors", hn["hypernet.safetensors"], "application/octet-stream"),
-        ),
-        (
-            "hypernet_anchors",
-            ("a.safetensors", hn["spill-anchors.safetensors"], "application/octet-stream"),
-        ),
-    ]
+    parts = _with_hypernetwork(files, hn, manifest, anchors=True)
     r = client.post("/v1/models", files=parts, data={"name": "elsewhere"})
     assert r.status_code == 422, r.text
     assert "names weights '../../../../models/elsewhere/w.safetensors'" in r.json()["detail"]
