@@ -223,6 +223,16 @@ def _add_model(
     return store.model(name)
 
 
+def _symlinks(folder: Path) -> list[str]:
+    """The symbolic links under ``folder`` (not followed), relative to it."""
+    found = []
+    for here, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            if os.path.islink(os.path.join(here, name)):
+                found.append(os.path.relpath(os.path.join(here, name), folder))
+    return sorted(found)
+
+
 def source_files(store: Store, source: str) -> dict[str, Path | None]:
     """The files of a store folder under ``incoming/`` in the layout of an upload (backbone.json
     and its weights, optional hypernet/ and benchmark/{edit_groups,locality}/), brought into the
@@ -232,6 +242,12 @@ def source_files(store: Store, source: str) -> dict[str, Path | None]:
     manifest_path = folder / BACKBONE_MANIFEST
     if not manifest_path.is_file():
         raise DataError(f"the store has no {store.source_key(source)}/{BACKBONE_MANIFEST}")
+    links = _symlinks(folder)
+    if links:  # the copy would follow them: another model's images, or any file of the host
+        raise DataError(
+            f"{store.source_key(source)} holds symbolic links ({', '.join(links[:3])}): put the "
+            "files themselves in the source folder"
+        )
     manifest = _their_manifest(manifest_path)
     if manifest.pretrained:
         raise DataError(

@@ -325,14 +325,25 @@ def test_a_model_is_registered_from_a_folder_of_the_store(served, files) -> None
         ("incoming/hub", {"pretrained": True}, 422, "workers never download"),
         ("incoming/garbled", {}, 422, "is not valid JSON"),
         ("incoming/bad-hypernet", {}, 422, "the hypernetwork does not load"),
+        ("incoming/linked", {}, 422, "holds symbolic links (benchmark/locality/linked.png)"),
     ],
 )
 def test_a_source_folder_outside_incoming_or_unsafe_is_refused(
     served, files, source, changes, status, why
 ) -> None:
     client, _, store = served
-    if source in ("incoming/escape", "incoming/hub", "incoming/garbled", "incoming/bad-hypernet"):
+    if source in (
+        "incoming/escape",
+        "incoming/hub",
+        "incoming/garbled",
+        "incoming/bad-hypernet",
+        "incoming/linked",
+    ):
         put_source(store, source, files, **changes)
+    if source == "incoming/linked":  # an image of another model, followed by the copy before
+        other = store.root / "elsewhere.png"
+        other.write_bytes(png(1))
+        (store.root / source / "benchmark" / "locality" / "linked.png").symlink_to(other)
     if source == "incoming/garbled":
         (store.root / source / "backbone.json").write_text("not json")
     if source == "incoming/bad-hypernet":
