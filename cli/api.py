@@ -27,8 +27,15 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from cli.http_client import Job, VersionList, ViteditClient
-from models.errors import IntegrityError, Unauthorized, Unavailable, VitEditError, quoted
-from models.store.files import NAME, check_name
+from models.errors import (
+    IntegrityError,
+    StoreError,
+    Unauthorized,
+    Unavailable,
+    VitEditError,
+    quoted,
+)
+from models.store.files import check_name
 
 console = Console()
 errors = Console(stderr=True, soft_wrap=True)  # one line per error, whatever the terminal width
@@ -387,11 +394,13 @@ def run_download(args: argparse.Namespace) -> int:
         version = check_name(args.version, "version, alias or 'latest'")
         if version != "base":  # resolve an alias or 'latest' to the id, for the file name
             version = client.version(args.model, version).version
-            if not isinstance(version, str) or not NAME.fullmatch(version):
-                raise IntegrityError(  # a file name from a server must not leave --out's folder
+            try:  # a file name from a server must not leave the working folder
+                check_name(version, "version")
+            except StoreError:
+                raise IntegrityError(
                     f"the server answered version {version!r} for {args.model}@{args.version}, "
                     "which is not a version name: is --server a vitedit server?"
-                )
+                ) from None
         suffix = {"weights": "safetensors", "patch": "patch.safetensors"}.get(kind, "review.html")
         out = args.out or Path(f"{args.model}-{version}.{suffix}")
         sha = client.download(f"/v1/models/{args.model}/versions/{version}/{kind}", out)

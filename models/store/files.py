@@ -28,12 +28,12 @@ WEIGHTS_FILE = "model.safetensors"
 CACHE_MIN_IDLE_S = 60.0  # merged weights used this recently are never evicted (being downloaded)
 INCOMING = "incoming"  # where users put a model's files to register it from the store
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # model, version, alias, upload names
-NAME = re.compile(NAME_PATTERN)
+_NAME = re.compile(NAME_PATTERN)
 
 
 def check_name(name: str, what: str) -> str:
     """Model, version, alias and upload names become paths: letters, digits, ``._-`` only."""
-    if not isinstance(name, str) or not NAME.fullmatch(name):  # '$' alone allows a final '\n'
+    if not isinstance(name, str) or not _NAME.fullmatch(name):  # '$' alone allows a final '\n'
         raise StoreError(
             f"invalid {what} {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
