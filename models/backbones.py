@@ -108,7 +108,7 @@ def check_data_config(data_config: dict[str, Any]) -> None:
             and (what == "mean" or all(v > 0 for v in values))
         ):
             raise bad(
-                f"has {what} {values!r}: give {channels} finite numbers"
+                f"has {what} {values!r}: give one finite number per channel ({channels})"
                 + (", each above 0" if what == "std" else "")
             )
 

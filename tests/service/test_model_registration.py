@@ -197,7 +197,10 @@ def test_edit_defaults_out_of_bounds_are_refused_not_failed_at_every_edit(
         ({"crop_pct": 0.0005}, "resizes images to 56000 px"),
         ({"input_size": [1, 60000, 60000]}, "at most 4096"),
         ({"std": [0.0]}, "each above 0"),
-        ({"mean": [0.5, 0.5, 0.5]}, "has mean [0.5, 0.5, 0.5]: give 1 finite numbers"),
+        (
+            {"mean": [0.5, 0.5, 0.5]},
+            "has mean [0.5, 0.5, 0.5]: give one finite number per channel (1)",
+        ),
         # timm's 224 px default, which this 28 px ViT refuses: found at registration, not later
         ({"input_size": [1, 224, 224]}, "does not run on its data config's input 224x224"),
     ],
