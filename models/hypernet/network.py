@@ -418,10 +418,12 @@ def read_manifest(in_dir: Path) -> dict[str, Any]:
         fmt = manifest.get("format")
         raise ManifestError(f"{in_dir}: not a vitedit hypernetwork (format {fmt!r})")
     where = Path(in_dir) / MANIFEST_FILE
-    for key in ("backbone", "sites", "config", "training"):  # JSON objects (training: optional)
-        if not isinstance(manifest.get(key, {}), dict):
+    objects = {k: manifest.get(k) for k in ("backbone", "sites", "config")}
+    objects["training"] = manifest.get("training", {})  # the one that may be left out
+    for key, value in objects.items():
+        if not isinstance(value, dict):
             raise ManifestError(f"{where}: its {key!r} must be a JSON object")
-    backbone = manifest.get("backbone") or {}
+    backbone = manifest["backbone"]
     strings = {
         "weights_sha256": manifest.get("weights_sha256"),
         "backbone.name": backbone.get("name"),
@@ -430,7 +432,7 @@ def read_manifest(in_dir: Path) -> dict[str, Any]:
     for key, value in strings.items():
         if not isinstance(value, str):
             raise ManifestError(f"{where}: its {key!r} must be a string")
-    sites = manifest.get("sites") or {}
+    sites = manifest["sites"]
     if not all(isinstance(sites.get(k), list) for k in ("mlps", "hidden")):
         raise ManifestError(f"{where}: its 'sites' must hold the lists 'mlps' and 'hidden'")
     return manifest

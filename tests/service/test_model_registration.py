@@ -414,6 +414,7 @@ def _with_hypernetwork(
     ("change", "why"),
     [
         ({"sites": 5}, "its 'sites' must be a JSON object"),
+        ({"config": None}, "its 'config' must be a JSON object"),
         ({"sites": {"mlps": "blocks.1.mlp"}}, "'sites' must hold the lists 'mlps' and 'hidden'"),
         ({"backbone": []}, "its 'backbone' must be a JSON object"),
         ({"training": []}, "its 'training' must be a JSON object"),
