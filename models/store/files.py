@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Collection
 from pathlib import Path
 
-from models.errors import IntegrityError, StoreError
+from models.errors import IntegrityError, StoreError, quoted
 from models.store.manifest import read_json, sha256_file, utc_now, write_json_atomic
 from models.store.remote import S3Remote
 
@@ -35,7 +35,8 @@ def check_name(name: str, what: str) -> str:
     """Model, version, alias and upload names become paths: letters, digits, ``._-`` only."""
     if not isinstance(name, str) or not _NAME.fullmatch(name):  # '$' alone allows a final '\n'
         raise StoreError(
-            f"invalid {what} {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
+            f"invalid {what} {quoted(name) if isinstance(name, str) else repr(name)}: use 1-64 "
+            "letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
         )
     return name

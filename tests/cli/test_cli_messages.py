@@ -200,3 +200,10 @@ def test_download_checks_the_names_it_is_given_before_asking(
     assert main(["download", *argv, "--server", server]) == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert what in line and "letters, digits" in line
+
+
+def test_a_name_of_many_characters_is_quoted_cut_short(capsys: pytest.CaptureFixture[str]) -> None:
+    server = f"http://127.0.0.1:{launcher.free_port()}"
+    assert main(["download", "demo-vit", "v" * 10_000, "--server", server]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "(10000 characters)" in line and len(line) < 400
