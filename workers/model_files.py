@@ -11,6 +11,7 @@ worker. Only safetensors weights are accepted: nothing is unpickled.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -189,38 +190,75 @@ def _add_model(
         if calibrate is not None:
             bench = staging / "benchmark"
             calibrate(staging / BACKBONE_MANIFEST, bench / "edit_groups", bench / "locality")
-        final = store.model_files(name)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        if final.exists():
-            old = store.root / "tmp" / f"replaced-{name}-{secrets.token_hex(4)}"
-            os.rename(final, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.rename(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    store.publish_model_files(name)  # an S3 store: the files go up before the entry
-    key = final.relative_to(store.root).as_posix()
-    benchmark = (
-        {
-            "kind": "folders",
-            "groups": f"{key}/benchmark/edit_groups",
-            "locality": f"{key}/benchmark/locality",
-        }
-        if groups is not None
-        else None
-    )
-    register_model(
-        store,
-        name,
-        final / BACKBONE_MANIFEST,
-        hypernetwork=final / "hypernet" if hypernetwork is not None else None,
-        benchmark=benchmark,
-        default_method=default_method,
-        relative_to=store.root,
-    )
+    final = store.model_files(name)
+    replaced = None  # the files the registry names until the new entry is written
+    moved = False
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if final.exists():
+            replaced = store.root / "tmp" / f"replaced-{name}-{secrets.token_hex(4)}"
+            os.rename(final, replaced)
+        os.rename(staging, final)
+        moved = True
+        store.publish_model_files(name)  # an S3 store: the files go up before the entry
+        key = final.relative_to(store.root).as_posix()
+        benchmark = (
+            {
+                "kind": "folders",
+                "groups": f"{key}/benchmark/edit_groups",
+                "locality": f"{key}/benchmark/locality",
+            }
+            if groups is not None
+            else None
+        )
+        register_model(
+            store,
+            name,
+            final / BACKBONE_MANIFEST,
+            hypernetwork=final / "hypernet" if hypernetwork is not None else None,
+            benchmark=benchmark,
+            default_method=default_method,
+            relative_to=store.root,
+        )
+    except BaseException:
+        _put_back(store, name, staging, replaced, moved)
+        raise
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
     log.info("added model %s: files in %s", name, final)
     return store.model(name)
+
+
+def _put_back(store: Store, name: str, staging: Path, replaced: Path | None, moved: bool) -> None:
+    """A registration that failed while its files moved in, or after (the registry write
+    refused, say a version of the old weights published meanwhile, or the registry unreachable):
+    the model's folder goes back to the files its entry still names, the replaced ones or none,
+    here and in the bucket, so no entry points at weights it was not written for."""
+    final = store.model_files(name)
+    if moved:
+        failed = store.root / "tmp" / f"failed-{name}-{secrets.token_hex(4)}"
+        os.rename(final, failed)
+        shutil.rmtree(failed, ignore_errors=True)
+    else:
+        shutil.rmtree(staging, ignore_errors=True)
+    if replaced is not None and replaced.exists():
+        os.rename(replaced, final)
+    else:
+        with contextlib.suppress(OSError):  # a new model's folder, if nothing else is in it
+            final.parent.rmdir()
+    if not moved:
+        return  # the bucket was not touched
+    try:
+        store.publish_model_files(name)  # the bucket mirrors the folder again (none: deleted)
+    except Exception:
+        log.exception(
+            "model %s: could not put its former files back in the bucket; run `vitedit models "
+            "add --replace` again with the files its entry names",
+            name,
+        )
 
 
 def _symlinks(folder: Path) -> list[str]:

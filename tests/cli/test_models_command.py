@@ -144,6 +144,49 @@ def test_replace_and_remove_respect_versions(tiny, tmp_path) -> None:
     assert store.models() == []
 
 
+def test_a_replace_the_registry_refuses_late_puts_the_old_files_back(tiny, tmp_path) -> None:
+    """A version of the old weights published while the new files were staged (an edit ending
+    during a replace): the registry refuses the new weights, and the files go back to the ones
+    its entry names (they were deleted, and the entry then named weights that were gone)."""
+    store = Store(tmp_path / "store")
+    before = add_model(store, "mine", tiny)
+    bench = make_benchmark(tmp_path / "bench")
+
+    def a_version_meanwhile(*staged: Path) -> None:
+        (store.root / "models" / "mine" / "versions" / "v1").mkdir(parents=True)
+
+    with pytest.raises(StoreError, match="other base weights"):
+        add_model(
+            store,
+            "mine",
+            _with(tiny, _shifted),
+            groups=Path(bench["groups"]),
+            locality=Path(bench["locality"]),
+            replace=True,
+            calibrate=a_version_meanwhile,
+        )
+    entry = store.model("mine")
+    assert entry.weights_sha256 == before.weights_sha256 and not entry.benchmark
+    assert sha256_file(BackboneManifest.read(entry.backbone).weights_path) == entry.weights_sha256
+    assert not (store.model_files("mine") / "benchmark").exists()  # the new copy's
+    assert list((store.root / "tmp").iterdir()) == []
+
+
+def test_a_new_model_whose_entry_cannot_be_written_leaves_no_files(
+    tiny, tmp_path, monkeypatch
+) -> None:
+    store = Store(tmp_path / "store")
+
+    def disk_full(entry) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store, "register_model", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        add_model(store, "mine", tiny)
+    assert not (store.root / "models" / "mine").exists()
+    assert list((store.root / "tmp").iterdir()) == []
+
+
 def test_add_with_calibrate_records_the_measured_setting_in_the_stored_manifest(
     demo_as_user, tmp_path, capsys
 ) -> None:

@@ -312,3 +312,38 @@ def test_two_hosts_registering_one_name_at_once_leave_one_consistent_model(
     a, b = hosts
     registered = b.model("twin").weights_sha256
     assert registered in outcomes and a.model("twin").weights_sha256 == registered
+
+
+def test_a_replace_refused_late_puts_the_old_files_back_in_the_bucket(
+    hosts: tuple[Store, Store], tmp_path: Path
+) -> None:
+    # the registry refuses the new weights after they were uploaded (a version of the old ones
+    # was published meanwhile, by a worker on another host): the bucket gets the old files back
+    from models.store.manifest import BackboneManifest, sha256_file
+    from models.store.store import MANIFEST_FILE
+    from tests.cli.test_models_command import _shifted, _with
+    from tests.redis_server import make_benchmark, make_tiny_backbone
+    from workers.model_files import add_model
+
+    a, b = hosts
+    tiny = make_tiny_backbone(tmp_path / "mine")
+    before = add_model(a, "mine", tiny)
+    bench = make_benchmark(tmp_path / "bench")
+    assert a.remote is not None
+    version = f"models/mine/versions/v20260101-000000-abcdef/{MANIFEST_FILE}"
+
+    with pytest.raises(StoreError, match="other base weights"):
+        add_model(
+            a,
+            "mine",
+            _with(tiny, _shifted),
+            groups=Path(bench["groups"]),
+            locality=Path(bench["locality"]),
+            replace=True,
+            calibrate=lambda *staged: a.remote.put_bytes(version, b"{}"),
+        )
+    entry = b.model("mine")  # another host reads the entry and the files from the bucket
+    assert entry.weights_sha256 == before.weights_sha256
+    b.fetch_model_files("mine")
+    assert sha256_file(BackboneManifest.read(entry.backbone).weights_path) == entry.weights_sha256
+    assert a.remote.list("models/mine/base/benchmark/") == []  # the refused copy's, deleted
