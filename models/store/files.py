@@ -91,22 +91,46 @@ class StoreFiles:
         for path in sorted(folder.rglob("*")):
             if path.is_file():
                 self.remote.upload_file(path, self.key(path))
+        for blob in self.remote.list(f"{self.key(folder)}/"):  # this cache is current: its
+            with contextlib.suppress(FileNotFoundError):  # next fetch downloads nothing
+                os.utime(self.root / blob.key, (blob.modified, blob.modified))
 
     def fetch_model_files(self, name: str) -> None:
-        """Bring a model's base files from the bucket into the local cache (what is missing or
-        of another size); a no-op for a local store and for files registered by absolute path.
-        Their content is checked where it is read (the backbone's sha256, the hypernetwork's)."""
-        self._sync_down(self.model_files(name))
+        """Bring a model's base files from the bucket into the local cache, a mirror of the
+        bucket's copy (see :meth:`_sync_down`); a no-op for a local store and for files
+        registered by absolute path. Their content is checked where it is read (the backbone's
+        sha256, the hypernetwork's)."""
+        self._sync_down(self.model_files(name), mirror=True)
 
-    def _sync_down(self, folder: Path) -> None:
-        """Bring a folder of the bucket into the local cache: each file that is missing here or
-        of another size; a no-op without a bucket."""
+    def _sync_down(self, folder: Path, mirror: bool = False) -> None:
+        """Bring a folder of the bucket into the local cache: each file that is missing here,
+        older than the bucket's object (a registration replaced it: weights retrained on one
+        architecture keep their size), or of another size at its time. A downloaded file takes
+        its object's time; a newer one was moved in by a registration on this host and is
+        uploaded next (``publish_model_files``), so it stays. With ``mirror``, local files the bucket no longer holds go too, if they are no
+        newer than its newest object: files a registration on this host moved in and has not
+        uploaded yet stay (those are newer). A no-op without a bucket."""
         if self.remote is None:
             return
-        for blob in self.remote.list(f"{self.key(folder)}/"):
+        blobs = self.remote.list(f"{self.key(folder)}/")
+        for blob in blobs:
             path = self.root / blob.key
-            if not path.is_file() or path.stat().st_size != blob.size:
-                self.remote.download_file(blob.key, path)
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                current = False
+            else:  # newer: moved in here and not uploaded yet; the same time: downloaded
+                ahead = stat.st_mtime - blob.modified
+                current = ahead > 1e-3 or (ahead > -1e-3 and stat.st_size == blob.size)
+            if not current and self.remote.download_file(blob.key, path):
+                os.utime(path, (blob.modified, blob.modified))
+        if mirror and blobs and folder.is_dir():
+            newest = max(blob.modified for blob in blobs)
+            held = {blob.key for blob in blobs}
+            for path in list(folder.rglob("*")):
+                stale = path.is_file() and self.key(path) not in held
+                if stale and path.stat().st_mtime <= newest:
+                    path.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ merged weights cache
 
@@ -260,8 +284,8 @@ class StoreFiles:
         return self.remote.exists(key) if self.remote is not None else (self.root / key).is_file()
 
     def source_folder(self, source: str) -> Path:
-        """A source folder in the local folder, brought from the bucket (what is missing or of
-        another size) when there is one."""
+        """A source folder in the local folder, brought from the bucket (what is missing or out
+        of date, :meth:`_sync_down`) when there is one."""
         folder = self.root / self.source_key(source)
         self._sync_down(folder)
         return folder
