@@ -105,11 +105,11 @@ class StoreFiles:
     def _sync_down(self, folder: Path, mirror: bool = False) -> None:
         """Bring a folder of the bucket into the local cache: each file that is missing here,
         older than the bucket's object (a registration replaced it: weights retrained on one
-        architecture keep their size), or of another size at its time. A downloaded file takes
-        its object's time; a newer one was moved in by a registration on this host and is
-        uploaded next (``publish_model_files``), so it stays. With ``mirror``, local files the bucket no longer holds go too, if they are no
-        newer than its newest object: files a registration on this host moved in and has not
-        uploaded yet stay (those are newer). A no-op without a bucket."""
+        architecture keep their size), or of another size at its time; a download takes its
+        object's time. A newer local file was moved in by a registration on this host and goes
+        up next (``publish_model_files``): it stays. With ``mirror``, local files the bucket no
+        longer holds are deleted too, unless newer than its newest object (the same reason).
+        A no-op without a bucket."""
         if self.remote is None:
             return
         blobs = self.remote.list(f"{self.key(folder)}/")
