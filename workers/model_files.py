@@ -173,6 +173,9 @@ def _add_model(
 
     staging = store.root / "tmp" / f"add-{name}-{secrets.token_hex(4)}"
     staging.mkdir(parents=True)
+    final = store.model_files(name)
+    replaced = None  # the files the registry names until the new entry is written
+    moved = False
     try:
         shutil.copyfile(manifest.weights_path, staging / BACKBONE_WEIGHTS)
         copied = {**manifest.__dict__, "weights": BACKBONE_WEIGHTS, "base_dir": None}
@@ -190,13 +193,6 @@ def _add_model(
         if calibrate is not None:
             bench = staging / "benchmark"
             calibrate(staging / BACKBONE_MANIFEST, bench / "edit_groups", bench / "locality")
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    final = store.model_files(name)
-    replaced = None  # the files the registry names until the new entry is written
-    moved = False
-    try:
         final.parent.mkdir(parents=True, exist_ok=True)
         if final.exists():
             replaced = store.root / "tmp" / f"replaced-{name}-{secrets.token_hex(4)}"
@@ -233,10 +229,11 @@ def _add_model(
 
 
 def _put_back(store: Store, name: str, staging: Path, replaced: Path | None, moved: bool) -> None:
-    """A registration that failed while its files moved in, or after (the registry write
-    refused, say a version of the old weights published meanwhile, or the registry unreachable):
-    the model's folder goes back to the files its entry still names, the replaced ones or none,
-    here and in the bucket, so no entry points at weights it was not written for."""
+    """A registration that failed while its files were staged or moved in, or after (the
+    registry write refused, say a version of the old weights published meanwhile, or the
+    registry unreachable): the model's folder goes back to the files its entry still names, the
+    replaced ones or none, here and in the bucket, so no entry points at weights it was not
+    written for."""
     final = store.model_files(name)
     if moved:
         failed = store.root / "tmp" / f"failed-{name}-{secrets.token_hex(4)}"

@@ -320,10 +320,11 @@ def test_a_model_is_registered_from_a_folder_of_the_store(served, files) -> None
 @pytest.mark.parametrize(
     ("source", "changes", "status", "why"),
     [
-        ("models/other/base", {}, 422, "not a folder of the store's incoming/ area"),
-        ("incoming/../models", {}, 422, "invalid source folder name"),
-        ("incoming", {}, 422, "not a folder of the store's incoming/ area"),
-        ("incoming/nothing-here", {}, 422, "has no incoming/nothing-here/backbone.json"),
+        # changes None: nothing is put in the folder
+        ("models/other/base", None, 422, "not a folder of the store's incoming/ area"),
+        ("incoming/../models", None, 422, "invalid source folder name"),
+        ("incoming", None, 422, "not a folder of the store's incoming/ area"),
+        ("incoming/nothing-here", None, 422, "has no incoming/nothing-here/backbone.json"),
         ("incoming/escape", {"weights": "../../models.json"}, 422, "relative to the manifest"),
         ("incoming/hub", {"pretrained": True}, 422, "workers never download"),
         ("incoming/garbled", {}, 422, "is not valid JSON"),
@@ -335,13 +336,7 @@ def test_a_source_folder_outside_incoming_or_unsafe_is_refused(
     served, files, source, changes, status, why
 ) -> None:
     client, _, store = served
-    if source in (
-        "incoming/escape",
-        "incoming/hub",
-        "incoming/garbled",
-        "incoming/bad-hypernet",
-        "incoming/linked",
-    ):
+    if changes is not None:
         put_source(store, source, files, **changes)
     if source == "incoming/linked":  # an image of another model, followed by the copy before
         other = store.root / "elsewhere.png"
