@@ -12,6 +12,16 @@ from models.errors import DataError, TooLarge
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "WEBP", "GIF", "TIFF")
+"""The only formats Pillow may read a user's or a benchmark's image as (``Image.open(...,
+formats=IMAGE_FORMATS)``), those of :data:`IMAGE_SUFFIXES`. Left to itself, Pillow tries every
+plugin it has: an EPS file is handed to Ghostscript, a program run on what a user sent, and ICO,
+PGM, PSD, FITS and thirty more formats no one sends a classifier are parsed by code that does not
+need to see the network."""
+
+ACCEPTED_FORMATS = "PNG, JPEG, BMP, WebP, GIF or TIFF"
+""":data:`IMAGE_FORMATS` as messages name them."""
+
 MAX_SIDE = 4096
 """Longest side accepted, in pixels: a 2 KB PNG of 1 x 1,000,000 pixels (under any pixel limit)
 took a worker from 1.4 to 3.0 GB in the model transform, which scales its short side up."""
@@ -46,10 +56,10 @@ def open_image(path: Path, name: str | None = None) -> Image.Image:
     ``name``: how errors call the file (default its file name)."""
     name = name or path.name
     try:
-        with Image.open(path) as im:
+        with Image.open(path, formats=IMAGE_FORMATS) as im:
             check_size(im.size, name)
             im.verify()
-        with Image.open(path) as im:
+        with Image.open(path, formats=IMAGE_FORMATS) as im:
             return decode_reduced(im, name)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DataError(f"{name}: not a readable image ({unreadable_reason(exc)})") from exc
@@ -57,9 +67,10 @@ def open_image(path: Path, name: str | None = None) -> Image.Image:
 
 def unreadable_reason(exc: Exception) -> str:
     """Why Pillow could not read a file, in words (its "cannot identify image file" names the
-    file object or the server's path, neither of which a user sent)."""
+    file object or the server's path, neither of which a user sent). Pillow says that too of a
+    file of a format outside :data:`IMAGE_FORMATS`, so the answer names the accepted ones."""
     if isinstance(exc, UnidentifiedImageError):
-        return "not a format Pillow recognises"
+        return f"not one of the accepted formats: {ACCEPTED_FORMATS}"
     return str(exc)
 
 

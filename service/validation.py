@@ -14,11 +14,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import UploadFile
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from models.bounds import Bound
-from models.errors import DataError, EditConfigError, TooLarge, UnknownMethodError
-from models.images import check_size, decode_reduced, unreadable_reason
+from models.errors import DataError, EditConfigError, TooLarge, UnknownMethodError, quoted
+from models.images import (
+    ACCEPTED_FORMATS,
+    IMAGE_FORMATS,
+    check_size,
+    decode_reduced,
+    unreadable_reason,
+)
 from models.store.manifest import ModelEntry
 from models.store.store import Store
 from service.settings import ApiSettings
@@ -34,18 +40,22 @@ class CheckedImage:
 def check_image(upload: UploadFile, settings: ApiSettings) -> CheckedImage:
     """Read one uploaded file and make sure Pillow can decode it fully."""
     name = upload.filename or "upload"
+    if len(name) > 100:  # a file name is the client's text: echoed in messages, kept short
+        name = quoted(name)
     data = upload.file.read(settings.max_image_bytes + 1)
     if len(data) > settings.max_image_bytes:
         raise TooLarge(
             f"{name} is larger than {settings.max_image_bytes} bytes; send a smaller image"
         )
     if not data:
-        raise DataError(f"{name} is empty; send an image file (PNG, JPEG, ...)")
+        raise DataError(f"{name} is empty; send an image file ({ACCEPTED_FORMATS})")
     # No warnings.catch_warnings() here: it swaps the process-wide filters, which is not
     # thread-safe on the request threads. A header past Pillow's own limit only warns (up to 2x)
     # or raises DecompressionBombError; check_size refuses it either way (at most 4096 a side).
     try:
-        with Image.open(io.BytesIO(data)) as im:  # the header only: nothing decoded yet
+        with Image.open(
+            io.BytesIO(data), formats=IMAGE_FORMATS
+        ) as im:  # the header only: nothing decoded yet
             check_size(im.size, name)
             pixels = im.size[0] * im.size[1]
             if pixels > settings.max_image_pixels:
@@ -53,14 +63,16 @@ def check_image(upload: UploadFile, settings: ApiSettings) -> CheckedImage:
                     f"{name} has {pixels} pixels, more than the {settings.max_image_pixels} allowed"
                 )
             im.verify()
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:
             decode_reduced(im, name)  # decodes it all (a large JPEG at a reduced scale)
     except Image.DecompressionBombError as exc:
         raise TooLarge(f"{name}: {exc}") from exc
+    except UnidentifiedImageError as exc:  # also a format outside IMAGE_FORMATS (EPS, ICO, ...)
+        raise DataError(f"{name} is not a readable image ({unreadable_reason(exc)})") from exc
     except (OSError, ValueError, SyntaxError) as exc:
         raise DataError(
-            f"{name} is not a readable image ({unreadable_reason(exc)}); send a PNG, JPEG, BMP, "
-            "WebP, GIF or TIFF file"
+            f"{name} is not a readable image ({unreadable_reason(exc)}); send a "
+            f"{ACCEPTED_FORMATS} file"
         ) from exc
     return CheckedImage(name, data)
 

@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from models.backbones import Backbone, create_model, load_backbone
 from models.errors import DataError
 from models.hypernet.failures import FailureSet, failures_of
+from models.images import IMAGE_FORMATS
 from models.store.manifest import BackboneManifest, sha256_file
 from models.worlds.training import TrainConfig, Trainer, TrainResult
 
@@ -56,7 +57,9 @@ TERMS = (
 def decode(source: Path | bytes) -> np.ndarray:
     """A JPEG file (or its bytes) -> uint8 (32, 32, 3); a 64-px original is resized (bicubic)."""
     try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+        with Image.open(
+            io.BytesIO(source) if isinstance(source, bytes) else source, formats=IMAGE_FORMATS
+        ) as im:
             im = im.convert("RGB")
             if im.size != (IMAGE_SIZE, IMAGE_SIZE):
                 im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC)

@@ -71,8 +71,56 @@ def test_an_unknown_format_is_refused_without_the_servers_path(tmp_path: Path) -
     path.write_text("hello, I am text")
     with pytest.raises(DataError, match=r"notes\.png: not a readable image") as refused:
         open_image(path)
-    assert "not a format Pillow recognises" in str(refused.value)
+    assert "not one of the accepted formats: PNG, JPEG, BMP, WebP, GIF or TIFF" in str(
+        refused.value
+    )
     assert str(tmp_path) not in str(refused.value)
+
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 1 1\n"
+"""A minimal EPS file: Pillow reads its header, and loading it would run Ghostscript."""
+
+
+def _pgm(path: Path) -> None:
+    Image.fromarray(_grey((8, 8))).save(path, format="PPM")  # a grey image: PGM (P5)
+
+
+@pytest.mark.parametrize("name", ["figure.eps", "scan.pgm", "favicon.ico"])
+def test_formats_outside_the_allow_list_are_refused_unparsed(
+    tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from PIL import EpsImagePlugin, IcoImagePlugin, PpmImagePlugin
+
+    path = tmp_path / name
+    if name.endswith(".eps"):
+        path.write_bytes(EPS)
+    elif name.endswith(".pgm"):
+        _pgm(path)
+    else:
+        Image.fromarray(_grey((16, 16))).save(path, format="ICO")
+    with Image.open(path) as im:  # what Pillow would read it as, left to itself
+        assert im.format in ("EPS", "PPM", "ICO")
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a refused format's plugin was run")
+
+    for plugin, cls in [
+        (EpsImagePlugin, "EpsImageFile"),
+        (PpmImagePlugin, "PpmImageFile"),
+        (IcoImagePlugin, "IcoImageFile"),
+    ]:
+        monkeypatch.setattr(getattr(plugin, cls), "_open", never)
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", never)
+    with pytest.raises(DataError, match=rf"{name}: not a readable image") as refused:
+        open_image(path)
+    assert "accepted formats: PNG, JPEG, BMP, WebP, GIF or TIFF" in str(refused.value)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "BMP", "WEBP", "GIF", "TIFF"])
+def test_every_accepted_format_opens(tmp_path: Path, fmt: str) -> None:
+    path = tmp_path / f"image.{fmt.lower()}"
+    Image.fromarray(_grey((16, 16))).save(path, format=fmt)
+    assert open_image(path).size == (16, 16)
 
 
 @pytest.mark.parametrize("value", [np.nan, np.inf])

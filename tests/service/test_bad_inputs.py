@@ -17,6 +17,9 @@ pytestmark = pytest.mark.redis
 GOOD = {"label": "3", "model": "tiny"}
 TRUNCATED_PNG = png(1)[:60]
 BIG_PNG = png(2, size=200)  # > the 4096-byte limit of the `idle` app
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 1 1\n"  # Pillow would run Ghostscript on it
+PGM = b"P5\n2 2\n255\n" + bytes([0, 64, 128, 255])  # a 2x2 grey PGM: Pillow reads it as PPM
+FORMATS = "not one of the accepted formats: PNG, JPEG, BMP, WebP, GIF or TIFF"
 
 
 def _files(*images: bytes, field: str = "images") -> list[tuple[str, tuple[str, bytes, str]]]:
@@ -24,7 +27,10 @@ def _files(*images: bytes, field: str = "images") -> list[tuple[str, tuple[str, 
 
 
 CASES: list[tuple[str, dict[str, Any], list[Any], int, str]] = [
-    ("not an image", GOOD, _files(b"hello, I am text"), 422, "not a format Pillow recognises"),
+    ("not an image", GOOD, _files(b"hello, I am text"), 422, FORMATS),
+    ("an EPS file", GOOD, _files(EPS), 422, FORMATS),
+    ("a PGM file", GOOD, _files(PGM), 422, FORMATS),
+    ("an EPS holdout", GOOD, _files(png(3)) + _files(EPS, field="holdout"), 422, FORMATS),
     ("corrupt image", GOOD, _files(TRUNCATED_PNG), 422, "not a readable image"),
     ("empty file", GOOD, _files(b""), 422, "empty"),
     ("too large", GOOD, _files(BIG_PNG), 413, "larger than"),
@@ -145,6 +151,18 @@ def test_bad_predict_image_is_rejected_before_queueing(idle: Served) -> None:
     assert r.status_code == 422
     assert idle.jobs.high.count == 0
     _nothing_left(idle)
+
+
+@pytest.mark.parametrize("data", [EPS, PGM], ids=["eps", "pgm"])
+def test_predict_refuses_formats_outside_the_allow_list(idle: Served, data: bytes) -> None:
+    """Pillow reads both (and would hand the EPS to Ghostscript); the API refuses them unread."""
+    r = idle.client.post("/v1/models/tiny/versions/base/predict", files=_files(data))
+    assert r.status_code == 422, r.text
+    assert r.json() == {
+        "detail": f"0.png is not a readable image ({FORMATS})",
+        "error": "DataError",
+    }
+    assert idle.jobs.high.count == 0
 
 
 def test_an_idempotency_key_longer_than_255_characters_is_refused(idle: Served) -> None:
