@@ -10,12 +10,25 @@ entry, where the torch-free API reads them (``service/validation.py``). Both sid
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from models.errors import EditConfigError
+from models.errors import EditConfigError, quoted
 
 SEED_MAX = 2**63 - 1  # a seed is a signed 64-bit integer everywhere we hand it on
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """``value`` as a message quotes it: its repr, cut to ``limit`` characters and its length (an
+    option's name or value is the client's text; a 100 kB one would be echoed whole)."""
+    if isinstance(value, str):
+        return quoted(value, limit)
+    try:
+        text = repr(value)
+    except ValueError:  # an int of more digits than repr() writes
+        return "an integer of thousands of digits"
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 @dataclass(frozen=True)
@@ -43,27 +56,35 @@ class Bound:
             and (number < self.high if self.high_open else number <= self.high)
         )
         if not inside:
-            raise EditConfigError(f"option {name}={value!r} must be {self.describe()}")
+            raise EditConfigError(f"option {name}={shown(value)} must be {self.describe()}")
         return number  # type: ignore[return-value]
 
     def _coerce(self, value: Any) -> int | float | None:
-        """The number ``value`` stands for (None if it is not one, or not finite)."""
+        """The number ``value`` stands for (None if it is not one, or not finite: an integer past
+        a float's range, such as 1 followed by 400 zeros in a JSON body, is not a float)."""
         if isinstance(value, bool):
             return None
         if isinstance(value, str):
             text = value.strip()
+            if not text.isascii():  # int() and float() read other scripts' digits too ("\u0667")
+                return None
             try:
                 value = (
-                    int(text) if self.kind == "int" and text.lstrip("+-").isdigit() else float(text)
+                    int(text)
+                    if self.kind == "int" and re.fullmatch(r"[+-]?[0-9]+", text)
+                    else float(text)
                 )
-            except ValueError:
+            except ValueError:  # not a number, or more digits than int() takes
                 return None
         if not isinstance(value, int | float):
             return None
         if isinstance(value, float) and not math.isfinite(value):
             return None
         if self.kind == "float":
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # an int of more than ~1e308
+                return None
         if isinstance(value, float) and value != int(value):
             return None
         return int(value)

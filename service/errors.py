@@ -17,7 +17,7 @@ from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
-from models.errors import VitEditError, status_of
+from models.errors import VitEditError, quoted, status_of
 from service.schemas import ErrorPublic
 from workers.client import QueueUnavailable
 
@@ -78,17 +78,27 @@ def describe(errors: list[dict[str, Any]]) -> str:
         loc = [str(x) for x in e.get("loc", ())]
         place = where.get(loc[0], loc[0]) if loc else "request"
         name = ".".join(loc[1:])
-        parts.append(f"{place} {name!r}: {e.get('msg', 'invalid')}" if name else e.get("msg", ""))
+        shown = quoted(name)  # a field name is the client's text (an unknown form field's too)
+        parts.append(f"{place} {shown}: {e.get('msg', 'invalid')}" if name else e.get("msg", ""))
     return "; ".join(parts) or "the request is malformed"
+
+
+def _cut(text: str, limit: int = 100) -> str:
+    """A field name as the answer's ``errors`` lists it: the client's text, cut to ``limit``."""
+    return text if len(text) <= limit else f"{text[:limit]}..."
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     fields = [
-        {"loc": [str(x) for x in e.get("loc", ())], "msg": str(e.get("msg")), "type": e.get("type")}
+        {
+            "loc": [_cut(str(x)) for x in e.get("loc", ())],
+            "msg": str(e.get("msg")),
+            "type": e.get("type"),
+        }
         for e in exc.errors()
     ]
-    detail = f"{describe(fields)}; see the endpoint in /docs"
+    detail = f"{describe(list(exc.errors()))}; see the endpoint in /docs"
     return error_response(422, detail, "Invalid", errors=fields)
 
 
@@ -96,13 +106,14 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
     detail = str(exc.detail)
     if exc.status_code == 400:  # FastAPI: a JSON or multipart body it cannot parse
-        detail = f"{detail}: send the body /docs describes for {request.url.path!r}"
+        detail = f"{detail}: send the body /docs describes for {quoted(request.url.path, 200)}"
     elif exc.status_code == 404 and detail == "Not Found":
-        detail = f"no route {request.url.path!r}; the API is described at /docs"
+        detail = f"no route {quoted(request.url.path, 200)}; the API is described at /docs"
     headers = exc.headers
     if exc.status_code == 405:
         allowed = _allowed_methods(request)
-        detail = f"{request.method} is not allowed on {request.url.path!r} (allowed: {allowed})"
+        path = quoted(request.url.path, 200)
+        detail = f"{request.method} is not allowed on {path} (allowed: {allowed})"
         headers = {**(headers or {}), "Allow": allowed}
     name = HTTP_NAMES.get(exc.status_code, "HTTPError")
     return error_response(exc.status_code, detail, name, headers=headers)

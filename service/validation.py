@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import UploadFile
 from PIL import Image, UnidentifiedImageError
 
-from models.bounds import Bound
+from models.bounds import Bound, shown
 from models.errors import DataError, EditConfigError, TooLarge, UnknownMethodError, quoted
 from models.images import (
     ACCEPTED_FORMATS,
@@ -100,7 +100,7 @@ def check_method(entry: ModelEntry, method: str | None) -> str:
     info = entry.methods.get(method)
     if info is None:
         raise UnknownMethodError(
-            f"unknown method {method!r} for model {entry.name!r}; choose one "
+            f"unknown method {quoted(method)} for model {entry.name!r}; choose one "
             f"of {sorted(entry.methods)}"
         )
     if info.needs_hypernetwork and not entry.hypernetwork:
@@ -121,7 +121,9 @@ def check_options(
     unknown = sorted(set(given) - set(info.options))
     if unknown:
         raise EditConfigError(
-            f"method {method!r} has no option(s) {unknown}; it takes {sorted(info.options)}"
+            f"method {method!r} has no option(s) [{', '.join(quoted(k) for k in unknown[:10])}"
+            f"{f', ... ({len(unknown)} in all)' if len(unknown) > 10 else ''}]; it takes "
+            f"{sorted(info.options)}"
         )
     bounds = {k: Bound.from_json(v) for k, v in info.bounds.items()}
     clean = {}
@@ -144,7 +146,7 @@ def _same_type(key: str, value: Any, default: Any) -> Any:
         return Bound(kind.__name__, -math.inf, math.inf).check(key, value)
     if isinstance(value, kind):
         return value
-    raise EditConfigError(f"option {key}={value!r} must be a {kind.__name__}")
+    raise EditConfigError(f"option {key}={shown(value)} must be a {kind.__name__}")
 
 
 def parse_options_json(text: str | None) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from models.errors import EditConfigError, UnknownMethodError
+from models.errors import EditConfigError, UnknownMethodError, quoted
 from models.store.manifest import BackboneManifest, MethodInfo, ModelEntry, sha256_file, utc_now
 from models.store.store import Store
 
@@ -90,7 +90,7 @@ def model_methods(
     default = default_method or (DEFAULT_METHOD if has_hypernetwork else FALLBACK_METHOD)
     if default not in methods:
         raise UnknownMethodError(
-            f"default method {default!r} is not registered; choose one of {sorted(methods)}"
+            f"default method {quoted(default)} is not registered; choose one of {sorted(methods)}"
         )
     if methods[default].needs_hypernetwork and not has_hypernetwork:
         raise EditConfigError(f"default method {default!r} needs a hypernetwork")

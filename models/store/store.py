@@ -50,6 +50,7 @@ from models.errors import (
     StoreError,
     UnknownModelError,
     UnknownVersionError,
+    quoted,
 )
 from models.store.drafts import MANIFEST_FILE, PATCH_FILE, VersionDraft, write_failed
 from models.store.files import (
@@ -280,7 +281,7 @@ class Store(StoreFiles):
 
         def remove(registry: dict[str, Any]) -> None:
             if name not in registry:
-                raise UnknownModelError(f"no model named {name!r}")
+                raise UnknownModelError(f"no model named {quoted(name)}")
             if self._has_versions(name) and not purge:
                 raise StoreError(
                     f"model {name!r} has versions: remove them with it (purge) or keep the model"
@@ -304,7 +305,7 @@ class Store(StoreFiles):
         if entry is None:
             known = sorted(self._entries())
             raise UnknownModelError(
-                f"no model named {name!r}; registered models: {known or 'none'}"
+                f"no model named {quoted(name)}; registered models: {known or 'none'}"
             )
         return entry
 

@@ -4,6 +4,7 @@ visible."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -89,6 +90,21 @@ CASES: list[tuple[str, dict[str, Any], list[Any], int, str]] = [
         "JSON object",
     ),
     (
+        "lr past a float's range in options",
+        {**GOOD, "options": '{"lr": 1' + "0" * 400 + "}"},
+        _files(png(3)),
+        422,
+        "... (401 characters) must be a number in (0, 1]",
+    ),
+    (
+        "max_steps of 401 digits in options",
+        {**GOOD, "options": '{"max_steps": 1' + "0" * 400 + "}"},
+        _files(png(3)),
+        422,
+        "... (401 characters) must be an integer in [1, ",
+    ),
+    ("lr past a float's range", {**GOOD, "lr": "1" + "0" * 400}, _files(png(3)), 422, "(0, 1]"),
+    (
         "holdout with mixed labels",
         {**GOOD, "label": ["1", "2"]},
         _files(png(3), png(4)) + _files(png(5), field="holdout"),
@@ -144,6 +160,36 @@ def test_unsafe_version_names_are_refused_before_the_store_looks(
     r = idle.client.get(f"/v1/models/tiny/versions/{version}")
     assert r.status_code == 422, r.text
     assert "'version'" in r.json()["detail"] and "pattern" in r.json()["detail"]
+
+
+HUGE = "x" * 100_000
+"""A value a client may send in any text field; no answer echoes it whole."""
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        {"method": HUGE},
+        {"label": HUGE},
+        {"model": HUGE},
+        {"model": f"{HUGE}@latest"},
+        {"model": f"tiny@{HUGE}"},
+        {"options": json.dumps({HUGE: 1})},
+        {"options": json.dumps({"lr": HUGE})},
+        {"options": json.dumps({"lr": [HUGE]})},
+        {"options": json.dumps({"seed": HUGE})},
+        {"options": json.dumps({f"k{i}": 1 for i in range(10_000)})},
+        {HUGE[:1000]: "1"},  # an unknown field (a longer name: 400 from the multipart parser)
+    ],
+    ids=lambda form: f"{next(iter(form))[:10]}={str(next(iter(form.values())))[:12]}",
+)
+def test_a_long_value_is_not_echoed_whole(idle: Served, form: dict[str, str]) -> None:
+    """A 100 kB method, label, model or option came back whole in the answer (and its log line)."""
+    r = idle.client.post("/v1/edits", data={**GOOD, **form}, files=_files(png(3)))
+    assert r.status_code in (404, 422), r.text[:500]
+    assert r.json()["detail"] and len(r.content) < 2048, r.text[:500]
+    assert "characters" in r.text or "..." in r.text, r.text[:500]  # it says the text was cut
+    _nothing_left(idle)
 
 
 def test_bad_predict_image_is_rejected_before_queueing(idle: Served) -> None:

@@ -173,6 +173,10 @@ def test_a_manifest_field_of_the_wrong_kind_is_refused_by_name(served, files, ch
         ({"max_steps": 10**9}, "option max_steps=1000000000 must be an integer in [1, 10000]"),
         ({"lr": "abc"}, "option lr='abc' must be a number in (0, 1]"),
         ({"rho": 5.0}, "option rho=5.0 must be a number in (0, 1]"),
+        # 1 and 400 zeros: past a float's range (an OverflowError, a failed job), quoted short
+        ({"lr": 10**400}, "option lr=1000000000000000000000000000000000000000000000000000000000"),
+        ({"lr": 10**400}, "... (401 characters) must be a number in (0, 1]"),
+        ({"max_steps": 10**400}, "... (401 characters) must be an integer in [1, 10000]"),
         ([1, 2], "must be a JSON object"),
     ],
 )
@@ -188,6 +192,15 @@ def test_edit_defaults_out_of_bounds_are_refused_not_failed_at_every_edit(
     assert status == 422, body
     assert "extra.edit_defaults" in body["detail"] and why in body["detail"], body
     assert_nothing_left(store, "defaults")
+
+
+def test_a_long_default_method_is_refused_and_not_echoed_whole(served, files) -> None:
+    client, _, store = served
+    status, body = post(client, "long-default", files, default_method="m" * 100_000)
+    assert status == 422, body
+    assert "default method 'mmmm" in body["detail"] and "(100000 characters)" in body["detail"]
+    assert len(json.dumps(body)) < 2048, body
+    assert_nothing_left(store, "long-default")
 
 
 @pytest.mark.parametrize(

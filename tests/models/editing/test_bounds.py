@@ -25,6 +25,11 @@ REFUSED: list[tuple[str, str, Any]] = [
     ("ft", "lr", math.nan),
     ("ft", "lr", "inf"),
     ("ft", "lr", True),
+    ("ft", "lr", 10**400),  # an int past a float's range (JSON's 1 and 400 zeros): OverflowError
+    ("ft", "lr", "1" + "0" * 5000),
+    ("ft", "max_steps", 10**400),
+    ("ft", "max_steps", "1" * 5000),  # more digits than int() takes
+    ("ft", "max_steps", "٧"),  # an Arabic-Indic 7: int() takes it, as a number it is not ours
     ("ft", "max_steps", 0),
     ("ft", "max_steps", 10_001),
     ("ft", "max_steps", 2.5),
@@ -63,6 +68,15 @@ def test_configs_refuse_values_outside_their_bounds(method: str, key: str, value
 def test_configs_accept_the_edges_of_their_bounds(method: str, key: str, value: Any) -> None:
     config = make_config(method, **{key: value})
     assert getattr(config, key) == type(getattr(config, key))(value)
+
+
+@pytest.mark.parametrize("value", [10**400, -(10**400), "7" * 100_000, [0.5] * 10_000])
+def test_a_refused_value_is_quoted_short_with_the_range(value: Any) -> None:
+    with pytest.raises(EditConfigError) as refused:
+        Bound("float", 0, 1, low_open=True).check("lr", value)
+    message = str(refused.value)
+    assert message.startswith("option lr=") and message.endswith("must be a number in (0, 1]")
+    assert len(message) < 200 and "characters)" in message, message
 
 
 def test_every_numeric_option_of_every_editor_is_bounded() -> None:
