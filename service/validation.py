@@ -6,6 +6,7 @@ Everything here runs before anything is written or enqueued: a bad request leave
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -25,7 +26,7 @@ from models.images import (
     decode_reduced,
     unreadable_reason,
 )
-from models.store.manifest import ModelEntry
+from models.store.manifest import MethodInfo, ModelEntry
 from models.store.store import Store
 from service.settings import ApiSettings
 from workers.payloads import Acceptance
@@ -125,19 +126,26 @@ def check_options(
             f"{f', ... ({len(unknown)} in all)' if len(unknown) > 10 else ''}]; it takes "
             f"{sorted(info.options)}"
         )
-    bounds = {k: Bound.from_json(v) for k, v in info.bounds.items()}
+    bounds = served_bounds(info, settings)
     clean = {}
     for key, value in given.items():
         if key in bounds:
             clean[key] = bounds[key].check(key, value)
         else:  # an option without a bound (or an entry registered before bounds): its type
             clean[key] = _same_type(key, value, info.options[key])
-    steps = clean.get("max_steps")
-    if steps is not None and steps > settings.max_steps_limit:
-        raise EditConfigError(
-            f"max_steps={steps} is more than this server allows ({settings.max_steps_limit})"
-        )
     return clean
+
+
+def served_bounds(info: MethodInfo, settings: ApiSettings) -> dict[str, Bound]:
+    """A method's option bounds as this server enforces them, and as ``GET /v1/models``
+    advertises them: the editor's own (recorded at registration), with ``max_steps`` capped at
+    the server's ``VITEDIT_MAX_STEPS_LIMIT`` (the editor allows 10,000; a server 2,000 by
+    default). One function for both, so the advertised range is the enforced one."""
+    bounds = {k: Bound.from_json(v) for k, v in info.bounds.items()}
+    steps = bounds.get("max_steps")
+    if steps is not None and steps.high > settings.max_steps_limit:
+        bounds["max_steps"] = dataclasses.replace(steps, high=settings.max_steps_limit)
+    return bounds
 
 
 def _same_type(key: str, value: Any, default: Any) -> Any:
@@ -163,6 +171,17 @@ def parse_options_json(text: str | None) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise EditConfigError("'options' must be a JSON object, e.g. {\"c\": 0.01}")
     return data
+
+
+def check_acceptance(**minima: float | None) -> Acceptance:
+    """The acceptance gate's minima (``min_sr``, ``min_lr``, ``min_retention``), each a finite
+    number in [0, 1] or None (not checked)."""
+    for name, value in minima.items():
+        if value is not None and not (math.isfinite(value) and 0 <= value <= 1):
+            raise EditConfigError(
+                f"{name}={value!r} must be a finite number in [0, 1] (a share of images)"
+            )
+    return Acceptance(**minima)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

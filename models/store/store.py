@@ -329,7 +329,7 @@ class Store(StoreFiles):
     # ------------------------------------------------------------------ versions
 
     def new_version_id(self) -> str:
-        """Server-generated, sortable by creation time: ``v20261122-015000-k3f9az``.
+        """Server-generated, sortable by creation time: ``v20261122-015000-k3f7az``.
 
         Six base-32 characters, 30 random bits: n ids made in the same second collide with odds of
         about n^2 / 2^31 (six hex characters, 24 bits, until session 15, gave two equal ids among

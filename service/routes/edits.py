@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Header, Query, Request, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
@@ -16,7 +16,7 @@ from service.errors import responses
 from service.params import KnownFormFields, link_next
 from service.schemas import EditListPublic, EditPublic
 from workers.client import JOB_ID, TERMINAL, JobClient, JobNotFound, JobView, new_job_id
-from workers.payloads import Acceptance, EditPayload, JobImage
+from workers.payloads import EditPayload, JobImage
 from workers.quotas import ActiveJobs
 
 router = APIRouter(prefix="/v1/edits", tags=["edits"])
@@ -24,6 +24,7 @@ router = APIRouter(prefix="/v1/edits", tags=["edits"])
 MIN_SR = "acceptance gate: least share of the edit images the new version must fix (SR)"
 MIN_LR = "acceptance gate: least share of the locality set left unchanged (LR_vs_parent)"
 MIN_RETENTION = "acceptance gate: least share of earlier versions' edit images still right"
+UNIT: dict[str, Any] = {"minimum": 0, "maximum": 1}  # the acceptance minima's range, for /docs
 
 
 def edit_public(view: JobView, store: Store, with_report: bool = True) -> EditPublic:
@@ -84,9 +85,13 @@ def create_edit(
     seed: Annotated[int | None, Form()] = None,
     lr: Annotated[float | None, Form()] = None,
     options: Annotated[str | None, Form(description="other method options (JSON object)")] = None,
-    min_sr: Annotated[float, Form(ge=0, le=1, description=MIN_SR)] = 1.0,
-    min_lr: Annotated[float | None, Form(ge=0, le=1, description=MIN_LR)] = None,
-    min_retention: Annotated[float | None, Form(ge=0, le=1, description=MIN_RETENTION)] = None,
+    # in [0, 1], checked by V.check_acceptance: Form(ge=0, le=1) answered "min_sr=nan" with
+    # "should be less than or equal to 1"
+    min_sr: Annotated[float, Form(description=MIN_SR, json_schema_extra=UNIT)] = 1.0,
+    min_lr: Annotated[float | None, Form(description=MIN_LR, json_schema_extra=UNIT)] = None,
+    min_retention: Annotated[
+        float | None, Form(description=MIN_RETENTION, json_schema_extra=UNIT)
+    ] = None,
     idempotency_key: Annotated[
         str | None,
         Header(
@@ -101,7 +106,7 @@ def create_edit(
         for k, v in dict(rho=rho, max_steps=max_steps, seed=seed, lr=lr).items()
         if v is not None
     }
-    accept = Acceptance(min_sr=min_sr, min_lr=min_lr, min_retention=min_retention)
+    accept = V.check_acceptance(min_sr=min_sr, min_lr=min_lr, min_retention=min_retention)
     checked = V.check_edit(
         store, settings, images, holdout or [], label, model, method, given, options, accept
     )

@@ -25,13 +25,14 @@ from service.params import KnownFormFields, ModelName
 from service.schemas import MethodPublic, ModelPublic
 from service.settings import ApiSettings
 from service.tenants import Caller
+from service.validation import served_bounds
 from workers.client import WorkersBusy
 from workers.payloads import RegisterPayload
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
-def model_public(store: Store, entry: ModelEntry) -> ModelPublic:
+def model_public(store: Store, entry: ModelEntry, settings: ApiSettings) -> ModelPublic:
     versions = store.versions(entry.name)
     return ModelPublic(
         name=entry.name,
@@ -48,7 +49,7 @@ def model_public(store: Store, entry: ModelEntry) -> ModelPublic:
                 options=v.options,
                 needs_hypernetwork=v.needs_hypernetwork,
                 description=v.description,
-                bounds=v.bounds,
+                bounds={k: b.to_json() for k, b in served_bounds(v, settings).items()},
             )
             for k, v in entry.methods.items()
         },
@@ -60,15 +61,15 @@ def model_public(store: Store, entry: ModelEntry) -> ModelPublic:
 
 
 @router.get("", response_model=list[ModelPublic], summary="Registered models")
-def list_models(store: StoreDep) -> list[ModelPublic]:
-    return [model_public(store, entry) for entry in store.models()]
+def list_models(store: StoreDep, settings: SettingsDep) -> list[ModelPublic]:
+    return [model_public(store, entry, settings) for entry in store.models()]
 
 
 @router.get(
     "/{model}", response_model=ModelPublic, responses=responses(404), summary="One registered model"
 )
-def read_model(model: ModelName, store: StoreDep) -> ModelPublic:
-    return model_public(store, store.model(model))
+def read_model(model: ModelName, store: StoreDep, settings: SettingsDep) -> ModelPublic:
+    return model_public(store, store.model(model), settings)
 
 
 def require_admin(caller: Caller, settings: ApiSettings) -> None:
@@ -138,7 +139,7 @@ def create_model(
         payload = RegisterPayload(model=name, source=store.source_key(source), **options)
         jobs.run_short(payload, settings.register_timeout_s)
         response.headers["Location"] = f"/v1/models/{name}"
-        return _registered(store, name)
+        return _registered(store, name, settings)
     if backbone is None or weights is None:
         raise DataError(
             "send the backbone manifest ('backbone') and its weights ('weights'), or name a "
@@ -176,14 +177,14 @@ def create_model(
         store.remove_upload(upload)
         raise
     response.headers["Location"] = f"/v1/models/{name}"
-    return _registered(store, name)
+    return _registered(store, name, settings)
 
 
-def _registered(store: Store, name: str) -> ModelPublic:
+def _registered(store: Store, name: str, settings: ApiSettings) -> ModelPublic:
     """The entry a worker just wrote: read afresh, not from this request's snapshot of an S3
     store's indexes (models/store/remote.py, one_snapshot)."""
     with one_snapshot():
-        return model_public(store, store.model(name))
+        return model_public(store, store.model(name), settings)
 
 
 @router.delete(

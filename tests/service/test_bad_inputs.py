@@ -71,6 +71,34 @@ CASES: list[tuple[str, dict[str, Any], list[Any], int, str]] = [
     ("rho out of range", {**GOOD, "method": "random", "rho": "1.5"}, _files(png(3)), 422, "(0, 1]"),
     ("max_steps zero", {**GOOD, "max_steps": "0"}, _files(png(3)), 422, "max_steps"),
     ("max_steps too many", {**GOOD, "max_steps": "100000"}, _files(png(3)), 422, "max_steps"),
+    (
+        "max_steps past the server's limit",
+        {**GOOD, "max_steps": "2001"},
+        _files(png(3)),
+        422,
+        "option max_steps=2001 must be an integer in [1, 2000]",
+    ),
+    (
+        "min_sr not a number",
+        {**GOOD, "min_sr": "nan"},
+        _files(png(3)),
+        422,
+        "min_sr=nan must be a finite number in [0, 1]",
+    ),
+    (
+        "min_lr infinite",
+        {**GOOD, "min_lr": "inf"},
+        _files(png(3)),
+        422,
+        "min_lr=inf must be a finite number in [0, 1]",
+    ),
+    (
+        "min_retention over 1",
+        {**GOOD, "min_retention": "1.5"},
+        _files(png(3)),
+        422,
+        "min_retention=1.5 must be a finite number in [0, 1]",
+    ),
     ("negative lr", {**GOOD, "lr": "-1"}, _files(png(3)), 422, "must be a number in (0, 1]"),
     ("not a number", {**GOOD, "lr": "fast"}, _files(png(3)), 422, "lr"),
     ("misspelt field", {**GOOD, "max_step": "5"}, _files(png(3)), 422, "'max_step': unknown field"),
@@ -256,6 +284,29 @@ def test_valid_request_is_queued_with_position(idle: Served) -> None:
     for job in (r.json()["id"], second["id"]):
         assert idle.client.post(f"/v1/edits/{job}/cancel").json()["status"] == "canceled"
     assert idle.jobs.edits.count == 0
+
+
+def test_the_max_steps_advertised_is_the_max_steps_enforced(idle: Served) -> None:
+    """GET /v1/models advertised the editor's 10,000 while edits refused more than the server's
+    VITEDIT_MAX_STEPS_LIMIT (2,000 by default, the `idle` app's)."""
+    model = idle.client.get("/v1/models/tiny").json()
+    assert [m for m in idle.client.get("/v1/models").json() if m["name"] == "tiny"] == [model]
+    for method in model["methods"].values():
+        assert method["bounds"]["max_steps"]["high"] == 2000
+    method = model["default_method"]
+    high = model["methods"][method]["bounds"]["max_steps"]["high"]
+    uploads = set((idle.store.root / "uploads").iterdir())
+    r = idle.client.post("/v1/edits", data={**GOOD, "max_steps": str(high)}, files=_files(png(3)))
+    assert r.status_code == 202, r.text
+    assert idle.client.post(f"/v1/edits/{r.json()['id']}/cancel").json()["status"] == "canceled"
+    for upload in set((idle.store.root / "uploads").iterdir()) - uploads:  # no worker removes it
+        idle.store.remove_upload(upload.name)
+    r = idle.client.post(
+        "/v1/edits", data={**GOOD, "max_steps": str(high + 1)}, files=_files(png(3))
+    )
+    assert r.status_code == 422 and f"an integer in [1, {high}]" in r.json()["detail"], r.text
+    assert idle.jobs.edits.count == 0
+    assert set((idle.store.root / "uploads").iterdir()) == uploads  # the 422 wrote nothing
 
 
 def test_readyz_is_503_without_workers(idle: Served) -> None:
