@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections import Counter
 from dataclasses import MISSING, asdict, dataclass, field
@@ -95,6 +96,37 @@ LOADER_ARGUMENTS = frozenset(
 )
 
 
+INDEX_LABEL = re.compile(r"-?[0-9]+")
+"""A label that is a class index (ASCII digits only: ``str.isdigit`` and ``int`` also take other
+scripts' digits, so ``label=\u0660``, an Arabic-Indic zero, was class 0); any other label is a
+class name."""
+
+
+def _check_class_names(names: tuple[str, ...]) -> None:
+    """ManifestError unless every class can be chosen by its name and only by it: two names equal
+    but for case (labels match names case-insensitively, so ``label=Cat`` chose 'cat'), or a
+    name of digits that is not its own index (``label=7`` means class index 7, so a class named
+    '7' elsewhere could not be chosen by name). Digit names at their own index are the default
+    names ('0', '1', ... of a manifest without class_names) and stay allowed."""
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        key = name.strip().casefold()  # as ModelEntry.label_index matches a label
+        if key in seen:
+            raise ManifestError(
+                f"a backbone manifest's 'class_names' differ only by case: "
+                f"{quoted(names[seen[key]])} (class {seen[key]}) and {quoted(name)} (class {i}); "
+                "a label names a class case-insensitively: rename one of them"
+            )
+        seen[key] = i
+        text = name.strip()
+        if INDEX_LABEL.fullmatch(text) and (len(text) > 20 or int(text) != i):
+            raise ManifestError(
+                f"a backbone manifest's class {i} is named {quoted(name)}, which as a label is a "
+                "class index: a class named by digits must be its own index (as the default "
+                "names '0', '1', ... are); rename it (e.g. 'class-7')"
+            )
+
+
 @dataclass(frozen=True)
 class BackboneManifest:
     """What it takes to rebuild a backbone: timm name, constructor overrides and weights.
@@ -135,8 +167,10 @@ class BackboneManifest:
             twice = sorted(n for n, k in Counter(names).items() if k > 1)
             if twice:  # a label given by name must name one class
                 raise ManifestError(
-                    f"a backbone manifest's 'class_names' name classes twice: {twice[:5]}"
+                    f"a backbone manifest's 'class_names' name classes twice: "
+                    f"[{', '.join(quoted(n) for n in twice[:5])}]"
                 )
+            _check_class_names(names)
         for what in ("overrides", "pretrained_cfg_overlay"):
             value = getattr(self, what)
             if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
@@ -349,10 +383,11 @@ class ModelEntry:
         return BackboneManifest.read(self.backbone)
 
     def label_index(self, label: str | int) -> int:
-        """A class index from an index or a class name (case-insensitive); DataError if unknown."""
+        """A class index from an index (ASCII digits) or a class name (its exact name first,
+        then case-insensitively); DataError if unknown."""
         text = str(label).strip()
         shown = quoted(text)
-        if text.lstrip("-").isdigit():
+        if INDEX_LABEL.fullmatch(text):
             # more digits than any class count has: out of range (int() of a few thousand
             # digits raises, and costs time on more)
             index = int(text) if len(text) <= 20 else None
@@ -363,7 +398,10 @@ class ModelEntry:
                 f"has classes "
                 f"0..{self.num_classes - 1}"
             )
-        folded = {name.casefold(): i for i, name in enumerate(self.class_names)}
+        exact = {name.strip(): i for i, name in enumerate(self.class_names)}
+        if text in exact:  # 'Cat' is 'Cat', even in an entry registered with 'cat' beside it
+            return exact[text]
+        folded = {name.strip().casefold(): i for i, name in enumerate(self.class_names)}
         if text.casefold() in folded:
             return folded[text.casefold()]
         rest = len(self.class_names) - 20

@@ -39,6 +39,7 @@ CASES: list[tuple[str, dict[str, Any], list[Any], int, str]] = [
     ("no image", GOOD, [], 422, "images"),
     ("unknown label name", {**GOOD, "label": "giraffe"}, _files(png(3)), 422, "unknown label"),
     ("label out of range", {**GOOD, "label": "10"}, _files(png(3)), 422, "out of range"),
+    ("Arabic-Indic zero", {**GOOD, "label": "\u0660"}, _files(png(3)), 422, "unknown label"),
     ("label of 5,000 digits", {**GOOD, "label": "1" * 5000}, _files(png(3)), 422, "out of range"),
     (
         "labels do not match images",

@@ -147,6 +147,11 @@ def test_overrides_far_larger_than_the_weights_are_refused_with_what_to_check(
     [
         ({"class_names": ["a", "b"]}, "names 2 classes, its model has 10"),
         ({"class_names": ["a"] * 10}, "name classes twice: ['a']"),
+        (
+            {"class_names": ["Cat", "cat", *"abcdefgh"]},
+            "differ only by case: 'Cat' (class 0) and 'cat' (class 1)",
+        ),
+        ({"class_names": [*"abcdefgh", "7", "j"]}, "class 8 is named '7'"),
         ({"class_names": "abcdefghij"}, "'class_names' must be a list of strings"),
         ({"class_names": [""] * 10}, "must be non-empty strings"),
         ({"class_names": list(range(10))}, "must be non-empty strings"),
