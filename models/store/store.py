@@ -51,7 +51,14 @@ from models.errors import (
     UnknownModelError,
     UnknownVersionError,
 )
-from models.store.drafts import MANIFEST_FILE, PATCH_FILE, VersionDraft, write_failed
+from models.store.drafts import (
+    MANIFEST_FILE,
+    PATCH_FILE,
+    REJECTED,
+    VersionDraft,
+    refuse_rejected_parent,
+    write_failed,
+)
 from models.store.files import (
     BASE,
     CACHE_MIN_IDLE_S,
@@ -89,7 +96,6 @@ log = logging.getLogger(__name__)
 
 LATEST = "latest"  # the most recently created version (or base when there is none)
 RESERVED = frozenset({BASE, LATEST})
-REJECTED = "rejected"  # a version stored for inspection that missed its acceptance gate
 REGISTRY = "models.json"  # the registered models' index (its store key)
 REGISTER_WAIT_S = 60.0  # how long a registration waits for another one of the same name
 # an S3 registration lease's life: longer than any registration (a worker's registration job is
@@ -424,6 +430,13 @@ class Store(StoreFiles):
                     return ModelRef(entry.name, model)
         self.model(model)
         return ModelRef(model, self.resolve_version(model, name or BASE))
+
+    def check_parent(self, model: str, version: str | None) -> None:
+        """Refuse ``version`` as the parent of an edit if its acceptance gate rejected it
+        (StoreError, 422); None (the base) is always fine. The API asks before it queues; the
+        worker asks again before the edit, and :meth:`VersionDraft.commit` before publishing."""
+        if version is not None:
+            refuse_rejected_parent(self.version(model, version))
 
     def resolve_version(self, model: str, name: str) -> str | None:
         """A version name, an alias, ``latest`` or ``base`` -> a version id (None = base)."""

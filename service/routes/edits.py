@@ -105,6 +105,7 @@ def create_edit(
     checked = V.check_edit(
         store, settings, images, holdout or [], label, model, method, given, options, accept
     )
+    store.check_parent(checked.model, checked.parent)  # a rejected version: 422, nothing queued
     job_id, new = (
         jobs.claim_idempotency_key(idempotency_key, checked.sha256())
         if idempotency_key
