@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from models.errors import DataError, IntegrityError, ManifestError, StoreError, VitEditError
 from models.store.manifest import BackboneManifest, ModelEntry, sha256_file
-from models.store.store import Store, check_name
+from models.store.store import Store, check_new_name
 from workers.registration import model_methods, register_model
 
 if TYPE_CHECKING:
@@ -132,7 +132,7 @@ def add_model(store: Store, name: str, backbone: Path, **options: Any) -> ModelE
     ``replace``, and ``calibrate(manifest, groups, locality)``, which runs on the staged copies
     before anything is published and may write the measured settings into the staged manifest.
     """
-    check_name(name, "model")
+    check_new_name(name, "model")  # before any file moves: not reserved, not a version id's shape
     with store.registering(name):
         return _add_model(store, name, backbone, **options)
 
