@@ -48,6 +48,7 @@ from typing import Any
 from models.errors import (
     Conflict,
     IntegrityError,
+    ManifestError,
     StoreError,
     UnknownModelError,
     UnknownVersionError,
@@ -423,7 +424,16 @@ class Store(StoreFiles):
         else:
             folder = self.root / "models" / model / "versions"
             names = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-        found = [m for n in names if (m := self._manifest(model, n, True)) and self._visible(m)]
+        found = []
+        for name in names:
+            try:
+                manifest = self._manifest(model, name, True)
+            except (ManifestError, IntegrityError, StoreError) as exc:  # one damaged folder
+                # must not hide the others: it is left out (and logged, with its path)
+                log.error("model %s: version %r is damaged, left out: %s", model, name, exc)
+                continue
+            if manifest is not None and self._visible(manifest):
+                found.append(manifest)
         return sorted(found, key=lambda m: (m.created_at, m.version))
 
     def lineage(self, model: str, version: str | None) -> list[VersionManifest]:
