@@ -143,6 +143,10 @@ class HypernetworkMismatchError(Invalid):
     """A hypernetwork was trained for another backbone or another set of sites."""
 
 
+class MaskScoresNotFinite(VitEditError):
+    """A hypernetwork scored neurons NaN or inf: no mask can be picked (its weights are bad)."""
+
+
 class DataError(Invalid):
     """An image or a dataset folder cannot be read, or a label is unknown."""
 

@@ -8,6 +8,8 @@ FastAPI's own 404/405/422, for an unreachable Redis, and for anything unexpected
 from __future__ import annotations
 
 import logging
+import re
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -54,13 +56,43 @@ def _headers(status: int, headers: dict[str, str] | None) -> dict[str, str] | No
     return out or None
 
 
+# an absolute path of this host in a message: a '/' that starts a word (not a URL's, an API
+# route's, a relative path's), with one more '/' after it
+_PATH = re.compile(r"(?<![\w.:/~-])/(?!v1/|docs|redoc)[^\s'\"()\[\],;/]+/[^\s'\"()\[\],;]+")
+
+
+def store_keys(text: str, roots: tuple[str, ...]) -> str:
+    """Paths under a store root as store keys (``models/m/versions/v/manifest.json``: the same
+    on every host, and no folder of this one)."""
+    for root in roots:
+        text = text.replace(f"{root.rstrip('/')}/", "")
+    return text
+
+
+def without_paths(text: str, roots: tuple[str, ...] = ()) -> str:
+    """An error message with this host's filesystem paths taken out: those under a store root
+    become store keys, any other absolute path ``<server path>``. The log keeps it whole."""
+    return _PATH.sub("<server path>", store_keys(text, roots))
+
+
+def _roots(request: Request) -> tuple[str, ...]:
+    root = getattr(getattr(request.app.state, "store", None), "root", None)
+    if root is None:
+        return ()
+    return tuple(dict.fromkeys((str(Path(root).resolve()), str(root))))
+
+
 async def _named_error(request: Request, exc: Exception) -> JSONResponse:
     status = status_of(type(exc))
     if status >= 500:
         log.error("%s %s -> %d: %s", request.method, request.url.path, status, exc)
     retry = getattr(exc, "retry_after_s", None)  # e.g. a tenant's job limit (workers/quotas.py)
     headers = {"Retry-After": str(retry)} if retry is not None else None
-    return error_response(status, str(exc), type(exc).__name__, headers=headers)
+    # no folder of this host in a body: a 4xx quotes what was sent (left whole, but store
+    # paths), a 5xx our own message, which may name any file
+    scrub = without_paths if status >= 500 else store_keys
+    detail = scrub(str(exc), _roots(request))
+    return error_response(status, detail, type(exc).__name__, headers=headers)
 
 
 async def _redis_down(request: Request, exc: Exception) -> JSONResponse:

@@ -39,6 +39,9 @@ class EditPublic(BaseModel):
     )
     report: dict[str, Any] | None = None
     error: str | None = Field(None, description="why it failed or was rejected, and what to do")
+    note: str | None = Field(
+        None, description="e.g. that the job's version was removed (its model deleted) since"
+    )
     cancel_requested: bool = False
     created_at: str | None = None
     started_at: str | None = None

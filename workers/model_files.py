@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from models.errors import DataError, IntegrityError, ManifestError, StoreError, VitEditError
 from models.store.manifest import BackboneManifest, ModelEntry, sha256_file
-from models.store.store import Store, check_name
+from models.store.store import Store, check_new_name
 from workers.registration import model_methods, register_model
 
 if TYPE_CHECKING:
@@ -123,6 +123,51 @@ def _check_runs(backbone: Backbone) -> None:
         )
 
 
+DEFINING = ("timm_name", "overrides", "pretrained_cfg_overlay", "pretrained", "class_names")
+"""The backbone manifest's fields that define a model, besides its weights: the network built,
+the data config that turns an image into its input, the classes its outputs name. A model with
+versions keeps them on ``replace`` (its versions' patches and predictions were made on them); the
+rest may change: ``name`` (display only), ``extra`` (calibrated edit defaults and their evidence,
+read by later edits only), ``weights``/``weights_sha256`` (the file's name; its content is compared
+by sha256), and, outside the manifest, the hypernetwork, the benchmark and the default method."""
+
+
+def _defining_changes(store: Store, name: str, new: BackboneManifest) -> list[str]:
+    """What ``new`` changes of :data:`DEFINING` against model ``name``'s registered manifest, one
+    line per field. A registered manifest that no longer reads is compared by what its entry
+    records (timm name, class names)."""
+    entry = store.model(name)
+    try:
+        store.fetch_model_files(name)
+        old: Any = BackboneManifest.read(Path(entry.backbone))
+    except (ManifestError, OSError) as exc:
+        log.warning("model %s: its registered backbone manifest does not read (%s)", name, exc)
+        classes = new.class_names or tuple(str(i) for i in range(entry.num_classes))
+        fields = {"timm_name": (entry.timm_name, new.timm_name)}
+        fields["class_names"] = (entry.class_names, tuple(classes))
+    else:
+        fields = {f: (getattr(old, f), getattr(new, f)) for f in DEFINING}
+    return [
+        f"{field}: {_shown(was)} -> {_shown(now)}"
+        for field, (was, now) in fields.items()
+        if _plain(was) != _plain(now)
+    ]
+
+
+def _plain(value: Any) -> Any:
+    """A manifest value as JSON has it (tuples as lists), for comparison."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    text = repr(_plain(value))
+    return text if len(text) <= limit else f"{text[:limit]}..."
+
+
 def add_model(store: Store, name: str, backbone: Path, **options: Any) -> ModelEntry:
     """Check, copy and register model ``name``; returns its entry (paths resolved). One
     registration of a name at a time (``Store.registering``): a second waits, then finds the
@@ -132,7 +177,7 @@ def add_model(store: Store, name: str, backbone: Path, **options: Any) -> ModelE
     ``replace``, and ``calibrate(manifest, groups, locality)``, which runs on the staged copies
     before anything is published and may write the measured settings into the staged manifest.
     """
-    check_name(name, "model")
+    check_new_name(name, "model")  # before any file moves: not reserved, not a version id's shape
     with store.registering(name):
         return _add_model(store, name, backbone, **options)
 
@@ -165,11 +210,19 @@ def _add_model(
     new_weights = (
         registered and sha256_file(manifest.weights_path) != store.model(name).weights_sha256
     )
-    if new_weights and store.versions(name):
-        raise StoreError(
-            f"model {name!r} has versions over other base weights: add this backbone under "
-            "a new name"
-        )
+    if registered and store.versions(name):
+        if new_weights:
+            raise StoreError(
+                f"model {name!r} has versions over other base weights: add this backbone under "
+                "a new name"
+            )
+        changed = _defining_changes(store, name, manifest)
+        if changed:
+            raise StoreError(
+                f"model {name!r} has versions, and this backbone manifest changes what defines "
+                f"the model they were made on ({'; '.join(changed)}): versions are immutable. "
+                "Keep those fields as registered, or add this backbone under a new name"
+            )
 
     staging = store.root / "tmp" / f"add-{name}-{secrets.token_hex(4)}"
     staging.mkdir(parents=True)

@@ -38,6 +38,7 @@ from models.review import (
     write_review,
 )
 from models.sites import Patch
+from models.store.drafts import refuse_rejected_parent
 from models.store.manifest import ImageRecord, VersionManifest, utc_now
 from models.store.store import PATCH_FILE, REJECTED, VersionDraft
 from workers.payloads import (
@@ -115,6 +116,8 @@ def _edit(rt: Runtime, payload: EditPayload, job: Job | None, progress: Progress
         else None
     )
     lineage = rt.store.lineage(payload.model, payload.parent)
+    if lineage:  # the API refused a rejected parent; never rely on it alone
+        refuse_rejected_parent(lineage[-1])
     edit_keys = {pixel_key(images[im.path]) for im in edits}
     thumbs = [thumbnail(images[im.path]) for im in edits]
     sets = rt.report_sets(

@@ -16,7 +16,7 @@ from models.editing.optimize import masked_finetune
 from models.editing.random_mask import MaskConfig
 from models.editing.registry import EditOutcome, EditTask, StepCallback, register
 from models.editing.saliency import edit_gradients, entry_norms
-from models.errors import HypernetworkMismatchError
+from models.errors import HypernetworkMismatchError, MaskScoresNotFinite
 from models.hypernet.network import Hypernetwork
 from models.sites import Sites, top_rho_mask
 from models.spill import spill_ranking
@@ -47,7 +47,16 @@ def learned_scores(
         )
     hypernet.check_sites(task.sites)
     gradient, spill = learned_inputs(hypernet, task, grads)
-    return hypernet.mask_scores(task.model, task.images, task.targets, gradient, spill)
+    scores = hypernet.mask_scores(task.model, task.images, task.targets, gradient, spill)
+    bad = int((~scores.isfinite()).sum())
+    if bad:  # top-rho of NaN picks arbitrary neurons: never edit with such a mask
+        raise MaskScoresNotFinite(
+            f"the hypernetwork scored {bad} of {scores.numel()} neurons NaN or inf, so it "
+            "cannot pick where to edit; nothing was edited. Edit with a method that needs no "
+            "hypernetwork (e.g. method=saliency), and register the model again with a "
+            "hypernetwork whose weights are finite"
+        )
+    return scores
 
 
 def learned_inputs(

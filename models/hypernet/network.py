@@ -392,7 +392,16 @@ class Hypernetwork(nn.Module):
         # the shapes first: a config far larger than its weights is refused unbuilt
         check_fit(meta_shapes(lambda: cls(config)), read_shapes(weights), weights, CONFIG_HINT)
         net = cls(config)
-        net.load_state_dict(load_file(str(weights)))
+        state = load_file(str(weights))
+        bad = sorted(
+            k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()
+        )
+        if bad:  # it would score every neuron NaN: masks picked from nothing (save refuses too)
+            raise IntegrityError(
+                f"{weights} holds NaN or inf in {bad[:5]}: a hypernetwork's weights must be "
+                "finite; send one whose meta-training ended well (vitedit hypernet train)"
+            )
+        net.load_state_dict(state)
         net.sites = Sites.from_json(manifest["sites"])
         if config.spill_input:
             net.anchor_images = read_anchors(Path(in_dir), manifest, backbone)

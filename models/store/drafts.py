@@ -26,6 +26,21 @@ log = logging.getLogger(__name__)
 
 PATCH_FILE = "patch.safetensors"
 MANIFEST_FILE = "manifest.json"
+REJECTED = "rejected"  # a version stored for inspection that missed its acceptance gate
+
+
+def refuse_rejected_parent(manifest: VersionManifest) -> None:
+    """A rejected version is never the parent of an edit: its child would carry the damage the
+    gate refused (measured against it, a child's LR_vs_parent hides it) into ``latest`` and an
+    alias. StoreError (422) saying why it was rejected, if recorded."""
+    if manifest.status != REJECTED:
+        return
+    why = f" ({manifest.reason})" if manifest.reason else ""
+    raise StoreError(
+        f"version {manifest.version} of {manifest.model} was rejected by its acceptance "
+        f"gate{why}: it cannot be the parent of an edit. Edit from an accepted version "
+        f"({manifest.model}@latest, an alias, or an accepted version id)"
+    )
 
 
 def write_failed(exc: Exception) -> StoreWriteError:
@@ -70,6 +85,7 @@ class VersionDraft:
                 raise StoreError(
                     f"version {manifest.parent} belongs to another tenant: it cannot be a parent"
                 )
+            refuse_rejected_parent(parent)  # checked by the API too; never rely on it alone
         files = {
             p.relative_to(self.dir).as_posix(): sha256_file(p)
             for p in sorted(self.dir.rglob("*"))

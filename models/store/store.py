@@ -34,6 +34,7 @@ import copy
 import fcntl
 import logging
 import os
+import re
 import secrets
 import shutil
 import time
@@ -47,12 +48,20 @@ from typing import Any
 from models.errors import (
     Conflict,
     IntegrityError,
+    ManifestError,
     StoreError,
     UnknownModelError,
     UnknownVersionError,
     quoted,
 )
-from models.store.drafts import MANIFEST_FILE, PATCH_FILE, VersionDraft, write_failed
+from models.store.drafts import (
+    MANIFEST_FILE,
+    PATCH_FILE,
+    REJECTED,
+    VersionDraft,
+    refuse_rejected_parent,
+    write_failed,
+)
 from models.store.files import (
     BASE,
     CACHE_MIN_IDLE_S,
@@ -84,13 +93,16 @@ __all__ = [  # what the rest of the code imports from here
     "Store",
     "VersionDraft",
     "check_name",
+    "check_new_name",
 ]
 
 log = logging.getLogger(__name__)
 
 LATEST = "latest"  # the most recently created version (or base when there is none)
 RESERVED = frozenset({BASE, LATEST})
-REJECTED = "rejected"  # a version stored for inspection that missed its acceptance gate
+# the shape of the ids new_version_id makes (and of the 6-hex ids before session 15): a model or
+# an alias named so would shadow a version where a reference names one (``model=<id>``, ``m@<id>``)
+VERSION_ID = re.compile(r"v\d{8}-\d{6}-[a-z0-9]{6}", re.IGNORECASE)
 REGISTRY = "models.json"  # the registered models' index (its store key)
 REGISTER_WAIT_S = 60.0  # how long a registration waits for another one of the same name
 # an S3 registration lease's life: longer than any registration (a worker's registration job is
@@ -106,6 +118,25 @@ def _write_errors() -> tuple[type[Exception], ...]:
     except ImportError:
         return (OSError,)
     return (OSError, SafetensorError)
+
+
+def check_new_name(name: str, what: str) -> str:
+    """A name a user gives a new model or alias: :func:`check_name`, and not one a reference
+    would read as something else: ``base`` and ``latest`` (reserved), or a name shaped like a
+    version id (``model=<id>`` and ``model@<id>`` name versions). StoreError (422) if it is."""
+    check_name(name, what)
+    if name in RESERVED:
+        raise StoreError(
+            f"{what} name {name!r} is reserved (base: the unedited backbone, latest: the newest "
+            "version): pick another name"
+        )
+    if VERSION_ID.fullmatch(name):
+        raise StoreError(
+            f"{what} name {name!r} has the shape of a version id (v<YYYYmmdd>-<HHMMSS>-<6 "
+            "letters or digits>), which a model reference reads as a version: pick another "
+            "name, e.g. without the leading 'v'"
+        )
+    return name
 
 
 @dataclass(frozen=True)
@@ -216,8 +247,9 @@ class Store(StoreFiles):
     # ------------------------------------------------------------------ registered models
 
     def register_model(self, entry: ModelEntry) -> None:
-        """Add or replace a model entry (its versions stay: they pin the base weights' sha256)."""
-        check_name(entry.name, "model")
+        """Add or replace a model entry (its versions stay: they pin the base weights' sha256).
+        The name may not be reserved or shaped like a version id (:func:`check_new_name`)."""
+        check_new_name(entry.name, "model")
 
         def add(registry: dict[str, Any]) -> None:
             old = registry.get(entry.name)
@@ -393,7 +425,16 @@ class Store(StoreFiles):
         else:
             folder = self.root / "models" / model / "versions"
             names = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-        found = [m for n in names if (m := self._manifest(model, n, True)) and self._visible(m)]
+        found = []
+        for name in names:
+            try:
+                manifest = self._manifest(model, name, True)
+            except (ManifestError, IntegrityError, StoreError) as exc:  # one damaged folder
+                # must not hide the others: it is left out (and logged, with its path)
+                log.error("model %s: version %r is damaged, left out: %s", model, name, exc)
+                continue
+            if manifest is not None and self._visible(manifest):
+                found.append(manifest)
         return sorted(found, key=lambda m: (m.created_at, m.version))
 
     def lineage(self, model: str, version: str | None) -> list[VersionManifest]:
@@ -425,6 +466,13 @@ class Store(StoreFiles):
                     return ModelRef(entry.name, model)
         self.model(model)
         return ModelRef(model, self.resolve_version(model, name or BASE))
+
+    def check_parent(self, model: str, version: str | None) -> None:
+        """Refuse ``version`` as the parent of an edit if its acceptance gate rejected it
+        (StoreError, 422); None (the base) is always fine. The API asks before it queues; the
+        worker asks again before the edit, and :meth:`VersionDraft.commit` before publishing."""
+        if version is not None:
+            refuse_rejected_parent(self.version(model, version))
 
     def resolve_version(self, model: str, name: str) -> str | None:
         """A version name, an alias, ``latest`` or ``base`` -> a version id (None = base)."""
@@ -470,10 +518,9 @@ class Store(StoreFiles):
         return {k: str(v) for k, v in self._read_index(self._aliases_key(model)).items()}
 
     def set_alias(self, model: str, alias: str, version: str) -> None:
-        """Point ``alias`` at a version (moving it if it exists); ``latest``, ``base`` reserved."""
-        check_name(alias, "alias")
-        if alias in RESERVED:
-            raise StoreError(f"alias {alias!r} is reserved; pick another name")
+        """Point ``alias`` at a version (moving it if it exists); ``latest``, ``base`` and names
+        shaped like a version id are refused (:func:`check_new_name`)."""
+        check_new_name(alias, "alias")
         target = self.resolve_version(model, version)
         if target is None:
             raise StoreError("an alias must point at a version, not at the base backbone")

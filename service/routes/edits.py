@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, File, Form, Header, Query, Request, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
+from models.errors import NotFound
 from models.store.store import Store
 from service import validation as V
 from service.deps import CallerDep, JobsDep, SettingsDep, StoreDep
@@ -30,11 +31,19 @@ UNIT: dict[str, Any] = {"minimum": 0, "maximum": 1}  # the acceptance minima's r
 def edit_public(view: JobView, store: Store, with_report: bool = True) -> EditPublic:
     """A job view, with the stored report once the job succeeded (unless ``with_report`` is
     False: a listing leaves the reports out)."""
-    report = None
+    report = note = None
+    gone = False
     if with_report and view.version and view.model:
-        report = store.version(view.model, view.version).report
+        try:
+            report = store.version(view.model, view.version).report
+        except NotFound:  # its model was deleted (purge) since: the job stays readable
+            gone = True
+            note = (
+                f"version {view.version} of {view.model} no longer exists: the model (or the "
+                "version) was removed after this job ended; its patch and report are gone"
+            )
     links = {"self": f"/v1/edits/{view.id}", "cancel": f"/v1/edits/{view.id}/cancel"}
-    if view.version:
+    if view.version and not gone:
         links["version"] = f"/v1/models/{view.model}/versions/{view.version}"
         links["patch"] = f"{links['version']}/patch"
     return EditPublic(
@@ -51,6 +60,7 @@ def edit_public(view: JobView, store: Store, with_report: bool = True) -> EditPu
         version=view.version,
         report=report,
         error=view.error,
+        note=note,
         cancel_requested=view.cancel_requested,
         created_at=view.created_at,
         started_at=view.started_at,
@@ -110,6 +120,7 @@ def create_edit(
     checked = V.check_edit(
         store, settings, images, holdout or [], label, model, method, given, options, accept
     )
+    store.check_parent(checked.model, checked.parent)  # a rejected version: 422, nothing queued
     job_id, new = (
         jobs.claim_idempotency_key(idempotency_key, checked.sha256())
         if idempotency_key

@@ -17,7 +17,7 @@ from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 from models.errors import DataError, Forbidden
 from models.store.manifest import ModelEntry
 from models.store.remote import one_snapshot
-from models.store.store import Store, check_name
+from models.store.store import Store, check_new_name
 from service.deps import CallerDep, JobsDep, SettingsDep, StoreDep
 from service.errors import responses
 from service.model_upload import BACKBONE_MANIFEST, write_model_files
@@ -125,7 +125,7 @@ def create_model(
     replace: Annotated[bool, Form(description="replace a registered model's files")] = False,
 ) -> ModelPublic:
     require_admin(caller, settings)
-    check_name(name, "model")
+    check_new_name(name, "model")  # not base/latest, nor shaped like a version id
     options = {"default_method": default_method, "replace": replace}
     if source is not None:
         parts = (backbone, weights, hypernet, hypernet_weights, hypernet_anchors, benchmark)

@@ -52,10 +52,14 @@ def idle(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S
 
 
 def commit_version(
-    store: Store, review: dict[str, Any] | None = None, parent: str | None = None
+    store: Store,
+    review: dict[str, Any] | None = None,
+    parent: str | None = None,
+    rejected: str | None = None,
 ) -> str:
     """A version of ``tiny`` committed straight to the store, without an edit: a one-entry patch
-    and a small report, and no ``review`` (as stored before review figures existed)."""
+    and a small report, and no ``review`` (as stored before review figures existed). With
+    ``rejected`` (a reason): stored as its acceptance gate stores a rejected version."""
     with store.begin_version("tiny") as draft:
         save_file({"x": np.zeros(1, np.float32)}, str(draft.dir / PATCH_FILE))
         report: dict[str, Any] = {
@@ -81,5 +85,6 @@ def commit_version(
             created_at=utc_now(),
             code_version="test",
             review=review or {},
+            **({"status": "rejected", "reason": rejected} if rejected else {}),
         )
         return draft.commit(manifest).version

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from models.errors import StoreError
 from tests.redis_server import png
-from tests.service.conftest import Served
+from tests.service.conftest import Served, commit_version
 from tests.service.test_edits import FAST, finished, submit, wrong_target
 
 pytestmark = pytest.mark.redis
@@ -62,3 +63,32 @@ def test_a_retry_after_success_with_latest_replays_the_same_job(served: Served) 
     assert again.status_code == 202, again.text  # @latest now names the job's own version
     assert again.json()["id"] == first.json()["id"]
     assert again.headers["idempotent-replayed"] == "true"
+
+
+def test_a_rejected_version_is_refused_as_the_parent_of_an_edit(idle: Served) -> None:
+    """A child measured against a rejected parent would pass its own gate (LR_vs_parent 1.0)
+    and carry the refused damage into ``latest`` and an alias: 422 before anything is queued,
+    however the parent is named."""
+    why = "LR_vs_parent 0.172 < min_lr 1"
+    rejected = commit_version(idle.store, rejected=why)
+    accepted = commit_version(idle.store)
+    queued = idle.jobs.edits.count
+    for ref in (f"tiny@{rejected}", rejected):
+        r = submit(idle.client, [png(85)], "1", model=ref, **FAST)
+        assert r.status_code == 422, r.text
+        detail = r.json()["detail"]
+        assert f"version {rejected} of tiny was rejected" in detail and why in detail, detail
+        assert "accepted version" in detail and r.json()["error"] == "StoreError"
+    assert idle.jobs.edits.count == queued  # nothing queued
+    assert not any((idle.store.root / "uploads").iterdir())  # nor uploaded
+    r = submit(idle.client, [png(85)], "1", model=f"tiny@{accepted}", **FAST)
+    assert r.status_code == 202, r.text
+    idle.client.post(f"/v1/edits/{r.json()['id']}/cancel")
+
+
+def test_the_store_refuses_to_publish_a_child_of_a_rejected_version(idle: Served) -> None:
+    """What the worker publishes is checked again, not only by the API."""
+    rejected = commit_version(idle.store, rejected="SR 0.000 < min_sr 1")
+    with pytest.raises(StoreError, match=f"version {rejected} of tiny was rejected"):
+        commit_version(idle.store, parent=rejected)
+    assert [m.version for m in idle.store.versions("tiny") if m.parent == rejected] == []

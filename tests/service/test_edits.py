@@ -215,3 +215,24 @@ def test_models_listing_and_readiness(served: Served) -> None:
     assert tiny["class_names"][3] == "three"
     ready = served.client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["workers"]
+
+
+def test_a_job_whose_model_was_removed_since_still_reads_with_its_version(served: Served) -> None:
+    """GET /v1/edits/{id} answered 404 "no model named ..." while the job list showed the job."""
+    from dataclasses import replace
+
+    served.store.register_model(replace(served.store.model("tiny"), name="tiny-gone"))
+    image = png(17)
+    job = finished(served.client, edit(served, image, model="tiny-gone")["id"])
+    assert job["status"] == "succeeded", job
+    assert job["note"] is None and "version" in job["links"]
+    r = served.client.delete("/v1/models/tiny-gone", params={"purge": True})
+    assert r.status_code == 204, r.text
+    r = served.client.get(f"/v1/edits/{job['id']}")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["status"] == "succeeded" and body["version"] == job["version"]
+    assert body["report"] is None and "version" not in body["links"]
+    assert f"version {job['version']} of tiny-gone no longer exists" in body["note"]
+    listed = served.client.get("/v1/edits").json()["edits"]
+    assert job["id"] in [e["id"] for e in listed]

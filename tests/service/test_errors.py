@@ -98,3 +98,17 @@ def test_named_errors_answer_their_class_name(idle: Served) -> None:
     r = idle.client.get("/v1/models/nope")
     assert r.status_code == 404
     _is_error(r.json(), "UnknownModelError")
+
+
+def test_a_message_loses_this_hosts_paths_but_keeps_routes_and_store_keys() -> None:
+    from service.errors import without_paths
+
+    root = "/srv/vitedit/store"
+    assert without_paths(f"manifest {root}/models/m/versions/v/manifest.json is bad", (root,)) == (
+        "manifest models/m/versions/v/manifest.json is bad"
+    )
+    assert without_paths("could not be written (No space left: /var/tmp/x/y)") == (
+        "could not be written (No space left: <server path>)"
+    )
+    kept = "list them with GET /v1/models/m/versions; see s3://bucket/a/b or ../x/y"
+    assert without_paths(kept) == kept

@@ -559,3 +559,88 @@ def test_a_spill_reading_hypernetwork_is_registered_with_its_anchors_or_refused(
     stored = store.root / "models" / "by-client" / "base" / "hypernet" / "spill-anchors.safetensors"
     assert stored.read_bytes() == hn["spill-anchors.safetensors"]
     assert client.delete("/v1/models/by-client", params={"purge": True}).status_code == 204
+
+
+@pytest.mark.parametrize("name", ["latest", "base", "v20260101-000000-abcdef"])
+def test_a_model_name_a_reference_would_misread_is_refused_before_any_upload(
+    served, files, name
+) -> None:
+    """``model=<version id>`` names a version, ``latest``/``base`` are reserved words."""
+    client, _, store = served
+    status, body = post(client, name, files)
+    assert status == 422 and "pick another name" in body["detail"], body
+    assert_nothing_left(store, name)
+
+
+def _commit_version(store: Store, model: str) -> str:
+    """A version of ``model`` straight into the store: what makes a model's files immutable."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from models.store.manifest import VersionManifest, utc_now
+    from models.store.store import PATCH_FILE
+
+    with store.begin_version(model) as draft:
+        save_file({"x": np.zeros(1, np.float32)}, str(draft.dir / PATCH_FILE))
+        fields = dict(backbone={}, method="ft", config={}, hypernetwork=None, sites={})
+        manifest = VersionManifest(
+            version=draft.version, model=model, parent=None, patch=[], files={}, images=[],
+            report={}, created_at=utc_now(), code_version="test", **fields,
+        )  # fmt: skip
+        return draft.commit(manifest).version
+
+
+def test_a_replace_with_the_same_weights_may_not_change_what_defines_the_model(
+    served, files
+) -> None:
+    """Its versions were made (and predict) on the class names, overrides and data config
+    registered: a replace that changes them is refused, naming what differs; the rest may."""
+    client, _, store = served
+    assert post(client, "fixed", files)[0] == 201
+    _commit_version(store, "fixed")
+    entry = store.model("fixed")
+    manifest = json.loads(files["manifest"])
+    for field, value in (
+        ("class_names", list(reversed(manifest["class_names"]))),
+        ("pretrained_cfg_overlay", {**manifest["pretrained_cfg_overlay"], "std": [0.25]}),
+        ("overrides", {**manifest["overrides"], "drop_path_rate": 0.1}),
+    ):
+        changed = {**manifest, field: value}
+        status, body = post(
+            client, "fixed", {**files, "manifest": json.dumps(changed).encode()}, replace="true"
+        )
+        assert status == 422, body
+        assert f"{field}:" in body["detail"] and "versions are immutable" in body["detail"], body
+        assert store.model("fixed") == entry
+    renamed = {**manifest, "name": "a new display name", "extra": {"note": "documentation"}}
+    status, body = post(
+        client, "fixed", {**files, "manifest": json.dumps(renamed).encode()}, replace="true"
+    )
+    assert status == 201, body
+    assert store.model("fixed").class_names == entry.class_names
+    assert client.delete("/v1/models/fixed", params={"purge": True}).status_code == 204
+
+
+@pytest.mark.filterwarnings("ignore:You should not use the 'timeout' argument")
+def test_a_hypernetwork_of_nan_weights_is_refused_even_with_a_matching_sha256(
+    served, files, tmp_path
+) -> None:
+    import torch
+
+    from models.store.manifest import sha256_file
+
+    client, _, store = served
+    hn = _spill_hypernetwork(files, tmp_path)
+    state = load(hn["hypernet.safetensors"])
+    nan = save({k: torch.full_like(v, float("nan")) for k, v in state.items()})
+    (tmp_path / "nan.safetensors").write_bytes(nan)
+    manifest = {
+        **json.loads(hn["hypernet.json"]),
+        "weights_sha256": sha256_file(tmp_path / "nan.safetensors"),
+    }
+    parts = _with_hypernetwork(files, {**hn, "hypernet.safetensors": nan}, manifest, anchors=True)
+    r = client.post("/v1/models", files=parts, data={"name": "nan-hn"})
+    assert r.status_code == 422, r.text
+    assert "NaN or inf" in r.json()["detail"] and "must be finite" in r.json()["detail"]
+    assert "uploads" not in r.json()["detail"]
+    assert_nothing_left(store, "nan-hn")

@@ -51,3 +51,37 @@ def test_a_bad_page_request_says_what_to_pass(idle: Served) -> None:
     ):
         answer = idle.client.get(f"/v1/models/tiny/versions?{query}")
         assert answer.status_code == status and says in answer.text, (query, answer.text)
+
+
+def test_an_alias_named_like_a_version_id_or_reserved_is_refused(idle: Served) -> None:
+    """It would shadow that version in GET, predict and ``model=tiny@<id>``."""
+    first, other = commit_version(idle.store), commit_version(idle.store)
+    for alias in (other, "latest", "base"):
+        r = idle.client.put(f"/v1/models/tiny/aliases/{alias}", json={"version": first})
+        assert r.status_code == 422, r.text
+        assert "pick another name" in r.json()["detail"] and r.json()["error"] == "StoreError"
+    assert other not in idle.store.aliases("tiny")
+    assert idle.client.get(f"/v1/models/tiny/versions/{other}").json()["version"] == other
+
+
+def test_a_damaged_version_leaves_the_listings_whole_and_no_server_path_in_an_answer(
+    idle: Served,
+) -> None:
+    good, bad = commit_version(idle.store), commit_version(idle.store)
+    path = idle.store.version_dir("tiny", bad) / "manifest.json"
+    kept = path.read_bytes()
+    path.write_text("{")
+    try:
+        listing = idle.client.get("/v1/models/tiny/versions?limit=1000")
+        assert listing.status_code == 200, listing.text
+        ids = [v["version"] for v in listing.json()["versions"]]
+        assert good in ids and bad not in ids
+        models = idle.client.get("/v1/models")
+        assert models.status_code == 200, models.text
+        r = idle.client.get(f"/v1/models/tiny/versions/{bad}")
+        assert r.status_code == 500 and r.json()["error"] == "ManifestError", r.text
+        root = str(idle.store.root.resolve())
+        assert root not in r.text and str(idle.store.root) not in r.text
+        assert f"models/tiny/versions/{bad}/manifest.json" in r.json()["detail"]  # a store key
+    finally:
+        path.write_bytes(kept)

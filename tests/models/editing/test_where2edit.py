@@ -11,7 +11,7 @@ import torch
 from models.editing import make_config, run_edit
 from models.editing.saliency import edit_gradients, gradient_scores
 from models.editing.where2edit import learned_masks
-from models.errors import EditConfigError, HypernetworkMismatchError
+from models.errors import EditConfigError, HypernetworkMismatchError, MaskScoresNotFinite
 from models.hypernet.network import HypernetConfig, Hypernetwork, cls_features, feature_dim
 from models.sites import Sites, top_rho_mask
 from models.spill import CleanAnchors, SpillReference, spill_ranking
@@ -21,6 +21,19 @@ def test_where2edit_needs_a_hypernetwork(task):
     task.hypernetwork = None
     with pytest.raises(EditConfigError, match="needs a hypernetwork"):
         run_edit("where2edit", task, make_config("where2edit"))
+
+
+def test_non_finite_scores_are_refused_before_any_neuron_is_picked_or_edited(task):
+    before = [p.detach().clone() for p in task.sites.params(task.model)]
+    with torch.no_grad():
+        for p in task.hypernetwork.parameters():
+            p.fill_(float("nan"))
+    with pytest.raises(MaskScoresNotFinite, match=r"scored \d+ of \d+ neurons NaN or inf"):
+        run_edit("where2edit", task, make_config("where2edit", max_steps=3))
+    with pytest.raises(MaskScoresNotFinite, match="method=saliency"):
+        learned_masks(task.hypernetwork, task, rho=0.1)
+    after = task.sites.params(task.model)
+    assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
 
 
 def test_mask_keeps_the_top_rho_of_the_scores_averaged_over_the_edit_images(task):

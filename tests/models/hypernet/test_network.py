@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from models.backbones import Backbone
 from models.errors import HypernetworkMismatchError, IntegrityError, ManifestError
@@ -25,6 +26,7 @@ from models.hypernet.network import (
     target_features,
 )
 from models.sites import Sites
+from models.store.manifest import sha256_file
 from tests.conftest import run_capped
 
 
@@ -99,6 +101,21 @@ def test_non_finite_weights_are_never_saved(tiny_backbone, sites, tmp_path):
     with pytest.raises(IntegrityError, match="non-finite weights"):
         net.save(tmp_path, tiny_backbone, sites)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_load_refuses_non_finite_weights_even_with_their_sha256_in_the_manifest(
+    tiny_backbone, sites, tmp_path
+):
+    """Weights written by hand (sha256 updated to match) must not score neurons NaN."""
+    make_hypernet(tiny_backbone, sites).save(tmp_path, tiny_backbone, sites)
+    weights = tmp_path / WEIGHTS_FILE
+    state = load_file(str(weights))
+    save_file({k: torch.full_like(v, float("nan")) for k, v in state.items()}, str(weights))
+    manifest = json.loads((tmp_path / MANIFEST_FILE).read_text())
+    manifest["weights_sha256"] = sha256_file(weights)
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(IntegrityError, match=r"holds NaN or inf in .*must be finite"):
+        Hypernetwork.load(tmp_path, tiny_backbone, sites)
 
 
 def test_save_load_round_trip_gives_identical_scores(tiny_backbone, sites, images, tmp_path):

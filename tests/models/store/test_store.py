@@ -15,6 +15,7 @@ from safetensors.numpy import save_file
 from models.errors import (
     DataError,
     IntegrityError,
+    ManifestError,
     StoreError,
     UnknownModelError,
     UnknownVersionError,
@@ -384,3 +385,35 @@ def test_a_registration_waits_for_another_of_its_name_then_says_it_is_running(
     thread.join()
     with other.registering("twin", wait_s=0.3):
         pass  # released
+
+
+def test_names_a_reference_would_read_as_a_version_or_reserved_are_refused(store: Store) -> None:
+    """An alias or a model named like a version id shadowed that version in ``m@<id>`` and in a
+    bare ``model=<id>``; ``latest`` and ``base`` as a model name hijacked those words."""
+    v1, v2 = write_version(store).version, write_version(store).version
+    assert store_module.VERSION_ID.fullmatch(store.new_version_id())
+    assert store_module.VERSION_ID.fullmatch("v20250101-120000-0a1b2c")  # the older hex ids
+    for alias in (v2, "v20260101-000000-abcdef", "latest", "base"):
+        with pytest.raises(StoreError, match=r"shape of a version id|reserved"):
+            store.set_alias("m", alias, v1)
+    assert store.aliases("m") == {}
+    for name in (v1, "v20260101-000000-abcdef", "latest", "base"):
+        with pytest.raises(StoreError, match="pick another name"):
+            store.register_model(entry(name))
+    assert [m.name for m in store.models()] == ["m"]
+    for fine in ("prod", "v2", "v20260101", "release-2026-01-01"):
+        store.set_alias("m", fine, v1)
+    assert store.resolve(f"m@{v2}").version == v2 and store.resolve(v2).version == v2
+
+
+def test_a_damaged_version_is_left_out_of_the_listing_not_breaking_it(store: Store) -> None:
+    good = write_version(store).version
+    bad = write_version(store).version
+    path = store.version_dir("m", bad) / "manifest.json"
+    path.write_text("{")
+    if store.remote is not None:
+        store.remote.put_bytes(store.key(path), b"{")
+    assert [m.version for m in store.versions("m")] == [good]
+    assert store.latest("m") == good
+    with pytest.raises(ManifestError, match="not valid JSON"):
+        store.version("m", bad)  # read by itself it still says what is wrong
