@@ -17,6 +17,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -92,7 +93,13 @@ JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 
 def cancel_key(job_id: str) -> str:
+    """One key per job, set once (NX) by whichever comes first: a cancel (``CANCEL_REQUESTED``)
+    or the worker about to publish the job's version (``PUBLISHING``). So a cancel either stops
+    the job before anything is stored, or is refused (409) because the version is being stored."""
     return f"{S.KEY_PREFIX}:cancel:{job_id}"
+
+
+CANCEL_REQUESTED, PUBLISHING = "1", "publishing"
 
 
 def heartbeat_key(job_id: str) -> str:
@@ -320,7 +327,7 @@ class JobClient:
             step=meta.get("step"),
             max_steps=meta.get("max_steps"),
             loss=meta.get("loss"),
-            cancel_requested=bool(self.redis.exists(cancel_key(job.id))),
+            cancel_requested=self.redis.get(cancel_key(job.id)) == CANCEL_REQUESTED.encode(),
             created_at=_iso(job.enqueued_at or job.created_at),
             started_at=_iso(job.started_at),
             ended_at=_iso(job.ended_at),
@@ -376,16 +383,27 @@ class JobClient:
             view = self.view(job_id)
         return view
 
-    def cancel(self, job_id: str) -> JobView:
-        """Cancel a queued job at once; ask a running one to stop at its next optimiser step."""
+    def cancel(self, job_id: str, drop_upload: Callable[[str], None] | None = None) -> JobView:
+        """Cancel a queued job at once (``drop_upload`` then deletes its images); ask a running
+        one to stop at its next optimiser step or phase. A job already storing its version is
+        past stopping: :class:`JobNotCancelable` (409), and it ends as it would have."""
         view = self.view(job_id)
         if view.state in TERMINAL:
             raise JobNotCancelable(f"job {job_id} already {view.state.value}; nothing to cancel")
-        self.redis.set(cancel_key(job_id), "1", ex=S.CANCEL_FLAG_TTL_S)
+        key = cancel_key(job_id)
+        requested = self.redis.set(key, CANCEL_REQUESTED, nx=True, ex=S.CANCEL_FLAG_TTL_S)
+        if not requested and self.redis.get(key) == PUBLISHING.encode():
+            raise JobNotCancelable(
+                f"job {job_id} is storing its version and can no longer be canceled; "
+                "wait for it to end, then move aliases as you need"
+            )
         job = self.fetch(job_id)
         if job.get_status() == JobStatus.QUEUED:
             job.cancel()
             metrics.count_job(self.redis, view.kind, "canceled")  # no worker will count it
+            payload = job.args[0] if job.args else None
+            if drop_upload is not None and isinstance(payload, dict) and payload.get("upload"):
+                drop_upload(str(payload["upload"]))  # no worker will run it: its images go now
         return self.view(job_id)
 
     # ------------------------------------------------------------------ health

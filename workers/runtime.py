@@ -40,7 +40,7 @@ from models.store.manifest import VersionManifest
 from models.store.store import PATCH_FILE
 from workers import metrics
 from workers import settings as S
-from workers.client import cancel_key, heartbeat_key, worker_key
+from workers.client import CANCEL_REQUESTED, PUBLISHING, cancel_key, heartbeat_key, worker_key
 from workers.settings import WorkerSettings
 from workers.warm import LoadedModel, Unloadable, benchmark_holdout, load_model, restore_base
 
@@ -84,7 +84,20 @@ class Progress:
             self._save(step=step, max_steps=max_steps, loss=round(float(loss), 6))
 
     def check_cancel(self) -> None:
-        if self.job is not None and self.redis.exists(cancel_key(self.job.id)):
+        if (
+            self.job is not None
+            and self.redis.get(cancel_key(self.job.id)) == CANCEL_REQUESTED.encode()
+        ):
+            raise EditCanceled(f"job {self.job.id} was canceled by request")
+
+    def claim_publish(self) -> None:
+        """The point of no return, just before the version is stored: from here a cancel is
+        refused (409). EditCanceled if a cancel came first; nothing has been stored then."""
+        if self.job is None:
+            return
+        key = cancel_key(self.job.id)
+        claimed = self.redis.set(key, PUBLISHING, nx=True, ex=S.CANCEL_FLAG_TTL_S)
+        if not claimed and self.redis.get(key) != PUBLISHING.encode():  # a cancel came first
             raise EditCanceled(f"job {self.job.id} was canceled by request")
 
     def _save(self, **fields: Any) -> None:

@@ -123,6 +123,7 @@ def _edit(rt: Runtime, payload: EditPayload, job: Job | None, progress: Progress
     sets = rt.report_sets(
         loaded, TokenSet(loaded.split.prefix(x), y.cpu(), thumbs), edit_keys, holdout, lineage
     )
+    progress.check_cancel()  # loading may take long: look again before the edit starts
     with (
         rt.activate(loaded, payload.parent),
         autocast(loaded.backbone.device, rt.settings.precision),
@@ -135,9 +136,11 @@ def _edit(rt: Runtime, payload: EditPayload, job: Job | None, progress: Progress
         require_finite_patch(outcome.patch, "the edit")  # never score a non-finite model
         changes = neuron_changes(loaded.sites, loaded.sites.params(loaded.model), outcome.patch)
         progress.phase("evaluating")
+        progress.check_cancel()  # an edit may end before any step looks (stop loss at step 0)
         after, cumulative = _evaluate_new(loaded, outcome.patch, sets)
     require_finite_patch(cumulative, "the new version")  # never store one either
     progress.phase("saving")  # closes "evaluating" in progress.seconds
+    progress.check_cancel()
     facts = _edit_facts(payload, loaded, config, outcome, cumulative)
     facts["precision"] = rt.settings.precision
     report = build_report(
@@ -149,7 +152,9 @@ def _edit(rt: Runtime, payload: EditPayload, job: Job | None, progress: Progress
     review = ReviewInputs(
         sets, before, after, report["metrics"], names, changes, retained, front, note
     )
-    manifest = _save_version(rt, payload, job, loaded, config, cumulative, images, report, review)
+    manifest = _save_version(
+        rt, payload, job, loaded, config, cumulative, images, report, review, progress
+    )
     if gate["reason"]:
         log.info("version %s of %s rejected: %s", manifest.version, payload.model, gate["reason"])
         return {"version": manifest.version, "model": payload.model, "rejected": gate["reason"]}
@@ -240,7 +245,10 @@ def _save_version(
     images: dict[str, Image.Image],
     report: dict[str, Any],
     review: ReviewInputs,
+    progress: Progress,
 ) -> VersionManifest:
+    """Write the version's files into a draft and commit it, unless a cancel came first (the
+    claim just before the commit decides: after it, a cancel is refused)."""
     entry, manifest = loaded.entry, loaded.backbone.manifest
     with rt.store.begin_version(payload.model) as draft:
         records = _write_images(draft, payload, images)
@@ -257,6 +265,7 @@ def _save_version(
             "code_version": code_version(),
         }
         patch.save(draft.dir / PATCH_FILE, metadata=provenance)
+        progress.claim_publish()  # EditCanceled here discards the draft: nothing is stored
         return draft.commit(
             VersionManifest(
                 version=draft.version,

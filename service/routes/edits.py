@@ -245,7 +245,7 @@ async def read_edit(
     "/{job_id}/cancel",
     response_model=EditPublic,
     responses=responses(404, 409),
-    summary="Cancel a queued job, or stop a running one at its next optimiser step",
+    summary="Cancel a queued job, or stop a running one at its next step or phase (409 once it is storing its version)",
 )
 def cancel_edit(job_id: str, store: StoreDep, jobs: JobsDep) -> EditPublic:
-    return edit_public(jobs.cancel(job_id), store)
+    return edit_public(jobs.cancel(job_id, drop_upload=store.remove_upload), store)

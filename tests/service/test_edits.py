@@ -201,7 +201,10 @@ def test_cancel_stops_a_running_job_and_removes_a_queued_one(served: Served) -> 
 
     assert wait_for(optimizing, 60)
     assert served.client.get(f"/v1/edits/{queued}").json()["position"] == 0
+    uploads = served.store.root / "uploads"
+    assert len(list(uploads.iterdir())) == 2  # the running job's images and the queued one's
     assert served.client.post(f"/v1/edits/{queued}/cancel").json()["status"] == "canceled"
+    assert len(list(uploads.iterdir())) == 1  # the canceled job's went with it
     assert served.client.post(f"/v1/edits/{running}/cancel").json()["cancel_requested"]
     body = finished(served.client, running, timeout_s=30)
     assert body["status"] == "canceled" and body["version"] is None
