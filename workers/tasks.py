@@ -136,7 +136,7 @@ def _edit(rt: Runtime, payload: EditPayload, job: Job | None, progress: Progress
         require_finite_patch(outcome.patch, "the edit")  # never score a non-finite model
         changes = neuron_changes(loaded.sites, loaded.sites.params(loaded.model), outcome.patch)
         progress.phase("evaluating")
-        progress.check_cancel()  # an edit may end before any step looks (stop loss at step 0)
+        progress.check_cancel()  # the steps may be over before a cancel arrives: look again
         after, cumulative = _evaluate_new(loaded, outcome.patch, sets)
     require_finite_patch(cumulative, "the new version")  # never store one either
     progress.phase("saving")  # closes "evaluating" in progress.seconds
