@@ -8,11 +8,13 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 from safetensors.torch import load, save
@@ -140,6 +142,34 @@ def test_overrides_far_larger_than_the_weights_are_refused_with_what_to_check(
     assert "does not fit this model" in body["detail"] and "overrides" in body["detail"]
     assert_nothing_left(store, "huge")
     assert client.get("/readyz").status_code == 200  # the worker is still there
+
+
+def test_a_depth_far_beyond_the_weights_is_refused_in_seconds(served, files) -> None:
+    # depth 12,000 answered 422 after 54 s (1.6 GB in the worker), built on the meta device
+    # before its shapes were compared: the build now stops at the tensors the file could fit
+    client, _, store = served
+    manifest = json.loads(files["manifest"])
+    manifest["overrides"] = {**manifest["overrides"], "depth": 100_000}
+    start = time.monotonic()
+    status, body = post(client, "deep", {**files, "manifest": json.dumps(manifest).encode()})
+    assert status == 422, body
+    assert time.monotonic() - start < 5
+    assert "made more than" in body["detail"] and "depth" in body["detail"], body
+    assert body["error"] == "WeightsMismatchError"
+    assert_nothing_left(store, "deep")
+
+
+def test_integer_weights_are_refused_naming_a_tensor_and_its_dtype(served, files) -> None:
+    # int32 weights were cast to float on load and registered: a model of useless answers
+    client, _, store = served
+    state = {k: v.to(torch.int32) for k, v in load(files["weights"]).items()}
+    manifest = json.loads(files["manifest"])
+    del manifest["weights_sha256"]
+    changed = {"weights": save(state), "manifest": json.dumps(manifest).encode()}
+    status, body = post(client, "ints", {**files, **changed})
+    assert status == 422, body
+    assert "as I32" in body["detail"] and "floating-point" in body["detail"], body
+    assert_nothing_left(store, "ints")
 
 
 @pytest.mark.parametrize(
