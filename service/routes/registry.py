@@ -157,6 +157,7 @@ def create_model(
             hypernet_weights,
             benchmark,
             hypernet_anchors,
+            image_limit=settings.max_image_bytes,
         )
         store.push_upload(upload)  # an S3 store: for a worker on another host
     except BaseException:
