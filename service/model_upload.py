@@ -3,9 +3,10 @@
 The API checks what it can without loading anything - the manifests are JSON of the expected
 fields, the weights are safetensors (an 8-byte header length, a JSON header of tensors and
 offsets that fit the file: a pickled checkpoint fails here and is never opened), the benchmark is
-a zip whose members stay inside their folder - and streams the files into a fresh upload folder
-of the store. Loading the backbone (timm name, shapes, sha256, finite weights), the hypernetwork
-against it and the benchmark's images is the worker's part (``workers.model_files.add_model``).
+a zip whose members stay inside their folder, of which only the images are unpacked - and
+streams the files into a fresh upload folder of the store. Loading the backbone (timm name,
+shapes, sha256, finite weights), the hypernetwork against it and the benchmark's images is the
+worker's part (``workers.model_files.add_model``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 from fastapi import UploadFile
 
-from models.errors import DataError, ManifestError, TooLarge
+from models.errors import DataError, ManifestError, TooLarge, quoted
 from models.images import IMAGE_SUFFIXES
 from models.store.manifest import BackboneManifest
 from models.worlds.layout import MAX_SERVED_IMAGES
@@ -115,10 +116,15 @@ def copy_safetensors(upload: UploadFile, dest: Path, limit: int, what: str) -> s
     return sha.hexdigest()
 
 
-def extract_benchmark(upload: UploadFile, dest: Path, limit: int) -> tuple[Path, Path]:
+def extract_benchmark(
+    upload: UploadFile, dest: Path, limit: int, image_limit: int | None = None
+) -> tuple[Path, Path]:
     """Unpack a benchmark zip holding ``edit_groups/`` and ``locality/`` (the paper's layout,
     at its top or under one folder); returns their paths. Members that would land outside
-    ``dest`` (absolute, ``..``), links and more than ``limit`` unpacked bytes are refused."""
+    ``dest`` (absolute, ``..``), links, more than ``limit`` unpacked bytes and an image of more
+    than ``image_limit`` bytes are refused. Only images (by suffix: what the layout reads) are
+    unpacked: a 200 MB ``locality/junk.bin`` (or a ``__MACOSX/`` folder) is left in the zip, not
+    stored with the model; the worker opens each image before the model is registered."""
     archive = dest.parent / f".{dest.name}.zip"
     with archive.open("wb") as out:
         shutil.copyfileobj(upload.file, out, CHUNK)
@@ -129,9 +135,7 @@ def extract_benchmark(upload: UploadFile, dest: Path, limit: int) -> tuple[Path,
                 raise TooLarge(f"the benchmark zip has over {ZIP_MAX_MEMBERS} files")
             if sum(m.file_size for m in members) > limit:
                 raise TooLarge(f"the benchmark unpacks to more than {limit} bytes")
-            images = sum(
-                PurePosixPath(m.filename).suffix.lower() in IMAGE_SUFFIXES for m in members
-            )
+            images = sum(_is_image_member(m) for m in members)
             if images > MAX_SERVED_IMAGES:  # the worker would refuse it too, after the upload
                 raise TooLarge(
                     f"the benchmark zip holds {images} images; a served model's may hold at most "
@@ -144,7 +148,16 @@ def extract_benchmark(upload: UploadFile, dest: Path, limit: int) -> tuple[Path,
                     raise DataError(f"the benchmark zip holds {m.filename!r}: a path outside it")
                 if stat.S_ISLNK(m.external_attr >> 16):
                     raise DataError(f"the benchmark zip holds a link ({m.filename!r})")
-            zf.extractall(dest)
+            images_in = [m for m in members if _is_image_member(m)]
+            for m in images_in:
+                if image_limit is not None and m.file_size > image_limit:
+                    raise TooLarge(
+                        f"the benchmark image {quoted(m.filename)} is {m.file_size} bytes; each "
+                        f"may be at most {image_limit} (an edit's image's limit): downscale or "
+                        "recompress it"
+                    )
+            for m in images_in:  # the rest (notes, .DS_Store, any other file) stays in the zip
+                zf.extract(m, dest)
     except zipfile.BadZipFile as exc:
         raise DataError(f"the benchmark is not a zip file ({exc})") from None
     finally:
@@ -159,6 +172,10 @@ def extract_benchmark(upload: UploadFile, dest: Path, limit: int) -> tuple[Path,
     )
 
 
+def _is_image_member(member: zipfile.ZipInfo) -> bool:
+    return not member.is_dir() and PurePosixPath(member.filename).suffix.lower() in IMAGE_SUFFIXES
+
+
 def write_model_files(
     folder: Path,
     root: Path,
@@ -169,6 +186,7 @@ def write_model_files(
     hypernet_weights: UploadFile | None,
     benchmark: UploadFile | None,
     hypernet_anchors: UploadFile | None = None,
+    image_limit: int | None = None,
 ) -> ModelFiles:
     """Check every part and write it under ``folder`` (an upload folder of the store at
     ``root``); raises DataError/TooLarge with what to fix at the first problem."""
@@ -191,7 +209,7 @@ def write_model_files(
             copy_safetensors(hypernet_anchors, hyper / HYPERNET_ANCHORS, limit, "spill anchors")
     groups = locality = None
     if benchmark is not None:
-        groups, locality = extract_benchmark(benchmark, folder / "benchmark", limit)
+        groups, locality = extract_benchmark(benchmark, folder / "benchmark", limit, image_limit)
 
     def key(path: Path | None) -> str | None:
         return path.relative_to(root).as_posix() if path is not None else None

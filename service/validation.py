@@ -133,7 +133,25 @@ def check_options(
             clean[key] = bounds[key].check(key, value)
         else:  # an option without a bound (or an entry registered before bounds): its type
             clean[key] = _same_type(key, value, info.options[key])
+    served = served_options(info, settings)
+    for key, value in served.items():  # a default this server caps travels with the job
+        if key not in clean and value != info.options[key]:
+            clean[key] = value
     return clean
+
+
+def served_options(info: MethodInfo, settings: ApiSettings) -> dict[str, Any]:
+    """A method's option defaults as this server applies them, and as ``GET /v1/models``
+    advertises them: the model's own (its manifest's ``extra.edit_defaults`` may set
+    ``max_steps`` up to the editor's 10,000), each within :func:`served_bounds`. An edit that
+    leaves ``max_steps`` out runs at most ``VITEDIT_MAX_STEPS_LIMIT`` steps, as one that sends
+    more is refused."""
+    bounds = served_bounds(info, settings)
+    options = dict(info.options)
+    steps, bound = options.get("max_steps"), bounds.get("max_steps")
+    if isinstance(steps, int) and bound is not None and steps > bound.high:
+        options["max_steps"] = int(bound.high)
+    return options
 
 
 def served_bounds(info: MethodInfo, settings: ApiSettings) -> dict[str, Bound]:

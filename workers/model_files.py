@@ -20,7 +20,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from models.errors import DataError, IntegrityError, ManifestError, StoreError, VitEditError
+from models.errors import (
+    DataError,
+    IntegrityError,
+    ManifestError,
+    StoreError,
+    VitEditError,
+    quoted,
+)
 from models.store.manifest import BackboneManifest, ModelEntry, sha256_file
 from models.store.store import Store, check_new_name
 from workers.registration import model_methods, register_model
@@ -95,7 +102,15 @@ def _check_loads(
     if groups is not None and locality is not None:
         from models.worlds.layout import MAX_SERVED_IMAGES, read_benchmark
 
-        read_benchmark(groups, locality, max_images=MAX_SERVED_IMAGES)
+        bench = read_benchmark(groups, locality, max_images=MAX_SERVED_IMAGES)
+        for group in bench.groups:  # its name's class: the target of every edit it measures
+            if group.label >= backbone.num_classes:
+                raise DataError(
+                    f"the benchmark's edit group {quoted(group.name)} names true class "
+                    f"{group.label}, and the model has {backbone.num_classes} classes "
+                    f"(0-{backbone.num_classes - 1}): name each group's folder by its true "
+                    "class index, like '3-noise'"
+                )
 
 
 def _check_runs(backbone: Backbone) -> None:
@@ -241,8 +256,8 @@ def _add_model(
                 if file != ANCHORS_FILE or (Path(hypernetwork) / file).is_file():
                     shutil.copyfile(Path(hypernetwork) / file, staging / "hypernet" / file)
         if groups is not None and locality is not None:
-            shutil.copytree(groups, staging / "benchmark" / "edit_groups")
-            shutil.copytree(locality, staging / "benchmark" / "locality")
+            _copy_images(groups, staging / "benchmark" / "edit_groups")
+            _copy_images(locality, staging / "benchmark" / "locality")
         if calibrate is not None:
             bench = staging / "benchmark"
             calibrate(staging / BACKBONE_MANIFEST, bench / "edit_groups", bench / "locality")
@@ -279,6 +294,19 @@ def _add_model(
         shutil.rmtree(replaced, ignore_errors=True)
     log.info("added model %s: files in %s", name, final)
     return store.model(name)
+
+
+def _copy_images(source: Path, dest: Path) -> None:
+    """The images under ``source`` (those the benchmark's reader reads, each opened before),
+    copied to ``dest`` at the same relative paths: any other file of the folder (a 200 MB
+    ``junk.bin``, notes, ``.DS_Store``) is not stored with the model."""
+    from models.images import list_images
+
+    dest.mkdir(parents=True)
+    for image in list_images(Path(source)):
+        target = dest / image.relative_to(source)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(image, target)
 
 
 def _put_back(store: Store, name: str, staging: Path, replaced: Path | None, moved: bool) -> None:

@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from models.backbones import Backbone, check_fit, meta_shapes, read_shapes
+from models.backbones import Backbone, check_unbuilt
 from models.errors import HypernetworkMismatchError, IntegrityError, ManifestError, SiteError
 from models.sites import Sites
 from models.spill import MAX_ANCHORS, SpillReference, SpillReferences
@@ -389,8 +389,9 @@ class Hypernetwork(nn.Module):
             # the message quotes the value, which may be of any length: shown cut short
             said = str(exc) if len(str(exc)) <= 200 else f"{str(exc)[:200]}..."
             raise ManifestError(f"{Path(in_dir) / MANIFEST_FILE}: its config: {said}") from None
-        # the shapes first: a config far larger than its weights is refused unbuilt
-        check_fit(meta_shapes(lambda: cls(config)), read_shapes(weights), weights, CONFIG_HINT)
+        # the shapes and dtypes first: a config far larger than its weights (a depth of 10**6)
+        # is refused unbuilt, as are integer weights
+        check_unbuilt(lambda: cls(config), weights, CONFIG_HINT, "hypernetwork")
         net = cls(config)
         state = load_file(str(weights))
         bad = sorted(

@@ -25,7 +25,7 @@ from service.params import KnownFormFields, ModelName
 from service.schemas import MethodPublic, ModelPublic
 from service.settings import ApiSettings
 from service.tenants import Caller
-from service.validation import served_bounds
+from service.validation import served_bounds, served_options
 from workers.client import WorkersBusy
 from workers.payloads import RegisterPayload
 
@@ -46,7 +46,7 @@ def model_public(store: Store, entry: ModelEntry, settings: ApiSettings) -> Mode
         default_method=entry.default_method,
         methods={
             k: MethodPublic(
-                options=v.options,
+                options=served_options(v, settings),  # max_steps within the server's cap
                 needs_hypernetwork=v.needs_hypernetwork,
                 description=v.description,
                 bounds={k: b.to_json() for k, b in served_bounds(v, settings).items()},
@@ -157,6 +157,7 @@ def create_model(
             hypernet_weights,
             benchmark,
             hypernet_anchors,
+            image_limit=settings.max_image_bytes,
         )
         store.push_upload(upload)  # an S3 store: for a worker on another host
     except BaseException:

@@ -77,6 +77,42 @@ def test_overrides_far_larger_than_the_weights_are_refused_before_allocating(tmp
     assert "refused:" in done.stdout and "does not fit this model" in done.stdout
 
 
+def test_a_depth_far_beyond_the_weights_is_refused_in_well_under_a_second(tmp_path):
+    # depth 12,000 took a worker 54 s to build on the meta device before its shapes were
+    # compared: the build now stops once it has made more tensors than the file could fit
+    weights = _save(load_backbone(tiny_manifest()).model, tmp_path / "w.safetensors")
+    manifest = tiny_manifest(weights=str(weights), overrides={**TINY_OVERRIDES, "depth": 100_000})
+    start = time.monotonic()
+    with pytest.raises(WeightsMismatchError, match=r"made more than \d+ tensors and stopped"):
+        load_backbone(manifest)
+    assert time.monotonic() - start < 2
+
+
+def test_a_legitimate_deeper_model_still_loads(tmp_path):
+    # the build's limit is counted from the file: a model deeper than the tests' tiny one loads
+    deeper = {**TINY_OVERRIDES, "depth": 12}
+    model = backbone_from_name("vit_small_patch16_224", **deeper).model
+    weights = _save(model, tmp_path / "w.safetensors")
+    loaded = load_backbone(tiny_manifest(weights=str(weights), overrides=deeper))
+    assert len(loaded.model.blocks) == 12
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int8, torch.bool])
+def test_integer_weights_are_refused_naming_a_tensor_and_its_dtype(tiny_backbone, tmp_path, dtype):
+    """int32 weights were cast to float on load: a model that answers one class for everything."""
+    state = {k: v.contiguous() for k, v in tiny_backbone.model.state_dict().items()}
+    save_file({k: v.to(dtype) for k, v in state.items()}, str(tmp_path / "w.safetensors"))
+    with pytest.raises(WeightsMismatchError, match=r"holds '\S+' as (I32|I8|BOOL) \(and \d+ more"):
+        load_backbone(tiny_manifest(weights=str(tmp_path / "w.safetensors")))
+
+
+def test_half_precision_weights_still_load(tiny_backbone, tmp_path):
+    state = {k: v.contiguous() for k, v in tiny_backbone.model.state_dict().items()}
+    save_file({k: v.to(torch.bfloat16) for k, v in state.items()}, str(tmp_path / "w.safetensors"))
+    loaded = load_backbone(tiny_manifest(weights=str(tmp_path / "w.safetensors")))
+    assert next(loaded.model.parameters()).dtype == torch.float32
+
+
 def test_pickled_checkpoints_are_refused(tmp_path):
     path = tmp_path / "w.pth"
     path.write_bytes(b"not opened")

@@ -5,6 +5,7 @@ visible."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -308,6 +309,45 @@ def test_the_max_steps_advertised_is_the_max_steps_enforced(idle: Served) -> Non
     assert r.status_code == 422 and f"an integer in [1, {high}]" in r.json()["detail"], r.text
     assert idle.jobs.edits.count == 0
     assert set((idle.store.root / "uploads").iterdir()) == uploads  # the 422 wrote nothing
+
+
+def test_a_models_default_max_steps_past_the_servers_limit_is_capped(idle: Served, tmp_path):
+    """A manifest's extra.edit_defaults may set max_steps up to the editor's 10,000; a client
+    that left max_steps out got that many steps on a server that refuses more than 2,000 (the
+    `idle` app's VITEDIT_MAX_STEPS_LIMIT). The default served, and advertised, is now capped."""
+    import dataclasses
+
+    from models.store.manifest import BackboneManifest
+    from workers.registration import register_model
+
+    tiny = BackboneManifest.read(Path(idle.store.model("tiny").backbone))
+    extra = {"edit_defaults": {"max_steps": 5000, "lr": 0.01}}
+    long_run = dataclasses.replace(tiny, extra=extra, weights=str(tiny.weights_path), base_dir=None)
+    long_run.write(tmp_path / "backbone.json")
+    register_model(idle.store, "tiny-long", tmp_path / "backbone.json", default_method="ft")
+    uploads = set((idle.store.root / "uploads").iterdir())
+    try:
+        model = idle.client.get("/v1/models/tiny-long").json()
+        for name, method in model["methods"].items():
+            if "max_steps" in method["options"]:
+                assert method["options"]["max_steps"] == 2000, name
+                assert method["bounds"]["max_steps"]["high"] == 2000, name
+        assert model["methods"]["ft"]["options"]["lr"] == 0.01  # other defaults as measured
+        data = {"label": "3", "model": "tiny-long"}
+        r = idle.client.post("/v1/edits", data=data, files=_files(png(3)))
+        assert r.status_code == 202, r.text
+        assert r.json()["max_steps"] == 2000  # the job carries the capped default
+        job = idle.jobs.edits.fetch_job(r.json()["id"])
+        assert job.args[0]["options"]["max_steps"] == 2000, job.args
+        assert idle.client.post(f"/v1/edits/{r.json()['id']}/cancel").json()["status"] == "canceled"
+        # a model whose default is within the limit keeps it, and its jobs do not carry it
+        r = idle.client.post("/v1/edits", data=GOOD, files=_files(png(3)))
+        assert r.status_code == 202 and r.json()["max_steps"] is None, r.text
+        assert idle.client.post(f"/v1/edits/{r.json()['id']}/cancel").json()["status"] == "canceled"
+    finally:
+        for upload in set((idle.store.root / "uploads").iterdir()) - uploads:  # no worker here
+            idle.store.remove_upload(upload.name)
+        idle.store.unregister_model("tiny-long")
 
 
 def test_readyz_is_503_without_workers(idle: Served) -> None:

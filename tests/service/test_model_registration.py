@@ -8,11 +8,13 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 from safetensors.torch import load, save
@@ -140,6 +142,34 @@ def test_overrides_far_larger_than_the_weights_are_refused_with_what_to_check(
     assert "does not fit this model" in body["detail"] and "overrides" in body["detail"]
     assert_nothing_left(store, "huge")
     assert client.get("/readyz").status_code == 200  # the worker is still there
+
+
+def test_a_depth_far_beyond_the_weights_is_refused_in_seconds(served, files) -> None:
+    # depth 12,000 answered 422 after 54 s (1.6 GB in the worker), built on the meta device
+    # before its shapes were compared: the build now stops at the tensors the file could fit
+    client, _, store = served
+    manifest = json.loads(files["manifest"])
+    manifest["overrides"] = {**manifest["overrides"], "depth": 100_000}
+    start = time.monotonic()
+    status, body = post(client, "deep", {**files, "manifest": json.dumps(manifest).encode()})
+    assert status == 422, body
+    assert time.monotonic() - start < 5
+    assert "made more than" in body["detail"] and "depth" in body["detail"], body
+    assert body["error"] == "WeightsMismatchError"
+    assert_nothing_left(store, "deep")
+
+
+def test_integer_weights_are_refused_naming_a_tensor_and_its_dtype(served, files) -> None:
+    # int32 weights were cast to float on load and registered: a model of useless answers
+    client, _, store = served
+    state = {k: v.to(torch.int32) for k, v in load(files["weights"]).items()}
+    manifest = json.loads(files["manifest"])
+    del manifest["weights_sha256"]
+    changed = {"weights": save(state), "manifest": json.dumps(manifest).encode()}
+    status, body = post(client, "ints", {**files, **changed})
+    assert status == 422, body
+    assert "as I32" in body["detail"] and "floating-point" in body["detail"], body
+    assert_nothing_left(store, "ints")
 
 
 @pytest.mark.parametrize(
@@ -287,6 +317,78 @@ def test_a_benchmark_of_more_images_than_a_served_model_may_hold_is_refused(serv
     status, body = post(client, "many", {**files, "zip": bench.getvalue()})
     assert status == 413 and f"at most {MAX_SERVED_IMAGES}" in body["detail"], body
     assert_nothing_left(store, "many")
+
+
+def _zip_with(files: dict[str, bytes], extra: dict[str, bytes], drop: str = "") -> bytes:
+    """The test benchmark's zip with more members (and without those under ``drop``)."""
+    bench = io.BytesIO()
+    with (
+        zipfile.ZipFile(io.BytesIO(files["zip"])) as src,
+        zipfile.ZipFile(bench, "w", zipfile.ZIP_DEFLATED) as zf,
+    ):
+        for member in src.infolist():
+            if not drop or not member.filename.startswith(drop):
+                zf.writestr(member, src.read(member))
+        for name, data in extra.items():
+            zf.writestr(name, data)
+    return bench.getvalue()
+
+
+def _stored_files(store: Store, name: str) -> list[str]:
+    folder = store.root / "models" / name / "base" / "benchmark"
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("how", ["upload", "source"])
+def test_files_of_a_benchmark_that_are_not_images_are_not_stored(served, files, how) -> None:
+    # a 200 KB zip with a 200 MB locality/junk.bin was accepted and stored with the model
+    client, _, store = served
+    junk = {"locality/junk.bin": bytes(20 << 20), "edit_groups/3-noise/notes.txt": b"hello"}
+    if how == "upload":
+        status, body = post(client, f"junk-{how}", {**files, "zip": _zip_with(files, junk)})
+    else:
+        put_source(store, f"incoming/junk-{how}", files)
+        for name, data in junk.items():
+            (store.root / f"incoming/junk-{how}/benchmark" / name).write_bytes(data)
+        r = client.post(
+            "/v1/models", data={"name": f"junk-{how}", "source": f"incoming/junk-{how}"}
+        )
+        status, body = r.status_code, r.json()
+    assert status == 201, body
+    stored = _stored_files(store, f"junk-{how}")
+    assert len(stored) == 14 and all(name.endswith(".png") for name in stored), stored
+    assert not any((store.root / "uploads").iterdir())
+    assert client.delete(f"/v1/models/junk-{how}").status_code == 204
+
+
+def test_a_file_named_as_an_image_that_is_not_one_is_refused_by_name(served, files) -> None:
+    client, _, store = served
+    zipped = _zip_with(files, {"locality/junk.png": bytes(1 << 20)})
+    status, body = post(client, "fake-png", {**files, "zip": zipped})
+    assert status == 422, body
+    assert "junk.png: not a readable image" in body["detail"], body
+    assert_nothing_left(store, "fake-png")
+
+
+def test_a_benchmark_image_of_more_bytes_than_an_edits_is_refused_by_name(served, files) -> None:
+    # a real PNG followed by 5 MB: Pillow reads it, and the padding was stored with the model
+    client, _, store = served
+    zipped = _zip_with(files, {"locality/padded.png": png(9) + bytes(5 << 20)})
+    status, body = post(client, "padded", {**files, "zip": zipped})
+    assert status == 413, body
+    assert "'locality/padded.png' is 5" in body["detail"] and "at most 4194304" in body["detail"]
+    assert_nothing_left(store, "padded")
+
+
+def test_an_edit_group_of_a_class_the_model_does_not_have_is_refused(served, files) -> None:
+    client, _, store = served
+    groups = {f"edit_groups/99-noise/{i}.png": png(400 + i) for i in range(3)}
+    zipped = _zip_with(files, groups, drop="edit_groups/5-")
+    status, body = post(client, "class-99", {**files, "zip": zipped})
+    assert status == 422, body
+    assert "edit group '99-noise' names true class 99" in body["detail"], body
+    assert "has 10 classes (0-9)" in body["detail"], body
+    assert_nothing_left(store, "class-99")
 
 
 def test_a_zip_member_outside_its_folder_is_refused(served, files) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from models.backbones import Backbone
-from models.errors import HypernetworkMismatchError, IntegrityError, ManifestError
+from models.errors import (
+    HypernetworkMismatchError,
+    IntegrityError,
+    ManifestError,
+    WeightsMismatchError,
+)
 from models.hypernet.network import (
     ANCHORS_FILE,
     MANIFEST_FILE,
@@ -402,6 +408,30 @@ def test_a_config_far_larger_than_the_weights_is_refused_before_allocating(
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "refused:" in done.stdout and "Check the config in hypernet.json" in done.stdout
+
+
+def test_a_depth_far_beyond_the_weights_is_refused_without_building_it(
+    tiny_backbone, sites, tmp_path
+):
+    make_hypernet(tiny_backbone, sites).save(tmp_path, tiny_backbone, sites)
+    manifest = json.loads((tmp_path / MANIFEST_FILE).read_text())
+    manifest["config"]["depth"] = 1_000_000
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps(manifest))
+    start = time.monotonic()
+    with pytest.raises(WeightsMismatchError, match=r"this hypernetwork: building it made more"):
+        Hypernetwork.load(tmp_path, tiny_backbone, sites)
+    assert time.monotonic() - start < 2
+
+
+def test_load_refuses_integer_weights_naming_a_tensor(tiny_backbone, sites, tmp_path):
+    make_hypernet(tiny_backbone, sites).save(tmp_path, tiny_backbone, sites)
+    weights = tmp_path / WEIGHTS_FILE
+    save_file({k: v.to(torch.int32) for k, v in load_file(str(weights)).items()}, str(weights))
+    manifest = json.loads((tmp_path / MANIFEST_FILE).read_text())
+    manifest["weights_sha256"] = sha256_file(weights)
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(WeightsMismatchError, match=r"holds '\S+' as I32 .*floating-point"):
+        Hypernetwork.load(tmp_path, tiny_backbone, sites)
 
 
 def test_load_rejects_other_sites(tiny_backbone, sites, tmp_path):
