@@ -58,7 +58,9 @@ class Front:
 
 
 def read_front(path: str | Path | None, weights_sha256: str) -> tuple[Front | None, str]:
-    """The front of a bench results file and a note for the page: its source, or why none."""
+    """The front of a bench results file and a note for the page: its source, or why none.
+    The file is named by its name alone: the page and the manifest go to clients, and the
+    folder is this host's (a store, a checkout), nothing a client can use."""
     alone = "this edit's point is shown alone"
     if not path:
         return None, f"no benchmark results are registered for this model: {alone}"
@@ -73,10 +75,13 @@ def read_front(path: str | Path | None, weights_sha256: str) -> tuple[Front | No
             for name, method in data["methods"].items()
         }
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        return None, f"the registered benchmark results {path} are unreadable ({exc}): {alone}"
+        return None, (
+            f"the registered benchmark results {Path(path).name} are unreadable "
+            f"({type(exc).__name__}): {alone}"
+        )
     if measured_on != weights_sha256:
         return None, (
-            f"the registered benchmark results {path} were measured on other base weights "
+            f"the registered benchmark results {Path(path).name} were measured on other base weights "
             f"({str(measured_on)[:12]}...): {alone}"
         )
     settings = data.get("settings") or {}
@@ -88,7 +93,7 @@ def read_front(path: str | Path | None, weights_sha256: str) -> tuple[Front | No
         f"single-image edits made from the base model{f' ({used})' if used else ''}; "
         "this edit is one point, its LR against its parent"
     )
-    return Front(str(path), methods, settings), note
+    return Front(Path(path).name, methods, settings), note
 
 
 def neuron_changes(sites: Sites, parent: list[torch.Tensor], patch: Patch) -> dict[str, np.ndarray]:

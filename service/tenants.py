@@ -33,6 +33,7 @@ from models.errors import StoreError
 from models.store.manifest import DEFAULT_TENANT
 from models.store.store import check_name
 from service.settings import ApiSettings
+from service.validation import PRINTABLE_ASCII
 
 T = TypeVar("T")
 SHA256_HEX = Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F]{64}$", to_lower=True)]
@@ -118,6 +119,13 @@ class Keyring:
                 tenant, key = text.split(":", 1) if ":" in text else (DEFAULT_TENANT, text)
                 if not key:
                     raise ValueError(f"VITEDIT_API_KEYS: {tenant!r} has an empty key after ':'")
+                if not PRINTABLE_ASCII.fullmatch(key):
+                    raise ValueError(
+                        f"VITEDIT_API_KEYS: a key of {tenant!r} holds a character outside printable "
+                        "ASCII (a space, a control character or a letter such as 'ü'): HTTP clients "
+                        "send such header bytes differently, so it could never be matched; use "
+                        "letters, digits and punctuation only (e.g. `openssl rand -hex 32`)"
+                    )
                 _add(
                     digests,
                     hashlib.sha256(key.encode("utf-8")).digest(),

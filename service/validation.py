@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,10 @@ from models.store.manifest import MethodInfo, ModelEntry
 from models.store.store import Store
 from service.settings import ApiSettings
 from workers.payloads import Acceptance
+
+# what an API key or an Idempotency-Key may hold: printable ASCII without spaces (header bytes:
+# clients send other characters differently, so such a key could not be matched)
+PRINTABLE_ASCII = re.compile(r"[!-~]+")
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, File, Form, Header, Query, Request, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
-from models.errors import NotFound
+from models.errors import Invalid, NotFound
 from models.store.store import Store
 from service import validation as V
 from service.deps import CallerDep, JobsDep, SettingsDep, StoreDep
@@ -107,7 +107,8 @@ def create_edit(
         Header(
             min_length=1,
             max_length=255,
-            description="a retry with the same key and body replays the same job (e.g. a UUID)",
+            description="a retry with the same key and body replays the same job (e.g. a UUID); "
+            "printable ASCII without spaces",
         ),
     ] = None,
 ) -> EditPublic:
@@ -116,6 +117,12 @@ def create_edit(
         for k, v in dict(rho=rho, max_steps=max_steps, seed=seed, lr=lr).items()
         if v is not None
     }
+    if idempotency_key is not None and not V.PRINTABLE_ASCII.fullmatch(idempotency_key):
+        raise Invalid(
+            "Idempotency-Key holds a character outside printable ASCII (a space, a control "
+            "character or a letter such as 'ü'), which HTTP clients send differently: use "
+            "letters, digits and punctuation only, e.g. a UUID"
+        )
     accept = V.check_acceptance(min_sr=min_sr, min_lr=min_lr, min_retention=min_retention)
     checked = V.check_edit(
         store, settings, images, holdout or [], label, model, method, given, options, accept

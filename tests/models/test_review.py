@@ -157,6 +157,17 @@ def test_read_front_of_an_unreadable_file_is_a_note_not_an_error(tmp_path: Path)
     assert front is None and "unreadable" in note
 
 
+def test_read_front_names_the_results_file_without_this_hosts_folder(tmp_path: Path) -> None:
+    """The note and the source reach clients (the page, the manifest): no server path."""
+    readable = read_front(bench_results(tmp_path / "r.json"), SHA)
+    other = read_front(bench_results(tmp_path / "o.json", sha="cd" * 32), SHA)
+    missing = read_front(tmp_path / "gone.json", SHA)  # its OSError names the full path
+    assert readable[0] is not None and readable[0].source == "r.json"
+    for front, note in (readable, other, missing):
+        assert str(tmp_path) not in note and (front is None or str(tmp_path) not in front.source)
+    assert "gone.json" in missing[1]
+
+
 def test_neuron_changes_measure_each_changed_row_and_column_only() -> None:
     model = tiny_vit()
     sites = Sites.for_model(model, (1, 2))

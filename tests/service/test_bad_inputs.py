@@ -248,6 +248,10 @@ def test_an_idempotency_key_longer_than_255_characters_is_refused(idle: Served) 
     )
     assert r.status_code == 422 and "idempotency-key" in r.text.lower(), r.text
     assert idle.jobs.edits.count == 0  # nothing was queued
+    for key in ("\u043a\u043b\u044e\u0447".encode(), b"two words"):  # UTF-8 bytes; a space
+        r = idle.client.post("/v1/edits", files=files, data=GOOD, headers={"Idempotency-Key": key})
+        assert r.status_code == 422 and "idempotency-key" in r.text.lower(), r.text
+    assert idle.jobs.edits.count == 0
 
 
 def test_unknown_form_field_names_what_the_endpoint_takes(idle: Served) -> None:

@@ -187,6 +187,9 @@ def test_keys_file_holds_digests_tenants_and_limits(tmp_path: Path) -> None:
     bad.write_text(json.dumps({"tenants": {"bob": {"key_sha256": ["kb"]}}}))
     with pytest.raises(ValueError, match=r"keys\.json: .*key_sha256"):
         Keyring.from_settings(ApiSettings(api_keys_file=bad))
+    for key in ("k\u00fc", "two words", "tab\tkey"):  # no client sends these bytes alike
+        with pytest.raises(ValueError, match="printable ASCII"):
+            Keyring.from_settings(ApiSettings(api_keys=f"bob:{key}"))
 
 
 def test_each_tenant_lists_its_own_edits_newest_first_a_page_at_a_time(
