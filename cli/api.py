@@ -26,7 +26,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from cli.http_client import Job, VersionList, ViteditClient
+from cli.http_client import Job, NotOurAPI, VersionList, ViteditClient, check_header_text
 from models.errors import (
     IntegrityError,
     StoreError,
@@ -168,19 +168,32 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _with_client(args: argparse.Namespace, fn: Any) -> int:
+    """Run ``fn(client)``; an error of ours, a local file's or a server's odd answer is one line
+    on stderr (the server's text shown as it is, never read as markup) and exit code 2."""
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll is noise here
-    client = ViteditClient(args.server, args.api_key)
+    client = None
     try:
+        if args.api_key:  # before anything is sent: httpx would fail in a traceback
+            check_header_text(args.api_key, "--api-key (or $VITEDIT_API_KEY)")
+        if getattr(args, "idempotency_key", None):
+            check_header_text(args.idempotency_key, "--idempotency-key")
+        client = ViteditClient(args.server, args.api_key)
         return fn(client)
     except VitEditError as exc:
-        errors.print(f"[red]error:[/red] {explain(exc, args.server, args.api_key)}", markup=True)
+        _error(explain(exc, args.server, args.api_key))
         return 2
     except OSError as exc:  # a local file: an image to send, a download to write
         where = f": {exc.filename}" if exc.filename else ""
-        errors.print(f"[red]error:[/red] {escape(f'{exc.strerror or exc}{where}')}", markup=True)
+        _error(f"{exc.strerror or exc}{where}")
         return 2
     finally:
-        client.close()
+        if client is not None:
+            client.close()
+
+
+def _error(message: str) -> None:
+    """One line on stderr: ``error: message``, the message's text as it is (no markup)."""
+    errors.print(f"[red]error:[/red] {escape(message)}", markup=True)
 
 
 def explain(exc: VitEditError, server: str, api_key: str | None) -> str:
@@ -220,7 +233,7 @@ def run_edit(args: argparse.Namespace) -> int:
             options=_options(args),
             idempotency_key=args.idempotency_key,
         )
-        console.print(f"job {job.id}: {job.status} (position {job.position})")
+        console.print(escape(f"job {job.id}: {job.status} (position {job.position})"))
         if not args.no_wait:
             job = _follow(client, job.id)
         if args.json:
@@ -228,11 +241,13 @@ def run_edit(args: argparse.Namespace) -> int:
         else:
             _print_result(job)
             for line in key_figures(job, args.server):
-                console.print(line, soft_wrap=True, highlight=False)
+                console.print(escape(line), soft_wrap=True, highlight=False)
             if args.api_key and job.version:  # a browser cannot send the key: save the page
                 console.print(
-                    f"        (API keys: `vitedit download {job.model} {job.version} --review` "
-                    "saves it with its figures)",
+                    escape(
+                        f"        (API keys: `vitedit download {job.model} {job.version} "
+                        "--review` saves it with its figures)"
+                    ),
                     soft_wrap=True,
                     highlight=False,
                 )
@@ -256,33 +271,53 @@ def _follow(client: ViteditClient, job_id: str) -> Job:
             info = f"loss {job.loss:.4f}" if job.loss is not None else ""
             if job.status == "queued":
                 info = f"{job.position or 0} job(s) ahead"
-            bar.update(
-                task, description=status, total=job.max_steps, completed=job.step or 0, info=info
+            bar.update(  # the columns read markup: the server's words are escaped
+                task,
+                description=escape(status),
+                total=job.max_steps,
+                completed=job.step or 0,
+                info=escape(info),
             )
 
         return client.wait(job_id, on_update=update)
 
 
 def _print_result(job: Job) -> None:
+    """The job's end as text; every word of the server's escaped (it is not rich markup)."""
     if job.status != "succeeded" or job.report is None:
-        console.print(f"job {job.id}: [bold]{job.status}[/bold] {job.error or ''}")
+        console.print(
+            f"{escape(f'job {job.id}:')} [bold]{escape(job.status)}[/bold] "
+            f"{escape(job.error or '')}"
+        )
         if job.version:
-            console.print(f"version {job.version} was stored as {job.status}, without an alias")
+            console.print(
+                escape(f"version {job.version} was stored as {job.status}, without an alias")
+            )
         return
-    report = job.report
+    try:
+        table, line = _report(job, job.report)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise NotOurAPI(
+            f"the server answered a report that is not vitedit's for job {job.id} "
+            f"({type(exc).__name__}: {exc}): is --server a vitedit server?"
+        ) from None
+    console.print(table)
+    console.print(escape(line))
+    console.print(escape(f"patch: {job.links.get('patch')}"))
+
+
+def _report(job: Job, report: dict[str, Any]) -> tuple[Table, str]:
+    """The report's table of metrics and its line about the edit."""
     table = Table(
-        title=f"new version {job.version} of {job.model} (parent {job.parent_version or 'base'})"
+        title=escape(
+            f"new version {job.version} of {job.model} (parent {job.parent_version or 'base'})"
+        )
     )
     for col in ("metric", "before", "after"):
         table.add_column(col)
     for name, after in report["metrics"].items():
         before = report["before"].get(name)
-        table.add_row(
-            name,
-            "-" if before is None else f"{before:.3f}",
-            "-" if after is None else f"{after:.3f}",
-        )
-    console.print(table)
+        table.add_row(escape(str(name)), _fmt(before), _fmt(after))
     edit = report["edit"]
     loss = edit.get("final_loss")
     line = (
@@ -294,8 +329,7 @@ def _print_result(job: Job) -> None:
         line += f"; earlier fixes kept: {retention:.3f} (least)"
     if seconds := report.get("seconds"):
         line += "; seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in seconds.items())
-    console.print(line)
-    console.print(f"patch: {job.links.get('patch')}")
+    return table, line
 
 
 def key_figures(job: Job, server: str) -> list[str]:
@@ -343,12 +377,12 @@ def jobs_table(jobs: list[Job]) -> Table:
     table.add_column("status\nsubmitted (UTC)", no_wrap=True)
     table.add_column("model@parent", overflow="fold", min_width=len("model@parent"))
     table.add_column("method", no_wrap=True)
-    for job in jobs:
+    for job in jobs:  # a table's cells read markup: the server's words are escaped
         table.add_row(
-            f"{job.id}\n  {job.version or '-'}",
-            f"{job.status}\n{(job.created_at or '-')[:16].replace('T', ' ')}",
-            f"{job.model}@{job.parent_version or 'base'}",
-            job.method or "-",
+            escape(f"{job.id}\n  {job.version or '-'}"),
+            escape(f"{job.status}\n{(job.created_at or '-')[:16].replace('T', ' ')}"),
+            escape(f"{job.model}@{job.parent_version or 'base'}"),
+            escape(job.method or "-"),
         )
     return table
 
@@ -364,7 +398,7 @@ def run_versions(args: argparse.Namespace) -> int:
 def versions_table(listing: VersionList) -> Table:
     """One row per version, ids never cut: an id (which tells its creation time, UTC) and its
     parent's share the first column, one above the other, so the table fits 80 columns."""
-    table = _listing(f"{listing.model}: {len(listing.versions)} version(s)")
+    table = _listing(escape(f"{listing.model}: {len(listing.versions)} version(s)"))
     ids = [v.version for v in listing.versions] + [v.parent or "" for v in listing.versions]
     table.add_column("version\n  parent", no_wrap=True, min_width=max(map(len, ids), default=0) + 2)
     table.add_column("method", no_wrap=True)
@@ -372,19 +406,24 @@ def versions_table(listing: VersionList) -> Table:
     table.add_column("aliases", overflow="fold", min_width=len("aliases"))
     for col in ("SR", "GR", "LR root"):
         table.add_column(col, no_wrap=True)
-    for v in listing.versions:
+    for v in listing.versions:  # a table's cells read markup: the server's words are escaped
         table.add_row(
-            f"{v.version}\n  {v.parent or 'base'}",
-            v.method,
-            v.status,
-            "\n".join(v.aliases),
+            escape(f"{v.version}\n  {v.parent or 'base'}"),
+            escape(v.method),
+            escape(v.status),
+            escape("\n".join(v.aliases)),
             *(_fmt(v.metrics.get(k)) for k in ("SR", "GR", "LR_vs_root")),
         )
     return table
 
 
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
+def _fmt(value: Any) -> str:
+    """A metric as a table shows it: 3 decimals, ``-`` for none, ``?`` for what is no number."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return "?"
+    return f"{value:.3f}"
 
 
 def run_download(args: argparse.Namespace) -> int:
@@ -402,9 +441,12 @@ def run_download(args: argparse.Namespace) -> int:
                     "which is not a version name: is --server a vitedit server?"
                 ) from None
         suffix = {"weights": "safetensors", "patch": "patch.safetensors"}.get(kind, "review.html")
-        out = args.out or Path(f"{args.model}-{version}.{suffix}")
+        name = f"{args.model}-{version}.{suffix}"
+        out = args.out or Path(name)
+        if out.is_dir():  # --out names a folder: the file goes in it, under its own name
+            out = out / name
         sha = client.download(f"/v1/models/{args.model}/versions/{version}/{kind}", out)
-        console.print(f"wrote {out} (sha256 {sha})", soft_wrap=True)
+        console.print(escape(f"wrote {out} (sha256 {sha})"), soft_wrap=True)
         return 0
 
     return _with_client(args, go)

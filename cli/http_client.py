@@ -18,9 +18,11 @@ import hashlib
 import json
 import tempfile
 import time
+import types
+import typing
 import zipfile
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -33,13 +35,82 @@ TERMINAL = {"succeeded", "failed", "rejected", "canceled"}
 FORM_OPTIONS = ("method", "rho", "max_steps", "seed", "lr", "min_sr", "min_lr", "min_retention")
 """Options sent as form fields of their own; any other option goes in the ``options`` JSON."""
 
+MAX_PAGES = 10_000
+"""The most pages a listing is followed over: far more than any store holds, fewer than forever."""
+
 T = TypeVar("T")
 
 
-def _from_json(cls: type[T], data: dict[str, Any], **nested: Any) -> T:
-    """A dataclass from a JSON object: known fields only (a newer server may send more)."""
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    return cls(**{k: v for k, v in data.items() if k in names}, **nested)
+class NotOurAPI(VitEditError):
+    """The server answered something that is not vitedit's API (not JSON, or of another shape)."""
+
+
+def check_header_text(value: str, what: str) -> str:
+    """``value`` if it can go in an HTTP header (printable ASCII), else :class:`Invalid`."""
+    bad = next((i for i, c in enumerate(value) if not " " <= c <= "~"), None)
+    if bad is not None:
+        raise Invalid(
+            f"API keys and Idempotency-Keys are ASCII text: {what} has a character that is not "
+            f"printable ASCII (character {bad + 1} of {len(value)}): use letters, digits and "
+            "punctuation only"
+        )
+    return value
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a field's type hint (str, int, float, bool, list, dict, unions)."""
+    if hint is Any:
+        return True
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is list:
+        (item,) = typing.get_args(hint) or (Any,)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if origin is dict:
+        key, item = typing.get_args(hint) or (Any, Any)
+        return isinstance(value, dict) and all(
+            _matches(k, key) and _matches(v, item) for k, v in value.items()
+        )
+    return isinstance(value, origin or hint)
+
+
+def _from_json(cls: type[T], data: Any, **nested: Any) -> T:
+    """A dataclass from a JSON object: known fields only (a newer server may send more), each of
+    its type; :class:`NotOurAPI` for anything else."""
+    if not isinstance(data, dict):
+        raise NotOurAPI(f"a {cls.__name__} was expected, got {_show(data)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    known = {k: v for k, v in data.items() if k in fields and k not in nested}
+    for name, f in fields.items():
+        if name in nested:
+            continue
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if name not in known and required:
+            raise NotOurAPI(f"a {cls.__name__} without {name!r}: {_show(data)}")
+        if name in known and not _matches(known[name], hints[name]):
+            raise NotOurAPI(f"a {cls.__name__} whose {name!r} is {_show(known[name])}")
+    return cls(**known, **nested)
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    """A value of an answer, as an error message quotes it: its JSON, cut short."""
+    text = json.dumps(value) if not isinstance(value, bytes) else repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _field(data: Any, name: str, kind: type | tuple[type, ...]) -> Any:
+    """``data[name]``, which must be a ``kind``; :class:`NotOurAPI` otherwise."""
+    if not isinstance(data, dict) or not isinstance(data.get(name), kind):
+        raise NotOurAPI(f"expected a JSON object with {name!r}, got {_show(data)}")
+    return data[name]
 
 
 @dataclass(frozen=True)
@@ -159,27 +230,59 @@ class ViteditClient:
         http: httpx.Client | None = None,
     ) -> None:
         """``http``: an httpx client to use instead of a new one (e.g. FastAPI's TestClient)."""
+        if api_key:
+            check_header_text(api_key, "the API key")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = http or httpx.Client(
-            base_url=base_url.rstrip("/"), headers=headers, timeout=timeout_s
-        )
+        try:
+            self.http = http or httpx.Client(
+                base_url=base_url.rstrip("/"), headers=headers, timeout=timeout_s
+            )
+        except httpx.InvalidURL as exc:
+            raise Invalid(
+                f"the server {base_url!r} is not a URL ({exc}): give --server (or "
+                "$VITEDIT_SERVER) as http://HOST:PORT"
+            ) from None
 
     def close(self) -> None:
         self.http.close()
 
-    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        """One request; the JSON answer, or the error it stands for raised."""
+    @contextmanager
+    def _answers(self, what: str) -> Iterator[None]:
+        """Reading an answer: an httpx or shape error of it as one of ours, naming the server."""
         try:
-            response = self.http.request(method, path, **kwargs)
+            yield
         except httpx.TransportError as exc:
             raise Unavailable(f"cannot reach the server at {self.http.base_url} ({exc})") from exc
+        except NotOurAPI as exc:
+            raise self._not_ours(what, str(exc)) from None
+        except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as exc:
+            raise self._not_ours(what, f"{type(exc).__name__}: {exc}") from None
+
+    def _not_ours(self, what: str, why: str) -> NotOurAPI:
+        return NotOurAPI(
+            f"the server at {self.http.base_url} answered something that is not vitedit's API "
+            f"({what}): {why}; is --server a vitedit server?"
+        )
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        """One request; the JSON answer, or the error it stands for raised."""
+        with self._answers(f"{method} {path}"):
+            response = self.http.request(method, path, **kwargs)
         if response.status_code >= 400:
             try:
                 body = response.json()
             except ValueError:
                 body = None
             raise api_error(response.status_code, body, response.text)
-        return response.json() if response.content else None  # 204: nothing
+        if not response.content:
+            return None  # 204: nothing
+        try:
+            return response.json()
+        except ValueError:  # not JSON (an HTML page), or not UTF-8
+            kind = response.headers.get("content-type", "no content type")
+            raise self._not_ours(
+                f"{method} {path}", f"not JSON ({kind}): {_show(response.content[:60])}"
+            ) from None
 
     # ------------------------------------------------------------------ edits
 
@@ -201,6 +304,8 @@ class ViteditClient:
                 form[key] = str(options.pop(key))
         if options:
             form["options"] = json.dumps(options)
+        if idempotency_key:
+            check_header_text(idempotency_key, "the Idempotency-Key")
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         with ExitStack() as stack:
             files = [("images", (p.name, stack.enter_context(open(p, "rb")))) for p in images]
@@ -208,25 +313,51 @@ class ViteditClient:
                 ("holdout", (p.name, stack.enter_context(open(p, "rb")))) for p in holdout or []
             ]
             data = self._call("POST", "/v1/edits", data=form, files=files, headers=headers)
-        return _from_json(Job, data)
+        with self._answers("POST /v1/edits"):
+            return _from_json(Job, data)
 
     def edit(self, job_id: str, wait_s: float = 0) -> Job:
         data = self._call(
             "GET", f"/v1/edits/{job_id}", params={"wait": wait_s}, timeout=wait_s + 30
         )
-        return _from_json(Job, data)
+        with self._answers(f"GET /v1/edits/{job_id}"):
+            return _from_json(Job, data)
+
+    def _pages(self, path: str, items: str, cursor: str, params: dict[str, Any]) -> Iterator[Any]:
+        """The pages of a listing, each a JSON object with its ``items``, followed by ``cursor``
+        (sent back as ``after`` / ``before``) until a page has none: :class:`NotOurAPI` for a
+        cursor seen before, a page that is empty but names a next one, or ``MAX_PAGES`` pages."""
+        param = cursor.removeprefix("next_")
+        seen: set[str] = set()
+        for _ in range(MAX_PAGES):
+            data = self._call("GET", path, params=params)
+            with self._answers(f"GET {path}"):
+                page = _field(data, items, list)
+                after = data.get(cursor)
+                if after is not None and not isinstance(after, str):
+                    raise NotOurAPI(f"{cursor} is {_show(after)}, not a string")
+                if after and after in seen:
+                    raise NotOurAPI(f"{cursor} {_show(after)} came back: the pages go round")
+                if after and not page:
+                    raise NotOurAPI(f"an empty page names a next one ({cursor} {_show(after)})")
+            yield data
+            if not after:
+                return
+            seen.add(after)
+            params = {**params, param: after}
+        raise self._not_ours(f"GET {path}", f"more than {MAX_PAGES} pages")
 
     def jobs(self, limit: int = 20, page_size: int = 100) -> list[Job]:
         """The caller's newest ``limit`` edit jobs, newest first (without their reports)."""
         params: dict[str, Any] = {"limit": min(limit, page_size)}
         found: list[Job] = []
-        while len(found) < limit:
-            data = self._call("GET", "/v1/edits", params=params)
-            found += [_from_json(Job, j) for j in data["edits"]]
-            after = data.get("next_before")
-            if not after or after == params.get("before"):
+        pages = self._pages("/v1/edits", "edits", "next_before", params)
+        for data in pages:
+            with self._answers("GET /v1/edits"):
+                found += [_from_json(Job, j) for j in data["edits"]]
+            if len(found) >= limit:
+                pages.close()
                 break
-            params = {"limit": min(limit - len(found), page_size), "before": after}
         return found[:limit]
 
     def wait(
@@ -253,7 +384,11 @@ class ViteditClient:
     # ------------------------------------------------------------------ models and versions
 
     def models(self) -> list[Model]:
-        return [_model(m) for m in self._call("GET", "/v1/models")]
+        data = self._call("GET", "/v1/models")
+        with self._answers("GET /v1/models"):
+            if not isinstance(data, list):
+                raise NotOurAPI(f"a list of models was expected, got {_show(data)}")
+            return [_model(m) for m in data]
 
     def register_model(
         self,
@@ -304,7 +439,8 @@ class ViteditClient:
                 tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
                 files.append(part("benchmark", _zip_benchmark(groups, locality, tmp / "b.zip")))
             data = self._call("POST", "/v1/models", files=files, data=form, timeout=timeout_s)
-        return _model(data)
+        with self._answers("POST /v1/models"):
+            return _model(data)
 
     def register_model_from_store(
         self,
@@ -321,42 +457,53 @@ class ViteditClient:
         if default_method:
             form["default_method"] = default_method
         data = self._call("POST", "/v1/models", data=form, timeout=timeout_s)
-        return _model(data)
+        with self._answers("POST /v1/models"):
+            return _model(data)
 
     def remove_model(self, name: str, purge: bool = False) -> None:
         self._call("DELETE", f"/v1/models/{name}", params={"purge": purge})
 
     def versions(self, model: str, page_size: int = 1000) -> VersionList:
         """Every version, oldest first: the listing's pages, followed to the last."""
-        params: dict[str, Any] = {"limit": page_size}
+        path = f"/v1/models/{model}/versions"
         versions: list[VersionSummary] = []
-        while True:
-            data = self._call("GET", f"/v1/models/{model}/versions", params=params)
-            versions += [_from_json(VersionSummary, v) for v in data["versions"]]
-            after = data.get("next_after")
-            if not after or after == params.get("after"):
-                return VersionList(data["model"], versions, data["aliases"])
-            params["after"] = after
+        for data in self._pages(path, "versions", "next_after", {"limit": page_size}):
+            with self._answers(f"GET {path}"):
+                versions += [_from_json(VersionSummary, v) for v in data["versions"]]
+                name = _field(data, "model", str)
+                aliases = _field(data, "aliases", dict)
+                if not _matches(aliases, dict[str, str]):
+                    raise NotOurAPI(f"aliases {_show(aliases)} do not map names to versions")
+        return VersionList(name, versions, aliases)
 
     def version(self, model: str, version: str) -> VersionDetail:
-        return _from_json(
-            VersionDetail, self._call("GET", f"/v1/models/{model}/versions/{version}")
-        )
+        path = f"/v1/models/{model}/versions/{version}"
+        data = self._call("GET", path)
+        with self._answers(f"GET {path}"):
+            return _from_json(VersionDetail, data)
 
     def predict(self, model: str, version: str, images: list[Path]) -> Predictions:
+        path = f"/v1/models/{model}/versions/{version}/predict"
         with ExitStack() as stack:
             files = [("images", (p.name, stack.enter_context(open(p, "rb")))) for p in images]
-            data = self._call("POST", f"/v1/models/{model}/versions/{version}/predict", files=files)
-        predictions = [_from_json(Prediction, p) for p in data["predictions"]]
-        return Predictions(data["model"], data["version"], predictions)
+            data = self._call("POST", path, files=files)
+        with self._answers(f"POST {path}"):
+            found = _field(data, "predictions", list)
+            predictions = [_from_json(Prediction, p) for p in found]
+            return Predictions(
+                _field(data, "model", str), _field(data, "version", str | None), predictions
+            )
 
     def download(self, path: str, out: Path) -> str:
-        """Stream a file to ``out`` (atomically), checking the server's X-Content-SHA256."""
+        """Stream a file to ``out`` (atomically), checking the server's X-Content-SHA256; on any
+        failure nothing is left behind (no ``.part`` file)."""
+        if out.is_dir():
+            raise Invalid(f"{out} is a folder: name the file to write (or a new file in it)")
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.part")
         digest = hashlib.sha256()
         try:
-            with self.http.stream("GET", path) as response:
+            with self._answers(f"GET {path}"), self.http.stream("GET", path) as response:
                 if response.status_code >= 400:
                     response.read()
                     try:
@@ -369,16 +516,15 @@ class ViteditClient:
                         digest.update(chunk)
                         fh.write(chunk)
                 expected = response.headers.get("x-content-sha256")
-        except httpx.TransportError as exc:
+            if expected and expected != digest.hexdigest():
+                raise IntegrityError(
+                    f"downloaded {path} has sha256 {digest.hexdigest()[:16]}..., "
+                    f"the server announced {expected[:16]}...: retry"
+                )
+            tmp.replace(out)
+        except BaseException:  # a server's error, a broken body, a full disk, Ctrl-C
             tmp.unlink(missing_ok=True)
-            raise Unavailable(f"cannot reach the server at {self.http.base_url} ({exc})") from exc
-        if expected and expected != digest.hexdigest():
-            tmp.unlink(missing_ok=True)
-            raise IntegrityError(
-                f"downloaded {path} has sha256 {digest.hexdigest()[:16]}..., "
-                f"the server announced {expected[:16]}...: retry"
-            )
-        tmp.replace(out)
+            raise
         return digest.hexdigest()
 
 
@@ -391,8 +537,8 @@ def _zip_benchmark(groups: Path, locality: Path, out: Path) -> Path:
     return out
 
 
-def _model(data: dict[str, Any]) -> Model:
-    methods = {k: _from_json(Method, v) for k, v in data["methods"].items()}
+def _model(data: Any) -> Model:
+    methods = {k: _from_json(Method, v) for k, v in _field(data, "methods", dict).items()}
     return _from_json(Model, {k: v for k, v in data.items() if k != "methods"}, methods=methods)
 
 
