@@ -12,7 +12,7 @@ import contextlib
 import logging
 import math
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,6 +172,12 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Read a safetensors state dict, dropping a ``module.``/``model.`` wrapper prefix."""
     _check_weights_file(path)
     return _strip_prefix(load_file(str(path)))
+
+
+def non_finite(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """The keys of ``state`` whose tensor holds NaN or inf (integer tensors are always finite):
+    weights like these are refused wherever they are loaded or saved."""
+    return [k for k, v in state.items() if v.is_floating_point() and not bool(v.isfinite().all())]
 
 
 def read_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:

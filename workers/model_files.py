@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from models.bounds import shown
 from models.errors import (
     DataError,
     IntegrityError,
@@ -55,9 +56,8 @@ def _check_loads(
     groups: Path | None,
     locality: Path | None,
 ) -> None:
-    import torch
 
-    from models.backbones import load_backbone
+    from models.backbones import load_backbone, non_finite
 
     if manifest.weights_path is None:
         raise DataError(
@@ -74,7 +74,7 @@ def _check_loads(
         raise
     except Exception as exc:  # timm, safetensors: say which file and why
         raise DataError(f"the backbone does not load: {type(exc).__name__}: {exc}") from exc
-    bad = [k for k, v in backbone.model.state_dict().items() if not torch.isfinite(v).all()]
+    bad = non_finite(backbone.model.state_dict())
     if bad:
         raise DataError(f"the backbone's weights hold NaN or inf in {bad[:5]}")
     names = manifest.class_names
@@ -163,7 +163,7 @@ def _defining_changes(store: Store, name: str, new: BackboneManifest) -> list[st
     else:
         fields = {f: (getattr(old, f), getattr(new, f)) for f in DEFINING}
     return [
-        f"{field}: {_shown(was)} -> {_shown(now)}"
+        f"{field}: {shown(_plain(was), 80)} -> {shown(_plain(now), 80)}"
         for field, (was, now) in fields.items()
         if _plain(was) != _plain(now)
     ]
@@ -176,11 +176,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
     return value
-
-
-def _shown(value: Any, limit: int = 80) -> str:
-    text = repr(_plain(value))
-    return text if len(text) <= limit else f"{text[:limit]}..."
 
 
 def add_model(store: Store, name: str, backbone: Path, **options: Any) -> ModelEntry:

@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from models.backbones import Backbone, check_unbuilt
+from models.backbones import Backbone, check_unbuilt, non_finite
 from models.errors import HypernetworkMismatchError, IntegrityError, ManifestError, SiteError
 from models.sites import Sites
 from models.spill import MAX_ANCHORS, SpillReference, SpillReferences
@@ -318,7 +318,7 @@ class Hypernetwork(nn.Module):
         weights = out_dir / WEIGHTS_FILE
         tmp = out_dir / f".{WEIGHTS_FILE}.tmp"
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        broken = [k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()]
+        broken = non_finite(state)
         if broken:
             raise IntegrityError(
                 f"refusing to save a hypernetwork with non-finite weights ({', '.join(broken[:3])})"
@@ -394,9 +394,7 @@ class Hypernetwork(nn.Module):
         check_unbuilt(lambda: cls(config), weights, CONFIG_HINT, "hypernetwork")
         net = cls(config)
         state = load_file(str(weights))
-        bad = sorted(
-            k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()
-        )
+        bad = sorted(non_finite(state))
         if bad:  # it would score every neuron NaN: masks picked from nothing (save refuses too)
             raise IntegrityError(
                 f"{weights} holds NaN or inf in {bad[:5]}: a hypernetwork's weights must be "
