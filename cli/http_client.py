@@ -14,11 +14,11 @@ kind its status stands for.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import tempfile
 import time
-import types
 import typing
 import zipfile
 from collections.abc import Callable, Iterator
@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+from pydantic import TypeAdapter, ValidationError
 
 from models.errors import STATUS, IntegrityError, Invalid, Unavailable, VitEditError, by_name
 
@@ -57,28 +58,19 @@ def check_header_text(value: str, what: str) -> str:
     return value
 
 
+@functools.cache
+def _adapter(hint: Any) -> TypeAdapter[Any]:
+    return TypeAdapter(hint)
+
+
 def _matches(value: Any, hint: Any) -> bool:
-    """Whether a JSON value fits a field's type hint (str, int, float, bool, list, dict, unions)."""
-    if hint is Any:
-        return True
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, h) for h in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if origin is list:
-        (item,) = typing.get_args(hint) or (Any,)
-        return isinstance(value, list) and all(_matches(v, item) for v in value)
-    if origin is dict:
-        key, item = typing.get_args(hint) or (Any, Any)
-        return isinstance(value, dict) and all(
-            _matches(k, key) and _matches(v, item) for k, v in value.items()
-        )
-    return isinstance(value, origin or hint)
+    """Whether a JSON value fits a field's type hint, as pydantic's strict mode reads it (no
+    coercion: "3" is not an int, 1 is not a bool; an int is a float)."""
+    try:
+        _adapter(hint).validate_python(value, strict=True)
+    except ValidationError:
+        return False
+    return True
 
 
 def _from_json(cls: type[T], data: Any, **nested: Any) -> T:
