@@ -36,6 +36,8 @@ import httpx
 from redis import Redis
 from redis.exceptions import RedisError
 
+from models.errors import Unavailable
+
 log = logging.getLogger(__name__)
 
 STOP_GRACE_S = 10.0
@@ -49,8 +51,9 @@ _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
 
 
-class LaunchError(RuntimeError):
-    """A child process did not start or did not become ready."""
+class LaunchError(Unavailable):
+    """A child process did not start or did not become ready (one line from the CLI, like any
+    error of ours: the child's own log above says why)."""
 
 
 def free_port() -> int:

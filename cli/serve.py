@@ -42,11 +42,25 @@ def _stop(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
+def _check_api_keys() -> None:
+    """The API's keys (``VITEDIT_API_KEYS``, ``VITEDIT_API_KEYS_FILE``) as the API will read
+    them: :class:`~models.errors.Invalid` with the API's own message if it would refuse them."""
+    from models.errors import Invalid
+    from service.settings import ApiSettings
+    from service.tenants import Keyring
+
+    try:
+        Keyring.from_settings(ApiSettings())
+    except ValueError as exc:
+        raise Invalid(str(exc)) from None
+
+
 def run_serve(args: argparse.Namespace) -> int:
     from cli import launcher
     from workers.settings import WorkerSettings
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # readiness polls are not news
+    _check_api_keys()  # before anything starts: a bad key is one line here, not an API's crash
     # VITEDIT_STORE_URL (the children inherit it): the bucket, with --store as this host's cache
     store = WorkerSettings().model_copy(update={"store": args.store}).open_store()
     if not args.no_demo:

@@ -207,3 +207,24 @@ def test_a_name_of_many_characters_is_quoted_cut_short(capsys: pytest.CaptureFix
     assert main(["download", "demo-vit", "v" * 10_000, "--server", server]) == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert "(10000 characters)" in line and len(line) < 400
+
+
+def test_serve_refuses_an_unusable_api_key_in_one_line_before_starting_anything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A key the API would refuse (here a non-ASCII letter) used to crash the API child with a
+    traceback, then the launcher with another."""
+    monkeypatch.setenv("VITEDIT_API_KEYS", "bob:k\u00fc")
+    store = tmp_path / "store"
+    assert main(["serve", "--store", str(store), "--port", str(launcher.free_port())]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: VITEDIT_API_KEYS: a key of 'bob'") and "printable ASCII" in err
+    assert "Traceback" not in err and not store.exists()  # nothing was started or written
+
+
+def test_a_launch_failure_is_one_of_our_errors() -> None:
+    """The CLI prints errors of ours as one line (`one_line_errors`): a child that dies during
+    start-up is one, its own log above says why."""
+    from models.errors import VitEditError
+
+    assert issubclass(launcher.LaunchError, VitEditError)
